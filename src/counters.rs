@@ -1,0 +1,136 @@
+//! Per-stage counters, readable while the pipeline runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A snapshot of one stage's counters.
+///
+/// The conservation law of a one-in-one-out stage (map, filter, tap) is
+///
+/// ```text
+/// received = emitted + failed + errors_passed + dropped + aborted
+/// ```
+///
+/// where `received` counts both values and upstream errors. Sources count
+/// what they produce as `emitted`. A stage that emits several items per input
+/// (a custom step) may emit more than it receives.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let flow = streamz::iter(1..=10).filter(|x: &i32| x % 2 == 0);
+/// let pipeline = flow.pipeline().clone();
+/// let out = flow.collect().await;
+/// assert_eq!(out.len(), 5);
+///
+/// let filter = pipeline.metrics().into_iter().find(|m| m.name == "filter").unwrap();
+/// assert_eq!((filter.received, filter.emitted, filter.dropped), (10, 5, 5));
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StageMetrics {
+    /// The stage's name.
+    pub name: String,
+    /// Items taken from the input: values and errors.
+    pub received: u64,
+    /// Values sent on (for a source: values produced).
+    pub emitted: u64,
+    /// Error items this stage created (user errors and panics).
+    pub failed: u64,
+    /// Errors from upstream that this stage passed on unchanged.
+    pub errors_passed: u64,
+    /// Items removed on purpose and counted (a filter's rejects).
+    pub dropped: u64,
+    /// Items in the stage's hands or its input queue when it stopped early
+    /// (an abort, or the consumer went away).
+    pub aborted: u64,
+}
+
+/// The live counters of one stage; cheap to clone, shared with the stage.
+#[derive(Debug, Clone)]
+pub(crate) struct Counters {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    name: Arc<str>,
+    received: AtomicU64,
+    emitted: AtomicU64,
+    failed: AtomicU64,
+    errors_passed: AtomicU64,
+    dropped: AtomicU64,
+    aborted: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn new(name: Arc<str>) -> Self {
+        Counters {
+            inner: Arc::new(Shared {
+                name,
+                received: AtomicU64::new(0),
+                emitted: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                errors_passed: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                aborted: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+
+    /// Adds a batch of local counts: one atomic add per field per chunk,
+    /// never per item.
+    pub(crate) fn add(&self, local: &Local) {
+        let s = &self.inner;
+        for (counter, n) in [
+            (&s.received, local.received),
+            (&s.emitted, local.emitted),
+            (&s.failed, local.failed),
+            (&s.errors_passed, local.errors_passed),
+            (&s.dropped, local.dropped),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn add_emitted(&self, n: u64) {
+        self.inner.emitted.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn add_aborted(&self, n: u64) {
+        if n != 0 {
+            self.inner.aborted.fetch_add(n, Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> StageMetrics {
+        let s = &self.inner;
+        StageMetrics {
+            name: s.name.to_string(),
+            received: s.received.load(Relaxed),
+            emitted: s.emitted.load(Relaxed),
+            failed: s.failed.load(Relaxed),
+            errors_passed: s.errors_passed.load(Relaxed),
+            dropped: s.dropped.load(Relaxed),
+            aborted: s.aborted.load(Relaxed),
+        }
+    }
+}
+
+/// Counts gathered while processing one chunk, added to [`Counters`] once.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Local {
+    pub(crate) received: u64,
+    pub(crate) emitted: u64,
+    pub(crate) failed: u64,
+    pub(crate) errors_passed: u64,
+    pub(crate) dropped: u64,
+}

@@ -1,0 +1,355 @@
+//! The error model: failures travel through a pipeline as values.
+//!
+//! Every item on a streamz channel is a [`Result<T>`]: either a value or a
+//! [`StreamError`]. A stage that cannot process an item turns it into a
+//! `StreamError` that carries the kind of failure, the stage's name, the
+//! source error with its chain, the attempt count, the time, and the item
+//! itself, so a later stage (a dead-letter queue) gets the original value
+//! back with [`StreamError::take_item`]. Stages pass errors they did not
+//! produce through unchanged: no nesting, no re-stamping.
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// The item type of every streamz stream: a value or the error that replaced it.
+pub type Result<T, E = StreamError> = std::result::Result<T, E>;
+
+/// A boxed error as user code returns it: any `std::error::Error` that is
+/// `Send + Sync`, or a string (`"bad input".into()`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong with an item.
+///
+/// New kinds arrive with new operators, so matches need a wildcard arm.
+///
+/// # Examples
+///
+/// ```
+/// use streamz::ErrorKind;
+///
+/// assert_eq!(ErrorKind::Panicked.to_string(), "panicked");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// User code returned an error for the item.
+    Failed,
+    /// User code panicked while processing the item.
+    Panicked,
+    /// The item was rejected by the stage as invalid input.
+    Rejected,
+}
+
+impl ErrorKind {
+    /// A short lowercase name, stable for logs and records.
+    ///
+    /// ```
+    /// assert_eq!(streamz::ErrorKind::Failed.as_str(), "failed");
+    /// ```
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Failed => "failed",
+            ErrorKind::Panicked => "panicked",
+            ErrorKind::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed item, as it travels downstream.
+///
+/// One pointer wide (the data is boxed) so `Result<T>` stays small on the
+/// hot path. It implements [`std::error::Error`]; [`source`] returns the
+/// error user code produced, with its chain intact.
+///
+/// `Debug` does not require the item to be `Debug`: it prints the item's
+/// type name.
+///
+/// # Examples
+///
+/// ```
+/// use streamz::{ErrorKind, StreamError};
+///
+/// let mut err = StreamError::new(ErrorKind::Failed, "parse")
+///     .with_source("not a number")
+///     .with_item(String::from("x1"));
+///
+/// assert_eq!(err.kind(), ErrorKind::Failed);
+/// assert_eq!(err.stage(), "parse");
+/// assert_eq!(err.to_string(), "stage `parse` failed: not a number");
+/// assert_eq!(err.take_item::<String>().as_deref(), Some("x1"));
+/// assert!(!err.has_item());
+/// ```
+///
+/// [`source`]: std::error::Error::source
+pub struct StreamError {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    stage: Cow<'static, str>,
+    source: Option<BoxError>,
+    attempts: u32,
+    at: SystemTime,
+    item: Option<Payload>,
+}
+
+/// The failed item, type-erased. The mutex makes `StreamError: Sync`
+/// without asking items to be `Sync`; it is only ever reached through
+/// `&mut self`, so it is never contended.
+struct Payload {
+    type_name: &'static str,
+    value: Mutex<Box<dyn Any + Send>>,
+}
+
+impl StreamError {
+    /// Creates an error of `kind` produced by `stage`, stamped with the
+    /// current time and one attempt.
+    pub fn new(kind: ErrorKind, stage: impl Into<Cow<'static, str>>) -> Self {
+        StreamError {
+            inner: Box::new(Inner {
+                kind,
+                stage: stage.into(),
+                source: None,
+                attempts: 1,
+                at: SystemTime::now(),
+                item: None,
+            }),
+        }
+    }
+
+    /// Shorthand for a [`ErrorKind::Failed`] error with a source.
+    ///
+    /// ```
+    /// let err = streamz::StreamError::failed("lookup", "no such key");
+    /// assert_eq!(err.to_string(), "stage `lookup` failed: no such key");
+    /// ```
+    pub fn failed(stage: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Self::new(ErrorKind::Failed, stage).with_source(source)
+    }
+
+    /// Sets the underlying error.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    /// Attaches the item that failed, so a later stage can take it back.
+    pub fn with_item<T: Send + 'static>(mut self, item: T) -> Self {
+        self.inner.item = Some(Payload {
+            type_name: std::any::type_name::<T>(),
+            value: Mutex::new(Box::new(item)),
+        });
+        self
+    }
+
+    /// Sets how many attempts were made before giving up (1 by default).
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.inner.attempts = attempts;
+        self
+    }
+
+    /// Sets when the failure happened (the time of creation by default).
+    pub fn with_time(mut self, at: SystemTime) -> Self {
+        self.inner.at = at;
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The name of the stage that produced the error.
+    pub fn stage(&self) -> &str {
+        &self.inner.stage
+    }
+
+    /// How many attempts were made.
+    pub fn attempts(&self) -> u32 {
+        self.inner.attempts
+    }
+
+    /// When the (last) failure happened, by the wall clock.
+    pub fn time(&self) -> SystemTime {
+        self.inner.at
+    }
+
+    /// The error user code produced, if any (also [`std::error::Error::source`]).
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.inner.source.as_deref()
+    }
+
+    /// Whether the error still carries an item.
+    pub fn has_item(&self) -> bool {
+        self.inner.item.is_some()
+    }
+
+    /// The Rust type name of the carried item, if any (for records and logs).
+    ///
+    /// ```
+    /// let err = streamz::StreamError::failed("s", "e").with_item(7u32);
+    /// assert_eq!(err.item_type_name(), Some("u32"));
+    /// ```
+    pub fn item_type_name(&self) -> Option<&'static str> {
+        self.inner.item.as_ref().map(|p| p.type_name)
+    }
+
+    /// Whether the carried item is a `T`.
+    pub fn item_is<T: 'static>(&mut self) -> bool {
+        self.item_mut::<T>().is_some()
+    }
+
+    /// A mutable reference to the carried item if it is a `T`.
+    pub fn item_mut<T: 'static>(&mut self) -> Option<&mut T> {
+        let payload = self.inner.item.as_mut()?;
+        let value = payload
+            .value
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner());
+        value.downcast_mut::<T>()
+    }
+
+    /// Takes the carried item out if it is a `T`; leaves it in place (and
+    /// returns `None`) if it is another type.
+    pub fn take_item<T: 'static>(&mut self) -> Option<T> {
+        if !self.item_is::<T>() {
+            return None;
+        }
+        let payload = self.inner.item.take()?;
+        let value = payload
+            .value
+            .into_inner()
+            .unwrap_or_else(|poison| poison.into_inner());
+        value.downcast::<T>().ok().map(|b| *b)
+    }
+
+    /// Takes the carried item out, whatever its type.
+    pub fn take_any_item(&mut self) -> Option<Box<dyn Any + Send>> {
+        let payload = self.inner.item.take()?;
+        Some(
+            payload
+                .value
+                .into_inner()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
+    }
+
+    /// Builds the error for a panic caught while processing an item.
+    pub(crate) fn panicked(stage: &str, payload: Box<dyn Any + Send>) -> Self {
+        StreamError::new(ErrorKind::Panicked, stage.to_owned())
+            .with_source(PanicError::from_payload(payload))
+    }
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stage `{}` {}", self.inner.stage, self.inner.kind)?;
+        if let Some(source) = &self.inner.source {
+            write!(f, ": {source}")?;
+        }
+        if self.inner.attempts > 1 {
+            write!(f, " (after {} attempts)", self.inner.attempts)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamError")
+            .field("kind", &self.inner.kind)
+            .field("stage", &self.inner.stage)
+            .field("source", &self.inner.source)
+            .field("attempts", &self.inner.attempts)
+            .field("at", &self.inner.at)
+            .field("item", &self.inner.item.as_ref().map(|p| p.type_name))
+            .finish()
+    }
+}
+
+impl std::error::Error for StreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// The source of a [`ErrorKind::Panicked`] error: the panic's message.
+///
+/// ```
+/// use streamz::{ErrorKind, PanicError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let out = streamz::iter([1, 2]).map(|x: &i32| if *x == 2 { panic!("two") } else { *x }).collect().await;
+/// let err = out[1].as_ref().unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Panicked);
+/// let panic = err.cause().unwrap().downcast_ref::<PanicError>().unwrap();
+/// assert_eq!(panic.message(), "two");
+/// # }
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("panicked: {message}")]
+pub struct PanicError {
+    message: String,
+}
+
+impl PanicError {
+    pub(crate) fn from_payload(payload: Box<dyn Any + Send>) -> Self {
+        let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "a non-string panic payload".to_owned()
+        };
+        PanicError { message }
+    }
+
+    /// The panic's message (its `&str` or `String` payload).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_of_u64_is_two_words() {
+        assert_eq!(std::mem::size_of::<StreamError>(), 8);
+        assert!(std::mem::size_of::<Result<u64>>() <= 16);
+    }
+
+    #[test]
+    fn wrong_type_leaves_item_in_place() {
+        let mut e = StreamError::failed("s", "boom").with_item(5u64);
+        assert_eq!(e.take_item::<String>(), None);
+        assert!(e.has_item());
+        assert_eq!(e.take_item::<u64>(), Some(5));
+        assert_eq!(e.take_item::<u64>(), None);
+    }
+
+    #[test]
+    fn source_chain_is_preserved() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = StreamError::failed("s", Outer(std::io::Error::other("inner")));
+        let outer = std::error::Error::source(&e).unwrap();
+        assert_eq!(outer.to_string(), "outer");
+        assert_eq!(outer.source().unwrap().to_string(), "inner");
+    }
+}

@@ -1,0 +1,47 @@
+//! The [`Processor`] trait: one stage of a pipeline.
+
+use crate::flow::Flow;
+
+/// A named stage that turns a flow of `In` into a flow of `Out`.
+///
+/// Most stages are built from a per-item [`Step`](crate::Step) and run with
+/// [`Stage`](crate::Stage); implement `Processor` directly to package a
+/// reusable piece of pipeline, or an operator that needs its own task logic.
+///
+/// # Examples
+///
+/// A processor that composes existing stages:
+///
+/// ```
+/// use streamz::{Flow, Processor};
+///
+/// /// Parses lines into numbers and keeps the positive ones.
+/// struct PositiveNumbers;
+///
+/// impl Processor<String, i64> for PositiveNumbers {
+///     fn name(&self) -> &str {
+///         "positive-numbers"
+///     }
+///
+///     fn process(self, input: Flow<String>) -> Flow<i64> {
+///         input
+///             .try_map(|line: &String| line.trim().parse::<i64>())
+///             .filter(|n: &i64| *n > 0)
+///             .async_boundary(self.name().to_owned())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let lines = ["4", "-2", "x", "9"].map(String::from);
+/// let out = streamz::iter(lines).pipe(PositiveNumbers).collect().await;
+/// assert_eq!(out.len(), 3); // 4, the error for "x", 9
+/// # }
+/// ```
+pub trait Processor<In, Out> {
+    /// The stage's name, used for counters, tracing spans and error items.
+    fn name(&self) -> &str;
+
+    /// Starts the stage on `input` and returns its output. Stages that need
+    /// a task spawn it here, so this must be called inside a tokio runtime.
+    fn process(self, input: Flow<In>) -> Flow<Out>;
+}
