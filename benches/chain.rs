@@ -1,1 +1,141 @@
-fn main(){}
+//! 1,000,000 `u64` through five `x + 1` stages, next to two baselines in
+//! the same run:
+//!
+//! - `raw_relay`: five tasks passing `Vec<u64>` chunks (up to 256) over
+//!   bounded tokio channels, the floor DESIGN.md measured for chunked
+//!   transport;
+//! - `futures_map`: a `futures::StreamExt::map` chain of five maps over
+//!   `stream::iter`, polled by one task.
+//!
+//! and the streamz chain twice: `streamz_stages` (five real stages, each its
+//! own task and channel) and `streamz_fused` (five fused maps, one task).
+//!
+//! Run: `cargo bench --bench chain`. Each case runs on a 2-worker
+//! multi-thread runtime and on a current-thread runtime.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use futures::{FutureExt, StreamExt};
+use streamz::{Map, Stage};
+use tokio::runtime::{Builder, Runtime};
+
+const N: u64 = 1_000_000;
+const STAGES: usize = 5;
+const CHUNK: usize = 256;
+
+fn runtimes() -> Vec<(&'static str, Runtime)> {
+    vec![
+        (
+            "multi_thread_2",
+            Builder::new_multi_thread()
+                .worker_threads(2)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "current_thread",
+            Builder::new_current_thread().build().unwrap(),
+        ),
+    ]
+}
+
+async fn raw_relay() -> u64 {
+    let (first_tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
+    tokio::spawn(async move {
+        let mut next = 0;
+        while next < N {
+            let end = (next + CHUNK as u64).min(N);
+            if first_tx.send((next..end).collect()).await.is_err() {
+                return;
+            }
+            next = end;
+        }
+    });
+    for _ in 0..STAGES {
+        let (tx, next_rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
+        let mut input = rx;
+        tokio::spawn(async move {
+            while let Some(mut chunk) = input.recv().await {
+                chunk.iter_mut().for_each(|x| *x += 1);
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx = next_rx;
+    }
+    let mut sum = 0;
+    while let Some(chunk) = rx.recv().await {
+        sum += chunk.iter().sum::<u64>();
+    }
+    sum
+}
+
+async fn futures_map() -> u64 {
+    futures::stream::iter(0..N)
+        .map(|x| x + 1)
+        .map(|x| x + 1)
+        .map(|x| x + 1)
+        .map(|x| x + 1)
+        .map(|x| x + 1)
+        .fold(0, |acc, x| async move { acc + x })
+        .await
+}
+
+async fn sum(flow: streamz::Flow<u64>) -> u64 {
+    let mut flow = flow;
+    let mut sum = 0;
+    while let Some(chunk) = flow.next_chunk().await {
+        assert!(!chunk.has_errors());
+        sum += chunk.values().iter().sum::<u64>();
+    }
+    sum
+}
+
+async fn streamz_stages() -> u64 {
+    let mut flow = streamz::iter(0..N);
+    for _ in 0..STAGES {
+        flow = flow.pipe(Stage::new("inc", Map::new(|x: &u64| x + 1)));
+    }
+    sum(flow).await
+}
+
+async fn streamz_fused() -> u64 {
+    let mut flow = streamz::iter(0..N);
+    for _ in 0..STAGES {
+        flow = flow.map(|x: &u64| x + 1);
+    }
+    sum(flow).await
+}
+
+fn chain(c: &mut Criterion) {
+    let expected = (0..N).map(|x| x + STAGES as u64).sum::<u64>();
+    let mut group = c.benchmark_group("chain_5_maps_1M");
+    group.throughput(Throughput::Elements(N));
+    group.sample_size(10);
+    for (rt_name, rt) in runtimes() {
+        // Each case runs inside one spawned task so that both runtime
+        // flavours measure the same thing (the block_on thread is not a
+        // worker of the multi-thread runtime).
+        let cases: [(&str, fn() -> futures::future::BoxFuture<'static, u64>); 4] = [
+            ("raw_relay", || raw_relay().boxed()),
+            ("futures_map", || futures_map().boxed()),
+            ("streamz_stages", || streamz_stages().boxed()),
+            ("streamz_fused", || streamz_fused().boxed()),
+        ];
+        for (case, run) in cases {
+            assert_eq!(
+                rt.block_on(async { tokio::spawn(run()).await.unwrap() }),
+                expected
+            );
+            group.bench_function(BenchmarkId::new(case, rt_name), |b| {
+                b.iter(|| black_box(rt.block_on(async { tokio::spawn(run()).await.unwrap() })))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, chain);
+criterion_main!(benches);

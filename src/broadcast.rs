@@ -8,8 +8,8 @@ use std::task::Poll;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{ChunkTx, chunk_channel};
+use crate::chunk::Chunk;
 use crate::counters::{Counters, Local};
-use crate::error::Result;
 use crate::flow::Flow;
 use crate::source::BoxSource;
 
@@ -94,12 +94,14 @@ impl<T: Clone + Send + 'static> Flow<T> {
 
 async fn run<T: Clone + Send + 'static>(
     mut src: BoxSource<T>,
-    outputs: Vec<ChunkTx<Result<T>>>,
+    outputs: Vec<ChunkTx<T>>,
     abort: CancellationToken,
     counters: Counters,
 ) {
     let mut aborted = pin!(abort.cancelled());
-    let mut all_closed = pin!(futures::future::join_all(outputs.iter().map(ChunkTx::closed)));
+    let mut all_closed = pin!(futures::future::join_all(
+        outputs.iter().map(ChunkTx::closed)
+    ));
     loop {
         let next = poll_fn(|cx| {
             if let Poll::Ready(chunk) = src.poll_chunk(cx) {
@@ -127,7 +129,7 @@ async fn run<T: Clone + Send + 'static>(
         // output; the others get copies of its values. If an output goes
         // away mid-send, the original moves on to the next one.
         let mut original = Some(chunk);
-        let mut copies: Option<Vec<Result<T>>> = None;
+        let mut copies: Option<Vec<T>> = None;
         for (i, tx) in outputs.iter().enumerate() {
             if tx.is_closed() {
                 continue;
@@ -137,16 +139,18 @@ async fn run<T: Clone + Send + 'static>(
             let piece = match original.take() {
                 Some(orig) => {
                     if !last && copies.is_none() {
-                        copies = Some(values(&orig));
+                        copies = Some(orig.values.clone());
                     }
                     orig
                 }
                 None => {
-                    let c = copies.as_mut().expect("copies exist once the original is sent");
-                    if last { std::mem::take(c) } else { values(c) }
+                    let c = copies
+                        .as_mut()
+                        .expect("copies exist once the original is sent");
+                    Chunk::from_values(if last { std::mem::take(c) } else { c.clone() })
                 }
             };
-            let (oks, errs) = tally(&piece);
+            let (oks, errs) = (piece.values.len() as u64, piece.errors.len() as u64);
             let mut send = pin!(tx.send(piece));
             let outcome = poll_fn(|cx| {
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {
@@ -179,17 +183,4 @@ async fn run<T: Clone + Send + 'static>(
         }
         counters.add(&local);
     }
-}
-
-/// Clones the values of a chunk, leaving its errors out.
-fn values<T: Clone>(chunk: &[Result<T>]) -> Vec<Result<T>> {
-    chunk
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|v| Ok(v.clone())))
-        .collect()
-}
-
-fn tally<T>(chunk: &[Result<T>]) -> (u64, u64) {
-    let errs = chunk.iter().filter(|r| r.is_err()).count() as u64;
-    (chunk.len() as u64 - errs, errs)
 }

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::chunk::Chunk;
 use crate::config::EdgeConfig;
 
 pub(crate) fn chunk_channel<T>(edge: EdgeConfig) -> (ChunkTx<T>, ChunkRx<T>) {
@@ -29,7 +30,7 @@ pub(crate) fn chunk_channel<T>(edge: EdgeConfig) -> (ChunkTx<T>, ChunkRx<T>) {
 }
 
 pub(crate) struct ChunkTx<T> {
-    tx: mpsc::UnboundedSender<Vec<T>>,
+    tx: mpsc::UnboundedSender<Chunk<T>>,
     permits: Arc<Semaphore>,
     cap: usize,
 }
@@ -62,7 +63,7 @@ impl<T> ChunkTx<T> {
     /// Cancelling drops the chunk; callers that must count it use
     /// [`ChunkTx::send`] inside a `select!` that keeps ownership (see
     /// `stage::send_or_stop`).
-    pub(crate) async fn send(&self, chunk: Vec<T>) -> Result<(), Vec<T>> {
+    pub(crate) async fn send(&self, chunk: Chunk<T>) -> Result<(), Chunk<T>> {
         if chunk.is_empty() {
             return Ok(());
         }
@@ -75,7 +76,7 @@ impl<T> ChunkTx<T> {
 
     /// Sends a chunk without waiting for room. Used only on the panic path
     /// to deliver the final error item; may exceed capacity by that chunk.
-    pub(crate) fn send_now(&self, chunk: Vec<T>) -> Result<(), Vec<T>> {
+    pub(crate) fn send_now(&self, chunk: Chunk<T>) -> Result<(), Chunk<T>> {
         self.tx.send(chunk).map_err(|e| e.0)
     }
 
@@ -90,13 +91,13 @@ impl<T> ChunkTx<T> {
 }
 
 pub(crate) struct ChunkRx<T> {
-    rx: mpsc::UnboundedReceiver<Vec<T>>,
+    rx: mpsc::UnboundedReceiver<Chunk<T>>,
     permits: Arc<Semaphore>,
     cap: usize,
 }
 
 impl<T> ChunkRx<T> {
-    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<T>>> {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         let chunk = std::task::ready!(self.rx.poll_recv(cx));
         if let Some(chunk) = &chunk {
             self.permits.add_permits(chunk.len().min(self.cap));
@@ -133,36 +134,50 @@ mod tests {
     async fn bounded_by_items_and_oversized_chunk_passes_empty_queue() {
         let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::try_new(4, 16).unwrap());
         // Oversized chunk: takes all 4 permits, passes the empty queue.
-        tx.send(vec![0; 10]).await.unwrap();
+        tx.send(Chunk::from_values(vec![0; 10])).await.unwrap();
         // Queue is full now: the next send waits.
-        assert!(tx.send(vec![1]).now_or_never().is_none());
+        assert!(
+            tx.send(Chunk::from_values(vec![1]))
+                .now_or_never()
+                .is_none()
+        );
         let got = std::future::poll_fn(|cx| rx.poll_recv(cx)).await.unwrap();
         assert_eq!(got.len(), 10);
-        tx.send(vec![1, 2, 3]).await.unwrap();
-        assert!(tx.send(vec![4, 5]).now_or_never().is_none());
-        tx.send(vec![4]).await.unwrap();
+        tx.send(Chunk::from_values(vec![1, 2, 3])).await.unwrap();
+        assert!(
+            tx.send(Chunk::from_values(vec![4, 5]))
+                .now_or_never()
+                .is_none()
+        );
+        tx.send(Chunk::from_values(vec![4])).await.unwrap();
     }
 
     #[tokio::test]
     async fn dropping_receiver_hands_chunk_back_to_waiting_sender() {
         let (tx, rx) = chunk_channel::<u32>(EdgeConfig::try_new(1, 1).unwrap());
-        tx.send(vec![1]).await.unwrap();
+        tx.send(Chunk::from_values(vec![1])).await.unwrap();
         let waiting = tokio::spawn({
             let tx = tx.clone();
-            async move { tx.send(vec![2]).await }
+            async move { tx.send(Chunk::from_values(vec![2])).await }
         });
         tokio::task::yield_now().await;
         drop(rx);
-        assert_eq!(waiting.await.unwrap(), Err(vec![2]));
+        assert_eq!(waiting.await.unwrap().unwrap_err().values(), [2]);
         assert!(tx.is_closed());
     }
 
     #[tokio::test]
     async fn close_and_drain_counts_queued_items() {
         let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::new());
-        tx.send(vec![1, 2, 3]).await.unwrap();
-        tx.send(vec![4]).await.unwrap();
+        tx.send(Chunk::from_values(vec![1, 2, 3])).await.unwrap();
+        tx.send(Chunk::from_values(vec![4])).await.unwrap();
         assert_eq!(rx.close_and_drain(), 4);
-        assert_eq!(tx.send(vec![5]).await, Err(vec![5]));
+        assert_eq!(
+            tx.send(Chunk::from_values(vec![5]))
+                .await
+                .unwrap_err()
+                .values(),
+            [5]
+        );
     }
 }

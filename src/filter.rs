@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use crate::step::{Emit, Item, Step};
+use crate::chunk::Chunk;
+use crate::step::{ChunkCtx, Emit, Item, Step, keep_values};
 
 /// The step behind [`Flow::filter`](crate::Flow::filter): keeps the values
 /// for which the predicate returns true. Rejected values are counted in the
@@ -22,6 +23,7 @@ use crate::step::{Emit, Item, Step};
 /// ```
 pub struct Filter<F> {
     f: F,
+    keep: Vec<bool>,
 }
 
 impl<F> Filter<F> {
@@ -30,7 +32,10 @@ impl<F> Filter<F> {
     where
         F: FnMut(&T) -> bool,
     {
-        Filter { f }
+        Filter {
+            f,
+            keep: Vec::new(),
+        }
     }
 }
 
@@ -51,5 +56,9 @@ where
             out.emit(item.take());
         }
         // An item not taken and not emitted is counted as dropped.
+    }
+
+    fn on_chunk(&mut self, chunk: Chunk<T>, ctx: ChunkCtx<'_>) -> Chunk<T> {
+        keep_values(chunk, ctx.counters, &mut self.keep, &mut self.f)
     }
 }

@@ -8,17 +8,18 @@ use std::task::{Context, Poll};
 
 use futures::{Sink, SinkExt, Stream};
 
+use crate::chunk::{Chunk, IntoIter as ChunkIter};
 use crate::config::EdgeConfig;
 use crate::counters::Counters;
 use crate::error::{BoxError, Result};
 use crate::filter::Filter;
 use crate::map::{Map, TryMap};
-use crate::tap::Tap;
 use crate::pipeline::Pipeline;
 use crate::processor::Processor;
 use crate::source::{BoxSource, ChunkSource, FusedSource};
 use crate::stage::spawn_stage;
 use crate::step::Step;
+use crate::tap::Tap;
 
 /// A stream of [`Result<T>`] items flowing out of a stage.
 ///
@@ -51,7 +52,7 @@ use crate::step::Step;
 /// ```
 pub struct Flow<T> {
     src: Option<BoxSource<T>>,
-    buf: std::vec::IntoIter<Result<T>>,
+    buf: ChunkIter<T>,
     pipeline: Pipeline,
 }
 
@@ -69,7 +70,7 @@ impl<T: Send + 'static> Flow<T> {
     pub(crate) fn from_source(pipeline: Pipeline, src: BoxSource<T>) -> Self {
         Flow {
             src: Some(src),
-            buf: Vec::new().into_iter(),
+            buf: ChunkIter::default(),
             pipeline,
         }
     }
@@ -78,7 +79,7 @@ impl<T: Send + 'static> Flow<T> {
     /// items already buffered by a reader in front.
     pub(crate) fn into_source(mut self) -> BoxSource<T> {
         let src = self.src.take().unwrap_or_else(|| Box::new(Ended));
-        let buffered: Vec<Result<T>> = std::mem::take(&mut self.buf).collect();
+        let buffered: Chunk<T> = std::mem::take(&mut self.buf).collect();
         if buffered.is_empty() {
             src
         } else {
@@ -126,7 +127,11 @@ impl<T: Send + 'static> Flow<T> {
         self.fuse(name, step).0
     }
 
-    pub(crate) fn fuse<U, S>(self, name: impl Into<Cow<'static, str>>, step: S) -> (Flow<U>, Counters)
+    pub(crate) fn fuse<U, S>(
+        self,
+        name: impl Into<Cow<'static, str>>,
+        step: S,
+    ) -> (Flow<U>, Counters)
     where
         U: Send + 'static,
         S: Step<T, U>,
@@ -163,7 +168,11 @@ impl<T: Send + 'static> Flow<T> {
     ///
     /// Outside a tokio runtime.
     #[track_caller]
-    pub fn async_boundary_with(self, name: impl Into<Cow<'static, str>>, edge: EdgeConfig) -> Flow<T> {
+    pub fn async_boundary_with(
+        self,
+        name: impl Into<Cow<'static, str>>,
+        edge: EdgeConfig,
+    ) -> Flow<T> {
         let (flow, counters) = self.fuse(name, crate::stage::Pass);
         flow.spawn_task(counters, edge)
     }
@@ -215,7 +224,7 @@ impl<T: Send + 'static> Flow<T> {
 
     /// The next chunk of items, as the stage before produced it; `None` at
     /// the end. For consumers that handle items in bulk.
-    pub async fn next_chunk(&mut self) -> Option<Vec<Result<T>>> {
+    pub async fn next_chunk(&mut self) -> Option<Chunk<T>> {
         if self.buf.len() > 0 {
             return Some(std::mem::take(&mut self.buf).collect());
         }
@@ -340,7 +349,7 @@ impl<T> Drop for Flow<T> {
 struct Ended;
 
 impl<T> ChunkSource<T> for Ended {
-    fn poll_chunk(&mut self, _: &mut Context<'_>) -> Poll<Option<Vec<Result<T>>>> {
+    fn poll_chunk(&mut self, _: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         Poll::Ready(None)
     }
 
@@ -351,12 +360,12 @@ impl<T> ChunkSource<T> for Ended {
 
 /// Items a reader had already buffered, served before the rest.
 struct Prepend<T> {
-    first: Option<Vec<Result<T>>>,
+    first: Option<Chunk<T>>,
     inner: BoxSource<T>,
 }
 
 impl<T: Send> ChunkSource<T> for Prepend<T> {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Result<T>>>> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         match self.first.take() {
             Some(chunk) => Poll::Ready(Some(chunk)),
             None => self.inner.poll_chunk(cx),

@@ -56,6 +56,7 @@
 
 mod broadcast;
 mod channel;
+mod chunk;
 mod config;
 mod counters;
 mod error;
@@ -70,6 +71,7 @@ mod stage;
 mod step;
 mod tap;
 
+pub use chunk::{Chunk, IntoIter as ChunkIntoIter};
 pub use config::{ConfigError, EdgeConfig};
 pub use counters::StageMetrics;
 pub use error::{BoxError, ErrorKind, PanicError, Result, StreamError};

@@ -2,8 +2,9 @@
 
 use std::fmt;
 
+use crate::chunk::Chunk;
 use crate::error::BoxError;
-use crate::step::{Emit, Item, Step};
+use crate::step::{ChunkCtx, Emit, Item, Step, map_values};
 
 /// The step behind [`Flow::map`](crate::Flow::map): applies a function to
 /// each value.
@@ -55,6 +56,10 @@ where
     #[inline]
     fn on_item(&mut self, item: Item<'_, In>, out: &mut Emit<'_, Out>) {
         out.emit((self.f)(&item));
+    }
+
+    fn on_chunk(&mut self, chunk: Chunk<In>, ctx: ChunkCtx<'_>) -> Chunk<Out> {
+        map_values(chunk, ctx.counters, &mut self.f)
     }
 }
 

@@ -53,7 +53,13 @@ where
             counters: counters.clone(),
             ended: false,
         };
-        spawn_into(&pipeline, Box::new(src), tx.clone(), counters.clone(), edge.max_chunk());
+        spawn_into(
+            &pipeline,
+            Box::new(src),
+            tx.clone(),
+            counters.clone(),
+            edge.max_chunk(),
+        );
     }
     Flow::from_source(pipeline, Box::new(rx))
 }

@@ -14,14 +14,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::channel::ChunkRx;
+use crate::chunk::Chunk;
 use crate::counters::Counters;
 use crate::error::Result;
-use crate::step::{Step, run_chunk, run_end};
+use crate::step::{ChunkCtx, Step, run_end};
 
 /// A pull-based source of chunks.
 pub(crate) trait ChunkSource<T>: Send {
     /// The next chunk, or `None` at the end. A returned chunk is never empty.
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Result<T>>>>;
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>>;
 
     /// Stops the source early and discards what is queued in it, returning
     /// how many items were discarded (items already accepted from a producer
@@ -31,8 +32,8 @@ pub(crate) trait ChunkSource<T>: Send {
 
 pub(crate) type BoxSource<T> = Box<dyn ChunkSource<T>>;
 
-impl<T: Send> ChunkSource<T> for ChunkRx<Result<T>> {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Result<T>>>> {
+impl<T: Send> ChunkSource<T> for ChunkRx<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         self.poll_recv(cx)
     }
 
@@ -78,20 +79,20 @@ where
     I: Iterator + Send,
     I::Item: Send,
 {
-    fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Poll<Option<Vec<Result<I::Item>>>> {
+    fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Poll<Option<Chunk<I::Item>>> {
         if self.shutdown.is_cancelled() {
             self.iter = None;
         }
         let Some(iter) = &mut self.iter else {
             return Poll::Ready(None);
         };
-        let chunk: Vec<_> = iter.by_ref().take(self.max_chunk).map(Ok).collect();
-        if chunk.is_empty() {
+        let values: Vec<_> = iter.by_ref().take(self.max_chunk).collect();
+        if values.is_empty() {
             self.iter = None;
             return Poll::Ready(None);
         }
-        self.counters.add_emitted(chunk.len() as u64);
-        Poll::Ready(Some(chunk))
+        self.counters.add_emitted(values.len() as u64);
+        Poll::Ready(Some(Chunk::from_values(values)))
     }
 
     fn abandon(&mut self) -> u64 {
@@ -113,14 +114,14 @@ where
     S: Stream<Item = Result<T>> + Send,
     T: Send,
 {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Result<T>>>> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         if self.shutdown.poll(cx) {
             self.stream = None;
         }
         let Some(stream) = &mut self.stream else {
             return Poll::Ready(None);
         };
-        let mut chunk = Vec::new();
+        let mut chunk = Chunk::default();
         let mut ended = false;
         while chunk.len() < self.max_chunk {
             match stream.as_mut().poll_next(cx) {
@@ -163,18 +164,18 @@ pub(crate) struct PushSource<T> {
 }
 
 impl<T: Send> ChunkSource<T> for PushSource<T> {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Result<T>>>> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         if !self.closing && self.shutdown.poll(cx) {
             // Refuse new pushes; what was already accepted still drains.
             self.closing = true;
             self.rx.close();
         }
-        let mut chunk = Vec::new();
-        match self.rx.poll_recv_many(cx, &mut chunk, self.max_chunk) {
+        let mut items = Vec::new();
+        match self.rx.poll_recv_many(cx, &mut items, self.max_chunk) {
             Poll::Ready(0) => Poll::Ready(None),
             Poll::Ready(n) => {
                 self.counters.add_emitted(n as u64);
-                Poll::Ready(Some(chunk))
+                Poll::Ready(Some(items.into_iter().collect()))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -209,7 +210,7 @@ where
     Out: Send,
     S: Step<In, Out>,
 {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Result<Out>>>> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<Out>>> {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -217,15 +218,17 @@ where
             match self.inner.poll_chunk(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(chunk)) => {
-                    let mut out = Vec::with_capacity(chunk.len());
-                    run_chunk(&mut self.step, chunk, &mut out, &self.counters);
+                    let ctx = ChunkCtx {
+                        counters: &self.counters,
+                    };
+                    let out = self.step.on_chunk(chunk, ctx);
                     if !out.is_empty() {
                         return Poll::Ready(Some(out));
                     }
                 }
                 Poll::Ready(None) => {
                     self.ended = true;
-                    let mut out = Vec::new();
+                    let mut out = Chunk::default();
                     run_end(&mut self.step, &mut out, &self.counters);
                     return Poll::Ready((!out.is_empty()).then_some(out));
                 }
@@ -346,7 +349,10 @@ impl<T> Pusher<T> {
     /// # Errors
     ///
     /// [`SendError`] with the item if the flow no longer accepts items.
-    pub async fn send_result(&self, item: Result<T>) -> std::result::Result<(), SendError<Result<T>>> {
+    pub async fn send_result(
+        &self,
+        item: Result<T>,
+    ) -> std::result::Result<(), SendError<Result<T>>> {
         self.tx.send(item).await.map_err(|e| SendError(e.0))
     }
 

@@ -10,14 +10,15 @@ use std::task::Poll;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{ChunkTx, chunk_channel};
+use crate::chunk::Chunk;
 use crate::config::EdgeConfig;
 use crate::counters::Counters;
-use crate::error::{Result, StreamError};
+use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::pipeline::Pipeline;
 use crate::processor::Processor;
 use crate::source::BoxSource;
-use crate::step::{Emit, Item, Step};
+use crate::step::{ChunkCtx, Emit, Item, Step};
 
 /// A [`Step`] run on its own task, with a channel to the next stage.
 ///
@@ -113,7 +114,7 @@ pub(crate) fn spawn_stage<T: Send + 'static>(
 pub(crate) fn spawn_into<T: Send + 'static>(
     pipeline: &Pipeline,
     src: BoxSource<T>,
-    tx: ChunkTx<Result<T>>,
+    tx: ChunkTx<T>,
     counters: Counters,
     max_chunk: usize,
 ) {
@@ -126,7 +127,7 @@ pub(crate) fn spawn_into<T: Send + 'static>(
 /// ends, the output is gone, or the pipeline is aborted.
 async fn drive<T: Send + 'static>(
     mut src: BoxSource<T>,
-    tx: ChunkTx<Result<T>>,
+    tx: ChunkTx<T>,
     abort: CancellationToken,
     counters: Counters,
     max_chunk: usize,
@@ -157,7 +158,7 @@ async fn drive<T: Send + 'static>(
                 return;
             }
         };
-        let mut pieces = split(chunk, max_chunk);
+        let mut pieces = chunk.split(max_chunk).into_iter();
         while let Some(piece) = pieces.next() {
             let len = piece.len() as u64;
             let mut send = pin!(tx.send(piece));
@@ -180,38 +181,23 @@ async fn drive<T: Send + 'static>(
     }
 }
 
-/// Splits an oversized chunk (a step that emits several items per input) so
-/// that every chunk on a channel respects `max_chunk`.
-fn split<T>(chunk: Vec<T>, max_chunk: usize) -> impl Iterator<Item = Vec<T>> {
-    let mut first = Some(chunk);
-    let mut rest: Option<std::vec::IntoIter<T>> = None;
-    std::iter::from_fn(move || {
-        if let Some(chunk) = first.take() {
-            if chunk.len() <= max_chunk {
-                return Some(chunk);
-            }
-            rest = Some(chunk.into_iter());
-        }
-        let it = rest.as_mut()?;
-        let piece: Vec<T> = it.by_ref().take(max_chunk).collect();
-        (!piece.is_empty()).then_some(piece)
-    })
-}
-
 /// If the stage task itself panics (not user code, whose panics are caught
 /// per item), the next stage receives a `panicked` error instead of a
 /// silently shortened stream.
 struct PanicGuard<T> {
-    tx: ChunkTx<Result<T>>,
+    tx: ChunkTx<T>,
     counters: Counters,
 }
 
 impl<T> Drop for PanicGuard<T> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let err = StreamError::new(crate::ErrorKind::Panicked, self.counters.name().to_string())
-                .with_source("the stage task panicked; items it held are lost");
-            let _ = self.tx.send_now(vec![Err(err)]);
+            let err =
+                StreamError::new(crate::ErrorKind::Panicked, self.counters.name().to_string())
+                    .with_source("the stage task panicked; items it held are lost");
+            let mut chunk = Chunk::default();
+            chunk.push_error(err);
+            let _ = self.tx.send_now(chunk);
         }
     }
 }
@@ -224,5 +210,16 @@ pub(crate) struct Pass;
 impl<T: Send + 'static> Step<T, T> for Pass {
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
         out.emit(item.take());
+    }
+
+    fn on_chunk(&mut self, chunk: Chunk<T>, ctx: ChunkCtx<'_>) -> Chunk<T> {
+        // Nothing can fail or panic here: the chunk moves over whole.
+        ctx.counters.add(&crate::counters::Local {
+            received: chunk.len() as u64,
+            emitted: chunk.values.len() as u64,
+            errors_passed: chunk.errors.len() as u64,
+            ..Default::default()
+        });
+        chunk
     }
 }

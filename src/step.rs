@@ -13,13 +13,13 @@
 //! neither takes, fails nor emits anything for is counted as dropped:
 //! nothing vanishes uncounted.
 
-use std::borrow::Cow;
 use std::ops::Deref;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use crate::chunk::{Chunk, place_errors};
 use crate::counters::{Counters, Local};
-use crate::error::{BoxError, Result, StreamError};
+use crate::error::{BoxError, StreamError};
 
 /// A stage written one item at a time.
 ///
@@ -74,6 +74,24 @@ pub trait Step<In, Out>: Send + 'static {
     fn on_end(&mut self, out: &mut Emit<'_, Out>) {
         let _ = out;
     }
+
+    /// Runs the step over a whole chunk. The built-in one-in-one-out steps
+    /// replace the per-item loop with a tighter one; the default calls
+    /// [`on_item`](Step::on_item) per item.
+    #[doc(hidden)]
+    fn on_chunk(&mut self, chunk: Chunk<In>, ctx: ChunkCtx<'_>) -> Chunk<Out>
+    where
+        Self: Sized,
+        In: Send + 'static,
+    {
+        run_chunk(self, chunk, ctx.counters)
+    }
+}
+
+/// What [`Step::on_chunk`] needs from the runner; opaque outside the crate.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkCtx<'a> {
+    pub(crate) counters: &'a Counters,
 }
 
 /// An item lent to a [`Step`]: read it through `Deref`, or take it.
@@ -104,7 +122,7 @@ impl<T> Deref for Item<'_, T> {
 /// Where a [`Step`] sends its results.
 #[derive(Debug)]
 pub struct Emit<'a, T> {
-    buf: &'a mut Vec<Result<T>>,
+    out: &'a mut Chunk<T>,
     local: &'a mut Local,
     stage: &'a Arc<str>,
 }
@@ -113,7 +131,7 @@ impl<T> Emit<'_, T> {
     /// Sends a value downstream.
     pub fn emit(&mut self, value: T) {
         self.local.emitted += 1;
-        self.buf.push(Ok(value));
+        self.out.values.push(value);
     }
 
     /// Reports that `item` failed with `error`: an
@@ -126,21 +144,20 @@ impl<T> Emit<'_, T> {
 
     /// Like [`fail`](Emit::fail), for an item the step has already taken.
     pub fn fail_owned<I: Send + 'static>(&mut self, item: I, error: impl Into<BoxError>) {
-        let err = StreamError::failed(self.stage_name(), error).with_item(item);
-        self.local.failed += 1;
-        self.buf.push(Err(err));
+        let err = StreamError::failed(self.stage.to_string(), error).with_item(item);
+        self.error(err);
     }
 
     /// Sends an error of the step's own making downstream, counted as failed.
     pub fn error(&mut self, error: StreamError) {
         self.local.failed += 1;
-        self.buf.push(Err(error));
+        self.out.push_error(error);
     }
 
     /// Passes an upstream error on unchanged.
     pub fn pass(&mut self, error: StreamError) {
         self.local.errors_passed += 1;
-        self.buf.push(Err(error));
+        self.out.push_error(error);
     }
 
     /// Counts `n` items as dropped on purpose (for a step that consumes
@@ -153,13 +170,9 @@ impl<T> Emit<'_, T> {
     pub fn stage(&self) -> &str {
         self.stage
     }
-
-    fn stage_name(&self) -> Cow<'static, str> {
-        Cow::Owned(self.stage.to_string())
-    }
 }
 
-/// Runs `step` over one chunk, appending results to `out`.
+/// Runs `step` item by item over one chunk.
 ///
 /// Panics are caught once per chunk, not once per item: the happy path pays
 /// for one `catch_unwind`. After a panic the runner records the error with
@@ -167,10 +180,10 @@ impl<T> Emit<'_, T> {
 /// output, and resumes with the next item.
 pub(crate) fn run_chunk<In, Out, S>(
     step: &mut S,
-    chunk: Vec<Result<In>>,
-    out: &mut Vec<Result<Out>>,
+    chunk: Chunk<In>,
     counters: &Counters,
-) where
+) -> Chunk<Out>
+where
     S: Step<In, Out>,
     In: Send + 'static,
 {
@@ -179,15 +192,18 @@ pub(crate) fn run_chunk<In, Out, S>(
         received: chunk.len() as u64,
         ..Local::default()
     };
+    let mut out = Chunk::with_capacity(chunk.values.len());
     let mut items = chunk.into_iter();
     let mut slot: Option<In> = None;
+    let mut mark = (0, 0);
+    let mut in_on_error = false;
     loop {
-        let mut mark = (out.len(), local);
         let finished = catch_unwind(AssertUnwindSafe(|| {
             for item in items.by_ref() {
-                mark = (out.len(), local);
+                mark = (out.values.len(), out.errors.len());
+                in_on_error = item.is_err();
                 let mut emit = Emit {
-                    buf: out,
+                    out: &mut out,
                     local: &mut local,
                     stage,
                 };
@@ -198,7 +214,7 @@ pub(crate) fn run_chunk<In, Out, S>(
                         // Untaken and nothing emitted: a deliberate drop
                         // (a filter's reject). Untaken but emitted: a map
                         // that borrowed the item; it is simply released.
-                        if slot.take().is_some() && out.len() == mark.0 {
+                        if slot.take().is_some() && (out.values.len(), out.errors.len()) == mark {
                             local.dropped += 1;
                         }
                     }
@@ -206,46 +222,197 @@ pub(crate) fn run_chunk<In, Out, S>(
                 }
             }
         }));
-        match finished {
-            Ok(()) => break,
-            Err(payload) => {
-                // Undo the partial output of the item that panicked.
-                out.truncate(mark.0);
-                local = mark.1;
-                local.failed += 1;
-                let mut err = StreamError::panicked(stage, payload);
-                if let Some(item) = slot.take() {
-                    err = err.with_item(item);
-                }
-                out.push(Err(err));
+        let Err(payload) = finished else { break };
+        // Undo the partial output of the item that panicked.
+        for partial in out.truncate(mark.0, mark.1) {
+            match partial {
+                Ok(_) => local.emitted -= 1,
+                Err(_) if in_on_error => local.errors_passed -= 1,
+                Err(_) => local.failed -= 1,
             }
         }
+        local.failed += 1;
+        let mut err = StreamError::panicked(stage, payload);
+        if let Some(item) = slot.take() {
+            err = err.with_item(item);
+        }
+        out.push_error(err);
     }
     counters.add(&local);
+    out
 }
 
 /// Calls [`Step::on_end`] with the same panic protection.
-pub(crate) fn run_end<In, Out, S>(step: &mut S, out: &mut Vec<Result<Out>>, counters: &Counters)
+pub(crate) fn run_end<In, Out, S>(step: &mut S, out: &mut Chunk<Out>, counters: &Counters)
 where
     S: Step<In, Out>,
 {
     let stage = counters.name();
     let mut local = Local::default();
-    let mark = out.len();
+    let mark = (out.values.len(), out.errors.len());
     let result = catch_unwind(AssertUnwindSafe(|| {
         step.on_end(&mut Emit {
-            buf: out,
+            out,
             local: &mut local,
             stage,
         })
     }));
     if let Err(payload) = result {
-        out.truncate(mark);
+        out.truncate(mark.0, mark.1);
         local = Local {
             failed: 1,
             ..Local::default()
         };
-        out.push(Err(StreamError::panicked(stage, payload)));
+        out.push_error(StreamError::panicked(stage, payload));
     }
     counters.add(&local);
+}
+
+type PanicPayload = Box<dyn std::any::Any + Send>;
+
+/// Runs `run` over borrowed values with panic protection.
+///
+/// `run(buf, at)` processes `values[at..]`, extending `buf` by one entry per
+/// value. After a panic the length of `buf` locates the value that
+/// panicked; it is recorded with its payload, `skip(buf)` stands in for it,
+/// and processing resumes after it. The values stay in their vector while
+/// borrowed, so the happy path needs no per-item bookkeeping.
+#[inline]
+fn guarded<B>(
+    len: usize,
+    buf: &mut Vec<B>,
+    mut run: impl FnMut(&mut Vec<B>, usize),
+    mut skip: impl FnMut(&mut Vec<B>),
+) -> Vec<(usize, PanicPayload)> {
+    let mut panicked = Vec::new();
+    let start = buf.len();
+    let mut at = 0;
+    while at < len {
+        match catch_unwind(AssertUnwindSafe(|| run(buf, at))) {
+            Ok(()) => break,
+            Err(payload) => {
+                let failed = buf.len() - start;
+                panicked.push((failed, payload));
+                skip(buf);
+                at = failed + 1;
+            }
+        }
+    }
+    panicked
+}
+
+/// The fast path of a map: the values are only borrowed while `f` runs, and
+/// `Vec::extend` over a slice keeps the output length in a register, so the
+/// loop vectorises like a plain iterator map. A map is one value in, one
+/// value out, so the chunk's errors keep their positions unless a value
+/// panicked.
+#[inline]
+pub(crate) fn map_values<In, Out>(
+    chunk: Chunk<In>,
+    counters: &Counters,
+    f: &mut impl FnMut(&In) -> Out,
+) -> Chunk<Out>
+where
+    In: Send + 'static,
+{
+    let Chunk { values, errors } = chunk;
+    let inputs = values.len();
+    let mut out = Vec::with_capacity(inputs);
+    let panicked = guarded(
+        inputs,
+        &mut out,
+        |out, at| out.extend(values[at..].iter().map(&mut *f)),
+        |_| {},
+    );
+    if panicked.is_empty() {
+        counters.add(&Local {
+            received: (inputs + errors.len()) as u64,
+            emitted: out.len() as u64,
+            errors_passed: errors.len() as u64,
+            ..Local::default()
+        });
+        return Chunk {
+            values: out,
+            errors,
+        };
+    }
+    let at: Vec<usize> = panicked.iter().map(|(i, _)| *i).collect();
+    let mut panicked = panicked.into_iter().peekable();
+    let mut failures = Vec::with_capacity(at.len());
+    for (i, v) in values.into_iter().enumerate() {
+        if let Some((_, payload)) = panicked.next_if(|(p, _)| *p == i) {
+            failures.push((
+                i,
+                StreamError::panicked(counters.name(), payload).with_item(v),
+            ));
+        }
+    }
+    finish(out, errors, failures, inputs, counters, |i| {
+        at.binary_search(&i).is_err()
+    })
+}
+
+/// The fast path of a filter or tap: decide for every borrowed value first
+/// (the number of decisions locates a panic), then move the kept values on
+/// in one pass.
+#[inline]
+pub(crate) fn keep_values<T>(
+    chunk: Chunk<T>,
+    counters: &Counters,
+    keep: &mut Vec<bool>,
+    decide: &mut impl FnMut(&T) -> bool,
+) -> Chunk<T>
+where
+    T: Send + 'static,
+{
+    let Chunk { values, errors } = chunk;
+    let inputs = values.len();
+    keep.clear();
+    keep.reserve(inputs);
+    let panicked = guarded(
+        inputs,
+        keep,
+        |keep, at| keep.extend(values[at..].iter().map(&mut *decide)),
+        // The panicked value is not kept.
+        |keep| keep.push(false),
+    );
+    let mut out = Vec::with_capacity(inputs);
+    let mut failures = Vec::with_capacity(panicked.len());
+    let mut panicked = panicked.into_iter().peekable();
+    for (i, (v, &k)) in values.into_iter().zip(keep.iter()).enumerate() {
+        if k {
+            out.push(v);
+        } else if let Some((_, payload)) = panicked.next_if(|(p, _)| *p == i) {
+            failures.push((
+                i,
+                StreamError::panicked(counters.name(), payload).with_item(v),
+            ));
+        }
+    }
+    finish(out, errors, failures, inputs, counters, |i| keep[i])
+}
+
+/// Assembles the output chunk of a one-in-one-out step and adds its counts.
+fn finish<Out>(
+    values: Vec<Out>,
+    errors: Vec<(usize, StreamError)>,
+    failures: Vec<(usize, StreamError)>,
+    inputs: usize,
+    counters: &Counters,
+    kept: impl Fn(usize) -> bool,
+) -> Chunk<Out> {
+    let emitted = values.len();
+    counters.add(&Local {
+        received: (inputs + errors.len()) as u64,
+        emitted: emitted as u64,
+        failed: failures.len() as u64,
+        errors_passed: errors.len() as u64,
+        dropped: (inputs - emitted - failures.len()) as u64,
+    });
+    let errors = if errors.is_empty() && failures.is_empty() {
+        errors
+    } else {
+        place_errors(errors, failures, kept, inputs)
+    };
+    Chunk { values, errors }
 }

@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use crate::step::{Emit, Item, Step};
+use crate::chunk::Chunk;
+use crate::step::{ChunkCtx, Emit, Item, Step, keep_values};
 
 /// The step behind [`Flow::tap`](crate::Flow::tap): calls a function on each
 /// value (for logging, metrics, debugging) and passes the value on.
@@ -29,6 +30,7 @@ use crate::step::{Emit, Item, Step};
 /// ```
 pub struct Tap<F> {
     f: F,
+    keep: Vec<bool>,
 }
 
 impl<F> Tap<F> {
@@ -37,7 +39,10 @@ impl<F> Tap<F> {
     where
         F: FnMut(&T),
     {
-        Tap { f }
+        Tap {
+            f,
+            keep: Vec::new(),
+        }
     }
 }
 
@@ -56,5 +61,14 @@ where
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
         (self.f)(&item);
         out.emit(item.take());
+    }
+
+    fn on_chunk(&mut self, chunk: Chunk<T>, ctx: ChunkCtx<'_>) -> Chunk<T> {
+        let f = &mut self.f;
+        let mut decide = |v: &T| {
+            f(v);
+            true
+        };
+        keep_values(chunk, ctx.counters, &mut self.keep, &mut decide)
     }
 }
