@@ -285,13 +285,13 @@ fn guarded<B>(
     mut skip: impl FnMut(&mut Vec<B>),
 ) -> Vec<(usize, PanicPayload)> {
     let mut panicked = Vec::new();
-    let start = buf.len();
     let mut at = 0;
     while at < len {
+        let before = buf.len();
         match catch_unwind(AssertUnwindSafe(|| run(buf, at))) {
             Ok(()) => break,
             Err(payload) => {
-                let failed = buf.len() - start;
+                let failed = at + (buf.len() - before);
                 panicked.push((failed, payload));
                 skip(buf);
                 at = failed + 1;

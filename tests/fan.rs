@@ -1,0 +1,145 @@
+//! Fan-in (merge) and fan-out (broadcast).
+
+mod support;
+
+use futures::StreamExt;
+use streamz::{EdgeConfig, Pipeline, StreamError};
+use support::{settle, split, stage, values};
+
+#[tokio::test]
+async fn merge_keeps_every_item_and_each_input_order() {
+    let a = streamz::iter(0..1000u32);
+    let b = streamz::iter(1000..2000u32).map(|x| *x);
+    let c = streamz::try_stream(futures::stream::iter(vec![
+        Ok(5000),
+        Err(StreamError::failed("c", "bad")),
+    ]));
+    let merged = streamz::merge([a, b, c]);
+    let pipeline = merged.pipeline().clone();
+    let (oks, errs) = split(merged.collect().await);
+    assert_eq!(oks.len(), 2001);
+    assert_eq!(errs.len(), 1);
+    let from_a: Vec<u32> = oks.iter().copied().filter(|x| *x < 1000).collect();
+    let from_b: Vec<u32> = oks
+        .iter()
+        .copied()
+        .filter(|x| (1000..2000).contains(x))
+        .collect();
+    assert_eq!(from_a, (0..1000).collect::<Vec<_>>());
+    assert_eq!(from_b, (1000..2000).collect::<Vec<_>>());
+    // The other inputs' pipelines are linked: metrics and join cover them.
+    assert_eq!(stage(&pipeline, "merge").received, 2002);
+    assert!(pipeline.stage_metrics("map").is_some());
+    pipeline.join().await.unwrap();
+}
+
+#[tokio::test]
+async fn merge_of_nothing_is_empty() {
+    assert!(
+        streamz::merge(Vec::<streamz::Flow<u8>>::new())
+            .collect()
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_of_a_merge_reaches_every_input() {
+    let (tx_a, a) = streamz::channel::<u32>();
+    let (tx_b, b) = streamz::channel::<u32>();
+    let merged = a.merge_with(b);
+    let pipeline = merged.pipeline().clone();
+    let consumer = tokio::spawn(merged.collect());
+    tx_a.send(1).await.unwrap();
+    tx_b.send(2).await.unwrap();
+    settle().await;
+    pipeline.shutdown();
+    let mut got = values(consumer.await.unwrap());
+    got.sort();
+    assert_eq!(got, [1, 2]);
+    assert!(tx_a.is_closed() && tx_b.is_closed());
+}
+
+#[tokio::test]
+async fn broadcast_sends_every_value_to_every_output_and_each_error_once() {
+    let items = vec![Ok(1), Err(StreamError::failed("src", "e")), Ok(2)];
+    let pipeline = Pipeline::new();
+    let [a, b, c] = pipeline
+        .try_stream(futures::stream::iter(items))
+        .broadcast();
+    let (a, b, c) = tokio::join!(a.collect(), b.collect(), c.collect());
+    let (a_ok, a_err) = split(a);
+    let (b_ok, b_err) = split(b);
+    let (c_ok, c_err) = split(c);
+    assert_eq!((a_ok, b_ok, c_ok), (vec![1, 2], vec![1, 2], vec![1, 2]));
+    assert_eq!((a_err.len(), b_err.len(), c_err.len()), (1, 0, 0));
+    let m = stage(&pipeline, "broadcast");
+    assert_eq!((m.received, m.emitted, m.errors_passed), (3, 6, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_slowest_output_paces_all() {
+    let edge = EdgeConfig::try_new(4, 2).unwrap();
+    let pipeline = Pipeline::with_edge(edge);
+    let (tx, flow) = pipeline.channel::<u32>();
+    let [mut fast, _slow] = flow.broadcast();
+    let producer = tokio::spawn(async move {
+        let mut n = 0;
+        while tx.send(n).await.is_ok() {
+            n += 1;
+        }
+    });
+    // The fast consumer reads what it can; the slow one never reads.
+    let mut read = 0;
+    loop {
+        settle().await;
+        match futures::FutureExt::now_or_never(fast.next()) {
+            Some(Some(item)) => {
+                item.unwrap();
+                read += 1;
+            }
+            _ => break,
+        }
+    }
+    // The fast output got at most what the slow output's edge can hold, plus
+    // the chunk in flight and the push channel's share.
+    assert!(
+        read <= (edge.max_items_held() + edge.max_chunk()) as u32,
+        "read {read}"
+    );
+    assert!(read >= edge.capacity() as u32);
+    assert!(!producer.is_finished(), "the producer is held back");
+    producer.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_output_does_not_stop_the_others_and_errors_move_on() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let [first, second] = flow.broadcast();
+    drop(first);
+    let consumer = tokio::spawn(second.collect());
+    tx.send(1).await.unwrap();
+    tx.send_result(Err(StreamError::failed("src", "e")))
+        .await
+        .unwrap();
+    tx.send(2).await.unwrap();
+    drop(tx);
+    let (oks, errs) = split(consumer.await.unwrap());
+    assert_eq!(oks, [1, 2]);
+    assert_eq!(errs.len(), 1, "the error goes to the first open output");
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_output_is_dropped_the_upstream_stops() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let outputs = flow
+        .map(|x| x + 1)
+        .broadcast_to(std::num::NonZeroUsize::new(3).unwrap());
+    tx.send(1).await.unwrap();
+    drop(outputs);
+    settle().await;
+    assert_eq!(pipeline.running_tasks(), 0);
+    assert!(tx.is_closed());
+}

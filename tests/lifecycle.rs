@@ -1,0 +1,216 @@
+//! Dropping the output, graceful shutdown, abort and join.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use streamz::{EdgeConfig, ErrorKind, Map, Pipeline, PipelineError, Stage};
+use support::{settle, stage, values};
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_final_flow_stops_every_task() {
+    let pipeline = Pipeline::new();
+    // An idle producer keeps its sender: nothing ends by itself.
+    let (tx, flow) = pipeline.channel::<u32>();
+    let [a, b] = flow
+        .pipe(Stage::new("one", Map::new(|x: &u32| x + 1)))
+        .pipe(Stage::new("two", Map::new(|x: &u32| x * 2)))
+        .broadcast();
+    let merged = a.merge_with(b).async_boundary("three");
+    tx.send(1).await.unwrap();
+    settle().await;
+    assert!(pipeline.running_tasks() >= 5);
+    assert_eq!(alive_tasks(), pipeline.running_tasks());
+
+    drop(merged);
+    settle().await;
+    assert_eq!(pipeline.running_tasks(), 0);
+    assert_eq!(alive_tasks(), 0, "no task of the chain is left");
+    assert!(tx.is_closed(), "the producer learns that the flow is gone");
+    assert_eq!(tx.send(2).await.unwrap_err().0, 2);
+    pipeline.join().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_mid_stream_counts_every_item() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 16).unwrap());
+    let mut out = pipeline
+        .iter(0..10_000u64)
+        .pipe(Stage::new("a", Map::new(|x: &u64| x + 1)))
+        .pipe(Stage::new("b", Map::new(|x: &u64| x + 1)));
+    let mut read = 0u64;
+    while read < 10 {
+        out.next().await.unwrap().unwrap();
+        read += 1;
+    }
+    settle().await;
+    drop(out);
+    settle().await;
+    pipeline.join().await.unwrap();
+
+    let produced = stage(&pipeline, "iter").emitted;
+    let aborted: u64 = pipeline.metrics().iter().map(|m| m.aborted).sum();
+    assert!(produced < 10_000, "the source stopped early");
+    assert_eq!(produced, read + pipeline.discarded() + aborted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_delivers_everything_accepted() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(16, 4).unwrap());
+    let (tx, flow) = pipeline.channel::<u64>();
+    let out = flow
+        .pipe(Stage::new("a", Map::new(|x: &u64| x * 10)))
+        .pipe(Stage::new("b", Map::new(|x: &u64| x + 1)));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let producer = tokio::spawn({
+        let accepted = accepted.clone();
+        let pipeline = pipeline.clone();
+        async move {
+            let mut next = 0;
+            loop {
+                if next == 500 {
+                    // Shut down with work in flight in every stage.
+                    pipeline.shutdown();
+                }
+                match tx.send(next).await {
+                    Ok(()) => {
+                        next += 1;
+                        accepted.store(next, Ordering::SeqCst);
+                    }
+                    Err(refused) => return refused.0,
+                }
+            }
+        }
+    });
+    let consumer = tokio::spawn(out.collect());
+    let refused = producer.await.unwrap();
+    let got = values(consumer.await.unwrap());
+    let accepted = accepted.load(Ordering::SeqCst);
+
+    assert_eq!(refused, accepted, "the first refused item is the next one");
+    assert_eq!(got.len() as u64, accepted, "every accepted item arrives");
+    assert!(got.iter().enumerate().all(|(i, v)| *v == i as u64 * 10 + 1));
+    pipeline.join().await.unwrap();
+    assert_eq!(alive_tasks(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_an_iterator_source_and_flushes() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(8, 4).unwrap());
+    let mut out = pipeline
+        .iter(0..u64::MAX)
+        .pipe(Stage::new("a", Map::new(|x: &u64| *x)));
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got.push(out.next().await.unwrap().unwrap());
+    }
+    pipeline.shutdown();
+    while let Some(item) = out.next().await {
+        got.push(item.unwrap());
+    }
+    let produced = stage(&pipeline, "iter").emitted;
+    assert_eq!(got.len() as u64, produced, "all produced items drained");
+    assert!(got.iter().enumerate().all(|(i, v)| *v == i as u64));
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_stops_at_once_and_counts_what_was_in_flight() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(32, 8).unwrap());
+    let mut out = pipeline
+        .iter(0..1_000_000u64)
+        .pipe(Stage::new("a", Map::new(|x: &u64| *x)))
+        .pipe(Stage::new("b", Map::new(|x: &u64| *x)))
+        .pipe(Stage::new("c", Map::new(|x: &u64| *x)));
+    out.next().await.unwrap().unwrap();
+    settle().await; // the chain is full: the consumer is not reading
+
+    pipeline.abort();
+    settle().await;
+    assert_eq!(
+        pipeline.running_tasks(),
+        0,
+        "abort does not wait for the consumer"
+    );
+    pipeline.join().await.unwrap();
+    let aborted: u64 = pipeline.metrics().iter().map(|m| m.aborted).sum();
+    assert!(
+        aborted > 0,
+        "items were in flight: {:?}",
+        pipeline.metrics()
+    );
+
+    // What is already in the final queue can still be read; the rest was
+    // counted as aborted.
+    let mut read = 1;
+    while let Some(item) = out.next().await {
+        item.unwrap();
+        read += 1;
+    }
+    let produced = stage(&pipeline, "iter").emitted;
+    assert_eq!(produced, read + aborted + pipeline.discarded());
+}
+
+/// An iterator whose `next` panics: the source runs inside a stage task.
+struct PanicsAt(u32, u32);
+
+impl Iterator for PanicsAt {
+    type Item = u32;
+    fn next(&mut self) -> Option<u32> {
+        self.0 += 1;
+        assert!(self.0 != self.1, "source broke at {}", self.1);
+        Some(self.0)
+    }
+}
+
+#[tokio::test]
+async fn join_reports_a_stage_that_panicked() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let out = pipeline
+        .iter(PanicsAt(0, 7))
+        .async_boundary("reader")
+        .collect()
+        .await;
+    // The stream does not just end short: its last item says why.
+    let last = out.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(last.kind(), ErrorKind::Panicked);
+    assert_eq!(last.stage(), "reader");
+    let before: Vec<u32> = out[..out.len() - 1]
+        .iter()
+        .map(|r| *r.as_ref().unwrap())
+        .collect();
+    assert_eq!(before, (1..7).collect::<Vec<_>>());
+
+    let Err(PipelineError::Panicked(panics)) = pipeline.join().await else {
+        panic!("join must report the panic");
+    };
+    assert_eq!(panics.len(), 1);
+    assert_eq!(panics[0].stage(), "reader");
+    assert!(panics[0].message().contains("source broke at 7"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn counters_are_readable_while_running() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let mut out = flow.pipe(Stage::new("double", Map::new(|x: &u32| x * 2)));
+    for i in 0..10 {
+        tx.send(i).await.unwrap();
+    }
+    settle().await;
+    let m = stage(&pipeline, "double");
+    assert_eq!((m.received, m.emitted), (10, 10));
+    for _ in 0..10 {
+        out.next().await.unwrap().unwrap();
+    }
+    tx.send(10).await.unwrap();
+    settle().await;
+    assert_eq!(stage(&pipeline, "double").received, 11);
+}

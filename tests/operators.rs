@@ -1,0 +1,250 @@
+//! map, try_map, filter, tap, custom steps: values, errors, panics, counters.
+
+mod support;
+
+use streamz::{
+    Emit, ErrorKind, Filter, Item, Map, PanicError, Pipeline, Stage, Step, StreamError, Tap, TryMap,
+};
+use support::{assert_conserved, split, stage, values};
+
+#[tokio::test]
+async fn fused_and_staged_maps_agree() {
+    let fused = streamz::iter(0..1000u64)
+        .map(|x| x * 3)
+        .filter(|x| x % 2 == 0)
+        .tap(|_| {})
+        .collect()
+        .await;
+    let staged = streamz::iter(0..1000u64)
+        .pipe(Stage::new("map", Map::new(|x: &u64| x * 3)))
+        .pipe(Stage::new("filter", Filter::new(|x: &u64| x % 2 == 0)))
+        .pipe(Stage::new("tap", Tap::new(|_: &u64| {})))
+        .collect()
+        .await;
+    let expected: Vec<u64> = (0..1000).map(|x| x * 3).filter(|x| x % 2 == 0).collect();
+    assert_eq!(values(fused), expected);
+    assert_eq!(values(staged), expected);
+}
+
+#[tokio::test]
+async fn a_panicking_closure_yields_an_error_with_the_item_in_place() {
+    for staged in [false, true] {
+        let pipeline = Pipeline::new();
+        let f = |x: &u32| {
+            assert!(x % 10 != 3, "bad item {x}");
+            x + 100
+        };
+        let src = pipeline.iter(0..25u32);
+        let flow = if staged {
+            src.pipe(Stage::new("m", Map::new(f)))
+        } else {
+            src.step("m", Map::new(f))
+        };
+        let out = flow.collect().await;
+        assert_eq!(out.len(), 25);
+        for (i, item) in out.into_iter().enumerate() {
+            let i = i as u32;
+            match item {
+                Ok(v) => assert_eq!(v, i + 100),
+                Err(mut e) => {
+                    assert_eq!(i % 10, 3, "only items 3, 13, 23 panic");
+                    assert_eq!(e.kind(), ErrorKind::Panicked);
+                    assert_eq!(e.stage(), "m");
+                    let msg = e.cause().unwrap().downcast_ref::<PanicError>().unwrap();
+                    assert_eq!(msg.message(), format!("bad item {i}"));
+                    assert_eq!(e.take_item::<u32>(), Some(i));
+                }
+            }
+        }
+        let m = stage(&pipeline, "m");
+        assert_eq!((m.received, m.emitted, m.failed), (25, 22, 3));
+        assert_conserved(&m);
+    }
+}
+
+#[tokio::test]
+async fn panics_at_the_edges_of_a_chunk_and_in_filters_and_taps() {
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter(0..256u32) // one full chunk: first and last item panic
+        .filter(|x| {
+            assert!(*x != 0 && *x != 255);
+            x % 2 == 0
+        })
+        .tap(|x| assert!(*x != 100))
+        .collect()
+        .await;
+    let (oks, mut errs) = split(out);
+    let expected: Vec<u32> = (2..255).filter(|x| x % 2 == 0 && *x != 100).collect();
+    assert_eq!(oks, expected);
+    let items: Vec<u32> = errs
+        .iter_mut()
+        .map(|e| e.take_item::<u32>().unwrap())
+        .collect();
+    assert_eq!(items, [0, 100, 255]);
+    let filter = stage(&pipeline, "filter");
+    assert_eq!(
+        (filter.failed, filter.dropped, filter.emitted),
+        (2, 127, 127)
+    );
+    assert_conserved(&filter);
+    let tap = stage(&pipeline, "tap");
+    assert_eq!((tap.received, tap.failed, tap.errors_passed), (129, 1, 2));
+    assert_conserved(&tap);
+}
+
+#[tokio::test]
+async fn try_map_failures_carry_item_and_source() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("not a number: {0}")]
+    struct NotNumber(String);
+
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter(["1", "x", "3"].map(String::from))
+        .pipe(Stage::new(
+            "parse",
+            TryMap::new(|s: &String| s.parse::<u32>().map_err(|_| NotNumber(s.clone()))),
+        ))
+        .collect()
+        .await;
+    let (oks, mut errs) = split(out);
+    assert_eq!(oks, [1, 3]);
+    let e = &mut errs[0];
+    assert_eq!(e.kind(), ErrorKind::Failed);
+    assert_eq!(e.to_string(), "stage `parse` failed: not a number: x");
+    assert!(e.cause().unwrap().downcast_ref::<NotNumber>().is_some());
+    assert_eq!(e.take_item::<String>().as_deref(), Some("x"));
+    assert_conserved(&stage(&pipeline, "parse"));
+}
+
+#[tokio::test]
+async fn errors_pass_later_stages_unchanged_and_keep_their_position() {
+    let items = vec![
+        Ok(1),
+        Err(StreamError::failed("upstream", "first").with_item(String::from("raw-a"))),
+        Ok(2),
+        Ok(3),
+        Err(StreamError::failed("upstream", "second").with_attempts(3)),
+    ];
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .try_stream(futures::stream::iter(items))
+        .map(|x: &i32| x * 10)
+        .filter(|x| *x != 20)
+        .pipe(Stage::new("after", Map::new(|x: &i32| x + 1)))
+        .collect()
+        .await;
+    let rendered: Vec<String> = out
+        .into_iter()
+        .map(|r| match r {
+            Ok(v) => v.to_string(),
+            Err(mut e) => {
+                assert_eq!(e.stage(), "upstream", "not re-stamped");
+                let item = e.take_item::<String>().unwrap_or_default();
+                format!("{}/{}/{}", e.cause().unwrap(), e.attempts(), item)
+            }
+        })
+        .collect();
+    assert_eq!(rendered, ["11", "first/1/raw-a", "31", "second/3/"]);
+    let after = stage(&pipeline, "after");
+    assert_eq!(after.errors_passed, 2);
+    assert_conserved(&after);
+    assert_conserved(&stage(&pipeline, "filter"));
+}
+
+/// A custom step in about ten lines: splits sentences into words and
+/// rejects empty input.
+struct Words;
+
+impl Step<String, String> for Words {
+    fn on_item(&mut self, line: Item<'_, String>, out: &mut Emit<'_, String>) {
+        if line.trim().is_empty() {
+            return out.fail(line, "empty line");
+        }
+        for word in line.split_whitespace() {
+            out.emit(word.to_owned());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_custom_step_runs_fused_and_as_a_stage() {
+    let lines = || ["a b", " ", "c"].map(String::from);
+    for staged in [false, true] {
+        let pipeline = Pipeline::new();
+        let src = pipeline.iter(lines());
+        let flow = if staged {
+            src.pipe(Stage::new("words", Words))
+        } else {
+            src.step("words", Words)
+        };
+        let (oks, mut errs) = split(flow.collect().await);
+        assert_eq!(oks, ["a", "b", "c"]);
+        assert_eq!(errs[0].stage(), "words");
+        assert_eq!(errs[0].take_item::<String>().as_deref(), Some(" "));
+        let m = stage(&pipeline, "words");
+        assert_eq!((m.received, m.emitted, m.failed), (3, 3, 1));
+    }
+}
+
+/// A step that keeps state and flushes it at the end, and drops silently
+/// only what it counts.
+struct PairUp(Option<u32>);
+
+impl Step<u32, (u32, u32)> for PairUp {
+    fn on_item(&mut self, item: Item<'_, u32>, out: &mut Emit<'_, (u32, u32)>) {
+        match self.0.take() {
+            Some(first) => out.emit((first, item.take())),
+            None => self.0 = Some(item.take()),
+        }
+    }
+
+    fn on_end(&mut self, out: &mut Emit<'_, (u32, u32)>) {
+        if let Some(last) = self.0.take() {
+            out.emit((last, last));
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_end_flushes_state() {
+    let out = streamz::iter(1..=5u32)
+        .step("pairs", PairUp(None))
+        .collect()
+        .await;
+    assert_eq!(values(out), [(1, 2), (3, 4), (5, 5)]);
+}
+
+/// A step that panics after taking the item: the error has no item, and
+/// the partial output of that item is withdrawn.
+struct TakesThenPanics;
+
+impl Step<u32, u32> for TakesThenPanics {
+    fn on_item(&mut self, item: Item<'_, u32>, out: &mut Emit<'_, u32>) {
+        let v = item.take();
+        out.emit(v);
+        assert!(v != 2, "boom");
+        out.emit(v);
+    }
+}
+
+#[tokio::test]
+async fn a_panic_after_take_withdraws_partial_output() {
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter(1..=3u32)
+        .step("s", TakesThenPanics)
+        .collect()
+        .await;
+    let rendered: Vec<String> = out
+        .into_iter()
+        .map(|r| match r {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("{}:{}", e.kind(), e.has_item()),
+        })
+        .collect();
+    assert_eq!(rendered, ["1", "1", "panicked:false", "3", "3"]);
+    let m = stage(&pipeline, "s");
+    assert_eq!((m.received, m.emitted, m.failed), (3, 4, 1));
+}

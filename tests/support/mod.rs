@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use streamz::{Pipeline, Result, StageMetrics};
+
+/// The values of `items`, panicking on an error.
+pub fn values<T>(items: Vec<Result<T>>) -> Vec<T> {
+    items
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("unexpected error: {e}")))
+        .collect()
+}
+
+/// Splits items into values and errors, keeping each list's order.
+pub fn split<T>(items: Vec<Result<T>>) -> (Vec<T>, Vec<streamz::StreamError>) {
+    let mut oks = Vec::new();
+    let mut errs = Vec::new();
+    for item in items {
+        match item {
+            Ok(v) => oks.push(v),
+            Err(e) => errs.push(e),
+        }
+    }
+    (oks, errs)
+}
+
+/// The metrics of the stage named `name`, which must exist.
+pub fn stage(pipeline: &Pipeline, name: &str) -> StageMetrics {
+    pipeline
+        .stage_metrics(name)
+        .unwrap_or_else(|| panic!("no stage named {name}: {:?}", pipeline.metrics()))
+}
+
+/// Asserts the conservation law of a one-in-one-out stage.
+pub fn assert_conserved(m: &StageMetrics) {
+    assert_eq!(
+        m.received,
+        m.emitted + m.failed + m.errors_passed + m.dropped + m.aborted,
+        "conservation broken for {m:?}"
+    );
+}
+
+/// Returns once every other task is idle. Only for tests on a paused clock
+/// (`start_paused = true`): the runtime advances a paused clock only when no
+/// task can make progress, so this long timer fires exactly when the
+/// pipeline has quiesced. No real time passes.
+pub async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+}
