@@ -109,6 +109,9 @@ async fn streamz_fused() -> u64 {
     sum(flow).await
 }
 
+/// A bench case: builds the future that runs it once.
+type Case = fn() -> futures::future::BoxFuture<'static, u64>;
+
 fn chain(c: &mut Criterion) {
     let expected = (0..N).map(|x| x + STAGES as u64).sum::<u64>();
     let mut group = c.benchmark_group("chain_5_maps_1M");
@@ -118,7 +121,7 @@ fn chain(c: &mut Criterion) {
         // Each case runs inside one spawned task so that both runtime
         // flavours measure the same thing (the block_on thread is not a
         // worker of the multi-thread runtime).
-        let cases: [(&str, fn() -> futures::future::BoxFuture<'static, u64>); 4] = [
+        let cases: [(&str, Case); 4] = [
             ("raw_relay", || raw_relay().boxed()),
             ("futures_map", || futures_map().boxed()),
             ("streamz_stages", || streamz_stages().boxed()),

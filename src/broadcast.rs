@@ -1,9 +1,9 @@
 //! Fan-out: every value to every output.
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::pin;
-use std::task::Poll;
+use std::task::Context;
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +12,7 @@ use crate::chunk::Chunk;
 use crate::counters::{Counters, Local};
 use crate::flow::Flow;
 use crate::source::BoxSource;
+use crate::stage::{next_or_stop, send_or_stop};
 
 impl<T: Clone + Send + 'static> Flow<T> {
     /// Sends every value to each of `N` outputs.
@@ -103,16 +104,10 @@ async fn run<T: Clone + Send + 'static>(
         outputs.iter().map(ChunkTx::closed)
     ));
     loop {
-        let next = poll_fn(|cx| {
-            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                return Poll::Ready(Some(chunk));
-            }
-            if aborted.as_mut().poll(cx).is_ready() || all_closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
+        let stop = |cx: &mut Context<'_>| {
+            aborted.as_mut().poll(cx).is_ready() || all_closed.as_mut().poll(cx).is_ready()
+        };
+        let next = next_or_stop(&mut src, stop).await;
         let chunk = match next {
             Some(Some(chunk)) => chunk,
             Some(None) => return,
@@ -151,17 +146,8 @@ async fn run<T: Clone + Send + 'static>(
                 }
             };
             let (oks, errs) = (piece.values.len() as u64, piece.errors.len() as u64);
-            let mut send = pin!(tx.send(piece));
-            let outcome = poll_fn(|cx| {
-                if let Poll::Ready(r) = send.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
-                }
-                if aborted.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
-            })
-            .await;
+            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
+            let outcome = send_or_stop(tx, piece, stop).await;
             match outcome {
                 Some(Ok(())) => {
                     local.emitted += oks;
@@ -170,8 +156,10 @@ async fn run<T: Clone + Send + 'static>(
                 Some(Err(refused)) if is_original => original = Some(refused),
                 Some(Err(_)) => {}
                 None => {
+                    // Aborted mid-send: the chunk is lost only if no output
+                    // has received it yet.
                     counters.add(&local);
-                    let held = original.map_or(0, |c| c.len() as u64);
+                    let held = if is_original { oks + errs } else { 0 };
                     counters.add_aborted(held + src.abandon());
                     return;
                 }

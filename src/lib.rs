@@ -86,6 +86,16 @@ pub use stage::Stage;
 pub use step::{Emit, Item, Step};
 pub use tap::Tap;
 
+// The README's and the guides' examples are compiled and run as doc tests,
+// so they cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/architecture.md")]
+struct ArchitectureDoctests;
+
 /// A flow of the iterator's items on a new [`Pipeline`].
 ///
 /// ```

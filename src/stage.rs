@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use tokio_util::sync::CancellationToken;
 
@@ -140,17 +140,10 @@ async fn drive<T: Send + 'static>(
     let mut aborted = pin!(abort.cancelled());
     let mut closed = pin!(tx.closed());
     loop {
-        let next = poll_fn(|cx| {
-            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                return Poll::Ready(Some(chunk));
-            }
-            if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        let chunk = match next {
+        let stop = |cx: &mut Context<'_>| {
+            aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready()
+        };
+        let chunk = match next_or_stop(&mut src, stop).await {
             Some(Some(chunk)) => chunk,
             Some(None) => return, // input ended and was fully delivered
             None => {
@@ -161,24 +154,53 @@ async fn drive<T: Send + 'static>(
         let mut pieces = chunk.split(max_chunk).into_iter();
         while let Some(piece) = pieces.next() {
             let len = piece.len() as u64;
-            let mut send = pin!(tx.send(piece));
-            let sent = poll_fn(|cx| {
-                if let Poll::Ready(r) = send.as_mut().poll(cx) {
-                    return Poll::Ready(r.is_ok());
-                }
-                if aborted.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(false);
-                }
-                Poll::Pending
-            })
-            .await;
-            if !sent {
+            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
+            if !matches!(send_or_stop(&tx, piece, stop).await, Some(Ok(()))) {
                 let rest: u64 = pieces.map(|p| p.len() as u64).sum();
                 counters.add_aborted(len + rest + src.abandon());
                 return;
             }
         }
     }
+}
+
+/// Waits for the next chunk of `src`: `Some(None)` at the end of the input,
+/// `None` if `stop` (polled only while the input is pending) says to stop.
+pub(crate) async fn next_or_stop<T>(
+    src: &mut BoxSource<T>,
+    mut stop: impl FnMut(&mut Context<'_>) -> bool,
+) -> Option<Option<Chunk<T>>> {
+    poll_fn(|cx| {
+        if let Poll::Ready(chunk) = src.poll_chunk(cx) {
+            return Poll::Ready(Some(chunk));
+        }
+        if stop(cx) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Sends `chunk`, waiting for room: `Some(Err(chunk))` if the receiver is
+/// gone, `None` if `stop` (polled only while waiting) says to stop; the
+/// chunk is then dropped, and the caller counts it.
+pub(crate) async fn send_or_stop<T>(
+    tx: &ChunkTx<T>,
+    chunk: Chunk<T>,
+    mut stop: impl FnMut(&mut Context<'_>) -> bool,
+) -> Option<Result<(), Chunk<T>>> {
+    let mut send = pin!(tx.send(chunk));
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = send.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if stop(cx) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// If the stage task itself panics (not user code, whose panics are caught
