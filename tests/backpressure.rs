@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use streamz::{EdgeConfig, Map, Pipeline, Stage};
 use support::settle;
 
@@ -103,8 +103,11 @@ async fn send_waits_while_full() {
     let mut out = flow;
     tx.send(1).await.unwrap();
     tx.send(2).await.unwrap();
-    // The channel holds 2: a third send cannot complete.
-    assert!(tx.send(3).now_or_never().is_none());
+    // The channel holds 2: a third send waits, and completes once the
+    // consumer makes room.
+    let mut third = tokio_test::task::spawn(tx.send(3));
+    tokio_test::assert_pending!(third.poll());
     assert_eq!(out.next().await.unwrap().unwrap(), 1);
-    tx.send(3).await.unwrap();
+    assert!(third.is_woken(), "making room wakes the waiting producer");
+    tokio_test::assert_ready_ok!(third.poll());
 }
