@@ -30,7 +30,7 @@ impl<T: Clone + Send + 'static> Flow<T> {
     ///
     /// Counters (stage `broadcast`): `received` counts input items,
     /// `emitted` counts delivered copies of values, `errors_passed` counts
-    /// errors delivered; an item no output could take is `aborted`.
+    /// errors delivered; an item no output took is `aborted`.
     ///
     /// `N = 0` does not compile.
     ///
@@ -112,7 +112,7 @@ async fn run<T: Clone + Send + 'static>(
             Some(Some(chunk)) => chunk,
             Some(None) => return,
             None => {
-                counters.add_aborted(src.abandon());
+                counters.add_drained(src.abandon());
                 return;
             }
         };
@@ -160,7 +160,8 @@ async fn run<T: Clone + Send + 'static>(
                     // has received it yet.
                     counters.add(&local);
                     let held = if is_original { oks + errs } else { 0 };
-                    counters.add_aborted(held + src.abandon());
+                    counters.add_aborted(held);
+                    counters.add_drained(src.abandon());
                     return;
                 }
             }
@@ -170,5 +171,11 @@ async fn run<T: Clone + Send + 'static>(
             counters.add_aborted(orig.len() as u64);
         }
         counters.add(&local);
+        // With every output gone, stop now: an always-ready source would
+        // otherwise never let the wait above notice.
+        if outputs.iter().all(ChunkTx::is_closed) {
+            counters.add_drained(src.abandon());
+            return;
+        }
     }
 }

@@ -75,8 +75,14 @@ impl<T> ChunkTx<T> {
     }
 
     /// Sends a chunk without waiting for room. Used only on the panic path
-    /// to deliver the final error item; may exceed capacity by that chunk.
+    /// to deliver the final error item. It takes permits when there are
+    /// some; when the queue is full it sends anyway, and the edge's capacity
+    /// then stays larger by that chunk's length (at most once per panicked
+    /// task, which is a bug, not a workload).
     pub(crate) fn send_now(&self, chunk: Chunk<T>) -> Result<(), Chunk<T>> {
+        if let Ok(permit) = self.permits.try_acquire_many(self.cost(chunk.len())) {
+            permit.forget();
+        }
         self.tx.send(chunk).map_err(|e| e.0)
     }
 

@@ -5,15 +5,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// A snapshot of one stage's counters.
 ///
-/// The conservation law of a one-in-one-out stage (map, filter, tap) is
+/// The conservation law of a one-in-one-out stage (map, filter, tap) holds
+/// at all times, including after an abort:
 ///
 /// ```text
 /// received = emitted + failed + errors_passed + dropped + aborted
 /// ```
 ///
-/// where `received` counts both values and upstream errors. Sources count
-/// what they produce as `emitted`. A stage that emits several items per input
-/// (a custom step) may emit more than it receives.
+/// where `received` counts both values and upstream errors, and of what the
+/// stage produced, `emitted + failed + errors_passed - undelivered` reached
+/// the next stage. Sources count what they produce as `emitted`. A stage
+/// that emits several items per input (a custom step) may emit more than it
+/// receives.
 ///
 /// # Examples
 ///
@@ -43,9 +46,13 @@ pub struct StageMetrics {
     pub errors_passed: u64,
     /// Items removed on purpose and counted (a filter's rejects).
     pub dropped: u64,
-    /// Items in the stage's hands or its input queue when it stopped early
-    /// (an abort, or the consumer went away).
+    /// Items taken off the input and discarded unprocessed because the stage
+    /// stopped early (an abort, or its output went away); also counted in
+    /// `received`.
     pub aborted: u64,
+    /// Outputs the stage produced (counted in `emitted`, `failed` or
+    /// `errors_passed`) that it could not deliver because it stopped early.
+    pub undelivered: u64,
 }
 
 /// The live counters of one stage; cheap to clone, shared with the stage.
@@ -63,6 +70,7 @@ struct Shared {
     errors_passed: AtomicU64,
     dropped: AtomicU64,
     aborted: AtomicU64,
+    undelivered: AtomicU64,
 }
 
 impl Counters {
@@ -76,6 +84,7 @@ impl Counters {
                 errors_passed: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
                 aborted: AtomicU64::new(0),
+                undelivered: AtomicU64::new(0),
             }),
         }
     }
@@ -105,9 +114,25 @@ impl Counters {
         self.inner.emitted.fetch_add(n, Relaxed);
     }
 
+    /// Items received but discarded unprocessed (counted as both).
+    pub(crate) fn add_drained(&self, n: u64) {
+        if n != 0 {
+            self.inner.received.fetch_add(n, Relaxed);
+            self.inner.aborted.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Items already received (and counted) that are discarded unprocessed.
     pub(crate) fn add_aborted(&self, n: u64) {
         if n != 0 {
             self.inner.aborted.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Outputs produced and counted that could not be delivered.
+    pub(crate) fn add_undelivered(&self, n: u64) {
+        if n != 0 {
+            self.inner.undelivered.fetch_add(n, Relaxed);
         }
     }
 
@@ -121,6 +146,7 @@ impl Counters {
             errors_passed: s.errors_passed.load(Relaxed),
             dropped: s.dropped.load(Relaxed),
             aborted: s.aborted.load(Relaxed),
+            undelivered: s.undelivered.load(Relaxed),
         }
     }
 }

@@ -106,7 +106,7 @@ struct Inner {
 /// The failed item, type-erased. The mutex makes `StreamError: Sync`
 /// without asking items to be `Sync`; it is only ever reached through
 /// `&mut self`, so it is never contended.
-struct Payload {
+pub(crate) struct Payload {
     type_name: &'static str,
     value: Mutex<Box<dyn Any + Send>>,
 }
@@ -242,6 +242,17 @@ impl StreamError {
                 .into_inner()
                 .unwrap_or_else(|poison| poison.into_inner()),
         )
+    }
+
+    /// Moves the carried item out, with its type name, to attach elsewhere.
+    pub(crate) fn take_payload(&mut self) -> Option<Payload> {
+        self.inner.item.take()
+    }
+
+    /// Attaches an item taken from another error.
+    pub(crate) fn with_payload(mut self, payload: Payload) -> Self {
+        self.inner.item = Some(payload);
+        self
     }
 
     /// Builds the error for a panic caught while processing an item.

@@ -34,7 +34,7 @@ use crate::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
 ///   new input; everything already accepted drains through the chain as at
 ///   end of input.
 /// - **[`abort`](Pipeline::abort)**: every stage stops at once and counts
-///   what it held in its `aborted` counter.
+///   what it held (`undelivered`) and what waited on its input (`aborted`).
 /// - **[`join`](Pipeline::join)** waits for every task and reports a stage
 ///   that panicked.
 ///
@@ -204,23 +204,39 @@ impl Pipeline {
         (Pusher { tx }, flow)
     }
 
+    /// This pipeline and every pipeline linked to it by a merge, directly or
+    /// not, each once. No lock is held while walking, so cycles and
+    /// diamonds of links are harmless.
+    fn reachable(&self) -> Vec<Pipeline> {
+        let mut seen = vec![self.clone()];
+        let mut next = 0;
+        while next < seen.len() {
+            let linked: Vec<Pipeline> = lock(&seen[next].inner.linked).clone();
+            for p in linked {
+                if !seen.iter().any(|q| q.same(&p)) {
+                    seen.push(p);
+                }
+            }
+            next += 1;
+        }
+        seen
+    }
+
     /// Starts a graceful shutdown: sources stop taking new input, everything
     /// already accepted drains through the chain, partial state is flushed,
     /// and the tasks exit when their output has been consumed.
     pub fn shutdown(&self) {
-        self.inner.shutdown.cancel();
-        for p in lock(&self.inner.linked).iter() {
-            p.shutdown();
+        for p in self.reachable() {
+            p.inner.shutdown.cancel();
         }
     }
 
-    /// Stops every stage now. Items held by a stage or queued on its input
-    /// are discarded and counted in that stage's `aborted` counter.
+    /// Stops every stage now. Items a stage holds or that wait on its input
+    /// are discarded and counted (see [`StageMetrics`]).
     pub fn abort(&self) {
-        self.inner.abort.cancel();
-        self.inner.shutdown.cancel();
-        for p in lock(&self.inner.linked).iter() {
-            p.abort();
+        for p in self.reachable() {
+            p.inner.abort.cancel();
+            p.inner.shutdown.cancel();
         }
     }
 
@@ -235,16 +251,17 @@ impl Pipeline {
     }
 
     /// Counters of every stage, in the order the stages were created
-    /// (including pipelines merged into this one).
+    /// (then those of pipelines merged into this one).
     pub fn metrics(&self) -> Vec<StageMetrics> {
-        let mut all: Vec<StageMetrics> = lock(&self.inner.stages)
+        self.reachable()
             .iter()
-            .map(Counters::snapshot)
-            .collect();
-        for p in lock(&self.inner.linked).iter() {
-            all.extend(p.metrics());
-        }
-        all
+            .flat_map(|p| {
+                lock(&p.inner.stages)
+                    .iter()
+                    .map(Counters::snapshot)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// The counters of the first stage named `name`.
@@ -254,23 +271,23 @@ impl Pipeline {
 
     /// Items that were still unread in a [`Flow`] the application dropped.
     pub fn discarded(&self) -> u64 {
-        self.inner.discarded.load(Relaxed)
-            + lock(&self.inner.linked)
-                .iter()
-                .map(Pipeline::discarded)
-                .sum::<u64>()
+        self.reachable()
+            .iter()
+            .map(|p| p.inner.discarded.load(Relaxed))
+            .sum()
     }
 
     /// How many of the pipeline's tasks are still running.
     pub fn running_tasks(&self) -> usize {
-        lock(&self.inner.tasks)
+        self.reachable()
             .iter()
-            .filter(|(_, h)| !h.is_finished())
-            .count()
-            + lock(&self.inner.linked)
-                .iter()
-                .map(Pipeline::running_tasks)
-                .sum::<usize>()
+            .map(|p| {
+                lock(&p.inner.tasks)
+                    .iter()
+                    .filter(|(_, h)| !h.is_finished())
+                    .count()
+            })
+            .sum()
     }
 
     /// Waits until every task of the pipeline has exited.
@@ -285,31 +302,27 @@ impl Pipeline {
     /// (Panics in user closures do not count: they become error items.)
     pub async fn join(&self) -> std::result::Result<(), PipelineError> {
         let mut panics = Vec::new();
-        loop {
-            let tasks = std::mem::take(&mut *lock(&self.inner.tasks));
-            if tasks.is_empty() {
-                break;
-            }
-            for (stage, handle) in tasks {
-                if let Err(e) = handle.await {
-                    let message = if e.is_panic() {
-                        crate::error::PanicError::from_payload(e.into_panic())
-                            .message()
-                            .to_owned()
-                    } else {
-                        "the task was cancelled".to_owned()
-                    };
-                    panics.push(StagePanic {
-                        stage: stage.to_string(),
-                        message,
-                    });
+        for p in self.reachable() {
+            loop {
+                let tasks = std::mem::take(&mut *lock(&p.inner.tasks));
+                if tasks.is_empty() {
+                    break;
                 }
-            }
-        }
-        let linked: Vec<Pipeline> = lock(&self.inner.linked).clone();
-        for p in linked {
-            if let Err(PipelineError::Panicked(more)) = Box::pin(p.join()).await {
-                panics.extend(more);
+                for (stage, handle) in tasks {
+                    if let Err(e) = handle.await {
+                        let message = if e.is_panic() {
+                            crate::error::PanicError::from_payload(e.into_panic())
+                                .message()
+                                .to_owned()
+                        } else {
+                            "the task was cancelled".to_owned()
+                        };
+                        panics.push(StagePanic {
+                            stage: stage.to_string(),
+                            message,
+                        });
+                    }
+                }
             }
         }
         if panics.is_empty() {
@@ -341,7 +354,7 @@ impl Pipeline {
 
     /// Makes `other`'s lifecycle follow this pipeline's (used by merge).
     pub(crate) fn link(&self, other: Pipeline) {
-        if self.same(&other) || lock(&self.inner.linked).iter().any(|p| p.same(&other)) {
+        if self.reachable().iter().any(|p| p.same(&other)) {
             return;
         }
         if self.inner.abort.is_cancelled() {

@@ -147,7 +147,7 @@ async fn drive<T: Send + 'static>(
             Some(Some(chunk)) => chunk,
             Some(None) => return, // input ended and was fully delivered
             None => {
-                counters.add_aborted(src.abandon());
+                counters.add_drained(src.abandon());
                 return;
             }
         };
@@ -157,7 +157,8 @@ async fn drive<T: Send + 'static>(
             let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
             if !matches!(send_or_stop(&tx, piece, stop).await, Some(Ok(()))) {
                 let rest: u64 = pieces.map(|p| p.len() as u64).sum();
-                counters.add_aborted(len + rest + src.abandon());
+                counters.add_undelivered(len + rest);
+                counters.add_drained(src.abandon());
                 return;
             }
         }

@@ -64,9 +64,11 @@ pub trait Step<In, Out>: Send + 'static {
     fn on_item(&mut self, item: Item<'_, In>, out: &mut Emit<'_, Out>);
 
     /// Handles an error item from upstream. The default passes it on
-    /// unchanged, which is what almost every stage should do.
-    fn on_error(&mut self, error: StreamError, out: &mut Emit<'_, Out>) {
-        out.pass(error);
+    /// unchanged, which is what almost every stage should do. An error the
+    /// step does not take is passed on unchanged too, also when the step
+    /// panics before taking it: upstream errors are never lost.
+    fn on_error(&mut self, error: Item<'_, StreamError>, out: &mut Emit<'_, Out>) {
+        out.pass(error.take());
     }
 
     /// Called once when the input ends, to flush any state. Not called when
@@ -195,13 +197,16 @@ where
     let mut out = Chunk::with_capacity(chunk.values.len());
     let mut items = chunk.into_iter();
     let mut slot: Option<In> = None;
+    let mut err_slot: Option<StreamError> = None;
+    // Output lengths and counts before the current item, to undo its
+    // partial output if it panics.
     let mut mark = (0, 0);
-    let mut in_on_error = false;
+    let mut saved = local;
     loop {
         let finished = catch_unwind(AssertUnwindSafe(|| {
             for item in items.by_ref() {
                 mark = (out.values.len(), out.errors.len());
-                in_on_error = item.is_err();
+                saved = local;
                 let mut emit = Emit {
                     out: &mut out,
                     local: &mut local,
@@ -218,23 +223,51 @@ where
                             local.dropped += 1;
                         }
                     }
-                    Err(error) => step.on_error(error, &mut emit),
+                    Err(error) => {
+                        err_slot = Some(error);
+                        step.on_error(
+                            Item {
+                                slot: &mut err_slot,
+                            },
+                            &mut emit,
+                        );
+                        if let Some(error) = err_slot.take() {
+                            local.errors_passed += 1;
+                            out.push_error(error);
+                        }
+                    }
                 }
             }
         }));
         let Err(payload) = finished else { break };
-        // Undo the partial output of the item that panicked.
+        // Undo the partial output of the item that panicked; an item the
+        // step had already put into a failure comes back from there.
+        local = saved;
+        let mut recovered = None;
         for partial in out.truncate(mark.0, mark.1) {
-            match partial {
-                Ok(_) => local.emitted -= 1,
-                Err(_) if in_on_error => local.errors_passed -= 1,
-                Err(_) => local.failed -= 1,
+            if let Err(mut e) = partial {
+                if recovered.is_none() {
+                    recovered = e.take_payload();
+                }
             }
+        }
+        if let Some(error) = err_slot.take() {
+            // An upstream error passes on unchanged; the panic is logged.
+            tracing::error!(
+                stage = %stage,
+                panic = %crate::error::PanicError::from_payload(payload),
+                "on_error panicked; the upstream error is passed on unchanged"
+            );
+            local.errors_passed += 1;
+            out.push_error(error);
+            continue;
         }
         local.failed += 1;
         let mut err = StreamError::panicked(stage, payload);
         if let Some(item) = slot.take() {
             err = err.with_item(item);
+        } else if let Some(item) = recovered {
+            err = err.with_payload(item);
         }
         out.push_error(err);
     }

@@ -150,7 +150,7 @@ proptest! {
         let metrics = pipeline.metrics();
         let dropped: u64 = metrics.iter().map(|m| m.dropped).sum();
         let failed: u64 = metrics.iter().map(|m| m.failed).sum();
-        let aborted: u64 = metrics.iter().map(|m| m.aborted).sum();
+        let aborted: u64 = metrics.iter().map(|m| m.aborted + m.undelivered).sum();
         prop_assert_eq!(dropped, expected_dropped);
         prop_assert_eq!(failed, errors);
         prop_assert_eq!(aborted, 0);

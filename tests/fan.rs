@@ -143,3 +143,42 @@ async fn when_every_output_is_dropped_the_upstream_stops() {
     assert_eq!(pipeline.running_tasks(), 0);
     assert!(tx.is_closed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_stops_when_every_output_is_dropped_even_with_endless_input() {
+    let pipeline = Pipeline::new();
+    let [a, b] = pipeline.iter(0u64..).broadcast();
+    drop(a);
+    drop(b);
+    // Guards against a hang only; the join returns as soon as the task ends.
+    tokio::time::timeout(std::time::Duration::from_secs(60), pipeline.join())
+        .await
+        .expect("the broadcast task must stop")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn links_that_form_a_cycle_or_a_diamond_are_walked_once() {
+    let pa = Pipeline::new();
+    let pb = Pipeline::new();
+    let [a1, a2] = pa.iter(0..3u32).broadcast();
+    let [b1, b2] = pb.iter(10..13u32).broadcast();
+    let m1 = streamz::merge([a1, b1]); // links B to A
+    let m2 = streamz::merge([b2, a2]); // links A to B: a cycle
+    let (x, y) = tokio::join!(m1.collect(), m2.collect());
+    assert_eq!((x.len(), y.len()), (6, 6));
+    assert_eq!(pa.discarded(), 0);
+    pa.join().await.unwrap();
+    let names: Vec<String> = pa.metrics().into_iter().map(|m| m.name).collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "iter").count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| *n == "merge").count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(pb.metrics().len(), pa.metrics().len());
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
 use streamz::{EdgeConfig, ErrorKind, Map, Pipeline, PipelineError, Stage};
-use support::{settle, stage, values};
+use support::{assert_conserved, settle, stage, stopped_early, values};
 
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
@@ -57,9 +57,13 @@ async fn dropping_mid_stream_counts_every_item() {
     pipeline.join().await.unwrap();
 
     let produced = stage(&pipeline, "iter").emitted;
-    let aborted: u64 = pipeline.metrics().iter().map(|m| m.aborted).sum();
     assert!(produced < 10_000, "the source stopped early");
-    assert_eq!(produced, read + pipeline.discarded() + aborted);
+    assert_eq!(
+        produced,
+        read + pipeline.discarded() + stopped_early(&pipeline)
+    );
+    assert_conserved(&stage(&pipeline, "a"));
+    assert_conserved(&stage(&pipeline, "b"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -140,12 +144,8 @@ async fn abort_stops_at_once_and_counts_what_was_in_flight() {
         "abort does not wait for the consumer"
     );
     pipeline.join().await.unwrap();
-    let aborted: u64 = pipeline.metrics().iter().map(|m| m.aborted).sum();
-    assert!(
-        aborted > 0,
-        "items were in flight: {:?}",
-        pipeline.metrics()
-    );
+    let lost = stopped_early(&pipeline);
+    assert!(lost > 0, "items were in flight: {:?}", pipeline.metrics());
 
     // What is already in the final queue can still be read; the rest was
     // counted as aborted.
@@ -155,7 +155,10 @@ async fn abort_stops_at_once_and_counts_what_was_in_flight() {
         read += 1;
     }
     let produced = stage(&pipeline, "iter").emitted;
-    assert_eq!(produced, read + aborted + pipeline.discarded());
+    assert_eq!(produced, read + lost + pipeline.discarded());
+    for name in ["a", "b", "c"] {
+        assert_conserved(&stage(&pipeline, name));
+    }
 }
 
 /// An iterator whose `next` panics: the source runs inside a stage task.

@@ -248,3 +248,70 @@ async fn a_panic_after_take_withdraws_partial_output() {
     let m = stage(&pipeline, "s");
     assert_eq!((m.received, m.emitted, m.failed), (3, 4, 1));
 }
+
+/// A step whose `on_error` reports a new error and then panics.
+struct BadOnError;
+
+impl Step<u32, u32> for BadOnError {
+    fn on_item(&mut self, item: Item<'_, u32>, out: &mut Emit<'_, u32>) {
+        out.emit(item.take());
+    }
+
+    fn on_error(&mut self, _error: Item<'_, StreamError>, out: &mut Emit<'_, u32>) {
+        out.error(StreamError::failed("bad", "extra"));
+        panic!("on_error broke");
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_error_survives_a_panicking_on_error() {
+    let items = vec![
+        Ok(1),
+        Err(StreamError::failed("src", "e").with_item(7u8)),
+        Ok(2),
+    ];
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .try_stream(futures::stream::iter(items))
+        .step("bad", BadOnError)
+        .collect()
+        .await;
+    let (oks, mut errs) = split(out);
+    assert_eq!(oks, [1, 2]);
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].stage(), "src", "passed on unchanged");
+    assert_eq!(errs[0].take_item::<u8>(), Some(7));
+    let m = stage(&pipeline, "bad");
+    assert_eq!(
+        (m.received, m.emitted, m.failed, m.errors_passed),
+        (3, 2, 0, 1)
+    );
+    assert_conserved(&m);
+}
+
+/// A step that reports a failure carrying the item, then panics.
+struct FailThenPanic;
+
+impl Step<u32, u32> for FailThenPanic {
+    fn on_item(&mut self, item: Item<'_, u32>, out: &mut Emit<'_, u32>) {
+        out.fail(item, "first");
+        panic!("then broke");
+    }
+}
+
+#[tokio::test]
+async fn a_panic_after_fail_keeps_the_item() {
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter([5u32])
+        .step("s", FailThenPanic)
+        .collect()
+        .await;
+    let (_, mut errs) = split(out);
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].kind(), ErrorKind::Panicked);
+    assert_eq!(errs[0].take_item::<u32>(), Some(5));
+    let m = stage(&pipeline, "s");
+    assert_eq!((m.received, m.failed), (1, 1));
+    assert_conserved(&m);
+}

@@ -47,3 +47,25 @@ pub fn assert_conserved(m: &StageMetrics) {
 pub async fn settle() {
     tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
 }
+
+/// Items the chain lost on purpose when it stopped early: discarded
+/// unprocessed by a stage, or produced but not delivered.
+pub fn stopped_early(pipeline: &Pipeline) -> u64 {
+    pipeline
+        .metrics()
+        .iter()
+        .map(|m| m.aborted + m.undelivered)
+        .sum()
+}
+
+/// Asserts the conservation law for every stage whose name starts with
+/// `prefix`.
+pub fn assert_all_conserved(pipeline: &Pipeline, prefix: &str) {
+    for m in pipeline
+        .metrics()
+        .iter()
+        .filter(|m| m.name.starts_with(prefix))
+    {
+        assert_conserved(m);
+    }
+}
