@@ -126,23 +126,26 @@ impl<T> Chunk<T> {
         undone
     }
 
-    /// Splits off chunks of at most `max` items from an oversized chunk.
-    pub(crate) fn split(self, max: usize) -> Vec<Chunk<T>> {
-        if self.len() <= max {
-            return vec![self];
-        }
-        let mut pieces = Vec::new();
-        let mut piece = Chunk::with_capacity(max);
-        for item in self {
-            piece.push(item);
-            if piece.len() == max {
-                pieces.push(std::mem::replace(&mut piece, Chunk::with_capacity(max)));
+    /// Cuts the chunk into pieces of at most `max` items. A chunk that fits
+    /// (the usual case) passes through without allocating.
+    pub(crate) fn split(self, max: usize) -> impl Iterator<Item = Chunk<T>> {
+        let (fits, oversized) = if self.len() <= max {
+            (Some(self), Vec::new())
+        } else {
+            let mut pieces = Vec::new();
+            let mut piece = Chunk::with_capacity(max);
+            for item in self {
+                piece.push(item);
+                if piece.len() == max {
+                    pieces.push(std::mem::replace(&mut piece, Chunk::with_capacity(max)));
+                }
             }
-        }
-        if !piece.is_empty() {
-            pieces.push(piece);
-        }
-        pieces
+            if !piece.is_empty() {
+                pieces.push(piece);
+            }
+            (None, pieces)
+        };
+        fits.into_iter().chain(oversized)
     }
 }
 
@@ -284,7 +287,7 @@ mod tests {
                 }
             })
             .collect();
-        let pieces = c.split(4);
+        let pieces: Vec<_> = c.split(4).collect();
         assert!(pieces.iter().all(|p| p.len() <= 4));
         let all: Vec<String> = pieces.into_iter().flat_map(render).collect();
         assert_eq!(all, ["e0", "1", "2", "e3", "4", "5", "e6", "7", "8", "e9"]);

@@ -51,6 +51,7 @@ impl<F> fmt::Debug for Map<F> {
 impl<In, Out, F> Step<In, Out> for Map<F>
 where
     In: Send + 'static,
+    Out: 'static,
     F: FnMut(&In) -> Out + Send + 'static,
 {
     #[inline]

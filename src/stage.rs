@@ -151,7 +151,7 @@ async fn drive<T: Send + 'static>(
                 return;
             }
         };
-        let mut pieces = chunk.split(max_chunk).into_iter();
+        let mut pieces = chunk.split(max_chunk);
         while let Some(piece) = pieces.next() {
             let len = piece.len() as u64;
             let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();

@@ -347,7 +347,11 @@ pub(crate) fn map_values<In, Out>(
 ) -> Chunk<Out>
 where
     In: Send + 'static,
+    Out: 'static,
 {
+    if std::any::TypeId::of::<In>() == std::any::TypeId::of::<Out>() {
+        return map_in_place(chunk, counters, f);
+    }
     let Chunk { values, errors } = chunk;
     let inputs = values.len();
     let mut out = Vec::with_capacity(inputs);
@@ -382,6 +386,70 @@ where
     }
     finish(out, errors, failures, inputs, counters, |i| {
         at.binary_search(&i).is_err()
+    })
+}
+
+/// `T` as `U` when they are the same type (checked at run time through
+/// `Any`, which the compiler folds away after monomorphisation).
+#[inline]
+fn same_type<T: 'static, U: 'static>(v: &mut T) -> &mut U {
+    (v as &mut dyn std::any::Any)
+        .downcast_mut::<U>()
+        .expect("called only when the types are equal")
+}
+
+/// A map whose output type is its input type rewrites the chunk's vector
+/// in place: no allocation per chunk, which is most of what a light map
+/// stage costs besides the loop itself. Each value is replaced only after
+/// `f` returns, so a panic leaves the panicking value intact at the index
+/// the loop counter holds.
+fn map_in_place<In, Out>(
+    chunk: Chunk<In>,
+    counters: &Counters,
+    f: &mut impl FnMut(&In) -> Out,
+) -> Chunk<Out>
+where
+    In: Send + 'static,
+    Out: 'static,
+{
+    let Chunk { mut values, errors } = chunk;
+    let inputs = values.len();
+    let mut failures: Vec<(usize, StreamError)> = Vec::new();
+    let mut at = 0; // next value to map
+    while at < values.len() {
+        let mut done = 0;
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            for v in values[at..].iter_mut() {
+                let mut new = f(v);
+                std::mem::swap(v, same_type::<Out, In>(&mut new));
+                done += 1;
+            }
+        }));
+        let Err(payload) = run else { break };
+        let k = at + done;
+        let item = values.remove(k);
+        // Its index among the inputs: earlier failures were removed too.
+        let index = k + failures.len();
+        let err = StreamError::panicked(counters.name(), payload).with_item(item);
+        failures.push((index, err));
+        at = k;
+    }
+    let mut values = Some(values);
+    let values: Vec<Out> = same_type::<Option<Vec<In>>, Option<Vec<Out>>>(&mut values)
+        .take()
+        .expect("just set");
+    if failures.is_empty() {
+        counters.add(&Local {
+            received: (inputs + errors.len()) as u64,
+            emitted: values.len() as u64,
+            errors_passed: errors.len() as u64,
+            ..Local::default()
+        });
+        return Chunk { values, errors };
+    }
+    let failed: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
+    finish(values, errors, failures, inputs, counters, |i| {
+        failed.binary_search(&i).is_err()
     })
 }
 

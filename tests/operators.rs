@@ -315,3 +315,30 @@ async fn a_panic_after_fail_keeps_the_item() {
     assert_eq!((m.received, m.failed), (1, 1));
     assert_conserved(&m);
 }
+
+#[tokio::test]
+async fn a_map_to_another_type_also_hands_back_panicked_items() {
+    // u32 -> String takes the allocating path; u32 -> u32 maps in place.
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter(0..300u32)
+        .map(|x: &u32| {
+            assert!(x % 100 != 7, "bad {x}");
+            x.to_string()
+        })
+        .collect()
+        .await;
+    assert_eq!(out.len(), 300);
+    for (i, item) in out.into_iter().enumerate() {
+        match item {
+            Ok(s) => assert_eq!(s, i.to_string()),
+            Err(mut e) => {
+                assert_eq!(i % 100, 7);
+                assert_eq!(e.take_item::<u32>(), Some(i as u32));
+            }
+        }
+    }
+    let m = stage(&pipeline, "map");
+    assert_eq!((m.emitted, m.failed), (297, 3));
+    assert_conserved(&m);
+}
