@@ -361,18 +361,6 @@ where
         |out, at| out.extend(values[at..].iter().map(&mut *f)),
         |_| {},
     );
-    if panicked.is_empty() {
-        counters.add(&Local {
-            received: (inputs + errors.len()) as u64,
-            emitted: out.len() as u64,
-            errors_passed: errors.len() as u64,
-            ..Local::default()
-        });
-        return Chunk {
-            values: out,
-            errors,
-        };
-    }
     let at: Vec<usize> = panicked.iter().map(|(i, _)| *i).collect();
     let mut panicked = panicked.into_iter().peekable();
     let mut failures = Vec::with_capacity(at.len());
@@ -438,15 +426,6 @@ where
     let values: Vec<Out> = same_type::<Option<Vec<In>>, Option<Vec<Out>>>(&mut values)
         .take()
         .expect("just set");
-    if failures.is_empty() {
-        counters.add(&Local {
-            received: (inputs + errors.len()) as u64,
-            emitted: values.len() as u64,
-            errors_passed: errors.len() as u64,
-            ..Local::default()
-        });
-        return Chunk { values, errors };
-    }
     let failed: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
     finish(values, errors, failures, inputs, counters, |i| {
         failed.binary_search(&i).is_err()
@@ -503,6 +482,7 @@ fn finish<Out>(
     kept: impl Fn(usize) -> bool,
 ) -> Chunk<Out> {
     let emitted = values.len();
+    let kept_all = emitted == inputs;
     counters.add(&Local {
         received: (inputs + errors.len()) as u64,
         emitted: emitted as u64,
@@ -510,7 +490,9 @@ fn finish<Out>(
         errors_passed: errors.len() as u64,
         dropped: (inputs - emitted - failures.len()) as u64,
     });
-    let errors = if errors.is_empty() && failures.is_empty() {
+    // When every input value became an output value, errors keep their
+    // positions; with no errors and no failures there is nothing to place.
+    let errors = if kept_all || (failures.is_empty() && errors.is_empty()) {
         errors
     } else {
         place_errors(errors, failures, kept, inputs)
