@@ -116,6 +116,11 @@ async fn run<T: Clone + Send + 'static>(
                 return;
             }
         };
+        // An abort stops the stage even while its input keeps flowing.
+        if abort.is_cancelled() {
+            counters.add_drained(chunk.len() as u64 + src.abandon());
+            return;
+        }
         let mut local = Local {
             received: chunk.len() as u64,
             ..Local::default()

@@ -54,6 +54,7 @@
 )]
 #![forbid(unsafe_code)]
 
+mod batcher;
 mod broadcast;
 mod channel;
 mod chunk;
@@ -71,6 +72,7 @@ mod stage;
 mod step;
 mod tap;
 
+pub use batcher::Batcher;
 pub use chunk::{Chunk, IntoIter as ChunkIntoIter};
 pub use config::{ConfigError, EdgeConfig};
 pub use counters::StageMetrics;

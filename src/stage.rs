@@ -151,6 +151,12 @@ async fn drive<T: Send + 'static>(
                 return;
             }
         };
+        // An abort stops the stage even while its input keeps flowing.
+        if abort.is_cancelled() {
+            counters.add_undelivered(chunk.len() as u64);
+            counters.add_drained(src.abandon());
+            return;
+        }
         let mut pieces = chunk.split(max_chunk);
         while let Some(piece) = pieces.next() {
             let len = piece.len() as u64;

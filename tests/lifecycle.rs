@@ -217,3 +217,31 @@ async fn counters_are_readable_while_running() {
     settle().await;
     assert_eq!(stage(&pipeline, "double").received, 11);
 }
+
+#[tokio::test(start_paused = true)]
+async fn abort_stops_a_chain_whose_input_keeps_flowing() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(32, 8).unwrap());
+    let mut out = pipeline
+        .iter(0u64..)
+        .pipe(Stage::new("a", Map::new(|x: &u64| *x)))
+        .pipe(Stage::new("b", Map::new(|x: &u64| *x)));
+    let mut read = 0u64;
+    while read < 100 {
+        out.next().await.unwrap().unwrap();
+        read += 1;
+    }
+    pipeline.abort();
+    // The consumer keeps reading: the stream must end, not run forever.
+    while let Some(item) = out.next().await {
+        item.unwrap();
+        read += 1;
+    }
+    pipeline.join().await.unwrap();
+    let produced = stage(&pipeline, "iter").emitted;
+    assert_eq!(
+        produced,
+        read + stopped_early(&pipeline) + pipeline.discarded()
+    );
+    assert_conserved(&stage(&pipeline, "a"));
+    assert_conserved(&stage(&pipeline, "b"));
+}

@@ -1,0 +1,177 @@
+//! Batcher: size, latency from the first value, weight, flushing, errors,
+//! abort, bad configuration. All on a paused clock.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use streamz::{Batcher, ConfigError, ErrorKind, Pipeline, StreamError};
+use support::{assert_conserved, split, stage};
+use tokio::time::Instant;
+
+const MS: Duration = Duration::from_millis(1);
+
+#[tokio::test(start_paused = true)]
+async fn emits_full_batches_and_flushes_the_rest_at_the_end() {
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter(0..1001u32)
+        .pipe(Batcher::try_new(100, Duration::from_secs(1)).unwrap())
+        .collect()
+        .await;
+    let (batches, errs) = split(out);
+    assert!(errs.is_empty());
+    assert_eq!(batches.len(), 11);
+    assert!(batches[..10].iter().all(|b| b.len() == 100));
+    assert_eq!(batches[10], [1000]);
+    assert_eq!(batches.concat(), (0..1001).collect::<Vec<_>>());
+    let m = stage(&pipeline, "batcher");
+    assert_eq!((m.received, m.emitted), (1001, 1001));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_counts_from_the_first_value_of_the_batch() {
+    let (tx, flow) = streamz::channel::<u32>();
+    let mut out = flow.pipe(Batcher::try_new(10, 10 * MS).unwrap());
+    let start = Instant::now();
+    tx.send(1).await.unwrap();
+    // A second value later does not restart the clock.
+    assert!(
+        tokio::time::timeout(6 * MS, out.next()).await.is_err(),
+        "nothing before the deadline"
+    );
+    tx.send(2).await.unwrap();
+    let batch = out.next().await.unwrap().unwrap();
+    assert_eq!(batch, [1, 2]);
+    assert_eq!(
+        Instant::now() - start,
+        10 * MS,
+        "emitted exactly at the deadline, never early"
+    );
+
+    // The next batch gets its own deadline from its own first value.
+    tokio::time::advance(25 * MS).await;
+    let second = Instant::now();
+    tx.send(3).await.unwrap();
+    assert_eq!(out.next().await.unwrap().unwrap(), [3]);
+    assert_eq!(Instant::now() - second, 10 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_batch_does_not_wait_for_the_deadline() {
+    let (tx, flow) = streamz::channel::<u32>();
+    let mut out = flow.pipe(Batcher::try_new(2, Duration::from_secs(60)).unwrap());
+    let start = Instant::now();
+    tx.send(1).await.unwrap();
+    tx.send(2).await.unwrap();
+    assert_eq!(out.next().await.unwrap().unwrap(), [1, 2]);
+    assert_eq!(Instant::now(), start);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_overtake_the_partial_batch() {
+    let (tx, flow) = streamz::channel::<u32>();
+    let mut out = flow.pipe(Batcher::try_new(10, 10 * MS).unwrap());
+    let start = Instant::now();
+    tx.send(1).await.unwrap();
+    tx.send_result(Err(StreamError::failed("src", "bad").with_item(9u32)))
+        .await
+        .unwrap();
+    let mut err = out.next().await.unwrap().unwrap_err();
+    assert_eq!(Instant::now(), start, "the error is not held back");
+    assert_eq!(err.take_item::<u32>(), Some(9));
+    assert_eq!(out.next().await.unwrap().unwrap(), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_flushes_the_partial_batch() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let mut out = flow.pipe(Batcher::try_new(10, Duration::from_secs(3600)).unwrap());
+    tx.send(1).await.unwrap();
+    tx.send(2).await.unwrap();
+    let start = Instant::now();
+    pipeline.shutdown();
+    assert_eq!(out.next().await.unwrap().unwrap(), [1, 2]);
+    assert!(out.next().await.is_none());
+    assert_eq!(
+        Instant::now(),
+        start,
+        "flushed at once, not at the deadline"
+    );
+    assert_eq!(tx.send(3).await.unwrap_err().0, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_counts_the_partial_batch() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let mut out = flow.pipe(Batcher::try_new(10, Duration::from_secs(3600)).unwrap());
+    for i in 0..3 {
+        tx.send(i).await.unwrap();
+    }
+    tokio::task::yield_now().await;
+    pipeline.abort();
+    assert!(out.next().await.is_none());
+    pipeline.join().await.unwrap();
+    let m = stage(&pipeline, "batcher");
+    assert_eq!((m.received, m.emitted, m.aborted), (3, 0, 3));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn weight_closes_batches_and_a_panicking_weight_fails_its_value() {
+    let batcher = Batcher::try_new(100, Duration::from_secs(1))
+        .unwrap()
+        .with_weight(10, |x: &u64| {
+            assert!(*x != 99, "cannot weigh 99");
+            *x
+        })
+        .unwrap()
+        .named("by-weight");
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter([3u64, 3, 4, 99, 12, 1])
+        .pipe(batcher)
+        .collect()
+        .await;
+    let mut rendered = Vec::new();
+    for item in out {
+        match item {
+            Ok(batch) => rendered.push(format!("{batch:?}")),
+            Err(mut e) => {
+                assert_eq!(e.kind(), ErrorKind::Panicked);
+                rendered.push(format!("panicked:{:?}", e.take_item::<u64>()));
+            }
+        }
+    }
+    assert_eq!(rendered, ["[3, 3, 4]", "panicked:Some(99)", "[12]", "[1]"]);
+    let m = stage(&pipeline, "by-weight");
+    assert_eq!((m.received, m.emitted, m.failed), (6, 5, 1));
+    assert_conserved(&m);
+}
+
+#[test]
+fn zero_sizes_and_durations_are_rejected() {
+    let zero_size = Batcher::<u8>::try_new(0, MS).unwrap_err();
+    assert_eq!(zero_size, ConfigError::Zero { field: "max_size" });
+    let zero_latency = Batcher::<u8>::try_new(1, Duration::ZERO).unwrap_err();
+    assert_eq!(
+        zero_latency,
+        ConfigError::Zero {
+            field: "max_latency"
+        }
+    );
+    let zero_weight = Batcher::<u8>::try_new(1, MS)
+        .unwrap()
+        .with_weight(0, |_| 1)
+        .unwrap_err();
+    assert_eq!(
+        zero_weight,
+        ConfigError::Zero {
+            field: "max_weight"
+        }
+    );
+}
