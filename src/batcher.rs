@@ -204,6 +204,9 @@ impl<T: Send + 'static> State<T> {
     /// Adds a chunk's items to the batch; returns what is ready to send and
     /// whether a new batch was started (the timer must be armed).
     fn absorb(&mut self, chunk: Chunk<T>, out: &mut Chunk<Vec<T>>) -> bool {
+        if self.limit.is_none() && !chunk.has_errors() {
+            return self.absorb_values(chunk.values, out);
+        }
         let mut local = Local {
             received: chunk.len() as u64,
             ..Local::default()
@@ -245,6 +248,30 @@ impl<T: Send + 'static> State<T> {
         }
         self.counters.add(&local);
         // A batch started in this chunk and already emitted needs no timer.
+        started && !self.batch.is_empty()
+    }
+
+    /// The common case (no errors, no weight): move values in runs that
+    /// fill the batch, without looking at them one by one.
+    fn absorb_values(&mut self, values: Vec<T>, out: &mut Chunk<Vec<T>>) -> bool {
+        let received = values.len() as u64;
+        let mut started = false;
+        let mut emitted = 0;
+        let mut values = values.into_iter();
+        while values.len() > 0 {
+            started |= self.batch.is_empty();
+            let room = self.max_size - self.batch.len();
+            self.batch.extend(values.by_ref().take(room));
+            if self.batch.len() == self.max_size {
+                emitted += self.max_size as u64;
+                out.values.push(self.take());
+            }
+        }
+        self.counters.add(&Local {
+            received,
+            emitted,
+            ..Local::default()
+        });
         started && !self.batch.is_empty()
     }
 

@@ -42,7 +42,8 @@
 //! - Stages: [`Flow::pipe`] with any [`Processor`]; [`Stage`] runs a
 //!   per-item [`Step`] on its own task; [`Flow::map`], [`Flow::try_map`],
 //!   [`Flow::filter`], [`Flow::tap`] and [`Flow::step`] fuse into the
-//!   previous stage; [`merge`] and [`Flow::broadcast`] fan in and out.
+//!   previous stage; [`merge`] and [`Flow::broadcast`] fan in and out;
+//!   [`Batcher`] groups values into batches.
 //! - Sinks: [`Flow::collect`], [`Flow::for_each`], [`Flow::forward`], or use
 //!   the [`Flow`] as a `futures::Stream`.
 //! - Lifecycle and counters: [`Pipeline`].
