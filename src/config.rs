@@ -21,6 +21,14 @@ pub enum ConfigError {
         /// The configuration field.
         field: &'static str,
     },
+    /// A value is outside the range the field accepts.
+    #[error("`{field}` {reason}")]
+    Invalid {
+        /// The configuration field.
+        field: &'static str,
+        /// What the field requires, as a phrase (`must be at least 1.0`).
+        reason: &'static str,
+    },
 }
 
 /// How the channel on one edge of a pipeline is sized.

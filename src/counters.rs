@@ -53,6 +53,12 @@ pub struct StageMetrics {
     /// Outputs the stage produced (counted in `emitted`, `failed` or
     /// `errors_passed`) that it could not deliver because it stopped early.
     pub undelivered: u64,
+    /// Attempts scheduled again after a retryable failure (an
+    /// [`AsyncMapper`](crate::AsyncMapper) with a retry policy).
+    pub retries: u64,
+    /// Attempts that ran out of time (an
+    /// [`AsyncMapper`](crate::AsyncMapper) timeout or retry deadline).
+    pub timeouts: u64,
 }
 
 /// The live counters of one stage; cheap to clone, shared with the stage.
@@ -71,6 +77,8 @@ struct Shared {
     dropped: AtomicU64,
     aborted: AtomicU64,
     undelivered: AtomicU64,
+    retries: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -85,6 +93,8 @@ impl Counters {
                 dropped: AtomicU64::new(0),
                 aborted: AtomicU64::new(0),
                 undelivered: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
+                timeouts: AtomicU64::new(0),
             }),
         }
     }
@@ -103,6 +113,8 @@ impl Counters {
             (&s.failed, local.failed),
             (&s.errors_passed, local.errors_passed),
             (&s.dropped, local.dropped),
+            (&s.retries, local.retries),
+            (&s.timeouts, local.timeouts),
         ] {
             if n != 0 {
                 counter.fetch_add(n, Relaxed);
@@ -147,6 +159,8 @@ impl Counters {
             dropped: s.dropped.load(Relaxed),
             aborted: s.aborted.load(Relaxed),
             undelivered: s.undelivered.load(Relaxed),
+            retries: s.retries.load(Relaxed),
+            timeouts: s.timeouts.load(Relaxed),
         }
     }
 }
@@ -159,4 +173,6 @@ pub(crate) struct Local {
     pub(crate) failed: u64,
     pub(crate) errors_passed: u64,
     pub(crate) dropped: u64,
+    pub(crate) retries: u64,
+    pub(crate) timeouts: u64,
 }

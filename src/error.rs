@@ -41,6 +41,9 @@ pub enum ErrorKind {
     Panicked,
     /// The item was rejected by the stage as invalid input.
     Rejected,
+    /// Processing the item took longer than its time limit (a per-attempt
+    /// timeout or a retry deadline).
+    TimedOut,
 }
 
 impl ErrorKind {
@@ -54,6 +57,7 @@ impl ErrorKind {
             ErrorKind::Failed => "failed",
             ErrorKind::Panicked => "panicked",
             ErrorKind::Rejected => "rejected",
+            ErrorKind::TimedOut => "timed_out",
         }
     }
 }

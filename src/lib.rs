@@ -55,6 +55,7 @@
 )]
 #![forbid(unsafe_code)]
 
+mod async_mapper;
 mod batcher;
 mod broadcast;
 mod channel;
@@ -68,11 +69,13 @@ mod map;
 mod merge;
 mod pipeline;
 mod processor;
+mod retry;
 mod source;
 mod stage;
 mod step;
 mod tap;
 
+pub use async_mapper::{AsyncMapper, TimeoutError};
 pub use batcher::Batcher;
 pub use chunk::{Chunk, IntoIter as ChunkIntoIter};
 pub use config::{ConfigError, EdgeConfig};
@@ -84,6 +87,7 @@ pub use map::{Map, TryMap};
 pub use merge::merge;
 pub use pipeline::{Pipeline, PipelineError, StagePanic};
 pub use processor::Processor;
+pub use retry::{Jitter, Retry};
 pub use source::{Pusher, SendError, TrySendError};
 pub use stage::Stage;
 pub use step::{Emit, Item, Step};

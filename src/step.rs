@@ -489,6 +489,7 @@ fn finish<Out>(
         failed: failures.len() as u64,
         errors_passed: errors.len() as u64,
         dropped: (inputs - emitted - failures.len()) as u64,
+        ..Local::default()
     });
     // When every input value became an output value, errors keep their
     // positions; with no errors and no failures there is nothing to place.

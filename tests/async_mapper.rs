@@ -1,0 +1,657 @@
+//! AsyncMapper: ordering, the reorder bound, timeouts measured on execution
+//! (and the `buffered` flaw they avoid), retries with backoff and deadline,
+//! upstream errors, panics, conservation, shutdown and abort. All on a
+//! paused clock.
+
+mod support;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
+
+use futures::StreamExt;
+use streamz::{
+    AsyncMapper, ConfigError, EdgeConfig, ErrorKind, Jitter, PanicError, Pipeline, Retry,
+    StreamError, TimeoutError,
+};
+use support::{assert_conserved, settle, split, stage, values};
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn boom(msg: &str) -> io::Error {
+    io::Error::other(msg.to_owned())
+}
+
+/// Fixed delays, no jitter: retry `n` waits `100ms × 2^(n-1)`.
+fn fixed_retry(attempts: u32) -> Retry {
+    Retry::attempts(attempts)
+        .unwrap()
+        .with_backoff(100 * MS, Duration::from_secs(10))
+        .unwrap()
+        .with_jitter(Jitter::None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn ordered_mode_keeps_input_order_whatever_the_finishing_order() {
+    let pipeline = Pipeline::new();
+    // Item i takes (10 - i) ms: later items finish first.
+    let mapper = AsyncMapper::new(|i: &u64| {
+        let i = *i;
+        async move {
+            sleep(MS * (10 - i) as u32).await;
+            Ok::<_, io::Error>(i * 10)
+        }
+    })
+    .with_concurrency(4)
+    .unwrap();
+    let out = pipeline.iter(0..10u64).pipe(mapper).collect().await;
+    assert_eq!(values(out), (0..10).map(|i| i * 10).collect::<Vec<_>>());
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.received, m.emitted, m.failed), (10, 10, 0));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unordered_mode_emits_in_finishing_order() {
+    let mapper = AsyncMapper::new(|i: &u64| {
+        let i = *i;
+        async move {
+            sleep(MS * (4 - i) as u32).await;
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(4)
+    .unwrap()
+    .unordered();
+    let out = streamz::iter(0..4u64).pipe(mapper).collect().await;
+    assert_eq!(values(out), [3, 2, 1, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_bounds_how_many_run_at_once() {
+    let running = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let mapper = AsyncMapper::new(move |i: &u32| {
+        let (r, p, i) = (r.clone(), p.clone(), *i);
+        async move {
+            let now = r.fetch_add(1, SeqCst) + 1;
+            p.fetch_max(now, SeqCst);
+            sleep(MS * (1 + i % 3)).await;
+            r.fetch_sub(1, SeqCst);
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(3)
+    .unwrap();
+    let start = Instant::now();
+    let out = streamz::iter(0..30u32).pipe(mapper).collect().await;
+    assert_eq!(values(out), (0..30).collect::<Vec<_>>());
+    assert_eq!(peak.load(SeqCst), 3);
+    // 30 items of 1, 2 and 3 ms take 60 ms in a row; three at a time, in
+    // order, each group of three waits for its slowest: 10 × 3 ms.
+    assert_eq!(Instant::now() - start, 30 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_head_item_keeps_the_reorder_window_within_the_concurrency() {
+    const C: usize = 8;
+    let edge = EdgeConfig::try_new(64, 16).unwrap();
+    let pipeline = Pipeline::with_edge(edge);
+    let release = Arc::new(Notify::new());
+    let started = Arc::new(AtomicU64::new(0));
+    let (gate, count) = (release.clone(), started.clone());
+    let mapper = AsyncMapper::new(move |i: &u64| {
+        let (gate, i) = (gate.clone(), *i);
+        count.fetch_add(1, SeqCst);
+        async move {
+            if i == 0 {
+                gate.notified().await;
+            }
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(C)
+    .unwrap();
+    let mut out = pipeline.iter(0..100_001u64).pipe(mapper);
+    let reader = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(item) = out.next().await {
+            assert_eq!(item.unwrap(), n, "order kept");
+            n += 1;
+        }
+        n
+    });
+
+    settle().await;
+    // The head is stuck: only the slots hold items, nothing has left.
+    assert_eq!(started.load(SeqCst), C as u64, "at most C items started");
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!(m.emitted, 0);
+    assert!(
+        m.received <= (C + edge.max_chunk()) as u64,
+        "the mapper took in only its slots and one input chunk: {m:?}"
+    );
+    let source = stage(&pipeline, "iter");
+    assert!(
+        source.emitted <= m.received + edge.max_items_held() as u64,
+        "the source was held back by the full edge: {source:?}"
+    );
+
+    release.notify_one();
+    assert_eq!(reader.await.unwrap(), 100_001);
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!(m.emitted, 100_001);
+    assert_conserved(&m);
+}
+
+/// A call with two steps: it must be polled between them to finish in time.
+async fn two_steps(i: u32) -> Result<u32, io::Error> {
+    sleep(30 * MS).await;
+    sleep(30 * MS).await;
+    Ok(i)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_consumer_never_makes_an_item_time_out() {
+    let edge = EdgeConfig::try_new(1, 1).unwrap();
+    let pipeline = Pipeline::with_edge(edge);
+    let mapper = AsyncMapper::new(|i: &u32| two_steps(*i))
+        .with_concurrency(4)
+        .unwrap()
+        .with_timeout(100 * MS)
+        .unwrap();
+    let mut out = pipeline.iter(0..20u32).pipe(mapper);
+    let mut got = Vec::new();
+    while let Some(item) = out.next().await {
+        got.push(item.expect("no item times out"));
+        sleep(Duration::from_secs(1)).await; // the consumer is slow
+    }
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    assert_eq!(stage(&pipeline, "async_mapper").timeouts, 0);
+}
+
+/// The same work through `futures::StreamExt::buffered`: its futures are
+/// polled only while the consumer polls, so a slow consumer makes items
+/// time out (rust-lang/futures-rs#2387). This is the flaw the test above
+/// proves AsyncMapper does not have.
+#[tokio::test(start_paused = true)]
+async fn buffered_from_futures_times_out_under_the_same_slow_consumer() {
+    let mut out = futures::stream::iter(0..20u32)
+        .map(|i| tokio::time::timeout(100 * MS, two_steps(i)))
+        .buffered(4);
+    let mut timeouts = 0;
+    while let Some(item) = out.next().await {
+        timeouts += usize::from(item.is_err());
+        sleep(Duration::from_secs(1)).await;
+    }
+    assert!(timeouts > 0, "buffered would not show the flaw");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_timeout_cancels_a_slow_attempt_and_fails_the_item_with_it() {
+    let pipeline = Pipeline::new();
+    let mapper = AsyncMapper::new(|i: &u32| {
+        let i = *i;
+        async move {
+            if i == 1 {
+                sleep(Duration::from_secs(60)).await;
+            }
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_timeout(50 * MS)
+    .unwrap();
+    let start = Instant::now();
+    let (oks, mut errs) = split(pipeline.iter(0..3u32).pipe(mapper).collect().await);
+    assert_eq!(Instant::now() - start, 50 * MS, "cut off at the timeout");
+    assert_eq!(oks, [0, 2]);
+    let mut err = errs.pop().unwrap();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert_eq!(err.attempts(), 1);
+    assert!(
+        err.cause()
+            .and_then(|c| c.downcast_ref::<TimeoutError>())
+            .is_some_and(|t| *t == TimeoutError::Attempt { limit: 50 * MS })
+    );
+    assert_eq!(err.take_item::<u32>(), Some(1));
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.failed, m.timeouts, m.retries), (1, 1, 0));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_back_off_exponentially_and_then_succeed() {
+    let pipeline = Pipeline::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let mapper = AsyncMapper::new(move |s: &String| {
+        let (n, s) = (seen.fetch_add(1, SeqCst), s.clone());
+        async move {
+            match n {
+                0 | 1 => Err(boom("busy")),
+                _ => Ok(s.len()),
+            }
+        }
+    })
+    .with_retry(fixed_retry(5));
+    let start = Instant::now();
+    let out = pipeline
+        .iter([String::from("abc")])
+        .pipe(mapper)
+        .collect()
+        .await;
+    assert_eq!(values(out), [3]);
+    // Two retries: 100 ms, then 200 ms.
+    assert_eq!(Instant::now() - start, 300 * MS);
+    assert_eq!(calls.load(SeqCst), 3);
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.emitted, m.failed, m.retries), (1, 0, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_final_error_carries_the_item_the_attempts_and_the_last_error() {
+    let pipeline = Pipeline::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let mapper = AsyncMapper::new(move |_: &String| {
+        let n = seen.fetch_add(1, SeqCst);
+        async move { Err::<u8, _>(boom(&format!("attempt {n} failed"))) }
+    })
+    .with_retry(fixed_retry(3));
+    let (oks, mut errs) = split(
+        pipeline
+            .iter([String::from("order-7")])
+            .pipe(mapper)
+            .collect()
+            .await,
+    );
+    assert!(oks.is_empty());
+    let mut err = errs.pop().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Failed);
+    assert_eq!(err.stage(), "async_mapper");
+    assert_eq!(err.attempts(), 3);
+    assert_eq!(err.cause().unwrap().to_string(), "attempt 2 failed");
+    assert_eq!(err.take_item::<String>().as_deref(), Some("order-7"));
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.failed, m.retries), (1, 2));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_predicate_decides_which_errors_are_retried() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let mapper = AsyncMapper::new(move |i: &u32| {
+        seen.fetch_add(1, SeqCst);
+        let i = *i;
+        async move {
+            let kind = if i == 0 {
+                io::ErrorKind::InvalidInput
+            } else {
+                io::ErrorKind::TimedOut
+            };
+            Err::<u32, _>(io::Error::from(kind))
+        }
+    })
+    .with_concurrency(1)
+    .unwrap()
+    .with_retry(fixed_retry(4))
+    .retry_if(|e: &io::Error| e.kind() != io::ErrorKind::InvalidInput);
+    let (_, errs) = split(streamz::iter(0..2u32).pipe(mapper).collect().await);
+    let attempts: Vec<u32> = errs.iter().map(StreamError::attempts).collect();
+    assert_eq!(
+        attempts,
+        [1, 4],
+        "bad input is not retried; the transient error is"
+    );
+    assert_eq!(calls.load(SeqCst), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_attempt_is_retried_and_counted() {
+    let pipeline = Pipeline::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let mapper = AsyncMapper::new(move |i: &u32| {
+        let (n, i) = (seen.fetch_add(1, SeqCst), *i);
+        async move {
+            if n == 0 {
+                sleep(Duration::from_secs(10)).await;
+            }
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_timeout(50 * MS)
+    .unwrap()
+    .with_retry(fixed_retry(3));
+    let start = Instant::now();
+    assert_eq!(
+        values(pipeline.iter([9u32]).pipe(mapper).collect().await),
+        [9]
+    );
+    assert_eq!(Instant::now() - start, 150 * MS, "timeout, then backoff");
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.timeouts, m.retries, m.emitted), (1, 1, 1));
+
+    // With timeouts not retried, the first one is final.
+    let mapper = AsyncMapper::new(|_: &u32| async {
+        sleep(Duration::from_secs(10)).await;
+        Ok::<u32, io::Error>(0)
+    })
+    .with_timeout(50 * MS)
+    .unwrap()
+    .with_retry(fixed_retry(3).retry_timeouts(false));
+    let (_, errs) = split(streamz::iter([1u32]).pipe(mapper).collect().await);
+    assert_eq!(errs[0].kind(), ErrorKind::TimedOut);
+    assert_eq!(errs[0].attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_stops_retrying_when_the_next_attempt_could_not_start_in_time() {
+    let retry = Retry::attempts(10)
+        .unwrap()
+        .with_backoff(Duration::from_secs(1), Duration::from_secs(1))
+        .unwrap()
+        .with_jitter(Jitter::None)
+        .with_deadline(2500 * MS)
+        .unwrap();
+    let mapper =
+        AsyncMapper::new(|_: &u32| async { Err::<u32, _>(boom("down")) }).with_retry(retry);
+    let start = Instant::now();
+    let (_, errs) = split(streamz::iter([1u32]).pipe(mapper).collect().await);
+    // Attempts at 0 s, 1 s and 2 s; a fourth at 3 s would be past 2.5 s.
+    assert_eq!(errs[0].attempts(), 3);
+    assert_eq!(errs[0].kind(), ErrorKind::Failed);
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_cuts_off_a_running_attempt() {
+    let retry = fixed_retry(5).with_deadline(2 * MS * 1000).unwrap();
+    let mapper = AsyncMapper::new(|_: &u32| async {
+        sleep(Duration::from_secs(60)).await;
+        Ok::<u32, io::Error>(0)
+    })
+    .with_timeout(Duration::from_secs(30))
+    .unwrap()
+    .with_retry(retry);
+    let start = Instant::now();
+    let (_, errs) = split(streamz::iter([1u32]).pipe(mapper).collect().await);
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+    let err = &errs[0];
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert_eq!(err.attempts(), 1);
+    let cause = err.cause().unwrap().downcast_ref::<TimeoutError>();
+    assert_eq!(
+        cause,
+        Some(&TimeoutError::Deadline {
+            limit: Duration::from_secs(2)
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_repeats_and_stays_below_the_exponential_delay() {
+    async fn finish_time(seed: u64) -> Duration {
+        let calls = Arc::new(AtomicU32::new(0));
+        let retry = Retry::attempts(4)
+            .unwrap()
+            .with_backoff(Duration::from_secs(1), Duration::from_secs(60))
+            .unwrap()
+            .with_jitter(Jitter::Full)
+            .with_seed(seed);
+        let mapper = AsyncMapper::new(move |_: &u32| {
+            let n = calls.fetch_add(1, SeqCst);
+            async move { if n < 3 { Err(boom("again")) } else { Ok(n) } }
+        })
+        .with_retry(retry);
+        let start = Instant::now();
+        assert_eq!(
+            values(streamz::iter([0u32]).pipe(mapper).collect().await),
+            [3]
+        );
+        Instant::now() - start
+    }
+    let a = finish_time(42).await;
+    assert_eq!(a, finish_time(42).await, "same seed, same delays");
+    // Full jitter: each of the three delays is at most 1 s, 2 s, 4 s.
+    assert!(a <= Duration::from_secs(7), "{a:?}");
+    let others = [
+        finish_time(1).await,
+        finish_time(2).await,
+        finish_time(3).await,
+    ];
+    assert!(
+        others.iter().any(|t| *t != a),
+        "different seeds, different delays"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_errors_keep_their_position_in_ordered_mode() {
+    let pipeline = Pipeline::new();
+    let input = futures::stream::iter(vec![
+        Ok(1u64),
+        Err(StreamError::failed("reader", "bad frame")),
+        Ok(2),
+    ]);
+    let mapper = AsyncMapper::new(|i: &u64| {
+        let i = *i;
+        async move {
+            sleep(MS * (3 - i) as u32).await; // the first value is the slowest
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(4)
+    .unwrap();
+    let out = pipeline.try_stream(input).pipe(mapper).collect().await;
+    let shape: Vec<String> = out
+        .iter()
+        .map(|r| match r {
+            Ok(v) => v.to_string(),
+            Err(e) => e.stage().to_owned(),
+        })
+        .collect();
+    assert_eq!(shape, ["1", "reader", "2"]);
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.received, m.emitted, m.errors_passed), (3, 2, 1));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn panics_in_the_function_or_its_future_fail_only_their_item() {
+    let pipeline = Pipeline::new();
+    let mapper = AsyncMapper::new(|s: &String| {
+        if s == "sync" {
+            panic!("panicked before the future");
+        }
+        let s = s.clone();
+        async move {
+            sleep(MS).await;
+            if s == "async" {
+                panic!("panicked inside the future");
+            }
+            Ok::<_, io::Error>(s.len())
+        }
+    })
+    .with_retry(fixed_retry(3));
+    let input = ["a", "sync", "bb", "async", "ccc"].map(String::from);
+    let out = pipeline.iter(input).pipe(mapper).collect().await;
+    let mut shape = Vec::new();
+    for item in out {
+        match item {
+            Ok(n) => shape.push(n.to_string()),
+            Err(mut e) => {
+                assert_eq!(e.kind(), ErrorKind::Panicked);
+                assert_eq!(e.attempts(), 1, "a panic is not retried");
+                let msg = e.cause().unwrap().downcast_ref::<PanicError>().unwrap();
+                assert!(msg.message().starts_with("panicked"));
+                shape.push(e.take_item::<String>().unwrap());
+            }
+        }
+    }
+    assert_eq!(shape, ["1", "sync", "2", "async", "3"]);
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.emitted, m.failed, m.retries), (3, 2, 0));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_finishes_the_items_in_flight() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let mapper = AsyncMapper::new(|i: &u32| {
+        let i = *i;
+        async move {
+            sleep(Duration::from_secs(1)).await;
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(4)
+    .unwrap();
+    let reader = tokio::spawn(flow.pipe(mapper).collect());
+    for i in 0..3 {
+        tx.send(i).await.unwrap();
+    }
+    settle().await;
+    sleep(Duration::from_secs(3600) - 10 * MS).await;
+    pipeline.shutdown();
+    let out = reader.await.unwrap();
+    assert_eq!(values(out), [0, 1, 2]);
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.received, m.emitted, m.aborted), (3, 3, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_counts_the_items_in_flight_and_keeps_the_law() {
+    let pipeline = Pipeline::new();
+    let mapper = AsyncMapper::new(|i: &u32| {
+        let i = *i;
+        async move {
+            if i % 2 == 1 {
+                sleep(Duration::from_secs(60)).await;
+            }
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(4)
+    .unwrap()
+    .unordered();
+    let mut out = pipeline.iter(0..1000u32).pipe(mapper);
+    let first = out.next().await.unwrap().unwrap();
+    assert_eq!(first % 2, 0);
+    settle().await;
+    pipeline.abort();
+    pipeline.join().await.unwrap();
+    let rest = out.collect().await;
+    let m = stage(&pipeline, "async_mapper");
+    assert!(
+        m.aborted > 0,
+        "the slow items in flight were counted: {m:?}"
+    );
+    assert_conserved(&m);
+    let produced = stage(&pipeline, "iter").emitted;
+    let seen = 1 + rest.len() as u64;
+    assert_eq!(
+        produced,
+        seen + support::stopped_early(&pipeline) + pipeline.discarded(),
+        "every item produced is delivered or counted"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_output_stops_the_mapper_and_counts_what_it_held() {
+    let pipeline = Pipeline::new();
+    let mapper = AsyncMapper::new(|i: &u32| {
+        let i = *i;
+        async move {
+            sleep(MS).await;
+            Ok::<_, io::Error>(i)
+        }
+    })
+    .with_concurrency(4)
+    .unwrap();
+    let mut out = pipeline.iter(0..10_000u32).pipe(mapper);
+    assert_eq!(out.next().await.unwrap().unwrap(), 0);
+    drop(out);
+    pipeline.join().await.unwrap();
+    assert_eq!(pipeline.running_tasks(), 0);
+    let m = stage(&pipeline, "async_mapper");
+    assert_conserved(&m);
+    let produced = stage(&pipeline, "iter").emitted;
+    assert_eq!(
+        produced,
+        1 + support::stopped_early(&pipeline) + pipeline.discarded()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn conservation_holds_under_errors_panics_and_a_slow_consumer() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let input = (0..500u32).map(|i| {
+        if i % 37 == 0 {
+            Err(StreamError::failed("reader", "bad"))
+        } else {
+            Ok(i)
+        }
+    });
+    let mapper = AsyncMapper::new(|i: &u32| {
+        let i = *i;
+        async move {
+            sleep(MS * (i % 5)).await;
+            match i % 11 {
+                0 => panic!("eleven"),
+                1 => Err(boom("one")),
+                _ => Ok(i),
+            }
+        }
+    })
+    .with_concurrency(3)
+    .unwrap()
+    .with_retry(fixed_retry(2));
+    let mut out = pipeline
+        .try_stream(futures::stream::iter(input))
+        .pipe(mapper);
+    let mut n = 0;
+    while let Some(_item) = out.next().await {
+        n += 1;
+        sleep(5 * MS).await; // slow consumer
+    }
+    assert_eq!(n, 500, "one output per input");
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!(m.received, 500);
+    assert_eq!(m.errors_passed, 14); // multiples of 37 below 500
+    assert_conserved(&m);
+}
+
+#[test]
+fn bad_configuration_is_rejected() {
+    let m = || AsyncMapper::new(|x: &u8| std::future::ready(Ok::<u8, io::Error>(*x)));
+    assert_eq!(
+        m().with_concurrency(0).unwrap_err(),
+        ConfigError::Zero {
+            field: "concurrency"
+        }
+    );
+    assert_eq!(
+        m().with_timeout(Duration::ZERO).unwrap_err(),
+        ConfigError::Zero { field: "timeout" }
+    );
+    assert_eq!(
+        Retry::attempts(0).unwrap_err(),
+        ConfigError::Zero {
+            field: "max_attempts"
+        }
+    );
+    assert!(matches!(
+        Retry::attempts(2).unwrap().with_factor(0.9),
+        Err(ConfigError::Invalid {
+            field: "factor",
+            ..
+        })
+    ));
+}
