@@ -669,6 +669,9 @@ enum End {
     Stopped,
 }
 
+/// Items admitted per wake-up before the task yields to the runtime.
+const YIELD_AFTER: usize = 2048;
+
 async fn run<In, Out, E, F, Fut>(
     mut src: BoxSource<In>,
     tx: ChunkTx<Out>,
@@ -691,11 +694,17 @@ async fn run<In, Out, E, F, Fut>(
     let mut input_ended = false;
     let mut out = Chunk::with_capacity(max_chunk);
     let end = poll_fn(|cx| {
-        // Yield now and then so a stream that is always ready cannot starve
-        // the other tasks of the runtime.
-        for _ in 0..64 {
-            if aborted.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(End::Stopped);
+        // The abort is checked once per wake-up (polling the token takes a
+        // lock), and the loop yields after a budget of items, so an abort is
+        // seen within one budget even while input never stops.
+        if aborted.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Stopped);
+        }
+        let mut budget = YIELD_AFTER;
+        loop {
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             let mut progress = false;
             if !sending.is_terminated() {
@@ -714,10 +723,11 @@ async fn run<In, Out, E, F, Fut>(
             if sending.is_terminated() {
                 progress |= m.take_done(&mut out, max_chunk);
             }
-            while !m.free.is_empty() {
+            while budget > 0 && !m.free.is_empty() {
                 if let Some(item) = pending.next() {
                     m.admit(item);
                     progress = true;
+                    budget -= 1;
                     continue;
                 }
                 if input_ended {
@@ -756,8 +766,6 @@ async fn run<In, Out, E, F, Fut>(
                 return Poll::Pending;
             }
         }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     })
     .await;
     counters.add(&m.policy.local);
