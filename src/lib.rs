@@ -74,6 +74,7 @@ mod source;
 mod stage;
 mod step;
 mod tap;
+mod throttle;
 
 pub use async_mapper::{AsyncMapper, TimeoutError};
 pub use batcher::Batcher;
@@ -92,6 +93,7 @@ pub use source::{Pusher, SendError, TrySendError};
 pub use stage::Stage;
 pub use step::{Emit, Item, Step};
 pub use tap::Tap;
+pub use throttle::Throttle;
 
 // The README's and the guides' examples are compiled and run as doc tests,
 // so they cannot drift from the code.

@@ -1,0 +1,89 @@
+//! Throttle overhead: 1,000,000 `u64` through a throttle whose rate never
+//! binds, next to the same flow with a plain stage in its place (the
+//! transport alone), in the same run.
+//!
+//! Run: `cargo bench --bench throttle`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use futures::FutureExt;
+use streamz::Throttle;
+use tokio::runtime::{Builder, Runtime};
+
+const N: u64 = 1_000_000;
+
+fn runtimes() -> Vec<(&'static str, Runtime)> {
+    vec![
+        (
+            "multi_thread_2",
+            Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_time()
+                .build()
+                .unwrap(),
+        ),
+        (
+            "current_thread",
+            Builder::new_current_thread().enable_time().build().unwrap(),
+        ),
+    ]
+}
+
+async fn drain(mut flow: streamz::Flow<u64>) -> u64 {
+    let mut n = 0;
+    while let Some(chunk) = flow.next_chunk().await {
+        n += chunk.values().len() as u64;
+    }
+    n
+}
+
+async fn relay_only() -> u64 {
+    drain(streamz::iter(0..N).async_boundary("relay")).await
+}
+
+async fn unlimited_throttle() -> u64 {
+    let throttle = Throttle::try_new(u64::MAX, Duration::from_secs(1))
+        .unwrap()
+        .with_burst(u64::MAX)
+        .unwrap();
+    drain(streamz::iter(0..N).pipe(throttle)).await
+}
+
+async fn unlimited_throttle_with_cost() -> u64 {
+    let throttle = Throttle::try_new(u64::MAX, Duration::from_secs(1))
+        .unwrap()
+        .with_burst(u64::MAX)
+        .unwrap()
+        .with_cost(|_: &u64| 1);
+    drain(streamz::iter(0..N).pipe(throttle)).await
+}
+
+/// A bench case: builds the future that runs it once.
+type Case = fn() -> futures::future::BoxFuture<'static, u64>;
+
+fn throttle(c: &mut Criterion) {
+    let mut group = c.benchmark_group("throttle_1M");
+    group.throughput(Throughput::Elements(N));
+    group.sample_size(10);
+    for (rt_name, rt) in runtimes() {
+        let cases: [(&str, Case); 3] = [
+            ("streamz_relay_only", || relay_only().boxed()),
+            ("throttle_unlimited", || unlimited_throttle().boxed()),
+            ("throttle_unlimited_cost_fn", || {
+                unlimited_throttle_with_cost().boxed()
+            }),
+        ];
+        for (case, run) in cases {
+            assert_eq!(rt.block_on(async { tokio::spawn(run()).await.unwrap() }), N);
+            group.bench_function(BenchmarkId::new(case, rt_name), |b| {
+                b.iter(|| black_box(rt.block_on(async { tokio::spawn(run()).await.unwrap() })))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, throttle);
+criterion_main!(benches);
