@@ -1,9 +1,15 @@
 //! A small streamz pipeline: parse order lines, validate them, price them,
-//! and show that failures arrive as values carrying their stage and item.
+//! enrich them from a flaky service (timeout and retry), throttle them and
+//! write them in batches, and show that failures arrive as values carrying
+//! their stage and item.
 //!
 //! Run: `cargo run --example quickstart`
 
-use streamz::{Emit, Item, Map, Pipeline, Stage, Step};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use streamz::{AsyncMapper, Batcher, Emit, Item, Map, Pipeline, Retry, Stage, Step, Throttle};
 
 #[derive(Debug, Clone)]
 struct Order {
@@ -37,8 +43,39 @@ impl Step<Order, Order> for Validate {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Tier {
+    Standard,
+    Gold,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServiceError {
+    #[error("customer service unavailable")]
+    Unavailable,
+    #[error("no customer for order {0}")]
+    NotFound(u32),
+}
+
+/// A stand-in for a remote customer service: order 2 finds it briefly
+/// down (fails twice, then answers), order 7 has no customer, and order 5
+/// hangs (the timeout cuts it off on every attempt).
+async fn customer_tier(order: u32, calls: Arc<AtomicU32>) -> Result<Tier, ServiceError> {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    match order {
+        2 if calls.fetch_add(1, Ordering::Relaxed) < 2 => Err(ServiceError::Unavailable),
+        5 => std::future::pending().await,
+        7 => Err(ServiceError::NotFound(order)),
+        n if n % 2 == 0 => Ok(Tier::Gold),
+        _ => Ok(Tier::Standard),
+    }
+}
+
+type Priced = (u32, i64);
+type Enriched = (u32, i64, Tier);
+
 #[tokio::main]
-async fn main() {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lines = [
         "1, 1250",
         "2, 399",
@@ -47,7 +84,27 @@ async fn main() {
         "5, 10000",
         "no comma",
         "7, 42",
+        "8, 777",
+        "9, 5",
     ];
+
+    // The async call: 4 at a time, 100 ms per attempt, 3 attempts with
+    // exponential backoff, and only "unavailable" is worth retrying.
+    let calls = Arc::new(AtomicU32::new(0));
+    let enrich = AsyncMapper::new(move |&(id, cents): &Priced| {
+        let calls = calls.clone();
+        async move {
+            let tier = customer_tier(id, calls).await?;
+            Ok::<Enriched, ServiceError>((id, cents, tier))
+        }
+    })
+    .named("enrich")
+    .with_concurrency(4)?
+    .with_timeout(Duration::from_millis(100))?
+    .with_retry(
+        Retry::attempts(3)?.with_backoff(Duration::from_millis(20), Duration::from_millis(200))?,
+    )
+    .retry_if(|e: &ServiceError| matches!(e, ServiceError::Unavailable));
 
     let pipeline = Pipeline::new();
     let results = pipeline
@@ -58,24 +115,36 @@ async fn main() {
             "price",
             Map::new(|o: &Order| (o.id, o.cents * 120 / 100)),
         ))
+        .pipe(enrich)
+        // At most 50 orders per second downstream, in bursts of up to 4.
+        .pipe(Throttle::try_new(50, Duration::from_secs(1))?.with_burst(4)?)
+        // Write in batches of up to 3, or whatever 50 ms collected.
+        .pipe(Batcher::try_new(3, Duration::from_millis(50))?)
         .collect()
         .await;
 
-    println!("results, in input order:");
+    println!("results, in input order (errors overtake the batch being filled):");
     for result in results {
         match result {
-            Ok((id, cents)) => println!("  ok      order {id}: {cents} cents incl. tax"),
+            Ok(batch) => {
+                println!("  batch of {}:", batch.len());
+                for (id, cents, tier) in batch {
+                    println!("    ok      order {id}: {cents} cents incl. tax, {tier:?} customer");
+                }
+            }
             Err(mut err) => {
                 // The failed item comes back as its own type.
                 let item = err
                     .take_item::<String>()
                     .map(|line| format!("line {line:?}"))
                     .or_else(|| err.take_item::<Order>().map(|o| format!("{o:?}")))
+                    .or_else(|| err.take_item::<Priced>().map(|p| format!("{p:?}")))
                     .unwrap_or_default();
                 println!(
-                    "  failed  [{}] {}: {err}\n          item: {item}",
+                    "  failed  [{}] {} after {} attempt(s): {err}\n          item: {item}",
                     err.kind(),
-                    err.stage()
+                    err.stage(),
+                    err.attempts()
                 );
             }
         }
@@ -84,9 +153,11 @@ async fn main() {
     println!("\nstage counters:");
     for m in pipeline.metrics() {
         println!(
-            "  {:<9} received {:>2}  emitted {:>2}  failed {:>2}  errors passed {:>2}  dropped {:>2}",
-            m.name, m.received, m.emitted, m.failed, m.errors_passed, m.dropped
+            "  {:<9} received {:>2}  emitted {:>2}  failed {:>2}  errors passed {:>2}  \
+             retries {:>2}  timeouts {:>2}",
+            m.name, m.received, m.emitted, m.failed, m.errors_passed, m.retries, m.timeouts
         );
     }
-    pipeline.join().await.expect("no stage task panicked");
+    pipeline.join().await?;
+    Ok(())
 }
