@@ -43,6 +43,8 @@
 //!   per-item [`Step`] on its own task; [`Flow::map`], [`Flow::try_map`],
 //!   [`Flow::filter`], [`Flow::tap`] and [`Flow::step`] fuse into the
 //!   previous stage; [`merge`] and [`Flow::broadcast`] fan in and out;
+//!   [`AsyncMapper`] runs an async function per item with bounded
+//!   concurrency, timeouts and [`Retry`]; [`Throttle`] limits the rate;
 //!   [`Batcher`] groups values into batches.
 //! - Sinks: [`Flow::collect`], [`Flow::for_each`], [`Flow::forward`], or use
 //!   the [`Flow`] as a `futures::Stream`.

@@ -655,3 +655,15 @@ fn bad_configuration_is_rejected() {
         })
     ));
 }
+
+#[test]
+fn concurrency_defaults_to_the_available_parallelism() {
+    let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<u8, io::Error>(*x)));
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let shown = format!("{m:?}");
+    assert!(shown.contains(&format!("concurrency: {cores},")), "{shown}");
+    assert!(
+        shown.contains("ordered: true"),
+        "ordered by default: {shown}"
+    );
+}
