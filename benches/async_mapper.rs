@@ -5,6 +5,8 @@
 //!
 //! Run: `cargo bench --bench async_mapper`.
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::ready;
 use std::hint::black_box;
@@ -12,26 +14,8 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{FutureExt, StreamExt};
 use streamz::AsyncMapper;
-use tokio::runtime::{Builder, Runtime};
 
 const N: u64 = 1_000_000;
-
-fn runtimes() -> Vec<(&'static str, Runtime)> {
-    vec![
-        (
-            "multi_thread_2",
-            Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_time()
-                .build()
-                .unwrap(),
-        ),
-        (
-            "current_thread",
-            Builder::new_current_thread().enable_time().build().unwrap(),
-        ),
-    ]
-}
 
 async fn futures_buffered(c: usize, ordered: bool) -> u64 {
     let calls = futures::stream::iter(0..N).map(|x| ready(x + 1));
@@ -61,7 +45,7 @@ fn async_mapper(c: &mut Criterion) {
     let mut group = c.benchmark_group("async_map_1M");
     group.throughput(Throughput::Elements(N));
     group.sample_size(10);
-    for (rt_name, rt) in runtimes() {
+    for (rt_name, rt) in support::runtimes() {
         for conc in [2, 8] {
             for ordered in [true, false] {
                 let (base, ours) = if ordered {

@@ -4,32 +4,16 @@
 //!
 //! Run: `cargo bench --bench batcher`.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{FutureExt, StreamExt};
 use streamz::Batcher;
-use tokio::runtime::{Builder, Runtime};
 
 const N: u64 = 1_000_000;
-
-fn runtimes() -> Vec<(&'static str, Runtime)> {
-    vec![
-        (
-            "multi_thread_2",
-            Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_time()
-                .build()
-                .unwrap(),
-        ),
-        (
-            "current_thread",
-            Builder::new_current_thread().enable_time().build().unwrap(),
-        ),
-    ]
-}
 
 async fn futures_chunks() -> u64 {
     futures::stream::iter(0..N)
@@ -64,7 +48,7 @@ fn batcher(c: &mut Criterion) {
     let mut group = c.benchmark_group("batch_100_1M");
     group.throughput(Throughput::Elements(N));
     group.sample_size(10);
-    for (rt_name, rt) in runtimes() {
+    for (rt_name, rt) in support::runtimes() {
         let cases: [(&str, Case); 3] = [
             ("futures_chunks", || futures_chunks().boxed()),
             ("streamz_relay_only", || streamz_no_batcher().boxed()),

@@ -13,32 +13,17 @@
 //! Run: `cargo bench --bench chain`. Each case runs on a 2-worker
 //! multi-thread runtime and on a current-thread runtime.
 
+mod support;
+
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{FutureExt, StreamExt};
 use streamz::{Map, Stage};
-use tokio::runtime::{Builder, Runtime};
 
 const N: u64 = 1_000_000;
 const STAGES: usize = 5;
 const CHUNK: usize = 256;
-
-fn runtimes() -> Vec<(&'static str, Runtime)> {
-    vec![
-        (
-            "multi_thread_2",
-            Builder::new_multi_thread()
-                .worker_threads(2)
-                .build()
-                .unwrap(),
-        ),
-        (
-            "current_thread",
-            Builder::new_current_thread().build().unwrap(),
-        ),
-    ]
-}
 
 async fn raw_relay() -> u64 {
     let (first_tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
@@ -117,7 +102,7 @@ fn chain(c: &mut Criterion) {
     let mut group = c.benchmark_group("chain_5_maps_1M");
     group.throughput(Throughput::Elements(N));
     group.sample_size(10);
-    for (rt_name, rt) in runtimes() {
+    for (rt_name, rt) in support::runtimes() {
         // Each case runs inside one spawned task so that both runtime
         // flavours measure the same thing (the block_on thread is not a
         // worker of the multi-thread runtime).

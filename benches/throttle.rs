@@ -4,32 +4,16 @@
 //!
 //! Run: `cargo bench --bench throttle`.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::FutureExt;
 use streamz::Throttle;
-use tokio::runtime::{Builder, Runtime};
 
 const N: u64 = 1_000_000;
-
-fn runtimes() -> Vec<(&'static str, Runtime)> {
-    vec![
-        (
-            "multi_thread_2",
-            Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_time()
-                .build()
-                .unwrap(),
-        ),
-        (
-            "current_thread",
-            Builder::new_current_thread().enable_time().build().unwrap(),
-        ),
-    ]
-}
 
 async fn drain(mut flow: streamz::Flow<u64>) -> u64 {
     let mut n = 0;
@@ -67,7 +51,7 @@ fn throttle(c: &mut Criterion) {
     let mut group = c.benchmark_group("throttle_1M");
     group.throughput(Throughput::Elements(N));
     group.sample_size(10);
-    for (rt_name, rt) in runtimes() {
+    for (rt_name, rt) in support::runtimes() {
         let cases: [(&str, Case); 3] = [
             ("streamz_relay_only", || relay_only().boxed()),
             ("throttle_unlimited", || unlimited_throttle().boxed()),

@@ -32,17 +32,15 @@ use std::time::Duration;
 
 use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 
-use crate::channel::{ChunkTx, chunk_channel};
 use crate::chunk::{Chunk, IntoIter as ChunkIter};
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::{Counters, Local};
+use crate::counters::Local;
 use crate::error::{BoxError, ErrorKind, Result, StreamError};
 use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::retry::Retry;
-use crate::source::BoxSource;
+use crate::stage::{TaskIo, spawn_operator};
 
 type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
 
@@ -282,37 +280,26 @@ where
     }
 
     fn process(self, input: Flow<In>) -> Flow<Out> {
-        let pipeline = input.pipeline().clone();
-        let edge = self.edge.unwrap_or(pipeline.edge());
-        let counters = pipeline.register(self.name.as_ref());
-        let (tx, rx) = chunk_channel(edge);
-        let slots = (0..self.concurrency.get()).map(|_| Slot::new()).collect();
-        let machine = Machine {
-            policy: Policy {
-                rng: self.retry.rng(),
-                f: self.f,
-                timeout: self.timeout,
-                retry: self.retry,
-                retryable: self.retryable,
-                stage: counters.name().clone(),
-                local: Local::default(),
-            },
-            slots,
-            free: (0..self.concurrency.get()).rev().collect(),
-            order: VecDeque::with_capacity(self.concurrency.get()),
-            ordered: self.ordered,
-            finished: 0,
-        };
-        let task = run(
-            input.into_source(),
-            tx,
-            pipeline.abort_token(),
-            counters.clone(),
-            machine,
-            edge.max_chunk(),
-        );
-        pipeline.spawn(counters.name().clone(), task);
-        Flow::from_source(pipeline, Box::new(rx))
+        let c = self.concurrency.get();
+        spawn_operator(input, &self.name, self.edge, |io| {
+            let machine = Machine {
+                policy: Policy {
+                    rng: self.retry.rng(),
+                    f: self.f,
+                    timeout: self.timeout,
+                    retry: self.retry,
+                    retryable: self.retryable,
+                    stage: io.counters.name().clone(),
+                    local: Local::default(),
+                },
+                slots: (0..c).map(|_| Slot::new()).collect(),
+                free: (0..c).rev().collect(),
+                order: VecDeque::with_capacity(c),
+                ordered: self.ordered,
+                finished: 0,
+            };
+            run(io, machine)
+        })
     }
 }
 
@@ -672,20 +659,21 @@ enum End {
 /// Items admitted per wake-up before the task yields to the runtime.
 const YIELD_AFTER: usize = 2048;
 
-async fn run<In, Out, E, F, Fut>(
-    mut src: BoxSource<In>,
-    tx: ChunkTx<Out>,
-    abort: CancellationToken,
-    counters: Counters,
-    mut m: Machine<In, Out, E, F, Fut>,
-    max_chunk: usize,
-) where
+async fn run<In, Out, E, F, Fut>(io: TaskIo<In, Out>, mut m: Machine<In, Out, E, F, Fut>)
+where
     In: Send + 'static,
     Out: Send + 'static,
     E: Into<BoxError>,
     F: Fn(&In) -> Fut,
     Fut: Future<Output = std::result::Result<Out, E>>,
 {
+    let TaskIo {
+        mut src,
+        tx,
+        abort,
+        counters,
+        max_chunk,
+    } = io;
     let mut aborted = pin!(abort.cancelled());
     let mut closed = pin!(tx.closed());
     let mut sending = pin!(Fuse::terminated());

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{ChunkTx, chunk_channel};
+use crate::channel::ChunkTx;
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
 use crate::counters::{Counters, Local};
@@ -33,7 +33,7 @@ use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::source::BoxSource;
-use crate::stage::send_or_stop;
+use crate::stage::{send_or_stop, spawn_operator};
 
 type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 
@@ -173,21 +173,17 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
     }
 
     fn process(self, input: Flow<T>) -> Flow<Vec<T>> {
-        let pipeline = input.pipeline().clone();
-        let edge = self.edge.unwrap_or(pipeline.edge());
-        let counters = pipeline.register(self.name.as_ref());
-        let (tx, rx) = chunk_channel(edge);
-        let state = State {
-            batch: Vec::with_capacity(self.max_size.get()),
-            weight: 0,
-            max_size: self.max_size.get(),
-            max_latency: self.max_latency,
-            limit: self.weight,
-            counters: counters.clone(),
-        };
-        let task = run(input.into_source(), tx, pipeline.abort_token(), state);
-        pipeline.spawn(counters.name().clone(), task);
-        Flow::from_source(pipeline, Box::new(rx))
+        spawn_operator(input, &self.name, self.edge, |io| {
+            let state = State {
+                batch: Vec::with_capacity(self.max_size.get()),
+                weight: 0,
+                max_size: self.max_size.get(),
+                max_latency: self.max_latency,
+                limit: self.weight,
+                counters: io.counters,
+            };
+            run(io.src, io.tx, io.abort, state)
+        })
     }
 }
 

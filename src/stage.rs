@@ -96,6 +96,47 @@ where
     }
 }
 
+/// What an operator with its own task loop (batcher, async mapper,
+/// throttle) works with.
+pub(crate) struct TaskIo<In, Out> {
+    pub(crate) src: BoxSource<In>,
+    pub(crate) tx: ChunkTx<Out>,
+    pub(crate) abort: CancellationToken,
+    pub(crate) counters: Counters,
+    pub(crate) max_chunk: usize,
+}
+
+/// Registers an operator named `name`, builds its task loop with `task`
+/// from the input, a new output channel on `edge` (the pipeline's by
+/// default), the abort token and the operator's counters, spawns it, and
+/// returns the flow reading its output.
+pub(crate) fn spawn_operator<In, Out, Fut>(
+    input: Flow<In>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    task: impl FnOnce(TaskIo<In, Out>) -> Fut,
+) -> Flow<Out>
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let pipeline = input.pipeline().clone();
+    let edge = edge.unwrap_or(pipeline.edge());
+    let counters = pipeline.register(name);
+    let (tx, rx) = chunk_channel(edge);
+    let name = counters.name().clone();
+    let task = task(TaskIo {
+        src: input.into_source(),
+        tx,
+        abort: pipeline.abort_token(),
+        counters,
+        max_chunk: edge.max_chunk(),
+    });
+    pipeline.spawn(name, task);
+    Flow::from_source(pipeline, Box::new(rx))
+}
+
 /// Spawns the task that drives `src` into a new edge channel and returns the
 /// flow reading from that channel.
 pub(crate) fn spawn_stage<T: Send + 'static>(

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{ChunkTx, chunk_channel};
+use crate::channel::ChunkTx;
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
 use crate::counters::{Counters, Local};
@@ -32,7 +32,7 @@ use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::source::BoxSource;
-use crate::stage::{next_or_stop, send_or_stop};
+use crate::stage::{next_or_stop, send_or_stop, spawn_operator};
 
 type CostFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 
@@ -224,21 +224,16 @@ impl<T: Send + 'static> Processor<T, T> for Throttle<T> {
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {
-        let pipeline = input.pipeline().clone();
-        let edge = self.edge.unwrap_or(pipeline.edge());
-        let counters = pipeline.register(self.name.as_ref());
-        let (tx, rx) = chunk_channel(edge);
-        let gcra = Gcra::new(self.rate, self.period, self.burst);
-        let shaper = Shaper {
-            gcra,
-            cost: self.cost,
-            error_cost: self.error_cost,
-            mode: self.mode,
-            counters: counters.clone(),
-        };
-        let task = run(input.into_source(), tx, pipeline.abort_token(), shaper);
-        pipeline.spawn(counters.name().clone(), task);
-        Flow::from_source(pipeline, Box::new(rx))
+        spawn_operator(input, &self.name, self.edge, |io| {
+            let shaper = Shaper {
+                gcra: Gcra::new(self.rate, self.period, self.burst),
+                cost: self.cost,
+                error_cost: self.error_cost,
+                mode: self.mode,
+                counters: io.counters,
+            };
+            run(io.src, io.tx, io.abort, shaper)
+        })
     }
 }
 
