@@ -269,6 +269,9 @@ async fn graceful_shutdown_lets_the_waiting_items_through_at_the_rate() {
     pipeline.shutdown();
     let times = reader.await.unwrap();
     assert_eq!(times, [0, 1000, 2000].map(Duration::from_millis));
+    let m = stage(&pipeline, "throttle");
+    assert_eq!((m.received, m.emitted, m.aborted), (3, 3, 0));
+    assert_conserved(&m);
 }
 
 #[test]
