@@ -12,7 +12,7 @@ use crate::chunk::Chunk;
 use crate::counters::{Counters, Local};
 use crate::flow::Flow;
 use crate::source::BoxSource;
-use crate::stage::{next_or_stop, send_or_stop};
+use crate::stage::{receive_or_stop, send_or_stop};
 
 impl<T: Clone + Send + 'static> Flow<T> {
     /// Sends every value to each of `N` outputs.
@@ -107,20 +107,9 @@ async fn run<T: Clone + Send + 'static>(
         let stop = |cx: &mut Context<'_>| {
             aborted.as_mut().poll(cx).is_ready() || all_closed.as_mut().poll(cx).is_ready()
         };
-        let next = next_or_stop(&mut src, stop).await;
-        let chunk = match next {
-            Some(Some(chunk)) => chunk,
-            Some(None) => return,
-            None => {
-                counters.add_drained(src.abandon());
-                return;
-            }
-        };
-        // An abort stops the stage even while its input keeps flowing.
-        if abort.is_cancelled() {
-            counters.add_drained(chunk.len() as u64 + src.abandon());
+        let Some(chunk) = receive_or_stop(&mut src, &abort, &counters, stop).await else {
             return;
-        }
+        };
         let mut local = Local {
             received: chunk.len() as u64,
             ..Local::default()

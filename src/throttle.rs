@@ -32,7 +32,7 @@ use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::source::BoxSource;
-use crate::stage::{next_or_stop, send_or_stop, spawn_operator};
+use crate::stage::{receive_or_stop, send_or_stop, spawn_operator};
 
 type CostFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 
@@ -363,18 +363,9 @@ async fn run<T: Send + 'static>(
         let stop = |cx: &mut Context<'_>| {
             aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready()
         };
-        let chunk = match next_or_stop(&mut src, stop).await {
-            Some(Some(chunk)) => chunk,
-            Some(None) => return,
-            None => {
-                counters.add_drained(src.abandon());
-                return;
-            }
-        };
-        if abort.is_cancelled() {
-            counters.add_drained(chunk.len() as u64 + src.abandon());
+        let Some(chunk) = receive_or_stop(&mut src, &abort, &counters, stop).await else {
             return;
-        }
+        };
         let mut local = Local {
             received: chunk.len() as u64,
             ..Local::default()
