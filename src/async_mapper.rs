@@ -28,7 +28,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::time::{Instant, Sleep};
@@ -332,6 +332,9 @@ struct Slot<In, Out, Fut> {
     timed: bool,
     attempts: u32,
     first_start: Option<Instant>,
+    /// When the item's first attempt failed, by the wall clock (for the
+    /// error's record when a retry does not save it).
+    first_failure: Option<SystemTime>,
     phase: Phase<Out>,
 }
 
@@ -344,6 +347,7 @@ impl<In, Out, Fut> Slot<In, Out, Fut> {
             timed: false,
             attempts: 0,
             first_start: None,
+            first_failure: None,
             phase: Phase::Free,
         }
     }
@@ -418,6 +422,9 @@ impl<F, E> Policy<F, E> {
         In: Send + 'static,
     {
         let mut err = err.with_attempts(slot.attempts);
+        if let Some(first) = slot.first_failure.take() {
+            err = err.with_first_time(first);
+        }
         if let Some(item) = slot.item.take() {
             err = err.with_item(item);
         }
@@ -445,6 +452,7 @@ impl<F, E> Policy<F, E> {
             Failure::TimedOut(TimeoutError::Deadline { .. }) => false,
         };
         if retryable && slot.attempts < self.retry.max_attempts.get() {
+            slot.first_failure.get_or_insert_with(SystemTime::now);
             let now = Instant::now();
             let at = now + self.retry.delay(slot.attempts, &mut self.rng);
             let in_time = match (self.retry.deadline, slot.first_start) {
@@ -571,6 +579,7 @@ where
                 slot.item = Some(value);
                 slot.attempts = 0;
                 slot.first_start = None;
+                slot.first_failure = None;
                 self.policy.start(slot);
                 if matches!(slot.phase, Phase::Done(_)) {
                     self.finished += 1;

@@ -12,6 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// received = emitted + failed + errors_passed + dropped + aborted
 /// ```
 ///
+/// A [`DeadLetterQueue`](crate::DeadLetterQueue) adds its sink's records:
+///
+/// ```text
+/// received = emitted + dead_lettered + failed + dropped + aborted
+/// ```
+///
 /// where `received` counts both values and upstream errors, and of what the
 /// stage produced, `emitted + failed + errors_passed - undelivered` reached
 /// the next stage. Sources count what they produce as `emitted`. A stage
@@ -59,6 +65,9 @@ pub struct StageMetrics {
     /// Attempts that ran out of time (an
     /// [`AsyncMapper`](crate::AsyncMapper) timeout or retry deadline).
     pub timeouts: u64,
+    /// Error items a [`DeadLetterQueue`](crate::DeadLetterQueue) handed to
+    /// its sink and the sink confirmed.
+    pub dead_lettered: u64,
 }
 
 /// The live counters of one stage; cheap to clone, shared with the stage.
@@ -79,6 +88,7 @@ struct Shared {
     undelivered: AtomicU64,
     retries: AtomicU64,
     timeouts: AtomicU64,
+    dead_lettered: AtomicU64,
 }
 
 impl Counters {
@@ -95,6 +105,7 @@ impl Counters {
                 undelivered: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
+                dead_lettered: AtomicU64::new(0),
             }),
         }
     }
@@ -119,6 +130,27 @@ impl Counters {
             if n != 0 {
                 counter.fetch_add(n, Relaxed);
             }
+        }
+    }
+
+    /// Records the dead-letter sink confirmed.
+    pub(crate) fn add_dead_lettered(&self, n: u64) {
+        if n != 0 {
+            self.inner.dead_lettered.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Items dropped on purpose, counted outside a chunk's [`Local`].
+    pub(crate) fn add_dropped(&self, n: u64) {
+        if n != 0 {
+            self.inner.dropped.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Error items created outside a chunk's [`Local`].
+    pub(crate) fn add_failed(&self, n: u64) {
+        if n != 0 {
+            self.inner.failed.fetch_add(n, Relaxed);
         }
     }
 
@@ -161,6 +193,7 @@ impl Counters {
             undelivered: s.undelivered.load(Relaxed),
             retries: s.retries.load(Relaxed),
             timeouts: s.timeouts.load(Relaxed),
+            dead_lettered: s.dead_lettered.load(Relaxed),
         }
     }
 }

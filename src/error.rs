@@ -32,7 +32,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// assert_eq!(ErrorKind::Panicked.to_string(), "panicked");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ErrorKind {
     /// User code returned an error for the item.
@@ -104,6 +105,8 @@ struct Inner {
     source: Option<BoxError>,
     attempts: u32,
     at: SystemTime,
+    /// When the first of several attempts failed; `None` means `at`.
+    first_at: Option<SystemTime>,
     item: Option<Payload>,
 }
 
@@ -126,6 +129,7 @@ impl StreamError {
                 source: None,
                 attempts: 1,
                 at: SystemTime::now(),
+                first_at: None,
                 item: None,
             }),
         }
@@ -168,6 +172,24 @@ impl StreamError {
         self
     }
 
+    /// Sets when the first attempt failed, for an error that ends several
+    /// attempts (by default the first failure is the last one, [`time`]).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let first = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
+    /// let err = streamz::StreamError::failed("s", "e").with_attempts(3).with_first_time(first);
+    /// assert_eq!(err.first_time(), first);
+    /// assert!(err.time() > first);
+    /// ```
+    ///
+    /// [`time`]: StreamError::time
+    pub fn with_first_time(mut self, at: SystemTime) -> Self {
+        self.inner.first_at = Some(at);
+        self
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
         self.inner.kind
@@ -186,6 +208,12 @@ impl StreamError {
     /// When the (last) failure happened, by the wall clock.
     pub fn time(&self) -> SystemTime {
         self.inner.at
+    }
+
+    /// When the first failed attempt happened: [`time`](StreamError::time)
+    /// unless [`with_first_time`](StreamError::with_first_time) set it.
+    pub fn first_time(&self) -> SystemTime {
+        self.inner.first_at.unwrap_or(self.inner.at)
     }
 
     /// The error user code produced, if any (also [`std::error::Error::source`]).
@@ -287,6 +315,7 @@ impl fmt::Debug for StreamError {
             .field("source", &self.inner.source)
             .field("attempts", &self.inner.attempts)
             .field("at", &self.inner.at)
+            .field("first_at", &self.inner.first_at)
             .field("item", &self.inner.item.as_ref().map(|p| p.type_name))
             .finish()
     }

@@ -1,0 +1,521 @@
+//! [`FileSink`]: a durable, append-only file of JSON lines.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::ConfigError;
+use crate::dlq::{DeadLetter, DeadLetterSink, DlqError, Unwritten};
+use crate::error::BoxError;
+
+/// When a [`FileSink`] forces its writes to disk (`fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Fsync {
+    /// Before any record counts as dead-lettered, it is on disk (the
+    /// default). Records written together share one `fsync` (group
+    /// commit). If the sync fails, the batch comes back downstream as
+    /// error items (the records may also be in the file).
+    #[default]
+    EveryRecord,
+    /// After every `n` records. A crash loses at most the last `n - 1`.
+    EveryN(u64),
+    /// At most this long after a record was written, and at close.
+    Interval(Duration),
+    /// Only at rotation and close; between, the operating system decides.
+    Never,
+}
+
+/// A dead-letter sink that appends each record as one line of JSON to a
+/// file, with an [`Fsync`] policy and optional size-based rotation.
+///
+/// The file is opened (created if missing) when the sink is built, so an
+/// unwritable path fails there with [`DlqError::Open`]. If the file ends in
+/// a torn line (a crash mid-write), a newline closes it first, so the next
+/// record starts on a line of its own; [`Replay`](crate::dlq::Replay)
+/// reports the torn line as an error item.
+///
+/// A write that fails (disk full, for example) truncates the file back to
+/// its last complete record, and the records come back downstream as error
+/// items carrying them; [`FileSinkStats`] counts the failures.
+///
+/// # Rotation
+///
+/// With [`with_rotation`](FileSink::with_rotation), a record that would
+/// take the file past the limit goes to a new file: the full one is synced
+/// and renamed to `<name>.1` (then `.2`, ...), and nothing is ever deleted.
+/// [`Replay::open_rotated`](crate::dlq::Replay::open_rotated) reads them
+/// all in order.
+///
+/// # Examples
+///
+/// ```
+/// use streamz::dlq::{FileSink, Fsync};
+/// use streamz::{DeadLetterQueue, StreamError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let sink = FileSink::<u32>::create(dir.path().join("failed.jsonl"))?
+///     .with_fsync(Fsync::EveryN(100))?;
+/// let stats = sink.stats();
+/// let out = streamz::try_stream(futures::stream::iter([
+///     Ok(1),
+///     Err(StreamError::failed("load", "no such row").with_item(2u32)),
+/// ]))
+/// .pipe(DeadLetterQueue::new(sink))
+/// .collect()
+/// .await;
+/// assert_eq!(out.len(), 1);
+/// assert_eq!(stats.records(), 1);
+/// let text = std::fs::read_to_string(dir.path().join("failed.jsonl"))?;
+/// assert!(text.contains(r#""message":"no such row""#));
+/// # Ok(()) }
+/// ```
+pub struct FileSink<T> {
+    path: PathBuf,
+    /// `None` only while a write runs on the blocking pool.
+    state: Option<State>,
+    fsync: Fsync,
+    max_bytes: Option<u64>,
+    /// Since when written records wait for a sync (interval policy).
+    unsynced_since: Option<Instant>,
+    stats: FileSinkStats,
+    _items: PhantomData<fn(T)>,
+}
+
+impl<T> fmt::Debug for FileSink<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileSink")
+            .field("path", &self.path)
+            .field("fsync", &self.fsync)
+            .field("max_bytes", &self.max_bytes)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The open file and what the writer knows about it.
+struct State {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    /// Records written since the last sync.
+    unsynced: u64,
+    next_segment: u64,
+    buf: Vec<u8>,
+}
+
+impl<T: Serialize + Send + 'static> FileSink<T> {
+    /// Opens `path` for appending, creating the file if it is missing (its
+    /// directory must exist).
+    ///
+    /// # Errors
+    ///
+    /// [`DlqError::Open`] if the file cannot be opened for appending, with
+    /// the path and the operating system's reason.
+    ///
+    /// ```
+    /// use streamz::dlq::{DlqError, FileSink};
+    ///
+    /// let err = FileSink::<u32>::create("/no/such/dir/dlq.jsonl").unwrap_err();
+    /// assert!(matches!(err, DlqError::Open { .. }));
+    /// assert!(err.to_string().starts_with("cannot open the dead-letter file `/no/such/dir/dlq.jsonl`"));
+    /// ```
+    pub fn create(path: impl AsRef<Path>) -> Result<Self, DlqError> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| DlqError::Open {
+            path: path.clone(),
+            source,
+        };
+        let (file, len) = open_append(&path).map_err(open_err)?;
+        let next_segment = segments(&path)
+            .map_err(open_err)?
+            .last()
+            .map_or(1, |(n, _)| n + 1);
+        Ok(FileSink {
+            state: Some(State {
+                file,
+                path: path.clone(),
+                len,
+                unsynced: 0,
+                next_segment,
+                buf: Vec::new(),
+            }),
+            path,
+            fsync: Fsync::EveryRecord,
+            max_bytes: None,
+            unsynced_since: None,
+            stats: FileSinkStats::default(),
+            _items: PhantomData,
+        })
+    }
+
+    /// Sets the sync policy ([`Fsync::EveryRecord`] by default).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for `EveryN(0)` or a zero interval.
+    pub fn with_fsync(mut self, fsync: Fsync) -> Result<Self, ConfigError> {
+        match fsync {
+            Fsync::EveryN(0) => {
+                return Err(ConfigError::Zero {
+                    field: "fsync every",
+                });
+            }
+            Fsync::Interval(d) if d.is_zero() => {
+                return Err(ConfigError::Zero {
+                    field: "fsync interval",
+                });
+            }
+            _ => {}
+        }
+        self.fsync = fsync;
+        Ok(self)
+    }
+
+    /// Starts a new file when a record would take the current one past
+    /// `max_bytes` (a record larger than that gets a file of its own).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `max_bytes` is zero.
+    pub fn with_rotation(mut self, max_bytes: u64) -> Result<Self, ConfigError> {
+        if max_bytes == 0 {
+            return Err(ConfigError::Zero {
+                field: "rotation size",
+            });
+        }
+        self.max_bytes = Some(max_bytes);
+        Ok(self)
+    }
+}
+
+impl<T> FileSink<T> {
+    /// The file records are appended to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A live view of what the sink has done.
+    pub fn stats(&self) -> FileSinkStats {
+        self.stats.clone()
+    }
+
+    /// Runs `f` on the file state on the blocking pool (file writes and
+    /// syncs block). A panic inside (a `Serialize` impl that panics) is
+    /// passed on to the writer task, which reports the batch as lost.
+    async fn blocking<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut State) -> R + Send + 'static,
+    ) -> Option<R> {
+        let mut state = self.state.take()?;
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = f(&mut state);
+            (state, r)
+        })
+        .await;
+        match joined {
+            Ok((state, r)) => {
+                self.state = Some(state);
+                Some(r)
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None, // the runtime is shutting down
+        }
+    }
+
+    async fn sync(&mut self) -> Result<(), BoxError> {
+        self.unsynced_since = None;
+        let stats = self.stats.clone();
+        match self.blocking(move |s| s.sync(&stats)).await {
+            Some(r) => r.map_err(Into::into),
+            None => Err("the dead-letter file is unavailable".into()),
+        }
+    }
+}
+
+impl<T: Serialize + Send + 'static> DeadLetterSink<T> for FileSink<T> {
+    async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
+        let n = records.len() as u64;
+        let (fsync, max_bytes, stats) = (self.fsync, self.max_bytes, self.stats.clone());
+        let written = self
+            .blocking(move |s| s.write(records, fsync, max_bytes, &stats))
+            .await;
+        let Some((written, result)) = written else {
+            // Only when the runtime shuts down mid-write; the records went
+            // with the blocking task, so report them as lost.
+            panic!("the runtime shut down while {n} dead-letter records were being written");
+        };
+        if written > 0 && matches!(self.fsync, Fsync::Interval(_)) {
+            self.unsynced_since.get_or_insert_with(Instant::now);
+        }
+        result
+    }
+
+    fn flush_at(&self) -> Option<Instant> {
+        match self.fsync {
+            Fsync::Interval(d) => self.unsynced_since.map(|t| t + d),
+            _ => None,
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), BoxError> {
+        self.sync().await
+    }
+
+    async fn close(&mut self) -> Result<(), BoxError> {
+        self.sync().await
+    }
+}
+
+impl State {
+    /// Appends `records`; returns how many were written, and the ones that
+    /// were not.
+    fn write<T: Serialize>(
+        &mut self,
+        records: Vec<DeadLetter<T>>,
+        fsync: Fsync,
+        max_bytes: Option<u64>,
+        stats: &FileSinkStats,
+    ) -> (u64, Result<(), Vec<Unwritten<T>>>) {
+        let mut failed = Vec::new();
+        // Serialize every record into one buffer, one line each.
+        self.buf.clear();
+        let mut lines = Vec::with_capacity(records.len());
+        for record in records {
+            let start = self.buf.len();
+            match serde_json::to_writer(&mut self.buf, &record) {
+                Ok(()) => {
+                    self.buf.push(b'\n');
+                    lines.push((start, self.buf.len(), record));
+                }
+                Err(e) => {
+                    self.buf.truncate(start);
+                    failed.push(Unwritten::new(record, e));
+                }
+            }
+        }
+        // Write them in runs that stay within the rotation limit.
+        let mut written = 0u64;
+        let mut run_start = 0; // index into `lines`
+        let mut i = 0;
+        let mut error: Option<std::io::Error> = None;
+        while run_start < lines.len() {
+            let from = lines[run_start].0;
+            // Extend the run while it fits (a run holds at least one line).
+            i = i.max(run_start + 1);
+            if let Some(max) = max_bytes {
+                if self.len > 0 && self.len + (lines[run_start].1 - from) as u64 > max {
+                    if let Err(e) = self.rotate(stats) {
+                        error = Some(e);
+                        break;
+                    }
+                }
+                while i < lines.len() && self.len + (lines[i].1 - from) as u64 <= max {
+                    i += 1;
+                }
+            } else {
+                i = lines.len();
+            }
+            let to = lines[i - 1].1;
+            let buf = std::mem::take(&mut self.buf);
+            let appended = self.append(&buf[from..to]);
+            self.buf = buf;
+            if let Err(e) = appended {
+                error = Some(e);
+                break;
+            }
+            written += (i - run_start) as u64;
+            run_start = i;
+        }
+        let mut unwritten: Vec<(usize, usize, DeadLetter<T>)> = lines.split_off(run_start);
+        if let Some(e) = error {
+            stats.inner.write_failures.fetch_add(1, Relaxed);
+            tracing::error!(path = %self.path.display(), error = %e, records = unwritten.len(), "cannot append to the dead-letter file");
+            failed.extend(
+                unwritten.drain(..).map(|(_, _, r)| {
+                    Unwritten::new(r, std::io::Error::new(e.kind(), e.to_string()))
+                }),
+            );
+        }
+        self.unsynced += written;
+        stats.inner.records.fetch_add(written, Relaxed);
+        let due = match fsync {
+            Fsync::EveryRecord => written > 0,
+            Fsync::EveryN(n) => self.unsynced >= n,
+            Fsync::Interval(_) | Fsync::Never => false,
+        };
+        if due {
+            if let Err(e) = self.sync(stats) {
+                if fsync == Fsync::EveryRecord {
+                    // Not durable, so not dead-lettered: they go downstream.
+                    let reason = format!("the records were written but the sync failed: {e}");
+                    failed.extend(
+                        lines
+                            .into_iter()
+                            .map(|(_, _, r)| Unwritten::new(r, reason.clone())),
+                    );
+                    return (0, Err(failed));
+                }
+            }
+        }
+        if failed.is_empty() {
+            (written, Ok(()))
+        } else {
+            (written, Err(failed))
+        }
+    }
+
+    /// Appends `bytes` whole, or truncates back to the last complete line.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if let Err(e) = self.file.write_all(bytes) {
+            // Best effort: drop a partial line so the next record starts
+            // clean; if even that fails, `create` closes the torn line on
+            // the next open.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self, stats: &FileSinkStats) -> std::io::Result<()> {
+        if self.unsynced == 0 {
+            return Ok(());
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.unsynced = 0;
+                stats.inner.syncs.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                stats.inner.sync_failures.fetch_add(1, Relaxed);
+                tracing::error!(path = %self.path.display(), error = %e, "cannot sync the dead-letter file");
+                Err(e)
+            }
+        }
+    }
+
+    /// Syncs and renames the full file to the next segment name, and opens
+    /// a new one.
+    fn rotate(&mut self, stats: &FileSinkStats) -> std::io::Result<()> {
+        self.sync(stats)?;
+        let segment = segment_path(&self.path, self.next_segment);
+        std::fs::rename(&self.path, &segment)?;
+        let (file, len) = open_append(&self.path)?;
+        self.file = file;
+        self.len = len;
+        self.next_segment += 1;
+        stats.inner.rotations.fetch_add(1, Relaxed);
+        tracing::info!(segment = %segment.display(), "dead-letter file rotated");
+        Ok(())
+    }
+}
+
+/// Opens `path` for appending and makes sure it ends with a newline.
+fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)?;
+    let mut len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8];
+        file.seek(SeekFrom::End(-1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            tracing::warn!(path = %path.display(), "the dead-letter file ends in a torn line; closing it with a newline");
+            file.write_all(b"\n")?;
+            len += 1;
+        }
+    }
+    Ok((file, len))
+}
+
+fn segment_path(path: &Path, n: u64) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{n}"));
+    path.with_file_name(name)
+}
+
+/// The rotated segments of `path` (`<name>.1`, `<name>.2`, ...), oldest
+/// first.
+pub(crate) fn segments(path: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|f| f.strip_prefix(name))
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
+        if let Ok(n) = rest.parse::<u64>() {
+            found.push((n, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// What a [`FileSink`] has done, readable while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct FileSinkStats {
+    inner: Arc<StatsInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    records: AtomicU64,
+    syncs: AtomicU64,
+    sync_failures: AtomicU64,
+    write_failures: AtomicU64,
+    rotations: AtomicU64,
+}
+
+impl FileSinkStats {
+    /// Records appended to the file.
+    pub fn records(&self) -> u64 {
+        self.inner.records.load(Relaxed)
+    }
+
+    /// Successful `fsync`s.
+    pub fn syncs(&self) -> u64 {
+        self.inner.syncs.load(Relaxed)
+    }
+
+    /// Failed `fsync`s. With [`Fsync::EveryN`] or [`Fsync::Interval`] the
+    /// records written since the previous sync may not be durable.
+    pub fn sync_failures(&self) -> u64 {
+        self.inner.sync_failures.load(Relaxed)
+    }
+
+    /// Failed appends (their records went downstream as error items).
+    pub fn write_failures(&self) -> u64 {
+        self.inner.write_failures.load(Relaxed)
+    }
+
+    /// Files rotated out.
+    pub fn rotations(&self) -> u64 {
+        self.inner.rotations.load(Relaxed)
+    }
+}

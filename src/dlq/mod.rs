@@ -1,0 +1,671 @@
+//! Dead-letter queues: route failed items, with the context of their
+//! failure, to a sink, and read a file of them back.
+//!
+//! A [`DeadLetterQueue`] stage lets values pass and turns every error item
+//! into a [`DeadLetter`] record for its sink: a bounded [`channel`], an
+//! async closure ([`sink_fn`]), a durable file of JSON lines
+//! ([`FileSink`]), or any [`DeadLetterSink`]. [`Replay`] reads such a file
+//! back as a stream of records, so fixed items can be fed into a pipeline
+//! again.
+//!
+//! Nothing is lost silently: a record the sink cannot take comes back
+//! downstream as an error item carrying it, a record dropped by the
+//! [`Overflow::DropAndCount`] policy is counted, and the stage's counters
+//! keep the law
+//!
+//! ```text
+//! received = emitted + dead_lettered + failed + dropped + aborted
+//! ```
+//!
+//! `docs/errors-and-dlq.md` explains the error model, the record format and
+//! the policies.
+
+mod file;
+mod record;
+mod replay;
+mod sink;
+
+pub use file::{FileSink, FileSinkStats, Fsync};
+pub use record::DeadLetter;
+pub use replay::{Replay, ReplayStats};
+pub use sink::{ChannelSink, DeadLetterSink, FnSink, Unwritten, channel, sink_fn};
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::FutureExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::chunk::Chunk;
+use crate::config::{ConfigError, EdgeConfig};
+use crate::counters::Counters;
+use crate::error::{ErrorKind, PanicError, StreamError};
+use crate::flow::Flow;
+use crate::processor::Processor;
+use crate::stage::{TaskIo, send_or_stop, spawn_operator};
+
+/// Records the stage hands its sink at most per write.
+const MAX_BATCH: usize = 256;
+
+/// Why a dead-letter operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DlqError {
+    /// The dead-letter file cannot be opened for appending (at
+    /// construction, so a bad path never reaches a running pipeline).
+    #[error("cannot open the dead-letter file `{}` for appending: {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A dead-letter file cannot be read.
+    #[error("cannot read the dead-letter file `{}`: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A complete line of a dead-letter file is not a record of the
+    /// expected type.
+    #[error("line {line} of `{}` is not a dead-letter record: {source}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The line's number, from 1.
+        line: u64,
+        /// Why it does not parse.
+        source: serde_json::Error,
+    },
+    /// The sink was full and the policy is [`Overflow::Fail`]: the stream
+    /// ends with this error.
+    #[error(
+        "the dead-letter sink is full ({buffered} records wait for it) and the overflow policy fails the stream"
+    )]
+    Overflow {
+        /// The stage's buffer of records waiting for the sink.
+        buffered: usize,
+    },
+    /// The sink's writer task ended early (it panicked), so records could
+    /// not reach it.
+    #[error("the dead-letter sink stopped; the record could not reach it")]
+    SinkStopped,
+}
+
+/// What a [`DeadLetterQueue`] does with a record when its sink is slow and
+/// the buffer in front of it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Wait for room (the default): the stage stops taking input, so
+    /// upstream feels backpressure. Nothing is dropped.
+    #[default]
+    Block,
+    /// Drop the record and count it in the stage's `dropped` counter; a
+    /// warning is logged. Its sequence number is skipped, so the gap shows
+    /// in the sink.
+    DropAndCount,
+    /// End the stream: the stage sends on what it holds, then an error item
+    /// of its own whose source is [`DlqError::Overflow`] and whose item is
+    /// the record that did not fit, and stops taking input (upstream stops
+    /// as when its output is dropped; what it held is counted `aborted`).
+    Fail,
+}
+
+/// Sends error items to a dead-letter sink; values continue downstream.
+///
+/// Every error item that reaches the stage becomes a [`DeadLetter`] record
+/// with the original item as a `T`, the error's kind, message and source
+/// chain, the stage that failed, attempts, first and last failure time and
+/// a sequence number. Records go through a bounded buffer to a writer task
+/// that calls the sink, so a slow sink does not stall values until the
+/// buffer is full; then the [`Overflow`] policy decides.
+///
+/// A record the sink refuses or fails to write comes downstream as a
+/// `failed` error item of this stage carrying the record (take it with
+/// `take_item::<DeadLetter<T>>()`); if a sink panics, each record of the
+/// batch it held becomes a `panicked` error item without an item. The
+/// stream ends after the sink has been closed (flushed), so a file is
+/// complete when the last item has been read.
+///
+/// # Default
+///
+/// [`Overflow::Block`], a buffer of 256 records, named `dlq`, output edge
+/// from the pipeline's [`EdgeConfig`].
+///
+/// # Counters
+///
+/// `emitted` counts values passed on, `dead_lettered` records the sink
+/// confirmed, `failed` records that came back as error items, `dropped`
+/// records dropped by policy, and `aborted` what an abort or an early stop
+/// discarded:
+///
+/// ```text
+/// received = emitted + dead_lettered + failed + dropped + aborted
+/// ```
+///
+/// # Examples
+///
+/// ```
+/// use streamz::DeadLetterQueue;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (sink, mut letters) = streamz::dlq::channel::<String>(64)?;
+/// let flow = streamz::iter(["1", "x", "3"].map(String::from))
+///     .try_map(|s: &String| s.parse::<u32>().map(|_| s.clone()))
+///     .pipe(DeadLetterQueue::new(sink));
+/// let pipeline = flow.pipeline().clone();
+/// let values: Vec<String> = flow.collect().await.into_iter().map(Result::unwrap).collect();
+/// assert_eq!(values, ["1", "3"]);
+///
+/// let letter = letters.recv().await.unwrap();
+/// assert_eq!(letter.item.as_deref(), Some("x"));
+/// assert_eq!(letter.stage, "try_map");
+/// assert_eq!(letter.message, "invalid digit found in string");
+///
+/// let m = pipeline.stage_metrics("dlq").unwrap();
+/// assert_eq!((m.received, m.emitted, m.dead_lettered), (3, 2, 1));
+/// # Ok(()) }
+/// ```
+pub struct DeadLetterQueue<T, S> {
+    name: Cow<'static, str>,
+    sink: S,
+    overflow: Overflow,
+    buffer: usize,
+    edge: Option<EdgeConfig>,
+    _items: PhantomData<fn(T) -> T>,
+}
+
+impl<T, S> fmt::Debug for DeadLetterQueue<T, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetterQueue")
+            .field("name", &self.name)
+            .field("overflow", &self.overflow)
+            .field("buffer", &self.buffer)
+            .field("edge", &self.edge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, S: DeadLetterSink<T>> DeadLetterQueue<T, S> {
+    /// A dead-letter queue writing to `sink`.
+    pub fn new(sink: S) -> Self {
+        DeadLetterQueue {
+            name: Cow::Borrowed("dlq"),
+            sink,
+            overflow: Overflow::Block,
+            buffer: 256,
+            edge: None,
+            _items: PhantomData,
+        }
+    }
+
+    /// Sets what happens when the sink is slow and the buffer is full.
+    pub fn on_overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// How many records may wait for the sink (256 by default).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `records` is zero.
+    pub fn with_buffer(mut self, records: usize) -> Result<Self, ConfigError> {
+        if records == 0 {
+            return Err(ConfigError::Zero { field: "buffer" });
+        }
+        self.buffer = records;
+        Ok(self)
+    }
+
+    /// Names the stage (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the stage's output edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+}
+
+impl<T, S> Processor<T, T> for DeadLetterQueue<T, S>
+where
+    T: Send + 'static,
+    S: DeadLetterSink<T>,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<T>) -> Flow<T> {
+        let pipeline = input.pipeline().clone();
+        spawn_operator(input, &self.name, self.edge, |io| {
+            let (queue, records) = mpsc::channel(self.buffer);
+            let (returns, returned) = mpsc::unbounded_channel();
+            let writer = Writer {
+                sink: self.sink,
+                records,
+                returns,
+                abort: io.abort.clone(),
+                counters: io.counters.clone(),
+            };
+            let name: Arc<str> = format!("{}.sink", io.counters.name()).into();
+            pipeline.spawn(name, writer.run());
+            let router = Router {
+                queue: Some(queue),
+                returned,
+                writer_done: false,
+                overflow: self.overflow,
+                buffer: self.buffer,
+                sequence: 0,
+            };
+            router.run(io)
+        })
+    }
+}
+
+/// What the writer task sends back to the stage.
+enum Returned<T> {
+    /// A record the sink did not take.
+    Unwritten(Unwritten<T>),
+    /// The sink panicked while holding this many records.
+    Lost(u64, PanicError),
+}
+
+impl<T: Send + 'static> Returned<T> {
+    /// The error items this return becomes downstream.
+    fn into_errors(self, stage: &str, out: &mut Chunk<T>) -> u64 {
+        match self {
+            Returned::Unwritten(u) => {
+                let (record, reason) = u.into_parts();
+                out.push_error(
+                    StreamError::new(ErrorKind::Failed, stage.to_owned())
+                        .with_source(reason)
+                        .with_item(record),
+                );
+                1
+            }
+            Returned::Lost(n, panic) => {
+                for _ in 0..n {
+                    out.push_error(
+                        StreamError::new(ErrorKind::Panicked, stage.to_owned())
+                            .with_source(panic.clone()),
+                    );
+                }
+                n
+            }
+        }
+    }
+}
+
+/// The writer task: takes records from the stage's buffer in batches and
+/// hands them to the sink.
+struct Writer<T, S> {
+    sink: S,
+    records: mpsc::Receiver<DeadLetter<T>>,
+    returns: mpsc::UnboundedSender<Returned<T>>,
+    abort: CancellationToken,
+    counters: Counters,
+}
+
+impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let flush_at = self.sink.flush_at();
+            let flush_due = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let n = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => break,
+                n = self.records.recv_many(&mut batch, MAX_BATCH) => n,
+                () = flush_due => {
+                    self.flush().await;
+                    continue;
+                }
+            };
+            if n == 0 {
+                break; // the stage is done and the buffer is empty
+            }
+            let records = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            let n = records.len() as u64;
+            let write = AssertUnwindSafe(self.sink.write(records)).catch_unwind();
+            let result = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => {
+                    // The batch is dropped unconfirmed.
+                    self.counters.add_aborted(n);
+                    break;
+                }
+                result = write => result,
+            };
+            match result {
+                Ok(Ok(())) => self.counters.add_dead_lettered(n),
+                Ok(Err(unwritten)) => {
+                    let refused = unwritten.len() as u64;
+                    self.counters.add_dead_lettered(n.saturating_sub(refused));
+                    for u in unwritten {
+                        tracing::warn!(sequence = u.record().sequence, reason = %u.reason(), "dead-letter sink refused a record; it goes downstream as an error item");
+                        self.give_back(Returned::Unwritten(u), 1);
+                    }
+                }
+                Err(payload) => {
+                    let panic = PanicError::from_payload(payload);
+                    tracing::error!(records = n, %panic, "dead-letter sink panicked while writing");
+                    self.give_back(Returned::Lost(n, panic), n);
+                }
+            }
+        }
+        // After an abort, what waits in the buffer is discarded and counted.
+        self.records.close();
+        let mut left = 0;
+        while self.records.try_recv().is_ok() {
+            left += 1;
+        }
+        self.counters.add_aborted(left);
+        match AssertUnwindSafe(self.sink.close()).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "dead-letter sink failed to close"),
+            Err(payload) => {
+                let panic = PanicError::from_payload(payload);
+                tracing::error!(%panic, "dead-letter sink panicked while closing");
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        match AssertUnwindSafe(self.sink.flush()).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "dead-letter sink failed to flush"),
+            Err(payload) => {
+                let panic = PanicError::from_payload(payload);
+                tracing::error!(%panic, "dead-letter sink panicked while flushing");
+            }
+        }
+    }
+
+    /// Sends records back to the stage; if the stage is gone (its output
+    /// was dropped or it was aborted), they are counted as aborted.
+    fn give_back(&self, returned: Returned<T>, n: u64) {
+        if self.returns.send(returned).is_err() {
+            tracing::error!(
+                records = n,
+                "dead-letter records could not be written and the stage has stopped"
+            );
+            self.counters.add_aborted(n);
+        }
+    }
+}
+
+/// The stage task: passes values on and queues records for the writer.
+struct Router<T> {
+    /// `None` once the stage has finished routing (input ended or failed).
+    queue: Option<mpsc::Sender<DeadLetter<T>>>,
+    returned: mpsc::UnboundedReceiver<Returned<T>>,
+    writer_done: bool,
+    overflow: Overflow,
+    buffer: usize,
+    sequence: u64,
+}
+
+/// What woke the stage.
+enum Event<T> {
+    Input(Option<Chunk<T>>),
+    Returned(Returned<T>),
+    Stop,
+}
+
+/// How routing one chunk ended.
+enum Routed {
+    /// Every error was queued, dropped or turned into an error item.
+    Done,
+    /// The overflow policy failed the stream.
+    Failed,
+    /// The pipeline was aborted while waiting for room.
+    Aborted,
+}
+
+impl<T: Send + 'static> Router<T> {
+    async fn run(mut self, io: TaskIo<T, T>) {
+        let TaskIo {
+            mut src,
+            tx,
+            abort,
+            counters,
+            ..
+        } = io;
+        let stage = counters.name().clone();
+        let mut aborted = pin!(abort.cancelled());
+        let mut closed = pin!(tx.closed());
+        loop {
+            let event =
+                poll_fn(|cx| self.poll_event(cx, &mut src, &mut aborted, &mut closed)).await;
+            let mut out = match event {
+                Event::Stop => {
+                    counters.add_drained(src.abandon());
+                    return;
+                }
+                Event::Returned(r) => {
+                    let mut out = Chunk::default();
+                    let n = r.into_errors(&stage, &mut out);
+                    counters.add_failed(n);
+                    out
+                }
+                Event::Input(None) => break,
+                Event::Input(Some(chunk)) if abort.is_cancelled() => {
+                    counters.add_drained(chunk.len() as u64 + src.abandon());
+                    return;
+                }
+                Event::Input(Some(chunk)) => {
+                    let received = chunk.len() as u64;
+                    let mut out = Chunk::from_values(chunk.values);
+                    let values = out.values.len() as u64;
+                    let mut errors = chunk.errors.into_iter().map(|(_, e)| e);
+                    let routed = self
+                        .route(&mut errors, &mut out, &stage, &counters, &mut aborted)
+                        .await;
+                    counters.add(&crate::counters::Local {
+                        received,
+                        emitted: values,
+                        ..Default::default()
+                    });
+                    match routed {
+                        Routed::Done => {}
+                        Routed::Aborted => {
+                            counters.add_undelivered(out.len() as u64);
+                            counters.add_aborted(errors.len() as u64);
+                            counters.add_drained(src.abandon());
+                            return;
+                        }
+                        Routed::Failed => {
+                            counters.add_aborted(errors.len() as u64);
+                            counters.add_drained(src.abandon());
+                            // Send what is held, then finish like at the end
+                            // of input: the writer drains the buffer.
+                            if !deliver(&tx, out, &counters, &mut aborted).await {
+                                return;
+                            }
+                            break;
+                        }
+                    }
+                    out
+                }
+            };
+            if !deliver(&tx, std::mem::take(&mut out), &counters, &mut aborted).await {
+                counters.add_drained(src.abandon());
+                return;
+            }
+        }
+        // The input is done: let the writer drain the buffer and close the
+        // sink, and pass on whatever it gives back.
+        self.queue = None;
+        while !self.writer_done {
+            let next = poll_fn(|cx| {
+                if let Poll::Ready(r) = self.returned.poll_recv(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                if aborted.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            match next {
+                None => return,
+                Some(None) => self.writer_done = true,
+                Some(Some(r)) => {
+                    let mut out = Chunk::default();
+                    let n = r.into_errors(&stage, &mut out);
+                    counters.add_failed(n);
+                    if !deliver(&tx, out, &counters, &mut aborted).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut crate::source::BoxSource<T>,
+        aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+        closed: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Poll<Event<T>> {
+        if !self.writer_done {
+            match self.returned.poll_recv(cx) {
+                Poll::Ready(Some(r)) => return Poll::Ready(Event::Returned(r)),
+                Poll::Ready(None) => self.writer_done = true,
+                Poll::Pending => {}
+            }
+        }
+        if let Poll::Ready(chunk) = src.poll_chunk(cx) {
+            return Poll::Ready(Event::Input(chunk));
+        }
+        if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Stop);
+        }
+        Poll::Pending
+    }
+
+    /// Turns each error into a record and queues it by the overflow policy.
+    /// Errors that cannot be routed become error items in `out`.
+    async fn route(
+        &mut self,
+        errors: &mut impl Iterator<Item = StreamError>,
+        out: &mut Chunk<T>,
+        stage: &str,
+        counters: &Counters,
+        aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> Routed {
+        let Some(queue) = self.queue.clone() else {
+            return Routed::Done;
+        };
+        for error in errors {
+            self.sequence += 1;
+            let record = DeadLetter::<T>::from_error(self.sequence, error);
+            let sent = match self.overflow {
+                Overflow::Block => {
+                    let mut send = pin!(queue.send(record));
+                    let sent = poll_fn(|cx| {
+                        if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                            return Poll::Ready(Some(r));
+                        }
+                        if aborted.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                        Poll::Pending
+                    })
+                    .await;
+                    match sent {
+                        Some(r) => r.map_err(|e| e.0),
+                        None => {
+                            // The record in hand is discarded with the rest.
+                            counters.add_aborted(1);
+                            return Routed::Aborted;
+                        }
+                    }
+                }
+                Overflow::DropAndCount | Overflow::Fail => match queue.try_send(record) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Closed(record)) => Err(record),
+                    Err(mpsc::error::TrySendError::Full(record))
+                        if self.overflow == Overflow::DropAndCount =>
+                    {
+                        tracing::warn!(
+                            sequence = record.sequence,
+                            "dead-letter sink is full; the record is dropped and counted"
+                        );
+                        counters.add_dropped(1);
+                        Ok(())
+                    }
+                    Err(mpsc::error::TrySendError::Full(record)) => {
+                        tracing::error!(
+                            sequence = record.sequence,
+                            "dead-letter sink is full; the stream fails"
+                        );
+                        out.push_error(
+                            StreamError::new(ErrorKind::Failed, stage.to_owned())
+                                .with_source(DlqError::Overflow {
+                                    buffered: self.buffer,
+                                })
+                                .with_item(record),
+                        );
+                        counters.add_failed(1);
+                        self.queue = None;
+                        return Routed::Failed;
+                    }
+                },
+            };
+            if let Err(record) = sent {
+                // The writer task is gone: the record travels on instead.
+                out.push_error(
+                    StreamError::new(ErrorKind::Failed, stage.to_owned())
+                        .with_source(DlqError::SinkStopped)
+                        .with_item(record),
+                );
+                counters.add_failed(1);
+            }
+        }
+        Routed::Done
+    }
+}
+
+/// Sends `out` downstream; false (with the items counted undelivered) if
+/// the stage must stop.
+async fn deliver<T>(
+    tx: &crate::channel::ChunkTx<T>,
+    out: Chunk<T>,
+    counters: &Counters,
+    aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+) -> bool {
+    let len = out.len() as u64;
+    if len == 0 {
+        return true;
+    }
+    let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
+    if matches!(send_or_stop(tx, out, stop).await, Some(Ok(()))) {
+        true
+    } else {
+        counters.add_undelivered(len);
+        false
+    }
+}
