@@ -133,8 +133,9 @@ pub enum Overflow {
 ///
 /// A record the sink refuses or fails to write comes downstream as a
 /// `failed` error item of this stage carrying the record (take it with
-/// `take_item::<DeadLetter<T>>()`); if a sink panics, each record of the
-/// batch it held becomes a `panicked` error item without an item. The
+/// `take_item::<DeadLetter<T>>()`); a record a sink panicked on comes as a
+/// `panicked` one. (A custom sink's panic costs the whole batch it held:
+/// each of its records becomes a `panicked` error item without an item.) The
 /// stream ends after the sink has been closed (flushed), so a file is
 /// complete when the last item has been read.
 ///
@@ -266,14 +267,14 @@ where
             let name: Arc<str> = format!("{}.sink", io.counters.name()).into();
             pipeline.spawn(name, writer.run());
             let router = Router {
-                queue: Some(queue),
                 returned,
+                counters: io.counters.clone(),
                 writer_done: false,
                 overflow: self.overflow,
                 buffer: self.buffer,
                 sequence: 0,
             };
-            router.run(io)
+            router.run(io, queue)
         })
     }
 }
@@ -292,8 +293,13 @@ impl<T: Send + 'static> Returned<T> {
         match self {
             Returned::Unwritten(u) => {
                 let (record, reason) = u.into_parts();
+                let kind = if reason.is::<PanicError>() {
+                    ErrorKind::Panicked
+                } else {
+                    ErrorKind::Failed
+                };
                 out.push_error(
-                    StreamError::new(ErrorKind::Failed, stage.to_owned())
+                    StreamError::new(kind, stage.to_owned())
                         .with_source(reason)
                         .with_item(record),
                 );
@@ -417,13 +423,26 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
 
 /// The stage task: passes values on and queues records for the writer.
 struct Router<T> {
-    /// `None` once the stage has finished routing (input ended or failed).
-    queue: Option<mpsc::Sender<DeadLetter<T>>>,
     returned: mpsc::UnboundedReceiver<Returned<T>>,
+    counters: Counters,
     writer_done: bool,
     overflow: Overflow,
     buffer: usize,
     sequence: u64,
+}
+
+impl<T> Drop for Router<T> {
+    /// A stage that stops early counts what the writer gave back and it
+    /// can no longer send on; once closed, the writer counts the rest.
+    fn drop(&mut self) {
+        self.returned.close();
+        while let Ok(r) = self.returned.try_recv() {
+            self.counters.add_aborted(match r {
+                Returned::Unwritten(_) => 1,
+                Returned::Lost(n, _) => n,
+            });
+        }
+    }
 }
 
 /// What woke the stage.
@@ -444,7 +463,7 @@ enum Routed {
 }
 
 impl<T: Send + 'static> Router<T> {
-    async fn run(mut self, io: TaskIo<T, T>) {
+    async fn run(mut self, io: TaskIo<T, T>, queue: mpsc::Sender<DeadLetter<T>>) {
         let TaskIo {
             mut src,
             tx,
@@ -480,7 +499,7 @@ impl<T: Send + 'static> Router<T> {
                     let values = out.values.len() as u64;
                     let mut errors = chunk.errors.into_iter().map(|(_, e)| e);
                     let routed = self
-                        .route(&mut errors, &mut out, &stage, &counters, &mut aborted)
+                        .route(&queue, &mut errors, &mut out, &mut aborted)
                         .await;
                     counters.add(&crate::counters::Local {
                         received,
@@ -516,7 +535,7 @@ impl<T: Send + 'static> Router<T> {
         }
         // The input is done: let the writer drain the buffer and close the
         // sink, and pass on whatever it gives back.
-        self.queue = None;
+        drop(queue);
         while !self.writer_done {
             let next = poll_fn(|cx| {
                 if let Poll::Ready(r) = self.returned.poll_recv(cx) {
@@ -570,15 +589,11 @@ impl<T: Send + 'static> Router<T> {
     /// Errors that cannot be routed become error items in `out`.
     async fn route(
         &mut self,
+        queue: &mpsc::Sender<DeadLetter<T>>,
         errors: &mut impl Iterator<Item = StreamError>,
         out: &mut Chunk<T>,
-        stage: &str,
-        counters: &Counters,
         aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Routed {
-        let Some(queue) = self.queue.clone() else {
-            return Routed::Done;
-        };
         for error in errors {
             self.sequence += 1;
             let record = DeadLetter::<T>::from_error(self.sequence, error);
@@ -599,7 +614,7 @@ impl<T: Send + 'static> Router<T> {
                         Some(r) => r.map_err(|e| e.0),
                         None => {
                             // The record in hand is discarded with the rest.
-                            counters.add_aborted(1);
+                            self.counters.add_aborted(1);
                             return Routed::Aborted;
                         }
                     }
@@ -614,7 +629,7 @@ impl<T: Send + 'static> Router<T> {
                             sequence = record.sequence,
                             "dead-letter sink is full; the record is dropped and counted"
                         );
-                        counters.add_dropped(1);
+                        self.counters.add_dropped(1);
                         Ok(())
                     }
                     Err(mpsc::error::TrySendError::Full(record)) => {
@@ -623,14 +638,13 @@ impl<T: Send + 'static> Router<T> {
                             "dead-letter sink is full; the stream fails"
                         );
                         out.push_error(
-                            StreamError::new(ErrorKind::Failed, stage.to_owned())
+                            StreamError::new(ErrorKind::Failed, self.counters.name().to_string())
                                 .with_source(DlqError::Overflow {
                                     buffered: self.buffer,
                                 })
                                 .with_item(record),
                         );
-                        counters.add_failed(1);
-                        self.queue = None;
+                        self.counters.add_failed(1);
                         return Routed::Failed;
                     }
                 },
@@ -638,11 +652,11 @@ impl<T: Send + 'static> Router<T> {
             if let Err(record) = sent {
                 // The writer task is gone: the record travels on instead.
                 out.push_error(
-                    StreamError::new(ErrorKind::Failed, stage.to_owned())
+                    StreamError::new(ErrorKind::Failed, self.counters.name().to_string())
                         .with_source(DlqError::SinkStopped)
                         .with_item(record),
                 );
-                counters.add_failed(1);
+                self.counters.add_failed(1);
             }
         }
         Routed::Done

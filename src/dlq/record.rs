@@ -118,4 +118,21 @@ impl<T: 'static> DeadLetter<T> {
             note,
         }
     }
+
+    /// A copy of the record's context without its item, with `note`.
+    pub(crate) fn without_item(&self, note: &str) -> Self {
+        DeadLetter {
+            sequence: self.sequence,
+            stage: self.stage.clone(),
+            kind: self.kind,
+            message: self.message.clone(),
+            causes: self.causes.clone(),
+            attempts: self.attempts,
+            first_failure: self.first_failure,
+            last_failure: self.last_failure,
+            item_type: self.item_type.clone(),
+            item: None,
+            note: Some(note.to_owned()),
+        }
+    }
 }

@@ -2,12 +2,15 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 
 use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
 use crate::dlq::DeadLetter;
-use crate::error::BoxError;
+use crate::error::{BoxError, PanicError};
 
 /// Where a [`DeadLetterQueue`](crate::DeadLetterQueue) puts its records.
 ///
@@ -192,7 +195,9 @@ impl<F> fmt::Debug for FnSink<F> {
 
 /// A sink that calls `f` for each record, one at a time, in order. The
 /// closure owns the record; when it cannot take it, it hands it back in an
-/// [`Unwritten`] and the record goes downstream as an error item.
+/// [`Unwritten`] and the record goes downstream as an error item. If the
+/// closure panics, a `panicked` error item with the record's context (but
+/// not its item, which the panic took) goes downstream instead.
 ///
 /// # Examples
 ///
@@ -242,8 +247,18 @@ where
     async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
         let mut failed = Vec::new();
         for record in records {
-            if let Err(unwritten) = (self.f)(record).await {
-                failed.push(unwritten);
+            // If the closure panics, the record goes with the panic; what
+            // comes downstream is its context, without the item.
+            let husk = record.without_item(
+                "the dead-letter sink panicked while writing this record; its item was lost",
+            );
+            let call = AssertUnwindSafe(async { (self.f)(record).await }).catch_unwind();
+            match call.await {
+                Ok(Ok(())) => {}
+                Ok(Err(unwritten)) => failed.push(unwritten),
+                Err(payload) => {
+                    failed.push(Unwritten::new(husk, PanicError::from_payload(payload)))
+                }
             }
         }
         if failed.is_empty() {

@@ -1,0 +1,766 @@
+//! The dead-letter queue: routing, records, sinks, overflow policies, the
+//! file sink's durability and replay.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use streamz::dlq::{self, DlqError, FileSink, Fsync, Overflow, Replay, Unwritten};
+use streamz::{
+    AsyncMapper, ConfigError, DeadLetter, DeadLetterQueue, ErrorKind, Pipeline, Result, Retry,
+    StageMetrics, StreamError,
+};
+use support::{settle, split, stage};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Order {
+    id: u64,
+    customer: String,
+    cents: i64,
+}
+
+fn order(id: u64) -> Order {
+    Order {
+        id,
+        customer: format!("customer-{id}"),
+        cents: id as i64 * 100 - 250,
+    }
+}
+
+/// `n` items where every `every`-th (from the first) is an error carrying
+/// its order.
+fn mixed(n: u64, every: u64) -> Vec<Result<Order>> {
+    (0..n)
+        .map(|i| {
+            if i % every == 0 {
+                Err(
+                    StreamError::failed("validate", format!("order {i} is invalid"))
+                        .with_item(order(i)),
+                )
+            } else {
+                Ok(order(i))
+            }
+        })
+        .collect()
+}
+
+/// The conservation law of a dead-letter queue stage.
+fn assert_dlq_conserved(m: &StageMetrics) {
+    assert_eq!(
+        m.received,
+        m.emitted + m.dead_lettered + m.failed + m.dropped + m.aborted,
+        "conservation broken for {m:?}"
+    );
+}
+
+/// Waits, without letting a paused clock move, until `done` holds. Blocking
+/// file work runs on other threads, so the test task yields to them.
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..1_000_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+        std::thread::yield_now();
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test]
+async fn values_pass_and_errors_reach_the_channel_sink_as_records() {
+    let (sink, mut letters) = dlq::channel::<Order>(64).unwrap();
+    let flow = streamz::try_stream(futures::stream::iter(mixed(20, 4)))
+        .pipe(DeadLetterQueue::new(sink).named("to-dlq"));
+    let pipeline = flow.pipeline().clone();
+    let (values, errors) = split(flow.collect().await);
+    assert!(errors.is_empty());
+    assert_eq!(values.len(), 15);
+    assert!(values.iter().all(|o| o.id % 4 != 0));
+
+    let mut records = Vec::new();
+    while let Some(r) = letters.recv().await {
+        records.push(r);
+    }
+    assert_eq!(records.len(), 5);
+    for (n, r) in records.iter().enumerate() {
+        assert_eq!(r.sequence, n as u64 + 1);
+        assert_eq!(r.item, Some(order(n as u64 * 4)));
+        assert_eq!(r.stage, "validate");
+        assert_eq!(r.kind, ErrorKind::Failed);
+        assert_eq!(r.message, format!("order {} is invalid", n * 4));
+        assert_eq!(r.attempts, 1);
+        assert_eq!(r.first_failure, r.last_failure);
+        assert!(r.item_type.as_deref().unwrap().ends_with("Order"));
+        assert_eq!(r.note, None);
+    }
+    let m = stage(&pipeline, "to-dlq");
+    assert_eq!((m.received, m.emitted, m.dead_lettered), (20, 15, 5));
+    assert_dlq_conserved(&m);
+    pipeline.join().await.unwrap();
+}
+
+#[tokio::test]
+async fn typed_items_round_trip_through_the_file_and_replay() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("price service refused")]
+    struct Refused(#[source] std::io::Error);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.dlq.jsonl");
+    let input: Vec<Result<Order>> = (0..50)
+        .map(|i| {
+            Err(StreamError::failed(
+                "price",
+                Refused(std::io::Error::other(format!("quota exceeded for {i}"))),
+            )
+            .with_attempts(3)
+            .with_item(order(i)))
+        })
+        .collect();
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(
+            FileSink::<Order>::create(&path).unwrap(),
+        ))
+        .collect()
+        .await;
+
+    let replay = Replay::<Order>::open(&path).unwrap();
+    let stats = replay.stats();
+    let records: Vec<DeadLetter<Order>> = replay.map(|r| r.unwrap()).collect().await;
+    assert_eq!(records.len(), 50);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.item, Some(order(i as u64)));
+        assert_eq!(r.sequence, i as u64 + 1);
+        assert_eq!(r.stage, "price");
+        assert_eq!(r.kind, ErrorKind::Failed);
+        assert_eq!(r.message, "price service refused");
+        assert_eq!(r.causes, [format!("quota exceeded for {i}")]);
+        assert_eq!(r.attempts, 3);
+    }
+    assert_eq!((stats.records(), stats.torn(), stats.corrupt()), (50, 0, 0));
+
+    // The replayed items feed a pipeline again.
+    let fixed: Vec<Order> = Replay::<Order>::open(&path)
+        .unwrap()
+        .into_flow()
+        .try_map(|r: &DeadLetter<Order>| r.item.clone().ok_or("no item"))
+        .collect()
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(fixed, (0..50).map(order).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
+    const N: u64 = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let sink = FileSink::<u64>::create(&path)
+        .unwrap()
+        .with_fsync(Fsync::EveryN(10_000))
+        .unwrap();
+    let stats = sink.stats();
+    let input = (0..N).map(|i| Err(StreamError::failed("s", "e").with_item(i)));
+    let flow = streamz::try_stream(futures::stream::iter(input)).pipe(DeadLetterQueue::new(sink));
+    let pipeline = flow.pipeline().clone();
+    assert!(flow.collect().await.is_empty());
+
+    let m = stage(&pipeline, "dlq");
+    assert_eq!((m.received, m.dead_lettered), (N, N));
+    assert_dlq_conserved(&m);
+    assert_eq!(stats.records(), N);
+    assert!(stats.syncs() >= 10, "every 10,000 records, then at close");
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count() as u64, N);
+    let replay = Replay::<u64>::open(&path).unwrap();
+    let mut next = 0;
+    let mut replayed = replay;
+    while let Some(r) = replayed.next().await {
+        let r = r.unwrap();
+        assert_eq!((r.sequence, r.item), (next + 1, Some(next)));
+        next += 1;
+    }
+    assert_eq!(next, N);
+}
+
+/// Writes `n` records of orders to `path` and returns the file's bytes.
+async fn write_records(path: &std::path::Path, n: u64) -> Vec<u8> {
+    let input = (0..n).map(|i| Err(StreamError::failed("s", "e").with_item(order(i))));
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(
+            FileSink::<Order>::create(path).unwrap(),
+        ))
+        .collect()
+        .await;
+    std::fs::read(path).unwrap()
+}
+
+#[tokio::test]
+async fn a_file_cut_anywhere_replays_every_complete_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = write_records(&dir.path().join("full.jsonl"), 4).await;
+    let cut_path = dir.path().join("cut.jsonl");
+    // Cut the file at every byte: what a crash mid-write can leave.
+    for len in 0..=full.len() {
+        std::fs::write(&cut_path, &full[..len]).unwrap();
+        let lines = full[..len].iter().filter(|b| **b == b'\n').count() as u64;
+        // A record cut just before its newline is whole, and is read.
+        let whole_without_newline = full.get(len) == Some(&b'\n') && full[len - 1] != b'\n';
+        let complete = lines + u64::from(whole_without_newline);
+        let replay = Replay::<Order>::open(&cut_path).unwrap();
+        let stats = replay.stats();
+        let records: Vec<_> = replay.collect().await;
+        let ids: Vec<u64> = records
+            .into_iter()
+            .map(|r| r.unwrap().item.unwrap().id)
+            .collect();
+        assert_eq!(ids, (0..complete).collect::<Vec<_>>(), "cut at {len}");
+        let torn = u64::from(len > 0 && full[len - 1] != b'\n' && !whole_without_newline);
+        assert_eq!(stats.torn(), torn, "cut at {len}");
+        assert_eq!(stats.corrupt(), 0);
+    }
+}
+
+#[tokio::test]
+async fn appending_after_a_torn_line_starts_a_new_line_and_replay_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let full = write_records(&path, 3).await;
+    // A crash in the middle of the third record, then a second run.
+    std::fs::write(&path, &full[..full.len() - 10]).unwrap();
+    write_records(&path, 2).await;
+
+    let replay = Replay::<Order>::open(&path).unwrap();
+    let stats = replay.stats();
+    let mut items: Vec<Result<DeadLetter<Order>>> = replay.collect().await;
+    assert_eq!(items.len(), 5);
+    let torn = items.remove(2).unwrap_err();
+    assert_eq!(torn.kind(), ErrorKind::Rejected);
+    assert!(torn.to_string().contains("line 3"), "{torn}");
+    let ids: Vec<u64> = items
+        .into_iter()
+        .map(|r| r.unwrap().item.unwrap().id)
+        .collect();
+    assert_eq!(ids, [0, 1, 0, 1]);
+    assert_eq!((stats.records(), stats.corrupt(), stats.torn()), (4, 1, 0));
+}
+
+#[tokio::test]
+async fn a_corrupt_line_becomes_an_error_item_carrying_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let mut bytes = write_records(&path, 2).await;
+    bytes.extend_from_slice(b"{\"not\": \"a record\"}\n");
+    bytes.extend(write_records(&dir.path().join("more.jsonl"), 1).await);
+    std::fs::write(&path, bytes).unwrap();
+
+    let mut items: Vec<Result<DeadLetter<Order>>> =
+        Replay::<Order>::open(&path).unwrap().collect().await;
+    assert_eq!(items.len(), 4);
+    let mut err = items.remove(2).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert_eq!(err.stage(), "replay");
+    let source = err.cause().unwrap().downcast_ref::<DlqError>().unwrap();
+    assert!(
+        matches!(source, DlqError::Corrupt { line: 3, .. }),
+        "{source}"
+    );
+    assert_eq!(
+        err.take_item::<String>().as_deref(),
+        Some(r#"{"not": "a record"}"#)
+    );
+    assert!(items.iter().all(Result::is_ok));
+}
+
+#[test]
+fn an_unwritable_path_fails_at_construction_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory that does not exist.
+    let missing = dir.path().join("no-such-dir").join("dlq.jsonl");
+    let err = FileSink::<u64>::create(&missing).unwrap_err();
+    assert!(matches!(&err, DlqError::Open { path, .. } if *path == missing));
+    let message = err.to_string();
+    assert!(
+        message.contains("cannot open the dead-letter file"),
+        "{message}"
+    );
+    assert!(message.contains("no-such-dir"), "{message}");
+    assert!(message.contains("No such file or directory"), "{message}");
+
+    // A "directory" that is a file.
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = FileSink::<u64>::create(file.join("dlq.jsonl")).unwrap_err();
+    assert!(err.to_string().contains("Not a directory"), "{err}");
+
+    // A path that is a directory.
+    let err = FileSink::<u64>::create(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("Is a directory"), "{err}");
+
+    // Replay of a missing file.
+    let err = Replay::<u64>::open(&missing).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot read the dead-letter file"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_read_only_directory_fails_at_construction_unless_running_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let probe = ro.join("probe");
+    // Root ignores permissions; the other tests cover that case.
+    if std::fs::write(&probe, b"").is_ok() {
+        return;
+    }
+    let err = FileSink::<u64>::create(ro.join("dlq.jsonl")).unwrap_err();
+    assert!(err.to_string().contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn bad_configuration_is_rejected() {
+    assert_eq!(
+        dlq::channel::<u8>(0).unwrap_err(),
+        ConfigError::Zero { field: "capacity" }
+    );
+    let (sink, _rx) = dlq::channel::<u8>(1).unwrap();
+    assert_eq!(
+        DeadLetterQueue::new(sink).with_buffer(0).unwrap_err(),
+        ConfigError::Zero { field: "buffer" }
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sink = || FileSink::<u8>::create(dir.path().join("f")).unwrap();
+    assert!(sink().with_fsync(Fsync::EveryN(0)).is_err());
+    assert!(sink().with_fsync(Fsync::Interval(Duration::ZERO)).is_err());
+    assert!(sink().with_rotation(0).is_err());
+}
+
+#[tokio::test]
+async fn a_full_disk_sends_records_downstream_and_counts_the_failure() {
+    // Writes to /dev/full fail with "no space left on device".
+    let sink = FileSink::<Order>::create("/dev/full").unwrap();
+    let stats = sink.stats();
+    let flow =
+        streamz::try_stream(futures::stream::iter(mixed(10, 2))).pipe(DeadLetterQueue::new(sink));
+    let pipeline = flow.pipeline().clone();
+    let (values, errors) = split(flow.collect().await);
+    assert_eq!(values.len(), 5);
+    assert_eq!(errors.len(), 5);
+    for (n, mut e) in errors.into_iter().enumerate() {
+        assert_eq!((e.kind(), e.stage()), (ErrorKind::Failed, "dlq"));
+        let io = e.cause().unwrap().downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        let record = e.take_item::<DeadLetter<Order>>().unwrap();
+        assert_eq!(record.item, Some(order(n as u64 * 2)));
+    }
+    assert!(stats.write_failures() >= 1);
+    assert_eq!(stats.records(), 0);
+    let m = stage(&pipeline, "dlq");
+    assert_eq!(
+        (m.received, m.emitted, m.dead_lettered, m.failed),
+        (10, 5, 0, 5)
+    );
+    assert_dlq_conserved(&m);
+}
+
+#[tokio::test]
+async fn a_dropped_receiver_sends_records_downstream() {
+    let (sink, letters) = dlq::channel::<Order>(4).unwrap();
+    drop(letters);
+    let flow =
+        streamz::try_stream(futures::stream::iter(mixed(6, 3))).pipe(DeadLetterQueue::new(sink));
+    let pipeline = flow.pipeline().clone();
+    let (values, errors) = split(flow.collect().await);
+    assert_eq!((values.len(), errors.len()), (4, 2));
+    assert!(errors.iter().all(|e| {
+        e.to_string()
+            .contains("the dead-letter receiver was dropped")
+    }));
+    assert_dlq_conserved(&stage(&pipeline, "dlq"));
+}
+
+#[tokio::test]
+async fn items_of_another_type_are_recorded_with_a_note() {
+    let (sink, mut letters) = dlq::channel::<Order>(8).unwrap();
+    let input: Vec<Result<Order>> = vec![
+        Err(StreamError::failed("parse", "not json").with_item(String::from("{oops"))),
+        Err(StreamError::failed("source", "connection reset")),
+    ];
+    let out = streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(sink))
+        .collect()
+        .await;
+    assert!(out.is_empty());
+    let wrong = letters.recv().await.unwrap();
+    assert_eq!(wrong.item, None);
+    assert_eq!(wrong.item_type.as_deref(), Some("alloc::string::String"));
+    assert!(wrong.note.unwrap().contains("not the `dlq::Order`"));
+    assert_eq!(wrong.message, "not json");
+    let none = letters.recv().await.unwrap();
+    assert_eq!((none.item, none.item_type), (None, None));
+    assert_eq!(none.note.as_deref(), Some("the error carried no item"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retried_failures_record_attempts_and_both_failure_times() {
+    let (sink, mut letters) = dlq::channel::<u32>(8).unwrap();
+    let mapper = AsyncMapper::new(|x: &u32| {
+        let x = *x;
+        async move { if x == 2 { Err("down") } else { Ok(x) } }
+    })
+    .with_retry(
+        Retry::attempts(3)
+            .unwrap()
+            .with_backoff(Duration::from_millis(10), Duration::from_millis(10))
+            .unwrap(),
+    );
+    let out = streamz::iter([1u32, 2, 3])
+        .pipe(mapper)
+        .pipe(DeadLetterQueue::new(sink))
+        .collect()
+        .await;
+    assert_eq!(out.len(), 2);
+    let r = letters.recv().await.unwrap();
+    assert_eq!(
+        (r.item, r.attempts, r.stage.as_str()),
+        (Some(2), 3, "async_mapper")
+    );
+    assert!(r.first_failure <= r.last_failure);
+}
+
+/// A sink that waits for a permit per record: a stalled dependency.
+fn gated_sink(
+    gate: Arc<tokio::sync::Semaphore>,
+    seen: Arc<std::sync::Mutex<Vec<u64>>>,
+) -> impl dlq::DeadLetterSink<u64> {
+    dlq::sink_fn(move |r: DeadLetter<u64>| {
+        let gate = gate.clone();
+        let seen = seen.clone();
+        async move {
+            gate.acquire().await.unwrap().forget();
+            seen.lock().unwrap().push(r.sequence);
+            Ok(())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn block_policy_holds_upstream_while_the_sink_stalls_and_loses_nothing() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(4, 4).unwrap());
+    let (tx, flow) = pipeline.channel::<u64>();
+    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
+        .with_buffer(2)
+        .unwrap();
+    let out = tokio::spawn(flow.pipe(dlq).collect());
+
+    // The producer pushes 100 failures; it must stall well before that.
+    let pushed = Arc::new(AtomicUsize::new(0));
+    let producer = tokio::spawn({
+        let pushed = pushed.clone();
+        async move {
+            for i in 0..100u64 {
+                tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
+                    .await
+                    .unwrap();
+                pushed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    settle().await;
+    let stalled_at = pushed.load(Ordering::SeqCst);
+    assert!(
+        stalled_at < 20,
+        "the producer felt no backpressure: {stalled_at}"
+    );
+    assert!(!producer.is_finished());
+    let m = stage(&pipeline, "dlq");
+    assert_eq!((m.dropped, m.dead_lettered), (0, 0));
+
+    // The dependency recovers: everything arrives, in order.
+    gate.add_permits(100);
+    producer.await.unwrap();
+    let out = out.await.unwrap();
+    assert!(out.is_empty());
+    assert_eq!(*seen.lock().unwrap(), (1..=100).collect::<Vec<_>>());
+    let m = stage(&pipeline, "dlq");
+    assert_eq!((m.received, m.dead_lettered, m.dropped), (100, 100, 0));
+    assert_dlq_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drop_policy_counts_what_it_drops_and_keeps_values_flowing() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
+        .with_buffer(2)
+        .unwrap()
+        .on_overflow(Overflow::DropAndCount);
+    let input = (0..100u64).map(|i| {
+        if i % 2 == 0 {
+            Err(StreamError::failed("s", "e").with_item(i))
+        } else {
+            Ok(i)
+        }
+    });
+    let flow = streamz::try_stream(futures::stream::iter(input)).pipe(dlq);
+    let pipeline = flow.pipeline().clone();
+    let mut flow = flow;
+    // Every value arrives while the sink is stalled.
+    let mut values = Vec::new();
+    while values.len() < 50 {
+        values.push(flow.next().await.unwrap().unwrap());
+    }
+    assert_eq!(values, (0..50).map(|i| i * 2 + 1).collect::<Vec<_>>());
+    settle().await;
+    let m = stage(&pipeline, "dlq");
+    assert!(m.dropped >= 40, "{m:?}");
+
+    gate.add_permits(100);
+    assert!(flow.next().await.is_none());
+    let m = stage(&pipeline, "dlq");
+    let seen = seen.lock().unwrap();
+    assert_eq!(m.dead_lettered, seen.len() as u64);
+    assert_eq!(m.dropped + m.dead_lettered, 50);
+    // Records keep their order; the missing sequence numbers are the drops.
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    assert!(seen.iter().all(|s| (1..=50).contains(s)));
+    assert_dlq_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
+        .with_buffer(1)
+        .unwrap()
+        .on_overflow(Overflow::Fail);
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u64>();
+    let mut flow = flow.pipe(dlq);
+    let fail = |i: u64| Err(StreamError::failed("s", "e").with_item(i));
+    // The first record stalls in the sink, the second waits in the buffer.
+    tx.send_result(fail(0)).await.unwrap();
+    settle().await;
+    tx.send_result(fail(1)).await.unwrap();
+    tx.send(100).await.unwrap();
+    assert_eq!(flow.next().await.unwrap().unwrap(), 100);
+    // The third does not fit: the stream fails with it.
+    tx.send_result(fail(2)).await.unwrap();
+    let mut err = flow.next().await.unwrap().unwrap_err();
+    assert_eq!((err.kind(), err.stage()), (ErrorKind::Failed, "dlq"));
+    assert!(matches!(
+        err.cause().unwrap().downcast_ref::<DlqError>(),
+        Some(DlqError::Overflow { buffered: 1 })
+    ));
+    assert_eq!(err.take_item::<DeadLetter<u64>>().unwrap().item, Some(2));
+    // The stage takes no more input.
+    assert!(tx.send(7).await.is_err());
+    // What was accepted is still written before the stream ends.
+    gate.add_permits(10);
+    assert!(flow.next().await.is_none());
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+    let m = stage(&pipeline, "dlq");
+    assert_eq!(
+        (m.received, m.emitted, m.dead_lettered, m.failed),
+        (4, 1, 2, 1)
+    );
+    assert_dlq_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn interval_policy_syncs_after_the_interval_without_new_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
+        .unwrap()
+        .with_fsync(Fsync::Interval(Duration::from_secs(5)))
+        .unwrap();
+    let stats = sink.stats();
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u64>();
+    let out = tokio::spawn(flow.pipe(DeadLetterQueue::new(sink)).collect());
+    tx.send_result(Err(StreamError::failed("s", "e").with_item(1)))
+        .await
+        .unwrap();
+    until(|| stage(&pipeline, "dlq").dead_lettered == 1).await;
+    assert_eq!(stats.syncs(), 0);
+    tokio::time::advance(Duration::from_secs(4)).await;
+    assert_eq!(stats.syncs(), 0);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    until(|| stats.syncs() == 1).await;
+    drop(tx);
+    assert!(out.await.unwrap().is_empty());
+    // Nothing was left to sync at close.
+    assert_eq!(stats.syncs(), 1);
+}
+
+#[tokio::test]
+async fn every_n_policy_syncs_every_n_records_and_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
+        .unwrap()
+        .with_fsync(Fsync::EveryN(4))
+        .unwrap();
+    let stats = sink.stats();
+    // One record per write: a sink that waits for each.
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u64>();
+    let dlq = DeadLetterQueue::new(sink).with_buffer(1).unwrap();
+    let out = tokio::spawn(flow.pipe(dlq).collect());
+    for i in 0..10 {
+        tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
+            .await
+            .unwrap();
+        until(|| stage(&pipeline, "dlq").dead_lettered == i + 1).await;
+    }
+    assert_eq!(stats.syncs(), 2);
+    drop(tx);
+    out.await.unwrap();
+    assert_eq!(stats.syncs(), 3);
+}
+
+#[tokio::test]
+async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let sink = FileSink::<Order>::create(&path)
+        .unwrap()
+        .with_rotation(1000)
+        .unwrap();
+    let stats = sink.stats();
+    let input = (0..40).map(|i| Err(StreamError::failed("s", "e").with_item(order(i))));
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(sink))
+        .collect()
+        .await;
+    assert!(stats.rotations() >= 5, "{}", stats.rotations());
+    for n in 1..=stats.rotations() {
+        let segment = dir.path().join(format!("dlq.jsonl.{n}"));
+        let len = std::fs::metadata(&segment).unwrap().len();
+        assert!(len <= 1000 && len > 500, "{segment:?}: {len}");
+    }
+    let ids: Vec<u64> = Replay::<Order>::open_rotated(&path)
+        .unwrap()
+        .map(|r| r.unwrap().item.unwrap().id)
+        .collect()
+        .await;
+    assert_eq!(ids, (0..40).collect::<Vec<_>>());
+
+    // A second run continues the numbering instead of overwriting.
+    let before = stats.rotations();
+    let sink = FileSink::<Order>::create(&path)
+        .unwrap()
+        .with_rotation(1000)
+        .unwrap();
+    let input = (40..80).map(|i| Err(StreamError::failed("s", "e").with_item(order(i))));
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(sink))
+        .collect()
+        .await;
+    assert!(
+        dir.path()
+            .join(format!("dlq.jsonl.{}", before + 1))
+            .exists()
+    );
+    let ids: Vec<u64> = Replay::<Order>::open_rotated(&path)
+        .unwrap()
+        .map(|r| r.unwrap().item.unwrap().id)
+        .collect()
+        .await;
+    assert_eq!(ids, (0..80).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_panicking_sink_turns_its_batch_into_error_items() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let sink = dlq::sink_fn({
+        let calls = calls.clone();
+        move |r: DeadLetter<u64>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 1 {
+                    panic!("sink bug");
+                }
+                drop(r);
+                Ok::<(), Unwritten<u64>>(())
+            }
+        }
+    });
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u64>();
+    let mut flow = flow.pipe(DeadLetterQueue::new(sink).with_buffer(1).unwrap());
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
+            .await
+            .unwrap();
+        if i == 1 {
+            seen.push(flow.next().await.unwrap());
+        }
+    }
+    drop(tx);
+    while let Some(item) = flow.next().await {
+        seen.push(item);
+    }
+    assert_eq!(seen.len(), 1);
+    let mut err = seen.pop().unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Panicked);
+    assert!(err.to_string().contains("sink bug"), "{err}");
+    // The record's context comes along; its item went with the panic.
+    let husk = err.take_item::<DeadLetter<u64>>().unwrap();
+    assert_eq!((husk.sequence, husk.item), (2, None));
+    assert!(husk.note.unwrap().contains("panicked"));
+    let m = stage(&pipeline, "dlq");
+    assert_eq!((m.received, m.dead_lettered, m.failed), (3, 2, 1));
+    assert_dlq_conserved(&m);
+    pipeline.join().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_while_the_sink_stalls_counts_everything() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(8, 4).unwrap());
+    let (tx, flow) = pipeline.channel::<u64>();
+    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
+        .with_buffer(2)
+        .unwrap();
+    let out = tokio::spawn(flow.pipe(dlq).collect());
+    let producer = tokio::spawn(async move {
+        for i in 0..50u64 {
+            let item = if i % 2 == 0 {
+                Err(StreamError::failed("s", "e").with_item(i))
+            } else {
+                Ok(i)
+            };
+            if tx.send_result(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    settle().await;
+    pipeline.abort();
+    pipeline.join().await.unwrap();
+    producer.await.unwrap();
+    let out = out.await.unwrap();
+    let m = stage(&pipeline, "dlq");
+    assert!(m.aborted > 0, "{m:?}");
+    assert_eq!(m.dead_lettered, 0);
+    assert_dlq_conserved(&m);
+    assert!(out.len() as u64 <= m.emitted);
+}
