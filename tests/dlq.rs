@@ -407,7 +407,12 @@ async fn items_of_another_type_are_recorded_with_a_note() {
     let wrong = letters.recv().await.unwrap();
     assert_eq!(wrong.item, None);
     assert_eq!(wrong.item_type.as_deref(), Some("alloc::string::String"));
-    assert!(wrong.note.unwrap().contains("not the `dlq::Order`"));
+    assert!(
+        wrong
+            .note
+            .unwrap()
+            .contains("does not record (it records `dlq::Order`)")
+    );
     assert_eq!(wrong.message, "not json");
     let none = letters.recv().await.unwrap();
     assert_eq!((none.item, none.item_type), (None, None));
@@ -763,4 +768,54 @@ async fn abort_while_the_sink_stalls_counts_everything() {
     assert_eq!(m.dead_lettered, 0);
     assert_dlq_conserved(&m);
     assert!(out.len() as u64 <= m.emitted);
+}
+
+#[tokio::test]
+async fn one_json_queue_records_the_items_of_every_stage_and_replays_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let sink = FileSink::<serde_json::Value>::create(&path).unwrap();
+    let items = dlq::JsonItems::new().of::<String>().of::<Order>();
+    let out = streamz::iter(["1", "x", "3", "4"].map(String::from))
+        .try_map(|s: &String| s.parse::<u64>().map(order)) // fails on a String
+        .try_map(|o: &Order| {
+            // fails on an Order
+            if o.id == 3 {
+                Err("blocked customer")
+            } else {
+                Ok(o.id)
+            }
+        })
+        .try_map(|id: &u64| if *id == 4 { Err("no stock") } else { Ok(*id) }) // fails on a u64
+        .pipe(DeadLetterQueue::json(sink, items))
+        .collect()
+        .await;
+    assert_eq!(split(out).0, [1]);
+
+    let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&path)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        records[0].item_type.as_deref(),
+        Some("alloc::string::String")
+    );
+    assert_eq!(records[0].item, Some(serde_json::json!("x")));
+    // Each item reads back as its own type.
+    assert_eq!(records[1].item_type.as_deref(), Some("dlq::Order"));
+    let blocked: Order = serde_json::from_value(records[1].item.clone().unwrap()).unwrap();
+    assert_eq!(blocked, order(3));
+    // A type the queue was not told about is noted, with its context.
+    assert_eq!(
+        (records[2].item.as_ref(), records[2].message.as_str()),
+        (None, "no stock")
+    );
+    let note = records[2].note.as_deref().unwrap();
+    assert!(note.contains("`u64`"), "{note}");
+    assert!(
+        note.contains("`alloc::string::String`, `dlq::Order`"),
+        "{note}"
+    );
 }

@@ -21,15 +21,18 @@
 //! the policies.
 
 mod file;
+mod json;
 mod record;
 mod replay;
 mod sink;
 
 pub use file::{FileSink, FileSinkStats, Fsync};
+pub use json::JsonItems;
 pub use record::DeadLetter;
 pub use replay::{Replay, ReplayStats};
 pub use sink::{ChannelSink, DeadLetterSink, FnSink, Unwritten, channel, sink_fn};
 
+use std::any::type_name;
 use std::borrow::Cow;
 use std::fmt;
 use std::future::{Future, poll_fn};
@@ -51,6 +54,15 @@ use crate::error::{ErrorKind, PanicError, StreamError};
 use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::stage::{TaskIo, send_or_stop, spawn_operator};
+
+/// The note of a record whose error carried an item it cannot keep.
+pub(crate) fn not_recorded(error: &StreamError, records: &str) -> String {
+    format!(
+        "the failed item is a `{}`, which this dead-letter queue does not record \
+         (it records {records}); its value could not be kept",
+        error.item_type_name().unwrap_or("?")
+    )
+}
 
 /// Records the stage hands its sink at most per write.
 const MAX_BATCH: usize = 256;
@@ -178,16 +190,21 @@ pub enum Overflow {
 /// assert_eq!((m.received, m.emitted, m.dead_lettered), (3, 2, 1));
 /// # Ok(()) }
 /// ```
-pub struct DeadLetterQueue<T, S> {
+pub struct DeadLetterQueue<T, R, S> {
     name: Cow<'static, str>,
     sink: S,
+    items: TakeItem<R>,
     overflow: Overflow,
     buffer: usize,
     edge: Option<EdgeConfig>,
-    _items: PhantomData<fn(T) -> T>,
+    _values: PhantomData<fn(T) -> T>,
 }
 
-impl<T, S> fmt::Debug for DeadLetterQueue<T, S> {
+/// Takes the item a record keeps out of an error that carries one, or
+/// says why it cannot (the record's note).
+type TakeItem<R> = Box<dyn Fn(&mut StreamError) -> Result<R, String> + Send + Sync>;
+
+impl<T, R, S> fmt::Debug for DeadLetterQueue<T, R, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadLetterQueue")
             .field("name", &self.name)
@@ -198,16 +215,58 @@ impl<T, S> fmt::Debug for DeadLetterQueue<T, S> {
     }
 }
 
-impl<T, S: DeadLetterSink<T>> DeadLetterQueue<T, S> {
-    /// A dead-letter queue writing to `sink`.
+impl<T: Send + 'static, S: DeadLetterSink<T>> DeadLetterQueue<T, T, S> {
+    /// A dead-letter queue writing to `sink`, whose records keep items of
+    /// the flow's own type `T`.
     pub fn new(sink: S) -> Self {
+        Self::with_items(
+            sink,
+            Box::new(|e: &mut StreamError| {
+                e.take_item::<T>()
+                    .ok_or_else(|| not_recorded(e, &format!("`{}`", type_name::<T>())))
+            }),
+        )
+    }
+}
+
+impl<T, S: DeadLetterSink<serde_json::Value>> DeadLetterQueue<T, serde_json::Value, S> {
+    /// A dead-letter queue whose records keep failed items of each type in
+    /// `items` as JSON values: one queue at the end of a chain whose stages
+    /// fail on items of different types. Each record's `item_type` says
+    /// which type to read the value back as.
+    ///
+    /// ```
+    /// use streamz::dlq::JsonItems;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, mut letters) = streamz::dlq::channel(16)?;
+    /// let out = streamz::iter(["4", "x", "-3"].map(String::from))
+    ///     .try_map(|s: &String| s.parse::<i64>())          // fails on a String
+    ///     .try_map(|n: &i64| u32::try_from(*n))            // fails on an i64
+    ///     .pipe(DeadLetterQueue::json(sink, JsonItems::new().of::<String>().of::<i64>()))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out.len(), 1);
+    /// assert_eq!(letters.recv().await.unwrap().item, Some(serde_json::json!("x")));
+    /// assert_eq!(letters.recv().await.unwrap().item, Some(serde_json::json!(-3)));
+    /// # Ok(()) }
+    /// ```
+    pub fn json(sink: S, items: JsonItems) -> Self {
+        Self::with_items(sink, Box::new(move |e: &mut StreamError| items.take(e)))
+    }
+}
+
+impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
+    fn with_items(sink: S, items: TakeItem<R>) -> Self {
         DeadLetterQueue {
             name: Cow::Borrowed("dlq"),
             sink,
+            items,
             overflow: Overflow::Block,
             buffer: 256,
             edge: None,
-            _items: PhantomData,
+            _values: PhantomData,
         }
     }
 
@@ -243,10 +302,11 @@ impl<T, S: DeadLetterSink<T>> DeadLetterQueue<T, S> {
     }
 }
 
-impl<T, S> Processor<T, T> for DeadLetterQueue<T, S>
+impl<T, R, S> Processor<T, T> for DeadLetterQueue<T, R, S>
 where
     T: Send + 'static,
-    S: DeadLetterSink<T>,
+    R: Send + 'static,
+    S: DeadLetterSink<R>,
 {
     fn name(&self) -> &str {
         &self.name
@@ -267,6 +327,7 @@ where
             let name: Arc<str> = format!("{}.sink", io.counters.name()).into();
             pipeline.spawn(name, writer.run());
             let router = Router {
+                items: self.items,
                 returned,
                 counters: io.counters.clone(),
                 writer_done: false,
@@ -280,16 +341,16 @@ where
 }
 
 /// What the writer task sends back to the stage.
-enum Returned<T> {
+enum Returned<R> {
     /// A record the sink did not take.
-    Unwritten(Unwritten<T>),
+    Unwritten(Unwritten<R>),
     /// The sink panicked while holding this many records.
     Lost(u64, PanicError),
 }
 
-impl<T: Send + 'static> Returned<T> {
+impl<R: Send + 'static> Returned<R> {
     /// The error items this return becomes downstream.
-    fn into_errors(self, stage: &str, out: &mut Chunk<T>) -> u64 {
+    fn into_errors<T>(self, stage: &str, out: &mut Chunk<T>) -> u64 {
         match self {
             Returned::Unwritten(u) => {
                 let (record, reason) = u.into_parts();
@@ -422,8 +483,9 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
 }
 
 /// The stage task: passes values on and queues records for the writer.
-struct Router<T> {
-    returned: mpsc::UnboundedReceiver<Returned<T>>,
+struct Router<R> {
+    items: TakeItem<R>,
+    returned: mpsc::UnboundedReceiver<Returned<R>>,
     counters: Counters,
     writer_done: bool,
     overflow: Overflow,
@@ -431,7 +493,7 @@ struct Router<T> {
     sequence: u64,
 }
 
-impl<T> Drop for Router<T> {
+impl<R> Drop for Router<R> {
     /// A stage that stops early counts what the writer gave back and it
     /// can no longer send on; once closed, the writer counts the rest.
     fn drop(&mut self) {
@@ -446,9 +508,9 @@ impl<T> Drop for Router<T> {
 }
 
 /// What woke the stage.
-enum Event<T> {
+enum Event<T, R> {
     Input(Option<Chunk<T>>),
-    Returned(Returned<T>),
+    Returned(Returned<R>),
     Stop,
 }
 
@@ -462,8 +524,12 @@ enum Routed {
     Aborted,
 }
 
-impl<T: Send + 'static> Router<T> {
-    async fn run(mut self, io: TaskIo<T, T>, queue: mpsc::Sender<DeadLetter<T>>) {
+impl<R: Send + 'static> Router<R> {
+    async fn run<T: Send + 'static>(
+        mut self,
+        io: TaskIo<T, T>,
+        queue: mpsc::Sender<DeadLetter<R>>,
+    ) {
         let TaskIo {
             mut src,
             tx,
@@ -562,13 +628,13 @@ impl<T: Send + 'static> Router<T> {
         }
     }
 
-    fn poll_event(
+    fn poll_event<T>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut crate::source::BoxSource<T>,
         aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
         closed: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Poll<Event<T>> {
+    ) -> Poll<Event<T, R>> {
         if !self.writer_done {
             match self.returned.poll_recv(cx) {
                 Poll::Ready(Some(r)) => return Poll::Ready(Event::Returned(r)),
@@ -587,16 +653,16 @@ impl<T: Send + 'static> Router<T> {
 
     /// Turns each error into a record and queues it by the overflow policy.
     /// Errors that cannot be routed become error items in `out`.
-    async fn route(
+    async fn route<T>(
         &mut self,
-        queue: &mpsc::Sender<DeadLetter<T>>,
+        queue: &mpsc::Sender<DeadLetter<R>>,
         errors: &mut impl Iterator<Item = StreamError>,
         out: &mut Chunk<T>,
         aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Routed {
         for error in errors {
             self.sequence += 1;
-            let record = DeadLetter::<T>::from_error(self.sequence, error);
+            let record = DeadLetter::from_error_with(self.sequence, error, &self.items);
             let sent = match self.overflow {
                 Overflow::Block => {
                     let mut send = pin!(queue.send(record));

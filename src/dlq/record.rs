@@ -42,7 +42,7 @@ use crate::error::{ErrorKind, StreamError};
 /// let record = DeadLetter::<u32>::from_error(2, err);
 /// assert_eq!(record.item, None);
 /// assert_eq!(record.item_type.as_deref(), Some("&str"));
-/// assert!(record.note.unwrap().contains("not the `u32`"));
+/// assert!(record.note.unwrap().contains("it records `u32`"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -80,17 +80,30 @@ pub struct DeadLetter<T> {
 impl<T: 'static> DeadLetter<T> {
     /// The record of `error`, numbered `sequence`; takes the item out of
     /// the error if it is a `T`.
-    pub fn from_error(sequence: u64, mut error: StreamError) -> Self {
+    pub fn from_error(sequence: u64, error: StreamError) -> Self {
+        Self::from_error_with(sequence, error, |e: &mut StreamError| {
+            e.take_item::<T>().ok_or_else(|| {
+                crate::dlq::not_recorded(e, &format!("`{}`", std::any::type_name::<T>()))
+            })
+        })
+    }
+}
+
+impl<T> DeadLetter<T> {
+    /// The record of `error`, whose item `take` takes (or explains, in the
+    /// record's note, why it cannot).
+    pub(crate) fn from_error_with(
+        sequence: u64,
+        mut error: StreamError,
+        take: impl FnOnce(&mut StreamError) -> Result<T, String>,
+    ) -> Self {
         let item_type = error.item_type_name();
-        let item = error.take_item::<T>();
-        let note = match (&item, item_type) {
-            (Some(_), _) => None,
-            (None, Some(ty)) => Some(format!(
-                "the failed item is a `{ty}`, not the `{}` this dead-letter queue records; \
-                 its value could not be kept",
-                std::any::type_name::<T>()
-            )),
-            (None, None) => Some("the error carried no item".to_owned()),
+        let (item, note) = match item_type {
+            None => (None, Some("the error carried no item".to_owned())),
+            Some(_) => match take(&mut error) {
+                Ok(item) => (Some(item), None),
+                Err(note) => (None, Some(note)),
+            },
         };
         let (message, causes) = match error.cause() {
             Some(cause) => {
