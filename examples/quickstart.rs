@@ -1,7 +1,8 @@
 //! A small streamz pipeline: parse order lines, validate them, price them,
 //! enrich them from a flaky service (timeout and retry), throttle them and
-//! write them in batches, and show that failures arrive as values carrying
-//! their stage and item.
+//! write them in batches. Failures arrive as values carrying their stage
+//! and item, and a dead-letter queue at the end writes them to a file,
+//! which is read back at the end.
 //!
 //! Run: `cargo run --example quickstart`
 
@@ -9,9 +10,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use streamz::{AsyncMapper, Batcher, Emit, Item, Map, Pipeline, Retry, Stage, Step, Throttle};
+use futures::StreamExt;
 
-#[derive(Debug, Clone)]
+use serde::Serialize;
+use streamz::dlq::{FileSink, JsonItems, Replay};
+use streamz::{
+    AsyncMapper, Batcher, DeadLetter, DeadLetterQueue, Emit, Item, Map, Pipeline, Retry, Stage,
+    Step, Throttle,
+};
+
+#[derive(Debug, Clone, Serialize)]
 struct Order {
     id: u32,
     cents: i64,
@@ -106,8 +114,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .retry_if(|e: &ServiceError| matches!(e, ServiceError::Unavailable));
 
+    // Failures of every stage go to one dead-letter file, their items kept
+    // as JSON: lines that did not parse, orders that did not validate,
+    // priced orders the service could not enrich.
+    // The file is kept after the run for you to read; each run starts it
+    // afresh.
+    let dlq_path = std::env::temp_dir().join("streamz-quickstart.dlq.jsonl");
+    let _ = std::fs::remove_file(&dlq_path);
+    let dead_letters = DeadLetterQueue::json(
+        FileSink::create(&dlq_path)?,
+        JsonItems::new().of::<String>().of::<Order>().of::<Priced>(),
+    );
+
     let pipeline = Pipeline::new();
-    let results = pipeline
+    let batches = pipeline
         .iter(lines.map(String::from))
         .try_map(parse) // fused into the next stage's task
         .pipe(Stage::new("validate", Validate)) // its own task
@@ -120,42 +140,57 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .pipe(Throttle::try_new(50, Duration::from_secs(1))?.with_burst(4)?)
         // Write in batches of up to 3, or whatever 50 ms collected.
         .pipe(Batcher::try_new(3, Duration::from_millis(50))?)
+        .pipe(dead_letters)
         .collect()
         .await;
 
-    println!("results, in input order (errors overtake the batch being filled):");
-    for result in results {
-        match result {
-            Ok(batch) => {
-                println!("  batch of {}:", batch.len());
-                for (id, cents, tier) in batch {
-                    println!("    ok      order {id}: {cents} cents incl. tax, {tier:?} customer");
-                }
-            }
-            Err(mut err) => {
-                // The failed item comes back as its own type.
-                let item = err
-                    .take_item::<String>()
-                    .map(|line| format!("line {line:?}"))
-                    .or_else(|| err.take_item::<Order>().map(|o| format!("{o:?}")))
-                    .or_else(|| err.take_item::<Priced>().map(|p| format!("{p:?}")))
-                    .unwrap_or_default();
-                println!(
-                    "  failed  [{}] {} after {} attempt(s): {err}\n          item: {item}",
-                    err.kind(),
-                    err.stage(),
-                    err.attempts()
-                );
-            }
+    println!("batches written:");
+    for batch in batches {
+        // Failures went to the dead-letter file; only values arrive here.
+        let batch = batch?;
+        println!("  batch of {}:", batch.len());
+        for (id, cents, tier) in batch {
+            println!("    order {id}: {cents} cents incl. tax, {tier:?} customer");
         }
+    }
+
+    let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&dlq_path)?
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    println!(
+        "\n{} failures in the dead-letter file {}:",
+        records.len(),
+        dlq_path.display()
+    );
+    for r in &records {
+        println!(
+            "  #{} [{}] stage `{}` after {} attempt(s): {}\n     item: {}",
+            r.sequence,
+            r.kind,
+            r.stage,
+            r.attempts,
+            r.message,
+            r.item
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |v| v.to_string())
+        );
     }
 
     println!("\nstage counters:");
     for m in pipeline.metrics() {
         println!(
             "  {:<9} received {:>2}  emitted {:>2}  failed {:>2}  errors passed {:>2}  \
-             retries {:>2}  timeouts {:>2}",
-            m.name, m.received, m.emitted, m.failed, m.errors_passed, m.retries, m.timeouts
+             retries {:>2}  timeouts {:>2}  dead-lettered {:>2}",
+            m.name,
+            m.received,
+            m.emitted,
+            m.failed,
+            m.errors_passed,
+            m.retries,
+            m.timeouts,
+            m.dead_lettered
         );
     }
     pipeline.join().await?;

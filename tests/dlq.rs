@@ -166,7 +166,7 @@ async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
         .with_fsync(Fsync::EveryN(10_000))
         .unwrap();
     let stats = sink.stats();
-    let input = (0..N).map(|i| Err(StreamError::failed("s", "e").with_item(i)));
+    let input = (0..N).map(|i| Err::<u64, _>(StreamError::failed("s", "e").with_item(i)));
     let flow = streamz::try_stream(futures::stream::iter(input)).pipe(DeadLetterQueue::new(sink));
     let pipeline = flow.pipeline().clone();
     assert!(flow.collect().await.is_empty());
@@ -192,7 +192,7 @@ async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
 
 /// Writes `n` records of orders to `path` and returns the file's bytes.
 async fn write_records(path: &std::path::Path, n: u64) -> Vec<u8> {
-    let input = (0..n).map(|i| Err(StreamError::failed("s", "e").with_item(order(i))));
+    let input = (0..n).map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
     streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::new(
             FileSink::<Order>::create(path).unwrap(),
@@ -338,7 +338,9 @@ fn bad_configuration_is_rejected() {
     );
     let (sink, _rx) = dlq::channel::<u8>(1).unwrap();
     assert_eq!(
-        DeadLetterQueue::new(sink).with_buffer(0).unwrap_err(),
+        DeadLetterQueue::<u8, _, _>::new(sink)
+            .with_buffer(0)
+            .unwrap_err(),
         ConfigError::Zero { field: "buffer" }
     );
     let dir = tempfile::tempdir().unwrap();
@@ -648,7 +650,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
         .with_rotation(1000)
         .unwrap();
     let stats = sink.stats();
-    let input = (0..40).map(|i| Err(StreamError::failed("s", "e").with_item(order(i))));
+    let input = (0..40).map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
     streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::new(sink))
         .collect()
@@ -672,7 +674,8 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
         .unwrap()
         .with_rotation(1000)
         .unwrap();
-    let input = (40..80).map(|i| Err(StreamError::failed("s", "e").with_item(order(i))));
+    let input =
+        (40..80).map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
     streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::new(sink))
         .collect()

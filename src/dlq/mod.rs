@@ -215,15 +215,32 @@ impl<T, R, S> fmt::Debug for DeadLetterQueue<T, R, S> {
     }
 }
 
-impl<T: Send + 'static, S: DeadLetterSink<T>> DeadLetterQueue<T, T, S> {
-    /// A dead-letter queue writing to `sink`, whose records keep items of
-    /// the flow's own type `T`.
+impl<T, R: Send + 'static, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
+    /// A dead-letter queue writing to `sink`, whose records keep failed
+    /// items of the sink's type `R`. That need not be the flow's type `T`:
+    /// after a stage that maps payments to receipts, the failed items are
+    /// payments.
+    ///
+    /// ```
+    /// use streamz::{DeadLetterQueue, StreamError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, mut letters) = streamz::dlq::channel::<String>(16)?;
+    /// let out = streamz::iter(["7", "x"].map(String::from))
+    ///     .try_map(|s: &String| s.parse::<u32>()) // a flow of u32, failing on Strings
+    ///     .pipe(DeadLetterQueue::new(sink))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(*out[0].as_ref().unwrap(), 7);
+    /// assert_eq!(letters.recv().await.unwrap().item.as_deref(), Some("x"));
+    /// # Ok(()) }
+    /// ```
     pub fn new(sink: S) -> Self {
         Self::with_items(
             sink,
             Box::new(|e: &mut StreamError| {
-                e.take_item::<T>()
-                    .ok_or_else(|| not_recorded(e, &format!("`{}`", type_name::<T>())))
+                e.take_item::<R>()
+                    .ok_or_else(|| not_recorded(e, &format!("`{}`", type_name::<R>())))
             }),
         )
     }

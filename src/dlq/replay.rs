@@ -39,7 +39,7 @@ const STAGE: &str = "replay";
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("dlq.jsonl");
-/// let failures = (1..=3u32).map(|n| Err(StreamError::failed("load", "timeout").with_item(n)));
+/// let failures = (1..=3u32).map(|n| Err::<u32, _>(StreamError::failed("load", "timeout").with_item(n)));
 /// streamz::try_stream(futures::stream::iter(failures))
 ///     .pipe(DeadLetterQueue::new(FileSink::<u32>::create(&path)?))
 ///     .collect()
