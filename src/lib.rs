@@ -45,7 +45,9 @@
 //!   previous stage; [`merge`] and [`Flow::broadcast`] fan in and out;
 //!   [`AsyncMapper`] runs an async function per item with bounded
 //!   concurrency, timeouts and [`Retry`]; [`Throttle`] limits the rate;
-//!   [`Batcher`] groups values into batches.
+//!   [`Batcher`] groups values into batches; [`DeadLetterQueue`] takes
+//!   error items out of the stream into a sink (a channel, a closure, a
+//!   durable file that [`dlq::Replay`] reads back).
 //! - Sinks: [`Flow::collect`], [`Flow::for_each`], [`Flow::forward`], or use
 //!   the [`Flow`] as a `futures::Stream`.
 //! - Lifecycle and counters: [`Pipeline`].
@@ -108,6 +110,10 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/architecture.md")]
 struct ArchitectureDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/errors-and-dlq.md")]
+struct ErrorsAndDlqDoctests;
 
 /// A flow of the iterator's items on a new [`Pipeline`].
 ///
