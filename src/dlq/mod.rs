@@ -124,7 +124,8 @@ pub enum Overflow {
     #[default]
     Block,
     /// Drop the record and count it in the stage's `dropped` counter; a
-    /// warning is logged. Its sequence number is skipped, so the gap shows
+    /// warning is logged when dropping starts and when the sink catches up
+    /// (with the count). Its sequence number is skipped, so the gap shows
     /// in the sink.
     DropAndCount,
     /// End the stream: the stage sends on what it holds, then an error item
@@ -351,6 +352,7 @@ where
                 overflow: self.overflow,
                 buffer: self.buffer,
                 sequence: 0,
+                dropping: 0,
             };
             router.run(io, queue)
         })
@@ -508,6 +510,8 @@ struct Router<R> {
     overflow: Overflow,
     buffer: usize,
     sequence: u64,
+    /// Records dropped since the buffer was last found with room.
+    dropping: u64,
 }
 
 impl<R> Drop for Router<R> {
@@ -703,15 +707,28 @@ impl<R: Send + 'static> Router<R> {
                     }
                 }
                 Overflow::DropAndCount | Overflow::Fail => match queue.try_send(record) {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        if self.dropping > 0 {
+                            tracing::warn!(
+                                dropped = self.dropping,
+                                "dead-letter sink caught up; records were dropped and counted"
+                            );
+                            self.dropping = 0;
+                        }
+                        Ok(())
+                    }
                     Err(mpsc::error::TrySendError::Closed(record)) => Err(record),
                     Err(mpsc::error::TrySendError::Full(record))
                         if self.overflow == Overflow::DropAndCount =>
                     {
-                        tracing::warn!(
-                            sequence = record.sequence,
-                            "dead-letter sink is full; the record is dropped and counted"
-                        );
+                        // One warning per episode, not one per record.
+                        if self.dropping == 0 {
+                            tracing::warn!(
+                                sequence = record.sequence,
+                                "dead-letter sink is full; dropping and counting records until it catches up"
+                            );
+                        }
+                        self.dropping += 1;
                         self.counters.add_dropped(1);
                         Ok(())
                     }
