@@ -822,3 +822,171 @@ async fn one_json_queue_records_the_items_of_every_stage_and_replays_them() {
         "{note}"
     );
 }
+
+/// A sink whose `write` panics before returning its future on the second
+/// call: sink code outside the future must not lose records either.
+struct PanicsOnSecondCall(u32);
+
+impl dlq::DeadLetterSink<u64> for PanicsOnSecondCall {
+    #[allow(clippy::manual_async_fn)]
+    fn write(
+        &mut self,
+        _records: Vec<DeadLetter<u64>>,
+    ) -> impl std::future::Future<Output = std::result::Result<(), Vec<Unwritten<u64>>>> + Send
+    {
+        self.0 += 1;
+        if self.0 == 2 {
+            panic!("broken sink");
+        }
+        async { Ok(()) }
+    }
+}
+
+#[tokio::test]
+async fn a_sink_that_panics_outside_its_future_still_accounts_for_every_record() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u64>();
+    let mut flow = flow.pipe(
+        DeadLetterQueue::new(PanicsOnSecondCall(0))
+            .with_buffer(1)
+            .unwrap(),
+    );
+    let producer = tokio::spawn(async move {
+        for i in 0..50 {
+            tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
+                .await
+                .unwrap();
+        }
+    });
+    let mut errors = Vec::new();
+    while let Some(item) = flow.next().await {
+        errors.push(item.unwrap_err());
+    }
+    producer.await.unwrap();
+    let m = stage(&pipeline, "dlq");
+    assert_eq!(m.received, 50);
+    assert_dlq_conserved(&m);
+    assert_eq!(m.aborted, 0);
+    assert_eq!(errors.len() as u64, m.failed);
+    assert!(m.failed >= 1 && errors.iter().all(|e| e.kind() == ErrorKind::Panicked));
+    pipeline.join().await.unwrap();
+}
+
+/// An item whose serialisation panics.
+#[derive(Debug)]
+struct Explosive(u64);
+
+impl Serialize for Explosive {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.0 == 3 {
+            panic!("cannot serialise 3");
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+#[tokio::test]
+async fn a_record_whose_serialisation_panics_comes_back_and_the_file_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let sink = FileSink::<Explosive>::create(&path).unwrap();
+    let stats = sink.stats();
+    let input =
+        (0..6).map(|i| Err::<u64, _>(StreamError::failed("s", "e").with_item(Explosive(i))));
+    let flow = streamz::try_stream(futures::stream::iter(input)).pipe(DeadLetterQueue::new(sink));
+    let pipeline = flow.pipeline().clone();
+    let mut errors = split(flow.collect().await).1;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].kind(), ErrorKind::Panicked);
+    let record = errors[0].take_item::<DeadLetter<Explosive>>().unwrap();
+    assert_eq!(record.item.map(|e| e.0), Some(3));
+    assert_eq!(stats.records(), 5);
+    let lines = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(lines.lines().count(), 5);
+    let m = stage(&pipeline, "dlq");
+    assert_eq!((m.dead_lettered, m.failed), (5, 1));
+    assert_dlq_conserved(&m);
+}
+
+/// A sink that takes 1 ms per write and wants a flush every 5 ms.
+struct Flushing {
+    writes: u64,
+    flushes: Arc<AtomicUsize>,
+    last_flush: tokio::time::Instant,
+}
+
+impl dlq::DeadLetterSink<u64> for Flushing {
+    async fn write(
+        &mut self,
+        _records: Vec<DeadLetter<u64>>,
+    ) -> std::result::Result<(), Vec<Unwritten<u64>>> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn flush_at(&self) -> Option<tokio::time::Instant> {
+        Some(self.last_flush + Duration::from_millis(5))
+    }
+
+    async fn flush(&mut self) -> std::result::Result<(), streamz::BoxError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.last_flush = tokio::time::Instant::now();
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_due_flush_happens_even_while_records_keep_arriving() {
+    let flushes = Arc::new(AtomicUsize::new(0));
+    let sink = Flushing {
+        writes: 0,
+        flushes: flushes.clone(),
+        last_flush: tokio::time::Instant::now(),
+    };
+    // The buffer never runs dry: 200 records, one per write.
+    let input = (0..200u64).map(|i| Err::<u64, _>(StreamError::failed("s", "e").with_item(i)));
+    let start = tokio::time::Instant::now();
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(sink).with_buffer(1).unwrap())
+        .collect()
+        .await;
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_millis(200));
+    // One flush per 5 ms of writing (and one at close).
+    let flushes = flushes.load(Ordering::SeqCst);
+    assert!(flushes >= 35, "{flushes} flushes in {elapsed:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_output_while_the_sink_stalls_stops_the_stage_and_the_sink_finishes() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(4, 4).unwrap());
+    let (tx, flow) = pipeline.channel::<u64>();
+    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
+        .with_buffer(2)
+        .unwrap();
+    let flow = flow.pipe(dlq);
+    let producer = tokio::spawn(async move {
+        for i in 0..100u64 {
+            let item = Err(StreamError::failed("s", "e").with_item(i));
+            if tx.send_result(item).await.is_err() {
+                return i;
+            }
+        }
+        100
+    });
+    settle().await;
+    // The router waits for room in the buffer; nobody reads the output.
+    drop(flow);
+    let sent = producer.await.unwrap();
+    assert!(sent < 100, "the producer was not stopped");
+    // The sink recovers: what was buffered is written, then all tasks end.
+    gate.add_permits(100);
+    pipeline.join().await.unwrap();
+    let m = stage(&pipeline, "dlq");
+    assert!(m.aborted > 0);
+    assert_eq!(m.dead_lettered, seen.lock().unwrap().len() as u64);
+    assert_dlq_conserved(&m);
+}

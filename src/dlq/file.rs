@@ -4,9 +4,10 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -14,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::ConfigError;
 use crate::dlq::{DeadLetter, DeadLetterSink, DlqError, Unwritten};
-use crate::error::BoxError;
+use crate::error::{BoxError, PanicError};
 
 /// When a [`FileSink`] forces its writes to disk (`fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -23,7 +24,10 @@ pub enum Fsync {
     /// Before any record counts as dead-lettered, it is on disk (the
     /// default). Records written together share one `fsync` (group
     /// commit). If the sync fails, the batch comes back downstream as
-    /// error items (the records may also be in the file).
+    /// error items (the records may also be in the file). After a failed
+    /// `fsync`, Linux may report a later one as successful although the
+    /// pages it failed to write are gone; treat a sync failure as a disk
+    /// that needs attention ([`FileSinkStats::sync_failures`]).
     #[default]
     EveryRecord,
     /// After every `n` records. A crash loses at most the last `n - 1`.
@@ -81,8 +85,10 @@ pub enum Fsync {
 /// ```
 pub struct FileSink<T> {
     path: PathBuf,
-    /// `None` only while a write runs on the blocking pool.
-    state: Option<State>,
+    /// Shared with the blocking task that works on it: if the writer drops
+    /// a write (an abort), the task still finishes and hands the file back
+    /// to the next operation (the sync at close).
+    state: Arc<Mutex<State>>,
     fsync: Fsync,
     max_bytes: Option<u64>,
     /// Since when written records wait for a sync (interval policy).
@@ -111,6 +117,12 @@ struct State {
     unsynced: u64,
     next_segment: u64,
     buf: Vec<u8>,
+    /// The file may end in a partial line (a failed write whose truncation
+    /// failed too): the next append starts with a newline.
+    torn: bool,
+    /// `file` is a rotated segment, renamed away; open `path` anew before
+    /// writing (a rotation whose reopen failed).
+    reopen: bool,
 }
 
 impl<T: Serialize + Send + 'static> FileSink<T> {
@@ -135,20 +147,26 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
             path: path.clone(),
             source,
         };
+        let existed = path.exists();
         let (file, len) = open_append(&path).map_err(open_err)?;
+        if !existed {
+            sync_dir(&path).map_err(open_err)?;
+        }
         let next_segment = segments(&path)
             .map_err(open_err)?
             .last()
             .map_or(1, |(n, _)| n + 1);
         Ok(FileSink {
-            state: Some(State {
+            state: Arc::new(Mutex::new(State {
                 file,
                 path: path.clone(),
                 len,
                 unsynced: 0,
                 next_segment,
                 buf: Vec::new(),
-            }),
+                torn: false,
+                reopen: false,
+            })),
             path,
             fsync: Fsync::EveryRecord,
             max_bytes: None,
@@ -210,35 +228,38 @@ impl<T> FileSink<T> {
     }
 
     /// Runs `f` on the file state on the blocking pool (file writes and
-    /// syncs block). A panic inside (a `Serialize` impl that panics) is
-    /// passed on to the writer task, which reports the batch as lost.
+    /// syncs block); `None` if the runtime shut down before it ran.
     async fn blocking<R: Send + 'static>(
-        &mut self,
+        &self,
         f: impl FnOnce(&mut State) -> R + Send + 'static,
     ) -> Option<R> {
-        let mut state = self.state.take()?;
+        let state = self.state.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let r = f(&mut state);
-            (state, r)
+            // Serialisation panics are caught inside, so a poisoned lock
+            // means a bug in this file; the state is still usable.
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut state)
         })
         .await;
         match joined {
-            Ok((state, r)) => {
-                self.state = Some(state);
-                Some(r)
-            }
+            Ok(r) => Some(r),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => None, // the runtime is shutting down
+            Err(_) => None,
         }
     }
 
     async fn sync(&mut self) -> Result<(), BoxError> {
-        self.unsynced_since = None;
         let stats = self.stats.clone();
-        match self.blocking(move |s| s.sync(&stats)).await {
+        let result = match self.blocking(move |s| s.sync(&stats)).await {
             Some(r) => r.map_err(Into::into),
-            None => Err("the dead-letter file is unavailable".into()),
-        }
+            None => Err("the runtime shut down before the dead-letter file was synced".into()),
+        };
+        // A failed interval sync is tried again an interval later.
+        self.unsynced_since = match (&result, self.fsync) {
+            (Err(_), Fsync::Interval(_)) => Some(Instant::now()),
+            _ => None,
+        };
+        result
     }
 }
 
@@ -250,9 +271,9 @@ impl<T: Serialize + Send + 'static> DeadLetterSink<T> for FileSink<T> {
             .blocking(move |s| s.write(records, fsync, max_bytes, &stats))
             .await;
         let Some((written, result)) = written else {
-            // Only when the runtime shuts down mid-write; the records went
-            // with the blocking task, so report them as lost.
-            panic!("the runtime shut down while {n} dead-letter records were being written");
+            // The runtime shut down before the blocking task ran; the
+            // records went with it. The writer reports them as lost.
+            panic!("the runtime shut down before {n} dead-letter records were written");
         };
         if written > 0 && matches!(self.fsync, Fsync::Interval(_)) {
             self.unsynced_since.get_or_insert_with(Instant::now);
@@ -292,14 +313,23 @@ impl State {
         let mut lines = Vec::with_capacity(records.len());
         for record in records {
             let start = self.buf.len();
-            match serde_json::to_writer(&mut self.buf, &record) {
-                Ok(()) => {
+            // A `Serialize` impl may panic; the record is only borrowed, so
+            // it goes back downstream with the panic as its reason.
+            let serialized = catch_unwind(AssertUnwindSafe(|| {
+                serde_json::to_writer(&mut self.buf, &record)
+            }));
+            match serialized {
+                Ok(Ok(())) => {
                     self.buf.push(b'\n');
                     lines.push((start, self.buf.len(), record));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     self.buf.truncate(start);
                     failed.push(Unwritten::new(record, e));
+                }
+                Err(payload) => {
+                    self.buf.truncate(start);
+                    failed.push(Unwritten::new(record, PanicError::from_payload(payload)));
                 }
             }
         }
@@ -376,11 +406,27 @@ impl State {
 
     /// Appends `bytes` whole, or truncates back to the last complete line.
     fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.reopen {
+            let (file, len) = open_append(&self.path)?;
+            self.file = file;
+            self.len = len;
+            self.reopen = false;
+        }
+        if self.torn {
+            self.file.write_all(b"\n")?;
+            self.len += 1;
+            self.torn = false;
+        }
         if let Err(e) = self.file.write_all(bytes) {
-            // Best effort: drop a partial line so the next record starts
-            // clean; if even that fails, `create` closes the torn line on
-            // the next open.
-            let _ = self.file.set_len(self.len);
+            // Drop the partial line so the next record starts clean. If
+            // even that fails, learn where the file ends and start the next
+            // record on a new line.
+            if self.file.set_len(self.len).is_err() {
+                if let Ok(meta) = self.file.metadata() {
+                    self.len = meta.len();
+                }
+                self.torn = true;
+            }
             return Err(e);
         }
         self.len += bytes.len() as u64;
@@ -411,12 +457,20 @@ impl State {
         self.sync(stats)?;
         let segment = segment_path(&self.path, self.next_segment);
         std::fs::rename(&self.path, &segment)?;
-        let (file, len) = open_append(&self.path)?;
-        self.file = file;
-        self.len = len;
         self.next_segment += 1;
         stats.inner.rotations.fetch_add(1, Relaxed);
         tracing::info!(segment = %segment.display(), "dead-letter file rotated");
+        // From here `file` is the segment: never write to it again.
+        self.reopen = true;
+        let (file, len) = open_append(&self.path)?;
+        self.file = file;
+        self.len = len;
+        self.reopen = false;
+        // Make the rename and the new file's name durable too.
+        if let Err(e) = sync_dir(&self.path) {
+            stats.inner.sync_failures.fetch_add(1, Relaxed);
+            tracing::error!(path = %self.path.display(), error = %e, "cannot sync the dead-letter file's directory");
+        }
         Ok(())
     }
 }
@@ -440,6 +494,22 @@ fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
         }
     }
     Ok((file, len))
+}
+
+/// Syncs the directory holding `path`, so a new or renamed name in it
+/// survives a crash (a no-op where directories cannot be opened).
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn segment_path(path: &Path, n: u64) -> PathBuf {

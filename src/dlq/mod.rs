@@ -37,11 +37,12 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::sync::mpsc;
@@ -175,6 +176,14 @@ pub enum Overflow {
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let (sink, mut letters) = streamz::dlq::channel::<String>(64)?;
+/// // Read the dead letters while the pipeline runs.
+/// let reader = tokio::spawn(async move {
+///     let mut all = Vec::new();
+///     while let Some(letter) = letters.recv().await {
+///         all.push(letter);
+///     }
+///     all
+/// });
 /// let flow = streamz::iter(["1", "x", "3"].map(String::from))
 ///     .try_map(|s: &String| s.parse::<u32>().map(|_| s.clone()))
 ///     .pipe(DeadLetterQueue::new(sink));
@@ -182,10 +191,11 @@ pub enum Overflow {
 /// let values: Vec<String> = flow.collect().await.into_iter().map(Result::unwrap).collect();
 /// assert_eq!(values, ["1", "3"]);
 ///
-/// let letter = letters.recv().await.unwrap();
-/// assert_eq!(letter.item.as_deref(), Some("x"));
-/// assert_eq!(letter.stage, "try_map");
-/// assert_eq!(letter.message, "invalid digit found in string");
+/// let letters = reader.await?;
+/// assert_eq!(letters.len(), 1);
+/// assert_eq!(letters[0].item.as_deref(), Some("x"));
+/// assert_eq!(letters[0].stage, "try_map");
+/// assert_eq!(letters[0].message, "invalid digit found in string");
 ///
 /// let m = pipeline.stage_metrics("dlq").unwrap();
 /// assert_eq!((m.received, m.emitted, m.dead_lettered), (3, 2, 1));
@@ -341,6 +351,7 @@ where
                 returns,
                 abort: io.abort.clone(),
                 counters: io.counters.clone(),
+                in_hand: 0,
             };
             let name: Arc<str> = format!("{}.sink", io.counters.name()).into();
             pipeline.spawn(name, writer.run());
@@ -406,43 +417,75 @@ struct Writer<T, S> {
     returns: mpsc::UnboundedSender<Returned<T>>,
     abort: CancellationToken,
     counters: Counters,
+    /// Records of the batch being written, unconfirmed.
+    in_hand: u64,
+}
+
+/// How long a sink may take to close after an abort before the writer
+/// gives up on it, so a stuck sink cannot keep `Pipeline::join` waiting.
+const CLOSE_AFTER_ABORT: Duration = Duration::from_secs(5);
+
+impl<T, S> Drop for Writer<T, S> {
+    /// If the writer stops early (an abort, or a panic in sink code outside
+    /// its guards), what it held and what waits in the buffer is counted.
+    fn drop(&mut self) {
+        self.records.close();
+        let mut left = std::mem::take(&mut self.in_hand);
+        while self.records.try_recv().is_ok() {
+            left += 1;
+        }
+        self.counters.add_aborted(left);
+    }
 }
 
 impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
-            let flush_at = self.sink.flush_at();
+            let flush_at = match catch_unwind(AssertUnwindSafe(|| self.sink.flush_at())) {
+                Ok(at) => at,
+                Err(payload) => {
+                    let panic = PanicError::from_payload(payload);
+                    tracing::error!(%panic, "dead-letter sink panicked in flush_at");
+                    None
+                }
+            };
             let flush_due = async {
                 match flush_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
+            // A due flush goes before more records, so a busy buffer cannot
+            // postpone it.
             let n = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => break,
-                n = self.records.recv_many(&mut batch, MAX_BATCH) => n,
                 () = flush_due => {
-                    self.flush().await;
+                    if !self.guarded(Op::Flush).await {
+                        break;
+                    }
                     continue;
                 }
+                n = self.records.recv_many(&mut batch, MAX_BATCH) => n,
             };
             if n == 0 {
                 break; // the stage is done and the buffer is empty
             }
             let records = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
             let n = records.len() as u64;
-            let write = AssertUnwindSafe(self.sink.write(records)).catch_unwind();
+            self.in_hand = n;
+            let sink = &mut self.sink;
+            // Inside the guard: the call itself, not only its future, is
+            // sink code.
+            let write = AssertUnwindSafe(async move { sink.write(records).await }).catch_unwind();
             let result = tokio::select! {
                 biased;
-                () = self.abort.cancelled() => {
-                    // The batch is dropped unconfirmed.
-                    self.counters.add_aborted(n);
-                    break;
-                }
+                // The batch is dropped unconfirmed (counted by `drop`).
+                () = self.abort.cancelled() => break,
                 result = write => result,
             };
+            self.in_hand = 0;
             match result {
                 Ok(Ok(())) => self.counters.add_dead_lettered(n),
                 Ok(Err(unwritten)) => {
@@ -460,32 +503,54 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
                 }
             }
         }
-        // After an abort, what waits in the buffer is discarded and counted.
-        self.records.close();
-        let mut left = 0;
-        while self.records.try_recv().is_ok() {
-            left += 1;
-        }
-        self.counters.add_aborted(left);
-        match AssertUnwindSafe(self.sink.close()).catch_unwind().await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "dead-letter sink failed to close"),
-            Err(payload) => {
-                let panic = PanicError::from_payload(payload);
-                tracing::error!(%panic, "dead-letter sink panicked while closing");
+        if self.abort.is_cancelled() {
+            // Still close (sync what was written), but not forever.
+            let close = self.guarded(Op::Close);
+            if tokio::time::timeout(CLOSE_AFTER_ABORT, close)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    "the dead-letter sink did not close within {CLOSE_AFTER_ABORT:?} of the abort"
+                );
             }
+        } else {
+            self.guarded(Op::Close).await;
         }
     }
 
-    async fn flush(&mut self) {
-        match AssertUnwindSafe(self.sink.flush()).catch_unwind().await {
+    /// Runs a flush or the close with panics caught and errors logged;
+    /// false if an abort cut a flush short.
+    async fn guarded(&mut self, op: Op) -> bool {
+        let what = match op {
+            Op::Flush => "flush",
+            Op::Close => "close",
+        };
+        let sink = &mut self.sink;
+        let call = AssertUnwindSafe(async move {
+            match op {
+                Op::Flush => sink.flush().await,
+                Op::Close => sink.close().await,
+            }
+        })
+        .catch_unwind();
+        let result = match op {
+            Op::Close => call.await,
+            Op::Flush => tokio::select! {
+                biased;
+                () = self.abort.cancelled() => return false,
+                result = call => result,
+            },
+        };
+        match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "dead-letter sink failed to flush"),
+            Ok(Err(e)) => tracing::error!(error = %e, "dead-letter sink failed to {what}"),
             Err(payload) => {
                 let panic = PanicError::from_payload(payload);
-                tracing::error!(%panic, "dead-letter sink panicked while flushing");
+                tracing::error!(%panic, "dead-letter sink panicked in {what}");
             }
         }
+        true
     }
 
     /// Sends records back to the stage; if the stage is gone (its output
@@ -535,14 +600,22 @@ enum Event<T, R> {
     Stop,
 }
 
+/// A sink operation besides `write`.
+#[derive(Clone, Copy)]
+enum Op {
+    Flush,
+    Close,
+}
+
 /// How routing one chunk ended.
 enum Routed {
     /// Every error was queued, dropped or turned into an error item.
     Done,
     /// The overflow policy failed the stream.
     Failed,
-    /// The pipeline was aborted while waiting for room.
-    Aborted,
+    /// The pipeline was aborted, or the output dropped, while waiting for
+    /// room.
+    Stopped,
 }
 
 impl<R: Send + 'static> Router<R> {
@@ -585,9 +658,10 @@ impl<R: Send + 'static> Router<R> {
                     let mut out = Chunk::from_values(chunk.values);
                     let values = out.values.len() as u64;
                     let mut errors = chunk.errors.into_iter().map(|(_, e)| e);
-                    let routed = self
-                        .route(&queue, &mut errors, &mut out, &mut aborted)
-                        .await;
+                    let stop = |cx: &mut Context<'_>| {
+                        aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready()
+                    };
+                    let routed = self.route(&queue, &mut errors, &mut out, stop).await;
                     counters.add(&crate::counters::Local {
                         received,
                         emitted: values,
@@ -595,7 +669,7 @@ impl<R: Send + 'static> Router<R> {
                     });
                     match routed {
                         Routed::Done => {}
-                        Routed::Aborted => {
+                        Routed::Stopped => {
                             counters.add_undelivered(out.len() as u64);
                             counters.add_aborted(errors.len() as u64);
                             counters.add_drained(src.abandon());
@@ -628,7 +702,9 @@ impl<R: Send + 'static> Router<R> {
                 if let Poll::Ready(r) = self.returned.poll_recv(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if aborted.as_mut().poll(cx).is_ready() {
+                // Aborted, or nobody reads the output: stop; the writer
+                // still writes what is buffered.
+                if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
                 Poll::Pending
@@ -679,7 +755,7 @@ impl<R: Send + 'static> Router<R> {
         queue: &mpsc::Sender<DeadLetter<R>>,
         errors: &mut impl Iterator<Item = StreamError>,
         out: &mut Chunk<T>,
-        aborted: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+        mut stop: impl FnMut(&mut Context<'_>) -> bool,
     ) -> Routed {
         for error in errors {
             self.sequence += 1;
@@ -691,7 +767,7 @@ impl<R: Send + 'static> Router<R> {
                         if let Poll::Ready(r) = send.as_mut().poll(cx) {
                             return Poll::Ready(Some(r));
                         }
-                        if aborted.as_mut().poll(cx).is_ready() {
+                        if stop(cx) {
                             return Poll::Ready(None);
                         }
                         Poll::Pending
@@ -702,7 +778,7 @@ impl<R: Send + 'static> Router<R> {
                         None => {
                             // The record in hand is discarded with the rest.
                             self.counters.add_aborted(1);
-                            return Routed::Aborted;
+                            return Routed::Stopped;
                         }
                     }
                 }

@@ -72,8 +72,10 @@ pub trait DeadLetterSink<T>: Send + 'static {
         async { Ok(()) }
     }
 
-    /// Called once after the last write, also after an abort. The default
-    /// calls [`flush`](DeadLetterSink::flush).
+    /// Called once after the last write, also after an abort (then with
+    /// five seconds to finish, so a stuck sink cannot hold up
+    /// [`Pipeline::join`](crate::Pipeline::join)). The default calls
+    /// [`flush`](DeadLetterSink::flush).
     fn close(&mut self) -> impl Future<Output = Result<(), BoxError>> + Send {
         self.flush()
     }
@@ -134,6 +136,12 @@ pub struct ChannelSink<T> {
 /// queue's [`Overflow`](crate::dlq::Overflow) policy applies once its own
 /// buffer is full too. If the receiver is dropped, records come back as
 /// error items downstream.
+///
+/// Read the receiver while the pipeline runs, not after: the stream ends
+/// only once the sink has taken every record, so a full channel that
+/// nobody reads holds the end back (by design, under the default
+/// [`Overflow::Block`](crate::dlq::Overflow::Block)). The example reads
+/// afterwards only because its channel holds every record.
 ///
 /// # Errors
 ///
