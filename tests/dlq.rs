@@ -448,31 +448,46 @@ async fn retried_failures_record_attempts_and_both_failure_times() {
     assert!(r.first_failure <= r.last_failure);
 }
 
-/// A sink that waits for a permit per record: a stalled dependency.
-fn gated_sink(
+/// A dead-letter queue in front of a stalled dependency: its sink takes a
+/// record only when `gate` has a permit, and lists the sequence numbers it
+/// took in `seen`.
+struct Stalled {
     gate: Arc<tokio::sync::Semaphore>,
     seen: Arc<std::sync::Mutex<Vec<u64>>>,
-) -> impl dlq::DeadLetterSink<u64> {
-    dlq::sink_fn(move |r: DeadLetter<u64>| {
-        let gate = gate.clone();
-        let seen = seen.clone();
-        async move {
-            gate.acquire().await.unwrap().forget();
-            seen.lock().unwrap().push(r.sequence);
-            Ok(())
+}
+
+fn stalled_dlq(
+    buffer: usize,
+    overflow: Overflow,
+) -> (
+    DeadLetterQueue<u64, u64, impl dlq::DeadLetterSink<u64>>,
+    Stalled,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = dlq::sink_fn({
+        let (gate, seen) = (gate.clone(), seen.clone());
+        move |r: DeadLetter<u64>| {
+            let (gate, seen) = (gate.clone(), seen.clone());
+            async move {
+                gate.acquire().await.unwrap().forget();
+                seen.lock().unwrap().push(r.sequence);
+                Ok(())
+            }
         }
-    })
+    });
+    let dlq = DeadLetterQueue::new(sink)
+        .with_buffer(buffer)
+        .unwrap()
+        .on_overflow(overflow);
+    (dlq, Stalled { gate, seen })
 }
 
 #[tokio::test(start_paused = true)]
 async fn block_policy_holds_upstream_while_the_sink_stalls_and_loses_nothing() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(4, 4).unwrap());
     let (tx, flow) = pipeline.channel::<u64>();
-    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
-        .with_buffer(2)
-        .unwrap();
+    let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::Block);
     let out = tokio::spawn(flow.pipe(dlq).collect());
 
     // The producer pushes 100 failures; it must stall well before that.
@@ -511,12 +526,7 @@ async fn block_policy_holds_upstream_while_the_sink_stalls_and_loses_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn drop_policy_counts_what_it_drops_and_keeps_values_flowing() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
-        .with_buffer(2)
-        .unwrap()
-        .on_overflow(Overflow::DropAndCount);
+    let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::DropAndCount);
     let input = (0..100u64).map(|i| {
         if i % 2 == 0 {
             Err(StreamError::failed("s", "e").with_item(i))
@@ -551,12 +561,7 @@ async fn drop_policy_counts_what_it_drops_and_keeps_values_flowing() {
 
 #[tokio::test(start_paused = true)]
 async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
-        .with_buffer(1)
-        .unwrap()
-        .on_overflow(Overflow::Fail);
+    let (dlq, Stalled { gate, seen }) = stalled_dlq(1, Overflow::Fail);
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u64>();
     let mut flow = flow.pipe(dlq);
@@ -741,13 +746,9 @@ async fn a_panicking_sink_turns_its_batch_into_error_items() {
 
 #[tokio::test(start_paused = true)]
 async fn abort_while_the_sink_stalls_counts_everything() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(8, 4).unwrap());
     let (tx, flow) = pipeline.channel::<u64>();
-    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
-        .with_buffer(2)
-        .unwrap();
+    let (dlq, _stalled) = stalled_dlq(2, Overflow::Block);
     let out = tokio::spawn(flow.pipe(dlq).collect());
     let producer = tokio::spawn(async move {
         for i in 0..50u64 {
@@ -960,13 +961,9 @@ async fn a_due_flush_happens_even_while_records_keep_arriving() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_output_while_the_sink_stalls_stops_the_stage_and_the_sink_finishes() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(4, 4).unwrap());
     let (tx, flow) = pipeline.channel::<u64>();
-    let dlq = DeadLetterQueue::new(gated_sink(gate.clone(), seen.clone()))
-        .with_buffer(2)
-        .unwrap();
+    let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::Block);
     let flow = flow.pipe(dlq);
     let producer = tokio::spawn(async move {
         for i in 0..100u64 {
