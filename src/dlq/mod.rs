@@ -642,12 +642,7 @@ impl<R: Send + 'static> Router<R> {
                     counters.add_drained(src.abandon());
                     return;
                 }
-                Event::Returned(r) => {
-                    let mut out = Chunk::default();
-                    let n = r.into_errors(&stage, &mut out);
-                    counters.add_failed(n);
-                    out
-                }
+                Event::Returned(r) => self.returns_chunk(r, &stage),
                 Event::Input(None) => break,
                 Event::Input(Some(chunk)) if abort.is_cancelled() => {
                     counters.add_drained(chunk.len() as u64 + src.abandon());
@@ -714,15 +709,25 @@ impl<R: Send + 'static> Router<R> {
                 None => return,
                 Some(None) => self.writer_done = true,
                 Some(Some(r)) => {
-                    let mut out = Chunk::default();
-                    let n = r.into_errors(&stage, &mut out);
-                    counters.add_failed(n);
+                    let out = self.returns_chunk(r, &stage);
                     if !deliver(&tx, out, &counters, &mut aborted).await {
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// The error items of `first` and of every other return already
+    /// waiting, in one chunk (a full disk refuses every record).
+    fn returns_chunk<T>(&mut self, first: Returned<R>, stage: &str) -> Chunk<T> {
+        let mut out = Chunk::default();
+        let mut n = first.into_errors(stage, &mut out);
+        while let Ok(r) = self.returned.try_recv() {
+            n += r.into_errors(stage, &mut out);
+        }
+        self.counters.add_failed(n);
+        out
     }
 
     fn poll_event<T>(
