@@ -45,6 +45,9 @@ pub enum ErrorKind {
     /// Processing the item took longer than its time limit (a per-attempt
     /// timeout or a retry deadline).
     TimedOut,
+    /// A [`HealthGate`](crate::HealthGate) was closed for longer than its
+    /// limit and its policy passes items on as errors.
+    GateClosed,
 }
 
 impl ErrorKind {
@@ -59,6 +62,7 @@ impl ErrorKind {
             ErrorKind::Panicked => "panicked",
             ErrorKind::Rejected => "rejected",
             ErrorKind::TimedOut => "timed_out",
+            ErrorKind::GateClosed => "gate_closed",
         }
     }
 }

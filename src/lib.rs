@@ -70,6 +70,7 @@ pub mod dlq;
 mod error;
 mod filter;
 mod flow;
+mod health;
 mod map;
 mod merge;
 mod pipeline;
@@ -90,6 +91,12 @@ pub use dlq::{DeadLetter, DeadLetterQueue};
 pub use error::{BoxError, ErrorKind, PanicError, Result, StreamError};
 pub use filter::Filter;
 pub use flow::Flow;
+#[cfg(feature = "http")]
+pub use health::HttpProbe;
+pub use health::{
+    ClosedPolicy, GateError, GateHandle, GateState, GateStatus, Health, HealthCheck, HealthFn,
+    HealthGate, health_fn,
+};
 pub use map::{Map, TryMap};
 pub use merge::merge;
 pub use pipeline::{Pipeline, PipelineError, StagePanic};
