@@ -51,13 +51,14 @@ impl HttpProbe {
             field: "url",
             reason: "must be an absolute URL such as http://127.0.0.1:8080/health",
         })?;
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .map_err(|_| ConfigError::Invalid {
-                field: "client",
-                reason: "the HTTP client could not be built",
-            })?;
+        let client =
+            reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|_| ConfigError::Invalid {
+                    field: "client",
+                    reason: "the HTTP client could not be built",
+                })?;
         Ok(HttpProbe {
             client,
             url,
@@ -96,10 +97,9 @@ impl HealthCheck for HttpProbe {
         {
             Ok(answer) if answer.status().is_success() => Health::Healthy,
             Ok(answer) => Health::unhealthy(format!("GET {url} answered {}", answer.status())),
-            Err(e) if e.is_timeout() => Health::unhealthy(format!(
-                "GET {url} had no answer within {:?}",
-                self.timeout
-            )),
+            Err(e) if e.is_timeout() => {
+                Health::unhealthy(format!("GET {url} had no answer within {:?}", self.timeout))
+            }
             Err(e) => {
                 // reqwest's own message is short; the cause says why.
                 let mut reason = format!("GET {url} failed: {e}");

@@ -506,7 +506,9 @@ impl Gate {
             };
             if overdue == Some(ClosedPolicy::Fail) {
                 let (limit, _) = self.limit.expect("a policy comes with its limit");
-                let reason = status.reason.unwrap_or_else(|| "no healthy answer yet".into());
+                let reason = status
+                    .reason
+                    .unwrap_or_else(|| "no healthy answer yet".into());
                 tracing::error!(stage = %counters.name(), ?limit, %reason, "health gate closed too long; the stream fails");
                 let mut out = Chunk::default();
                 out.push_error(
