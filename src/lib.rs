@@ -47,7 +47,8 @@
 //!   concurrency, timeouts and [`Retry`]; [`Throttle`] limits the rate;
 //!   [`Batcher`] groups values into batches; [`DeadLetterQueue`] takes
 //!   error items out of the stream into a sink (a channel, a closure, a
-//!   durable file that [`dlq::Replay`] reads back).
+//!   durable file that [`dlq::Replay`] reads back); [`HealthGate`] stops
+//!   taking input while a dependency is unhealthy.
 //! - Sinks: [`Flow::collect`], [`Flow::for_each`], [`Flow::forward`], or use
 //!   the [`Flow`] as a `futures::Stream`.
 //! - Lifecycle and counters: [`Pipeline`].
@@ -121,6 +122,10 @@ struct ArchitectureDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/errors-and-dlq.md")]
 struct ErrorsAndDlqDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/health-gate.md")]
+struct HealthGateDoctests;
 
 /// A flow of the iterator's items on a new [`Pipeline`].
 ///
