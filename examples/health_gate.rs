@@ -80,7 +80,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(tx);
     sink.await?;
-    let gate = pipeline.stage_metrics("health_gate").expect("the gate's counters");
+    let gate = pipeline
+        .stage_metrics("health_gate")
+        .expect("the gate's counters");
     println!(
         "600 produced, {} written, {} received by the gate; the producer waited up to {} ms; \
          {} checks, {} unhealthy, closed {} time(s)",
