@@ -2,15 +2,15 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::dlq::{DeadLetter, DlqError};
 use crate::error::{ErrorKind, Result, StreamError};
@@ -120,10 +120,23 @@ impl<T: DeserializeOwned + Send + 'static> Replay<T> {
             line: Vec::new(),
             stats: stats.clone(),
         };
-        let inner = futures::stream::unfold(reader, |mut r| async move {
-            let item = r.next::<T>().await?;
-            Some((item, r))
+        // Files are read on the blocking pool, a batch of lines at a time,
+        // so the runtime's workers never wait on the disk.
+        let batches = futures::stream::unfold(Some(reader), |reader| async move {
+            let mut reader = reader?;
+            let joined = tokio::task::spawn_blocking(move || {
+                let batch = reader.next_batch::<T>();
+                (reader, batch)
+            })
+            .await;
+            match joined {
+                Ok((reader, batch)) if !batch.is_empty() => Some((batch, Some(reader))),
+                Ok(_) => None,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => None, // the runtime is shutting down
+            }
         });
+        let inner = batches.flat_map(futures::stream::iter);
         Ok(Replay {
             inner: Box::pin(inner),
             stats,
@@ -153,25 +166,40 @@ impl<T> Stream for Replay<T> {
     }
 }
 
+/// Lines read per trip to the blocking pool.
+const BATCH: usize = 256;
+
 struct Reader {
     files: VecDeque<(PathBuf, std::fs::File)>,
     /// The file being read, its reader and the number of the last line read.
-    current: Option<(PathBuf, BufReader<tokio::fs::File>, u64)>,
+    current: Option<(PathBuf, BufReader<std::fs::File>, u64)>,
     line: Vec<u8>,
     stats: ReplayStats,
 }
 
 impl Reader {
-    async fn next<T: DeserializeOwned>(&mut self) -> Option<Result<DeadLetter<T>>> {
+    /// Up to [`BATCH`] items; empty at the end of the last file.
+    fn next_batch<T: DeserializeOwned>(&mut self) -> Vec<Result<DeadLetter<T>>> {
+        let mut batch = Vec::with_capacity(BATCH);
+        while batch.len() < BATCH {
+            match self.next::<T>() {
+                Some(item) => batch.push(item),
+                None => break,
+            }
+        }
+        batch
+    }
+
+    fn next<T: DeserializeOwned>(&mut self) -> Option<Result<DeadLetter<T>>> {
         loop {
             if self.current.is_none() {
                 let (path, file) = self.files.pop_front()?;
-                let reader = BufReader::with_capacity(64 << 10, tokio::fs::File::from_std(file));
+                let reader = BufReader::with_capacity(64 << 10, file);
                 self.current = Some((path, reader, 0));
             }
             let (path, reader, number) = self.current.as_mut()?;
             self.line.clear();
-            match reader.read_until(b'\n', &mut self.line).await {
+            match reader.read_until(b'\n', &mut self.line) {
                 Ok(0) => self.current = None,
                 Ok(_) => {
                     *number += 1;
