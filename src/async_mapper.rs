@@ -467,7 +467,10 @@ impl<F, E> Policy<F, E> {
             }
         }
         let err = match failure {
-            Failure::Error(e) => StreamError::failed(self.stage(), e),
+            Failure::Error(e) => {
+                let source: BoxError = e.into();
+                StreamError::new(kind_of(&*source), self.stage()).with_source(source)
+            }
             Failure::TimedOut(t) => {
                 StreamError::new(ErrorKind::TimedOut, self.stage()).with_source(t)
             }
@@ -771,4 +774,15 @@ where
         counters.add_aborted(m.clear() + pending.len() as u64);
         counters.add_drained(src.abandon());
     }
+}
+
+/// The kind of an item's final error: `circuit_open` when a circuit
+/// breaker refused the call, `failed` otherwise.
+fn kind_of(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
+    #[cfg(feature = "circuit-breaker")]
+    if error.is::<crate::breaker::CircuitOpen>() {
+        return ErrorKind::CircuitOpen;
+    }
+    let _ = error;
+    ErrorKind::Failed
 }

@@ -48,6 +48,10 @@ pub enum ErrorKind {
     /// A [`HealthGate`](crate::HealthGate) was closed for longer than its
     /// limit and its policy passes items on as errors.
     GateClosed,
+    /// A circuit breaker refused the call for the item (feature
+    /// `circuit-breaker`).
+    #[cfg(feature = "circuit-breaker")]
+    CircuitOpen,
 }
 
 impl ErrorKind {
@@ -63,6 +67,8 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected",
             ErrorKind::TimedOut => "timed_out",
             ErrorKind::GateClosed => "gate_closed",
+            #[cfg(feature = "circuit-breaker")]
+            ErrorKind::CircuitOpen => "circuit_open",
         }
     }
 }

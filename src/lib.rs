@@ -62,6 +62,8 @@
 
 mod async_mapper;
 mod batcher;
+#[cfg(feature = "circuit-breaker")]
+pub mod breaker;
 mod broadcast;
 mod channel;
 mod chunk;

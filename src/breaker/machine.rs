@@ -1,0 +1,457 @@
+//! The breaker's state machine, free of locks and clocks: every call gets
+//! the time as a [`Duration`] since the breaker was made, so tests (and
+//! loom models) drive it exactly.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::breaker::config::{BreakerConfig, Window};
+use crate::breaker::{BreakerState, Transition};
+
+/// Calls and their outcomes in the sliding window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+impl Counts {
+    fn add(&mut self, failed: bool, slow: bool) {
+        self.calls += 1;
+        self.failures += u64::from(failed);
+        self.slow += u64::from(slow);
+    }
+
+    fn sub(&mut self, other: Counts) {
+        self.calls -= other.calls;
+        self.failures -= other.failures;
+        self.slow -= other.slow;
+    }
+}
+
+/// The sliding window: the last `n` calls, or the calls of the last
+/// duration in ten buckets. Its memory is bounded either way.
+#[derive(Debug)]
+enum Outcomes {
+    Count {
+        size: usize,
+        ring: VecDeque<(bool, bool)>,
+        totals: Counts,
+    },
+    Time {
+        bucket: Duration,
+        /// Each bucket's number (time / bucket) and counts; oldest first.
+        buckets: VecDeque<(u64, Counts)>,
+        totals: Counts,
+    },
+}
+
+const BUCKETS: u32 = 10;
+
+impl Outcomes {
+    fn new(window: Window) -> Self {
+        match window {
+            Window::Count(size) => Outcomes::Count {
+                size: size.get() as usize,
+                ring: VecDeque::with_capacity(size.get() as usize),
+                totals: Counts::default(),
+            },
+            Window::Time(span) => Outcomes::Time {
+                bucket: (span / BUCKETS).max(Duration::from_nanos(1)),
+                buckets: VecDeque::with_capacity(BUCKETS as usize + 1),
+                totals: Counts::default(),
+            },
+        }
+    }
+
+    fn record(&mut self, now: Duration, failed: bool, slow: bool) {
+        self.expire(now);
+        match self {
+            Outcomes::Count { size, ring, totals } => {
+                if ring.len() == *size {
+                    if let Some((f, s)) = ring.pop_front() {
+                        totals.sub(Counts {
+                            calls: 1,
+                            failures: u64::from(f),
+                            slow: u64::from(s),
+                        });
+                    }
+                }
+                ring.push_back((failed, slow));
+                totals.add(failed, slow);
+            }
+            Outcomes::Time {
+                bucket,
+                buckets,
+                totals,
+            } => {
+                let n = bucket_of(now, *bucket);
+                match buckets.back_mut() {
+                    Some((b, counts)) if *b == n => counts.add(failed, slow),
+                    _ => {
+                        let mut counts = Counts::default();
+                        counts.add(failed, slow);
+                        buckets.push_back((n, counts));
+                    }
+                }
+                totals.add(failed, slow);
+            }
+        }
+    }
+
+    /// Drops the buckets that fell out of a time window.
+    fn expire(&mut self, now: Duration) {
+        if let Outcomes::Time {
+            bucket,
+            buckets,
+            totals,
+        } = self
+        {
+            let current = bucket_of(now, *bucket);
+            while let Some(&(b, counts)) = buckets.front() {
+                if b + u64::from(BUCKETS) > current {
+                    break;
+                }
+                totals.sub(counts);
+                buckets.pop_front();
+            }
+        }
+    }
+
+    fn totals(&mut self, now: Duration) -> Counts {
+        self.expire(now);
+        match self {
+            Outcomes::Count { totals, .. } | Outcomes::Time { totals, .. } => *totals,
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Outcomes::Count { ring, totals, .. } => {
+                ring.clear();
+                *totals = Counts::default();
+            }
+            Outcomes::Time {
+                buckets, totals, ..
+            } => {
+                buckets.clear();
+                *totals = Counts::default();
+            }
+        }
+    }
+}
+
+fn bucket_of(now: Duration, bucket: Duration) -> u64 {
+    u64::try_from(now.as_nanos() / bucket.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A permission to make one call, as the machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    /// The state's generation when the permit was given: an outcome from
+    /// an earlier generation no longer moves the state.
+    pub(crate) generation: u64,
+    pub(crate) half_open: bool,
+}
+
+/// Why a call was not permitted, and when to ask again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) state: BreakerState,
+    /// When the breaker may permit calls again, if it knows.
+    pub(crate) retry_at: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Machine {
+    pub(crate) config: BreakerConfig,
+    pub(crate) state: BreakerState,
+    /// When the current state began.
+    since: Duration,
+    /// Until when an open breaker refuses calls.
+    open_until: Duration,
+    /// Openings since the breaker was last closed (for the backoff).
+    opens_in_a_row: u32,
+    outcomes: Outcomes,
+    consecutive_failures: u32,
+    half_open_in_flight: u32,
+    half_open_done: u32,
+    half_open_successes: u32,
+    pub(crate) generation: u64,
+    /// A transition decided but held back by the minimum interval.
+    pending: Option<(BreakerState, String)>,
+    pub(crate) stats: Stats,
+}
+
+/// Counters over the breaker's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stats {
+    pub(crate) permitted: u64,
+    pub(crate) rejected: u64,
+    pub(crate) successes: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+    pub(crate) cancelled: u64,
+    pub(crate) transitions: u64,
+}
+
+impl Machine {
+    pub(crate) fn new(config: BreakerConfig) -> Self {
+        Machine {
+            outcomes: Outcomes::new(config.window),
+            config,
+            state: BreakerState::Closed,
+            since: Duration::ZERO,
+            open_until: Duration::ZERO,
+            opens_in_a_row: 0,
+            consecutive_failures: 0,
+            half_open_in_flight: 0,
+            half_open_done: 0,
+            half_open_successes: 0,
+            generation: 0,
+            pending: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Asks to make a call at `now`. Transitions it causes (open to
+    /// half-open) are appended to `out`.
+    pub(crate) fn acquire(
+        &mut self,
+        now: Duration,
+        out: &mut Vec<Transition>,
+    ) -> Result<Ticket, Refusal> {
+        self.apply_pending(now, out);
+        if self.state == BreakerState::Open && now >= self.open_until {
+            self.transition(
+                BreakerState::HalfOpen,
+                now,
+                "the open duration passed".into(),
+                out,
+            );
+        }
+        let granted = match self.state {
+            BreakerState::Closed | BreakerState::Disabled => Some(false),
+            BreakerState::HalfOpen => {
+                let used = self.half_open_in_flight + self.half_open_done;
+                if used < self.config.half_open_calls.get() && self.pending.is_none() {
+                    self.half_open_in_flight += 1;
+                    Some(true)
+                } else {
+                    None
+                }
+            }
+            BreakerState::Open | BreakerState::ForcedOpen => None,
+        };
+        match granted {
+            Some(half_open) => {
+                self.stats.permitted += 1;
+                Ok(Ticket {
+                    generation: self.generation,
+                    half_open,
+                })
+            }
+            None => {
+                self.stats.rejected += 1;
+                Err(Refusal {
+                    state: self.state,
+                    retry_at: (self.state == BreakerState::Open).then_some(self.open_until),
+                })
+            }
+        }
+    }
+
+    /// The outcome of a permitted call.
+    pub(crate) fn record(
+        &mut self,
+        ticket: Ticket,
+        now: Duration,
+        failed: bool,
+        took: Duration,
+        out: &mut Vec<Transition>,
+    ) {
+        let slow = self.config.slow_call.is_some_and(|s| took >= s.duration);
+        self.stats.successes += u64::from(!failed);
+        self.stats.failures += u64::from(failed);
+        self.stats.slow += u64::from(slow);
+        if ticket.generation != self.generation {
+            // The state moved on (a reset, a forced open, or other calls'
+            // outcomes) since this call was permitted.
+            self.apply_pending(now, out);
+            return;
+        }
+        if ticket.half_open {
+            self.half_open_in_flight -= 1;
+            self.half_open_done += 1;
+            if failed || slow {
+                let why = if failed {
+                    "a trial call failed"
+                } else {
+                    "a trial call was slow"
+                };
+                self.decide(BreakerState::Open, now, why.into(), out);
+            } else {
+                self.half_open_successes += 1;
+                if self.half_open_successes >= self.config.successes_to_close.get() {
+                    let why = format!("{} trial calls succeeded", self.half_open_successes);
+                    self.decide(BreakerState::Closed, now, why, out);
+                }
+            }
+            self.apply_pending(now, out);
+            return;
+        }
+        if self.state != BreakerState::Closed {
+            return; // disabled: outcomes are counted, never acted on
+        }
+        self.outcomes.record(now, failed, slow);
+        self.consecutive_failures = if failed {
+            self.consecutive_failures + 1
+        } else {
+            0
+        };
+        if let Some(why) = self.should_open(now) {
+            self.decide(BreakerState::Open, now, why, out);
+        }
+        self.apply_pending(now, out);
+    }
+
+    /// A permitted call that ended without an outcome (it was cancelled):
+    /// its half-open slot is freed, so half-open can never get stuck.
+    pub(crate) fn release(&mut self, ticket: Ticket, now: Duration, out: &mut Vec<Transition>) {
+        self.stats.cancelled += 1;
+        if ticket.half_open && ticket.generation == self.generation {
+            self.half_open_in_flight -= 1;
+        }
+        self.apply_pending(now, out);
+    }
+
+    /// Why a closed breaker should open now, if it should.
+    fn should_open(&mut self, now: Duration) -> Option<String> {
+        if let Some(limit) = self.config.consecutive_failures {
+            if self.consecutive_failures >= limit.get() {
+                return Some(format!(
+                    "{} consecutive failures",
+                    self.consecutive_failures
+                ));
+            }
+        }
+        let counts = self.outcomes.totals(now);
+        if counts.calls < u64::from(self.config.minimum_calls.get()) {
+            return None;
+        }
+        let rate = counts.failures as f64 / counts.calls as f64;
+        if rate >= self.config.failure_rate {
+            return Some(format!(
+                "failure rate {:.0}% over {} calls (threshold {:.0}%)",
+                rate * 100.0,
+                counts.calls,
+                self.config.failure_rate * 100.0
+            ));
+        }
+        if let Some(slow) = self.config.slow_call {
+            let rate = counts.slow as f64 / counts.calls as f64;
+            if rate >= slow.rate {
+                return Some(format!(
+                    "slow-call rate {:.0}% over {} calls (threshold {:.0}% at {:?})",
+                    rate * 100.0,
+                    counts.calls,
+                    slow.rate * 100.0,
+                    slow.duration
+                ));
+            }
+        }
+        None
+    }
+
+    /// Moves to `to` now, or once the minimum interval since the last
+    /// transition has passed.
+    fn decide(&mut self, to: BreakerState, now: Duration, why: String, out: &mut Vec<Transition>) {
+        if now.saturating_sub(self.since) >= self.config.min_transition_interval {
+            self.transition(to, now, why, out);
+        } else {
+            self.pending = Some((to, why));
+        }
+    }
+
+    fn apply_pending(&mut self, now: Duration, out: &mut Vec<Transition>) {
+        if self.pending.is_some()
+            && now.saturating_sub(self.since) >= self.config.min_transition_interval
+        {
+            if let Some((to, why)) = self.pending.take() {
+                self.transition(to, now, why, out);
+            }
+        }
+    }
+
+    /// When a pending transition may happen, if one waits.
+    pub(crate) fn pending_at(&self) -> Option<Duration> {
+        self.pending
+            .as_ref()
+            .map(|_| self.since + self.config.min_transition_interval)
+    }
+
+    /// Enters `to`, resetting what the new state counts.
+    pub(crate) fn transition(
+        &mut self,
+        to: BreakerState,
+        now: Duration,
+        reason: String,
+        out: &mut Vec<Transition>,
+    ) {
+        let from = self.state;
+        self.pending = None;
+        self.state = to;
+        self.since = now;
+        self.generation += 1;
+        self.stats.transitions += 1;
+        self.half_open_in_flight = 0;
+        self.half_open_done = 0;
+        self.half_open_successes = 0;
+        match to {
+            BreakerState::Open => {
+                let wait = self.open_duration();
+                self.opens_in_a_row = self.opens_in_a_row.saturating_add(1);
+                self.open_until = now + wait.max(self.config.min_transition_interval);
+            }
+            BreakerState::Closed => {
+                self.opens_in_a_row = 0;
+                self.outcomes.clear();
+                self.consecutive_failures = 0;
+            }
+            BreakerState::HalfOpen | BreakerState::ForcedOpen | BreakerState::Disabled => {}
+        }
+        out.push(Transition {
+            from,
+            to,
+            reason,
+            at: std::time::SystemTime::now(),
+        });
+    }
+
+    /// How long the next opening lasts: the open duration, times the
+    /// backoff factor for each opening since the breaker last closed,
+    /// capped.
+    fn open_duration(&self) -> Duration {
+        let base = self.config.open_for;
+        match self.config.open_backoff {
+            None => base,
+            Some(b) => {
+                let factor = b.factor.powi(self.opens_in_a_row.min(64) as i32);
+                Duration::try_from_secs_f64(base.as_secs_f64() * factor)
+                    .unwrap_or(b.max)
+                    .min(b.max)
+            }
+        }
+    }
+
+    /// The window's counts now.
+    pub(crate) fn window(&mut self, now: Duration) -> Counts {
+        self.outcomes.totals(now)
+    }
+
+    /// Half-open calls in flight (for the invariants the tests check).
+    pub(crate) fn half_open_in_flight(&self) -> u32 {
+        self.half_open_in_flight
+    }
+}
