@@ -1,0 +1,451 @@
+//! The circuit breaker: every threshold and timing on a paused clock,
+//! manual control, listeners and the audit trail, the operator's policies,
+//! the breaker as a health check, and the registry.
+#![cfg(feature = "circuit-breaker")]
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use streamz::breaker::{
+    Breaker, BreakerConfig, BreakerRegistry, BreakerState, CircuitBreaker, CircuitOpen,
+    OpenBackoff, OpenPolicy, RegistryError, SlowCall, Window,
+};
+use streamz::{ErrorKind, GateState, HealthGate, Pipeline};
+use support::{assert_conserved, split, stage};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn n(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).unwrap()
+}
+
+/// A small config: window of 10 calls, at least 4, 50 %, open 1 s, two
+/// trial calls that must both succeed.
+fn config() -> BreakerConfig {
+    let mut c = BreakerConfig::default();
+    c.window = Window::Count(n(10));
+    c.minimum_calls = n(4);
+    c.open_for = Duration::from_secs(1);
+    c.half_open_calls = n(2);
+    c.successes_to_close = n(2);
+    c
+}
+
+fn ok(b: &Breaker) {
+    b.try_acquire().unwrap().success(MS);
+}
+
+fn fail(b: &Breaker) {
+    b.try_acquire().unwrap().failure(MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_rate_opens_it_only_after_the_minimum_calls() {
+    let b = Breaker::new("b", config()).unwrap();
+    // 3 failures: 100 %, but fewer than the 4 calls needed to judge.
+    for _ in 0..3 {
+        fail(&b);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    fail(&b);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(
+        b.audit_trail()[0].reason,
+        "failure rate 100% over 4 calls (threshold 50%)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_below_the_threshold_keeps_it_closed_and_the_count_window_slides() {
+    let b = Breaker::new("b", config()).unwrap();
+    // 4 failures in 10 calls, never 50 % from the fourth call on.
+    for i in 0..10 {
+        if [3, 4, 8, 9].contains(&i) {
+            fail(&b)
+        } else {
+            ok(&b)
+        }
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.metrics().window_calls, 10);
+    assert!((b.metrics().failure_rate - 0.4).abs() < 1e-9);
+    // The oldest calls slide out: 10 successes bring the rate to 0.
+    for _ in 0..10 {
+        ok(&b);
+    }
+    assert_eq!(b.metrics().failure_rate, 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_time_window_forgets_old_failures() {
+    let mut c = config();
+    c.window = Window::Time(Duration::from_secs(10));
+    let b = Breaker::new("b", c).unwrap();
+    fail(&b);
+    fail(&b);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    // The two old failures are gone: 2 failures of 4 calls would open it.
+    ok(&b);
+    ok(&b);
+    fail(&b);
+    assert_eq!(b.metrics().window_calls, 3);
+    assert_eq!(b.state(), BreakerState::Closed);
+    fail(&b);
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_failures_open_it_without_waiting_for_the_minimum() {
+    let mut c = config();
+    c.minimum_calls = n(100);
+    c.consecutive_failures = Some(n(3));
+    let b = Breaker::new("b", c).unwrap();
+    fail(&b);
+    fail(&b);
+    ok(&b); // the run restarts
+    fail(&b);
+    fail(&b);
+    assert_eq!(b.state(), BreakerState::Closed);
+    fail(&b);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(b.audit_trail()[0].reason, "3 consecutive failures");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_slow_call_rate_opens_it() {
+    let mut c = config();
+    c.slow_call = Some(SlowCall {
+        duration: Duration::from_millis(500),
+        rate: 0.75,
+    });
+    let b = Breaker::new("b", c).unwrap();
+    b.try_acquire().unwrap().success(Duration::from_millis(499));
+    for _ in 0..2 {
+        b.try_acquire().unwrap().success(Duration::from_millis(500));
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    // 3 slow of 4: 75 %.
+    b.try_acquire().unwrap().success(Duration::from_secs(3));
+    assert_eq!(b.state(), BreakerState::Open);
+    assert!(b.audit_trail()[0].reason.starts_with("slow-call rate 75%"));
+    assert_eq!(b.metrics().slow_calls, 3);
+}
+
+/// Opens `b` (config(): 4 failures).
+fn open(b: &Breaker) {
+    for _ in 0..4 {
+        fail(b);
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_refuses_until_the_open_duration_then_half_open_permits_only_the_trial_calls() {
+    let b = Breaker::new("b", config()).unwrap();
+    open(&b);
+    tokio::time::advance(Duration::from_millis(999)).await;
+    let refused = b.try_acquire().unwrap_err();
+    assert_eq!(refused.state(), BreakerState::Open);
+    assert_eq!(refused.retry_in(), Some(MS));
+    tokio::time::advance(MS).await;
+    let first = b.try_acquire().unwrap();
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    let second = b.try_acquire().unwrap();
+    assert_eq!(b.try_acquire().unwrap_err().state(), BreakerState::HalfOpen);
+    first.success(MS);
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    // A slot used by a finished trial is not given again.
+    assert!(b.try_acquire().is_err());
+    second.success(MS);
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.metrics().window_calls, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_trial_reopens_it_for_longer_with_backoff_up_to_the_cap() {
+    let mut c = config();
+    c.open_backoff = Some(OpenBackoff {
+        factor: 2.0,
+        max: Duration::from_secs(5),
+    });
+    let b = Breaker::new("b", c).unwrap();
+    open(&b);
+    let mut waited = Vec::new();
+    for _ in 0..4 {
+        let opened = tokio::time::Instant::now();
+        let permit = b.acquire().await; // waits for the half-open trial
+        waited.push(opened.elapsed());
+        permit.failure(MS);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+    let secs = |s| Duration::from_secs(s);
+    assert_eq!(waited, [secs(1), secs(2), secs(4), secs(5)]);
+    // Closing resets the backoff.
+    tokio::time::advance(secs(5)).await;
+    ok(&b);
+    ok(&b);
+    assert_eq!(b.state(), BreakerState::Closed);
+    open(&b);
+    let opened = tokio::time::Instant::now();
+    b.acquire().await.success(MS);
+    assert_eq!(opened.elapsed(), secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_trial_call_frees_its_slot() {
+    let b = Breaker::new("b", config()).unwrap();
+    open(&b);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let a = b.try_acquire().unwrap();
+    let c = b.try_acquire().unwrap();
+    assert!(b.try_acquire().is_err());
+    assert_eq!(b.half_open_in_flight(), 2);
+    drop(a); // cancelled: no outcome
+    assert_eq!(b.half_open_in_flight(), 1);
+    b.try_acquire().unwrap().success(MS);
+    c.success(MS);
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.metrics().cancelled, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_minimum_interval_holds_back_a_transition_until_it_passes() {
+    let mut c = config();
+    c.min_transition_interval = Duration::from_secs(10);
+    c.open_for = Duration::from_secs(1);
+    let b = Breaker::new("b", c).unwrap();
+    // Closed since t=0: opening at t=2 s waits until t=10 s.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    open_pending(&b);
+    assert_eq!(b.state(), BreakerState::Closed);
+    tokio::time::advance(Duration::from_secs(8)).await;
+    // The next call applies the pending transition, and is refused.
+    assert!(b.try_acquire().is_err());
+    assert_eq!(b.state(), BreakerState::Open);
+    // Open lasts at least the minimum interval, not just open_for.
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert!(b.try_acquire().is_err());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(b.try_acquire().is_ok());
+}
+
+fn open_pending(b: &Breaker) {
+    for _ in 0..4 {
+        fail(b);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_control_and_listeners_and_a_bounded_audit_trail() {
+    let mut c = config();
+    c.audit_capacity = 3;
+    let b = Breaker::new("b", c).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    b.on_transition({
+        let seen = seen.clone();
+        move |t| seen.lock().unwrap().push((t.from, t.to))
+    });
+    b.on_transition(|_| panic!("a broken alert hook"));
+    b.force_open();
+    assert!(b.try_acquire().is_err());
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(
+        b.try_acquire().unwrap_err().state(),
+        BreakerState::ForcedOpen
+    );
+    b.disable();
+    for _ in 0..50 {
+        fail(&b);
+    }
+    assert_eq!(b.state(), BreakerState::Disabled);
+    b.reset();
+    assert_eq!(b.state(), BreakerState::Closed);
+    open(&b);
+    use BreakerState::*;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (Closed, ForcedOpen),
+            (ForcedOpen, Disabled),
+            (Disabled, Closed),
+            (Closed, Open)
+        ]
+    );
+    let trail: Vec<_> = b.audit_trail().into_iter().map(|t| t.to).collect();
+    assert_eq!(trail, [Disabled, Closed, Open]);
+    let m = b.metrics();
+    assert_eq!((m.transitions, m.failures, m.state), (4, 54, Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_operator_rejects_while_open_with_the_item_in_the_error() {
+    let b = Breaker::new("ledger", config()).unwrap();
+    let pipeline = Pipeline::new();
+    let stage_ = CircuitBreaker::new(b.clone(), |x: &u32| {
+        let x = *x;
+        async move { if x < 4 { Err("down") } else { Ok(x * 10) } }
+    })
+    .named("post");
+    let out = pipeline.iter(0..10u32).pipe(stage_).collect().await;
+    let (values, errors) = split(out);
+    assert!(values.is_empty());
+    assert_eq!(errors.len(), 10);
+    for (i, mut e) in errors.into_iter().enumerate() {
+        let expected = if i < 4 {
+            ErrorKind::Failed
+        } else {
+            ErrorKind::CircuitOpen
+        };
+        assert_eq!((e.kind(), e.stage()), (expected, "post"));
+        if i >= 4 {
+            let open = e.cause().unwrap().downcast_ref::<CircuitOpen>().unwrap();
+            assert_eq!(open.breaker(), "ledger");
+        }
+        assert_eq!(e.take_item::<u32>(), Some(i as u32));
+    }
+    let m = stage(&pipeline, "post");
+    assert_eq!((m.received, m.failed), (10, 10));
+    assert_conserved(&m);
+    assert_eq!(b.metrics().rejected, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_operator_waits_while_open_under_the_wait_policy() {
+    let b = Breaker::new("b", config()).unwrap();
+    open(&b);
+    let start = tokio::time::Instant::now();
+    let stage_ = CircuitBreaker::new(b.clone(), |x: &u32| {
+        let x = *x;
+        async move { Ok::<_, &str>(x) }
+    })
+    .when_open(OpenPolicy::Wait)
+    .with_concurrency(4)
+    .unwrap();
+    let out = streamz::iter(0..6u32).pipe(stage_).collect().await;
+    let values: Vec<u32> = out.into_iter().map(Result::unwrap).collect();
+    assert_eq!(values, [0, 1, 2, 3, 4, 5]);
+    // Waited for the open second, then two trials closed it.
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_gates_a_pipeline_ingress() {
+    let b = Breaker::new("db", config()).unwrap();
+    let gate = HealthGate::new(b.clone())
+        .with_interval(Duration::from_secs(60))
+        .unwrap()
+        .close_after(1)
+        .unwrap();
+    let handle = gate.handle();
+    let mut status = handle.subscribe();
+    let (tx, flow) = streamz::channel::<u32>();
+    let out = tokio::spawn(flow.pipe(gate).collect());
+    status
+        .wait_for(|s| s.state == GateState::Open)
+        .await
+        .unwrap();
+    // The breaker opens: the gate follows at once, not at the next poll.
+    let at = tokio::time::Instant::now();
+    open(&b);
+    status
+        .wait_for(|s| s.state == GateState::Closed)
+        .await
+        .unwrap();
+    assert_eq!(at.elapsed(), Duration::ZERO);
+    assert_eq!(
+        handle.status().reason.as_deref(),
+        Some("circuit breaker `db` is Open")
+    );
+    b.reset();
+    status
+        .wait_for(|s| s.state == GateState::Open)
+        .await
+        .unwrap();
+    tx.send(1).await.unwrap();
+    drop(tx);
+    assert_eq!(out.await.unwrap().len(), 1);
+}
+
+#[test]
+fn the_registry_builds_breakers_from_defaults_and_overrides_up_to_a_limit() {
+    let registry = BreakerRegistry::from_toml(
+        r#"
+        max_breakers = 2
+        [defaults]
+        window = { time = "60s" }
+        failure_rate = 0.25
+        open_for = "30s"
+        [breakers.pgmq]
+        consecutive_failures = 3
+        open_for = "15s"
+        open_backoff = { factor = 2.0, max = "2m" }
+        "#,
+    )
+    .unwrap();
+    let pgmq = registry.get("pgmq").unwrap();
+    let c = pgmq.config();
+    assert_eq!(c.window, Window::Time(Duration::from_secs(60)));
+    assert_eq!(
+        (c.failure_rate, c.open_for),
+        (0.25, Duration::from_secs(15))
+    );
+    assert_eq!(c.consecutive_failures, Some(n(3)));
+    let other = registry.get("search").unwrap();
+    assert_eq!(other.config().open_for, Duration::from_secs(30));
+    assert_eq!(other.config().consecutive_failures, None);
+    // The same name is the same shared breaker.
+    registry.get("pgmq").unwrap().force_open();
+    assert_eq!(pgmq.state(), BreakerState::ForcedOpen);
+    let err = registry.get("third").unwrap_err();
+    assert!(matches!(err, RegistryError::LimitReached { max: 2, .. }));
+    assert_eq!(
+        err.to_string(),
+        "the registry holds its limit of 2 circuit breakers; `third` was not created"
+    );
+    assert_eq!(registry.metrics().len(), 2);
+}
+
+#[test]
+fn bad_configuration_is_rejected_with_the_field_named() {
+    let err = BreakerRegistry::from_toml("[breakers.x]\nfailure_rate = 0").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "circuit breaker `x`: `failure_rate` must be a rate above 0 and at most 1"
+    );
+    let err = BreakerRegistry::from_toml("[defaults]\nopen_for = \"0s\"").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`open_for` must be greater than zero")
+    );
+    let err = BreakerRegistry::from_toml("[defaults]\nfailure_treshold = 3").unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `failure_treshold`"),
+        "{err}"
+    );
+    let mut c = config();
+    c.successes_to_close = n(3);
+    assert!(Breaker::new("b", c).is_err());
+    let mut c = config();
+    c.open_backoff = Some(OpenBackoff {
+        factor: 0.5,
+        max: Duration::from_secs(1),
+    });
+    assert!(Breaker::new("b", c).is_err());
+    let mut c = config();
+    c.slow_call = Some(SlowCall {
+        duration: Duration::ZERO,
+        rate: 0.5,
+    });
+    assert!(Breaker::new("b", c).is_err());
+    assert!(
+        CircuitBreaker::new(Breaker::new("b", config()).unwrap(), |_: &u8| async {
+            Ok::<u8, &str>(0)
+        })
+        .with_concurrency(0)
+        .is_err()
+    );
+}
