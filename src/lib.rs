@@ -129,6 +129,21 @@ struct ErrorsAndDlqDoctests;
 #[doc = include_str!("../docs/health-gate.md")]
 struct HealthGateDoctests;
 
+/// Without the `circuit-breaker` feature the crate has no breaker: neither
+/// the module
+///
+/// ```compile_fail
+/// use streamz::breaker::Breaker;
+/// ```
+///
+/// nor the error kind.
+///
+/// ```compile_fail
+/// let _ = streamz::ErrorKind::CircuitOpen;
+/// ```
+#[cfg(all(doctest, not(feature = "circuit-breaker")))]
+struct NoBreakerWithoutTheFeature;
+
 /// A flow of the iterator's items on a new [`Pipeline`].
 ///
 /// ```

@@ -152,7 +152,7 @@ type Listener = Box<dyn Fn(&Transition) + Send + Sync>;
 
 struct Inner {
     name: String,
-    origin: Instant,
+    origin: Clock,
     machine: Mutex<Machine>,
     audit: Mutex<VecDeque<Transition>>,
     listeners: RwLock<Vec<Listener>>,
@@ -211,7 +211,7 @@ impl Breaker {
         Ok(Breaker {
             inner: Arc::new(Inner {
                 name: name.into(),
-                origin: Instant::now(),
+                origin: Clock::now(),
                 machine: Mutex::new(Machine::new(config)),
                 audit: Mutex::new(VecDeque::new()),
                 listeners: RwLock::new(Vec::new()),
@@ -231,7 +231,7 @@ impl Breaker {
     }
 
     fn now(&self) -> Duration {
-        Instant::now().saturating_duration_since(self.inner.origin)
+        Clock::now().since(self.inner.origin)
     }
 
     fn machine(&self) -> MutexGuard<'_, Machine> {
@@ -422,6 +422,58 @@ impl Breaker {
     #[doc(hidden)]
     pub fn half_open_in_flight(&self) -> u32 {
         self.machine().half_open_in_flight()
+    }
+}
+
+/// The breaker's clock: tokio's (so paused-clock tests drive it), or
+/// under loom a counter the model advances, so every explored execution
+/// sees the same times.
+#[cfg(not(loom))]
+#[derive(Debug, Clone, Copy)]
+struct Clock(Instant);
+
+#[cfg(not(loom))]
+impl Clock {
+    fn now() -> Self {
+        Clock(Instant::now())
+    }
+
+    fn since(self, origin: Clock) -> Duration {
+        self.0.saturating_duration_since(origin.0)
+    }
+}
+
+#[cfg(loom)]
+#[derive(Debug, Clone, Copy)]
+struct Clock(Duration);
+
+#[cfg(loom)]
+impl Clock {
+    fn now() -> Self {
+        Clock(loom_clock::now())
+    }
+
+    fn since(self, origin: Clock) -> Duration {
+        self.0.saturating_sub(origin.0)
+    }
+}
+
+/// The model tests' clock (only with `--cfg loom`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_clock {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::time::Duration;
+
+    static NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// Moves every breaker's clock forward.
+    pub fn advance(by: Duration) {
+        NANOS.fetch_add(u64::try_from(by.as_nanos()).unwrap_or(u64::MAX), SeqCst);
+    }
+
+    pub(crate) fn now() -> Duration {
+        Duration::from_nanos(NANOS.load(SeqCst))
     }
 }
 
