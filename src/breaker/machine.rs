@@ -8,6 +8,24 @@ use std::time::Duration;
 use crate::breaker::config::{BreakerConfig, Window};
 use crate::breaker::{BreakerState, Transition};
 
+/// The time since the breaker was made, read from its clock only when
+/// needed and then once: a closed breaker with a count window and no
+/// slow-call threshold never reads the clock.
+pub(crate) struct Now<'a> {
+    read: &'a dyn Fn() -> Duration,
+    at: Option<Duration>,
+}
+
+impl<'a> Now<'a> {
+    pub(crate) fn new(read: &'a dyn Fn() -> Duration) -> Self {
+        Now { read, at: None }
+    }
+
+    pub(crate) fn get(&mut self) -> Duration {
+        *self.at.get_or_insert_with(|| (self.read)())
+    }
+}
+
 /// Calls and their outcomes in the sliding window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -65,7 +83,7 @@ impl Outcomes {
         }
     }
 
-    fn record(&mut self, now: Duration, failed: bool, slow: bool) {
+    fn record(&mut self, now: &mut Now<'_>, failed: bool, slow: bool) {
         self.expire(now);
         match self {
             Outcomes::Count { size, ring, totals } => {
@@ -86,7 +104,7 @@ impl Outcomes {
                 buckets,
                 totals,
             } => {
-                let n = bucket_of(now, *bucket);
+                let n = bucket_of(now.get(), *bucket);
                 match buckets.back_mut() {
                     Some((b, counts)) if *b == n => counts.add(failed, slow),
                     _ => {
@@ -101,14 +119,14 @@ impl Outcomes {
     }
 
     /// Drops the buckets that fell out of a time window.
-    fn expire(&mut self, now: Duration) {
+    fn expire(&mut self, now: &mut Now<'_>) {
         if let Outcomes::Time {
             bucket,
             buckets,
             totals,
         } = self
         {
-            let current = bucket_of(now, *bucket);
+            let current = bucket_of(now.get(), *bucket);
             while let Some(&(b, counts)) = buckets.front() {
                 if b + u64::from(BUCKETS) > current {
                     break;
@@ -119,7 +137,7 @@ impl Outcomes {
         }
     }
 
-    fn totals(&mut self, now: Duration) -> Counts {
+    fn totals(&mut self, now: &mut Now<'_>) -> Counts {
         self.expire(now);
         match self {
             Outcomes::Count { totals, .. } | Outcomes::Time { totals, .. } => *totals,
@@ -219,11 +237,11 @@ impl Machine {
     /// half-open) are appended to `out`.
     pub(crate) fn acquire(
         &mut self,
-        now: Duration,
+        now: &mut Now<'_>,
         out: &mut Vec<Transition>,
     ) -> Result<Ticket, Refusal> {
         self.apply_pending(now, out);
-        if self.state == BreakerState::Open && now >= self.open_until {
+        if self.state == BreakerState::Open && now.get() >= self.open_until {
             self.transition(
                 BreakerState::HalfOpen,
                 now,
@@ -266,7 +284,7 @@ impl Machine {
     pub(crate) fn record(
         &mut self,
         ticket: Ticket,
-        now: Duration,
+        now: &mut Now<'_>,
         failed: bool,
         took: Duration,
         out: &mut Vec<Transition>,
@@ -318,7 +336,7 @@ impl Machine {
 
     /// A permitted call that ended without an outcome (it was cancelled):
     /// its half-open slot is freed, so half-open can never get stuck.
-    pub(crate) fn release(&mut self, ticket: Ticket, now: Duration, out: &mut Vec<Transition>) {
+    pub(crate) fn release(&mut self, ticket: Ticket, now: &mut Now<'_>, out: &mut Vec<Transition>) {
         self.stats.cancelled += 1;
         if ticket.half_open && ticket.generation == self.generation {
             self.half_open_in_flight -= 1;
@@ -327,7 +345,7 @@ impl Machine {
     }
 
     /// Why a closed breaker should open now, if it should.
-    fn should_open(&mut self, now: Duration) -> Option<String> {
+    fn should_open(&mut self, now: &mut Now<'_>) -> Option<String> {
         if let Some(limit) = self.config.consecutive_failures {
             if self.consecutive_failures >= limit.get() {
                 return Some(format!(
@@ -366,18 +384,29 @@ impl Machine {
 
     /// Moves to `to` now, or once the minimum interval since the last
     /// transition has passed.
-    fn decide(&mut self, to: BreakerState, now: Duration, why: String, out: &mut Vec<Transition>) {
-        if now.saturating_sub(self.since) >= self.config.min_transition_interval {
+    fn decide(
+        &mut self,
+        to: BreakerState,
+        now: &mut Now<'_>,
+        why: String,
+        out: &mut Vec<Transition>,
+    ) {
+        if self.interval_passed(now) {
             self.transition(to, now, why, out);
         } else {
             self.pending = Some((to, why));
         }
     }
 
-    fn apply_pending(&mut self, now: Duration, out: &mut Vec<Transition>) {
-        if self.pending.is_some()
-            && now.saturating_sub(self.since) >= self.config.min_transition_interval
-        {
+    /// Whether the minimum interval since the last transition has passed
+    /// (reads the clock only if there is an interval).
+    fn interval_passed(&self, now: &mut Now<'_>) -> bool {
+        self.config.min_transition_interval.is_zero()
+            || now.get().saturating_sub(self.since) >= self.config.min_transition_interval
+    }
+
+    fn apply_pending(&mut self, now: &mut Now<'_>, out: &mut Vec<Transition>) {
+        if self.pending.is_some() && self.interval_passed(now) {
             if let Some((to, why)) = self.pending.take() {
                 self.transition(to, now, why, out);
             }
@@ -395,10 +424,11 @@ impl Machine {
     pub(crate) fn transition(
         &mut self,
         to: BreakerState,
-        now: Duration,
+        now: &mut Now<'_>,
         reason: String,
         out: &mut Vec<Transition>,
     ) {
+        let now = now.get();
         let from = self.state;
         self.pending = None;
         self.state = to;
@@ -446,7 +476,7 @@ impl Machine {
     }
 
     /// The window's counts now.
-    pub(crate) fn window(&mut self, now: Duration) -> Counts {
+    pub(crate) fn window(&mut self, now: &mut Now<'_>) -> Counts {
         self.outcomes.totals(now)
     }
 

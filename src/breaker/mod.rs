@@ -72,7 +72,7 @@ use tokio::time::Instant;
 
 use crate::config::ConfigError;
 use crate::health::{Health, HealthCheck};
-use machine::{Machine, Ticket};
+use machine::{Machine, Now, Ticket};
 
 #[cfg(loom)]
 use loom::sync::{Mutex, MutexGuard, RwLock};
@@ -152,6 +152,8 @@ type Listener = Box<dyn Fn(&Transition) + Send + Sync>;
 
 struct Inner {
     name: String,
+    /// Whether call durations matter (a slow-call threshold is set).
+    times_calls: bool,
     origin: Clock,
     machine: Mutex<Machine>,
     audit: Mutex<VecDeque<Transition>>,
@@ -211,6 +213,7 @@ impl Breaker {
         Ok(Breaker {
             inner: Arc::new(Inner {
                 name: name.into(),
+                times_calls: config.slow_call.is_some(),
                 origin: Clock::now(),
                 machine: Mutex::new(Machine::new(config)),
                 audit: Mutex::new(VecDeque::new()),
@@ -244,11 +247,12 @@ impl Breaker {
     /// waiters about the transitions it made (outside the lock).
     fn with_machine<R>(
         &self,
-        f: impl FnOnce(&mut Machine, Duration, &mut Vec<Transition>) -> R,
+        f: impl FnOnce(&mut Machine, &mut Now<'_>, &mut Vec<Transition>) -> R,
     ) -> R {
         let mut transitions = Vec::new();
-        let now = self.now();
-        let r = f(&mut self.machine(), now, &mut transitions);
+        let read = || self.now();
+        let mut now = Now::new(&read);
+        let r = f(&mut self.machine(), &mut now, &mut transitions);
         if !transitions.is_empty() {
             self.publish(transitions);
         }
@@ -298,13 +302,13 @@ impl Breaker {
     ///
     /// [`CircuitOpen`] while the breaker is open, forced open, or in
     /// half-open with every trial slot taken.
-    pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
+    pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
         let ticket = self.with_machine(|m, now, out| m.acquire(now, out));
         match ticket {
             Ok(ticket) => Ok(Permit {
-                breaker: self.clone(),
+                breaker: self,
                 ticket,
-                start: Instant::now(),
+                start: self.inner.times_calls.then(Instant::now),
                 done: false,
             }),
             Err(refusal) => Err(CircuitOpen {
@@ -317,7 +321,7 @@ impl Breaker {
 
     /// Waits until a call may be made: through an open period, and for a
     /// free trial slot in half-open.
-    pub async fn acquire(&self) -> Permit {
+    pub async fn acquire(&self) -> Permit<'_> {
         loop {
             let notified = self.inner.changed.notified();
             let mut notified = std::pin::pin!(notified);
@@ -392,9 +396,10 @@ impl Breaker {
 
     /// A snapshot of the state and counters.
     pub fn metrics(&self) -> BreakerMetrics {
-        let now = self.now();
+        let read = || self.now();
+        let mut now = Now::new(&read);
         let mut m = self.machine();
-        let window = m.window(now);
+        let window = m.window(&mut now);
         let rate = |n: u64| {
             if window.calls == 0 {
                 0.0
@@ -458,22 +463,26 @@ impl Clock {
     }
 }
 
-/// The model tests' clock (only with `--cfg loom`).
+/// The model tests' clock (only with `--cfg loom`). Loom runs a model's
+/// threads on one OS thread, so a thread-local clock is the model's own,
+/// apart from other tests running at the same time.
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod loom_clock {
-    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::cell::Cell;
     use std::time::Duration;
 
-    static NANOS: AtomicU64 = AtomicU64::new(0);
+    std::thread_local! {
+        static NOW: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    }
 
-    /// Moves every breaker's clock forward.
+    /// Moves the clock of every breaker of this model forward.
     pub fn advance(by: Duration) {
-        NANOS.fetch_add(u64::try_from(by.as_nanos()).unwrap_or(u64::MAX), SeqCst);
+        NOW.with(|now| now.set(now.get() + by));
     }
 
     pub(crate) fn now() -> Duration {
-        Duration::from_nanos(NANOS.load(SeqCst))
+        NOW.with(Cell::get)
     }
 }
 
@@ -487,14 +496,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// permit was given); dropping it without an outcome releases it, so a
 /// cancelled call never holds a half-open slot.
 #[must_use = "report the call's outcome on the permit"]
-pub struct Permit {
-    breaker: Breaker,
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
     ticket: Ticket,
-    start: Instant,
+    /// When the call began, if durations matter.
+    start: Option<Instant>,
     done: bool,
 }
 
-impl fmt::Debug for Permit {
+impl fmt::Debug for Permit<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
             .field("breaker", &self.breaker.inner.name)
@@ -503,7 +513,7 @@ impl fmt::Debug for Permit {
     }
 }
 
-impl Permit {
+impl Permit<'_> {
     /// The call succeeded after `took`.
     pub fn success(self, took: Duration) {
         self.finish(false, took);
@@ -515,9 +525,10 @@ impl Permit {
     }
 
     /// The call succeeded (`ok`) or failed, taking the time since the
-    /// permit was given.
+    /// permit was given (measured only if the breaker has a slow-call
+    /// threshold).
     pub fn record(self, ok: bool) {
-        let took = self.start.elapsed();
+        let took = self.start.map_or(Duration::ZERO, |s| s.elapsed());
         self.finish(!ok, took);
     }
 
@@ -532,7 +543,7 @@ impl Permit {
     }
 }
 
-impl Drop for Permit {
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
             let ticket = self.ticket;

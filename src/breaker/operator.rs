@@ -5,8 +5,6 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use crate::async_mapper::AsyncMapper;
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::ConfigError;
@@ -182,17 +180,9 @@ where
                     OpenPolicy::Wait => breaker.acquire().await,
                     _ => breaker.try_acquire().map_err(BoxError::from)?,
                 };
-                let start = Instant::now();
-                match call.await {
-                    Ok(value) => {
-                        permit.success(start.elapsed());
-                        Ok(value)
-                    }
-                    Err(e) => {
-                        permit.failure(start.elapsed());
-                        Err(e.into())
-                    }
-                }
+                let result = call.await;
+                permit.record(result.is_ok());
+                result.map_err(Into::into)
             }
         };
         AsyncMapper::new(guarded)
