@@ -83,7 +83,8 @@ impl Outcomes {
         }
     }
 
-    fn record(&mut self, now: &mut Now<'_>, failed: bool, slow: bool) {
+    /// Adds an outcome; returns the calls now in the window.
+    fn record(&mut self, now: &mut Now<'_>, failed: bool, slow: bool) -> u64 {
         self.expire(now);
         match self {
             Outcomes::Count { size, ring, totals } => {
@@ -98,6 +99,7 @@ impl Outcomes {
                 }
                 ring.push_back((failed, slow));
                 totals.add(failed, slow);
+                totals.calls
             }
             Outcomes::Time {
                 bucket,
@@ -114,6 +116,7 @@ impl Outcomes {
                     }
                 }
                 totals.add(failed, slow);
+                totals.calls
             }
         }
     }
@@ -322,14 +325,24 @@ impl Machine {
         if self.state != BreakerState::Closed {
             return; // disabled: outcomes are counted, never acted on
         }
-        self.outcomes.record(now, failed, slow);
+        let calls = self.outcomes.record(now, failed, slow);
         self.consecutive_failures = if failed {
             self.consecutive_failures + 1
         } else {
             0
         };
-        if let Some(why) = self.should_open(now) {
-            self.decide(BreakerState::Open, now, why, out);
+        // A quick success in a count window cannot raise a rate, so it
+        // cannot open the breaker, except as the call that makes the
+        // window long enough to judge. (A time window can lose old
+        // successes between calls, so it is always judged.)
+        let judged = failed
+            || slow
+            || calls == u64::from(self.config.minimum_calls.get())
+            || matches!(self.config.window, Window::Time(_));
+        if judged {
+            if let Some(why) = self.should_open(now) {
+                self.decide(BreakerState::Open, now, why, out);
+            }
         }
         self.apply_pending(now, out);
     }
@@ -358,8 +371,9 @@ impl Machine {
         if counts.calls < u64::from(self.config.minimum_calls.get()) {
             return None;
         }
-        let rate = counts.failures as f64 / counts.calls as f64;
-        if rate >= self.config.failure_rate {
+        let calls = counts.calls as f64;
+        if counts.failures as f64 >= self.config.failure_rate * calls {
+            let rate = counts.failures as f64 / calls;
             return Some(format!(
                 "failure rate {:.0}% over {} calls (threshold {:.0}%)",
                 rate * 100.0,
@@ -368,8 +382,8 @@ impl Machine {
             ));
         }
         if let Some(slow) = self.config.slow_call {
-            let rate = counts.slow as f64 / counts.calls as f64;
-            if rate >= slow.rate {
+            if counts.slow as f64 >= slow.rate * calls {
+                let rate = counts.slow as f64 / calls;
                 return Some(format!(
                     "slow-call rate {:.0}% over {} calls (threshold {:.0}% at {:?})",
                     rate * 100.0,
