@@ -48,7 +48,9 @@
 //!   [`Batcher`] groups values into batches; [`DeadLetterQueue`] takes
 //!   error items out of the stream into a sink (a channel, a closure, a
 //!   durable file that [`dlq::Replay`] reads back); [`HealthGate`] stops
-//!   taking input while a dependency is unhealthy.
+//!   taking input while a dependency is unhealthy. With the
+//!   `circuit-breaker` feature (off by default; read the warnings in
+//!   `breaker` first), `breaker::CircuitBreaker` guards a call per item.
 //! - Sinks: [`Flow::collect`], [`Flow::for_each`], [`Flow::forward`], or use
 //!   the [`Flow`] as a `futures::Stream`.
 //! - Lifecycle and counters: [`Pipeline`].
@@ -128,6 +130,10 @@ struct ErrorsAndDlqDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/health-gate.md")]
 struct HealthGateDoctests;
+
+#[cfg(all(doctest, feature = "circuit-breaker"))]
+#[doc = include_str!("../docs/circuit-breaker.md")]
+struct CircuitBreakerDoctests;
 
 /// Without the `circuit-breaker` feature the crate has no breaker: neither
 /// the module
