@@ -34,7 +34,7 @@
 //! ([`Breaker::on_transition`]) and its audit trail, and consider
 //! [`ClosedPolicy`](crate::ClosedPolicy)-style gating at the ingress with
 //! the breaker as the gate's check (a [`Breaker`] is a
-//! [`HealthCheck`](crate::HealthCheck)).
+//! [`HealthCheck`]).
 //!
 //! # The state machine
 //!
