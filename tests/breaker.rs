@@ -449,3 +449,69 @@ fn bad_configuration_is_rejected_with_the_field_named() {
         .is_err()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn around_a_processor_each_output_settles_its_permit() {
+    let mut c = config();
+    c.minimum_calls = n(1000); // stays closed: only counting here
+    let b = Breaker::new("b", c).unwrap();
+    let inner = streamz::AsyncMapper::new(|x: &u32| {
+        let x = *x;
+        async move { if x % 3 == 0 { Err("bad") } else { Ok(x) } }
+    })
+    .named("call")
+    .with_concurrency(4)
+    .unwrap();
+    let pipeline = Pipeline::new();
+    let input: Vec<streamz::Result<u32>> = (0..30)
+        .map(|i| {
+            if i == 7 {
+                Err(streamz::StreamError::failed("source", "torn record"))
+            } else {
+                Ok(i)
+            }
+        })
+        .collect();
+    let out = pipeline
+        .try_stream(futures::stream::iter(input))
+        .pipe(CircuitBreaker::around(b.clone(), inner).named("guard"))
+        .collect()
+        .await;
+    let (values, errors) = split(out);
+    assert_eq!(values.len(), 19);
+    assert_eq!(errors.len(), 11); // 10 failures of the call, 1 from the source
+    let m = b.metrics();
+    // The source's error passed through without a permit or an outcome.
+    assert_eq!((m.permitted, m.successes, m.failures), (29, 19, 10));
+    assert_eq!(m.cancelled, 0);
+    for name in ["guard", "call", "guard.settle"] {
+        assert_conserved(&stage(&pipeline, name));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn around_an_open_breaker_refuses_values_and_passes_errors() {
+    let b = Breaker::new("b", config()).unwrap();
+    b.force_open();
+    let inner = streamz::Stage::new("inner", streamz::Map::new(|x: &u32| x + 1));
+    let input: Vec<streamz::Result<u32>> = vec![
+        Ok(1),
+        Err(streamz::StreamError::failed("source", "torn")),
+        Ok(2),
+    ];
+    let out = streamz::try_stream(futures::stream::iter(input))
+        .pipe(CircuitBreaker::around(b.clone(), inner))
+        .collect()
+        .await;
+    let mut errors = split(out).1;
+    assert_eq!(errors.len(), 3);
+    assert_eq!(errors[1].stage(), "source");
+    for i in [0, 2] {
+        assert_eq!(
+            (errors[i].kind(), errors[i].stage()),
+            (ErrorKind::CircuitOpen, "circuit_breaker")
+        );
+    }
+    assert_eq!(errors[2].take_item::<u32>(), Some(2));
+    assert_eq!(b.metrics().rejected, 2);
+}

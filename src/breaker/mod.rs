@@ -59,7 +59,7 @@ mod operator;
 mod registry;
 
 pub use config::{BreakerConfig, OpenBackoff, SlowCall, Window};
-pub use operator::{CircuitBreaker, CircuitOpen, OpenPolicy};
+pub use operator::{CircuitBreaker, CircuitOpen, Guarded, OpenPolicy};
 pub use registry::{BreakerRegistry, RegistryError};
 
 use std::collections::VecDeque;
@@ -534,11 +534,18 @@ impl Permit<'_> {
 
     fn finish(mut self, failed: bool, took: Duration) {
         self.done = true;
-        let ticket = self.ticket;
-        self.breaker
-            .with_machine(|m, now, out| m.record(ticket, now, failed, took, out));
-        if ticket.half_open {
-            self.breaker.inner.changed.notify_waiters();
+        self.breaker.finish(self.ticket, failed, took);
+    }
+
+    /// The same permit, owning a handle on its breaker (to keep it past
+    /// the borrow, as a guarded processor does between its two ends).
+    pub(crate) fn into_owned(mut self) -> OwnedPermit {
+        self.done = true;
+        OwnedPermit {
+            breaker: self.breaker.clone(),
+            ticket: self.ticket,
+            start: self.start,
+            done: false,
         }
     }
 }
@@ -546,12 +553,49 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let ticket = self.ticket;
-            self.breaker
-                .with_machine(|m, now, out| m.release(ticket, now, out));
-            if ticket.half_open {
-                self.breaker.inner.changed.notify_waiters();
-            }
+            self.breaker.release(self.ticket);
+        }
+    }
+}
+
+/// A [`Permit`] that owns a handle on its breaker.
+pub(crate) struct OwnedPermit {
+    breaker: Breaker,
+    ticket: Ticket,
+    start: Option<Instant>,
+    done: bool,
+}
+
+impl OwnedPermit {
+    /// The call succeeded (`ok`) or failed; its duration is the time since
+    /// the permit was given.
+    pub(crate) fn record(mut self, ok: bool) {
+        self.done = true;
+        let took = self.start.map_or(Duration::ZERO, |s| s.elapsed());
+        self.breaker.finish(self.ticket, !ok, took);
+    }
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.release(self.ticket);
+        }
+    }
+}
+
+impl Breaker {
+    fn finish(&self, ticket: Ticket, failed: bool, took: Duration) {
+        self.with_machine(|m, now, out| m.record(ticket, now, failed, took, out));
+        if ticket.half_open {
+            self.inner.changed.notify_waiters();
+        }
+    }
+
+    fn release(&self, ticket: Ticket) {
+        self.with_machine(|m, now, out| m.release(ticket, now, out));
+        if ticket.half_open {
+            self.inner.changed.notify_waiters();
         }
     }
 }

@@ -1,16 +1,19 @@
 //! [`CircuitBreaker`]: an async call per item, guarded by a [`Breaker`].
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::async_mapper::AsyncMapper;
-use crate::breaker::{Breaker, BreakerState};
+use crate::breaker::{Breaker, BreakerState, OwnedPermit};
 use crate::config::ConfigError;
-use crate::error::BoxError;
+use crate::error::{BoxError, ErrorKind, StreamError};
 use crate::flow::Flow;
 use crate::processor::Processor;
+use crate::step::{Emit, Item, Step};
 
 /// Why a call was not made: the breaker refused it. The source of a
 /// `circuit_open` error item.
@@ -190,5 +193,179 @@ where
             .with_concurrency(concurrency)
             .expect("the concurrency was checked when set")
             .process(input)
+    }
+}
+
+impl CircuitBreaker<()> {
+    /// Guards a whole inner processor instead of a call: each value asks
+    /// `breaker` for a permit before it enters `inner`, and the item
+    /// `inner` emits for it reports the outcome (a value is a success, an
+    /// error of `inner`'s own making a failure). Refused values become
+    /// `circuit_open` error items carrying them, which pass through
+    /// `inner` unchanged, like any upstream error.
+    ///
+    /// `inner` must emit exactly one item per input, in order: a map, a
+    /// `try_map`, an ordered [`AsyncMapper`], a [`Stage`](crate::Stage) of
+    /// such a step. (A filter or a batcher would pair outcomes with the
+    /// wrong permits.) Refused items cannot wait here: the policy is
+    /// always [`OpenPolicy::Reject`].
+    ///
+    /// Admission runs ahead of the outcomes by what `inner` holds: a whole
+    /// chunk is admitted before the first of its outcomes is known. Small
+    /// chunks on this part of the pipeline ([`EdgeConfig`](crate::EdgeConfig))
+    /// make the breaker react sooner.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use streamz::breaker::{Breaker, BreakerConfig, BreakerState, CircuitBreaker};
+    /// use streamz::{EdgeConfig, ErrorKind, Pipeline, Stage, TryMap};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+    /// let mut config = BreakerConfig::default();
+    /// config.consecutive_failures = NonZeroU32::new(2);
+    /// let breaker = Breaker::new("parser", config)?;
+    /// let parse = Stage::new("parse", TryMap::new(|s: &String| s.parse::<u32>()));
+    /// // One item per chunk, so outcomes follow admissions closely.
+    /// let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1)?);
+    /// let out = pipeline
+    ///     .iter((0..20).map(|_| String::from("not a number")))
+    ///     .pipe(CircuitBreaker::around(breaker.clone(), parse))
+    ///     .collect()
+    ///     .await;
+    /// let refused = out.iter().filter(|r| r.as_ref().unwrap_err().kind() == ErrorKind::CircuitOpen).count();
+    /// assert!(refused > 10, "{refused}");
+    /// assert_eq!(breaker.state(), BreakerState::Open);
+    /// # Ok(()) }
+    /// ```
+    pub fn around<P>(breaker: Breaker, inner: P) -> Guarded<P> {
+        Guarded {
+            breaker,
+            inner,
+            name: Cow::Borrowed("circuit_breaker"),
+        }
+    }
+}
+
+/// An inner processor guarded by a breaker; see [`CircuitBreaker::around`].
+pub struct Guarded<P> {
+    breaker: Breaker,
+    inner: P,
+    name: Cow<'static, str>,
+}
+
+impl<P> fmt::Debug for Guarded<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guarded")
+            .field("breaker", &self.breaker)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> Guarded<P> {
+    /// Names the admitting stage (the stage refused items' errors name);
+    /// the settling stage is named `<name>.settle`.
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+/// The permits of the values inside the inner processor, oldest first.
+type Permits = Arc<Mutex<VecDeque<OwnedPermit>>>;
+
+fn permits(p: &Permits) -> std::sync::MutexGuard<'_, VecDeque<OwnedPermit>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Before the inner processor: a permit per value, or a refusal.
+struct Admit {
+    breaker: Breaker,
+    permits: Permits,
+}
+
+impl<T: Send + 'static> Step<T, T> for Admit {
+    fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
+        match self.breaker.try_acquire() {
+            Ok(permit) => {
+                permits(&self.permits).push_back(permit.into_owned());
+                out.emit(item.take());
+            }
+            Err(open) => {
+                let err = StreamError::new(ErrorKind::CircuitOpen, out.stage().to_owned())
+                    .with_source(open)
+                    .with_item(item.take());
+                out.error(err);
+            }
+        }
+    }
+}
+
+/// After the inner processor: each value or inner error settles the
+/// oldest permit.
+struct Settle {
+    permits: Permits,
+    inner: String,
+}
+
+impl<T: Send + 'static> Step<T, T> for Settle {
+    fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
+        if let Some(permit) = permits(&self.permits).pop_front() {
+            permit.record(true);
+        }
+        out.emit(item.take());
+    }
+
+    fn on_error(&mut self, error: Item<'_, StreamError>, out: &mut Emit<'_, T>) {
+        if error.stage() == self.inner && error.kind() != ErrorKind::CircuitOpen {
+            if let Some(permit) = permits(&self.permits).pop_front() {
+                permit.record(false);
+            }
+        }
+        out.pass(error.take());
+    }
+
+    fn on_end(&mut self, out: &mut Emit<'_, T>) {
+        let left = std::mem::take(&mut *permits(&self.permits));
+        if !left.is_empty() {
+            tracing::warn!(
+                stage = out.stage(),
+                permits = left.len(),
+                "the guarded processor emitted fewer items than it took; their permits are released"
+            );
+        }
+    }
+}
+
+impl<In, Out, P> Processor<In, Out> for Guarded<P>
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    P: Processor<In, Out>,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<In>) -> Flow<Out> {
+        let permits = Permits::default();
+        let inner_name = self.inner.name().to_owned();
+        let settle = format!("{}.settle", self.name);
+        input
+            .step(
+                self.name,
+                Admit {
+                    breaker: self.breaker,
+                    permits: permits.clone(),
+                },
+            )
+            .pipe(self.inner)
+            .step(
+                settle,
+                Settle {
+                    permits,
+                    inner: inner_name,
+                },
+            )
     }
 }
