@@ -100,6 +100,7 @@ async fn a_time_window_forgets_old_failures() {
 #[tokio::test(start_paused = true)]
 async fn consecutive_failures_open_it_without_waiting_for_the_minimum() {
     let mut c = config();
+    c.window = Window::Count(n(100));
     c.minimum_calls = n(100);
     c.consecutive_failures = Some(n(3));
     let b = Breaker::new("b", c).unwrap();
@@ -453,6 +454,7 @@ fn bad_configuration_is_rejected_with_the_field_named() {
 #[tokio::test(start_paused = true)]
 async fn around_a_processor_each_output_settles_its_permit() {
     let mut c = config();
+    c.window = Window::Count(n(1000));
     c.minimum_calls = n(1000); // stays closed: only counting here
     let b = Breaker::new("b", c).unwrap();
     let inner = streamz::AsyncMapper::new(|x: &u32| {
@@ -514,4 +516,120 @@ async fn around_an_open_breaker_refuses_values_and_passes_errors() {
     }
     assert_eq!(errors[2].take_item::<u32>(), Some(2));
     assert_eq!(b.metrics().rejected, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_trial_is_not_undone_by_later_successes_while_a_transition_waits() {
+    let mut c = config();
+    c.half_open_calls = n(3);
+    c.successes_to_close = n(2);
+    c.min_transition_interval = Duration::from_millis(500);
+    let b = Breaker::new("b", c).unwrap();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    open(&b);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let trials: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+    let mut trials = trials.into_iter();
+    trials.next().unwrap().failure(MS); // within the interval: waits
+    trials.next().unwrap().success(MS);
+    trials.next().unwrap().success(MS);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(
+        b.audit_trail().last().unwrap().reason,
+        "a trial call failed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_on_an_idle_breaker_reopens_when_the_open_period_ends() {
+    let b = Breaker::new("db", config()).unwrap();
+    let gate = HealthGate::new(b.clone())
+        .with_interval(Duration::from_millis(100))
+        .unwrap()
+        .close_after(1)
+        .unwrap();
+    let handle = gate.handle();
+    let mut status = handle.subscribe();
+    let (tx, flow) = streamz::channel::<u32>();
+    let out = tokio::spawn(flow.pipe(gate).collect());
+    status
+        .wait_for(|s| s.state == GateState::Open)
+        .await
+        .unwrap();
+    open(&b);
+    status
+        .wait_for(|s| s.state == GateState::Closed)
+        .await
+        .unwrap();
+    // Nobody calls the breaker: reading its state ends the open period.
+    let closed_at = tokio::time::Instant::now();
+    status
+        .wait_for(|s| s.state == GateState::Open)
+        .await
+        .unwrap();
+    assert_eq!(closed_at.elapsed(), Duration::from_secs(1));
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    drop(tx);
+    out.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_may_call_back_into_the_breaker() {
+    let b = Breaker::new("b", config()).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    b.on_transition({
+        let (b, seen) = (b.clone(), seen.clone());
+        move |t| {
+            seen.lock().unwrap().push(t.to);
+            // An automatic reset on opening, and a listener added from a
+            // listener: neither deadlocks.
+            if t.to == BreakerState::Open {
+                b.on_transition(|_| {});
+                b.reset();
+            }
+            let _ = b.state();
+        }
+    });
+    open_pending(&b);
+    assert_eq!(b.state(), BreakerState::Closed);
+    use BreakerState::*;
+    assert_eq!(*seen.lock().unwrap(), [Open, Closed]);
+    let trail: Vec<_> = b.audit_trail().iter().map(|t| (t.from, t.to)).collect();
+    assert_eq!(trail, [(Closed, Open), (Open, Closed)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn around_matches_outputs_by_position_not_by_stage_name() {
+    let b = Breaker::new("b", config()).unwrap();
+    // Upstream errors named like the inner stage settle nothing.
+    let input: Vec<streamz::Result<u32>> = (0..10)
+        .map(|i| {
+            if i % 2 == 0 {
+                Err(streamz::StreamError::failed("inner", "upstream"))
+            } else {
+                Ok(i)
+            }
+        })
+        .collect();
+    let inner = streamz::Stage::new("inner", streamz::Map::new(|x: &u32| x + 1));
+    let out = streamz::try_stream(futures::stream::iter(input))
+        .pipe(CircuitBreaker::around(b.clone(), inner))
+        .collect()
+        .await;
+    assert_eq!(out.len(), 10);
+    let m = b.metrics();
+    assert_eq!((m.permitted, m.successes, m.failures), (5, 5, 0));
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn a_count_window_smaller_than_the_minimum_calls_is_rejected() {
+    let mut c = config();
+    c.window = Window::Count(n(5));
+    c.minimum_calls = n(10);
+    assert_eq!(
+        Breaker::new("b", c).unwrap_err().to_string(),
+        "`minimum_calls` must not exceed the count window's size"
+    );
 }

@@ -65,7 +65,10 @@ fn config() -> impl Strategy<Value = BreakerConfig> {
                 c.window = window;
                 c.failure_rate = rate;
                 c.consecutive_failures = consecutive.map(n);
-                c.minimum_calls = n(minimum);
+                c.minimum_calls = n(match window {
+                    Window::Count(size) => minimum.min(size.get()),
+                    Window::Time(_) => minimum,
+                });
                 c.half_open_calls = n(trials);
                 c.successes_to_close = n(successes.min(trials));
                 c.open_for = Duration::from_millis(open_ms);

@@ -389,3 +389,35 @@ async fn the_checker_ends_with_the_stream() {
     settle().await;
     assert_eq!(pipeline.running_tasks(), 0);
 }
+
+/// A check whose change signal panics.
+struct BrokenSignal(Arc<AtomicBool>);
+
+impl HealthCheck for BrokenSignal {
+    async fn check(&mut self) -> Health {
+        Health::from(self.0.load(Ordering::SeqCst))
+    }
+
+    async fn changed(&mut self) {
+        panic!("signal bug");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_signal_that_panics_leaves_the_gate_polling() {
+    let up = Arc::new(AtomicBool::new(false));
+    let gate = HealthGate::new(BrokenSignal(up.clone()))
+        .with_interval(TICK)
+        .unwrap();
+    let handle = gate.handle();
+    let mut status = handle.subscribe();
+    let (tx, flow) = streamz::channel::<u32>();
+    let out = tokio::spawn(flow.pipe(gate).collect());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.state(), GateState::Closed);
+    up.store(true, Ordering::SeqCst);
+    reached(&mut status, GateState::Open).await;
+    tx.send(1).await.unwrap();
+    drop(tx);
+    assert_eq!(out.await.unwrap().len(), 1);
+}

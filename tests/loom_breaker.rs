@@ -22,7 +22,7 @@ const MS: Duration = Duration::from_millis(1);
 fn config() -> BreakerConfig {
     let n = |v| NonZeroU32::new(v).unwrap();
     let mut c = BreakerConfig::default();
-    c.window = Window::Count(n(10));
+    c.window = Window::Count(n(100));
     c.minimum_calls = n(100);
     c.consecutive_failures = Some(n(2));
     c.half_open_calls = n(2);
@@ -149,5 +149,36 @@ fn a_reset_racing_a_trial_call_leaves_a_consistent_breaker() {
             b.state(),
             BreakerState::Closed | BreakerState::Open
         ));
+    });
+}
+
+#[test]
+fn the_audit_trail_and_listeners_see_transitions_in_the_order_they_happened() {
+    model(|| {
+        let b = half_open();
+        let heard = Arc::new(loom::sync::Mutex::new(Vec::new()));
+        b.on_transition({
+            let heard = heard.clone();
+            move |t| heard.lock().unwrap().push((t.from, t.to))
+        });
+        let trial = {
+            let b = b.clone();
+            loom::thread::spawn(move || {
+                if let Ok(permit) = b.try_acquire() {
+                    permit.failure(MS);
+                }
+            })
+        };
+        b.reset();
+        trial.join().unwrap();
+        let trail: Vec<_> = b.audit_trail().iter().map(|t| (t.from, t.to)).collect();
+        for pair in trail.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "{trail:?}");
+        }
+        assert_eq!(trail.last().unwrap().1, b.state(), "{trail:?}");
+        // The listener heard the same transitions, in the same order (those
+        // after the one the breaker was built with).
+        let heard = heard.lock().unwrap().clone();
+        assert_eq!(heard[..], trail[trail.len() - heard.len()..], "{trail:?}");
     });
 }

@@ -14,7 +14,9 @@ use crate::config::ConfigError;
 pub enum Window {
     /// The last `n` calls.
     Count(NonZeroU32),
-    /// The calls of the last duration (kept in ten buckets).
+    /// The calls of the last duration, counted in tenths of it: a call
+    /// stays in the window for at least the duration and at most a tenth
+    /// longer.
     #[serde(with = "humantime_serde")]
     Time(Duration),
 }
@@ -134,7 +136,8 @@ impl BreakerConfig {
     ///
     /// [`ConfigError`] naming the field: a rate outside (0, 1], a zero
     /// window or open duration, more successes to close than trial calls,
-    /// a backoff factor below 1.
+    /// a backoff factor below 1, a minimum number of calls larger than a
+    /// count window.
     ///
     /// ```
     /// use streamz::breaker::BreakerConfig;
@@ -153,10 +156,18 @@ impl BreakerConfig {
                 });
             }
         }
-        if let Window::Time(d) = self.window {
-            if d.is_zero() {
+        match self.window {
+            Window::Time(d) if d.is_zero() => {
                 return Err(ConfigError::Zero { field: "window" });
             }
+            Window::Count(size) if self.minimum_calls > size => {
+                // The window could never hold enough calls to judge a rate.
+                return Err(ConfigError::Invalid {
+                    field: "minimum_calls",
+                    reason: "must not exceed the count window's size",
+                });
+            }
+            _ => {}
         }
         if self.open_for.is_zero() {
             return Err(ConfigError::Zero { field: "open_for" });

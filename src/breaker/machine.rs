@@ -131,7 +131,9 @@ impl Outcomes {
         {
             let current = bucket_of(now.get(), *bucket);
             while let Some(&(b, counts)) = buckets.front() {
-                if b + u64::from(BUCKETS) > current {
+                // Keep the current bucket and the ten before it: the
+                // window covers at least its span (and up to a tenth more).
+                if b + u64::from(BUCKETS) >= current {
                     break;
                 }
                 totals.sub(counts);
@@ -243,15 +245,7 @@ impl Machine {
         now: &mut Now<'_>,
         out: &mut Vec<Transition>,
     ) -> Result<Ticket, Refusal> {
-        self.apply_pending(now, out);
-        if self.state == BreakerState::Open && now.get() >= self.open_until {
-            self.transition(
-                BreakerState::HalfOpen,
-                now,
-                "the open duration passed".into(),
-                out,
-            );
-        }
+        self.tick(now, out);
         let granted = match self.state {
             BreakerState::Closed | BreakerState::Disabled => Some(false),
             BreakerState::HalfOpen => {
@@ -405,10 +399,30 @@ impl Machine {
         why: String,
         out: &mut Vec<Transition>,
     ) {
+        // Once an opening waits, nothing else replaces it: a failed trial
+        // is not undone by later successes.
+        if matches!(&self.pending, Some((BreakerState::Open, _))) && to != BreakerState::Open {
+            return;
+        }
         if self.interval_passed(now) {
             self.transition(to, now, why, out);
         } else {
             self.pending = Some((to, why));
+        }
+    }
+
+    /// Applies what time alone decides: a waiting transition whose
+    /// interval passed, and the end of the open period. (Also run when
+    /// only the state is read, so a breaker nobody calls still moves on.)
+    pub(crate) fn tick(&mut self, now: &mut Now<'_>, out: &mut Vec<Transition>) {
+        self.apply_pending(now, out);
+        if self.state == BreakerState::Open && now.get() >= self.open_until {
+            self.transition(
+                BreakerState::HalfOpen,
+                now,
+                "the open duration passed".into(),
+                out,
+            );
         }
     }
 

@@ -148,7 +148,7 @@ pub struct BreakerMetrics {
     pub slow_call_rate: f64,
 }
 
-type Listener = Box<dyn Fn(&Transition) + Send + Sync>;
+type Listener = dyn Fn(&Transition) + Send + Sync;
 
 struct Inner {
     name: String,
@@ -157,7 +157,11 @@ struct Inner {
     origin: Clock,
     machine: Mutex<Machine>,
     audit: Mutex<VecDeque<Transition>>,
-    listeners: RwLock<Vec<Listener>>,
+    /// Transitions waiting for the listeners, in order.
+    outbox: Mutex<VecDeque<Transition>>,
+    /// Held by the thread calling the listeners.
+    delivering: Mutex<()>,
+    listeners: RwLock<Vec<Arc<Listener>>>,
     /// Woken on every transition and every freed half-open slot.
     changed: Notify,
 }
@@ -217,6 +221,8 @@ impl Breaker {
                 origin: Clock::now(),
                 machine: Mutex::new(Machine::new(config)),
                 audit: Mutex::new(VecDeque::new()),
+                outbox: Mutex::new(VecDeque::new()),
+                delivering: Mutex::new(()),
                 listeners: RwLock::new(Vec::new()),
                 changed: Notify::new(),
             }),
@@ -243,8 +249,10 @@ impl Breaker {
         lock(&self.inner.machine)
     }
 
-    /// Runs `f` on the machine, then tells listeners, the audit trail and
-    /// waiters about the transitions it made (outside the lock).
+    /// Runs `f` on the machine. The transitions it makes go to the audit
+    /// trail and the listeners' queue while the machine is still locked,
+    /// so both see them in the order they happened; listeners are called
+    /// after the lock is released.
     fn with_machine<R>(
         &self,
         f: impl FnOnce(&mut Machine, &mut Now<'_>, &mut Vec<Transition>) -> R,
@@ -252,48 +260,73 @@ impl Breaker {
         let mut transitions = Vec::new();
         let read = || self.now();
         let mut now = Now::new(&read);
-        let r = f(&mut self.machine(), &mut now, &mut transitions);
+        let r = {
+            let mut machine = self.machine();
+            let r = f(&mut machine, &mut now, &mut transitions);
+            if !transitions.is_empty() {
+                let capacity = machine.config.audit_capacity;
+                let mut audit = lock(&self.inner.audit);
+                for t in &transitions {
+                    if capacity > 0 {
+                        if audit.len() == capacity {
+                            audit.pop_front();
+                        }
+                        audit.push_back(t.clone());
+                    }
+                }
+                lock(&self.inner.outbox).extend(transitions.iter().cloned());
+            }
+            r
+        };
         if !transitions.is_empty() {
-            self.publish(transitions);
+            self.deliver();
+            self.inner.changed.notify_waiters();
         }
         r
     }
 
-    fn publish(&self, transitions: Vec<Transition>) {
-        let capacity = self.machine().config.audit_capacity;
-        {
-            let mut audit = lock(&self.inner.audit);
-            for t in &transitions {
-                if audit.len() == capacity {
-                    audit.pop_front();
+    /// Calls the listeners with queued transitions, in order, one thread
+    /// at a time. A thread that finds another delivering leaves its
+    /// transitions to it (which also makes a listener that moves the
+    /// breaker safe: its transitions are delivered after the current one).
+    fn deliver(&self) {
+        loop {
+            let Ok(delivering) = self.inner.delivering.try_lock() else {
+                return;
+            };
+            loop {
+                let Some(t) = lock(&self.inner.outbox).pop_front() else {
+                    break;
+                };
+                match t.to {
+                    BreakerState::Open | BreakerState::ForcedOpen => {
+                        tracing::warn!(breaker = %self.inner.name, from = ?t.from, to = ?t.to, reason = %t.reason, "circuit breaker opens")
+                    }
+                    _ => {
+                        tracing::info!(breaker = %self.inner.name, from = ?t.from, to = ?t.to, reason = %t.reason, "circuit breaker transition")
+                    }
                 }
-                if capacity > 0 {
-                    audit.push_back(t.clone());
+                // A copy of the list: a listener may add listeners.
+                let listeners: Vec<Arc<Listener>> = self
+                    .inner
+                    .listeners
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for listener in listeners {
+                    let call = std::panic::AssertUnwindSafe(|| listener(&t));
+                    if std::panic::catch_unwind(call).is_err() {
+                        tracing::error!(breaker = %self.inner.name, "a transition listener panicked");
+                    }
                 }
+            }
+            drop(delivering);
+            // Something queued after the last look but before the release
+            // would otherwise wait for the next transition.
+            if lock(&self.inner.outbox).is_empty() {
+                return;
             }
         }
-        let listeners = self
-            .inner
-            .listeners
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        for t in &transitions {
-            match t.to {
-                BreakerState::Open | BreakerState::ForcedOpen => {
-                    tracing::warn!(breaker = %self.inner.name, from = ?t.from, to = ?t.to, reason = %t.reason, "circuit breaker opens")
-                }
-                _ => {
-                    tracing::info!(breaker = %self.inner.name, from = ?t.from, to = ?t.to, reason = %t.reason, "circuit breaker transition")
-                }
-            }
-            for listener in listeners.iter() {
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener(t))).is_err() {
-                    tracing::error!(breaker = %self.inner.name, "a transition listener panicked");
-                }
-            }
-        }
-        drop(listeners);
-        self.inner.changed.notify_waiters();
     }
 
     /// Asks to make a call now.
@@ -349,7 +382,12 @@ impl Breaker {
 
     /// The current state.
     pub fn state(&self) -> BreakerState {
-        self.machine().state
+        // Reading the state applies what time alone decides (the end of
+        // the open period), so a gate watching an idle breaker sees it.
+        self.with_machine(|m, now, out| {
+            m.tick(now, out);
+            m.state
+        })
     }
 
     /// Closes the breaker by hand: counters of the window are cleared.
@@ -385,7 +423,7 @@ impl Breaker {
             .listeners
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Box::new(listener));
+            .push(Arc::new(listener));
     }
 
     /// The last transitions, oldest first (up to the configured

@@ -199,10 +199,13 @@ where
 impl CircuitBreaker<()> {
     /// Guards a whole inner processor instead of a call: each value asks
     /// `breaker` for a permit before it enters `inner`, and the item
-    /// `inner` emits for it reports the outcome (a value is a success, an
-    /// error of `inner`'s own making a failure). Refused values become
-    /// `circuit_open` error items carrying them, which pass through
-    /// `inner` unchanged, like any upstream error.
+    /// `inner` emits in its place reports the outcome (a value is a
+    /// success, an error a failure). Items are matched by position, so
+    /// errors from upstream, which pass through `inner` unchanged, settle
+    /// nothing. Refused values become `circuit_open` error items carrying
+    /// them, which pass through `inner` the same way. A call's duration
+    /// (for a slow-call threshold) runs from admission to output, so it
+    /// includes time queued inside `inner`.
     ///
     /// `inner` must emit exactly one item per input, in order: a map, a
     /// `try_map`, an ordered [`AsyncMapper`], a [`Stage`](crate::Stage) of
@@ -271,27 +274,37 @@ impl<P> Guarded<P> {
     }
 }
 
-/// The permits of the values inside the inner processor, oldest first.
-type Permits = Arc<Mutex<VecDeque<OwnedPermit>>>;
+/// What each item inside the inner processor holds, oldest first: a
+/// permit for a value, nothing for an error passing through. Outputs are
+/// matched by position, so an upstream error can never settle a permit.
+type Slots = Arc<Mutex<VecDeque<Option<OwnedPermit>>>>;
 
-fn permits(p: &Permits) -> std::sync::MutexGuard<'_, VecDeque<OwnedPermit>> {
-    p.lock().unwrap_or_else(|e| e.into_inner())
+fn next_slot(slots: &Slots) -> Option<Option<OwnedPermit>> {
+    slots.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+}
+
+fn push_slot(slots: &Slots, slot: Option<OwnedPermit>) {
+    slots
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back(slot);
 }
 
 /// Before the inner processor: a permit per value, or a refusal.
 struct Admit {
     breaker: Breaker,
-    permits: Permits,
+    slots: Slots,
 }
 
 impl<T: Send + 'static> Step<T, T> for Admit {
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
         match self.breaker.try_acquire() {
             Ok(permit) => {
-                permits(&self.permits).push_back(permit.into_owned());
+                push_slot(&self.slots, Some(permit.into_owned()));
                 out.emit(item.take());
             }
             Err(open) => {
+                push_slot(&self.slots, None);
                 let err = StreamError::new(ErrorKind::CircuitOpen, out.stage().to_owned())
                     .with_source(open)
                     .with_item(item.take());
@@ -299,38 +312,41 @@ impl<T: Send + 'static> Step<T, T> for Admit {
             }
         }
     }
+
+    fn on_error(&mut self, error: Item<'_, StreamError>, out: &mut Emit<'_, T>) {
+        push_slot(&self.slots, None);
+        out.pass(error.take());
+    }
 }
 
-/// After the inner processor: each value or inner error settles the
-/// oldest permit.
+/// After the inner processor: the item in each position settles that
+/// position's permit (a value is a success, an error a failure).
 struct Settle {
-    permits: Permits,
-    inner: String,
+    slots: Slots,
 }
 
 impl<T: Send + 'static> Step<T, T> for Settle {
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
-        if let Some(permit) = permits(&self.permits).pop_front() {
+        // Popped first: listeners run without the queue locked.
+        if let Some(Some(permit)) = next_slot(&self.slots) {
             permit.record(true);
         }
         out.emit(item.take());
     }
 
     fn on_error(&mut self, error: Item<'_, StreamError>, out: &mut Emit<'_, T>) {
-        if error.stage() == self.inner && error.kind() != ErrorKind::CircuitOpen {
-            if let Some(permit) = permits(&self.permits).pop_front() {
-                permit.record(false);
-            }
+        if let Some(Some(permit)) = next_slot(&self.slots) {
+            permit.record(false);
         }
         out.pass(error.take());
     }
 
     fn on_end(&mut self, out: &mut Emit<'_, T>) {
-        let left = std::mem::take(&mut *permits(&self.permits));
-        if !left.is_empty() {
+        let left = std::mem::take(&mut *self.slots.lock().unwrap_or_else(|e| e.into_inner()));
+        if left.iter().any(Option::is_some) {
             tracing::warn!(
                 stage = out.stage(),
-                permits = left.len(),
+                items = left.len(),
                 "the guarded processor emitted fewer items than it took; their permits are released"
             );
         }
@@ -348,24 +364,17 @@ where
     }
 
     fn process(self, input: Flow<In>) -> Flow<Out> {
-        let permits = Permits::default();
-        let inner_name = self.inner.name().to_owned();
+        let slots = Slots::default();
         let settle = format!("{}.settle", self.name);
         input
             .step(
                 self.name,
                 Admit {
                     breaker: self.breaker,
-                    permits: permits.clone(),
+                    slots: slots.clone(),
                 },
             )
             .pipe(self.inner)
-            .step(
-                settle,
-                Settle {
-                    permits,
-                    inner: inner_name,
-                },
-            )
+            .step(settle, Settle { slots })
     }
 }

@@ -391,12 +391,29 @@ impl<C: HealthCheck> Checker<C> {
     async fn run(mut self, stop: CancellationToken) {
         let (mut healthy_run, mut unhealthy_run) = (0u32, 0u32);
         let mut next = Instant::now();
+        // A `changed` that panics is not asked again: the gate polls.
+        let mut watch_changes = true;
         loop {
+            let check = &mut self.check;
+            let changed = async {
+                if !watch_changes {
+                    return std::future::pending().await;
+                }
+                AssertUnwindSafe(async { check.changed().await })
+                    .catch_unwind()
+                    .await
+            };
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep_until(next) => {}
-                () = self.check.changed() => {}
+                result = changed => {
+                    if let Err(payload) = result {
+                        let panic = PanicError::from_payload(payload);
+                        tracing::error!(stage = %self.stage, %panic, "the health check's change signal panicked; polling only");
+                        watch_changes = false;
+                    }
+                }
             }
             let health = tokio::select! {
                 biased;
