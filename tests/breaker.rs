@@ -333,11 +333,19 @@ async fn the_operator_waits_while_open_under_the_wait_policy() {
     assert_eq!(b.state(), BreakerState::Closed);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_breaker_gates_a_pipeline_ingress() {
-    let b = Breaker::new("db", config()).unwrap();
+/// A pipeline gated on `b` (closing on one unhealthy answer), once its gate
+/// has opened: the gate's handle and status, the input, the output task.
+async fn gate_on(
+    b: &Breaker,
+    interval: Duration,
+) -> (
+    streamz::GateHandle,
+    tokio::sync::watch::Receiver<streamz::GateStatus>,
+    streamz::Pusher<u32>,
+    tokio::task::JoinHandle<Vec<streamz::Result<u32>>>,
+) {
     let gate = HealthGate::new(b.clone())
-        .with_interval(Duration::from_secs(60))
+        .with_interval(interval)
         .unwrap()
         .close_after(1)
         .unwrap();
@@ -349,6 +357,13 @@ async fn a_breaker_gates_a_pipeline_ingress() {
         .wait_for(|s| s.state == GateState::Open)
         .await
         .unwrap();
+    (handle, status, tx, out)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_gates_a_pipeline_ingress() {
+    let b = Breaker::new("db", config()).unwrap();
+    let (handle, mut status, tx, out) = gate_on(&b, Duration::from_secs(60)).await;
     // The breaker opens: the gate follows at once, not at the next poll.
     let at = tokio::time::Instant::now();
     open(&b);
@@ -544,19 +559,7 @@ async fn a_failed_trial_is_not_undone_by_later_successes_while_a_transition_wait
 #[tokio::test(start_paused = true)]
 async fn a_gate_on_an_idle_breaker_reopens_when_the_open_period_ends() {
     let b = Breaker::new("db", config()).unwrap();
-    let gate = HealthGate::new(b.clone())
-        .with_interval(Duration::from_millis(100))
-        .unwrap()
-        .close_after(1)
-        .unwrap();
-    let handle = gate.handle();
-    let mut status = handle.subscribe();
-    let (tx, flow) = streamz::channel::<u32>();
-    let out = tokio::spawn(flow.pipe(gate).collect());
-    status
-        .wait_for(|s| s.state == GateState::Open)
-        .await
-        .unwrap();
+    let (_handle, mut status, tx, out) = gate_on(&b, Duration::from_millis(100)).await;
     open(&b);
     status
         .wait_for(|s| s.state == GateState::Closed)
