@@ -5,7 +5,9 @@
 //! - a trial call that is cancelled frees its slot: half-open never gets
 //!   stuck,
 //! - concurrent failures open the breaker exactly once; no transition is
-//!   lost from the audit trail or the counters.
+//!   lost from the audit trail or the counters;
+//! - a reset racing a trial call leaves a consistent breaker, and the audit
+//!   trail and the listeners see transitions in the order they happened.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test --release --features circuit-breaker --test loom_breaker`
 #![cfg(all(loom, feature = "circuit-breaker"))]
@@ -126,34 +128,7 @@ fn concurrent_failures_open_the_breaker_exactly_once() {
 }
 
 #[test]
-fn a_reset_racing_a_trial_call_leaves_a_consistent_breaker() {
-    model(|| {
-        let b = half_open();
-        let trial = {
-            let b = b.clone();
-            loom::thread::spawn(move || {
-                if let Ok(permit) = b.try_acquire() {
-                    permit.failure(MS);
-                }
-            })
-        };
-        b.reset();
-        trial.join().unwrap();
-        // Either the trial failed before the reset (then the reset closed
-        // it) or after it: an outcome from before the reset never moves
-        // the reset breaker.
-        assert_eq!(b.half_open_in_flight(), 0);
-        let m = b.metrics();
-        assert_eq!(m.transitions as usize, b.audit_trail().len());
-        assert!(matches!(
-            b.state(),
-            BreakerState::Closed | BreakerState::Open
-        ));
-    });
-}
-
-#[test]
-fn the_audit_trail_and_listeners_see_transitions_in_the_order_they_happened() {
+fn a_reset_racing_a_failed_trial_leaves_a_consistent_breaker_and_an_ordered_trail() {
     model(|| {
         let b = half_open();
         let heard = Arc::new(loom::sync::Mutex::new(Vec::new()));
@@ -171,6 +146,17 @@ fn the_audit_trail_and_listeners_see_transitions_in_the_order_they_happened() {
         };
         b.reset();
         trial.join().unwrap();
+        // Either the trial failed before the reset (then the reset closed
+        // it) or after it: an outcome from before the reset never moves
+        // the reset breaker.
+        assert_eq!(b.half_open_in_flight(), 0);
+        assert!(matches!(
+            b.state(),
+            BreakerState::Closed | BreakerState::Open
+        ));
+        assert_eq!(b.metrics().transitions as usize, b.audit_trail().len());
+        // The audit trail and the listener see the transitions in the
+        // order they happened.
         let trail: Vec<_> = b.audit_trail().iter().map(|t| (t.from, t.to)).collect();
         for pair in trail.windows(2) {
             assert_eq!(pair[0].1, pair[1].0, "{trail:?}");
