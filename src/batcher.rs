@@ -44,7 +44,12 @@ type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 ///
 /// There is no default size or latency: both are required. No weight limit
 /// unless [`with_weight`](Batcher::with_weight) sets one. The stage is named
-/// `batcher` and its output edge uses the pipeline's [`EdgeConfig`].
+/// `batcher`. Its output edge holds about as many *values* as the
+/// pipeline's [`EdgeConfig`] allows items: its capacity and chunk length
+/// in batches are the pipeline's divided by the batch size (at least 1),
+/// so a consumer that falls behind holds back upstream after a few
+/// batches, not after a thousand batches of values
+/// ([`with_edge`](Batcher::with_edge) sets it explicitly).
 ///
 /// # Counters
 ///
@@ -173,7 +178,16 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
     }
 
     fn process(self, input: Flow<T>) -> Flow<Vec<T>> {
-        spawn_operator(input, &self.name, self.edge, |io| {
+        let edge = self.edge.unwrap_or_else(|| {
+            let values = input.pipeline().edge();
+            let size = self.max_size.get();
+            EdgeConfig::try_new(
+                (values.capacity() / size).max(1),
+                (values.max_chunk() / size).max(1),
+            )
+            .expect("both are at least 1")
+        });
+        spawn_operator(input, &self.name, Some(edge), |io| {
             let state = State {
                 batch: Vec::with_capacity(self.max_size.get()),
                 weight: 0,
