@@ -175,3 +175,33 @@ fn zero_sizes_and_durations_are_rejected() {
         }
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_output_edge_holds_about_as_many_values_as_the_pipelines_edges() {
+    // Edges of 100 items; batches of 10: the output edge holds 10 batches.
+    let pipeline = streamz::Pipeline::with_edge(streamz::EdgeConfig::try_new(100, 100).unwrap());
+    let (tx, flow) = pipeline.channel::<u32>();
+    let batcher = Batcher::try_new(10, Duration::from_secs(3600)).unwrap();
+    let out = flow.pipe(batcher);
+    // Nobody reads `out`: fill everything until the producer must wait.
+    let mut accepted = 0u32;
+    loop {
+        match tx.try_send(accepted) {
+            Ok(()) => accepted += 1,
+            Err(streamz::TrySendError::Full(_)) => {
+                support::settle().await;
+                if tx.try_send(accepted).is_err() {
+                    break;
+                }
+                accepted += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    // The source's 100, what the batcher holds (a chunk of up to 100 and a
+    // batch of 10), and 10 batches of 10 in its output edge: never the
+    // 100 batches (1,000 values) an edge counting batches as items held.
+    assert!(accepted <= 320, "{accepted} values buffered");
+    assert!(accepted >= 200, "{accepted} values buffered");
+    drop(out);
+}
