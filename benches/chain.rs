@@ -23,38 +23,9 @@ use streamz::{Map, Stage};
 
 const N: u64 = 1_000_000;
 const STAGES: usize = 5;
-const CHUNK: usize = 256;
 
 async fn raw_relay() -> u64 {
-    let (first_tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
-    tokio::spawn(async move {
-        let mut next = 0;
-        while next < N {
-            let end = (next + CHUNK as u64).min(N);
-            if first_tx.send((next..end).collect()).await.is_err() {
-                return;
-            }
-            next = end;
-        }
-    });
-    for _ in 0..STAGES {
-        let (tx, next_rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
-        let mut input = rx;
-        tokio::spawn(async move {
-            while let Some(mut chunk) = input.recv().await {
-                chunk.iter_mut().for_each(|x| *x += 1);
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        rx = next_rx;
-    }
-    let mut sum = 0;
-    while let Some(chunk) = rx.recv().await {
-        sum += chunk.iter().sum::<u64>();
-    }
-    sum
+    support::raw_relay(N, STAGES).await
 }
 
 async fn futures_map() -> u64 {

@@ -37,7 +37,7 @@ fn composed(c: &mut Criterion) {
         );
         type Case = fn() -> futures::future::BoxFuture<'static, u64>;
         let cases: [(&str, Case); 3] = [
-            ("raw_relay_5_hops", || pipeline::raw_relay(N, 5).boxed()),
+            ("raw_relay_5_hops", || support::raw_relay(N, 5).boxed()),
             ("futures_combinators", || {
                 pipeline::futures_pipeline(N).map(|s| s.values).boxed()
             }),

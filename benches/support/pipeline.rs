@@ -116,38 +116,3 @@ pub async fn futures_pipeline(n: u64) -> Summary {
         ..s
     }
 }
-
-/// The floor: `hops` tasks passing `Vec<u64>` chunks of up to 256 over
-/// bounded tokio channels, each adding one (the core bench's relay).
-pub async fn raw_relay(n: u64, hops: usize) -> u64 {
-    const CHUNK: u64 = 256;
-    let (first_tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
-    tokio::spawn(async move {
-        let mut next = 0;
-        while next < n {
-            let end = (next + CHUNK).min(n);
-            if first_tx.send((next..end).collect()).await.is_err() {
-                return;
-            }
-            next = end;
-        }
-    });
-    for _ in 0..hops {
-        let (tx, next_rx) = tokio::sync::mpsc::channel::<Vec<u64>>(4);
-        let mut input = rx;
-        tokio::spawn(async move {
-            while let Some(mut chunk) = input.recv().await {
-                chunk.iter_mut().for_each(|x| *x += 1);
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        rx = next_rx;
-    }
-    let mut sum = 0u64;
-    while let Some(chunk) = rx.recv().await {
-        sum = chunk.iter().fold(sum, |a, x| a.wrapping_add(*x));
-    }
-    sum
-}
