@@ -203,9 +203,9 @@ async fn a_cancelled_trial_call_frees_its_slot() {
     let a = b.try_acquire().unwrap();
     let c = b.try_acquire().unwrap();
     assert!(b.try_acquire().is_err());
-    assert_eq!(b.half_open_in_flight(), 2);
+    assert_eq!(b.metrics().trials_in_flight, 2);
     drop(a); // cancelled: no outcome
-    assert_eq!(b.half_open_in_flight(), 1);
+    assert_eq!(b.metrics().trials_in_flight, 1);
     b.try_acquire().unwrap().success(MS);
     c.success(MS);
     assert_eq!(b.state(), BreakerState::Closed);

@@ -138,6 +138,9 @@ pub struct BreakerMetrics {
     pub slow_calls: u64,
     /// Permitted calls that ended without an outcome (cancelled).
     pub cancelled: u64,
+    /// Trial calls in flight in half-open (never more than
+    /// `half_open_calls`).
+    pub trials_in_flight: u32,
     /// State changes.
     pub transitions: u64,
     /// Calls in the current window (closed state).
@@ -454,17 +457,12 @@ impl Breaker {
             failures: m.stats.failures,
             slow_calls: m.stats.slow,
             cancelled: m.stats.cancelled,
+            trials_in_flight: m.half_open_in_flight(),
             transitions: m.stats.transitions,
             window_calls: window.calls,
             failure_rate: rate(window.failures),
             slow_call_rate: rate(window.slow),
         }
-    }
-
-    /// Trial calls in flight in half-open (for tests of the invariants).
-    #[doc(hidden)]
-    pub fn half_open_in_flight(&self) -> u32 {
-        self.machine().half_open_in_flight()
     }
 }
 
