@@ -280,12 +280,27 @@ where
     }
 
     fn process(self, input: Flow<In>) -> Flow<Out> {
+        self.spawn_guarded(input, Unguarded)
+    }
+}
+
+impl<In, Out, E, F, Fut> AsyncMapper<In, Out, E, F>
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    E: Into<BoxError> + Send + 'static,
+    F: Fn(&In) -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<Out, E>> + Send + 'static,
+{
+    /// Runs the mapper with `guard` asked before every attempt.
+    pub(crate) fn spawn_guarded<G: Guard>(self, input: Flow<In>, guard: G) -> Flow<Out> {
         let c = self.concurrency.get();
         spawn_operator(input, &self.name, self.edge, |io| {
             let machine = Machine {
                 policy: Policy {
                     rng: self.retry.rng(),
                     f: self.f,
+                    guard,
                     timeout: self.timeout,
                     retry: self.retry,
                     retryable: self.retryable,
@@ -301,6 +316,48 @@ where
             run(io, machine)
         })
     }
+}
+
+/// Asked before each attempt and told how it ended: how a circuit breaker
+/// does its bookkeeping inside the mapper's task, instead of in a future
+/// per item around the call.
+pub(crate) trait Guard: Send + 'static {
+    /// What a slot holds while its attempt runs.
+    type Token: Send;
+
+    /// Asks to start an attempt, putting its token in `token` (in place:
+    /// a token moved out through a return value costs a stall per item).
+    /// A refusal fails the item without calling the function (and without
+    /// retries); its kind comes from the error's type as for the
+    /// function's own errors.
+    fn admit(&mut self, token: &mut Option<Self::Token>) -> std::result::Result<(), BoxError>;
+
+    /// The attempt ended with a value (`ok`) or an error (or a panic).
+    fn settle(&mut self, token: Self::Token, ok: bool);
+
+    /// The attempt ended without an outcome: a timeout, an abort.
+    fn cancel(&mut self, token: Self::Token);
+
+    /// The task is about to wait or end: report anything kept back.
+    fn flush(&mut self);
+}
+
+/// No guard: every attempt starts.
+pub(crate) struct Unguarded;
+
+impl Guard for Unguarded {
+    type Token = ();
+
+    fn admit(&mut self, token: &mut Option<()>) -> std::result::Result<(), BoxError> {
+        *token = Some(());
+        Ok(())
+    }
+
+    fn settle(&mut self, (): (), _ok: bool) {}
+
+    fn cancel(&mut self, (): ()) {}
+
+    fn flush(&mut self) {}
 }
 
 /// What a slot is doing.
@@ -323,8 +380,10 @@ enum Outcome<Out> {
 }
 
 /// One unit of concurrency, reused item after item.
-struct Slot<In, Out, Fut> {
+struct Slot<In, Out, Fut, T> {
     item: Option<In>,
+    /// The guard's token for the running attempt.
+    token: Option<T>,
     fut: Pin<Box<Option<Fut>>>,
     /// The running attempt's time limit, or the backoff.
     timer: Pin<Box<Sleep>>,
@@ -338,10 +397,11 @@ struct Slot<In, Out, Fut> {
     phase: Phase<Out>,
 }
 
-impl<In, Out, Fut> Slot<In, Out, Fut> {
+impl<In, Out, Fut, T> Slot<In, Out, Fut, T> {
     fn new() -> Self {
         Slot {
             item: None,
+            token: None,
             fut: Box::pin(None),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             timed: false,
@@ -359,8 +419,9 @@ impl<In, Out, Fut> Slot<In, Out, Fut> {
 
 /// What every slot shares: the function, the policies and the counts of the
 /// chunk in progress.
-struct Policy<F, E> {
+struct Policy<F, E, G> {
     f: F,
+    guard: G,
     timeout: Option<Duration>,
     retry: Retry,
     retryable: Option<Predicate<E>>,
@@ -375,22 +436,28 @@ enum Failure<E> {
     TimedOut(TimeoutError),
 }
 
-impl<F, E> Policy<F, E> {
+impl<F, E, G: Guard> Policy<F, E, G> {
     fn stage(&self) -> String {
         self.stage.to_string()
     }
 
     /// Starts the next attempt of the slot's item.
-    fn start<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut>)
+    fn start<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut, G::Token>)
     where
         In: Send + 'static,
         F: Fn(&In) -> Fut,
     {
         let item = slot.item.as_ref().expect("a started slot holds its item");
         slot.attempts += 1;
+        if let Err(refused) = self.guard.admit(&mut slot.token) {
+            let err = StreamError::new(kind_of(&*refused), self.stage()).with_source(refused);
+            self.fail(slot, err);
+            return;
+        }
         match catch_unwind(AssertUnwindSafe(|| (self.f)(item))) {
             Ok(fut) => slot.fut.as_mut().set(Some(fut)),
             Err(payload) => {
+                self.end_attempt(slot, None);
                 let err = StreamError::panicked(&self.stage, payload);
                 self.fail(slot, err);
                 return;
@@ -417,7 +484,7 @@ impl<F, E> Policy<F, E> {
     }
 
     /// Ends the item with a failure of this stage.
-    fn fail<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut>, err: StreamError)
+    fn fail<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut, G::Token>, err: StreamError)
     where
         In: Send + 'static,
     {
@@ -432,7 +499,7 @@ impl<F, E> Policy<F, E> {
     }
 
     /// An attempt failed: retry after a backoff, or give up.
-    fn failed<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut>, failure: Failure<E>)
+    fn failed<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut, G::Token>, failure: Failure<E>)
     where
         In: Send + 'static,
         E: Into<BoxError>,
@@ -479,7 +546,11 @@ impl<F, E> Policy<F, E> {
     }
 
     /// Drives a busy slot as far as it goes; true once it is done.
-    fn poll<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut>, cx: &mut Context<'_>) -> bool
+    fn poll<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, Fut, G::Token>,
+        cx: &mut Context<'_>,
+    ) -> bool
     where
         In: Send + 'static,
         E: Into<BoxError>,
@@ -501,21 +572,25 @@ impl<F, E> Policy<F, E> {
                                 return false;
                             }
                             slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, None);
                             self.local.timeouts += 1;
                             let failure = self.timeout_cause(slot);
                             self.failed(slot, Failure::TimedOut(failure));
                         }
                         Ok(Poll::Ready(Ok(value))) => {
                             slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, Some(true));
                             slot.item = None;
                             slot.phase = Phase::Done(Outcome::Value(value));
                         }
                         Ok(Poll::Ready(Err(e))) => {
                             slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, Some(false));
                             self.failed(slot, Failure::Error(e));
                         }
                         Err(payload) => {
                             slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, Some(false));
                             let err = StreamError::panicked(&self.stage, payload);
                             self.fail(slot, err);
                         }
@@ -533,9 +608,25 @@ impl<F, E> Policy<F, E> {
         }
     }
 
+    /// Tells the guard how the slot's attempt ended: a value (`Some(true)`),
+    /// an error or a panic (`Some(false)`), or no outcome (`None`: a
+    /// timeout, a panic before the call).
+    fn end_attempt<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, Fut, G::Token>,
+        ok: Option<bool>,
+    ) {
+        if let Some(token) = slot.token.take() {
+            match ok {
+                Some(ok) => self.guard.settle(token, ok),
+                None => self.guard.cancel(token),
+            }
+        }
+    }
+
     /// Which limit cut the attempt off: the per-attempt timeout, or the
     /// total deadline if that came first.
-    fn timeout_cause<In, Out, Fut>(&self, slot: &Slot<In, Out, Fut>) -> TimeoutError {
+    fn timeout_cause<In, Out, Fut>(&self, slot: &Slot<In, Out, Fut, G::Token>) -> TimeoutError {
         match (self.retry.deadline, slot.first_start) {
             (Some(limit), Some(first)) if slot.timer.deadline() == first + limit => {
                 TimeoutError::Deadline { limit }
@@ -548,9 +639,9 @@ impl<F, E> Policy<F, E> {
 }
 
 /// The slots and the order they leave in.
-struct Machine<In, Out, E, F, Fut> {
-    policy: Policy<F, E>,
-    slots: Vec<Slot<In, Out, Fut>>,
+struct Machine<In, Out, E, F, Fut, G: Guard> {
+    policy: Policy<F, E, G>,
+    slots: Vec<Slot<In, Out, Fut, G::Token>>,
     free: Vec<usize>,
     /// Ordered mode: occupied slots in arrival order.
     order: VecDeque<usize>,
@@ -559,7 +650,7 @@ struct Machine<In, Out, E, F, Fut> {
     finished: usize,
 }
 
-impl<In, Out, E, F, Fut> Machine<In, Out, E, F, Fut>
+impl<In, Out, E, F, Fut, G: Guard> Machine<In, Out, E, F, Fut, G>
 where
     In: Send + 'static,
     E: Into<BoxError>,
@@ -656,6 +747,7 @@ where
         let held = self.occupied() as u64;
         for slot in &mut self.slots {
             slot.fut.as_mut().set(None);
+            self.policy.end_attempt(slot, None);
             slot.item = None;
             slot.phase = Phase::Free;
         }
@@ -671,8 +763,10 @@ enum End {
 /// Items admitted per wake-up before the task yields to the runtime.
 const YIELD_AFTER: usize = 2048;
 
-async fn run<In, Out, E, F, Fut>(io: TaskIo<In, Out>, mut m: Machine<In, Out, E, F, Fut>)
-where
+async fn run<In, Out, E, F, Fut, G: Guard>(
+    io: TaskIo<In, Out>,
+    mut m: Machine<In, Out, E, F, Fut, G>,
+) where
     In: Send + 'static,
     Out: Send + 'static,
     E: Into<BoxError>,
@@ -701,10 +795,10 @@ where
             return Poll::Ready(End::Stopped);
         }
         let mut budget = YIELD_AFTER;
-        loop {
+        let wake = 'wake: loop {
             if budget == 0 {
                 cx.waker().wake_by_ref();
-                return Poll::Pending;
+                break 'wake Poll::Pending;
             }
             let mut progress = false;
             if !sending.is_terminated() {
@@ -713,7 +807,7 @@ where
                         sending_len = 0;
                         progress = true;
                     }
-                    Poll::Ready(Err(_)) => return Poll::Ready(End::Stopped),
+                    Poll::Ready(Err(_)) => break 'wake Poll::Ready(End::Stopped),
                     Poll::Pending => {}
                 }
             }
@@ -757,15 +851,19 @@ where
                 && out.is_empty()
                 && sending.is_terminated()
             {
-                return Poll::Ready(End::Finished);
+                break 'wake Poll::Ready(End::Finished);
             }
             if !progress {
                 if closed.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(End::Stopped);
+                    break 'wake Poll::Ready(End::Stopped);
                 }
-                return Poll::Pending;
+                break 'wake Poll::Pending;
             }
-        }
+        };
+        // What the guard kept back (a breaker's outcomes) is reported
+        // before the task waits or ends.
+        m.policy.guard.flush();
+        wake
     })
     .await;
     counters.add(&m.policy.local);
@@ -773,6 +871,7 @@ where
         counters.add_undelivered(sending_len + out.len() as u64);
         counters.add_aborted(m.clear() + pending.len() as u64);
         counters.add_drained(src.abandon());
+        m.policy.guard.flush();
     }
 }
 

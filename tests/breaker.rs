@@ -6,6 +6,7 @@
 mod support;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -311,6 +312,39 @@ async fn the_operator_rejects_while_open_with_the_item_in_the_error() {
     assert_eq!((m.received, m.failed), (10, 10));
     assert_conserved(&m);
     assert_eq!(b.metrics().rejected, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_operator_builds_no_call_for_a_refused_item_and_counts_a_panic_as_a_failure() {
+    let b = Breaker::new("ledger", config()).unwrap();
+    let built = Arc::new(AtomicU32::new(0));
+    let pipeline = Pipeline::new();
+    let calls = built.clone();
+    let stage_ = CircuitBreaker::new(b.clone(), move |x: &u32| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let x = *x;
+        async move {
+            if x == 0 {
+                panic!("the ledger client panicked");
+            }
+            Err::<u32, _>("down")
+        }
+    })
+    .named("post");
+    let out = pipeline.iter(0..10u32).pipe(stage_).collect().await;
+    let kinds: Vec<ErrorKind> = out.iter().map(|r| r.as_ref().unwrap_err().kind()).collect();
+    // The panic and three errors make four failures: the breaker opens
+    // (the minimum is 4) and the other six are refused unbuilt.
+    assert_eq!(kinds[0], ErrorKind::Panicked);
+    assert_eq!(kinds[1..4], [ErrorKind::Failed; 3]);
+    assert_eq!(kinds[4..], [ErrorKind::CircuitOpen; 6]);
+    assert_eq!(built.load(Ordering::SeqCst), 4);
+    let m = b.metrics();
+    assert_eq!(
+        (m.permitted, m.failures, m.cancelled, m.rejected),
+        (4, 4, 0, 6)
+    );
+    assert_conserved(&stage(&pipeline, "post"));
 }
 
 #[tokio::test(start_paused = true)]

@@ -159,3 +159,96 @@ proptest! {
         }
     }
 }
+
+/// What the caller sees of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Value,
+    Failed,
+    Refused,
+}
+
+/// Runs `calls` (outcome, duration in ms) one at a time through a
+/// `CircuitBreaker` stage, and the same calls by hand with a permit each;
+/// returns what each saw and the two breakers.
+async fn stage_and_by_hand(
+    config: BreakerConfig,
+    calls: Vec<(bool, u64)>,
+) -> (Vec<Seen>, Vec<Seen>, Breaker, Breaker) {
+    use streamz::ErrorKind;
+    use streamz::breaker::CircuitBreaker;
+
+    let staged = Breaker::new("stage", config).unwrap();
+    let stage = CircuitBreaker::new(staged.clone(), |&(ok, ms): &(bool, u64)| async move {
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if ok { Ok(()) } else { Err("down") }
+    });
+    let out = streamz::iter(calls.clone()).pipe(stage).collect().await;
+    let seen_stage = out
+        .iter()
+        .map(|r| match r {
+            Ok(()) => Seen::Value,
+            Err(e) if e.kind() == ErrorKind::CircuitOpen => Seen::Refused,
+            Err(_) => Seen::Failed,
+        })
+        .collect();
+
+    let by_hand = Breaker::new("by_hand", config).unwrap();
+    let mut seen_hand = Vec::new();
+    for (ok, ms) in calls {
+        match by_hand.try_acquire() {
+            Ok(permit) => {
+                if ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                permit.record(ok);
+                seen_hand.push(if ok { Seen::Value } else { Seen::Failed });
+            }
+            Err(_) => seen_hand.push(Seen::Refused),
+        }
+    }
+    (seen_stage, seen_hand, staged, by_hand)
+}
+
+fn calls() -> impl Strategy<Value = Vec<(bool, u64)>> {
+    let call = (
+        prop::bool::weighted(0.7),
+        prop_oneof![3 => Just(0u64), 1 => 1u64..150],
+    );
+    prop::collection::vec(call, 1..80)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The stage asks the breaker on its lock-free lane and reports quick
+    /// successes in batches: it must decide exactly as a permit per call
+    /// does, call for call, with the same counters and transitions.
+    #[test]
+    fn the_stage_decides_like_a_permit_per_call(
+        config in config(),
+        timed in any::<bool>(),
+        calls in calls(),
+    ) {
+        let mut config = config;
+        if !timed {
+            config.slow_call = None;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (stage, hand, staged, by_hand) = rt.block_on(stage_and_by_hand(config, calls));
+        prop_assert_eq!(stage, hand);
+        let (a, b) = (staged.metrics(), by_hand.metrics());
+        prop_assert_eq!(
+            (a.state, a.permitted, a.rejected, a.successes, a.failures, a.slow_calls, a.cancelled, a.transitions, a.window_calls),
+            (b.state, b.permitted, b.rejected, b.successes, b.failures, b.slow_calls, b.cancelled, b.transitions, b.window_calls)
+        );
+        let trail = |b: &Breaker| b.audit_trail().into_iter().map(|t| (t.from, t.to, t.reason)).collect::<Vec<_>>();
+        prop_assert_eq!(trail(&staged), trail(&by_hand));
+    }
+}

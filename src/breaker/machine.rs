@@ -122,6 +122,35 @@ impl Outcomes {
     }
 
     /// Drops the buckets that fell out of a time window.
+    /// Records `n` quick successes at once (a count window only; the
+    /// caller checked).
+    fn add_successes(&mut self, n: u64) {
+        if let Outcomes::Count { size, ring, totals } = self {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n >= *size {
+                ring.clear();
+                *totals = Counts::default();
+            }
+            let n = n.min(*size);
+            let evicted = (ring.len() + n).saturating_sub(*size);
+            for (f, s) in ring.drain(..evicted) {
+                totals.sub(Counts {
+                    calls: 1,
+                    failures: u64::from(f),
+                    slow: u64::from(s),
+                });
+            }
+            ring.extend(std::iter::repeat_n((false, false), n));
+            totals.calls += n as u64;
+        }
+    }
+
+    /// Whether this is a count window holding at least `minimum` calls:
+    /// one where a quick success can no longer open the breaker.
+    fn settled(&self, minimum: u32) -> bool {
+        matches!(self, Outcomes::Count { totals, .. } if totals.calls >= u64::from(minimum))
+    }
+
     fn expire(&mut self, now: &mut Now<'_>) {
         if let Outcomes::Time {
             bucket,
@@ -343,6 +372,61 @@ impl Machine {
 
     /// A permitted call that ended without an outcome (it was cancelled):
     /// its half-open slot is freed, so half-open can never get stuck.
+    /// Records `n` quick successes (not slow) of calls permitted in
+    /// `generation`, in one step when the result is the same as `n` calls
+    /// of [`record`](Self::record).
+    pub(crate) fn record_quick(
+        &mut self,
+        generation: u64,
+        n: u64,
+        now: &mut Now<'_>,
+        out: &mut Vec<Transition>,
+    ) {
+        // Closed, nothing pending, a count window that holds enough calls:
+        // a quick success only lowers the rates and ends a run of
+        // failures, so no success of the batch is judged.
+        let inert = generation == self.generation
+            && self.state == BreakerState::Closed
+            && self.pending.is_none()
+            && self.outcomes.settled(self.config.minimum_calls.get());
+        if generation == self.generation && self.state == BreakerState::Disabled {
+            self.stats.successes += n; // counted, never acted on
+            return;
+        }
+        if !inert {
+            let ticket = Ticket {
+                generation,
+                half_open: false,
+            };
+            for _ in 0..n {
+                self.record(ticket, now, false, Duration::ZERO, out);
+            }
+            return;
+        }
+        self.stats.successes += n;
+        self.outcomes.add_successes(n);
+        self.consecutive_failures = 0;
+    }
+
+    /// The word a breaker publishes for calls admitted without its lock:
+    /// `generation << 1 | 1` while the state lets any call through and a
+    /// quick success cannot change a decision (closed with nothing
+    /// pending and a count window holding at least the minimum calls, or
+    /// disabled), 0 otherwise.
+    pub(crate) fn lane(&self) -> u64 {
+        let open_lane = self.pending.is_none()
+            && match self.state {
+                BreakerState::Disabled => true,
+                BreakerState::Closed => self.outcomes.settled(self.config.minimum_calls.get()),
+                _ => false,
+            };
+        if open_lane {
+            (self.generation << 1) | 1
+        } else {
+            0
+        }
+    }
+
     pub(crate) fn release(&mut self, ticket: Ticket, now: &mut Now<'_>, out: &mut Vec<Transition>) {
         self.stats.cancelled += 1;
         if ticket.half_open && ticket.generation == self.generation {

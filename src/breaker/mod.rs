@@ -54,6 +54,7 @@
 //! opens). See `docs/circuit-breaker.md`.
 
 mod config;
+mod lane;
 mod machine;
 mod operator;
 mod registry;
@@ -75,9 +76,15 @@ use crate::health::{Health, HealthCheck};
 use machine::{Machine, Now, Ticket};
 
 #[cfg(loom)]
-use loom::sync::{Mutex, MutexGuard, RwLock};
+use loom::sync::{
+    Mutex, MutexGuard, RwLock,
+    atomic::{AtomicU64, Ordering},
+};
 #[cfg(not(loom))]
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{
+    Mutex, MutexGuard, RwLock,
+    atomic::{AtomicU64, Ordering},
+};
 
 /// Where a breaker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -159,6 +166,10 @@ struct Inner {
     times_calls: bool,
     origin: Clock,
     machine: Mutex<Machine>,
+    /// [`Machine::lane`], written under the machine's lock after every
+    /// change: whether a call may be admitted, and its quick success
+    /// reported later, without the lock (see `lane.rs`).
+    lane: AtomicU64,
     audit: Mutex<VecDeque<Transition>>,
     /// Transitions waiting for the listeners, in order.
     outbox: Mutex<VecDeque<Transition>>,
@@ -217,12 +228,14 @@ impl Breaker {
     /// What [`BreakerConfig::validate`] finds.
     pub fn new(name: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
         config.validate()?;
+        let machine = Machine::new(config);
         Ok(Breaker {
             inner: Arc::new(Inner {
                 name: name.into(),
                 times_calls: config.slow_call.is_some(),
                 origin: Clock::now(),
-                machine: Mutex::new(Machine::new(config)),
+                lane: AtomicU64::new(machine.lane()),
+                machine: Mutex::new(machine),
                 audit: Mutex::new(VecDeque::new()),
                 outbox: Mutex::new(VecDeque::new()),
                 delivering: Mutex::new(()),
@@ -266,6 +279,7 @@ impl Breaker {
         let r = {
             let mut machine = self.machine();
             let r = f(&mut machine, &mut now, &mut transitions);
+            self.inner.lane.store(machine.lane(), Ordering::Release);
             if !transitions.is_empty() {
                 let capacity = machine.config.audit_capacity;
                 let mut audit = lock(&self.inner.audit);
@@ -339,20 +353,36 @@ impl Breaker {
     /// [`CircuitOpen`] while the breaker is open, forced open, or in
     /// half-open with every trial slot taken.
     pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
-        let ticket = self.with_machine(|m, now, out| m.acquire(now, out));
-        match ticket {
-            Ok(ticket) => Ok(Permit {
-                breaker: self,
-                ticket,
-                start: self.inner.times_calls.then(Instant::now),
-                done: false,
-            }),
-            Err(refusal) => Err(CircuitOpen {
+        let ticket = self.acquire_ticket()?;
+        Ok(Permit {
+            breaker: self,
+            ticket,
+            start: self.start(),
+            done: false,
+        })
+    }
+
+    fn acquire_ticket(&self) -> Result<Ticket, CircuitOpen> {
+        self.with_machine(|m, now, out| m.acquire(now, out))
+            .map_err(|refusal| CircuitOpen {
                 breaker: self.inner.name.clone(),
                 state: refusal.state,
                 retry_in: refusal.retry_at.map(|at| at.saturating_sub(self.now())),
-            }),
-        }
+            })
+    }
+
+    /// When a call starts, if durations matter.
+    #[inline]
+    fn start(&self) -> Option<Instant> {
+        self.inner.times_calls.then(Instant::now)
+    }
+
+    /// The generation a call admitted without the lock belongs to, while
+    /// the breaker allows that.
+    #[inline]
+    fn lane(&self) -> Option<u64> {
+        let word = self.inner.lane.load(Ordering::Acquire);
+        (word & 1 == 1).then_some(word >> 1)
     }
 
     /// Waits until a call may be made: through an open period, and for a

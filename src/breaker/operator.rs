@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::async_mapper::AsyncMapper;
+use crate::breaker::lane::Lane;
 use crate::breaker::{Breaker, BreakerState, OwnedPermit};
 use crate::config::ConfigError;
 use crate::error::{BoxError, ErrorKind, StreamError};
@@ -63,10 +64,20 @@ pub enum OpenPolicy {
 ///
 /// Read the warnings in [the module docs](crate::breaker) first.
 ///
-/// Runs like an [`AsyncMapper`] (the item's future is built with `&item`,
-/// then polled only once a permit is given): `concurrency` calls at a
-/// time, in order. A call cancelled by an abort releases its permit, so a
-/// half-open breaker is never left waiting for it.
+/// Runs like an [`AsyncMapper`]: `concurrency` calls at a time, in order.
+/// With [`OpenPolicy::Reject`] the mapper asks the breaker before it builds
+/// an item's future, so a refused item costs no call at all; with
+/// [`OpenPolicy::Wait`] the future is built with `&item` and polled once a
+/// permit is given. A call that panics counts as a failure; a call
+/// cancelled by an abort releases its permit, so a half-open breaker is
+/// never left waiting for it.
+///
+/// While the breaker is closed (count window, enough calls seen) the stage
+/// asks it without taking its lock, and reports quick successes in one
+/// step when its task is about to wait: the breaker's decisions are the
+/// same as with a permit per call (a property test checks that call for
+/// call), but [`Breaker::metrics`] may lag a running stage by the
+/// successes of one wake-up of its task.
 ///
 /// # Default
 ///
@@ -175,14 +186,21 @@ where
             concurrency,
             name,
         } = self;
+        if policy == OpenPolicy::Reject {
+            // The mapper asks the breaker before it builds each call, on
+            // the breaker's lock-free lane while it is closed (lane.rs).
+            return AsyncMapper::new(f)
+                .named(name)
+                .with_concurrency(concurrency)
+                .expect("the concurrency was checked when set")
+                .spawn_guarded(input, Lane::new(breaker));
+        }
+        // Waiting for a permit needs a future per call.
         let guarded = move |item: &In| {
             let call = f(item);
             let breaker = breaker.clone();
             async move {
-                let permit = match policy {
-                    OpenPolicy::Wait => breaker.acquire().await,
-                    _ => breaker.try_acquire().map_err(BoxError::from)?,
-                };
+                let permit = breaker.acquire().await;
                 let result = call.await;
                 permit.record(result.is_ok());
                 result.map_err(Into::into)
