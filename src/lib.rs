@@ -76,6 +76,8 @@ mod error;
 mod filter;
 mod flow;
 mod health;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod map;
 mod merge;
 mod pipeline;

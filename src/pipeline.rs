@@ -189,8 +189,16 @@ impl Pipeline {
     /// A source the application pushes into with a [`Pusher`]. The channel
     /// holds up to the edge's `capacity` items; `send` waits while it is full.
     pub fn channel<T: Send + 'static>(&self) -> (Pusher<T>, Flow<T>) {
+        self.channel_named("channel")
+    }
+
+    /// [`channel`](Pipeline::channel) with the source's stage name.
+    pub(crate) fn channel_named<T: Send + 'static>(
+        &self,
+        name: impl Into<Arc<str>>,
+    ) -> (Pusher<T>, Flow<T>) {
         let (tx, rx) = tokio::sync::mpsc::channel(self.inner.edge.capacity());
-        let counters = self.register("channel");
+        let counters = self.register(name);
         let flow = Flow::from_source(
             self.clone(),
             Box::new(PushSource {

