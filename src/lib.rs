@@ -137,6 +137,10 @@ struct HealthGateDoctests;
 #[doc = include_str!("../docs/circuit-breaker.md")]
 struct CircuitBreakerDoctests;
 
+#[cfg(all(doctest, feature = "kafka"))]
+#[doc = include_str!("../docs/scaling.md")]
+struct ScalingDoctests;
+
 /// Without the `circuit-breaker` feature the crate has no breaker: neither
 /// the module
 ///

