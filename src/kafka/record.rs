@@ -3,10 +3,38 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// What the source read, shared by the record, every [`Ack`] taken from
-/// it and the source's offset tracker.
+/// How far a record's outcome is: shared by the record, its [`Ack`]s and
+/// the source's offset tracker (which keeps only this and the offset, not
+/// the payload).
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// Obligations not yet met: the record's own, plus one per fork.
+    pending: AtomicUsize,
+    /// The record's partition was taken away from this member.
+    released: AtomicBool,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Self {
+        Progress {
+            pending: AtomicUsize::new(1),
+            released: AtomicBool::new(false),
+        }
+    }
+
+    /// Every obligation is met.
+    pub(crate) fn done(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+
+    pub(crate) fn release(&self) {
+        self.released.store(true, Ordering::Release);
+    }
+}
+
+/// What the source read.
 pub(crate) struct Entry {
     pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
@@ -15,7 +43,9 @@ pub(crate) struct Entry {
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) headers: Vec<(String, Option<Vec<u8>>)>,
     pub(crate) timestamp: Option<i64>,
-    pub(crate) done: AtomicBool,
+    pub(crate) progress: Arc<Progress>,
+    /// The record's own obligation is met.
+    pub(crate) own: AtomicBool,
 }
 
 /// A record read by a [`KafkaSource`](super::KafkaSource): its topic,
@@ -30,13 +60,17 @@ pub(crate) struct Entry {
 /// dropped without an acknowledgement (an abort, a crash) holds its
 /// partition's offset back, so it is read again: at least once.
 ///
-/// Cloning is cheap (a reference count); clones share the acknowledgement.
-/// Carry it through stages that change the item's type with
-/// [`acker`](KafkaRecord::acker) (an [`Ack`]) or [`Acked`].
+/// A record is one obligation; carry it through stages that change the
+/// item's type with [`acker`](KafkaRecord::acker) (an [`Ack`] for the same
+/// obligation) or [`Acked`]. A record whose outcome is written to several
+/// places (a fan-out to a topic and a database) needs one obligation per
+/// place: [`fork`](KafkaRecord::fork) adds one, and the record counts as
+/// acknowledged when all are met. That is also why it is not `Clone`: a
+/// copy sharing the obligation would let the first write acknowledge the
+/// others.
 ///
 /// [`KafkaSink`]: super::KafkaSink
 /// [`KafkaDlq`]: super::KafkaDlq
-#[derive(Clone)]
 pub struct KafkaRecord {
     ack: Ack,
 }
@@ -46,11 +80,17 @@ impl KafkaRecord {
         KafkaRecord {
             ack: Ack {
                 entry: Arc::new(entry),
+                fork: None,
             },
         }
     }
 
-    pub(crate) fn entry(&self) -> &Arc<Entry> {
+    #[cfg(test)]
+    pub(crate) fn progress(&self) -> &Arc<Progress> {
+        &self.ack.entry.progress
+    }
+
+    fn entry(&self) -> &Entry {
         &self.ack.entry
     }
 
@@ -89,22 +129,47 @@ impl KafkaRecord {
         self.entry().timestamp
     }
 
-    /// Acknowledges the record: its outcome is durable, its offset may be
-    /// committed (once every earlier record of its partition is
-    /// acknowledged too). Idempotent.
+    /// Meets the record's own obligation: its outcome is durable. Its
+    /// offset may be committed once its forks are acknowledged too and
+    /// every earlier record of its partition is done. Idempotent.
     pub fn ack(&self) {
         self.ack.ack();
     }
 
-    /// Whether it has been acknowledged.
+    /// Whether its own obligation is met.
     pub fn is_acked(&self) -> bool {
         self.ack.is_acked()
     }
 
-    /// A handle that acknowledges this record, to carry in an item of
-    /// another type.
+    /// A handle on the record's own obligation (the one
+    /// [`ack`](KafkaRecord::ack) meets), to carry in an item of another
+    /// type. It also gives the original record back, for a dead letter
+    /// that keeps the original key and value.
     pub fn acker(&self) -> Ack {
-        self.ack.clone()
+        self.ack.share()
+    }
+
+    /// A new obligation for one more place the record's outcome goes to;
+    /// the record counts as acknowledged when every obligation is met.
+    /// Fork before acknowledging the record.
+    ///
+    /// ```
+    /// # use streamz::kafka::{Ack, KafkaRecord};
+    /// // Two outputs per record: to a topic and to a database.
+    /// fn split(record: &KafkaRecord) -> (Ack, Ack) {
+    ///     (record.acker(), record.fork())
+    /// }
+    /// # let _ = split;
+    /// ```
+    pub fn fork(&self) -> Ack {
+        self.ack.fork()
+    }
+
+    /// Whether the record's partition was taken away from this member: its
+    /// next owner reads the record again, so writing it here only makes a
+    /// duplicate.
+    pub fn is_released(&self) -> bool {
+        self.ack.is_released()
     }
 }
 
@@ -121,11 +186,14 @@ impl fmt::Debug for KafkaRecord {
     }
 }
 
-/// The acknowledgement of one [`KafkaRecord`], carried by an item derived
-/// from it. It also gives the original record back (for a dead letter
-/// that keeps the original key and value).
+/// One obligation of a [`KafkaRecord`] (its own, or a
+/// [`fork`](KafkaRecord::fork)), carried by an item derived from it. It
+/// also gives the original record back ([`record`](Ack::record)), for a
+/// dead letter that keeps the original key and value.
 ///
-/// Dropping it acknowledges nothing.
+/// Dropping it meets nothing: the record is read again. It is not `Clone`
+/// for the reason [`KafkaRecord`] is not; [`fork`](Ack::fork) adds an
+/// obligation.
 ///
 /// ```
 /// use streamz::kafka::{Ack, KafkaRecord};
@@ -138,25 +206,65 @@ impl fmt::Debug for KafkaRecord {
 /// }
 /// # let _ = parse;
 /// ```
-#[derive(Clone)]
 pub struct Ack {
     entry: Arc<Entry>,
+    /// A fork's own flag; `None` for the record's own obligation.
+    fork: Option<Arc<AtomicBool>>,
 }
 
 impl Ack {
-    /// Acknowledges the record. Idempotent.
+    fn flag(&self) -> &AtomicBool {
+        self.fork.as_deref().unwrap_or(&self.entry.own)
+    }
+
+    /// Meets this obligation. Idempotent.
     pub fn ack(&self) {
-        self.entry.done.store(true, Ordering::Release);
+        if !self.flag().swap(true, Ordering::AcqRel) {
+            self.entry.progress.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
-    /// Whether the record has been acknowledged.
+    /// Whether this obligation is met.
     pub fn is_acked(&self) -> bool {
-        self.entry.done.load(Ordering::Acquire)
+        self.flag().load(Ordering::Acquire)
     }
 
-    /// The record this acknowledges.
+    /// A new obligation of the same record (see [`KafkaRecord::fork`]).
+    /// Forking a met obligation gives a met one (the record may already
+    /// be committed past).
+    pub fn fork(&self) -> Ack {
+        let met = self.is_acked();
+        if !met {
+            self.entry.progress.pending.fetch_add(1, Ordering::AcqRel);
+        }
+        Ack {
+            entry: self.entry.clone(),
+            fork: Some(Arc::new(AtomicBool::new(met))),
+        }
+    }
+
+    /// Another handle on this same obligation (for the sink's future and
+    /// its slot, which hold one item between them).
+    pub(crate) fn share(&self) -> Ack {
+        Ack {
+            entry: self.entry.clone(),
+            fork: self.fork.clone(),
+        }
+    }
+
+    /// Whether the record's partition was taken away from this member.
+    pub fn is_released(&self) -> bool {
+        self.entry.progress.released.load(Ordering::Acquire)
+    }
+
+    /// The record this acknowledges (a handle on its own obligation).
     pub fn record(&self) -> KafkaRecord {
-        KafkaRecord { ack: self.clone() }
+        KafkaRecord {
+            ack: Ack {
+                entry: self.entry.clone(),
+                fork: None,
+            },
+        }
     }
 }
 
@@ -166,6 +274,7 @@ impl fmt::Debug for Ack {
             .field("topic", &self.entry.topic)
             .field("partition", &self.entry.partition)
             .field("offset", &self.entry.offset)
+            .field("fork", &self.fork.is_some())
             .field("acked", &self.is_acked())
             .finish()
     }
@@ -182,7 +291,7 @@ impl fmt::Debug for Ack {
 /// }
 /// let _ = length;
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Acked<T> {
     /// The value.
     pub value: T,

@@ -25,7 +25,7 @@ use crate::processor::Processor;
 ///     .header("content-type", b"application/json".to_vec());
 /// assert_eq!(r.value.as_deref(), Some(&b"{\"total\":42}"[..]));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ProducerRecord {
     /// The topic, or `None` for the sink's.
     pub topic: Option<String>,
@@ -187,9 +187,14 @@ impl KafkaSink {
     /// # Errors
     ///
     /// [`KafkaError::Client`] if librdkafka refuses the configuration.
+    ///
+    /// [`KafkaError::Config`] for `acks` other than `all` (`-1`): a write
+    /// confirmed by the leader alone can vanish with it after the source
+    /// committed past the record. `enable.idempotence` is set to `true`
+    /// unless given.
     pub fn with_config(config: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
         Ok(KafkaSink {
-            producer: config.create()?,
+            producer: durable(config)?.create()?,
             topic: Arc::from(topic),
             concurrency: 1000,
             name: Cow::Borrowed("kafka_sink"),
@@ -216,6 +221,26 @@ impl KafkaSink {
         self.name = name.into();
         self
     }
+}
+
+/// `config` with what a write must have to count as durable: all in-sync
+/// replicas confirm it (`acks=all`, implied by idempotence), so an
+/// acknowledgement is never given for a write a leader failover can lose.
+pub(crate) fn durable(config: &ClientConfig) -> Result<ClientConfig, KafkaError> {
+    let mut config = config.clone();
+    match config.get("acks") {
+        None | Some("all" | "-1") => {}
+        Some(_) => {
+            return Err(KafkaError::Config {
+                key: "acks".into(),
+                reason: "must be `all`: the source commits past a record once its write is confirmed",
+            });
+        }
+    }
+    if config.get("enable.idempotence").is_none() {
+        config.set("enable.idempotence", "true");
+    }
+    Ok(config)
 }
 
 /// Headers for librdkafka from `(key, value)` pairs.
@@ -263,7 +288,7 @@ impl Processor<ProducerRecord, Delivered> for KafkaSink {
             }
             // Handed to the producer now, in input order.
             let sent = producer.send_result(record).map_err(|(e, _)| e);
-            let ack = r.ack.clone();
+            let ack = r.ack.as_ref().map(Ack::share);
             async move {
                 let delivery = sent?.await.map_err(|_| KafkaError::Canceled)?;
                 let (partition, offset) = match delivery {

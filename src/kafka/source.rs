@@ -1,6 +1,7 @@
 //! [`KafkaSource`]: a consumer-group member as the source of a flow.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,6 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -17,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::KafkaError;
 use super::offsets::{Commit, Offsets};
-use super::record::{Entry, KafkaRecord};
+use super::record::{Entry, KafkaRecord, Progress};
 use crate::config::ConfigError;
 use crate::error::StreamError;
 use crate::flow::Flow;
@@ -42,17 +44,29 @@ use crate::source::Pusher;
 /// [`released`](KafkaSourceStats::released) when a partition is taken away).
 ///
 /// At most [`max_unacked`] records may wait for their acknowledgement; then
-/// the source stops reading (and warns once) until some are acknowledged:
-/// memory stays bounded, and a stage that forgets to acknowledge the
-/// records it drops shows up as a stalled source, not as lost data.
+/// the source stops reading until some are acknowledged (and warns if that
+/// lasts longer than a commit interval): memory stays bounded, and a stage
+/// that forgets to acknowledge the records it drops shows up as a stalled
+/// source, not as lost data. The tracker keeps an offset and a flag per
+/// record, not its payload.
+///
+/// # Errors from the consumer
+///
+/// librdkafka recovers from most errors itself (a broker restarting, a
+/// connection lost): those are logged and counted
+/// ([`errors`](KafkaSourceStats::errors)). A fatal error ends the source:
+/// it goes down the flow as a `failed` error item, and the source drains
+/// and leaves as in a graceful shutdown.
 ///
 /// # Rebalances
 ///
 /// When the group takes partitions from this member, the source commits
-/// what is acknowledged of them and forgets them: records of those
-/// partitions still in the chain are released to the next owner, which
-/// reads them again from the committed offset. When partitions are given
-/// to it, it starts them afresh.
+/// what is acknowledged of them (asynchronously: the callback runs on the
+/// source's task, which must not block) and forgets them: records of
+/// those partitions still in the chain are released
+/// ([`KafkaRecord::is_released`]) to the next owner, which reads them again
+/// from the committed offset. When partitions are given to it, it starts
+/// them afresh.
 ///
 /// The consumer is served while the source reads: while the chain holds
 /// it back (backpressure), rebalance callbacks wait too, up to the group's
@@ -64,8 +78,11 @@ use crate::source::Pusher;
 /// - A graceful [`Pipeline::shutdown`]: the source stops reading, waits up
 ///   to [`drain_for`] for the records in the chain to be acknowledged,
 ///   commits, and leaves the group.
-/// - The flow dropped, or the pipeline aborted: it commits what is
-///   acknowledged at once and leaves the group.
+/// - The flow dropped (even while no record arrives), or the pipeline
+///   aborted: it commits what is acknowledged at once and leaves the group.
+///
+/// The last commit and leaving the group wait on the broker, so they run
+/// on a blocking thread; the task waits for them up to 30 s.
 ///
 /// Either way the task is one of the pipeline's, so [`Pipeline::join`]
 /// returns after the last commit.
@@ -235,6 +252,8 @@ impl KafkaSource {
             max_unacked: self.max_unacked,
             drain_for: self.drain_for,
             name: self.name.to_string(),
+            topic_names: HashMap::new(),
+            ticks: AtomicU64::new(0),
         };
         pipeline.spawn(Arc::from(&*self.name), async move {
             task.run().await;
@@ -282,7 +301,9 @@ impl Default for Shared {
 pub struct KafkaSourceStats {
     /// Records read.
     pub read: u64,
-    /// Offset commits made (each may cover several partitions).
+    /// Offset commit requests librdkafka accepted (each may cover several
+    /// partitions; an asynchronous one may still fail at the broker, and is
+    /// then made again).
     pub commits: u64,
     /// Records still in the chain when their partition was taken away:
     /// the next owner reads them again.
@@ -373,13 +394,16 @@ impl ConsumerContext for SourceContext {
             .released
             .fetch_add(released as u64, Ordering::Relaxed);
         if released > 0 {
-            tracing::info!(source = %self.name, released, "partitions taken away; their records in flight will be read again by the next owner");
+            tracing::info!(source = %self.name, released, "partitions taken away; their records not yet committed past will be read again by the next owner");
         }
+        // Asynchronous: this runs on the reader's task, which must not
+        // block on the network. A commit that lands late only makes the
+        // next owner read more again, never less.
         commit(
             consumer,
             &self.shared,
             &commits,
-            CommitMode::Sync,
+            CommitMode::Async,
             &self.name,
         );
     }
@@ -398,10 +422,28 @@ impl ConsumerContext for SourceContext {
             tracing::info!(source = %self.name, partitions = tpl.count(), "partitions assigned");
         }
     }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(source = %self.name, error = %e, "offset commit failed; it is made again");
+                let mut tracker = self.shared.offsets();
+                for el in offsets.elements() {
+                    if let Offset::Offset(next) = el.offset() {
+                        tracker.retry(el.topic(), el.partition(), next);
+                    }
+                }
+            }
+        }
+    }
 }
 
-/// Commits `commits` (nothing if empty); a failure is logged (a later
-/// commit covers it).
+/// Commits `commits` (nothing if empty). A failed asynchronous commit is
+/// reported to [`SourceContext::commit_callback`] when librdkafka delivers
+/// the report (which hands the offsets out again); the source also makes
+/// every partition's commit again every [`RECOMMIT_EVERY`] ticks, so a
+/// failure whose report never comes is covered too.
 fn commit<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     shared: &Shared,
@@ -423,10 +465,23 @@ fn commit<C: Consumer<X>, X: ConsumerContext>(
             shared.commits.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
-            tracing::warn!(source = %name, error = %e, "offset commit failed; a later one covers it")
+            tracing::warn!(source = %name, error = %e, "offset commit failed; a later one covers it");
         }
     }
 }
+
+/// Every this many commit ticks, every partition's offset is committed
+/// again, moved or not.
+const RECOMMIT_EVERY: u64 = 10;
+
+/// How often a source that waits for acknowledgements (at
+/// `max_unacked`) looks again.
+const STALL_CHECK: Duration = Duration::from_millis(5);
+
+/// How long the source waits for its last commit and for leaving the
+/// group before it gives up on the broker (the consumer finishes closing
+/// on a blocking thread).
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// The reader task.
 struct Reader {
@@ -439,6 +494,10 @@ struct Reader {
     max_unacked: usize,
     drain_for: Duration,
     name: String,
+    /// Topic names, allocated once.
+    topic_names: HashMap<String, Arc<str>>,
+    /// Commit ticks so far.
+    ticks: AtomicU64,
 }
 
 enum Stop {
@@ -449,68 +508,102 @@ enum Stop {
 }
 
 impl Reader {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut tick = tokio::time::interval(self.commit_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stalled_since: Option<tokio::time::Instant> = None;
         let stop = loop {
-            if self.shared.offsets().outstanding() >= self.max_unacked {
-                if !self.shared.stalled.swap(true, Ordering::Relaxed) {
+            if self.over_limit() {
+                let since = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
+                let patience = self.commit_every.max(Duration::from_secs(1));
+                if since.elapsed() >= patience && !self.shared.stalled.swap(true, Ordering::Relaxed)
+                {
                     tracing::warn!(source = %self.name, max_unacked = self.max_unacked, "reading paused: too many records wait for their acknowledgement (does a stage drop records without acknowledging them?)");
                 }
                 tokio::select! {
+                    biased;
                     () = self.abort.cancelled() => break Stop::Now,
                     () = self.shutdown.cancelled() => break Stop::Drain,
-                    _ = tick.tick() => self.commit_acknowledged(CommitMode::Async),
+                    () = self.pusher.closed() => break Stop::Now,
+                    _ = tick.tick() => self.commit_acknowledged(),
+                    () = tokio::time::sleep(STALL_CHECK) => {}
                 }
                 continue;
             }
+            stalled_since = None;
             self.shared.stalled.store(false, Ordering::Relaxed);
-            let item = tokio::select! {
+            let received = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => break Stop::Now,
                 () = self.shutdown.cancelled() => break Stop::Drain,
+                () = self.pusher.closed() => break Stop::Now,
                 _ = tick.tick() => {
-                    self.commit_acknowledged(CommitMode::Async);
+                    self.commit_acknowledged();
                     continue;
                 }
-                m = self.consumer.recv() => match m {
-                    Ok(m) => Ok(self.record(&m)),
-                    Err(e) => Err(self.error(e)),
-                },
+                m = self.consumer.recv() => m.map(|m| record_of(&mut self.topic_names, &m)),
             };
-            let fatal = item.is_err() && self.consumer.client().fatal_error().is_some();
+            let (item, tracked) = match received {
+                Ok((record, tracked)) => (Ok(record), Some(tracked)),
+                Err(e) => {
+                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                    if self.consumer.client().fatal_error().is_none() {
+                        // librdkafka recovers from these (a broker
+                        // restarting, a lost connection) by itself.
+                        tracing::warn!(source = %self.name, error = %e, "the consumer reported an error");
+                        continue;
+                    }
+                    tracing::error!(source = %self.name, error = %e, "the consumer failed for good");
+                    let err = StreamError::failed(self.name.clone(), KafkaError::Client(e));
+                    (Err(err), None)
+                }
+            };
+            let fatal = tracked.is_none();
             let mut send = pin!(self.pusher.send_result(item));
             let sent = loop {
                 tokio::select! {
                     biased;
                     () = self.abort.cancelled() => break None,
                     r = &mut send => break Some(r.is_ok()),
-                    _ = tick.tick() => self.commit_acknowledged(CommitMode::Async),
+                    _ = tick.tick() => self.commit_acknowledged(),
                 }
             };
             match sent {
                 None => break Stop::Now,
                 Some(false) if self.shutdown.is_cancelled() => break Stop::Drain,
                 Some(false) => break Stop::Now,
-                Some(true) if fatal => break Stop::Drain,
-                Some(true) => {}
+                Some(true) => {
+                    // Tracked once it is in the chain: a record the flow
+                    // refused is read again by whoever reads next, and is
+                    // not waited for. Nothing else runs on the tracker
+                    // between the receive and here (rebalance callbacks run
+                    // inside `recv`, on this task).
+                    if let Some((topic, partition, offset, progress)) = tracked {
+                        self.shared
+                            .offsets()
+                            .track(&topic, partition, offset, progress);
+                        self.shared.read.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if fatal {
+                        break Stop::Drain;
+                    }
+                }
             }
         };
         if let Stop::Drain = stop {
             self.drain(&mut tick).await;
         }
-        self.commit_acknowledged(CommitMode::Sync);
-        let last = self.shared.offsets().watermarks();
-        commit(
-            &self.consumer,
-            &self.shared,
-            &last,
-            CommitMode::Sync,
-            &self.name,
-        );
-        self.consumer.unsubscribe();
-        self.shared.assignment.send_replace(Vec::new());
-        tracing::info!(source = %self.name, "left the consumer group");
+        self.close().await;
+    }
+
+    /// Whether `max_unacked` records wait (after moving the watermarks).
+    fn over_limit(&self) -> bool {
+        let mut offsets = self.shared.offsets();
+        if offsets.outstanding() < self.max_unacked {
+            return false;
+        }
+        offsets.advance_only();
+        offsets.outstanding() >= self.max_unacked
     }
 
     /// Waits up to `drain_for` for every record in the chain to be
@@ -518,7 +611,7 @@ impl Reader {
     async fn drain(&self, tick: &mut tokio::time::Interval) {
         let deadline = tokio::time::Instant::now() + self.drain_for;
         loop {
-            self.commit_acknowledged(CommitMode::Async);
+            self.commit_acknowledged();
             let left = self.shared.offsets().outstanding();
             if left == 0 {
                 return;
@@ -534,38 +627,83 @@ impl Reader {
         }
     }
 
-    fn commit_acknowledged(&self, mode: CommitMode) {
-        let commits = self.shared.offsets().advance();
-        commit(&self.consumer, &self.shared, &commits, mode, &self.name);
-    }
-
-    fn record(&self, m: &BorrowedMessage<'_>) -> KafkaRecord {
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
+    /// The last commit and leaving the group, on a blocking thread: both
+    /// wait on the broker, and closing the consumer polls until it is
+    /// closed.
+    async fn close(self) {
+        let Reader {
+            consumer,
+            shared,
+            name,
+            ..
+        } = self;
+        let last = shared.offsets().watermarks();
+        let closing = {
+            let name = name.clone();
+            let shared_for_close = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                commit(&consumer, &shared_for_close, &last, CommitMode::Sync, &name);
+                consumer.unsubscribe();
+                drop(consumer);
             })
-            .unwrap_or_default();
-        let record = KafkaRecord::new(Entry {
-            topic: Arc::from(m.topic()),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers,
-            timestamp: m.timestamp().to_millis(),
-            done: AtomicBool::new(false),
-        });
-        self.shared.offsets().track(&record);
-        self.shared.read.fetch_add(1, Ordering::Relaxed);
-        record
+        };
+        match tokio::time::timeout(CLOSE_WAIT, closing).await {
+            Ok(_) => tracing::info!(source = %name, "left the consumer group"),
+            Err(_) => {
+                tracing::warn!(source = %name, "the broker did not confirm the last commit and the leave within 30 s; the group reads again what was not committed")
+            }
+        }
+        shared.assignment.send_replace(Vec::new());
     }
 
-    fn error(&self, e: rdkafka::error::KafkaError) -> StreamError {
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(source = %self.name, error = %e, "the consumer reported an error");
-        StreamError::failed(self.name.clone(), KafkaError::Client(e))
+    fn commit_acknowledged(&self) {
+        let all = (self.ticks.fetch_add(1, Ordering::Relaxed) + 1) % RECOMMIT_EVERY == 0;
+        let commits = self.shared.offsets().advance(all);
+        commit(
+            &self.consumer,
+            &self.shared,
+            &commits,
+            CommitMode::Async,
+            &self.name,
+        );
     }
 }
+
+/// The record of `m`, and what the tracker needs of it.
+fn record_of(
+    topic_names: &mut HashMap<String, Arc<str>>,
+    m: &BorrowedMessage<'_>,
+) -> (KafkaRecord, Tracked) {
+    let topic = match topic_names.get(m.topic()) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            topic_names.insert(m.topic().to_owned(), t.clone());
+            t
+        }
+    };
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let progress = Arc::new(Progress::new());
+    let record = KafkaRecord::new(Entry {
+        topic: topic.clone(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp: m.timestamp().to_millis(),
+        progress: progress.clone(),
+        own: AtomicBool::new(false),
+    });
+    (record, (topic, m.partition(), m.offset(), progress))
+}
+
+/// A record's place for the tracker: topic, partition, offset, progress.
+type Tracked = (Arc<str>, i32, i64, Arc<Progress>);
