@@ -683,3 +683,64 @@ async fn a_source_leaves_the_group_when_its_flow_is_dropped_even_while_idle() {
     assert!(handle.assignment().is_empty());
     within("join", pipeline.join()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_keeps_its_order_through_ordered_stages() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "seq.in", 1).await;
+    create_topic(b, "seq.out", 1).await;
+    let keys: Vec<String> = (0..400).map(|i| i.to_string()).collect();
+    produce(b, "seq.in", &keys, 1).await;
+
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = KafkaSource::new(b, "seq")
+        .topics(["seq.in"])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .start(&pipeline)
+        .unwrap();
+    // Calls that finish out of order (later ones sooner), eight at a time,
+    // in an ordered mapper: the output keeps the partition's order.
+    let call = streamz::AsyncMapper::new(|r: &KafkaRecord| {
+        let n: u64 = std::str::from_utf8(r.value().unwrap_or_default())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let out = ProducerRecord::new(n.to_string()).acking(r.acker());
+        async move {
+            tokio::time::sleep(Duration::from_micros(800 - (n % 8) * 100)).await;
+            Ok::<_, std::convert::Infallible>(out)
+        }
+    })
+    .with_concurrency(8)
+    .unwrap();
+    let sink = KafkaSink::new(b, "seq.out").unwrap();
+    let delivered = tokio::spawn(records.pipe(call).pipe(sink).collect());
+
+    // Read the output partition in offset order.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .set("group.id", "seq-reader")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("seq.out", 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut values = Vec::new();
+    while values.len() < keys.len() {
+        let m = within("the output", consumer.recv()).await.unwrap();
+        values.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+    }
+    assert_eq!(values, keys);
+    pipeline.shutdown();
+    within("the stop", handle.stopped()).await;
+    let delivered = within("the flow's end", delivered).await.unwrap();
+    let offsets: Vec<i64> = delivered.into_iter().map(|d| d.unwrap().offset).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "delivered in order"
+    );
+    assert_eq!(committed(b, "seq", "seq.in", 1), [400]);
+}
