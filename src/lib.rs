@@ -67,10 +67,12 @@ mod batcher;
 #[cfg(feature = "circuit-breaker")]
 pub mod breaker;
 mod broadcast;
+mod buffer;
 mod channel;
 mod chunk;
 mod config;
 mod counters;
+mod dedupe;
 pub mod dlq;
 mod error;
 mod filter;
@@ -83,17 +85,23 @@ mod merge;
 mod pipeline;
 mod processor;
 mod retry;
+mod sample;
+mod skip;
 mod source;
 mod stage;
 mod step;
+mod take;
 mod tap;
 mod throttle;
+mod unbatch;
 
 pub use async_mapper::{AsyncMapper, TimeoutError};
 pub use batcher::Batcher;
+pub use buffer::Buffer;
 pub use chunk::{Chunk, IntoIter as ChunkIntoIter};
 pub use config::{ConfigError, EdgeConfig};
 pub use counters::StageMetrics;
+pub use dedupe::Dedupe;
 pub use dlq::{DeadLetter, DeadLetterQueue};
 pub use error::{BoxError, ErrorKind, PanicError, Result, StreamError};
 pub use filter::Filter;
@@ -109,11 +117,15 @@ pub use merge::merge;
 pub use pipeline::{Pipeline, PipelineError, StagePanic};
 pub use processor::Processor;
 pub use retry::{Jitter, Retry};
+pub use sample::Sample;
+pub use skip::Skip;
 pub use source::{Pusher, SendError, TrySendError};
 pub use stage::Stage;
 pub use step::{Emit, Item, Step};
+pub use take::Take;
 pub use tap::Tap;
 pub use throttle::Throttle;
+pub use unbatch::Unbatch;
 
 // The README's and the guides' examples are compiled and run as doc tests,
 // so they cannot drift from the code.
