@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use streamz::{
-    Batcher, Buffer, ConfigError, Dedupe, ErrorKind, Pipeline, Sample, Skip, Stage, StreamError,
-    Take, Unbatch,
+    Batcher, Buffer, ConfigError, Debounce, Dedupe, ErrorKind, Flow, Partition, Pipeline, Sample,
+    Skip, Stage, StreamError, Switch, Take, Unbatch,
 };
 use support::{assert_conserved, split, stage, values};
 
@@ -267,5 +267,225 @@ async fn a_buffer_takes_a_burst_the_pipeline_edges_alone_would_not() {
     assert_eq!(
         Buffer::new(0).unwrap_err(),
         ConfigError::Zero { field: "capacity" }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn debounce_emits_the_last_of_a_burst_after_the_quiet_period_and_passes_errors_at_once() {
+    let pipeline = Pipeline::new();
+    let (pusher, flow) = pipeline.channel::<u32>();
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let quiet = Duration::from_millis(100);
+    let out = flow.pipe(Debounce::new(quiet).unwrap());
+    tokio::spawn(out.for_each(move |r| {
+        let _ = tx.send((tokio::time::Instant::now(), r.ok()));
+    }));
+    let start = tokio::time::Instant::now();
+    for v in 1..=3 {
+        pusher.send(v).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // 3 arrived at 80 ms: it leaves at 180 ms. An error meanwhile passes
+    // at once and does not restart the wait.
+    pusher
+        .send_result(Err(StreamError::new(ErrorKind::Failed, "upstream")))
+        .await
+        .unwrap();
+    let (at, error) = seen.recv().await.unwrap();
+    assert_eq!((at - start, error), (Duration::from_millis(120), None));
+    let (at, value) = seen.recv().await.unwrap();
+    assert_eq!((at - start, value), (Duration::from_millis(180), Some(3)));
+    // A value alone also waits for the quiet period.
+    pusher.send(4).await.unwrap();
+    let (at, value) = seen.recv().await.unwrap();
+    assert_eq!((at - start, value), (Duration::from_millis(280), Some(4)));
+    // The end of the input flushes the waiting value at once.
+    pusher.send(5).await.unwrap();
+    pusher.send(6).await.unwrap();
+    drop(pusher);
+    let (at, value) = seen.recv().await.unwrap();
+    assert_eq!((at - start, value), (Duration::from_millis(280), Some(6)));
+    assert!(seen.recv().await.is_none());
+    let m = stage(&pipeline, "debounce");
+    assert_eq!(
+        (m.received, m.emitted, m.dropped, m.errors_passed),
+        (7, 3, 3, 1)
+    );
+    assert_conserved(&m);
+    assert_eq!(
+        Debounce::new(Duration::ZERO).unwrap_err(),
+        ConfigError::Zero { field: "quiet" }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn debounce_flushes_on_graceful_shutdown_and_counts_its_value_on_abort() {
+    for abort in [false, true] {
+        let pipeline = Pipeline::new();
+        let (pusher, flow) = pipeline.channel::<u32>();
+        let out = tokio::spawn(
+            flow.pipe(Debounce::new(Duration::from_secs(60)).unwrap())
+                .collect(),
+        );
+        pusher.send(1).await.unwrap();
+        pusher.send(2).await.unwrap();
+        // On a paused clock this returns once every task is idle: the
+        // debounce holds 2 and waits for its 60 s.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if abort {
+            pipeline.abort();
+        } else {
+            pipeline.shutdown();
+        }
+        let out = out.await.unwrap();
+        let m = stage(&pipeline, "debounce");
+        if abort {
+            assert!(out.is_empty());
+            assert_eq!((m.dropped, m.aborted), (1, 1));
+        } else {
+            assert_eq!(values(out), [2]);
+            assert_eq!((m.dropped, m.emitted), (1, 1));
+        }
+        assert_conserved(&m);
+        assert_eq!(tokio::time::Instant::now().elapsed(), Duration::ZERO);
+        drop(pusher);
+    }
+}
+
+#[tokio::test]
+async fn partition_by_key_keeps_each_key_on_one_output_in_order() {
+    let pipeline = Pipeline::new();
+    let flows = pipeline
+        .iter((0..3000u32).map(|i| (i % 10, i)))
+        .partition(Partition::by_key(3, |(k, _): &(u32, u32)| *k).unwrap());
+    let outs = futures::future::join_all(flows.into_iter().map(Flow::collect)).await;
+    let mut owner = std::collections::HashMap::new();
+    for (i, out) in outs.into_iter().enumerate() {
+        let vals = values(out);
+        assert!(!vals.is_empty(), "output {i} is empty");
+        for (k, _) in &vals {
+            assert_eq!(*owner.entry(*k).or_insert(i), i, "key {k} on two outputs");
+        }
+        for k in 0..10 {
+            let of_k: Vec<u32> = vals
+                .iter()
+                .filter(|(kk, _)| *kk == k)
+                .map(|(_, v)| *v)
+                .collect();
+            assert!(of_k.windows(2).all(|w| w[0] < w[1]), "key {k} out of order");
+        }
+    }
+    assert_eq!(owner.len(), 10);
+    let m = stage(&pipeline, "partition");
+    assert_eq!((m.received, m.emitted), (3000, 3000));
+    assert_conserved(&m);
+}
+
+#[tokio::test]
+async fn partition_errors_and_bad_choices_go_to_output_zero_as_error_items() {
+    let pipeline = Pipeline::new();
+    let choose = |x: &u32| match *x {
+        5 => panic!("cannot place 5"),
+        7 => 9,
+        x => (x % 3) as usize,
+    };
+    let flows = pipeline
+        .try_stream(futures::stream::iter(with_errors(10, 10)))
+        .partition(Partition::custom(3, choose).unwrap());
+    let mut outs = futures::future::join_all(flows.into_iter().map(Flow::collect)).await;
+    let (zero, mut errors) = split(outs.remove(0));
+    assert_eq!(zero, [0, 3, 6]);
+    assert_eq!(values(outs.remove(0)), [1, 4]);
+    assert_eq!(values(outs.remove(0)), [2, 8]);
+    // The upstream error (in place of 9), 7's out-of-range choice, 5's panic.
+    assert_eq!(errors.len(), 3);
+    let upstream = errors.iter().position(|e| e.stage() == "upstream").unwrap();
+    errors.remove(upstream);
+    let mut by_item: Vec<(u32, ErrorKind, String)> = errors
+        .iter_mut()
+        .map(|e| (e.take_item::<u32>().unwrap(), e.kind(), e.to_string()))
+        .collect();
+    by_item.sort_by_key(|(i, _, _)| *i);
+    assert_eq!((by_item[0].0, by_item[0].1), (5, ErrorKind::Panicked));
+    assert_eq!((by_item[1].0, by_item[1].1), (7, ErrorKind::Failed));
+    assert!(
+        by_item[1].2.contains("chose output 9 of 3"),
+        "{}",
+        by_item[1].2
+    );
+    let m = stage(&pipeline, "partition");
+    assert_eq!(
+        (m.received, m.emitted, m.failed, m.errors_passed),
+        (10, 7, 2, 1)
+    );
+    assert_conserved(&m);
+
+    assert_eq!(
+        Partition::<u32>::round_robin(0).unwrap_err(),
+        ConfigError::Zero { field: "n" }
+    );
+}
+
+#[tokio::test]
+async fn switch_routes_by_key_counts_the_unrouted_and_sends_errors_to_the_default() {
+    // Without a default route, unrouted values are dropped and counted,
+    // and errors go to the first route.
+    let pipeline = Pipeline::new();
+    let switch = Switch::new(|x: &u32| x % 4).route(0).route(1);
+    let mut routes = pipeline
+        .try_stream(futures::stream::iter(with_errors(12, 12)))
+        .switch(switch)
+        .unwrap();
+    let (zero, one) = (routes.take(&0).unwrap(), routes.take(&1).unwrap());
+    assert!(routes.take(&0).is_none() && routes.take_default().is_none());
+    let (zero, one) = tokio::join!(zero.collect(), one.collect());
+    let (zero, errors) = split(zero);
+    assert_eq!(zero, [0, 4, 8]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(values(one), [1, 5, 9]);
+    let m = stage(&pipeline, "switch");
+    assert_eq!(
+        (m.received, m.emitted, m.dropped, m.errors_passed),
+        (12, 6, 5, 1)
+    );
+    assert_conserved(&m);
+
+    // With a default route, the rest and the errors (also a panicking key
+    // function's) go there.
+    let pipeline = Pipeline::new();
+    let key = |x: &u32| {
+        assert!(*x != 6, "no key for 6");
+        x % 4
+    };
+    let mut routes = pipeline
+        .try_stream(futures::stream::iter(with_errors(12, 12)))
+        .switch(Switch::new(key).route(0).otherwise())
+        .unwrap();
+    let (zero, rest) = (routes.take(&0).unwrap(), routes.take_default().unwrap());
+    let (zero, rest) = tokio::join!(zero.collect(), rest.collect());
+    assert_eq!(values(zero), [0, 4, 8]);
+    let (rest, errors) = split(rest);
+    assert_eq!(rest, [1, 2, 3, 5, 7, 9, 10]);
+    let kinds: Vec<ErrorKind> = errors.iter().map(StreamError::kind).collect();
+    assert_eq!(kinds, [ErrorKind::Panicked, ErrorKind::Failed]);
+    assert_conserved(&stage(&pipeline, "switch"));
+
+    // A route nobody reads: its values are counted as undelivered.
+    let pipeline = Pipeline::new();
+    let mut routes = pipeline
+        .iter(0..100u32)
+        .switch(Switch::new(|x: &u32| x % 2).route(0).route(1))
+        .unwrap();
+    drop(routes.take(&1));
+    assert_eq!(values(routes.take(&0).unwrap().collect().await).len(), 50);
+    pipeline.join().await.unwrap();
+    assert_eq!(stage(&pipeline, "switch").undelivered, 50);
+
+    let none = streamz::iter(0..1u32).switch(Switch::new(|x: &u32| *x));
+    assert_eq!(none.unwrap_err(), ConfigError::Zero { field: "routes" });
+    let twice = streamz::iter(0..1u32).switch(Switch::new(|x: &u32| *x).route(1).route(1));
+    assert_eq!(
+        twice.unwrap_err().to_string(),
+        "`routes` must name each key once"
     );
 }
