@@ -98,6 +98,7 @@ mod take;
 mod tap;
 mod throttle;
 mod unbatch;
+mod window;
 
 pub use async_mapper::{AsyncMapper, TimeoutError};
 pub use batcher::Batcher;
@@ -133,6 +134,7 @@ pub use take::Take;
 pub use tap::Tap;
 pub use throttle::Throttle;
 pub use unbatch::Unbatch;
+pub use window::{Session, Sliding, Tumbling, Window};
 
 // The README's and the guides' examples are compiled and run as doc tests,
 // so they cannot drift from the code.
