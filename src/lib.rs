@@ -154,6 +154,10 @@ struct ErrorsAndDlqDoctests;
 #[doc = include_str!("../docs/health-gate.md")]
 struct HealthGateDoctests;
 
+#[cfg(doctest)]
+#[doc = include_str!("../docs/operators.md")]
+struct OperatorsDoctests;
+
 #[cfg(all(doctest, feature = "circuit-breaker"))]
 #[doc = include_str!("../docs/circuit-breaker.md")]
 struct CircuitBreakerDoctests;
