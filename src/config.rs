@@ -92,6 +92,14 @@ impl EdgeConfig {
         let Some(max_chunk) = NonZeroUsize::new(max_chunk) else {
             return Err(ConfigError::Zero { field: "max_chunk" });
         };
+        // The channel counts items with a tokio semaphore, which holds at
+        // most `usize::MAX >> 3` permits.
+        if capacity.get() > usize::MAX >> 3 {
+            return Err(ConfigError::Invalid {
+                field: "capacity",
+                reason: "must be at most usize::MAX / 8",
+            });
+        }
         Ok(EdgeConfig {
             capacity,
             max_chunk,

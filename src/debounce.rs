@@ -14,6 +14,7 @@ use crate::counters::Local;
 use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::stage::{TaskIo, send_or_stop, spawn_operator};
+use crate::window::later;
 
 /// Emits a value only once `quiet` has passed without a newer one: a burst
 /// of values becomes its last value. Each value replaces the one waiting
@@ -117,17 +118,17 @@ async fn run<T: Send + 'static>(io: TaskIo<T, T>, quiet: Duration) {
         let waiting = pending.is_some();
         let event = poll_fn(|cx: &mut Context<'_>| {
             use std::task::Poll;
-            if aborted.as_mut().poll(cx).is_ready() {
+            // The stop and the timer come before the input: an input that
+            // is always ready (errors only) must not hold back a value whose
+            // quiet period has passed, nor hide a closed output.
+            if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Stop);
-            }
-            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                return Poll::Ready(Event::Input(chunk));
             }
             if waiting && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Quiet);
             }
-            if closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Stop);
+            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
+                return Poll::Ready(Event::Input(chunk));
             }
             Poll::Pending
         })
@@ -161,7 +162,7 @@ async fn run<T: Send + 'static>(io: TaskIo<T, T>, quiet: Duration) {
                 }
                 // Only a value restarts the wait; an error passes by.
                 if got_value {
-                    timer.as_mut().reset(Instant::now() + quiet);
+                    timer.as_mut().reset(later(Instant::now(), quiet));
                 }
             }
             Event::Input(None) => {

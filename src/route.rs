@@ -119,7 +119,8 @@ async fn run<T, P>(
             }
         }
         counters.add(&local);
-        for (tx, piece) in outputs.iter().zip(pieces) {
+        let mut parts = outputs.iter().zip(pieces);
+        while let Some((tx, piece)) = parts.next() {
             if piece.is_empty() {
                 continue;
             }
@@ -135,7 +136,10 @@ async fn run<T, P>(
                 Some(Ok(())) => {}
                 Some(Err(_)) => counters.add_undelivered(len),
                 None => {
-                    counters.add_undelivered(len);
+                    // Aborted: this part and the parts for the outputs
+                    // after it were produced and not delivered.
+                    let rest: u64 = parts.map(|(_, p)| p.len() as u64).sum();
+                    counters.add_undelivered(len + rest);
                     counters.add_drained(src.abandon());
                     return;
                 }

@@ -126,6 +126,12 @@ where
     let counters = pipeline.register(name);
     let (tx, rx) = chunk_channel(edge);
     let name = counters.name().clone();
+    // If the operator's task itself panics, the next stage gets a
+    // `panicked` error instead of a silently shortened stream.
+    let guard = PanicGuard {
+        tx: tx.clone(),
+        counters: counters.clone(),
+    };
     let task = task(TaskIo {
         src: input.into_source(),
         tx,
@@ -133,7 +139,10 @@ where
         counters,
         max_chunk: edge.max_chunk(),
     });
-    pipeline.spawn(name, task);
+    pipeline.spawn(name, async move {
+        let _guard = guard;
+        task.await;
+    });
     Flow::from_source(pipeline, Box::new(rx))
 }
 

@@ -20,8 +20,11 @@ use crate::route::{Pick, spawn_router};
 /// panicked (as `panicked` error items carrying them), go to the default
 /// route if there is one, otherwise to the first route declared.
 ///
-/// A route nobody takes from [`Routes`], or whose flow is dropped, has its
-/// values counted as `undelivered`.
+/// A route whose flow is dropped (also one left in [`Routes`] when the
+/// `Routes` is dropped) has its values counted as `undelivered`. A route's
+/// flow that is kept but not read holds the other routes back, as any flow
+/// nobody reads holds back its producer: take every route you need, then
+/// drop the `Routes`.
 ///
 /// # Examples
 ///
@@ -35,6 +38,7 @@ use crate::route::{Pick, spawn_router};
 ///     .otherwise();
 /// let mut routes = streamz::iter([("de", 1), ("fr", 2), ("it", 3), ("de", 4)]).switch(switch)?;
 /// let (de, fr, rest) = (routes.take("de").unwrap(), routes.take("fr").unwrap(), routes.take_default().unwrap());
+/// drop(routes); // nothing left in it
 /// let (de, fr, rest) = tokio::join!(de.collect(), fr.collect(), rest.collect());
 /// assert_eq!(de.len(), 2);
 /// assert_eq!(fr.len(), 1);

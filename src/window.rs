@@ -18,6 +18,17 @@ use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::stage::{TaskIo, send_or_stop, spawn_operator};
 
+/// Arrivals a window stage holds at most, unless told otherwise.
+const DEFAULT_MAX_ITEMS: usize = 100_000;
+
+fn nonzero_items(n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        Err(ConfigError::Zero { field: "max_items" })
+    } else {
+        Ok(n)
+    }
+}
+
 /// One window's result: its time span and what arrived in it, in order.
 ///
 /// Times are `tokio::time::Instant`s: processing time (when the stage
@@ -42,7 +53,10 @@ pub struct Window<T> {
 /// shutdown). Windows in which nothing arrived are not emitted. An abort
 /// discards the open window (its items counted as `aborted`).
 ///
-/// Memory: the values of one window.
+/// Memory: the values of one window, at most
+/// [`max_items`](Tumbling::with_max_items) (100,000) arrivals plus a chunk:
+/// at the limit the stage takes no input until the window closes, so the
+/// producer waits and nothing is dropped.
 ///
 /// # Examples
 ///
@@ -69,6 +83,7 @@ pub struct Window<T> {
 #[derive(Debug)]
 pub struct Tumbling {
     size: Duration,
+    max_items: usize,
     name: Cow<'static, str>,
     edge: Option<EdgeConfig>,
 }
@@ -85,9 +100,21 @@ impl Tumbling {
         }
         Ok(Tumbling {
             size,
+            max_items: DEFAULT_MAX_ITEMS,
             name: Cow::Borrowed("tumbling_window"),
             edge: None,
         })
+    }
+
+    /// How many arrivals it may hold (100,000 by default); at the limit it
+    /// takes no input until a window closes.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for zero.
+    pub fn with_max_items(mut self, n: usize) -> Result<Self, ConfigError> {
+        self.max_items = nonzero_items(n)?;
+        Ok(self)
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -112,7 +139,9 @@ impl Tumbling {
 /// they end, or at once when the input ends; windows in which nothing
 /// arrived are not emitted.
 ///
-/// Memory: the values of the last `size` of time.
+/// Memory: the values of the last `size` of time, at most
+/// [`max_items`](Sliding::with_max_items) (100,000) arrivals plus a chunk:
+/// at the limit the stage takes no input until a window closes.
 ///
 /// # Examples
 ///
@@ -139,6 +168,7 @@ impl Tumbling {
 pub struct Sliding {
     size: Duration,
     slide: Duration,
+    max_items: usize,
     name: Cow<'static, str>,
     edge: Option<EdgeConfig>,
 }
@@ -167,9 +197,21 @@ impl Sliding {
         Ok(Sliding {
             size,
             slide,
+            max_items: DEFAULT_MAX_ITEMS,
             name: Cow::Borrowed("sliding_window"),
             edge: None,
         })
+    }
+
+    /// How many arrivals it may hold (100,000 by default); at the limit it
+    /// takes no input until a window closes.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for zero.
+    pub fn with_max_items(mut self, n: usize) -> Result<Self, ConfigError> {
+        self.max_items = nonzero_items(n)?;
+        Ok(self)
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -188,7 +230,8 @@ impl Sliding {
 /// Session windows: a window stays open while values keep arriving less
 /// than `gap` apart, and closes `gap` after the last one (its `end`). A
 /// session that reaches `max_items` values (100,000 by default) closes at
-/// once, so memory stays bounded while values never pause.
+/// once, with its last value's arrival as its `end`, so memory stays
+/// bounded while values never pause.
 ///
 /// The open session is emitted at once when the input ends (also at a
 /// graceful shutdown); an abort discards it (counted as `aborted`).
@@ -235,7 +278,7 @@ impl Session {
         }
         Ok(Session {
             gap,
-            max_items: 100_000,
+            max_items: DEFAULT_MAX_ITEMS,
             name: Cow::Borrowed("session_window"),
             edge: None,
         })
@@ -247,10 +290,7 @@ impl Session {
     ///
     /// [`ConfigError::Zero`] for zero.
     pub fn with_max_items(mut self, n: usize) -> Result<Self, ConfigError> {
-        if n == 0 {
-            return Err(ConfigError::Zero { field: "max_items" });
-        }
-        self.max_items = n;
+        self.max_items = nonzero_items(n)?;
         Ok(self)
     }
 
@@ -267,31 +307,38 @@ impl Session {
     }
 }
 
+/// A window ready to leave, with what it completes in input items: the
+/// values counted as emitted with it (a sliding window counts a value with
+/// the last window it is in) and its errors.
+struct Ready<T> {
+    window: Window<T>,
+    values: u64,
+    errors: u64,
+}
+
 /// How a window stage assigns arrivals to windows.
 trait Assigner<T>: Send + 'static {
-    /// Takes in what arrived at `now`.
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, out: &mut Out<T>);
+    /// Takes in what arrived at `now`; a window it completes goes to
+    /// `ready`.
+    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ready: &mut Vec<Ready<T>>);
     /// When the next window closes, if one is open.
     fn next_close(&self) -> Option<Instant>;
-    /// Emits every window that has closed by `now` (all of them at the end
-    /// of input, `now = None`).
-    fn close(&mut self, now: Option<Instant>, out: &mut Out<T>);
-    /// Values and errors held (for an abort).
+    /// The next window that has closed by `now` (any open window at the
+    /// end of input, `now = None`), one at a time so a long backlog of
+    /// windows is never built at once.
+    fn close_one(&mut self, now: Option<Instant>) -> Option<Ready<T>>;
+    /// Values and errors held (for an abort, and for backpressure).
     fn held(&self) -> u64;
 }
 
-/// The windows ready to send and their counts (in input items).
-struct Out<T> {
-    chunk: Chunk<Window<T>>,
-    local: Local,
-}
-
-impl<T> Out<T> {
-    fn emit(&mut self, window: Window<T>, items: u64, errors: u64) {
-        self.local.emitted += items;
-        self.local.errors_passed += errors;
-        self.chunk.values.push(window);
-    }
+/// `t + d`, or far in the future if that does not fit (a window or gap of
+/// `Duration::MAX` never closes by time).
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).unwrap_or_else(|| {
+        // About thirty years: tokio's own "far future".
+        t.checked_add(Duration::from_secs(86_400 * 365 * 30))
+            .unwrap_or(t)
+    })
 }
 
 /// Tumbling and sliding windows: arrivals kept for `size`, windows built
@@ -307,11 +354,17 @@ struct Slider<T> {
 }
 
 impl<T> Slider<T> {
+    /// The start of window `k`: `origin + k * slide`, in exact 128-bit
+    /// nanoseconds (a 1 µs slide passes `u32::MAX` windows in 72 minutes).
     fn start_of(&self, k: u64) -> Instant {
-        self.origin
-            + self
-                .slide
-                .saturating_mul(u32::try_from(k).unwrap_or(u32::MAX))
+        let nanos = self.slide.as_nanos().saturating_mul(u128::from(k));
+        match u64::try_from(nanos / 1_000_000_000) {
+            Ok(secs) => later(
+                self.origin,
+                Duration::new(secs, (nanos % 1_000_000_000) as u32),
+            ),
+            Err(_) => later(self.origin, Duration::MAX),
+        }
     }
 
     /// The first window covering an arrival at `at`: the first start after
@@ -322,12 +375,12 @@ impl<T> Slider<T> {
             return 0;
         }
         let past = since - self.size;
-        (past.as_nanos() / self.slide.as_nanos()) as u64 + 1
+        u64::try_from(past.as_nanos() / self.slide.as_nanos()).unwrap_or(u64::MAX - 1) + 1
     }
 }
 
 impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, _out: &mut Out<T>) {
+    fn arrive(&mut self, now: Instant, item: crate::Result<T>, _ready: &mut Vec<Ready<T>>) {
         if self.held.is_empty() {
             self.next = self.next.max(self.first_window(now));
         }
@@ -335,19 +388,20 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
     }
 
     fn next_close(&self) -> Option<Instant> {
-        (!self.held.is_empty()).then(|| self.start_of(self.next) + self.size)
+        (!self.held.is_empty()).then(|| later(self.start_of(self.next), self.size))
     }
 
-    fn close(&mut self, now: Option<Instant>, out: &mut Out<T>) {
-        while let Some((oldest, _)) = self.held.front() {
+    fn close_one(&mut self, now: Option<Instant>) -> Option<Ready<T>> {
+        loop {
+            let oldest = self.held.front()?.0;
             let start = self.start_of(self.next);
-            let end = start + self.size;
+            let end = later(start, self.size);
             if now.is_some_and(|now| end > now) {
-                return;
+                return None;
             }
             // Skip windows before the oldest arrival: nothing is in them.
-            if end <= *oldest {
-                self.next = self.first_window(*oldest);
+            if end <= oldest {
+                self.next = self.first_window(oldest).max(self.next + 1);
                 continue;
             }
             let mut items = Vec::new();
@@ -380,21 +434,20 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 self.held.pop_front();
                 done += 1;
             }
-            let n_errors = errors.len() as u64;
-            if !(items.is_empty() && errors.is_empty()) {
-                out.emit(
-                    Window {
-                        start,
-                        end,
-                        items,
-                        errors,
-                    },
-                    done,
-                    n_errors,
-                );
-            } else {
-                out.local.emitted += done;
+            if items.is_empty() && errors.is_empty() {
+                continue; // nothing in it, and nothing left it (done is 0)
             }
+            let errors_n = errors.len() as u64;
+            return Some(Ready {
+                window: Window {
+                    start,
+                    end,
+                    items,
+                    errors,
+                },
+                values: done,
+                errors: errors_n,
+            });
         }
     }
 
@@ -412,21 +465,20 @@ struct Sessions<T> {
 }
 
 impl<T: Send + 'static> Sessions<T> {
-    fn finish(&mut self, end: Instant, out: &mut Out<T>) {
-        if let Some(mut w) = self.open.take() {
-            w.end = end;
-            let (n, e) = (w.items.len() as u64, w.errors.len() as u64);
-            out.emit(w, n, e);
-        }
+    fn finish(&mut self, end: Instant) -> Option<Ready<T>> {
+        let mut w = self.open.take()?;
+        w.end = end;
+        let (values, errors) = (w.items.len() as u64, w.errors.len() as u64);
+        Some(Ready {
+            window: w,
+            values,
+            errors,
+        })
     }
 }
 
 impl<T: Send + 'static> Assigner<T> for Sessions<T> {
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, out: &mut Out<T>) {
-        if self.open.is_some() && now >= self.last + self.gap {
-            let end = self.last + self.gap;
-            self.finish(end, out);
-        }
+    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ready: &mut Vec<Ready<T>>) {
         let w = self.open.get_or_insert_with(|| Window {
             start: now,
             end: now,
@@ -445,18 +497,20 @@ impl<T: Send + 'static> Assigner<T> for Sessions<T> {
             self.last = self.last.max(w.start);
         }
         if w.items.len() >= self.max_items {
-            self.finish(now, out);
+            ready.extend(self.finish(now));
         }
     }
 
     fn next_close(&self) -> Option<Instant> {
-        self.open.as_ref().map(|_| self.last + self.gap)
+        self.open.as_ref().map(|_| later(self.last, self.gap))
     }
 
-    fn close(&mut self, now: Option<Instant>, out: &mut Out<T>) {
-        let end = self.last + self.gap;
+    fn close_one(&mut self, now: Option<Instant>) -> Option<Ready<T>> {
+        let end = later(self.last, self.gap);
         if now.is_none_or(|now| now >= end) {
-            self.finish(end, out);
+            self.finish(end)
+        } else {
+            None
         }
     }
 
@@ -473,17 +527,15 @@ impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Tumbling {
     }
 
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {
-        let size = self.size;
-        spawn_operator(input, &self.name, self.edge, move |io| {
-            let slider = Slider {
-                origin: Instant::now(),
-                size,
-                slide: size,
-                held: VecDeque::new(),
-                next: 0,
-            };
-            run(io, slider)
-        })
+        // A tumbling window is a sliding one that slides by its size.
+        slide(
+            input,
+            &self.name,
+            self.edge,
+            self.size,
+            self.size,
+            self.max_items,
+        )
     }
 }
 
@@ -493,18 +545,35 @@ impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Sliding {
     }
 
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {
-        let (size, slide) = (self.size, self.slide);
-        spawn_operator(input, &self.name, self.edge, move |io| {
-            let slider = Slider {
-                origin: Instant::now(),
-                size,
-                slide,
-                held: VecDeque::new(),
-                next: 0,
-            };
-            run(io, slider)
-        })
+        slide(
+            input,
+            &self.name,
+            self.edge,
+            self.size,
+            self.slide,
+            self.max_items,
+        )
     }
+}
+
+fn slide<T: Clone + Send + 'static>(
+    input: Flow<T>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    size: Duration,
+    slide: Duration,
+    max_items: usize,
+) -> Flow<Window<T>> {
+    spawn_operator(input, name, edge, move |io| {
+        let slider = Slider {
+            origin: Instant::now(),
+            size,
+            slide,
+            held: VecDeque::new(),
+            next: 0,
+        };
+        run(io, slider, max_items)
+    })
 }
 
 impl<T: Send + 'static> Processor<T, Window<T>> for Session {
@@ -519,7 +588,10 @@ impl<T: Send + 'static> Processor<T, Window<T>> for Session {
             open: None,
             last: Instant::now(),
         };
-        spawn_operator(input, &self.name, self.edge, move |io| run(io, sessions))
+        // A session closes itself at max_items, so input never waits.
+        spawn_operator(input, &self.name, self.edge, move |io| {
+            run(io, sessions, usize::MAX)
+        })
     }
 }
 
@@ -529,7 +601,10 @@ enum Event<T> {
     Stop,
 }
 
-async fn run<T, A>(io: TaskIo<T, Window<T>>, mut windows: A)
+/// Why the task stops early.
+struct Stopped;
+
+async fn run<T, A>(io: TaskIo<T, Window<T>>, mut windows: A, max_held: usize)
 where
     T: Send + 'static,
     A: Assigner<T>,
@@ -539,11 +614,12 @@ where
         tx,
         abort,
         counters,
-        max_chunk,
+        ..
     } = io;
     let mut aborted = pin!(abort.cancelled());
     let mut closed = pin!(tx.closed());
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
+    let mut ready = Vec::new();
     loop {
         let close_at = windows.next_close();
         if let Some(at) = close_at {
@@ -551,70 +627,89 @@ where
                 timer.as_mut().reset(at);
             }
         }
+        // At the limit, take no input until windows close: the producer
+        // waits, nothing is dropped.
+        let full = windows.held() >= max_held as u64;
         let event = poll_fn(|cx: &mut Context<'_>| {
-            if aborted.as_mut().poll(cx).is_ready() {
+            if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Stop);
-            }
-            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                return Poll::Ready(Event::Input(chunk));
             }
             if close_at.is_some() && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Close);
             }
-            if closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Stop);
+            if !full {
+                if let Poll::Ready(chunk) = src.poll_chunk(cx) {
+                    return Poll::Ready(Event::Input(chunk));
+                }
             }
             Poll::Pending
         })
         .await;
-        let mut out = Out {
-            chunk: Chunk::with_capacity(0),
-            local: Local::default(),
-        };
-        let mut end = false;
-        match event {
-            Event::Stop => {
-                counters.add_aborted(windows.held());
-                counters.add_drained(src.abandon());
-                return;
-            }
-            Event::Input(Some(chunk)) => {
-                let now = Instant::now();
-                out.local.received = chunk.len() as u64;
-                // Windows that closed before this arrival go first.
-                windows.close(Some(now), &mut out);
-                for item in chunk {
-                    windows.arrive(now, item, &mut out);
+        // Sends one window: Err if the stage must stop.
+        let mut send = async |r: Ready<T>| -> Result<(), Stopped> {
+            counters.add(&Local {
+                emitted: r.values,
+                errors_passed: r.errors,
+                ..Local::default()
+            });
+            let chunk = Chunk::from_values(vec![r.window]);
+            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
+            match send_or_stop(&tx, chunk, stop).await {
+                Some(Ok(())) => Ok(()),
+                _ => {
+                    // Counted in input items, like emitted.
+                    counters.add_undelivered(r.values + r.errors);
+                    Err(Stopped)
                 }
             }
-            Event::Input(None) => {
-                windows.close(None, &mut out);
-                end = true;
-            }
-            Event::Close => windows.close(Some(Instant::now()), &mut out),
-        }
-        counters.add(&out.local);
-        // Undelivered is counted in input items, like emitted.
-        let inside = |c: &Chunk<Window<T>>| -> u64 {
-            c.values
-                .iter()
-                .map(|w| (w.items.len() + w.errors.len()) as u64)
-                .sum()
         };
-        let mut pieces = out.chunk.split(max_chunk);
-        while let Some(piece) = pieces.next() {
-            let items = inside(&piece);
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            if !matches!(send_or_stop(&tx, piece, stop).await, Some(Ok(()))) {
-                let rest: u64 = pieces.map(|p| inside(&p)).sum();
-                counters.add_undelivered(items + rest);
-                counters.add_aborted(windows.held());
+        let outcome: Result<bool, Stopped> = async {
+            match event {
+                Event::Stop => Err(Stopped),
+                Event::Input(Some(chunk)) => {
+                    let now = Instant::now();
+                    counters.add(&Local {
+                        received: chunk.len() as u64,
+                        ..Local::default()
+                    });
+                    // Windows that closed before this arrival go first.
+                    while let Some(r) = windows.close_one(Some(now)) {
+                        send(r).await?;
+                    }
+                    for item in chunk {
+                        windows.arrive(now, item, &mut ready);
+                    }
+                    for r in ready.drain(..) {
+                        send(r).await?;
+                    }
+                    Ok(false)
+                }
+                Event::Input(None) => {
+                    while let Some(r) = windows.close_one(None) {
+                        send(r).await?;
+                    }
+                    Ok(true)
+                }
+                Event::Close => {
+                    while let Some(r) = windows.close_one(Some(Instant::now())) {
+                        send(r).await?;
+                    }
+                    Ok(false)
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(false) => {}
+            Ok(true) => return,
+            Err(Stopped) => {
+                // Completed windows not sent yet were not counted as
+                // emitted: their items are discarded with the rest.
+                let unsent: u64 = ready.drain(..).map(|r| r.values + r.errors).sum();
+                counters.add_aborted(windows.held() + unsent);
                 counters.add_drained(src.abandon());
                 return;
             }
-        }
-        if end {
-            return;
         }
     }
 }

@@ -59,17 +59,19 @@ async fn take_ends_an_endless_stream_and_stops_its_input_counting_the_rest() {
     let m = stage(&pipeline, "take");
     assert_eq!(m.emitted, 1000);
     assert_conserved(&m);
-    // The stages before it stopped: what they had produced and could not
-    // deliver is counted, not lost.
+    assert_eq!(m.received, m.emitted + m.dropped + m.aborted);
+    // The endless source stopped (join returned), and everything the map
+    // before the take produced is accounted for: received by the take, or
+    // counted as undelivered where it was stuck.
     let before: u64 = pipeline
         .metrics()
         .iter()
         .filter(|m| m.name != "take")
         .map(|m| m.undelivered)
         .sum();
-    assert_eq!(m.received, m.emitted + m.dropped + m.aborted);
-    assert!(
-        m.dropped + m.aborted + before > 0,
+    assert_eq!(
+        stage(&pipeline, "map").emitted,
+        m.received + before,
         "{:?}",
         pipeline.metrics()
     );
@@ -160,6 +162,17 @@ async fn unbatch_undoes_a_batcher_keeping_order_and_errors_in_place() {
         .collect()
         .await;
     assert_eq!(values(out), [1, 2, 3]);
+
+    // Errors between batches of one chunk land between their values.
+    let e = || Err(StreamError::new(ErrorKind::Failed, "upstream"));
+    let input = vec![Ok(vec![1, 2]), e(), Ok(vec![]), e(), Ok(vec![3]), e()];
+    let out = Pipeline::new()
+        .try_stream(futures::stream::iter(input))
+        .step("unbatch", Unbatch::new())
+        .collect()
+        .await;
+    let shape: Vec<Option<u32>> = out.iter().map(|r| r.as_ref().ok().copied()).collect();
+    assert_eq!(shape, [Some(1), Some(2), None, None, Some(3), None]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -267,6 +280,10 @@ async fn a_buffer_takes_a_burst_the_pipeline_edges_alone_would_not() {
     assert_eq!(
         Buffer::new(0).unwrap_err(),
         ConfigError::Zero { field: "capacity" }
+    );
+    assert_eq!(
+        Buffer::new(usize::MAX).unwrap_err().to_string(),
+        "`capacity` must be at most usize::MAX / 8"
     );
 }
 
@@ -470,16 +487,18 @@ async fn switch_routes_by_key_counts_the_unrouted_and_sends_errors_to_the_defaul
     assert_eq!(kinds, [ErrorKind::Panicked, ErrorKind::Failed]);
     assert_conserved(&stage(&pipeline, "switch"));
 
-    // A route nobody reads: its values are counted as undelivered.
+    // A route left in the Routes when it is dropped: its values are
+    // counted as undelivered, and the other routes flow.
     let pipeline = Pipeline::new();
     let mut routes = pipeline
-        .iter(0..100u32)
+        .iter(0..10_000u32)
         .switch(Switch::new(|x: &u32| x % 2).route(0).route(1))
         .unwrap();
-    drop(routes.take(&1));
-    assert_eq!(values(routes.take(&0).unwrap().collect().await).len(), 50);
+    let zero = routes.take(&0).unwrap();
+    drop(routes);
+    assert_eq!(values(zero.collect().await).len(), 5_000);
     pipeline.join().await.unwrap();
-    assert_eq!(stage(&pipeline, "switch").undelivered, 50);
+    assert_eq!(stage(&pipeline, "switch").undelivered, 5_000);
 
     let none = streamz::iter(0..1u32).switch(Switch::new(|x: &u32| *x));
     assert_eq!(none.unwrap_err(), ConfigError::Zero { field: "routes" });
@@ -488,4 +507,14 @@ async fn switch_routes_by_key_counts_the_unrouted_and_sends_errors_to_the_defaul
         twice.unwrap_err().to_string(),
         "`routes` must name each key once"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn debounce_with_an_enormous_quiet_period_still_flushes_at_the_end() {
+    let (pusher, flow) = Pipeline::new().channel::<u32>();
+    let out = tokio::spawn(flow.pipe(Debounce::new(Duration::MAX).unwrap()).collect());
+    pusher.send(1).await.unwrap();
+    pusher.send(2).await.unwrap();
+    drop(pusher);
+    assert_eq!(values(out.await.unwrap()), [2]);
 }

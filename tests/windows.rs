@@ -199,3 +199,76 @@ fn bad_window_settings_are_refused_by_name() {
         ConfigError::Zero { field: "max_items" }
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn enormous_windows_and_gaps_never_close_by_time_but_flush_at_the_end() {
+    let (_, pusher, out) = start(Tumbling::new(Duration::MAX).unwrap());
+    pusher.send(1).await.unwrap();
+    drop(pusher);
+    assert_eq!(out.await.unwrap().len(), 1);
+    let (_, pusher, out) = start(Sliding::new(Duration::MAX, Duration::MAX).unwrap());
+    pusher.send(1).await.unwrap();
+    drop(pusher);
+    assert_eq!(out.await.unwrap().len(), 1);
+    let (_, pusher, out) = start(Session::new(Duration::MAX).unwrap());
+    pusher.send(1).await.unwrap();
+    drop(pusher);
+    assert_eq!(out.await.unwrap().len(), 1);
+}
+
+#[test]
+fn tiny_windows_after_a_long_idle_time_do_not_spin() {
+    // More than u32::MAX windows of 1 µs pass before the value: the window
+    // index arithmetic must not stall. Run in a thread so a spinning stage
+    // fails the test instead of hanging it.
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let windows = rt.block_on(async {
+            let (_, pusher, out) = start(Tumbling::new(Duration::from_micros(1)).unwrap());
+            tokio::time::sleep(5_000 * S).await;
+            pusher.send(7).await.unwrap();
+            tokio::time::sleep(S).await;
+            drop(pusher);
+            out.await.unwrap()
+        });
+        let _ = done_tx.send(windows.len());
+    });
+    let n = done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the window stage is stuck");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_aborted_sliding_window_counts_every_value_once() {
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(1, 1).unwrap());
+    let (pusher, flow) = pipeline.channel::<u32>();
+    // Nobody reads the windows: the stage's one-window edge fills, and the
+    // next window waits in the stage.
+    let windows = flow.pipe(Sliding::new(10 * S, 5 * S).unwrap());
+    // The producer runs apart: once the stage is stuck sending, it waits.
+    let producer = tokio::spawn(async move {
+        for v in 1..=6 {
+            if pusher.send(v).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(4 * S).await;
+        }
+    });
+    tokio::time::sleep(60 * S).await;
+    pipeline.abort();
+    pipeline.join().await.unwrap();
+    producer.await.unwrap();
+    let m = stage(&pipeline, "sliding_window");
+    assert!(m.received > 0);
+    assert_conserved(&m);
+    // Undelivered is counted in input items, like emitted.
+    assert!(m.undelivered <= m.emitted + m.errors_passed, "{m:?}");
+    assert!(m.undelivered > 0 && m.aborted > 0, "{m:?}");
+    drop(windows);
+}
