@@ -54,9 +54,10 @@ pub struct Window<T> {
 /// discards the open window (its items counted as `aborted`).
 ///
 /// Memory: the values of one window, at most
-/// [`max_items`](Tumbling::with_max_items) (100,000) arrivals plus a chunk:
-/// at the limit the stage takes no input until the window closes, so the
-/// producer waits and nothing is dropped.
+/// [`max_items`](Tumbling::with_max_items) (100,000): a window that reaches
+/// it is emitted at once, ending at its last arrival, and the rest of its
+/// span goes on as a window starting there (like a
+/// [`Batcher`](crate::Batcher) that fills before its latency).
 ///
 /// # Examples
 ///
@@ -106,8 +107,8 @@ impl Tumbling {
         })
     }
 
-    /// How many arrivals it may hold (100,000 by default); at the limit it
-    /// takes no input until a window closes.
+    /// How many arrivals a window may hold (100,000 by default); a window
+    /// that reaches it is emitted at once.
     ///
     /// # Errors
     ///
@@ -141,7 +142,9 @@ impl Tumbling {
 ///
 /// Memory: the values of the last `size` of time, at most
 /// [`max_items`](Sliding::with_max_items) (100,000) arrivals plus a chunk:
-/// at the limit the stage takes no input until a window closes.
+/// at the limit the stage takes no input until a window closes (the
+/// producer waits, nothing is dropped), so it passes at most about
+/// `max_items` values per `slide`: raise it for fast streams.
 ///
 /// # Examples
 ///
@@ -351,6 +354,11 @@ struct Slider<T> {
     held: VecDeque<(Instant, crate::Result<T>)>,
     /// The next window to close (by index from the origin).
     next: u64,
+    /// Tumbling only: a window that reaches this many values is cut and
+    /// emitted at once.
+    cut_at: Option<usize>,
+    /// Where the current window resumes after a cut.
+    resume: Option<Instant>,
 }
 
 impl<T> Slider<T> {
@@ -380,11 +388,39 @@ impl<T> Slider<T> {
 }
 
 impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, _ready: &mut Vec<Ready<T>>) {
+    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ready: &mut Vec<Ready<T>>) {
         if self.held.is_empty() {
-            self.next = self.next.max(self.first_window(now));
+            let first = self.first_window(now);
+            if first > self.next {
+                self.next = first;
+                self.resume = None;
+            }
         }
         self.held.push_back((now, item));
+        if self.cut_at.is_some_and(|n| self.held.len() >= n) {
+            // Tumbling at its limit: everything held is in the current
+            // window; it leaves now, and the window's span goes on.
+            let start = self.resume.unwrap_or_else(|| self.start_of(self.next));
+            let (mut items, mut errors) = (Vec::new(), Vec::new());
+            for (_, item) in self.held.drain(..) {
+                match item {
+                    Ok(v) => items.push(v),
+                    Err(e) => errors.push(e),
+                }
+            }
+            self.resume = Some(now);
+            let (values, errors_n) = (items.len() as u64, errors.len() as u64);
+            ready.push(Ready {
+                window: Window {
+                    start,
+                    end: now,
+                    items,
+                    errors,
+                },
+                values,
+                errors: errors_n,
+            });
+        }
     }
 
     fn next_close(&self) -> Option<Instant> {
@@ -402,8 +438,11 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
             // Skip windows before the oldest arrival: nothing is in them.
             if end <= oldest {
                 self.next = self.first_window(oldest).max(self.next + 1);
+                self.resume = None;
                 continue;
             }
+            // After a cut, the window resumes where it was cut.
+            let start = self.resume.take().unwrap_or(start);
             let mut items = Vec::new();
             let mut errors = Vec::new();
             let mut i = 0;
@@ -527,15 +566,10 @@ impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Tumbling {
     }
 
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {
-        // A tumbling window is a sliding one that slides by its size.
-        slide(
-            input,
-            &self.name,
-            self.edge,
-            self.size,
-            self.size,
-            self.max_items,
-        )
+        // A tumbling window is a sliding one that slides by its size, and
+        // is cut at its limit instead of holding the input back.
+        let limit = Limit::Cut(self.max_items);
+        slide(input, &self.name, self.edge, self.size, self.size, limit)
     }
 }
 
@@ -545,15 +579,17 @@ impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Sliding {
     }
 
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {
-        slide(
-            input,
-            &self.name,
-            self.edge,
-            self.size,
-            self.slide,
-            self.max_items,
-        )
+        let limit = Limit::Wait(self.max_items);
+        slide(input, &self.name, self.edge, self.size, self.slide, limit)
     }
+}
+
+/// What a window stage does at its item limit.
+enum Limit {
+    /// Emit the window at once (tumbling).
+    Cut(usize),
+    /// Take no input until a window closes (sliding).
+    Wait(usize),
 }
 
 fn slide<T: Clone + Send + 'static>(
@@ -562,8 +598,12 @@ fn slide<T: Clone + Send + 'static>(
     edge: Option<EdgeConfig>,
     size: Duration,
     slide: Duration,
-    max_items: usize,
+    limit: Limit,
 ) -> Flow<Window<T>> {
+    let (cut_at, max_held) = match limit {
+        Limit::Cut(n) => (Some(n), usize::MAX),
+        Limit::Wait(n) => (None, n),
+    };
     spawn_operator(input, name, edge, move |io| {
         let slider = Slider {
             origin: Instant::now(),
@@ -571,8 +611,10 @@ fn slide<T: Clone + Send + 'static>(
             slide,
             held: VecDeque::new(),
             next: 0,
+            cut_at,
+            resume: None,
         };
-        run(io, slider, max_items)
+        run(io, slider, max_held)
     })
 }
 

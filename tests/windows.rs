@@ -272,3 +272,24 @@ async fn an_aborted_sliding_window_counts_every_value_once() {
     assert!(m.undelivered > 0 && m.aborted > 0, "{m:?}");
     drop(windows);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tumbling_window_at_its_item_limit_leaves_at_once_and_its_span_goes_on() {
+    let origin = tokio::time::Instant::now();
+    let window = Tumbling::new(60 * S).unwrap().with_max_items(3).unwrap();
+    let (pipeline, pusher, out) = start(window);
+    for v in 1..=4 {
+        pusher.send(v).await.unwrap();
+    }
+    tokio::time::sleep(10 * S).await;
+    pusher.send(5).await.unwrap();
+    drop(pusher);
+    let windows = shape(origin, out.await.unwrap());
+    assert_eq!(
+        windows,
+        [((0, 0), vec![1, 2, 3], 0), ((0, 60), vec![4, 5], 0)]
+    );
+    let m = stage(&pipeline, "tumbling_window");
+    assert_eq!((m.received, m.emitted), (5, 5));
+    assert_conserved(&m);
+}
