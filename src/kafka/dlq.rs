@@ -7,7 +7,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::KafkaError;
 use super::record::{Acknowledge, KafkaRecord};
-use super::sink::{durable, headers};
+use super::sink::{brokers_at, durable_producer, headers};
 use crate::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 
 /// A [`DeadLetterSink`] writing each dead letter to a Kafka topic, in the
@@ -68,11 +68,7 @@ impl KafkaDlq {
     ///
     /// [`KafkaError::Client`] if librdkafka refuses the configuration.
     pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true");
-        Self::with_config(&config, topic)
+        Self::with_config(&brokers_at(brokers), topic)
     }
 
     /// Writes to `topic` with a producer made from `config`.
@@ -85,7 +81,7 @@ impl KafkaDlq {
     /// [`KafkaSink::with_config`](super::KafkaSink::with_config).
     pub fn with_config(config: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
         Ok(KafkaDlq {
-            producer: durable(config)?.create()?,
+            producer: durable_producer(config)?,
             topic: topic.to_owned(),
         })
     }

@@ -174,11 +174,7 @@ impl KafkaSink {
     ///
     /// [`KafkaError::Client`] if librdkafka refuses the configuration.
     pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true");
-        Self::with_config(&config, topic)
+        Self::with_config(&brokers_at(brokers), topic)
     }
 
     /// A sink with a producer made from `config` (any librdkafka producer
@@ -194,7 +190,7 @@ impl KafkaSink {
     /// unless given.
     pub fn with_config(config: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
         Ok(KafkaSink {
-            producer: durable(config)?.create()?,
+            producer: durable_producer(config)?,
             topic: Arc::from(topic),
             concurrency: 1000,
             name: Cow::Borrowed("kafka_sink"),
@@ -223,10 +219,18 @@ impl KafkaSink {
     }
 }
 
-/// `config` with what a write must have to count as durable: all in-sync
-/// replicas confirm it (`acks=all`, implied by idempotence), so an
-/// acknowledgement is never given for a write a leader failover can lose.
-pub(crate) fn durable(config: &ClientConfig) -> Result<ClientConfig, KafkaError> {
+/// A producer configuration for the cluster at `brokers`.
+pub(crate) fn brokers_at(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    config
+}
+
+/// A producer from `config` with what a write must have to count as
+/// durable: all in-sync replicas confirm it (`acks=all`, implied by
+/// idempotence), so an acknowledgement is never given for a write a leader
+/// failover can lose. Shared by the sink and the DLQ.
+pub(crate) fn durable_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
     let mut config = config.clone();
     match config.get("acks") {
         None | Some("all" | "-1") => {}
@@ -240,7 +244,7 @@ pub(crate) fn durable(config: &ClientConfig) -> Result<ClientConfig, KafkaError>
     if config.get("enable.idempotence").is_none() {
         config.set("enable.idempotence", "true");
     }
-    Ok(config)
+    Ok(config.create()?)
 }
 
 /// Headers for librdkafka from `(key, value)` pairs.
