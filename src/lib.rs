@@ -97,6 +97,7 @@ mod switch;
 mod take;
 mod tap;
 mod throttle;
+mod time;
 mod unbatch;
 mod window;
 
