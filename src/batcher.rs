@@ -14,26 +14,20 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::future::{Future, poll_fn};
 use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::channel::ChunkTx;
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::{Counters, Local};
+use crate::driver::{self, Operator, Out};
 use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::processor::Processor;
-use crate::source::BoxSource;
-use crate::stage::{send_or_stop, spawn_operator};
+use crate::time::{self, Deadline};
 
 type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 
@@ -93,7 +87,9 @@ impl<T> fmt::Debug for Batcher<T> {
 
 impl<T> Batcher<T> {
     /// A batcher emitting at `max_size` values or `max_latency` after a
-    /// batch's first value.
+    /// batch's first value. `Duration::MAX` means no time limit (a batch
+    /// then leaves by size, weight, or at the end of the input) and
+    /// `usize::MAX` no size limit; neither reserves anything up front.
     ///
     /// # Errors
     ///
@@ -124,8 +120,10 @@ impl<T> Batcher<T> {
     }
 
     /// Also emits a batch once the total `weight` of its values reaches
-    /// `max_weight` (for example bytes). A single value heavier than
-    /// `max_weight` forms a batch of its own.
+    /// `max_weight` (for example bytes). A value that would push the batch
+    /// over `max_weight` closes the batch first and starts the next one, so
+    /// no batch weighs more than `max_weight` unless it is a single value
+    /// heavier than `max_weight` on its own, which forms a batch alone.
     ///
     /// # Errors
     ///
@@ -187,193 +185,127 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
             )
             .expect("both are at least 1")
         });
-        spawn_operator(input, &self.name, Some(edge), |io| {
-            let state = State {
-                batch: Vec::with_capacity(self.max_size.get()),
-                weight: 0,
-                max_size: self.max_size.get(),
-                max_latency: self.max_latency,
-                limit: self.weight,
-                counters: io.counters,
-            };
-            run(io.src, io.tx, io.abort, state)
-        })
+        let op = Batching {
+            batch: Vec::new(),
+            weight: 0,
+            max_size: self.max_size.get(),
+            max_latency: self.max_latency,
+            limit: self.weight,
+            due: None,
+        };
+        driver::spawn(input, &self.name, Some(edge), op)
     }
 }
 
-struct State<T> {
+/// The most values a new batch reserves room for: a huge `max_size`
+/// (`usize::MAX` for "no size limit") must not reserve memory up front.
+const MAX_RESERVE: usize = 4096;
+
+struct Batching<T> {
     batch: Vec<T>,
     weight: u64,
     max_size: usize,
     max_latency: Duration,
     limit: Option<(u64, WeightFn<T>)>,
-    counters: Counters,
+    /// When the current batch is due (set by its first value).
+    due: Deadline,
 }
 
-impl<T: Send + 'static> State<T> {
-    /// Adds a chunk's items to the batch; returns what is ready to send and
-    /// whether a new batch was started (the timer must be armed).
-    fn absorb(&mut self, chunk: Chunk<T>, out: &mut Chunk<Vec<T>>) -> bool {
-        if self.limit.is_none() && !chunk.has_errors() {
-            return self.absorb_values(chunk.values, out);
+impl<T: Send + 'static> Batching<T> {
+    fn push(&mut self, value: T, now: &mut Option<Instant>) {
+        if self.batch.is_empty() {
+            self.batch.reserve(self.max_size.min(MAX_RESERVE));
+            let now = *now.get_or_insert_with(Instant::now);
+            self.due = time::after(now, self.max_latency);
         }
-        let mut local = Local {
-            received: chunk.len() as u64,
-            ..Local::default()
+        self.batch.push(value);
+    }
+
+    fn close(&mut self, out: &mut Out<Vec<T>>) {
+        if !self.batch.is_empty() {
+            self.weight = 0;
+            let n = self.batch.len() as u64;
+            out.emit_for(std::mem::take(&mut self.batch), n);
+        }
+    }
+
+    /// The value's weight, or the `panicked` error carrying it.
+    fn weigh(&self, value: T, stage: &str) -> Result<(T, u64), StreamError> {
+        let Some((_, weigh)) = &self.limit else {
+            return Ok((value, 0));
         };
-        let mut started = false;
+        match catch_unwind(AssertUnwindSafe(|| weigh(&value))) {
+            Ok(w) => Ok((value, w)),
+            Err(payload) => Err(StreamError::panicked(stage, payload).with_item(value)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<Vec<T>>) {
+        let mut now = None;
+        if self.limit.is_none() && !chunk.has_errors() {
+            // The common case: only sizes to watch, values moved in bulk.
+            let mut values = chunk.values.into_iter();
+            while values.len() > 0 {
+                if self.batch.is_empty() {
+                    let first = values.next().expect("not empty");
+                    self.push(first, &mut now);
+                }
+                let room = self.max_size - self.batch.len();
+                self.batch.extend(values.by_ref().take(room));
+                if self.batch.len() >= self.max_size {
+                    self.close(out);
+                }
+            }
+            return;
+        }
         for item in chunk {
             let value = match item {
                 Ok(v) => v,
                 Err(e) => {
-                    local.errors_passed += 1;
-                    out.push_error(e);
+                    out.pass(e);
                     continue;
                 }
             };
-            let w = match &self.limit {
-                None => 0,
-                Some((_, weigh)) => match catch_unwind(AssertUnwindSafe(|| weigh(&value))) {
-                    Ok(w) => w,
-                    Err(payload) => {
-                        local.failed += 1;
-                        let err =
-                            StreamError::panicked(self.counters.name(), payload).with_item(value);
-                        out.push_error(err);
-                        continue;
-                    }
-                },
-            };
-            started |= self.batch.is_empty();
-            self.batch.push(value);
-            self.weight = self.weight.saturating_add(w);
-            let heavy = self
-                .limit
-                .as_ref()
-                .is_some_and(|(max, _)| self.weight >= *max);
-            if self.batch.len() >= self.max_size || heavy {
-                local.emitted += self.batch.len() as u64;
-                out.values.push(self.take());
-            }
-        }
-        self.counters.add(&local);
-        // A batch started in this chunk and already emitted needs no timer.
-        started && !self.batch.is_empty()
-    }
-
-    /// The common case (no errors, no weight): move values in runs that
-    /// fill the batch, without looking at them one by one.
-    fn absorb_values(&mut self, values: Vec<T>, out: &mut Chunk<Vec<T>>) -> bool {
-        let received = values.len() as u64;
-        let mut started = false;
-        let mut emitted = 0;
-        let mut values = values.into_iter();
-        while values.len() > 0 {
-            started |= self.batch.is_empty();
-            let room = self.max_size - self.batch.len();
-            self.batch.extend(values.by_ref().take(room));
-            if self.batch.len() == self.max_size {
-                emitted += self.max_size as u64;
-                out.values.push(self.take());
-            }
-        }
-        self.counters.add(&Local {
-            received,
-            emitted,
-            ..Local::default()
-        });
-        started && !self.batch.is_empty()
-    }
-
-    fn take(&mut self) -> Vec<T> {
-        self.weight = 0;
-        std::mem::replace(&mut self.batch, Vec::with_capacity(self.max_size))
-    }
-
-    /// The partial batch as a chunk (for a deadline or the end of input).
-    fn flush(&mut self) -> Chunk<Vec<T>> {
-        if self.batch.is_empty() {
-            return Chunk::default();
-        }
-        self.counters.add_emitted(self.batch.len() as u64);
-        Chunk::from_values(vec![self.take()])
-    }
-}
-
-enum Event<T> {
-    Deadline,
-    Input(Option<Chunk<T>>),
-    Stop,
-}
-
-async fn run<T: Send + 'static>(
-    mut src: BoxSource<T>,
-    tx: ChunkTx<Vec<T>>,
-    abort: CancellationToken,
-    mut state: State<T>,
-) {
-    let mut aborted = pin!(abort.cancelled());
-    let mut closed = pin!(tx.closed());
-    // The one timer, reset for each batch; `armed` while a batch waits.
-    let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    let mut armed = false;
-    loop {
-        let event = poll_fn(|cx: &mut Context<'_>| {
-            if armed && timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Deadline);
-            }
-            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                return Poll::Ready(Event::Input(chunk));
-            }
-            if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Stop);
-            }
-            Poll::Pending
-        })
-        .await;
-        // An abort wins over whatever else became ready at the same time
-        // (it also ends the sources, which would otherwise flush).
-        if abort.is_cancelled() {
-            if let Event::Input(Some(chunk)) = &event {
-                state.counters.add_drained(chunk.len() as u64);
-            }
-            state.counters.add_aborted(state.batch.len() as u64);
-            state.counters.add_drained(src.abandon());
-            return;
-        }
-        let (out, last) = match event {
-            Event::Deadline => {
-                armed = false;
-                (state.flush(), false)
-            }
-            Event::Input(Some(chunk)) => {
-                let mut out = Chunk::default();
-                if state.absorb(chunk, &mut out) {
-                    timer.as_mut().reset(Instant::now() + state.max_latency);
+            let (value, w) = match self.weigh(value, out.stage()) {
+                Ok(weighed) => weighed,
+                Err(e) => {
+                    out.fail(e);
+                    continue;
                 }
-                armed = !state.batch.is_empty();
-                (out, false)
+            };
+            let max_weight = self.limit.as_ref().map_or(u64::MAX, |(max, _)| *max);
+            // A value that would push the batch over the limit starts the
+            // next one; a value heavier than the limit is a batch alone.
+            if !self.batch.is_empty() && self.weight.saturating_add(w) > max_weight {
+                self.close(out);
             }
-            Event::Input(None) => (state.flush(), true),
-            Event::Stop => {
-                state.counters.add_aborted(state.batch.len() as u64);
-                state.counters.add_drained(src.abandon());
-                return;
-            }
-        };
-        if !out.is_empty() {
-            let len = out.values.iter().map(Vec::len).sum::<usize>() + out.errors.len();
-            let len = len as u64;
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            if !matches!(send_or_stop(&tx, out, stop).await, Some(Ok(()))) {
-                state.counters.add_undelivered(len);
-                state.counters.add_aborted(state.batch.len() as u64);
-                state.counters.add_drained(src.abandon());
-                return;
+            self.push(value, &mut now);
+            self.weight = self.weight.saturating_add(w);
+            if self.batch.len() >= self.max_size || self.weight >= max_weight {
+                self.close(out);
             }
         }
-        if last {
-            return;
+    }
+
+    fn deadline(&self) -> Deadline {
+        if self.batch.is_empty() {
+            None
+        } else {
+            self.due
         }
+    }
+
+    fn on_deadline(&mut self, _now: Instant, out: &mut Out<Vec<T>>) {
+        self.close(out);
+    }
+
+    fn on_end(&mut self, out: &mut Out<Vec<T>>) {
+        self.close(out);
+    }
+
+    fn held(&self) -> u64 {
+        self.batch.len() as u64
     }
 }

@@ -1,20 +1,16 @@
 //! [`Debounce`]: the last value after a quiet period.
 
 use std::borrow::Cow;
-use std::future::poll_fn;
-use std::pin::pin;
-use std::task::Context;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::Local;
+use crate::driver::{self, Operator, Out};
 use crate::flow::Flow;
 use crate::processor::Processor;
-use crate::stage::{TaskIo, send_or_stop, spawn_operator};
-use crate::window::later;
+use crate::time::{self, Deadline};
 
 /// Emits a value only once `quiet` has passed without a newer one: a burst
 /// of values becomes its last value. Each value replaces the one waiting
@@ -91,105 +87,62 @@ impl<T: Send + 'static> Processor<T, T> for Debounce {
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {
-        let quiet = self.quiet;
-        spawn_operator(input, &self.name, self.edge, move |io| run(io, quiet))
+        let op = Debouncer {
+            quiet: self.quiet,
+            waiting: None,
+            due: None,
+        };
+        driver::spawn(input, &self.name, self.edge, op)
     }
 }
 
-enum Event<T> {
-    Input(Option<Chunk<T>>),
-    Quiet,
-    Stop,
+struct Debouncer<T> {
+    quiet: Duration,
+    waiting: Option<T>,
+    due: Deadline,
 }
 
-async fn run<T: Send + 'static>(io: TaskIo<T, T>, quiet: Duration) {
-    let TaskIo {
-        mut src,
-        tx,
-        abort,
-        counters,
-        ..
-    } = io;
-    let mut aborted = pin!(abort.cancelled());
-    let mut closed = pin!(tx.closed());
-    let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    let mut pending: Option<T> = None;
-    loop {
-        let waiting = pending.is_some();
-        let event = poll_fn(|cx: &mut Context<'_>| {
-            use std::task::Poll;
-            // The stop and the timer come before the input: an input that
-            // is always ready (errors only) must not hold back a value whose
-            // quiet period has passed, nor hide a closed output.
-            if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Stop);
-            }
-            if waiting && timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Quiet);
-            }
-            if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                return Poll::Ready(Event::Input(chunk));
-            }
-            Poll::Pending
-        })
-        .await;
-        let mut out = Chunk::with_capacity(0);
-        let mut local = Local::default();
-        let mut end = false;
-        let mut flush = false;
-        match event {
-            Event::Stop => {
-                counters.add_aborted(u64::from(pending.is_some()));
-                counters.add_drained(src.abandon());
-                return;
-            }
-            Event::Input(Some(chunk)) => {
-                local.received = chunk.len() as u64;
-                let mut got_value = false;
-                for item in chunk {
-                    match item {
-                        Ok(v) => {
-                            got_value = true;
-                            if pending.replace(v).is_some() {
-                                local.dropped += 1;
-                            }
-                        }
-                        Err(e) => {
-                            local.errors_passed += 1;
-                            out.push_error(e);
-                        }
+impl<T: Send + 'static> Debouncer<T> {
+    fn release(&mut self, out: &mut Out<T>) {
+        if let Some(v) = self.waiting.take() {
+            out.emit(v);
+        }
+    }
+}
+
+impl<T: Send + 'static> Operator<T, T> for Debouncer<T> {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
+        let mut got_value = false;
+        for item in chunk {
+            match item {
+                Ok(v) => {
+                    got_value = true;
+                    if let Some(older) = self.waiting.replace(v) {
+                        out.drop(older);
                     }
                 }
-                // Only a value restarts the wait; an error passes by.
-                if got_value {
-                    timer.as_mut().reset(later(Instant::now(), quiet));
-                }
-            }
-            Event::Input(None) => {
-                end = true;
-                flush = true;
-            }
-            Event::Quiet => flush = true,
-        }
-        if flush {
-            if let Some(v) = pending.take() {
-                local.emitted += 1;
-                out.values.push(v);
+                Err(e) => out.pass(e),
             }
         }
-        counters.add(&local);
-        if !out.is_empty() {
-            let len = out.len() as u64;
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            if !matches!(send_or_stop(&tx, out, stop).await, Some(Ok(()))) {
-                counters.add_undelivered(len);
-                counters.add_aborted(u64::from(pending.is_some()));
-                counters.add_drained(src.abandon());
-                return;
-            }
+        // Only a value restarts the wait; an error passes by.
+        if got_value {
+            self.due = time::after(Instant::now(), self.quiet);
         }
-        if end {
-            return;
-        }
+    }
+
+    fn deadline(&self) -> Deadline {
+        self.waiting.as_ref().and(self.due)
+    }
+
+    fn on_deadline(&mut self, _now: Instant, out: &mut Out<T>) {
+        self.release(out);
+    }
+
+    fn on_end(&mut self, out: &mut Out<T>) {
+        self.release(out);
+    }
+
+    fn held(&self) -> u64 {
+        u64::from(self.waiting.is_some())
     }
 }

@@ -361,6 +361,10 @@ pub struct PanicError {
 
 impl PanicError {
     pub(crate) fn from_payload(payload: Box<dyn Any + Send>) -> Self {
+        Self::from_payload_ref(&payload)
+    }
+
+    pub(crate) fn from_payload_ref(payload: &Box<dyn Any + Send>) -> Self {
         let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
             (*s).to_owned()
         } else if let Some(s) = payload.downcast_ref::<String>() {

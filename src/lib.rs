@@ -73,6 +73,7 @@ mod chunk;
 mod config;
 mod counters;
 mod debounce;
+mod driver;
 mod dedupe;
 pub mod dlq;
 mod error;

@@ -1,0 +1,494 @@
+//! The operator driver: every operator task's event loop, written once.
+//!
+//! An operator with its own task (a batcher, a throttle, a window) is a
+//! small state machine implementing [`Operator`]: what it does with an input
+//! chunk, with its due deadline, with its own work in progress, at the end
+//! of the input and at a graceful shutdown, and how many input items it
+//! holds. [`run`] owns everything else:
+//!
+//! - **One priority between events**, checked in this order on every
+//!   wake-up: abort, closed output, graceful shutdown (once), the operator's
+//!   own work, its due deadline, then the input (only while the operator
+//!   wants input). Stopping comes first so that a busy input cannot hide it;
+//!   deadlines come before input so that a value whose time has come is not
+//!   held back by an input that is always ready.
+//! - **Output chunking**: everything the operator emits goes through
+//!   [`Out`], which cuts it into chunks of at most the edge's `max_chunk`,
+//!   so the per-edge item bound holds whatever the operator or its input
+//!   produced. While a chunk waits for room downstream, the operator's own
+//!   work keeps being polled (its in-flight calls keep running).
+//! - **Deadlines** are [`Deadline`]s: `None` is never, so `Duration::MAX`
+//!   cannot panic or spin (see `time.rs`).
+//! - **Counting**: the driver counts what it hands in (`received`); the
+//!   operator counts what leaves through [`Out`]; the driver adds the counts
+//!   to the stage's counters once per event and, when the stage stops early,
+//!   counts what was not delivered (`undelivered`), what the operator holds
+//!   and what waits upstream (`aborted`) exactly once. If the operator
+//!   panics, the counts so far are kept, everything it had received and not
+//!   accounted for is counted as aborted, a `panicked` error goes downstream,
+//!   and the panic is re-raised so [`Pipeline::join`](crate::Pipeline::join)
+//!   reports it.
+//! - **Drops**: every intentional, counted drop goes through [`Out::drop`],
+//!   the one place where a drop is recorded.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{ChunkTx, chunk_channel};
+use crate::chunk::Chunk;
+use crate::config::EdgeConfig;
+use crate::counters::{Counters, Local};
+use crate::error::{ErrorKind, StreamError};
+use crate::flow::Flow;
+use crate::source::BoxSource;
+use crate::time::{Deadline, Timer};
+
+/// Whether an operator takes input now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Demand {
+    /// Feed it the next chunk when one is ready.
+    Input,
+    /// Not now: the input waits upstream (backpressure).
+    Hold,
+    /// Never again: the driver stops the input (counting what waits there
+    /// as aborted), delivers what is pending and ends the output.
+    Done,
+}
+
+/// A stage's logic as a state machine; [`run`] drives it.
+///
+/// Every count is in input items: an output that stands for several inputs
+/// (a batch, a window) is emitted with [`Out::emit_for`].
+pub(crate) trait Operator<In, O>: Send + 'static {
+    /// Handles a chunk of input (the driver has counted it as received).
+    fn on_chunk(&mut self, chunk: Chunk<In>, out: &mut Out<O>);
+
+    /// The next instant the operator wants [`on_deadline`](Self::on_deadline)
+    /// called; `None` for none. Asked before every wait.
+    fn deadline(&self) -> Deadline {
+        None
+    }
+
+    /// The deadline has passed; `now` is the current time.
+    fn on_deadline(&mut self, now: Instant, out: &mut Out<O>) {
+        let _ = (now, out);
+    }
+
+    /// Drives the operator's own work in progress (calls in flight, a
+    /// watched state). `Ready` means it made progress and wants to be
+    /// called again; `Pending` means it registered `cx`. Also polled while
+    /// output waits for room downstream.
+    fn poll_work(&mut self, cx: &mut Context<'_>, out: &mut Out<O>) -> Poll<()> {
+        let _ = (cx, out);
+        Poll::Pending
+    }
+
+    /// Whether the operator takes input now.
+    fn demand(&self) -> Demand {
+        Demand::Input
+    }
+
+    /// Called once when a graceful shutdown starts (the sources then end,
+    /// so [`on_end`](Self::on_end) follows).
+    fn on_shutdown(&mut self, out: &mut Out<O>) {
+        let _ = out;
+    }
+
+    /// The input has ended: flush. Called again on every wake-up while
+    /// [`held`](Self::held) is not zero, so an operator may hand out what it
+    /// holds one output at a time; one that finishes its held items over
+    /// time (calls in flight) emits nothing here and lets its work or its
+    /// deadline finish them. Not called after [`Demand::Done`].
+    fn on_end(&mut self, out: &mut Out<O>) {
+        let _ = out;
+    }
+
+    /// How many received items the operator holds (not yet emitted, failed,
+    /// passed or dropped). Counted as aborted if the stage stops early.
+    fn held(&self) -> u64 {
+        0
+    }
+}
+
+/// Where an operator puts what leaves it: output items cut into chunks of at
+/// most `max_chunk`, and the counts that go with them.
+pub(crate) struct Out<T> {
+    pieces: VecDeque<(Chunk<T>, u64)>,
+    max_chunk: usize,
+    local: Local,
+    stage: Arc<str>,
+}
+
+impl<T> Out<T> {
+    fn new(max_chunk: usize, stage: Arc<str>) -> Self {
+        Out {
+            pieces: VecDeque::new(),
+            max_chunk,
+            local: Local::default(),
+            stage,
+        }
+    }
+
+    /// The stage's name, for the errors it makes.
+    pub(crate) fn stage(&self) -> &Arc<str> {
+        &self.stage
+    }
+
+    /// The piece being filled, with room for one more item.
+    fn room(&mut self) -> &mut (Chunk<T>, u64) {
+        if self
+            .pieces
+            .back()
+            .is_none_or(|(c, _)| c.len() >= self.max_chunk)
+        {
+            self.pieces.push_back((Chunk::default(), 0));
+        }
+        self.pieces.back_mut().expect("just ensured")
+    }
+
+    /// Emits a value that stands for one input item.
+    pub(crate) fn emit(&mut self, value: T) {
+        self.emit_for(value, 1);
+    }
+
+    /// Emits a value that stands for `inputs` input items (a batch).
+    pub(crate) fn emit_for(&mut self, value: T, inputs: u64) {
+        self.local.emitted += inputs;
+        let piece = self.room();
+        piece.0.values.push(value);
+        piece.1 += inputs;
+    }
+
+    /// Emits values, one input item each, in bulk: a vector that fits an
+    /// empty output moves over without copying.
+    pub(crate) fn emit_all(&mut self, values: Vec<T>) {
+        if values.is_empty() {
+            return;
+        }
+        let n = values.len() as u64;
+        if self.pieces.is_empty() && values.len() <= self.max_chunk {
+            self.local.emitted += n;
+            self.pieces.push_back((Chunk::from_values(values), n));
+            return;
+        }
+        values.into_iter().for_each(|v| self.emit(v));
+    }
+
+    /// Passes an upstream error on unchanged.
+    pub(crate) fn pass(&mut self, error: StreamError) {
+        self.local.errors_passed += 1;
+        self.push_error(error, 1);
+    }
+
+    /// Sends an error this stage made from an input item (counted failed).
+    pub(crate) fn fail(&mut self, error: StreamError) {
+        self.local.failed += 1;
+        self.push_error(error, 1);
+    }
+
+    /// Sends an error standing for `inputs` items (errors of a window).
+    pub(crate) fn push_error(&mut self, error: StreamError, inputs: u64) {
+        let piece = self.room();
+        piece.0.push_error(error);
+        piece.1 += inputs;
+    }
+
+    /// Drops an item on purpose and counts it: the one place where an
+    /// operator's intentional drops are recorded.
+    pub(crate) fn drop<I>(&mut self, item: I) {
+        drop(item);
+        self.local.dropped += 1;
+    }
+
+    /// Counts errors passed on inside an output that stands for them (a
+    /// window carries its errors).
+    pub(crate) fn count_passed(&mut self, n: u64) {
+        self.local.errors_passed += n;
+    }
+
+    /// Output items waiting to be delivered.
+    pub(crate) fn pending(&self) -> usize {
+        self.pieces.iter().map(|(c, _)| c.len()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+}
+
+/// Registers an operator stage named `name`, spawns its task driving `op`
+/// between `input` and a new channel on `edge` (the pipeline's by default),
+/// and returns the flow reading that channel.
+pub(crate) fn spawn<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    op: Op,
+) -> Flow<O>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    let pipeline = input.pipeline().clone();
+    let edge = edge.unwrap_or(pipeline.edge());
+    let counters = pipeline.register(name);
+    let (tx, rx) = chunk_channel(edge);
+    let io = Io {
+        src: input.into_source(),
+        tx,
+        abort: pipeline.abort_token(),
+        shutdown: pipeline.shutdown_token(),
+        counters: counters.clone(),
+        max_chunk: edge.max_chunk(),
+    };
+    pipeline.spawn(counters.name().clone(), run(op, io));
+    Flow::from_source(pipeline, Box::new(rx))
+}
+
+struct Io<In, O> {
+    src: BoxSource<In>,
+    tx: ChunkTx<O>,
+    abort: CancellationToken,
+    shutdown: CancellationToken,
+    counters: Counters,
+    max_chunk: usize,
+}
+
+enum Event<In> {
+    Abort,
+    Closed,
+    Shutdown,
+    Work,
+    Deadline(Instant),
+    Input(Option<Chunk<In>>),
+}
+
+/// Why the stage stops before its input ended.
+enum Stop {
+    Early,
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// What the operator has been handed and what left it, to account for
+/// everything if it panics.
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    left: u64,
+}
+
+/// Runs `op` until its input has ended and everything it held has been
+/// delivered, or until the stage must stop (see the module docs).
+async fn run<In, O, Op>(mut op: Op, io: Io<In, O>)
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    let Io {
+        mut src,
+        tx,
+        abort,
+        shutdown,
+        counters,
+        max_chunk,
+    } = io;
+    let mut out = Out::new(max_chunk, counters.name().clone());
+    let mut tally = Tally::default();
+    let mut timer = Timer::new();
+    let mut aborted = pin!(abort.cancelled());
+    let mut closed = pin!(tx.closed());
+    let mut shutdown_seen = false;
+    let mut shutting = pin!(shutdown.cancelled());
+    let mut input_open = true;
+
+    let stop = loop {
+        // Deliver what is pending, keeping the operator's work going.
+        if !out.is_empty() {
+            let delivered = deliver(&mut op, &mut out, &tx, aborted.as_mut(), &counters).await;
+            flush(&mut out, &counters, &mut tally);
+            match delivered {
+                Ok(true) => {}
+                Ok(false) => break Stop::Early,
+                Err(payload) => break Stop::Panicked(payload),
+            }
+        }
+        let demand = op.demand();
+        if demand == Demand::Done && input_open {
+            counters.add_drained(src.abandon());
+            input_open = false;
+        }
+        if !input_open {
+            if op.held() == 0 && out.is_empty() {
+                debug_assert_eq!(tally.received, tally.left, "{}: items unaccounted", out.stage);
+                return;
+            }
+            if demand != Demand::Done {
+                if let Err(payload) = guarded(|| op.on_end(&mut out)) {
+                    break Stop::Panicked(payload);
+                }
+                if !out.is_empty() {
+                    continue;
+                }
+            }
+        }
+        timer.set(op.deadline());
+        let want_input = input_open && demand == Demand::Input;
+        let mut work_panic = None;
+        let event = poll_fn(|cx: &mut Context<'_>| {
+            if aborted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Abort);
+            }
+            if closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Closed);
+            }
+            if !shutdown_seen && shutting.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, &mut out))) {
+                Ok(Poll::Ready(())) => return Poll::Ready(Event::Work),
+                Ok(Poll::Pending) if !out.is_empty() => return Poll::Ready(Event::Work),
+                Ok(Poll::Pending) => {}
+                Err(payload) => {
+                    work_panic = Some(payload);
+                    return Poll::Ready(Event::Work);
+                }
+            }
+            if let Poll::Ready(now) = timer.poll_due(cx) {
+                return Poll::Ready(Event::Deadline(now.max(Instant::now())));
+            }
+            if want_input {
+                if let Poll::Ready(chunk) = src.poll_chunk(cx) {
+                    return Poll::Ready(Event::Input(chunk));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(payload) = work_panic {
+            break Stop::Panicked(payload);
+        }
+        let handled = match event {
+            Event::Abort | Event::Closed => break Stop::Early,
+            Event::Shutdown => {
+                shutdown_seen = true;
+                guarded(|| op.on_shutdown(&mut out))
+            }
+            Event::Work => Ok(()),
+            Event::Deadline(now) => guarded(|| op.on_deadline(now, &mut out)),
+            Event::Input(Some(chunk)) => {
+                // An abort wins over input that arrived at the same time.
+                if abort.is_cancelled() {
+                    counters.add_drained(chunk.len() as u64);
+                    break Stop::Early;
+                }
+                let n = chunk.len() as u64;
+                out.local.received += n;
+                guarded(|| op.on_chunk(chunk, &mut out))
+            }
+            Event::Input(None) => {
+                input_open = false;
+                Ok(())
+            }
+        };
+        flush(&mut out, &counters, &mut tally);
+        if let Err(payload) = handled {
+            break Stop::Panicked(payload);
+        }
+    };
+
+    // The stop epilogue: every item is accounted for exactly once.
+    flush(&mut out, &counters, &mut tally);
+    let undelivered: u64 = out.pieces.drain(..).map(|(_, n)| n).sum();
+    counters.add_undelivered(undelivered);
+    match stop {
+        Stop::Early => counters.add_aborted(op.held()),
+        Stop::Panicked(payload) => {
+            // The operator's state is suspect: whatever it received and did
+            // not account for is lost with it, and counted as such.
+            counters.add_aborted(tally.received.saturating_sub(tally.left));
+            counters.add_drained(src.abandon());
+            let error = StreamError::new(ErrorKind::Panicked, out.stage.to_string()).with_source(
+                format!(
+                    "the stage's operator panicked ({}); items it held are counted as aborted",
+                    crate::error::PanicError::from_payload_ref(&payload)
+                ),
+            );
+            let mut chunk = Chunk::default();
+            chunk.push_error(error);
+            let _ = tx.send_now(chunk);
+            resume_unwind(payload);
+        }
+    }
+    counters.add_drained(src.abandon());
+}
+
+/// Calls into the operator, catching a panic.
+fn guarded(f: impl FnOnce()) -> Result<(), Box<dyn std::any::Any + Send>> {
+    catch_unwind(AssertUnwindSafe(f))
+}
+
+/// Adds the counts gathered since the last flush to the stage's counters.
+fn flush<T>(out: &mut Out<T>, counters: &Counters, tally: &mut Tally) {
+    let l = std::mem::take(&mut out.local);
+    tally.received += l.received;
+    tally.left += l.emitted + l.failed + l.errors_passed + l.dropped;
+    counters.add(&l);
+}
+
+/// Sends every pending piece, polling the operator's work while a send
+/// waits for room. `Ok(false)`: the stage must stop (abort, or the output
+/// is gone); the pieces not sent stay in `out`.
+async fn deliver<In, O, Op>(
+    op: &mut Op,
+    out: &mut Out<O>,
+    tx: &ChunkTx<O>,
+    mut aborted: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    counters: &Counters,
+) -> Result<bool, Box<dyn std::any::Any + Send>>
+where
+    Op: Operator<In, O>,
+{
+    while let Some((chunk, units)) = out.pieces.pop_front() {
+        let mut send = pin!(tx.send(chunk));
+        let mut panic = None;
+        let sent = poll_fn(|cx| {
+            if aborted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            // Keep the operator's calls running while downstream is full.
+            match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, out))) {
+                Ok(Poll::Ready(())) => cx.waker().wake_by_ref(),
+                Ok(Poll::Pending) => {}
+                Err(payload) => {
+                    panic = Some(payload);
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match sent {
+            Some(Ok(())) => {}
+            Some(Err(_)) | None => {
+                counters.add_undelivered(units);
+                return match panic {
+                    Some(payload) => Err(payload),
+                    None => Ok(false),
+                };
+            }
+        }
+    }
+    Ok(true)
+}
