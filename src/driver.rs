@@ -181,6 +181,14 @@ impl<T> Out<T> {
         values.into_iter().for_each(|v| self.emit(v));
     }
 
+    /// Emits a value or passes an upstream error, in order.
+    pub(crate) fn push(&mut self, item: crate::Result<T>) {
+        match item {
+            Ok(v) => self.emit(v),
+            Err(e) => self.pass(e),
+        }
+    }
+
     /// Passes an upstream error on unchanged.
     pub(crate) fn pass(&mut self, error: StreamError) {
         self.local.errors_passed += 1;
@@ -207,10 +215,14 @@ impl<T> Out<T> {
         self.local.dropped += 1;
     }
 
-    /// Counts errors passed on inside an output that stands for them (a
-    /// window carries its errors).
-    pub(crate) fn count_passed(&mut self, n: u64) {
-        self.local.errors_passed += n;
+    /// Emits a value that stands for `values` input values and `errors`
+    /// upstream errors it carries (a window).
+    pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64) {
+        self.local.emitted += values;
+        self.local.errors_passed += errors;
+        let piece = self.room();
+        piece.0.values.push(value);
+        piece.1 += values + errors;
     }
 
     /// Output items waiting to be delivered.

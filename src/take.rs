@@ -1,15 +1,12 @@
 //! [`Take`]: the first `n` values, then the end of the stream.
 
 use std::borrow::Cow;
-use std::pin::pin;
-use std::task::Context;
 
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::Local;
+use crate::driver::{self, Demand, Operator, Out};
 use crate::flow::Flow;
 use crate::processor::Processor;
-use crate::stage::{TaskIo, receive_or_stop, send_or_stop, spawn_operator};
 
 /// Passes the first `n` values (and the errors among them), then ends its
 /// output and stops reading its input, so the stages before it stop too.
@@ -76,64 +73,35 @@ impl<T: Send + 'static> Processor<T, T> for Take {
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {
-        let n = self.n;
-        spawn_operator(input, &self.name, self.edge, move |io| run(io, n))
+        driver::spawn(input, &self.name, self.edge, Taking { left: self.n })
     }
 }
 
-async fn run<T: Send + 'static>(io: TaskIo<T, T>, n: u64) {
-    let TaskIo {
-        mut src,
-        tx,
-        abort,
-        counters,
-        max_chunk,
-    } = io;
-    let mut aborted = pin!(abort.cancelled());
-    let mut closed = pin!(tx.closed());
-    let mut left = n;
-    while left > 0 {
-        let stop = |cx: &mut Context<'_>| {
-            aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready()
-        };
-        let Some(chunk) = receive_or_stop(&mut src, &abort, &counters, stop).await else {
-            return;
-        };
-        let mut local = Local {
-            received: chunk.len() as u64,
-            ..Local::default()
-        };
-        let mut out = Chunk::with_capacity(chunk.len().min(max_chunk));
+struct Taking {
+    left: u64,
+}
+
+impl<T: Send + 'static> Operator<T, T> for Taking {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
         for item in chunk {
-            if left == 0 {
-                local.dropped += 1;
-                continue;
-            }
             match item {
+                // Past the count, the rest of the chunk is dropped, counted.
+                _ if self.left == 0 => out.drop(item),
                 Ok(v) => {
-                    out.values.push(v);
-                    local.emitted += 1;
-                    left -= 1;
+                    out.emit(v);
+                    self.left -= 1;
                 }
-                Err(e) => {
-                    out.push_error(e);
-                    local.errors_passed += 1;
-                }
-            }
-        }
-        counters.add(&local);
-        let mut pieces = out.split(max_chunk);
-        while let Some(piece) = pieces.next() {
-            let len = piece.len() as u64;
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            if !matches!(send_or_stop(&tx, piece, stop).await, Some(Ok(()))) {
-                let rest: u64 = pieces.map(|p| p.len() as u64).sum();
-                counters.add_undelivered(len + rest);
-                counters.add_drained(src.abandon());
-                return;
+                Err(e) => out.pass(e),
             }
         }
     }
-    // Done: stop the input; what waits in it is discarded and counted.
-    counters.add_drained(src.abandon());
+
+    /// Done: the driver stops the input, counting what waits in it.
+    fn demand(&self) -> Demand {
+        if self.left == 0 {
+            Demand::Done
+        } else {
+            Demand::Input
+        }
+    }
 }

@@ -14,25 +14,19 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::channel::ChunkTx;
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::{Counters, Local};
+use crate::driver::{self, Demand, Operator, Out};
 use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::processor::Processor;
-use crate::source::BoxSource;
-use crate::stage::{receive_or_stop, send_or_stop, spawn_operator};
+use crate::time::{self, Deadline};
 
 type CostFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 
@@ -224,18 +218,28 @@ impl<T: Send + 'static> Processor<T, T> for Throttle<T> {
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {
-        spawn_operator(input, &self.name, self.edge, |io| {
-            let shaper = Shaper {
-                gcra: Gcra::new(self.rate, self.period, self.burst),
-                cost: self.cost,
-                error_cost: self.error_cost,
-                mode: self.mode,
-                counters: io.counters,
-            };
-            run(io.src, io.tx, io.abort, shaper)
-        })
+        let op = Shaper {
+            gcra: Gcra::new(self.rate, self.period, self.burst),
+            cost: self.cost,
+            error_cost: self.error_cost,
+            mode: self.mode,
+            head: None,
+            queue: Chunk::default().into_iter(),
+            due: None,
+            behind: false,
+        };
+        driver::spawn(input, &self.name, self.edge, op)
     }
 }
+
+/// How much lateness of its own wake-ups the throttle makes up for. tokio's
+/// timer fires up to about a millisecond late; an item that waited keeps
+/// the schedule it was given (the next one is due one interval after it was
+/// due, not after the throttle woke), so the long-run rate is the
+/// configured one. Beyond this much lateness (a stalled consumer, a
+/// starved runtime) the schedule restarts from now instead, so a stall
+/// never turns into a burst larger than this allowance.
+const CATCH_UP: Duration = Duration::from_millis(10);
 
 /// The limiter's state in exact integer units: time is nanoseconds since
 /// `origin` times `rate`, and one token is `period` nanoseconds, so the
@@ -248,6 +252,8 @@ struct Gcra {
     token: u64,
     /// The bucket's depth: `burst` tokens.
     depth: u128,
+    /// [`CATCH_UP`] in the same units.
+    catch_up: u128,
     /// The theoretical arrival time of the next item.
     tat: u128,
 }
@@ -255,38 +261,49 @@ struct Gcra {
 impl Gcra {
     fn new(rate: u64, period: Duration, burst: u64) -> Self {
         // `try_new` checked that the period fits.
-        let token = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+        let token = time::nanos(period);
         Gcra {
             origin: Instant::now(),
             rate,
             token,
             depth: wide_mul(token, burst),
+            catch_up: wide_mul(time::nanos(CATCH_UP), rate),
             tat: 0,
         }
     }
 
     fn now(&self, at: Instant) -> u128 {
-        let nanos = at.saturating_duration_since(self.origin).as_nanos();
-        wide_mul(u64::try_from(nanos).unwrap_or(u64::MAX), self.rate)
+        let nanos = at.saturating_duration_since(self.origin);
+        wide_mul(time::nanos(nanos), self.rate)
     }
 
-    /// When an item of `cost` tokens may pass, as scaled time.
-    fn allowed_at(&self, now: u128, cost: u64) -> u128 {
+    /// Where the schedule continues from: the theoretical arrival time, or
+    /// now if that is in the past. While items are behind their schedule
+    /// (`behind`), an arrival time at most the catch-up allowance in the
+    /// past is kept: the wake-up was late, not the input idle.
+    fn base(&self, now: u128, behind: bool) -> u128 {
+        if behind && self.tat.saturating_add(self.catch_up) >= now {
+            self.tat
+        } else {
+            self.tat.max(now)
+        }
+    }
+
+    /// When an item of `cost` tokens may pass.
+    fn allowed_at(&self, now: u128, cost: u64, behind: bool) -> u128 {
         let inc = wide_mul(self.token, cost);
         // Heavier than the whole bucket: wait for a full bucket only.
-        (self.tat.max(now) + inc.min(self.depth)).saturating_sub(self.depth)
+        (self.base(now, behind) + inc.min(self.depth)).saturating_sub(self.depth)
     }
 
-    /// Takes `cost` tokens at `now` (the item passes).
-    fn take(&mut self, now: u128, cost: u64) {
+    fn take(&mut self, now: u128, cost: u64, behind: bool) {
         let inc = wide_mul(self.token, cost);
-        self.tat = self.tat.max(now).saturating_add(inc);
+        self.tat = self.base(now, behind).saturating_add(inc);
     }
 
-    /// How many one-token items may pass at `now`, up to `n`; takes their
-    /// tokens.
-    fn take_many(&mut self, now: u128, n: usize) -> usize {
-        let base = self.tat.max(now);
+    /// Takes one token each for as many of `n` items as may pass now.
+    fn take_many(&mut self, now: u128, n: usize, behind: bool) -> usize {
+        let base = self.base(now, behind);
         let room = (now + self.depth).saturating_sub(base);
         // The token is at least one nanosecond (the period is not zero).
         let fits = usize::try_from(room / u128::from(self.token)).unwrap_or(usize::MAX);
@@ -295,185 +312,131 @@ impl Gcra {
         fits
     }
 
-    /// The instant of scaled time `t`, rounded up.
-    fn instant(&self, t: u128) -> Instant {
+    fn instant(&self, t: u128) -> Deadline {
         let nanos = t.div_ceil(u128::from(self.rate));
         let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
-        self.origin + Duration::from_nanos(nanos)
+        time::after(self.origin, Duration::from_nanos(nanos))
     }
 }
 
-/// The full product of two `u64`s.
 fn wide_mul(a: u64, b: u64) -> u128 {
     u128::from(a) * u128::from(b)
 }
 
+/// The throttle's state machine: the items of the chunk in hand wait in
+/// `queue` (the first one that found no tokens in `head`), and no input is
+/// taken until they have all left.
 struct Shaper<T> {
     gcra: Gcra,
     cost: Option<CostFn<T>>,
     error_cost: u64,
     mode: Mode,
-    counters: Counters,
-}
-
-/// What to do with the next item of a chunk.
-enum Verdict {
-    Pass,
-    Wait(Instant),
-    Drop,
+    head: Option<(crate::Result<T>, u64)>,
+    queue: crate::ChunkIntoIter<T>,
+    /// When `head` may pass.
+    due: Deadline,
+    /// Items have had to wait for their turn: the schedule is kept across
+    /// late wake-ups (see [`CATCH_UP`]).
+    behind: bool,
 }
 
 impl<T: Send + 'static> Shaper<T> {
-    /// The cost of a value, or the `panicked` error its cost function raised.
-    fn cost_of(&self, value: &T) -> Result<u64, Box<dyn std::any::Any + Send>> {
-        match &self.cost {
-            None => Ok(1),
-            Some(cost) => catch_unwind(AssertUnwindSafe(|| cost(value))),
+    /// An item's cost in tokens, or the `panicked` error carrying it.
+    fn cost_of(&self, item: crate::Result<T>, stage: &str) -> Result<(crate::Result<T>, u64), StreamError> {
+        let value = match item {
+            Err(e) => return Ok((Err(e), self.error_cost)),
+            Ok(v) => v,
+        };
+        let Some(cost) = &self.cost else {
+            return Ok((Ok(value), 1));
+        };
+        match catch_unwind(AssertUnwindSafe(|| cost(&value))) {
+            Ok(c) => Ok((Ok(value), c)),
+            Err(payload) => Err(StreamError::panicked(stage, payload).with_item(value)),
         }
     }
 
-    /// Whether an item of `cost` may pass at scaled time `t`.
-    fn verdict(&mut self, t: u128, cost: u64) -> Verdict {
-        if cost == 0 {
-            return Verdict::Pass;
+    /// Lets through every waiting item that may pass at `at`; stops at the
+    /// first that must wait and sets the deadline for it.
+    fn release(&mut self, at: Instant, out: &mut Out<T>) {
+        let now = self.gcra.now(at);
+        let behind = self.behind;
+        loop {
+            let (item, cost) = match self.head.take() {
+                Some(head) => head,
+                None => match self.queue.next() {
+                    None => break,
+                    Some(item) => match self.cost_of(item, out.stage()) {
+                        Ok(costed) => costed,
+                        Err(e) => {
+                            out.fail(e);
+                            continue;
+                        }
+                    },
+                },
+            };
+            if cost == 0 {
+                out.push(item);
+                continue;
+            }
+            let allowed = self.gcra.allowed_at(now, cost, behind);
+            if allowed <= now {
+                self.gcra.take(now, cost, behind);
+                out.push(item);
+                continue;
+            }
+            match (self.mode, item) {
+                (Mode::Shape, item) => {
+                    self.head = Some((item, cost));
+                    self.due = self.gcra.instant(allowed);
+                    self.behind = true;
+                    return;
+                }
+                (Mode::Drop, Ok(value)) => out.drop(value),
+                // Errors are never dropped: they pass without tokens.
+                (Mode::Drop, Err(e)) => out.pass(e),
+            }
         }
-        let at = self.gcra.allowed_at(t, cost);
-        if at <= t {
-            self.gcra.take(t, cost);
-            return Verdict::Pass;
-        }
-        match self.mode {
-            Mode::Shape => Verdict::Wait(self.gcra.instant(at)),
-            Mode::Drop => Verdict::Drop,
-        }
+        self.due = None;
     }
 }
 
-async fn run<T: Send + 'static>(
-    mut src: BoxSource<T>,
-    tx: ChunkTx<T>,
-    abort: CancellationToken,
-    mut shaper: Shaper<T>,
-) {
-    let counters = shaper.counters.clone();
-    let mut aborted = pin!(abort.cancelled());
-    let mut closed = pin!(tx.closed());
-    let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    loop {
-        let stop = |cx: &mut Context<'_>| {
-            aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready()
-        };
-        let Some(chunk) = receive_or_stop(&mut src, &abort, &counters, stop).await else {
-            return;
-        };
-        let mut local = Local {
-            received: chunk.len() as u64,
-            ..Local::default()
-        };
-        let mut now = shaper.gcra.now(Instant::now());
-        let mut out = Chunk::with_capacity(chunk.len());
-        let mut values = chunk.values.into_iter();
-        let mut errors = chunk.errors.into_iter().peekable();
-        let mut position = 0;
-        // The common case: one token per value, no errors in the chunk.
-        if shaper.cost.is_none() && errors.peek().is_none() {
-            let n = shaper.gcra.take_many(now, values.len());
-            out.values.extend(values.by_ref().take(n));
-            local.emitted += n as u64;
-            position = n;
-        }
-        loop {
-            // The next item in chunk order: an error placed before value
-            // `position`, or that value.
-            let item = match errors.next_if(|(at, _)| *at <= position) {
-                Some((_, e)) => Err(e),
-                None => match values.next() {
-                    Some(v) => {
-                        position += 1;
-                        Ok(v)
-                    }
-                    None => break,
-                },
-            };
-            let cost = match &item {
-                Ok(v) => match shaper.cost_of(v) {
-                    Ok(c) => c,
-                    Err(payload) => {
-                        let Ok(value) = item else {
-                            unreachable!("only values have a cost function")
-                        };
-                        let err = StreamError::panicked(counters.name(), payload).with_item(value);
-                        local.failed += 1;
-                        out.push_error(err);
-                        continue;
-                    }
-                },
-                Err(_) => shaper.error_cost,
-            };
-            let is_error = item.is_err();
-            loop {
-                match shaper.verdict(now, cost) {
-                    Verdict::Pass => {
-                        if is_error {
-                            local.errors_passed += 1;
-                        } else {
-                            local.emitted += 1;
-                        }
-                        out.push(item);
-                        break;
-                    }
-                    Verdict::Drop if !is_error => {
-                        local.dropped += 1;
-                        break;
-                    }
-                    Verdict::Drop => {
-                        // Errors are never dropped: pass without tokens.
-                        local.errors_passed += 1;
-                        out.push(item);
-                        break;
-                    }
-                    Verdict::Wait(at) => {
-                        // Send what may go now, then wait for the tokens.
-                        let len = out.len() as u64;
-                        let ready = std::mem::take(&mut out);
-                        let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-                        if !matches!(send_or_stop(&tx, ready, stop).await, Some(Ok(()))) {
-                            counters.add(&local);
-                            counters.add_undelivered(len);
-                            let held = 1 + values.len() + errors.len();
-                            counters.add_aborted(held as u64);
-                            counters.add_drained(src.abandon());
-                            return;
-                        }
-                        timer.as_mut().reset(at);
-                        let woke = poll_fn(|cx| {
-                            if aborted.as_mut().poll(cx).is_ready()
-                                || closed.as_mut().poll(cx).is_ready()
-                            {
-                                return Poll::Ready(false);
-                            }
-                            timer.as_mut().poll(cx).map(|()| true)
-                        })
-                        .await;
-                        if !woke {
-                            counters.add(&local);
-                            let held = 1 + values.len() + errors.len();
-                            counters.add_aborted(held as u64);
-                            counters.add_drained(src.abandon());
-                            return;
-                        }
-                        now = shaper.gcra.now(Instant::now());
-                    }
-                }
+impl<T: Send + 'static> Operator<T, T> for Shaper<T> {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
+        let now = Instant::now();
+        if self.cost.is_none() && !chunk.has_errors() {
+            // The common case: one token per value, no errors in the chunk.
+            let mut values = chunk.values;
+            let n = self.gcra.take_many(self.gcra.now(now), values.len(), self.behind);
+            let rest = values.split_off(n);
+            out.emit_all(values);
+            if rest.is_empty() {
+                return;
             }
+            self.queue = Chunk::from_values(rest).into_iter();
+        } else {
+            self.queue = chunk.into_iter();
         }
-        counters.add(&local);
-        let len = out.len() as u64;
-        let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-        if !matches!(send_or_stop(&tx, out, stop).await, Some(Ok(()))) {
-            counters.add_undelivered(len);
-            counters.add_drained(src.abandon());
-            return;
+        self.release(now, out);
+    }
+
+    fn deadline(&self) -> Deadline {
+        self.due
+    }
+
+    fn on_deadline(&mut self, now: Instant, out: &mut Out<T>) {
+        self.release(now, out);
+    }
+
+    fn demand(&self) -> Demand {
+        if self.head.is_some() || self.queue.len() > 0 {
+            Demand::Hold
+        } else {
+            Demand::Input
         }
+    }
+
+    fn held(&self) -> u64 {
+        (usize::from(self.head.is_some()) + self.queue.len()) as u64
     }
 }

@@ -23,6 +23,16 @@ pub(crate) fn after(now: Instant, after: Duration) -> Deadline {
     now.checked_add(after)
 }
 
+/// `t + d`, or about thirty years after `t` (tokio's own far future) if
+/// that is not representable: for a boundary that must be an instant, such
+/// as the end of a window that never closes by time.
+pub(crate) fn far_after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).unwrap_or_else(|| {
+        t.checked_add(Duration::from_secs(86_400 * 365 * 30))
+            .unwrap_or(t)
+    })
+}
+
 /// The earlier of two deadlines (never is later than any instant).
 #[inline]
 pub(crate) fn earliest(a: Deadline, b: Deadline) -> Deadline {

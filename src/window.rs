@@ -3,20 +3,17 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::future::poll_fn;
-use std::pin::pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::Local;
+use crate::driver::{self, Demand, Operator, Out};
 use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::processor::Processor;
-use crate::stage::{TaskIo, send_or_stop, spawn_operator};
+use crate::time::{Deadline, far_after as later};
 
 /// Arrivals a window stage holds at most, unless told otherwise.
 const DEFAULT_MAX_ITEMS: usize = 100_000;
@@ -334,16 +331,6 @@ trait Assigner<T>: Send + 'static {
     fn held(&self) -> u64;
 }
 
-/// `t + d`, or far in the future if that does not fit (a window or gap of
-/// `Duration::MAX` never closes by time).
-pub(crate) fn later(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d).unwrap_or_else(|| {
-        // About thirty years: tokio's own "far future".
-        t.checked_add(Duration::from_secs(86_400 * 365 * 30))
-            .unwrap_or(t)
-    })
-}
-
 /// Tumbling and sliding windows: arrivals kept for `size`, windows built
 /// when they close.
 struct Slider<T> {
@@ -604,18 +591,16 @@ fn slide<T: Clone + Send + 'static>(
         Limit::Cut(n) => (Some(n), usize::MAX),
         Limit::Wait(n) => (None, n),
     };
-    spawn_operator(input, name, edge, move |io| {
-        let slider = Slider {
-            origin: Instant::now(),
-            size,
-            slide,
-            held: VecDeque::new(),
-            next: 0,
-            cut_at,
-            resume: None,
-        };
-        run(io, slider, max_held)
-    })
+    let slider = Slider {
+        origin: Instant::now(),
+        size,
+        slide,
+        held: VecDeque::new(),
+        next: 0,
+        cut_at,
+        resume: None,
+    };
+    run(input, name, edge, slider, max_held)
 }
 
 impl<T: Send + 'static> Processor<T, Window<T>> for Session {
@@ -631,127 +616,101 @@ impl<T: Send + 'static> Processor<T, Window<T>> for Session {
             last: Instant::now(),
         };
         // A session closes itself at max_items, so input never waits.
-        spawn_operator(input, &self.name, self.edge, move |io| {
-            run(io, sessions, usize::MAX)
-        })
+        run(input, &self.name, self.edge, sessions, usize::MAX)
     }
 }
 
-enum Event<T> {
-    Input(Option<Chunk<T>>),
-    Close,
-    Stop,
+/// A window stage's state machine: the assigner, and a chunk that has
+/// arrived but waits for the windows that closed before it to leave first,
+/// one window per step, so a long backlog of windows is never built at once.
+struct Windowing<T, A> {
+    windows: A,
+    /// At this many held arrivals, take no input until windows close: the
+    /// producer waits, nothing is dropped.
+    max_held: usize,
+    arriving: Option<(Instant, Chunk<T>)>,
+    ready: Vec<Ready<T>>,
 }
 
-/// Why the task stops early.
-struct Stopped;
+impl<T: Send + 'static, A: Assigner<T>> Windowing<T, A> {
+    fn send(r: Ready<T>, out: &mut Out<Window<T>>) {
+        // Counted in input items: the values that left the stage with this
+        // window, and the errors it carries.
+        out.emit_counted(r.window, r.values, r.errors);
+    }
 
-async fn run<T, A>(io: TaskIo<T, Window<T>>, mut windows: A, max_held: usize)
+    /// One step of an arrival: a window that closed before it, or, when
+    /// none is left, the arrival itself.
+    fn step(&mut self, out: &mut Out<Window<T>>) {
+        let Some((now, _)) = &self.arriving else {
+            return;
+        };
+        if let Some(r) = self.windows.close_one(Some(*now)) {
+            return Self::send(r, out);
+        }
+        let (now, chunk) = self.arriving.take().expect("checked above");
+        for item in chunk {
+            self.windows.arrive(now, item, &mut self.ready);
+        }
+        for r in self.ready.drain(..) {
+            Self::send(r, out);
+        }
+    }
+}
+
+impl<T: Send + 'static, A: Assigner<T>> Operator<T, Window<T>> for Windowing<T, A> {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<Window<T>>) {
+        self.arriving = Some((Instant::now(), chunk));
+        self.step(out);
+    }
+
+    fn deadline(&self) -> Deadline {
+        match &self.arriving {
+            // The rest of an arrival is due at once.
+            Some((at, _)) => Some(*at),
+            None => self.windows.next_close(),
+        }
+    }
+
+    fn on_deadline(&mut self, now: Instant, out: &mut Out<Window<T>>) {
+        if self.arriving.is_some() {
+            return self.step(out);
+        }
+        if let Some(r) = self.windows.close_one(Some(now)) {
+            Self::send(r, out);
+        }
+    }
+
+    fn demand(&self) -> Demand {
+        if self.arriving.is_some() || self.windows.held() >= self.max_held as u64 {
+            Demand::Hold
+        } else {
+            Demand::Input
+        }
+    }
+
+    fn on_end(&mut self, out: &mut Out<Window<T>>) {
+        if let Some(r) = self.windows.close_one(None) {
+            Self::send(r, out);
+        }
+    }
+
+    fn held(&self) -> u64 {
+        let arriving = self.arriving.as_ref().map_or(0, |(_, c)| c.len() as u64);
+        self.windows.held() + arriving
+    }
+}
+
+fn run<T, A>(input: Flow<T>, name: &str, edge: Option<EdgeConfig>, windows: A, max_held: usize) -> Flow<Window<T>>
 where
     T: Send + 'static,
     A: Assigner<T>,
 {
-    let TaskIo {
-        mut src,
-        tx,
-        abort,
-        counters,
-        ..
-    } = io;
-    let mut aborted = pin!(abort.cancelled());
-    let mut closed = pin!(tx.closed());
-    let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    let mut ready = Vec::new();
-    loop {
-        let close_at = windows.next_close();
-        if let Some(at) = close_at {
-            if timer.deadline() != at {
-                timer.as_mut().reset(at);
-            }
-        }
-        // At the limit, take no input until windows close: the producer
-        // waits, nothing is dropped.
-        let full = windows.held() >= max_held as u64;
-        let event = poll_fn(|cx: &mut Context<'_>| {
-            if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Stop);
-            }
-            if close_at.is_some() && timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Close);
-            }
-            if !full {
-                if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                    return Poll::Ready(Event::Input(chunk));
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-        // Sends one window: Err if the stage must stop.
-        let mut send = async |r: Ready<T>| -> Result<(), Stopped> {
-            counters.add(&Local {
-                emitted: r.values,
-                errors_passed: r.errors,
-                ..Local::default()
-            });
-            let chunk = Chunk::from_values(vec![r.window]);
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            match send_or_stop(&tx, chunk, stop).await {
-                Some(Ok(())) => Ok(()),
-                _ => {
-                    // Counted in input items, like emitted.
-                    counters.add_undelivered(r.values + r.errors);
-                    Err(Stopped)
-                }
-            }
-        };
-        let outcome: Result<bool, Stopped> = async {
-            match event {
-                Event::Stop => Err(Stopped),
-                Event::Input(Some(chunk)) => {
-                    let now = Instant::now();
-                    counters.add(&Local {
-                        received: chunk.len() as u64,
-                        ..Local::default()
-                    });
-                    // Windows that closed before this arrival go first.
-                    while let Some(r) = windows.close_one(Some(now)) {
-                        send(r).await?;
-                    }
-                    for item in chunk {
-                        windows.arrive(now, item, &mut ready);
-                    }
-                    for r in ready.drain(..) {
-                        send(r).await?;
-                    }
-                    Ok(false)
-                }
-                Event::Input(None) => {
-                    while let Some(r) = windows.close_one(None) {
-                        send(r).await?;
-                    }
-                    Ok(true)
-                }
-                Event::Close => {
-                    while let Some(r) = windows.close_one(Some(Instant::now())) {
-                        send(r).await?;
-                    }
-                    Ok(false)
-                }
-            }
-        }
-        .await;
-        match outcome {
-            Ok(false) => {}
-            Ok(true) => return,
-            Err(Stopped) => {
-                // Completed windows not sent yet were not counted as
-                // emitted: their items are discarded with the rest.
-                let unsent: u64 = ready.drain(..).map(|r| r.values + r.errors).sum();
-                counters.add_aborted(windows.held() + unsent);
-                counters.add_drained(src.abandon());
-                return;
-            }
-        }
-    }
+    let op = Windowing {
+        windows,
+        max_held,
+        arriving: None,
+        ready: Vec::new(),
+    };
+    driver::spawn(input, name, edge, op)
 }
