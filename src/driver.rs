@@ -181,6 +181,19 @@ impl<T> Out<T> {
         values.into_iter().for_each(|v| self.emit(v));
     }
 
+    /// Forwards a chunk unchanged (values emitted, errors passed): a chunk
+    /// that fits an empty output moves over without copying.
+    pub(crate) fn forward(&mut self, chunk: Chunk<T>) {
+        if self.pieces.is_empty() && chunk.len() <= self.max_chunk {
+            self.local.emitted += chunk.values.len() as u64;
+            self.local.errors_passed += chunk.errors.len() as u64;
+            let n = chunk.len() as u64;
+            self.pieces.push_back((chunk, n));
+            return;
+        }
+        chunk.into_iter().for_each(|item| self.push(item));
+    }
+
     /// Emits a value or passes an upstream error, in order.
     pub(crate) fn push(&mut self, item: crate::Result<T>) {
         match item {

@@ -9,6 +9,8 @@
 //! [`GateHandle`] (a watch channel and counters) and tracing events.
 
 mod check;
+mod checker;
+mod gate;
 #[cfg(feature = "http")]
 mod http;
 
@@ -18,27 +20,22 @@ pub use http::HttpProbe;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::future::{Future, poll_fn};
 use std::num::NonZeroU32;
-use std::panic::AssertUnwindSafe;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::chunk::Chunk;
 use crate::config::{ConfigError, EdgeConfig};
-use crate::counters::{Counters, Local};
-use crate::error::{ErrorKind, PanicError, StreamError};
+use crate::driver;
 use crate::flow::Flow;
 use crate::processor::Processor;
-use crate::stage::{TaskIo, send_or_stop, spawn_operator};
+
+use checker::Checker;
+use gate::Gate;
 
 /// Whether a [`HealthGate`] lets items through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,6 +88,14 @@ pub enum GateError {
     ClosedTooLong {
         /// The limit.
         limit: Duration,
+        /// The last unhealthy answer.
+        reason: String,
+    },
+    /// The pipeline shut down gracefully while the gate was closed: what
+    /// waited at the gate's input leaves as `gate_closed` errors carrying
+    /// the items, so a dead-letter queue downstream keeps them.
+    #[error("the pipeline shut down while the health gate was closed: {reason}")]
+    ShutDownWhileClosed {
         /// The last unhealthy answer.
         reason: String,
     },
@@ -356,278 +361,19 @@ where
     fn process(self, input: Flow<T>) -> Flow<T> {
         let pipeline = input.pipeline().clone();
         self.status.send_modify(|s| s.since = Instant::now());
-        spawn_operator(input, &self.name, self.edge, |io| {
-            // The checker runs as long as the gate's task.
-            let stop = CancellationToken::new();
-            let checker = Checker {
-                check: self.check,
-                config: self.config,
-                status: self.status.clone(),
-                stats: self.stats,
-                stage: io.counters.name().clone(),
-            };
-            let name: Arc<str> = format!("{}.check", io.counters.name()).into();
-            pipeline.spawn(name, checker.run(stop.clone()));
-            let gate = Gate {
-                status: self.status.subscribe(),
-                limit: self.config.limit,
-                _stop_checker: stop.drop_guard(),
-            };
-            gate.run(io)
-        })
+        // The checker runs as long as the gate's task: the gate holds the
+        // guard that stops it.
+        let stop = CancellationToken::new();
+        let checker = Checker {
+            check: self.check,
+            config: self.config,
+            status: self.status.clone(),
+            stats: self.stats,
+            stage: Arc::from(self.name.as_ref()),
+        };
+        let name: Arc<str> = format!("{}.check", self.name).into();
+        pipeline.spawn(name, checker.run(stop.clone()));
+        let gate = Gate::new(self.status.subscribe(), self.config.limit, stop.drop_guard());
+        driver::spawn(input, &self.name, self.edge, gate)
     }
-}
-
-/// The checker task: asks, counts, and moves the state.
-struct Checker<C> {
-    check: C,
-    config: GateConfig,
-    status: watch::Sender<GateStatus>,
-    stats: Arc<Stats>,
-    stage: Arc<str>,
-}
-
-impl<C: HealthCheck> Checker<C> {
-    async fn run(mut self, stop: CancellationToken) {
-        let (mut healthy_run, mut unhealthy_run) = (0u32, 0u32);
-        let mut next = Instant::now();
-        // A `changed` that panics is not asked again: the gate polls.
-        let mut watch_changes = true;
-        loop {
-            let check = &mut self.check;
-            let changed = async {
-                if !watch_changes {
-                    return std::future::pending().await;
-                }
-                AssertUnwindSafe(async { check.changed().await })
-                    .catch_unwind()
-                    .await
-            };
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep_until(next) => {}
-                result = changed => {
-                    if let Err(payload) = result {
-                        let panic = PanicError::from_payload(payload);
-                        tracing::error!(stage = %self.stage, %panic, "the health check's change signal panicked; polling only");
-                        watch_changes = false;
-                    }
-                }
-            }
-            let health = tokio::select! {
-                biased;
-                () = stop.cancelled() => return,
-                health = self.ask() => health,
-            };
-            next = Instant::now() + self.config.interval;
-            self.stats.checks.fetch_add(1, Relaxed);
-            let state = self.status.borrow().state;
-            match health {
-                Health::Healthy => {
-                    healthy_run = healthy_run.saturating_add(1);
-                    unhealthy_run = 0;
-                    if state == GateState::Closed && healthy_run >= self.config.open_after.get() {
-                        tracing::info!(stage = %self.stage, "health gate opens");
-                        self.status.send_replace(GateStatus {
-                            state: GateState::Open,
-                            reason: None,
-                            since: Instant::now(),
-                        });
-                    }
-                }
-                Health::Unhealthy(reason) => {
-                    self.stats.unhealthy.fetch_add(1, Relaxed);
-                    unhealthy_run = unhealthy_run.saturating_add(1);
-                    healthy_run = 0;
-                    if state == GateState::Open && unhealthy_run >= self.config.close_after.get() {
-                        tracing::warn!(stage = %self.stage, %reason, "health gate closes");
-                        self.stats.closings.fetch_add(1, Relaxed);
-                        self.status.send_replace(GateStatus {
-                            state: GateState::Closed,
-                            reason: Some(reason),
-                            since: Instant::now(),
-                        });
-                    } else if state == GateState::Closed {
-                        self.status.send_if_modified(|s| {
-                            let changed = s.reason.as_deref() != Some(reason.as_str());
-                            s.reason = Some(reason);
-                            changed
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    /// One check, with its time limit, panics caught.
-    async fn ask(&mut self) -> Health {
-        let check = &mut self.check;
-        let call = AssertUnwindSafe(async move { check.check().await }).catch_unwind();
-        match tokio::time::timeout(self.config.check_timeout, call).await {
-            Ok(Ok(health)) => health,
-            Ok(Err(payload)) => Health::unhealthy(format!(
-                "the health check {}",
-                PanicError::from_payload(payload)
-            )),
-            Err(_) => Health::unhealthy(format!(
-                "the health check took longer than {:?}",
-                self.config.check_timeout
-            )),
-        }
-    }
-}
-
-/// The gate's stage task.
-struct Gate {
-    status: watch::Receiver<GateStatus>,
-    limit: Option<(Duration, ClosedPolicy)>,
-    _stop_checker: tokio_util::sync::DropGuard,
-}
-
-/// What woke the gate.
-enum Event<T> {
-    Input(Option<Chunk<T>>),
-    Changed,
-    LimitReached,
-    Stop,
-}
-
-impl Gate {
-    async fn run<T: Send + 'static>(mut self, io: TaskIo<T, T>) {
-        let TaskIo {
-            mut src,
-            tx,
-            abort,
-            counters,
-            ..
-        } = io;
-        let mut aborted = pin!(abort.cancelled());
-        let mut closed = pin!(tx.closed());
-        let mut limit_timer = pin!(tokio::time::sleep(Duration::ZERO));
-        loop {
-            let status = self.status.borrow_and_update().clone();
-            // Take input while open, or while closed past the limit under
-            // the reject policy.
-            let overdue = match (status.state, self.limit) {
-                (GateState::Closed, Some((limit, policy))) if policy != ClosedPolicy::Wait => {
-                    let at = status.since + limit;
-                    if Instant::now() >= at {
-                        Some(policy)
-                    } else {
-                        limit_timer.as_mut().reset(at);
-                        None
-                    }
-                }
-                _ => None,
-            };
-            if overdue == Some(ClosedPolicy::Fail) {
-                let (limit, _) = self.limit.expect("a policy comes with its limit");
-                let reason = status
-                    .reason
-                    .unwrap_or_else(|| "no healthy answer yet".into());
-                tracing::error!(stage = %counters.name(), ?limit, %reason, "health gate closed too long; the stream fails");
-                let mut out = Chunk::default();
-                out.push_error(
-                    StreamError::new(ErrorKind::GateClosed, counters.name().to_string())
-                        .with_source(GateError::ClosedTooLong { limit, reason }),
-                );
-                counters.add_drained(src.abandon());
-                let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-                let _ = send_or_stop(&tx, out, stop).await;
-                return;
-            }
-            let pulling = status.state == GateState::Open || overdue == Some(ClosedPolicy::Reject);
-            let waits_for_limit = status.state == GateState::Closed
-                && overdue.is_none()
-                && matches!(self.limit, Some((_, p)) if p != ClosedPolicy::Wait);
-            let mut changed = pin!(self.status.changed());
-            let mut checker_gone = false;
-            let event = poll_fn(|cx| {
-                if !checker_gone {
-                    match changed.as_mut().poll(cx) {
-                        Poll::Ready(Ok(())) => return Poll::Ready(Event::Changed),
-                        // The checker ended: the state stays as it is.
-                        Poll::Ready(Err(_)) => checker_gone = true,
-                        Poll::Pending => {}
-                    }
-                }
-                if pulling {
-                    if let Poll::Ready(chunk) = src.poll_chunk(cx) {
-                        return Poll::Ready(Event::Input(chunk));
-                    }
-                }
-                if waits_for_limit && limit_timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::LimitReached);
-                }
-                if aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Stop);
-                }
-                Poll::Pending
-            })
-            .await;
-            let chunk = match event {
-                Event::Changed | Event::LimitReached => continue,
-                Event::Stop => {
-                    counters.add_drained(src.abandon());
-                    return;
-                }
-                Event::Input(None) => return,
-                Event::Input(Some(chunk)) if abort.is_cancelled() => {
-                    counters.add_drained(chunk.len() as u64 + src.abandon());
-                    return;
-                }
-                Event::Input(Some(chunk)) => chunk,
-            };
-            let out = if status.state == GateState::Open {
-                counters.add(&Local {
-                    received: chunk.len() as u64,
-                    emitted: chunk.values.len() as u64,
-                    errors_passed: chunk.errors.len() as u64,
-                    ..Local::default()
-                });
-                chunk
-            } else {
-                reject(chunk, &counters, &self.limit, status.reason)
-            };
-            let len = out.len() as u64;
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            if !matches!(send_or_stop(&tx, out, stop).await, Some(Ok(()))) {
-                counters.add_undelivered(len);
-                counters.add_drained(src.abandon());
-                return;
-            }
-        }
-    }
-}
-
-/// Under [`ClosedPolicy::Reject`]: each value becomes a `gate_closed` error
-/// carrying it; errors pass.
-fn reject<T: Send + 'static>(
-    chunk: Chunk<T>,
-    counters: &Counters,
-    limit: &Option<(Duration, ClosedPolicy)>,
-    reason: Option<String>,
-) -> Chunk<T> {
-    let (limit, _) = limit.expect("rejecting needs a limit");
-    let reason = reason.unwrap_or_else(|| "no healthy answer yet".into());
-    let error = GateError::ClosedTooLong { limit, reason };
-    let mut out = Chunk::with_capacity(0);
-    counters.add(&Local {
-        received: chunk.len() as u64,
-        failed: chunk.values.len() as u64,
-        errors_passed: chunk.errors.len() as u64,
-        ..Local::default()
-    });
-    for item in chunk {
-        match item {
-            Ok(value) => out.push_error(
-                StreamError::new(ErrorKind::GateClosed, counters.name().to_string())
-                    .with_source(error.clone())
-                    .with_item(value),
-            ),
-            Err(e) => out.push_error(e),
-        }
-    }
-    out
 }
