@@ -353,7 +353,11 @@ where
         }
         if !input_open {
             if op.held() == 0 && out.is_empty() {
-                debug_assert_eq!(tally.received, tally.left, "{}: items unaccounted", out.stage);
+                debug_assert_eq!(
+                    tally.received, tally.left,
+                    "{}: items unaccounted",
+                    out.stage
+                );
                 return;
             }
             if demand != Demand::Done {
@@ -441,12 +445,11 @@ where
             // not account for is lost with it, and counted as such.
             counters.add_aborted(tally.received.saturating_sub(tally.left));
             counters.add_drained(src.abandon());
-            let error = StreamError::new(ErrorKind::Panicked, out.stage.to_string()).with_source(
-                format!(
+            let error =
+                StreamError::new(ErrorKind::Panicked, out.stage.to_string()).with_source(format!(
                     "the stage's operator panicked ({}); items it held are counted as aborted",
                     crate::error::PanicError::from_payload_ref(&payload)
-                ),
-            );
+                ));
             let mut chunk = Chunk::default();
             chunk.push_error(error);
             let _ = tx.send_now(chunk);

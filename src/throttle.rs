@@ -342,7 +342,11 @@ struct Shaper<T> {
 
 impl<T: Send + 'static> Shaper<T> {
     /// An item's cost in tokens, or the `panicked` error carrying it.
-    fn cost_of(&self, item: crate::Result<T>, stage: &str) -> Result<(crate::Result<T>, u64), StreamError> {
+    fn cost_of(
+        &self,
+        item: crate::Result<T>,
+        stage: &str,
+    ) -> Result<(crate::Result<T>, u64), StreamError> {
         let value = match item {
             Err(e) => return Ok((Err(e), self.error_cost)),
             Ok(v) => v,
@@ -407,7 +411,9 @@ impl<T: Send + 'static> Operator<T, T> for Shaper<T> {
         if self.cost.is_none() && !chunk.has_errors() {
             // The common case: one token per value, no errors in the chunk.
             let mut values = chunk.values;
-            let n = self.gcra.take_many(self.gcra.now(now), values.len(), self.behind);
+            let n = self
+                .gcra
+                .take_many(self.gcra.now(now), values.len(), self.behind);
             let rest = values.split_off(n);
             out.emit_all(values);
             if rest.is_empty() {

@@ -180,10 +180,26 @@ impl Sliding {
     ///
     /// [`ConfigError::Zero`] for a zero size or slide;
     /// [`ConfigError::Invalid`] for a slide longer than the size (values
-    /// between windows would belong to none).
+    /// between windows would belong to none), and for a size of
+    /// `Duration::MAX`: a window that never closes would hold the input
+    /// back forever once `max_items` arrivals wait in it (use [`Tumbling`]
+    /// for one window cut at a count).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::Sliding;
+    ///
+    /// assert!(Sliding::new(Duration::MAX, Duration::from_secs(1)).is_err());
+    /// ```
     pub fn new(size: Duration, slide: Duration) -> Result<Self, ConfigError> {
         if size.is_zero() {
             return Err(ConfigError::Zero { field: "size" });
+        }
+        if size == Duration::MAX {
+            return Err(ConfigError::Invalid {
+                field: "size",
+                reason: "must be finite: a sliding window holds its input back until a window closes",
+            });
         }
         if slide.is_zero() {
             return Err(ConfigError::Zero { field: "slide" });
@@ -701,7 +717,13 @@ impl<T: Send + 'static, A: Assigner<T>> Operator<T, Window<T>> for Windowing<T, 
     }
 }
 
-fn run<T, A>(input: Flow<T>, name: &str, edge: Option<EdgeConfig>, windows: A, max_held: usize) -> Flow<Window<T>>
+fn run<T, A>(
+    input: Flow<T>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    windows: A,
+    max_held: usize,
+) -> Flow<Window<T>>
 where
     T: Send + 'static,
     A: Assigner<T>,

@@ -151,9 +151,15 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         // On time: the next tick is one interval after the previous one.
-        assert_eq!(next_tick(t0, s, t0 + Duration::from_millis(300)), Some(t0 + s));
+        assert_eq!(
+            next_tick(t0, s, t0 + Duration::from_millis(300)),
+            Some(t0 + s)
+        );
         // A check that took 2.5 intervals: the ticks it overran are skipped.
-        assert_eq!(next_tick(t0, s, t0 + Duration::from_millis(2500)), Some(t0 + 3 * s));
+        assert_eq!(
+            next_tick(t0, s, t0 + Duration::from_millis(2500)),
+            Some(t0 + 3 * s)
+        );
         // Exactly on a tick: that tick has started, the next one is due.
         assert_eq!(next_tick(t0, s, t0 + s), Some(t0 + 2 * s));
         assert_eq!(next_tick(t0, Duration::MAX, t0), None);

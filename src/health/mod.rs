@@ -373,7 +373,11 @@ where
         };
         let name: Arc<str> = format!("{}.check", self.name).into();
         pipeline.spawn(name, checker.run(stop.clone()));
-        let gate = Gate::new(self.status.subscribe(), self.config.limit, stop.drop_guard());
+        let gate = Gate::new(
+            self.status.subscribe(),
+            self.config.limit,
+            stop.drop_guard(),
+        );
         driver::spawn(input, &self.name, self.edge, gate)
     }
 }

@@ -1,0 +1,389 @@
+//! Every operator task at the edges: `Duration::MAX` and extreme settings,
+//! input chunks far larger than the edge's `max_chunk`, panics in user
+//! hooks, and every way a run can end (input end, graceful shutdown, abort,
+//! the consumer dropping its flow). Each run checks that no output chunk is
+//! larger than the edge's `max_chunk`, that the run ends, and the
+//! conservation law of the stage under test.
+//!
+//! The table runs on a paused clock: a stage that waits for "never" makes
+//! the runtime idle, the clock jumps, and the time limit fails the run. A
+//! stage that spins would keep the clock from moving, so the whole table
+//! also runs under a real-time limit on its own thread.
+
+mod support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use streamz::{
+    Batcher, Debounce, EdgeConfig, Flow, HealthGate, Pipeline, Session, Sliding, StageMetrics,
+    Take, Throttle, Tumbling, Unbatch,
+};
+
+/// The edge every case runs on: chunks of at most 4 items.
+const MAX_CHUNK: usize = 4;
+/// Values in; every 7th becomes an error before the stage under test.
+const N: u64 = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Read everything.
+    Complete,
+    /// Graceful shutdown after the first chunk: everything accepted drains.
+    Shutdown,
+    /// Abort after the first chunk.
+    Abort,
+    /// Drop the output after the first chunk.
+    DropOutput,
+}
+
+const ENDS: [End; 4] = [End::Complete, End::Shutdown, End::Abort, End::DropOutput];
+
+type Run = Pin<Box<dyn Future<Output = Report>>>;
+
+/// What one run saw.
+#[derive(Debug)]
+struct Report {
+    largest_chunk: usize,
+    stage: StageMetrics,
+}
+
+/// Input whose chunks are far larger than `MAX_CHUNK` (`Unbatch` of
+/// 50-value vectors), with every 7th value made an error upstream.
+fn input() -> Flow<u64> {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(16, MAX_CHUNK).unwrap());
+    let batches: Vec<Vec<u64>> = (0..N)
+        .collect::<Vec<_>>()
+        .chunks(50)
+        .map(<[u64]>::to_vec)
+        .collect();
+    pipeline
+        .iter(batches)
+        .step("unbatch", Unbatch::new())
+        .try_map(|x: &u64| if x % 7 == 3 { Err("seven") } else { Ok(*x) })
+}
+
+/// Drains `flow` the way `end` says and reports on the stage named `op`.
+fn drive<U: Send + 'static>(flow: Flow<U>, end: End) -> Run {
+    Box::pin(async move {
+        let pipeline = flow.pipeline().clone();
+        let mut flow = Some(flow);
+        let mut largest = 0;
+        let mut first = true;
+        while let Some(chunk) = match flow.as_mut() {
+            Some(f) => f.next_chunk().await,
+            None => None,
+        } {
+            largest = largest.max(chunk.len());
+            if first {
+                first = false;
+                match end {
+                    End::Complete => {}
+                    End::Shutdown => pipeline.shutdown(),
+                    End::Abort => pipeline.abort(),
+                    End::DropOutput => flow = None,
+                }
+            }
+        }
+        drop(flow);
+        // An operator task that panicked on purpose is reported here; the
+        // counts are what this test checks.
+        let _ = pipeline.join().await;
+        Report {
+            largest_chunk: largest,
+            stage: support::stage(&pipeline, "op"),
+        }
+    })
+}
+
+struct Case {
+    name: &'static str,
+    run: fn(End) -> Run,
+    /// Whether a graceful shutdown may count items as aborted (a stage that
+    /// ends its input on purpose).
+    drops_on_shutdown: bool,
+}
+
+fn healthy_gate() -> HealthGate<streamz::HealthFn<impl FnMut() -> std::future::Ready<bool> + Send>>
+{
+    HealthGate::new(streamz::health_fn(|| std::future::ready(true)))
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "batcher",
+            run: |e| {
+                drive(
+                    input().pipe(
+                        Batcher::try_new(5, Duration::from_millis(10))
+                            .unwrap()
+                            .named("op"),
+                    ),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "batcher without limits",
+            run: |e| {
+                drive(
+                    input().pipe(
+                        Batcher::try_new(usize::MAX, Duration::MAX)
+                            .unwrap()
+                            .named("op"),
+                    ),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "batcher by weight, panicking weight",
+            run: |e| {
+                let b = Batcher::try_new(usize::MAX, Duration::MAX)
+                    .unwrap()
+                    .with_weight(
+                        10,
+                        |x: &u64| if *x == 50 { panic!("weight") } else { x % 13 },
+                    )
+                    .unwrap()
+                    .named("op");
+                drive(input().pipe(b), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "throttle",
+            run: |e| {
+                drive(
+                    input().pipe(
+                        Throttle::try_new(1000, Duration::from_secs(1))
+                            .unwrap()
+                            .named("op"),
+                    ),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "throttle without limits",
+            run: |e| {
+                let t = Throttle::try_new(u64::MAX, Duration::from_secs(1))
+                    .unwrap()
+                    .with_burst(u64::MAX)
+                    .unwrap()
+                    .named("op");
+                drive(input().pipe(t), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "throttle with a huge period, panicking cost",
+            run: |e| {
+                let t = Throttle::try_new(1, Duration::from_secs(86_400 * 365 * 500))
+                    .unwrap()
+                    .with_burst(u64::MAX)
+                    .unwrap()
+                    .with_cost(|x: &u64| if *x == 50 { panic!("cost") } else { 1 })
+                    .named("op");
+                drive(input().pipe(t), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "dropping throttle",
+            run: |e| {
+                let t = Throttle::try_new(
+                    1,
+                    Duration::MAX.min(Duration::from_secs(86_400 * 365 * 500)),
+                )
+                .unwrap()
+                .dropping()
+                .named("op");
+                drive(input().pipe(t), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "debounce",
+            run: |e| {
+                drive(
+                    input().pipe(Debounce::new(Duration::from_millis(1)).unwrap().named("op")),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "debounce forever",
+            run: |e| {
+                drive(
+                    input().pipe(Debounce::new(Duration::MAX).unwrap().named("op")),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "take",
+            run: |e| drive(input().pipe(Take::new(30).unwrap().named("op")), e),
+            drops_on_shutdown: true,
+        },
+        Case {
+            name: "take everything",
+            run: |e| drive(input().pipe(Take::new(u64::MAX).unwrap().named("op")), e),
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "tumbling",
+            run: |e| {
+                drive(
+                    input().pipe(
+                        Tumbling::new(Duration::from_millis(10))
+                            .unwrap()
+                            .named("op"),
+                    ),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "tumbling forever, tiny limit",
+            run: |e| {
+                let w = Tumbling::new(Duration::MAX)
+                    .unwrap()
+                    .with_max_items(1)
+                    .unwrap()
+                    .named("op");
+                drive(input().pipe(w), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "sliding",
+            run: |e| {
+                let w = Sliding::new(Duration::from_millis(10), Duration::from_millis(5))
+                    .unwrap()
+                    .named("op");
+                drive(input().pipe(w), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "sliding, tiny limit",
+            run: |e| {
+                let w = Sliding::new(Duration::from_millis(10), Duration::from_millis(5))
+                    .unwrap()
+                    .with_max_items(1)
+                    .unwrap()
+                    .named("op");
+                drive(input().pipe(w), e)
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "session forever",
+            run: |e| {
+                drive(
+                    input().pipe(Session::new(Duration::MAX).unwrap().named("op")),
+                    e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "health gate",
+            run: |e| drive(input().pipe(healthy_gate().named("op")), e),
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "health gate, checks and limits of Duration::MAX",
+            run: |e| {
+                let gate = healthy_gate()
+                    .with_interval(Duration::MAX)
+                    .unwrap()
+                    .with_check_timeout(Duration::MAX)
+                    .unwrap()
+                    .when_closed_longer_than(Duration::MAX, streamz::ClosedPolicy::Fail)
+                    .unwrap()
+                    .named("op");
+                drive(input().pipe(gate), e)
+            },
+            drops_on_shutdown: false,
+        },
+    ]
+}
+
+fn check(case: &Case, end: End, r: &Report) {
+    let m = &r.stage;
+    let what = format!("{} / {end:?}: {m:?}", case.name);
+    assert!(
+        r.largest_chunk <= MAX_CHUNK,
+        "{what}: a chunk of {}",
+        r.largest_chunk
+    );
+    assert_eq!(
+        m.received,
+        m.emitted + m.failed + m.errors_passed + m.dropped + m.aborted,
+        "{what}: conservation"
+    );
+    assert!(m.received > 0, "{what}: nothing reached the stage");
+    match end {
+        End::Complete => assert_eq!((m.aborted, m.undelivered), (0, 0), "{what}"),
+        End::Shutdown if !case.drops_on_shutdown => {
+            assert_eq!(
+                (m.aborted, m.undelivered),
+                (0, 0),
+                "{what}: a graceful shutdown loses nothing"
+            )
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_operator_at_the_edges_keeps_its_bounds_and_counts() {
+    let (done, finished) = std::sync::mpsc::channel();
+    let failed = Arc::new(AtomicBool::new(false));
+    let flag = failed.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                for case in cases() {
+                    for end in ENDS {
+                        let limit = Duration::from_secs(86_400 * 365);
+                        let report = tokio::time::timeout(limit, (case.run)(end))
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!("{} / {end:?}: the run never ended", case.name)
+                            });
+                        check(&case, end, &report);
+                    }
+                }
+            })
+        }));
+        if result.is_err() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the table did not finish within 120 s of real time: a stage spins");
+    assert!(
+        !failed.load(Ordering::SeqCst),
+        "a case failed (see its panic above)"
+    );
+}
