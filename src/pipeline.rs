@@ -31,8 +31,8 @@ use crate::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
 /// - **Dropping the final flow** stops the chain: each stage notices that
 ///   its output is gone, discards and counts what it holds, and exits.
 /// - **[`shutdown`](Pipeline::shutdown)** (graceful): sources stop taking
-///   new input; everything already accepted drains through the chain as at
-///   end of input.
+///   new input (a [`Pusher`] refuses at once); everything already accepted
+///   drains through the chain as at end of input.
 /// - **[`abort`](Pipeline::abort)**: every stage stops at once and counts
 ///   what it held (`undelivered`) and what waited on its input (`aborted`).
 /// - **[`join`](Pipeline::join)** waits for every task and reports a stage
@@ -209,7 +209,13 @@ impl Pipeline {
                 counters,
             }),
         );
-        (Pusher { tx }, flow)
+        (
+            Pusher {
+                tx,
+                shutdown: self.inner.shutdown.clone(),
+            },
+            flow,
+        )
     }
 
     /// This pipeline and every pipeline linked to it by a merge, directly or
@@ -230,9 +236,10 @@ impl Pipeline {
         seen
     }
 
-    /// Starts a graceful shutdown: sources stop taking new input, everything
-    /// already accepted drains through the chain, partial state is flushed,
-    /// and the tasks exit when their output has been consumed.
+    /// Starts a graceful shutdown: sources stop taking new input (a
+    /// [`Pusher`] refuses at once), everything already accepted drains
+    /// through the chain, partial state is flushed, and the tasks exit when
+    /// their output has been consumed.
     pub fn shutdown(&self) {
         for p in self.reachable() {
             p.inner.shutdown.cancel();
