@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use futures::Stream;
 use tokio::task::JoinHandle;
@@ -31,8 +31,8 @@ use crate::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
 /// - **Dropping the final flow** stops the chain: each stage notices that
 ///   its output is gone, discards and counts what it holds, and exits.
 /// - **[`shutdown`](Pipeline::shutdown)** (graceful): sources stop taking
-///   new input; everything already accepted drains through the chain as at
-///   end of input.
+///   new input (a [`Pusher`] refuses at once); everything already accepted
+///   drains through the chain as at end of input.
 /// - **[`abort`](Pipeline::abort)**: every stage stops at once and counts
 ///   what it held (`undelivered`) and what waited on its input (`aborted`).
 /// - **[`join`](Pipeline::join)** waits for every task and reports a stage
@@ -58,16 +58,98 @@ use crate::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
 #[derive(Clone)]
 pub struct Pipeline {
     inner: Arc<Inner>,
+    /// Keeps alive every pipeline this one is linked with; see [`Group`].
+    group: Arc<Group>,
 }
 
+/// One pipeline's own state. It names the pipelines linked to it only
+/// through `Weak`s, so links in both directions (a merge each way) cannot
+/// form a cycle of strong references that would never be freed.
 struct Inner {
     edge: EdgeConfig,
     shutdown: CancellationToken,
     abort: CancellationToken,
     stages: Mutex<Vec<Counters>>,
     tasks: Mutex<Vec<(Arc<str>, JoinHandle<()>)>>,
-    linked: Mutex<Vec<Pipeline>>,
+    /// Pipelines that follow this one's lifecycle (merged into it). Each is
+    /// in this pipeline's group, which keeps it alive while any handle on a
+    /// member lives, so the upgrade succeeds whenever someone can walk here.
+    linked: Mutex<Vec<Weak<Inner>>>,
     discarded: AtomicU64,
+}
+
+/// The owner of the state of pipelines joined by links, in either
+/// direction.
+///
+/// A link is directed (the linked pipeline follows the linker's shutdown
+/// and abort and shows in its metrics and join), but ownership is shared:
+/// a handle on any member keeps every member alive, and the last handle
+/// gone frees them together. A linked pipeline whose own handles are all
+/// gone (the usual case: its flow was consumed by the merge) so stays in
+/// the linker's metrics and join. Groups only ever merge: the smaller one
+/// hands its members to the larger and forwards to it, so forwarding
+/// pointers run from older groups to newer ones and never form a cycle.
+struct Group {
+    state: Mutex<GroupState>,
+}
+
+struct GroupState {
+    members: Vec<Arc<Inner>>,
+    /// Set once this group's members moved to another group.
+    merged_into: Option<Arc<Group>>,
+}
+
+impl Group {
+    fn new(first: Arc<Inner>) -> Arc<Self> {
+        Arc::new(Group {
+            state: Mutex::new(GroupState {
+                members: vec![first],
+                merged_into: None,
+            }),
+        })
+    }
+
+    /// The group that now holds this group's members.
+    fn root(self: &Arc<Self>) -> Arc<Self> {
+        let mut group = self.clone();
+        loop {
+            let next = lock(&group.state).merged_into.clone();
+            match next {
+                Some(next) => group = next,
+                None => return group,
+            }
+        }
+    }
+
+    /// Makes `a` and `b` one group.
+    fn join(a: &Arc<Self>, b: &Arc<Self>) {
+        loop {
+            let (a, b) = (a.root(), b.root());
+            if Arc::ptr_eq(&a, &b) {
+                return;
+            }
+            // Locked in address order, so two joins cannot deadlock.
+            let (first, second) = if Arc::as_ptr(&a) < Arc::as_ptr(&b) {
+                (&a, &b)
+            } else {
+                (&b, &a)
+            };
+            let mut s1 = lock(&first.state);
+            let mut s2 = lock(&second.state);
+            if s1.merged_into.is_some() || s2.merged_into.is_some() {
+                continue; // a concurrent join moved one of them: start again
+            }
+            // The smaller group forwards, so forwarding chains stay short.
+            let (from, into, to) = if s1.members.len() <= s2.members.len() {
+                (&mut *s1, &mut *s2, second)
+            } else {
+                (&mut *s2, &mut *s1, first)
+            };
+            into.members.append(&mut from.members);
+            from.merged_into = Some(to.clone());
+            return;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,16 +201,18 @@ impl Pipeline {
     }
 
     fn build(edge: EdgeConfig, shutdown: CancellationToken) -> Self {
+        let inner = Arc::new(Inner {
+            edge,
+            shutdown,
+            abort: CancellationToken::new(),
+            stages: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            linked: Mutex::new(Vec::new()),
+            discarded: AtomicU64::new(0),
+        });
         Pipeline {
-            inner: Arc::new(Inner {
-                edge,
-                shutdown,
-                abort: CancellationToken::new(),
-                stages: Mutex::new(Vec::new()),
-                tasks: Mutex::new(Vec::new()),
-                linked: Mutex::new(Vec::new()),
-                discarded: AtomicU64::new(0),
-            }),
+            group: Group::new(inner.clone()),
+            inner,
         }
     }
 
@@ -209,19 +293,30 @@ impl Pipeline {
                 counters,
             }),
         );
-        (Pusher { tx }, flow)
+        (
+            Pusher {
+                tx,
+                shutdown: self.inner.shutdown.clone(),
+            },
+            flow,
+        )
     }
 
     /// This pipeline and every pipeline linked to it by a merge, directly or
-    /// not, each once. No lock is held while walking, so cycles and
-    /// diamonds of links are harmless.
-    fn reachable(&self) -> Vec<Pipeline> {
-        let mut seen = vec![self.clone()];
+    /// not, each once. At most one lock is held at a time while walking, so
+    /// cycles and diamonds of links are harmless.
+    fn reachable(&self) -> Vec<Arc<Inner>> {
+        let mut seen = vec![self.inner.clone()];
         let mut next = 0;
         while next < seen.len() {
-            let linked: Vec<Pipeline> = lock(&seen[next].inner.linked).clone();
+            // Every linked pipeline is in this handle's group, which `self`
+            // keeps alive: the upgrades succeed.
+            let linked: Vec<Arc<Inner>> = lock(&seen[next].linked)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect();
             for p in linked {
-                if !seen.iter().any(|q| q.same(&p)) {
+                if !seen.iter().any(|q| Arc::ptr_eq(q, &p)) {
                     seen.push(p);
                 }
             }
@@ -230,12 +325,13 @@ impl Pipeline {
         seen
     }
 
-    /// Starts a graceful shutdown: sources stop taking new input, everything
-    /// already accepted drains through the chain, partial state is flushed,
-    /// and the tasks exit when their output has been consumed.
+    /// Starts a graceful shutdown: sources stop taking new input (a
+    /// [`Pusher`] refuses at once), everything already accepted drains
+    /// through the chain, partial state is flushed, and the tasks exit when
+    /// their output has been consumed.
     pub fn shutdown(&self) {
         for p in self.reachable() {
-            p.inner.shutdown.cancel();
+            p.shutdown.cancel();
         }
     }
 
@@ -243,8 +339,8 @@ impl Pipeline {
     /// are discarded and counted (see [`StageMetrics`]).
     pub fn abort(&self) {
         for p in self.reachable() {
-            p.inner.abort.cancel();
-            p.inner.shutdown.cancel();
+            p.abort.cancel();
+            p.shutdown.cancel();
         }
     }
 
@@ -264,7 +360,7 @@ impl Pipeline {
         self.reachable()
             .iter()
             .flat_map(|p| {
-                lock(&p.inner.stages)
+                lock(&p.stages)
                     .iter()
                     .map(Counters::snapshot)
                     .collect::<Vec<_>>()
@@ -281,7 +377,7 @@ impl Pipeline {
     pub fn discarded(&self) -> u64 {
         self.reachable()
             .iter()
-            .map(|p| p.inner.discarded.load(Relaxed))
+            .map(|p| p.discarded.load(Relaxed))
             .sum()
     }
 
@@ -290,7 +386,7 @@ impl Pipeline {
         self.reachable()
             .iter()
             .map(|p| {
-                lock(&p.inner.tasks)
+                lock(&p.tasks)
                     .iter()
                     .filter(|(_, h)| !h.is_finished())
                     .count()
@@ -312,7 +408,7 @@ impl Pipeline {
         let mut panics = Vec::new();
         for p in self.reachable() {
             loop {
-                let tasks = std::mem::take(&mut *lock(&p.inner.tasks));
+                let tasks = std::mem::take(&mut *lock(&p.tasks));
                 if tasks.is_empty() {
                     break;
                 }
@@ -356,13 +452,13 @@ impl Pipeline {
         }
     }
 
-    pub(crate) fn same(&self, other: &Pipeline) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
     /// Makes `other`'s lifecycle follow this pipeline's (used by merge).
     pub(crate) fn link(&self, other: Pipeline) {
-        if self.reachable().iter().any(|p| p.same(&other)) {
+        if self
+            .reachable()
+            .iter()
+            .any(|p| Arc::ptr_eq(p, &other.inner))
+        {
             return;
         }
         if self.inner.abort.is_cancelled() {
@@ -370,7 +466,9 @@ impl Pipeline {
         } else if self.inner.shutdown.is_cancelled() {
             other.shutdown();
         }
-        lock(&self.inner.linked).push(other);
+        // Joined first: a link is only ever walked within one group.
+        Group::join(&self.group, &other.group);
+        lock(&self.inner.linked).push(Arc::downgrade(&other.inner));
     }
 
     /// Spawns a stage task inside a tracing span named after the stage.
@@ -415,5 +513,119 @@ impl StagePanic {
     /// The panic's message.
     pub fn message(&self) -> &str {
         &self.message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Watches whether a pipeline's state is still allocated.
+    fn watch(p: &Pipeline) -> Weak<Inner> {
+        Arc::downgrade(&p.inner)
+    }
+
+    fn values(items: Vec<Result<u32>>) -> Vec<u32> {
+        let mut v: Vec<u32> = items.into_iter().map(|r| r.unwrap()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn merges_in_both_directions_are_freed() {
+        let a = Pipeline::new();
+        let b = Pipeline::new();
+        let (weak_a, weak_b) = (watch(&a), watch(&b));
+
+        // `b` merged into `a`, then `a` into `b`: each links the other.
+        let ab = crate::merge([a.iter(0..3u32), b.iter(10..13u32)]);
+        let ba = crate::merge([b.iter(20..23u32), a.iter(30..33u32)]);
+        assert_eq!(a.reachable().len(), 2);
+        assert_eq!(b.reachable().len(), 2);
+        // Each pipeline's metrics cover the other's stages.
+        assert_eq!(a.metrics().len(), b.metrics().len());
+        assert_eq!(a.metrics().len(), 6); // 2 iter + 1 merge per pipeline
+
+        let (ab, ba) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(ab.collect(), ba.collect())
+        })
+        .await
+        .expect("the merges end");
+        assert_eq!(values(ab), [0, 1, 2, 10, 11, 12]);
+        assert_eq!(values(ba), [20, 21, 22, 30, 31, 32]);
+        a.join().await.unwrap();
+        b.join().await.unwrap();
+
+        drop((a, b));
+        assert!(weak_a.upgrade().is_none(), "pipeline a leaked");
+        assert!(weak_b.upgrade().is_none(), "pipeline b leaked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cycle_of_links_still_follows_shutdown_both_ways() {
+        let a = Pipeline::new();
+        let b = Pipeline::new();
+        let (weak_a, weak_b) = (watch(&a), watch(&b));
+        let (_tx_a, flow_a) = a.channel::<u32>();
+        let (_tx_b, flow_b) = b.channel::<u32>();
+        let (_tx_a2, flow_a2) = a.channel::<u32>();
+        let (_tx_b2, flow_b2) = b.channel::<u32>();
+        let ab = crate::merge([flow_a, flow_b]);
+        let ba = crate::merge([flow_b2, flow_a2]);
+
+        b.shutdown();
+        assert!(a.is_shutting_down(), "a follows b");
+        let out = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(ab.collect(), ba.collect())
+        })
+        .await
+        .expect("shutdown ends both merges");
+        assert!(out.0.is_empty() && out.1.is_empty());
+        a.join().await.unwrap();
+        drop((a, b));
+        assert!(weak_a.upgrade().is_none() && weak_b.upgrade().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_merged_pipeline_without_handles_stays_in_metrics_and_join() {
+        let a = Pipeline::new();
+        // The other input's pipeline has no handle but its (consumed) flow.
+        let other = Pipeline::new();
+        let weak_other = watch(&other);
+        let flow = other.iter(10..13u32);
+        drop(other);
+        let merged = crate::merge([a.iter(0..3u32), flow]);
+        assert!(weak_other.upgrade().is_some(), "kept by a's group");
+        assert_eq!(values(merged.collect().await), [0, 1, 2, 10, 11, 12]);
+        a.join().await.unwrap();
+        assert_eq!(
+            a.metrics().iter().filter(|m| m.name == "iter").count(),
+            2,
+            "{:?}",
+            a.metrics()
+        );
+        drop(a);
+        assert!(weak_other.upgrade().is_none());
+    }
+
+    #[test]
+    fn joins_of_many_groups_end_in_one_root() {
+        let pipelines: Vec<Pipeline> = (0..9).map(|_| Pipeline::new()).collect();
+        for pair in pipelines.windows(2) {
+            Group::join(&pair[1].group, &pair[0].group);
+        }
+        let root = pipelines[0].group.root();
+        assert!(
+            pipelines
+                .iter()
+                .all(|p| Arc::ptr_eq(&p.group.root(), &root))
+        );
+        assert_eq!(lock(&root.state).members.len(), 9);
+        let weak: Vec<_> = pipelines.iter().map(watch).collect();
+        drop(pipelines);
+        drop(root);
+        assert!(weak.iter().all(|w| w.upgrade().is_none()));
     }
 }

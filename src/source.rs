@@ -250,6 +250,13 @@ where
 /// while the channel is full, so a producer feels the pipeline's
 /// backpressure.
 ///
+/// Once its pipeline shuts down ([`Pipeline::shutdown`](crate::Pipeline::shutdown)
+/// or [`abort`](crate::Pipeline::abort)) a `Pusher` refuses at once, whether
+/// or not anything still reads the flow: `send` and `try_send` hand the item
+/// back, [`is_closed`](Pusher::is_closed) is true and
+/// [`closed`](Pusher::closed) resolves. Items accepted before the shutdown
+/// still drain through the chain.
+///
 /// # Examples
 ///
 /// ```
@@ -265,14 +272,37 @@ where
 /// assert_eq!(out, [0, 1, 2]);
 /// # }
 /// ```
+///
+/// After a shutdown:
+///
+/// ```
+/// use streamz::{Pipeline, TrySendError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let pipeline = Pipeline::new();
+/// let (tx, flow) = pipeline.channel::<u32>();
+/// tx.send(1).await.unwrap();
+/// pipeline.shutdown();
+/// assert_eq!(tx.send(2).await.unwrap_err().0, 2);
+/// assert!(matches!(tx.try_send(3), Err(TrySendError::Closed(3))));
+/// assert!(tx.is_closed());
+/// // What was accepted before still arrives.
+/// assert_eq!(flow.collect().await.into_iter().map(Result::unwrap).collect::<Vec<_>>(), [1]);
+/// # }
+/// ```
 pub struct Pusher<T> {
     pub(crate) tx: mpsc::Sender<Result<T>>,
+    /// The pipeline's shutdown token. The source closes its receiver only
+    /// when it is next polled, which may be never (its stage is blocked on a
+    /// full output or a closed gate), so the pusher watches the token itself.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl<T> Clone for Pusher<T> {
     fn clone(&self) -> Self {
         Pusher {
             tx: self.tx.clone(),
+            shutdown: self.shutdown.clone(),
         }
     }
 }
@@ -280,7 +310,7 @@ impl<T> Clone for Pusher<T> {
 impl<T> fmt::Debug for Pusher<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pusher")
-            .field("closed", &self.tx.is_closed())
+            .field("closed", &self.is_closed())
             .finish()
     }
 }
@@ -331,29 +361,66 @@ impl<T> Pusher<T> {
     ///
     /// # Errors
     ///
-    /// [`SendError`] with the item if the flow no longer accepts items.
+    /// [`SendError`] with the item if the flow no longer accepts items: it
+    /// was dropped, or the pipeline shut down or aborted (also while this
+    /// call waits for room).
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: if the future is dropped before it completes, the item
     /// was not sent (and is dropped with the future).
     pub async fn send(&self, item: T) -> std::result::Result<(), SendError<T>> {
-        self.tx.send(Ok(item)).await.map_err(|e| match e.0 {
-            Ok(item) => SendError(item),
-            Err(_) => unreachable!("sent an Ok"),
-        })
+        match self.reserve().await {
+            Some(permit) => {
+                permit.send(Ok(item));
+                Ok(())
+            }
+            None => Err(SendError(item)),
+        }
     }
 
     /// Sends an item that may already be an error (from an upstream system).
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (tx, flow) = streamz::channel::<u32>();
+    /// tx.send_result(Err(streamz::StreamError::failed("upstream", "bad record"))).await.unwrap();
+    /// drop(tx);
+    /// assert!(flow.collect().await[0].is_err());
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`SendError`] with the item if the flow no longer accepts items.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`send`](Pusher::send).
     pub async fn send_result(
         &self,
         item: Result<T>,
     ) -> std::result::Result<(), SendError<Result<T>>> {
-        self.tx.send(item).await.map_err(|e| SendError(e.0))
+        match self.reserve().await {
+            Some(permit) => {
+                permit.send(item);
+                Ok(())
+            }
+            None => Err(SendError(item)),
+        }
+    }
+
+    /// Room for one item, or `None` once the flow no longer accepts items.
+    /// Shutdown wins over room, so nothing is accepted after it.
+    async fn reserve(&self) -> Option<mpsc::Permit<'_, Result<T>>> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => None,
+            permit = self.tx.reserve() => permit.ok(),
+        }
     }
 
     /// Sends a value if there is room now.
@@ -361,9 +428,13 @@ impl<T> Pusher<T> {
     /// # Errors
     ///
     /// [`TrySendError::Full`] when the flow is applying backpressure,
-    /// [`TrySendError::Closed`] when it no longer accepts items.
+    /// [`TrySendError::Closed`] when it no longer accepts items (also at
+    /// once after a shutdown, full or not).
     pub fn try_send(&self, item: T) -> std::result::Result<(), TrySendError<T>> {
         use mpsc::error::TrySendError as E;
+        if self.shutdown.is_cancelled() {
+            return Err(TrySendError::Closed(item));
+        }
         self.tx.try_send(Ok(item)).map_err(|e| match e {
             E::Full(Ok(t)) => TrySendError::Full(t),
             E::Closed(Ok(t)) => TrySendError::Closed(t),
@@ -371,9 +442,18 @@ impl<T> Pusher<T> {
         })
     }
 
-    /// Whether the flow no longer accepts items.
+    /// Whether the flow no longer accepts items: it was dropped, or the
+    /// pipeline shut down or aborted.
+    ///
+    /// ```
+    /// let pipeline = streamz::Pipeline::new();
+    /// let (pusher, _flow) = pipeline.channel::<u32>();
+    /// assert!(!pusher.is_closed());
+    /// pipeline.shutdown();
+    /// assert!(pusher.is_closed());
+    /// ```
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.shutdown.is_cancelled() || self.tx.is_closed()
     }
 
     /// Waits until the flow no longer accepts items (it was dropped, the
@@ -389,7 +469,14 @@ impl<T> Pusher<T> {
     /// assert!(pusher.is_closed());
     /// # }
     /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
     pub async fn closed(&self) {
-        self.tx.closed().await;
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            () = self.tx.closed() => {}
+        }
     }
 }

@@ -369,6 +369,54 @@ async fn debounce_flushes_on_graceful_shutdown_and_counts_its_value_on_abort() {
     }
 }
 
+/// Golden values: `by_key` promises the same output for a key in every run
+/// and with every compiler, so a change of hash algorithm must fail here.
+#[tokio::test]
+async fn partition_by_key_sends_known_keys_to_known_outputs() {
+    async fn outputs_of<K>(keys: Vec<K>) -> Vec<(K, usize)>
+    where
+        K: std::hash::Hash + Clone + Send + 'static,
+    {
+        let flows = streamz::iter(keys).partition(Partition::by_key(7, K::clone).unwrap());
+        let outs = futures::future::join_all(flows.into_iter().map(Flow::collect)).await;
+        let mut got = Vec::new();
+        for (i, out) in outs.into_iter().enumerate() {
+            got.extend(values(out).into_iter().map(|k| (k, i)));
+        }
+        got
+    }
+
+    let mut ints = outputs_of((0..10u32).collect()).await;
+    ints.sort_unstable();
+    assert_eq!(
+        ints,
+        [
+            (0, 3),
+            (1, 5),
+            (2, 5),
+            (3, 1),
+            (4, 1),
+            (5, 0),
+            (6, 4),
+            (7, 0),
+            (8, 5),
+            (9, 4)
+        ]
+    );
+    let mut names = outputs_of(vec!["alice", "bob", "carol", "dave", "erin"]).await;
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            ("alice", 4),
+            ("bob", 4),
+            ("carol", 6),
+            ("dave", 3),
+            ("erin", 3)
+        ]
+    );
+}
+
 #[tokio::test]
 async fn partition_by_key_keeps_each_key_on_one_output_in_order() {
     let pipeline = Pipeline::new();

@@ -6,6 +6,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use streamz::{
@@ -143,4 +145,118 @@ async fn non_2xx_and_silence_are_unhealthy_with_a_reason() {
         streamz::Health::unhealthy(format!("GET http://{addr}/ had no answer within 100ms"))
     );
     drop(silent);
+}
+
+/// A server that answers by path: `/ok` with 200, `/to/<path>` with a 302
+/// to `<path>` (so `/to/to/ok` redirects twice), `/away` with a 302 to an
+/// `https://` URL, anything else with 404. Counts the requests.
+async fn serve_redirects() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = requests.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let request = String::from_utf8_lossy(&request);
+                let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
+                let (status, location) = if path == "/ok" {
+                    ("200 OK", None)
+                } else if let Some(rest) = path.strip_prefix("/to") {
+                    ("302 Found", Some(rest.to_owned()))
+                } else if path == "/away" {
+                    ("302 Found", Some(format!("https://{addr}/ok")))
+                } else {
+                    ("404 Not Found", None)
+                };
+                let location = location
+                    .map(|l| format!("location: {l}\r\n"))
+                    .unwrap_or_default();
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\n{location}content-length: 2\r\nconnection: close\r\n\r\nok"
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, requests, task)
+}
+
+/// One check, failing the test if it hangs.
+async fn check(probe: &mut HttpProbe) -> streamz::Health {
+    tokio::time::timeout(Duration::from_secs(10), probe.check())
+        .await
+        .expect("the check hangs")
+}
+
+#[tokio::test]
+async fn a_redirect_is_unhealthy_and_not_followed_by_default() {
+    let (addr, requests, server) = serve_redirects().await;
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/ok")).unwrap();
+    assert_eq!(
+        check(&mut probe).await,
+        streamz::Health::unhealthy(format!(
+            "GET http://{addr}/to/ok answered 302 Found, a redirect to http://{addr}/ok (redirects are not followed)"
+        ))
+    );
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        1,
+        "the target was not asked"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn follow_redirects_follows_up_to_its_bound() {
+    let (addr, requests, server) = serve_redirects().await;
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/ok"))
+        .unwrap()
+        .follow_redirects(2)
+        .unwrap();
+    assert_eq!(check(&mut probe).await, streamz::Health::Healthy);
+    assert_eq!(requests.load(Ordering::SeqCst), 3);
+
+    // One hop more than the bound: the last 3xx is the answer.
+    requests.store(0, Ordering::SeqCst);
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/to/ok"))
+        .unwrap()
+        .follow_redirects(2)
+        .unwrap();
+    assert_eq!(
+        check(&mut probe).await,
+        streamz::Health::unhealthy(format!(
+            "GET http://{addr}/to/to/to/ok answered 302 Found at http://{addr}/to/ok, a redirect to http://{addr}/ok (more than 2 redirects)"
+        ))
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "the bound was kept");
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_redirect_to_https_is_not_followed() {
+    let (addr, requests, server) = serve_redirects().await;
+    let mut probe = HttpProbe::new(&format!("http://{addr}/away"))
+        .unwrap()
+        .follow_redirects(5)
+        .unwrap();
+    assert_eq!(
+        check(&mut probe).await,
+        streamz::Health::unhealthy(format!(
+            "GET http://{addr}/away answered 302 Found, a redirect to https://{addr}/ok (only http:// redirects are followed)"
+        ))
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    server.abort();
 }

@@ -2,12 +2,17 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
-use streamz::{EdgeConfig, ErrorKind, Map, Pipeline, PipelineError, Stage};
+use streamz::{
+    EdgeConfig, ErrorKind, HealthGate, Map, Pipeline, PipelineError, Stage, TrySendError,
+};
 use support::{assert_conserved, settle, stage, stopped_early, values};
+use tokio::sync::watch;
 
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
@@ -244,4 +249,127 @@ async fn abort_stops_a_chain_whose_input_keeps_flowing() {
     );
     assert_conserved(&stage(&pipeline, "a"));
     assert_conserved(&stage(&pipeline, "b"));
+}
+
+/// `fut`'s output, or a failed test if it hangs (on the paused clock the
+/// limit passes as soon as every task is idle).
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hangs"))
+}
+
+/// Fills the pipeline behind `tx` until it applies backpressure; returns
+/// how many items it took.
+async fn fill(tx: &streamz::Pusher<u32>) -> u32 {
+    let mut accepted = 0;
+    loop {
+        match tx.try_send(accepted) {
+            Ok(()) => accepted += 1,
+            Err(TrySendError::Full(_)) => {
+                settle().await; // let the stages move what they can
+                match tx.try_send(accepted) {
+                    Ok(()) => accepted += 1,
+                    Err(TrySendError::Full(_)) => return accepted,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pusher_refuses_at_once_after_shutdown_while_the_output_is_full() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let (tx, flow) = pipeline.channel::<u32>();
+    // Nobody reads the output yet: the stage is blocked on a full edge and
+    // does not poll the source.
+    let out = flow.pipe(Stage::new("a", Map::new(|x: &u32| *x)));
+    let accepted = fill(&tx).await;
+    assert!(accepted > 0);
+
+    // A producer already waiting for room, and one waiting for the end.
+    let waiting = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.send(1_000).await }
+    });
+    let watcher = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.closed().await }
+    });
+    settle().await;
+    assert!(!waiting.is_finished() && !watcher.is_finished());
+    assert!(!tx.is_closed());
+
+    pipeline.shutdown();
+    assert!(tx.is_closed(), "is_closed is true at once");
+    assert!(
+        matches!(tx.try_send(1_001), Err(TrySendError::Closed(1_001))),
+        "try_send says Closed, not Full"
+    );
+    let refused = within("a send after shutdown", tx.send(1_002)).await;
+    assert_eq!(refused.unwrap_err().0, 1_002);
+    let refused = within("a send that waited for room", waiting).await;
+    assert_eq!(refused.unwrap().unwrap_err().0, 1_000);
+    within("closed()", watcher).await.unwrap();
+    within("closed() after shutdown", tx.closed()).await;
+
+    // What was accepted before the shutdown still drains, in order.
+    let got = values(within("the drain", out.collect()).await);
+    assert_eq!(got, (0..accepted).collect::<Vec<_>>());
+    within("join", pipeline.join()).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pusher_refuses_after_shutdown_in_front_of_a_closed_gate() {
+    let (healthy, health) = watch::channel(false);
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 8).unwrap());
+    let (tx, flow) = pipeline.channel::<u32>();
+    let out = tokio::spawn(flow.pipe(HealthGate::new(health)).collect());
+    for i in 0..3 {
+        tx.send(i).await.unwrap(); // accepted: they wait at the closed gate
+    }
+    settle().await;
+
+    pipeline.shutdown();
+    // The gate does not poll its input, but nothing more gets in.
+    for i in 3..100 {
+        match tx.try_send(i) {
+            Err(TrySendError::Closed(v)) => assert_eq!(v, i),
+            other => panic!("item {i} after shutdown: {other:?}"),
+        }
+    }
+    assert_eq!(
+        within("a send after shutdown", tx.send(100))
+            .await
+            .unwrap_err()
+            .0,
+        100
+    );
+    assert!(tx.is_closed());
+    within("closed()", tx.closed()).await;
+
+    // The gate opens: the items accepted before the shutdown pass, and
+    // the stream ends.
+    healthy.send(true).unwrap();
+    let got = values(within("the drain", out).await.unwrap());
+    assert_eq!(got, [0, 1, 2]);
+    within("join", pipeline.join()).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pusher_refuses_after_abort_and_after_its_token_is_cancelled() {
+    let pipeline = Pipeline::new();
+    let (tx, _flow) = pipeline.channel::<u32>();
+    pipeline.abort();
+    assert!(tx.is_closed());
+    assert!(matches!(tx.try_send(1), Err(TrySendError::Closed(1))));
+    within("closed()", tx.closed()).await;
+
+    let token = tokio_util::sync::CancellationToken::new();
+    let pipeline = Pipeline::with_shutdown_token(token.clone());
+    let (tx, _flow) = pipeline.channel::<u32>();
+    token.cancel();
+    assert_eq!(within("send", tx.send(2)).await.unwrap_err().0, 2);
 }
