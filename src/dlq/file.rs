@@ -171,29 +171,6 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
         FileSinkOptions::new().create(path).await
     }
 
-    /// Options to create a sink with: the file's mode, and the settings
-    /// the `with_*` methods also set. The same as [`FileSinkOptions::new`].
-    ///
-    /// ```
-    /// use streamz::dlq::FileSink;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let dir = tempfile::tempdir()?;
-    /// let sink = FileSink::<u32>::options()
-    ///     .mode(0o640)
-    ///     .create(dir.path().join("dlq.jsonl"))
-    ///     .await?;
-    /// # #[cfg(unix)] {
-    /// use std::os::unix::fs::PermissionsExt;
-    /// let mode = std::fs::metadata(sink.path())?.permissions().mode();
-    /// assert_eq!(mode & 0o777, 0o640);
-    /// # }
-    /// # Ok(()) }
-    /// ```
-    pub const fn options() -> FileSinkOptions {
-        FileSinkOptions::new()
-    }
-
     /// Sets the sync policy ([`Fsync::EveryRecord`] by default).
     /// `Fsync::Interval(Duration::MAX)` is accepted and means "never by
     /// time" (see [`Fsync::Interval`]).
@@ -366,10 +343,20 @@ impl FileSinkOptions {
     /// platforms other than Unix this is ignored.
     ///
     /// ```
-    /// use streamz::dlq::FileSinkOptions;
+    /// use streamz::dlq::{FileSink, FileSinkOptions};
     ///
-    /// let options = FileSinkOptions::new().mode(0o640);
-    /// # drop(options);
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let sink: FileSink<u32> = FileSinkOptions::new()
+    ///     .mode(0o640)
+    ///     .create(dir.path().join("dlq.jsonl"))
+    ///     .await?;
+    /// # #[cfg(unix)] {
+    /// use std::os::unix::fs::PermissionsExt;
+    /// let mode = std::fs::metadata(sink.path())?.permissions().mode();
+    /// assert_eq!(mode & 0o777, 0o640);
+    /// # }
+    /// # Ok(()) }
     /// ```
     pub const fn mode(mut self, mode: u32) -> Self {
         self.mode = mode & 0o7777;

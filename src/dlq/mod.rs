@@ -149,7 +149,8 @@ pub enum DlqError {
         "the dead-letter sink is full ({buffered} records wait for it) and the overflow policy fails the stream"
     )]
     Overflow {
-        /// The stage's buffer of records waiting for the sink.
+        /// The stage's buffer: the records between the stage and the sink
+        /// ([`DeadLetterQueue::with_buffer`]).
         buffered: usize,
     },
     /// The sink's writer task ended early (it panicked), so records could
@@ -172,10 +173,14 @@ pub enum Overflow {
     /// (with the count). Its sequence number is skipped, so the gap shows
     /// in the sink.
     DropAndCount,
-    /// End the stream: the stage sends on what it holds, then an error item
-    /// of its own whose source is [`DlqError::Overflow`] and whose item is
-    /// the record that did not fit, and stops taking input (upstream stops
-    /// as when its output is dropped; what it held is counted `aborted`).
+    /// End the stream: the stage sends on the items that came before the
+    /// record that did not fit, then an error item of its own whose source
+    /// is [`DlqError::Overflow`] and whose item is that record, and stops
+    /// taking input (upstream stops as when its output is dropped). No
+    /// value that came after the record is emitted: the rest of its chunk
+    /// and what upstream held are counted `aborted`. Records already
+    /// accepted are still written; one the sink refuses may still come
+    /// after the error, as an error item carrying it.
     Fail,
 }
 
@@ -186,7 +191,10 @@ pub enum Overflow {
 /// chain, the stage that failed, attempts, first and last failure time and
 /// a sequence number. Records go through a bounded buffer to a writer task
 /// that calls the sink, so a slow sink does not stall values until the
-/// buffer is full; then the [`Overflow`] policy decides.
+/// buffer is full; then the [`Overflow`] policy decides. The buffer bounds
+/// every record between the stage and the sink's answer, the batch the
+/// sink is writing included ([`with_buffer`](DeadLetterQueue::with_buffer)).
+/// Values and errors keep their order.
 ///
 /// A record the sink refuses or fails to write comes downstream as a
 /// `failed` error item of this stage carrying the record (take it with
@@ -341,17 +349,53 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
         }
     }
 
-    /// Sets what happens when the sink is slow and the buffer is full.
+    /// Sets what happens when the sink is slow and the buffer is full
+    /// ([`Overflow::Block`] by default).
+    ///
+    /// ```
+    /// use streamz::dlq::Overflow;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink).on_overflow(Overflow::Fail);
+    /// # drop(dlq);
+    /// # Ok(()) }
+    /// ```
     pub fn on_overflow(mut self, overflow: Overflow) -> Self {
         self.overflow = overflow;
         self
     }
 
-    /// How many records may wait for the sink (256 by default).
+    /// How many records may be between the stage and the sink (256 by
+    /// default): waiting in the buffer, or handed to a
+    /// [`write`](DeadLetterSink::write) the sink has not returned from.
+    /// The writer hands the sink at most `min(records, 256)` per write.
+    ///
+    /// Under [`Overflow::Block`] the stage holds one more record, the one
+    /// waiting for room, besides the rest of the input chunk it is routing
+    /// (at most the edge's `max_chunk` items, like any stage). So while the
+    /// sink does not answer, the stage takes at most `records + max_chunk`
+    /// items from its input edge, and upstream holds what its own edges
+    /// allow.
     ///
     /// # Errors
     ///
     /// [`ConfigError::Zero`] if `records` is zero.
+    ///
+    /// ```
+    /// use streamz::dlq::Overflow;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// // At most 1,000 records wait for the sink; then drop and count.
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink)
+    ///     .with_buffer(1_000)?
+    ///     .on_overflow(Overflow::DropAndCount);
+    /// # drop(dlq);
+    /// # Ok(()) }
+    /// ```
     pub fn with_buffer(mut self, records: usize) -> Result<Self, ConfigError> {
         if records == 0 {
             return Err(ConfigError::Zero { field: "buffer" });
