@@ -62,6 +62,7 @@ async fn channel_sink() {
 async fn file_sink(path: &Path, fsync: Fsync) {
     let _ = std::fs::remove_file(path);
     let sink = FileSink::<Order>::create(path)
+        .await
         .unwrap()
         .with_fsync(fsync)
         .unwrap();

@@ -73,7 +73,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. The first run: the ledger is down for some payments and does not
     //    know some accounts. Failures go to the file, synced every 50
     //    records and at the end.
-    let sink = FileSink::<Payment>::create(&path)?.with_fsync(Fsync::EveryN(50))?;
+    let sink = FileSink::<Payment>::create(&path)
+        .await?
+        .with_fsync(Fsync::EveryN(50))?;
     let stats = sink.stats();
     let pipeline = Pipeline::new();
     let posted = pipeline
@@ -95,7 +97,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. Replay: read the records, fix what can be fixed, post again.
     println!("replay (the first records):");
-    let replay = Replay::<Payment>::open(&path)?;
+    let replay = Replay::<Payment>::open(&path).await?;
     let read = replay.stats();
     let pipeline = Pipeline::new();
     let fixed = pipeline

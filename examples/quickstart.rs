@@ -122,7 +122,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dlq_path = std::env::temp_dir().join("streamz-quickstart.dlq.jsonl");
     let _ = std::fs::remove_file(&dlq_path);
     let dead_letters = DeadLetterQueue::json(
-        FileSink::create(&dlq_path)?,
+        FileSink::create(&dlq_path).await?,
         JsonItems::new().of::<String>().of::<Order>().of::<Priced>(),
     );
 
@@ -154,7 +154,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&dlq_path)?
+    let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&dlq_path)
+        .await?
         .collect::<Vec<_>>()
         .await
         .into_iter()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use streamz::dlq::{self, DlqError, FileSink, Fsync, Overflow, Replay, Unwritten};
+use streamz::dlq::{self, DlqError, FileSink, FileSinkOptions, Fsync, Overflow, Replay, Unwritten};
 use streamz::{
     AsyncMapper, ConfigError, DeadLetter, DeadLetterQueue, ErrorKind, Pipeline, Result, Retry,
     StageMetrics, StreamError,
@@ -123,12 +123,12 @@ async fn typed_items_round_trip_through_the_file_and_replay() {
         .collect();
     streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::new(
-            FileSink::<Order>::create(&path).unwrap(),
+            FileSink::<Order>::create(&path).await.unwrap(),
         ))
         .collect()
         .await;
 
-    let replay = Replay::<Order>::open(&path).unwrap();
+    let replay = Replay::<Order>::open(&path).await.unwrap();
     let stats = replay.stats();
     let records: Vec<DeadLetter<Order>> = replay.map(|r| r.unwrap()).collect().await;
     assert_eq!(records.len(), 50);
@@ -145,6 +145,7 @@ async fn typed_items_round_trip_through_the_file_and_replay() {
 
     // The replayed items feed a pipeline again.
     let fixed: Vec<Order> = Replay::<Order>::open(&path)
+        .await
         .unwrap()
         .into_flow()
         .try_map(|r: &DeadLetter<Order>| r.item.clone().ok_or("no item"))
@@ -162,6 +163,7 @@ async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
     let sink = FileSink::<u64>::create(&path)
+        .await
         .unwrap()
         .with_fsync(Fsync::EveryN(10_000))
         .unwrap();
@@ -179,7 +181,7 @@ async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
 
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count() as u64, N);
-    let replay = Replay::<u64>::open(&path).unwrap();
+    let replay = Replay::<u64>::open(&path).await.unwrap();
     let mut next = 0;
     let mut replayed = replay;
     while let Some(r) = replayed.next().await {
@@ -195,7 +197,7 @@ async fn write_records(path: &std::path::Path, n: u64) -> Vec<u8> {
     let input = (0..n).map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
     streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::new(
-            FileSink::<Order>::create(path).unwrap(),
+            FileSink::<Order>::create(path).await.unwrap(),
         ))
         .collect()
         .await;
@@ -214,7 +216,7 @@ async fn a_file_cut_anywhere_replays_every_complete_record() {
         // A record cut just before its newline is whole, and is read.
         let whole_without_newline = full.get(len) == Some(&b'\n') && full[len - 1] != b'\n';
         let complete = lines + u64::from(whole_without_newline);
-        let replay = Replay::<Order>::open(&cut_path).unwrap();
+        let replay = Replay::<Order>::open(&cut_path).await.unwrap();
         let stats = replay.stats();
         let records: Vec<_> = replay.collect().await;
         let ids: Vec<u64> = records
@@ -237,7 +239,7 @@ async fn appending_after_a_torn_line_starts_a_new_line_and_replay_reports_it() {
     std::fs::write(&path, &full[..full.len() - 10]).unwrap();
     write_records(&path, 2).await;
 
-    let replay = Replay::<Order>::open(&path).unwrap();
+    let replay = Replay::<Order>::open(&path).await.unwrap();
     let stats = replay.stats();
     let mut items: Vec<Result<DeadLetter<Order>>> = replay.collect().await;
     assert_eq!(items.len(), 5);
@@ -262,7 +264,7 @@ async fn a_corrupt_line_becomes_an_error_item_carrying_the_line() {
     std::fs::write(&path, bytes).unwrap();
 
     let mut items: Vec<Result<DeadLetter<Order>>> =
-        Replay::<Order>::open(&path).unwrap().collect().await;
+        Replay::<Order>::open(&path).await.unwrap().collect().await;
     assert_eq!(items.len(), 4);
     let mut err = items.remove(2).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
@@ -279,12 +281,12 @@ async fn a_corrupt_line_becomes_an_error_item_carrying_the_line() {
     assert!(items.iter().all(Result::is_ok));
 }
 
-#[test]
-fn an_unwritable_path_fails_at_construction_with_a_clear_message() {
+#[tokio::test]
+async fn an_unwritable_path_fails_at_construction_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     // A directory that does not exist.
     let missing = dir.path().join("no-such-dir").join("dlq.jsonl");
-    let err = FileSink::<u64>::create(&missing).unwrap_err();
+    let err = FileSink::<u64>::create(&missing).await.unwrap_err();
     assert!(matches!(&err, DlqError::Open { path, .. } if *path == missing));
     let message = err.to_string();
     assert!(
@@ -297,15 +299,17 @@ fn an_unwritable_path_fails_at_construction_with_a_clear_message() {
     // A "directory" that is a file.
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    let err = FileSink::<u64>::create(file.join("dlq.jsonl")).unwrap_err();
+    let err = FileSink::<u64>::create(file.join("dlq.jsonl"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("Not a directory"), "{err}");
 
     // A path that is a directory.
-    let err = FileSink::<u64>::create(dir.path()).unwrap_err();
+    let err = FileSink::<u64>::create(dir.path()).await.unwrap_err();
     assert!(err.to_string().contains("Is a directory"), "{err}");
 
     // Replay of a missing file.
-    let err = Replay::<u64>::open(&missing).unwrap_err();
+    let err = Replay::<u64>::open(&missing).await.unwrap_err();
     assert!(
         err.to_string()
             .starts_with("cannot read the dead-letter file"),
@@ -314,8 +318,8 @@ fn an_unwritable_path_fails_at_construction_with_a_clear_message() {
 }
 
 #[cfg(unix)]
-#[test]
-fn a_read_only_directory_fails_at_construction_unless_running_as_root() {
+#[tokio::test]
+async fn a_read_only_directory_fails_at_construction_unless_running_as_root() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let ro = dir.path().join("ro");
@@ -326,12 +330,14 @@ fn a_read_only_directory_fails_at_construction_unless_running_as_root() {
     if std::fs::write(&probe, b"").is_ok() {
         return;
     }
-    let err = FileSink::<u64>::create(ro.join("dlq.jsonl")).unwrap_err();
+    let err = FileSink::<u64>::create(ro.join("dlq.jsonl"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("Permission denied"), "{err}");
 }
 
-#[test]
-fn bad_configuration_is_rejected() {
+#[tokio::test]
+async fn bad_configuration_is_rejected() {
     assert_eq!(
         dlq::channel::<u8>(0).unwrap_err(),
         ConfigError::Zero { field: "capacity" }
@@ -344,16 +350,40 @@ fn bad_configuration_is_rejected() {
         ConfigError::Zero { field: "buffer" }
     );
     let dir = tempfile::tempdir().unwrap();
-    let sink = || FileSink::<u8>::create(dir.path().join("f")).unwrap();
-    assert!(sink().with_fsync(Fsync::EveryN(0)).is_err());
-    assert!(sink().with_fsync(Fsync::Interval(Duration::ZERO)).is_err());
-    assert!(sink().with_rotation(0).is_err());
+    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
+    assert!(sink.with_fsync(Fsync::EveryN(0)).is_err());
+    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
+    assert!(sink.with_fsync(Fsync::Interval(Duration::ZERO)).is_err());
+    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
+    assert!(sink.with_rotation(0).is_err());
+    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
+    assert!(sink.with_retention(0).is_err());
+    // The options check before they create anything.
+    let g = dir.path().join("g");
+    for options in [
+        FileSinkOptions::new().fsync(Fsync::EveryN(0)),
+        FileSinkOptions::new().rotation(0),
+        FileSinkOptions::new().retention(0),
+    ] {
+        let err = options.create::<u8>(&g).await.unwrap_err();
+        assert!(
+            matches!(err, DlqError::Config(ConfigError::Zero { .. })),
+            "{err}"
+        );
+    }
+    assert!(!g.exists());
+    // A zero line limit for replay.
+    let replay = Replay::<u8>::open(dir.path().join("f")).await.unwrap();
+    assert_eq!(
+        replay.with_max_line(0).unwrap_err(),
+        ConfigError::Zero { field: "max line" }
+    );
 }
 
 #[tokio::test]
 async fn a_full_disk_sends_records_downstream_and_counts_the_failure() {
     // Writes to /dev/full fail with "no space left on device".
-    let sink = FileSink::<Order>::create("/dev/full").unwrap();
+    let sink = FileSink::<Order>::create("/dev/full").await.unwrap();
     let stats = sink.stats();
     let flow =
         streamz::try_stream(futures::stream::iter(mixed(10, 2))).pipe(DeadLetterQueue::new(sink));
@@ -561,7 +591,7 @@ async fn drop_policy_counts_what_it_drops_and_keeps_values_flowing() {
 
 #[tokio::test(start_paused = true)]
 async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
-    let (dlq, Stalled { gate, seen }) = stalled_dlq(1, Overflow::Fail);
+    let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::Fail);
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u64>();
     let mut flow = flow.pipe(dlq);
@@ -578,7 +608,7 @@ async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
     assert_eq!((err.kind(), err.stage()), (ErrorKind::Failed, "dlq"));
     assert!(matches!(
         err.cause().unwrap().downcast_ref::<DlqError>(),
-        Some(DlqError::Overflow { buffered: 1 })
+        Some(DlqError::Overflow { buffered: 2 })
     ));
     assert_eq!(err.take_item::<DeadLetter<u64>>().unwrap().item, Some(2));
     // The stage takes no more input.
@@ -599,6 +629,7 @@ async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
 async fn interval_policy_syncs_after_the_interval_without_new_records() {
     let dir = tempfile::tempdir().unwrap();
     let sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
+        .await
         .unwrap()
         .with_fsync(Fsync::Interval(Duration::from_secs(5)))
         .unwrap();
@@ -625,6 +656,7 @@ async fn interval_policy_syncs_after_the_interval_without_new_records() {
 async fn every_n_policy_syncs_every_n_records_and_at_close() {
     let dir = tempfile::tempdir().unwrap();
     let sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
+        .await
         .unwrap()
         .with_fsync(Fsync::EveryN(4))
         .unwrap();
@@ -651,6 +683,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
     let sink = FileSink::<Order>::create(&path)
+        .await
         .unwrap()
         .with_rotation(1000)
         .unwrap();
@@ -667,6 +700,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
         assert!(len <= 1000 && len > 500, "{segment:?}: {len}");
     }
     let ids: Vec<u64> = Replay::<Order>::open_rotated(&path)
+        .await
         .unwrap()
         .map(|r| r.unwrap().item.unwrap().id)
         .collect()
@@ -676,6 +710,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
     // A second run continues the numbering instead of overwriting.
     let before = stats.rotations();
     let sink = FileSink::<Order>::create(&path)
+        .await
         .unwrap()
         .with_rotation(1000)
         .unwrap();
@@ -691,6 +726,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
             .exists()
     );
     let ids: Vec<u64> = Replay::<Order>::open_rotated(&path)
+        .await
         .unwrap()
         .map(|r| r.unwrap().item.unwrap().id)
         .collect()
@@ -778,7 +814,7 @@ async fn abort_while_the_sink_stalls_counts_everything() {
 async fn one_json_queue_records_the_items_of_every_stage_and_replays_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
-    let sink = FileSink::<serde_json::Value>::create(&path).unwrap();
+    let sink = FileSink::<serde_json::Value>::create(&path).await.unwrap();
     let items = dlq::JsonItems::new().of::<String>().of::<Order>();
     let out = streamz::iter(["1", "x", "3", "4"].map(String::from))
         .try_map(|s: &String| s.parse::<u64>().map(order)) // fails on a String
@@ -797,6 +833,7 @@ async fn one_json_queue_records_the_items_of_every_stage_and_replays_them() {
     assert_eq!(split(out).0, [1]);
 
     let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&path)
+        .await
         .unwrap()
         .map(|r| r.unwrap())
         .collect()
@@ -890,7 +927,7 @@ impl Serialize for Explosive {
 async fn a_record_whose_serialisation_panics_comes_back_and_the_file_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
-    let sink = FileSink::<Explosive>::create(&path).unwrap();
+    let sink = FileSink::<Explosive>::create(&path).await.unwrap();
     let stats = sink.stats();
     let input =
         (0..6).map(|i| Err::<u64, _>(StreamError::failed("s", "e").with_item(Explosive(i))));
@@ -985,5 +1022,427 @@ async fn dropping_the_output_while_the_sink_stalls_stops_the_stage_and_the_sink_
     let m = stage(&pipeline, "dlq");
     assert!(m.aborted > 0);
     assert_eq!(m.dead_lettered, seen.lock().unwrap().len() as u64);
+    assert_dlq_conserved(&m);
+}
+
+// ---- Hardening: permissions, retention, bounded replay, typed open
+// errors, no blocking at construction, `Duration::MAX`, the buffer bound.
+
+/// Writes `ids` as failures through a file sink made by `options` at
+/// `path`, and returns the sink's stats.
+async fn write_orders(
+    path: &std::path::Path,
+    options: FileSinkOptions,
+    ids: std::ops::Range<u64>,
+) -> dlq::FileSinkStats {
+    let sink = options.create::<Order>(path).await.unwrap();
+    let stats = sink.stats();
+    let input = ids.map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(sink))
+        .collect()
+        .await;
+    stats
+}
+
+#[cfg(unix)]
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn dead_letter_files_are_private_by_default_and_rotation_keeps_the_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let sink = FileSink::<Order>::create(&path).await.unwrap();
+    assert_eq!(mode_of(&path), 0o600);
+    drop(sink);
+
+    let stats = write_orders(&path, FileSinkOptions::new().rotation(1000), 0..40).await;
+    assert!(stats.rotations() >= 3, "{}", stats.rotations());
+    assert_eq!(mode_of(&path), 0o600);
+    for n in 1..=stats.rotations() {
+        assert_eq!(mode_of(&dir.path().join(format!("dlq.jsonl.{n}"))), 0o600);
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_mode_option_sets_the_mode_of_every_file_the_sink_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let options = FileSinkOptions::new().mode(0o640).rotation(1000);
+    let stats = write_orders(&path, options, 0..40).await;
+    assert!(stats.rotations() >= 3);
+    assert_eq!(mode_of(&path), 0o640);
+    for n in 1..=stats.rotations() {
+        assert_eq!(mode_of(&dir.path().join(format!("dlq.jsonl.{n}"))), 0o640);
+    }
+    // A file that already exists keeps its permissions.
+    let existing = dir.path().join("existing.jsonl");
+    std::fs::write(&existing, b"").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o604)).unwrap();
+    FileSink::<Order>::create(&existing).await.unwrap();
+    assert_eq!(mode_of(&existing), 0o604);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_rotated_segments_and_replay_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let options = FileSinkOptions::new().rotation(1000).retention(2);
+    let stats = write_orders(&path, options, 0..40).await;
+    let rotations = stats.rotations();
+    assert!(rotations >= 5, "{rotations}");
+    assert_eq!(stats.segments_deleted(), rotations - 2);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    let mut expected = vec![
+        "dlq.jsonl".to_owned(),
+        format!("dlq.jsonl.{}", rotations - 1),
+        format!("dlq.jsonl.{rotations}"),
+    ];
+    expected.sort();
+    assert_eq!(left, expected);
+    // The oldest records are gone; what is left reads in order, to the end.
+    let ids: Vec<u64> = Replay::<Order>::open_rotated(&path)
+        .await
+        .unwrap()
+        .map(|r| r.unwrap().item.unwrap().id)
+        .collect()
+        .await;
+    assert_eq!(*ids.last().unwrap(), 39);
+    assert!(ids.len() < 40);
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+
+    // Without a retention limit nothing is deleted (the default).
+    let other = dir.path().join("all.jsonl");
+    let stats = write_orders(&other, FileSinkOptions::new().rotation(1000), 0..40).await;
+    assert_eq!(stats.segments_deleted(), 0);
+    for n in 1..=stats.rotations() {
+        assert!(dir.path().join(format!("all.jsonl.{n}")).exists());
+    }
+}
+
+#[tokio::test]
+async fn a_line_over_the_limit_is_one_rejected_item_and_replay_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let mut bytes = write_records(&path, 2).await;
+    // 100 KiB of one line: a record far over the limit set below.
+    bytes.extend(std::iter::repeat_n(b'x', 100 << 10));
+    bytes.push(b'\n');
+    bytes.extend(write_records(&dir.path().join("more.jsonl"), 2).await);
+    std::fs::write(&path, bytes).unwrap();
+
+    let replay = Replay::<Order>::open(&path)
+        .await
+        .unwrap()
+        .with_max_line(1000)
+        .unwrap();
+    let stats = replay.stats();
+    let mut items: Vec<Result<DeadLetter<Order>>> = replay.collect().await;
+    assert_eq!(items.len(), 5);
+    let mut err = items.remove(2).unwrap_err();
+    assert_eq!((err.kind(), err.stage()), (ErrorKind::Rejected, "replay"));
+    let source = err.cause().unwrap().downcast_ref::<DlqError>().unwrap();
+    assert!(
+        matches!(
+            source,
+            DlqError::LineTooLong {
+                line: 3,
+                max: 1000,
+                ..
+            }
+        ),
+        "{source}"
+    );
+    // Its text was not kept.
+    assert!(err.take_item::<String>().is_none());
+    let ids: Vec<u64> = items
+        .into_iter()
+        .map(|r| r.unwrap().item.unwrap().id)
+        .collect();
+    assert_eq!(ids, [0, 1, 0, 1]);
+    assert_eq!(
+        (
+            stats.records(),
+            stats.too_long(),
+            stats.corrupt(),
+            stats.torn()
+        ),
+        (4, 1, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn replay_fails_at_open_on_a_directory_and_on_a_gap_in_the_rotated_set() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory.
+    let err = Replay::<Order>::open(dir.path()).await.unwrap_err();
+    assert!(matches!(&err, DlqError::IsADirectory { path } if path == dir.path()));
+    assert!(err.to_string().contains("is a directory"), "{err}");
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let err = Replay::<Order>::open_rotated(&sub).await.unwrap_err();
+    assert!(matches!(err, DlqError::IsADirectory { .. }), "{err}");
+
+    // Nothing at all: neither the file nor a segment.
+    let path = dir.path().join("dlq.jsonl");
+    let err = Replay::<Order>::open_rotated(&path).await.unwrap_err();
+    assert!(
+        matches!(&err, DlqError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+        "{err}"
+    );
+
+    // `.1` and `.3` but no `.2`: records would vanish without a trace.
+    let segment = |n: u64| dir.path().join(format!("dlq.jsonl.{n}"));
+    let one = write_records(&dir.path().join("one.jsonl"), 1).await;
+    for n in [1, 3] {
+        std::fs::write(segment(n), &one).unwrap();
+    }
+    let err = Replay::<Order>::open_rotated(&path).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DlqError::MissingSegment {
+                missing: 2,
+                first: 1,
+                last: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("segment 2 is missing"), "{err}");
+
+    // A set that starts above 1 is what a retention limit leaves: fine.
+    std::fs::remove_file(segment(1)).unwrap();
+    std::fs::write(segment(4), &one).unwrap();
+    let n = Replay::<Order>::open_rotated(&path)
+        .await
+        .unwrap()
+        .count()
+        .await;
+    assert_eq!(n, 2);
+
+    // A segment that is a directory.
+    std::fs::create_dir(segment(5)).unwrap();
+    let err = Replay::<Order>::open_rotated(&path).await.unwrap_err();
+    assert!(matches!(err, DlqError::IsADirectory { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn replay_opens_the_rotated_files_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let one = write_records(&dir.path().join("one.jsonl"), 1).await;
+    for n in 1..=3 {
+        std::fs::write(dir.path().join(format!("dlq.jsonl.{n}")), &one).unwrap();
+    }
+    std::fs::write(&path, &one).unwrap();
+    let replay = Replay::<Order>::open_rotated(&path).await.unwrap();
+    // Had every file been opened already, deleting one now would not
+    // matter (an open file outlives its name); it is opened in its turn.
+    std::fs::remove_file(dir.path().join("dlq.jsonl.2")).unwrap();
+    let items: Vec<Result<DeadLetter<Order>>> = replay.collect().await;
+    assert_eq!(items.len(), 4);
+    assert!(items[0].is_ok() && items[2].is_ok() && items[3].is_ok());
+    let err = items[1].as_ref().unwrap_err();
+    let source = err.cause().unwrap().downcast_ref::<DlqError>().unwrap();
+    assert!(
+        matches!(source, DlqError::Read { path, source } if path.ends_with("dlq.jsonl.2") && source.kind() == std::io::ErrorKind::NotFound),
+        "{source}"
+    );
+}
+
+/// Opening a FIFO for reading blocks until a writer opens it. On a
+/// current-thread runtime, a `Replay::open` that blocked its thread would
+/// hang the runtime; on the blocking pool the runtime keeps running and
+/// opens the writer side itself. A watchdog turns a hang into a failure.
+#[cfg(unix)]
+#[test]
+fn replay_open_does_not_block_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !matches!(made, Ok(s) if s.success()) {
+        return; // no mkfifo here
+    }
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = rt.block_on(async move {
+            let opening = tokio::spawn(Replay::<u64>::open(fifo.clone()));
+            // The runtime still runs tasks while the open waits.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let line = "{\"sequence\":1,\"stage\":\"s\",\"kind\":\"failed\",\"message\":\"e\",\"attempts\":1,\"first_failure\":\"2026-01-01T00:00:00Z\",\"last_failure\":\"2026-01-01T00:00:00Z\",\"item_type\":\"u64\",\"item\":7}\n";
+            let writer = tokio::task::spawn_blocking(move || std::fs::write(fifo, line));
+            let replay = opening.await.unwrap().unwrap();
+            writer.await.unwrap().unwrap();
+            replay.count().await
+        });
+        done.send(n).unwrap();
+    });
+    let n = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("Replay::open blocked the runtime's only thread");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interval_of_duration_max_means_never_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
+        .await
+        .unwrap()
+        .with_fsync(Fsync::Interval(Duration::MAX))
+        .unwrap();
+    let stats = sink.stats();
+    use dlq::DeadLetterSink;
+    let record = DeadLetter::<u64>::from_error(1, StreamError::failed("s", "e").with_item(1u64));
+    sink.write(vec![record]).await.unwrap();
+    // No deadline (and no overflow panic computing one).
+    assert_eq!(sink.flush_at(), None);
+    let finite = FileSink::<u64>::create(dir.path().join("other.jsonl"))
+        .await
+        .unwrap()
+        .with_fsync(Fsync::Interval(Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(finite.flush_at(), None, "nothing written yet");
+
+    // In a pipeline: a century passes without a sync; close syncs.
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u64>();
+    let out = tokio::spawn(flow.pipe(DeadLetterQueue::new(sink)).collect());
+    tx.send_result(Err(StreamError::failed("s", "e").with_item(2)))
+        .await
+        .unwrap();
+    until(|| stage(&pipeline, "dlq").dead_lettered == 1).await;
+    tokio::time::advance(Duration::from_secs(86_400 * 365 * 100)).await;
+    assert_eq!(stats.syncs(), 0);
+    assert_eq!(stats.records(), 2);
+    drop(tx);
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.is_empty());
+    assert_eq!(stats.syncs(), 1);
+}
+
+/// A sink that takes batches and never answers; counts what it was handed.
+struct NeverAnswers(Arc<AtomicUsize>);
+
+impl dlq::DeadLetterSink<u64> for NeverAnswers {
+    async fn write(
+        &mut self,
+        records: Vec<DeadLetter<u64>>,
+    ) -> std::result::Result<(), Vec<Unwritten<u64>>> {
+        self.0.fetch_add(records.len(), Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_buffer_bounds_every_record_between_the_router_and_the_sink() {
+    for (buffer, overflow) in [
+        (1, Overflow::Block),
+        (4, Overflow::Block),
+        (300, Overflow::Block),
+        (4, Overflow::DropAndCount),
+    ] {
+        // One item per chunk and per edge slot, so the count is exact.
+        let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(1, 1).unwrap());
+        let (tx, flow) = pipeline.channel::<u64>();
+        let handed = Arc::new(AtomicUsize::new(0));
+        let dlq = DeadLetterQueue::new(NeverAnswers(handed.clone()))
+            .with_buffer(buffer)
+            .unwrap()
+            .on_overflow(overflow);
+        let out = tokio::spawn(flow.pipe(dlq).collect());
+        let pushed = Arc::new(AtomicUsize::new(0));
+        let producer = tokio::spawn({
+            let pushed = pushed.clone();
+            async move {
+                for i in 0..1000u64 {
+                    let item = Err(StreamError::failed("s", "e").with_item(i));
+                    if tx.send_result(item).await.is_err() {
+                        break;
+                    }
+                    pushed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        settle().await;
+        let m = stage(&pipeline, "dlq");
+        // Queued or in the sink's unanswered write: at most `buffer`.
+        let handed = handed.load(Ordering::SeqCst);
+        assert!(handed >= 1 && handed <= buffer, "{buffer}: handed {handed}");
+        if overflow == Overflow::Block {
+            // The documented bound: `buffer` records between the router
+            // and the sink, the one the router holds waiting for room,
+            // and what waits on the input edge (here its capacity, 1).
+            let pushed = pushed.load(Ordering::SeqCst);
+            assert_eq!(pushed, buffer + 2, "{buffer}: pushed {pushed}, {m:?}");
+            assert!(!producer.is_finished());
+        } else {
+            // Dropping keeps the stage going; nothing beyond the buffer
+            // is held.
+            assert_eq!(m.dropped + buffer as u64, m.received, "{m:?}");
+        }
+        pipeline.abort();
+        tokio::time::timeout(Duration::from_secs(60), pipeline.join())
+            .await
+            .unwrap()
+            .unwrap();
+        producer.await.unwrap();
+        out.await.unwrap();
+        assert_dlq_conserved(&stage(&pipeline, "dlq"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_policy_emits_no_value_after_the_overflow_error() {
+    let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::Fail);
+    let fail = |i: u64| Err(StreamError::failed("s", "e").with_item(i));
+    // One chunk: the third error overflows; 101 and 102 come after it.
+    let input = vec![fail(0), fail(1), Ok(100), fail(2), Ok(101), Ok(102)];
+    let flow = streamz::try_stream(futures::stream::iter(input)).pipe(dlq);
+    let pipeline = flow.pipeline().clone();
+    let mut flow = flow;
+    let first = tokio::time::timeout(Duration::from_secs(60), flow.next())
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().unwrap(), 100);
+    let mut err = flow.next().await.unwrap().unwrap_err();
+    assert!(matches!(
+        err.cause().unwrap().downcast_ref::<DlqError>(),
+        Some(DlqError::Overflow { buffered: 2 })
+    ));
+    assert_eq!(err.take_item::<DeadLetter<u64>>().unwrap().item, Some(2));
+    // The sink recovers: the stream ends, and no value follows the error.
+    gate.add_permits(10);
+    let rest: Vec<Result<u64>> = tokio::time::timeout(Duration::from_secs(60), flow.collect())
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+    let m = stage(&pipeline, "dlq");
+    assert_eq!(
+        (m.received, m.emitted, m.dead_lettered, m.failed, m.aborted),
+        (6, 1, 2, 1, 2)
+    );
     assert_dlq_conserved(&m);
 }

@@ -32,7 +32,10 @@ pub enum Fsync {
     EveryRecord,
     /// After every `n` records. A crash loses at most the last `n - 1`.
     EveryN(u64),
-    /// At most this long after a record was written, and at close.
+    /// At most this long after a record was written, and at rotation and
+    /// close. An interval too long to add to the clock (such as
+    /// `Duration::MAX`) means "never by time": the file is then synced only
+    /// at rotation and close, as with [`Fsync::Never`].
     Interval(Duration),
     /// Only at rotation and close; between, the operating system decides.
     Never,
@@ -41,8 +44,9 @@ pub enum Fsync {
 /// A dead-letter sink that appends each record as one line of JSON to a
 /// file, with an [`Fsync`] policy and optional size-based rotation.
 ///
-/// The file is opened (created if missing) when the sink is built, so an
-/// unwritable path fails there with [`DlqError::Open`]. If the file ends in
+/// The file is opened (created if missing) when the sink is built, on
+/// tokio's blocking pool, so an unwritable path fails there with
+/// [`DlqError::Open`]. If the file ends in
 /// a torn line (a crash mid-write), a newline closes it first, so the next
 /// record starts on a line of its own; [`Replay`](crate::dlq::Replay)
 /// reports the torn line as an error item.
@@ -51,11 +55,23 @@ pub enum Fsync {
 /// its last complete record, and the records come back downstream as error
 /// items carrying them; [`FileSinkStats`] counts the failures.
 ///
+/// # Permissions
+///
+/// The records hold failed payloads, so a file the sink creates gets mode
+/// `0o600` (owner read and write only) unless
+/// [`FileSinkOptions::mode`] says otherwise. The mode is applied exactly,
+/// whatever the process's umask, to every file the sink creates, the new
+/// file after a rotation included; a rotated segment is renamed, so it
+/// keeps its mode. A file that already exists keeps its permissions. On
+/// platforms other than Unix the mode is ignored.
+///
 /// # Rotation
 ///
 /// With [`with_rotation`](FileSink::with_rotation), a record that would
 /// take the file past the limit goes to a new file: the full one is synced
-/// and renamed to `<name>.1` (then `.2`, ...), and nothing is ever deleted.
+/// and renamed to `<name>.1` (then `.2`, ...). By default nothing is ever
+/// deleted; [`with_retention`](FileSink::with_retention) keeps only the
+/// newest rotated segments.
 /// [`Replay::open_rotated`](crate::dlq::Replay::open_rotated) reads them
 /// all in order.
 ///
@@ -67,7 +83,8 @@ pub enum Fsync {
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
-/// let sink = FileSink::<u32>::create(dir.path().join("failed.jsonl"))?
+/// let sink = FileSink::<u32>::create(dir.path().join("failed.jsonl"))
+///     .await?
 ///     .with_fsync(Fsync::EveryN(100))?;
 /// let stats = sink.stats();
 /// let out = streamz::try_stream(futures::stream::iter([
@@ -91,6 +108,8 @@ pub struct FileSink<T> {
     state: Arc<Mutex<State>>,
     fsync: Fsync,
     max_bytes: Option<u64>,
+    /// Rotated segments kept (`None`: all).
+    keep: Option<usize>,
     /// Since when written records wait for a sync (interval policy).
     unsynced_since: Option<Instant>,
     stats: FileSinkStats,
@@ -103,6 +122,7 @@ impl<T> fmt::Debug for FileSink<T> {
             .field("path", &self.path)
             .field("fsync", &self.fsync)
             .field("max_bytes", &self.max_bytes)
+            .field("keep", &self.keep)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -123,11 +143,15 @@ struct State {
     /// `file` is a rotated segment, renamed away; open `path` anew before
     /// writing (a rotation whose reopen failed).
     reopen: bool,
+    /// The permissions of the files the sink creates (Unix).
+    mode: u32,
 }
 
 impl<T: Serialize + Send + 'static> FileSink<T> {
     /// Opens `path` for appending, creating the file if it is missing (its
-    /// directory must exist).
+    /// directory must exist), with the default [`FileSinkOptions`] (mode
+    /// `0o600`). The file work runs on tokio's blocking pool, so it does
+    /// not hold up the runtime's workers.
     ///
     /// # Errors
     ///
@@ -137,64 +161,37 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
     /// ```
     /// use streamz::dlq::{DlqError, FileSink};
     ///
-    /// let err = FileSink::<u32>::create("/no/such/dir/dlq.jsonl").unwrap_err();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let err = FileSink::<u32>::create("/no/such/dir/dlq.jsonl").await.unwrap_err();
     /// assert!(matches!(err, DlqError::Open { .. }));
     /// assert!(err.to_string().starts_with("cannot open the dead-letter file `/no/such/dir/dlq.jsonl`"));
+    /// # }
     /// ```
-    pub fn create(path: impl AsRef<Path>) -> Result<Self, DlqError> {
-        let path = path.as_ref().to_path_buf();
-        let open_err = |source| DlqError::Open {
-            path: path.clone(),
-            source,
-        };
-        let existed = path.exists();
-        let (file, len) = open_append(&path).map_err(open_err)?;
-        if !existed {
-            sync_dir(&path).map_err(open_err)?;
-        }
-        let next_segment = segments(&path)
-            .map_err(open_err)?
-            .last()
-            .map_or(1, |(n, _)| n + 1);
-        Ok(FileSink {
-            state: Arc::new(Mutex::new(State {
-                file,
-                path: path.clone(),
-                len,
-                unsynced: 0,
-                next_segment,
-                buf: Vec::new(),
-                torn: false,
-                reopen: false,
-            })),
-            path,
-            fsync: Fsync::EveryRecord,
-            max_bytes: None,
-            unsynced_since: None,
-            stats: FileSinkStats::default(),
-            _items: PhantomData,
-        })
+    pub async fn create(path: impl AsRef<Path>) -> Result<Self, DlqError> {
+        FileSinkOptions::new().create(path).await
     }
 
     /// Sets the sync policy ([`Fsync::EveryRecord`] by default).
+    /// `Fsync::Interval(Duration::MAX)` is accepted and means "never by
+    /// time" (see [`Fsync::Interval`]).
     ///
     /// # Errors
     ///
     /// [`ConfigError::Zero`] for `EveryN(0)` or a zero interval.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::dlq::{FileSink, Fsync};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl")).await?;
+    /// let sink = sink.with_fsync(Fsync::Interval(Duration::from_secs(1)))?;
+    /// assert!(sink.with_fsync(Fsync::EveryN(0)).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn with_fsync(mut self, fsync: Fsync) -> Result<Self, ConfigError> {
-        match fsync {
-            Fsync::EveryN(0) => {
-                return Err(ConfigError::Zero {
-                    field: "fsync every",
-                });
-            }
-            Fsync::Interval(d) if d.is_zero() => {
-                return Err(ConfigError::Zero {
-                    field: "fsync interval",
-                });
-            }
-            _ => {}
-        }
+        check_fsync(fsync)?;
         self.fsync = fsync;
         Ok(self)
     }
@@ -205,6 +202,18 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
     /// # Errors
     ///
     /// [`ConfigError::Zero`] if `max_bytes` is zero.
+    ///
+    /// ```
+    /// use streamz::dlq::FileSink;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl"))
+    ///     .await?
+    ///     .with_rotation(64 << 20)?; // 64 MiB per file
+    /// # drop(sink);
+    /// # Ok(()) }
+    /// ```
     pub fn with_rotation(mut self, max_bytes: u64) -> Result<Self, ConfigError> {
         if max_bytes == 0 {
             return Err(ConfigError::Zero {
@@ -213,6 +222,253 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
         }
         self.max_bytes = Some(max_bytes);
         Ok(self)
+    }
+
+    /// Keeps at most `segments` rotated files: after each rotation the
+    /// oldest segments beyond that are deleted (the current file is not
+    /// counted). Without it (the default) nothing is ever deleted, because
+    /// deleting a segment loses records that the queue already counted as
+    /// dead-lettered: that is a choice only you can make, for example to
+    /// bound the disk a dead-letter file may take
+    /// (`segments × max_bytes` plus the current file).
+    ///
+    /// Deletion happens at rotation only, so it needs
+    /// [`with_rotation`](FileSink::with_rotation); failures to delete are
+    /// logged and retried at the next rotation.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `segments` is zero (that would delete each
+    /// segment as it is rotated out).
+    ///
+    /// ```
+    /// use streamz::dlq::FileSink;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl"))
+    ///     .await?
+    ///     .with_rotation(64 << 20)?
+    ///     .with_retention(10)?; // at most 10 × 64 MiB of old records
+    /// # drop(sink);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_retention(mut self, segments: usize) -> Result<Self, ConfigError> {
+        if segments == 0 {
+            return Err(ConfigError::Zero {
+                field: "retained segments",
+            });
+        }
+        self.keep = Some(segments);
+        Ok(self)
+    }
+}
+
+fn check_fsync(fsync: Fsync) -> Result<(), ConfigError> {
+    match fsync {
+        Fsync::EveryN(0) => Err(ConfigError::Zero {
+            field: "fsync every",
+        }),
+        Fsync::Interval(d) if d.is_zero() => Err(ConfigError::Zero {
+            field: "fsync interval",
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// How to create a [`FileSink`]: the mode of the files it creates, its
+/// sync policy, rotation and retention. Setters cannot fail;
+/// [`create`](FileSinkOptions::create) checks the values.
+///
+/// # Default
+///
+/// | setting | default |
+/// |---|---|
+/// | [`mode`](FileSinkOptions::mode) | `0o600` (Unix; ignored elsewhere) |
+/// | [`fsync`](FileSinkOptions::fsync) | [`Fsync::EveryRecord`] |
+/// | [`rotation`](FileSinkOptions::rotation) | none: one file that grows |
+/// | [`retention`](FileSinkOptions::retention) | none: every rotated segment is kept |
+///
+/// # Examples
+///
+/// ```
+/// use streamz::dlq::{FileSinkOptions, Fsync};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let sink = FileSinkOptions::new()
+///     .mode(0o640) // the group may read the failed payloads too
+///     .fsync(Fsync::EveryN(100))
+///     .rotation(64 << 20)
+///     .retention(8)
+///     .create::<u32>(dir.path().join("dlq.jsonl"))
+///     .await?;
+/// assert_eq!(sink.path(), dir.path().join("dlq.jsonl"));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSinkOptions {
+    mode: u32,
+    fsync: Fsync,
+    max_bytes: Option<u64>,
+    keep: Option<usize>,
+}
+
+impl Default for FileSinkOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FileSinkOptions {
+    /// The defaults (see the table above).
+    ///
+    /// ```
+    /// use streamz::dlq::FileSinkOptions;
+    ///
+    /// assert_eq!(FileSinkOptions::new(), FileSinkOptions::default());
+    /// ```
+    pub const fn new() -> Self {
+        FileSinkOptions {
+            mode: 0o600,
+            fsync: Fsync::EveryRecord,
+            max_bytes: None,
+            keep: None,
+        }
+    }
+
+    /// The permission bits of every file the sink creates (`0o600` by
+    /// default), applied exactly, whatever the umask. A file that already
+    /// exists keeps its permissions. Only the lower 12 bits count. On
+    /// platforms other than Unix this is ignored.
+    ///
+    /// ```
+    /// use streamz::dlq::{FileSink, FileSinkOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let sink: FileSink<u32> = FileSinkOptions::new()
+    ///     .mode(0o640)
+    ///     .create(dir.path().join("dlq.jsonl"))
+    ///     .await?;
+    /// # #[cfg(unix)] {
+    /// use std::os::unix::fs::PermissionsExt;
+    /// let mode = std::fs::metadata(sink.path())?.permissions().mode();
+    /// assert_eq!(mode & 0o777, 0o640);
+    /// # }
+    /// # Ok(()) }
+    /// ```
+    pub const fn mode(mut self, mode: u32) -> Self {
+        self.mode = mode & 0o7777;
+        self
+    }
+
+    /// The sync policy; see [`FileSink::with_fsync`].
+    ///
+    /// ```
+    /// use streamz::dlq::{FileSinkOptions, Fsync};
+    ///
+    /// let options = FileSinkOptions::new().fsync(Fsync::Never);
+    /// # drop(options);
+    /// ```
+    pub const fn fsync(mut self, fsync: Fsync) -> Self {
+        self.fsync = fsync;
+        self
+    }
+
+    /// Rotation by size; see [`FileSink::with_rotation`].
+    ///
+    /// ```
+    /// use streamz::dlq::FileSinkOptions;
+    ///
+    /// let options = FileSinkOptions::new().rotation(1 << 30);
+    /// # drop(options);
+    /// ```
+    pub const fn rotation(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    /// Rotated segments to keep; see [`FileSink::with_retention`].
+    ///
+    /// ```
+    /// use streamz::dlq::FileSinkOptions;
+    ///
+    /// let options = FileSinkOptions::new().rotation(1 << 30).retention(4);
+    /// # drop(options);
+    /// ```
+    pub const fn retention(mut self, segments: usize) -> Self {
+        self.keep = Some(segments);
+        self
+    }
+
+    /// Creates the sink: opens `path` for appending, creating the file if
+    /// it is missing (its directory must exist), on tokio's blocking pool.
+    ///
+    /// # Errors
+    ///
+    /// [`DlqError::Config`] for a zero size, count or interval (nothing is
+    /// created then); [`DlqError::Open`] if the file cannot be opened for
+    /// appending, with the path and the operating system's reason.
+    ///
+    /// ```
+    /// use streamz::dlq::{DlqError, FileSinkOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let err = FileSinkOptions::new()
+    ///     .rotation(0)
+    ///     .create::<u32>(dir.path().join("dlq.jsonl"))
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, DlqError::Config(_)));
+    /// assert!(!dir.path().join("dlq.jsonl").exists());
+    /// # Ok(()) }
+    /// ```
+    pub async fn create<T: Serialize + Send + 'static>(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<FileSink<T>, DlqError> {
+        check_fsync(self.fsync)?;
+        if self.max_bytes == Some(0) {
+            return Err(ConfigError::Zero {
+                field: "rotation size",
+            }
+            .into());
+        }
+        if self.keep == Some(0) {
+            return Err(ConfigError::Zero {
+                field: "retained segments",
+            }
+            .into());
+        }
+        let path = path.as_ref().to_path_buf();
+        let mode = self.mode;
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || State::open(path, mode)).await
+        };
+        let state = match opened {
+            Ok(Ok(state)) => state,
+            Ok(Err(source)) => return Err(DlqError::Open { path, source }),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {
+                return Err(DlqError::Open {
+                    path,
+                    source: std::io::Error::other("the runtime is shutting down"),
+                });
+            }
+        };
+        Ok(FileSink {
+            state: Arc::new(Mutex::new(state)),
+            path,
+            fsync: self.fsync,
+            max_bytes: self.max_bytes,
+            keep: self.keep,
+            unsynced_since: None,
+            stats: FileSinkStats::default(),
+            _items: PhantomData,
+        })
     }
 }
 
@@ -266,9 +522,10 @@ impl<T> FileSink<T> {
 impl<T: Serialize + Send + 'static> DeadLetterSink<T> for FileSink<T> {
     async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
         let n = records.len() as u64;
-        let (fsync, max_bytes, stats) = (self.fsync, self.max_bytes, self.stats.clone());
+        let (fsync, stats) = (self.fsync, self.stats.clone());
+        let rotation = self.max_bytes.map(|max| (max, self.keep));
         let written = self
-            .blocking(move |s| s.write(records, fsync, max_bytes, &stats))
+            .blocking(move |s| s.write(records, fsync, rotation, &stats))
             .await;
         let Some((written, result)) = written else {
             // The runtime shut down before the blocking task ran; the
@@ -283,7 +540,8 @@ impl<T: Serialize + Send + 'static> DeadLetterSink<T> for FileSink<T> {
 
     fn flush_at(&self) -> Option<Instant> {
         match self.fsync {
-            Fsync::Interval(d) => self.unsynced_since.map(|t| t + d),
+            // Never, if the interval does not fit on the clock.
+            Fsync::Interval(d) => self.unsynced_since.and_then(|t| crate::time::after(t, d)),
             _ => None,
         }
     }
@@ -298,13 +556,33 @@ impl<T: Serialize + Send + 'static> DeadLetterSink<T> for FileSink<T> {
 }
 
 impl State {
+    /// Opens (or creates, with `mode`) the file at `path`.
+    fn open(path: PathBuf, mode: u32) -> std::io::Result<Self> {
+        let (file, len, created) = open_append(&path, mode)?;
+        if created {
+            sync_dir(&path)?;
+        }
+        let next_segment = segments(&path)?.last().map_or(1, |(n, _)| n + 1);
+        Ok(State {
+            file,
+            path,
+            len,
+            unsynced: 0,
+            next_segment,
+            buf: Vec::new(),
+            torn: false,
+            reopen: false,
+            mode,
+        })
+    }
+
     /// Appends `records`; returns how many were written, and the ones that
-    /// were not.
+    /// were not. `rotation` is the size limit and the segments to keep.
     fn write<T: Serialize>(
         &mut self,
         records: Vec<DeadLetter<T>>,
         fsync: Fsync,
-        max_bytes: Option<u64>,
+        rotation: Option<(u64, Option<usize>)>,
         stats: &FileSinkStats,
     ) -> (u64, Result<(), Vec<Unwritten<T>>>) {
         let mut failed = Vec::new();
@@ -342,9 +620,9 @@ impl State {
             let from = lines[run_start].0;
             // Extend the run while it fits (a run holds at least one line).
             i = i.max(run_start + 1);
-            if let Some(max) = max_bytes {
+            if let Some((max, keep)) = rotation {
                 if self.len > 0 && self.len + (lines[run_start].1 - from) as u64 > max {
-                    if let Err(e) = self.rotate(stats) {
+                    if let Err(e) = self.rotate(keep, stats) {
                         error = Some(e);
                         break;
                     }
@@ -407,7 +685,7 @@ impl State {
     /// Appends `bytes` whole, or truncates back to the last complete line.
     fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if self.reopen {
-            let (file, len) = open_append(&self.path)?;
+            let (file, len, _) = open_append(&self.path, self.mode)?;
             self.file = file;
             self.len = len;
             self.reopen = false;
@@ -451,9 +729,9 @@ impl State {
         }
     }
 
-    /// Syncs and renames the full file to the next segment name, and opens
-    /// a new one.
-    fn rotate(&mut self, stats: &FileSinkStats) -> std::io::Result<()> {
+    /// Syncs and renames the full file to the next segment name, opens a
+    /// new one and deletes the oldest segments beyond `keep`.
+    fn rotate(&mut self, keep: Option<usize>, stats: &FileSinkStats) -> std::io::Result<()> {
         self.sync(stats)?;
         let segment = segment_path(&self.path, self.next_segment);
         std::fs::rename(&self.path, &segment)?;
@@ -462,11 +740,14 @@ impl State {
         tracing::info!(segment = %segment.display(), "dead-letter file rotated");
         // From here `file` is the segment: never write to it again.
         self.reopen = true;
-        let (file, len) = open_append(&self.path)?;
+        let (file, len, _) = open_append(&self.path, self.mode)?;
         self.file = file;
         self.len = len;
         self.reopen = false;
-        // Make the rename and the new file's name durable too.
+        if let Some(keep) = keep {
+            self.prune(keep, stats);
+        }
+        // Make the rename, the new file's name and deletions durable too.
         if let Err(e) = sync_dir(&self.path) {
             stats.inner.sync_failures.fetch_add(1, Relaxed);
             tracing::error!(path = %self.path.display(), error = %e, "cannot sync the dead-letter file's directory");
@@ -475,13 +756,60 @@ impl State {
     }
 }
 
-/// Opens `path` for appending and makes sure it ends with a newline.
-fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)?;
+impl State {
+    /// Deletes the oldest rotated segments beyond `keep`. A failure is
+    /// logged; the next rotation tries again.
+    fn prune(&mut self, keep: usize, stats: &FileSinkStats) {
+        let found = match segments(&self.path) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot list the rotated dead-letter files to delete old ones");
+                return;
+            }
+        };
+        let excess = found.len().saturating_sub(keep);
+        for (_, segment) in &found[..excess] {
+            match std::fs::remove_file(segment) {
+                Ok(()) => {
+                    stats.inner.deleted.fetch_add(1, Relaxed);
+                    tracing::info!(segment = %segment.display(), keep, "old dead-letter segment deleted by the retention limit");
+                }
+                Err(e) => {
+                    tracing::warn!(segment = %segment.display(), error = %e, "cannot delete an old dead-letter segment");
+                }
+            }
+        }
+    }
+}
+
+/// Opens `path` for appending and makes sure it ends with a newline; a
+/// file it creates gets exactly `mode` (Unix). Also says whether it
+/// created the file.
+fn open_append(path: &Path, mode: u32) -> std::io::Result<(File, u64, bool)> {
+    let mut options = OpenOptions::new();
+    options.read(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Created with at most `mode` from the start: no moment in which
+        // the file is readable by others.
+        options.mode(mode);
+    }
+    let (mut file, created) = match options.clone().create_new(true).open(path) {
+        Ok(file) => (file, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (options.open(path)?, false),
+        Err(e) => return Err(e),
+    };
+    if created {
+        // The umask may have taken bits away from `mode`: set it exactly.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+    }
     let mut len = file.metadata()?.len();
     if len > 0 {
         let mut last = [0u8];
@@ -493,7 +821,7 @@ fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
             len += 1;
         }
     }
-    Ok((file, len))
+    Ok((file, len, created))
 }
 
 /// Syncs the directory holding `path`, so a new or renamed name in it
@@ -560,6 +888,7 @@ struct StatsInner {
     sync_failures: AtomicU64,
     write_failures: AtomicU64,
     rotations: AtomicU64,
+    deleted: AtomicU64,
 }
 
 impl FileSinkStats {
@@ -587,5 +916,11 @@ impl FileSinkStats {
     /// Files rotated out.
     pub fn rotations(&self) -> u64 {
         self.inner.rotations.load(Relaxed)
+    }
+
+    /// Rotated segments deleted by the retention limit
+    /// ([`FileSink::with_retention`]).
+    pub fn segments_deleted(&self) -> u64 {
+        self.inner.deleted.load(Relaxed)
     }
 }

@@ -26,10 +26,10 @@ mod record;
 mod replay;
 mod sink;
 
-pub use file::{FileSink, FileSinkStats, Fsync};
+pub use file::{FileSink, FileSinkOptions, FileSinkStats, Fsync};
 pub use json::JsonItems;
 pub use record::DeadLetter;
-pub use replay::{Replay, ReplayStats};
+pub use replay::{DEFAULT_MAX_LINE, Replay, ReplayStats};
 pub use sink::{ChannelSink, DeadLetterSink, FnSink, Unwritten, channel, sink_fn};
 
 use std::any::type_name;
@@ -45,7 +45,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, TryAcquireError, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::Chunk;
@@ -65,7 +65,8 @@ pub(crate) fn not_recorded(error: &StreamError, records: &str) -> String {
     )
 }
 
-/// Records the stage hands its sink at most per write.
+/// Records the stage hands its sink at most per write (fewer with a
+/// smaller buffer: a batch counts against the buffer).
 const MAX_BATCH: usize = 256;
 
 /// Why a dead-letter operation failed.
@@ -100,13 +101,56 @@ pub enum DlqError {
         /// Why it does not parse.
         source: serde_json::Error,
     },
+    /// The path to read is a directory, not a dead-letter file.
+    #[error("`{}` is a directory, not a dead-letter file", path.display())]
+    IsADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A rotated set of dead-letter files has a hole: a segment is missing
+    /// between the oldest and the newest one present (`<name>.1` and
+    /// `<name>.3` exist, `<name>.2` does not), so records would be skipped
+    /// without a trace.
+    #[error(
+        "the rotated dead-letter files of `{}` have a gap: segment {missing} is missing between {first} and {last}",
+        path.display()
+    )]
+    MissingSegment {
+        /// The current file's path (segments are `<path>.N`).
+        path: PathBuf,
+        /// The first missing segment number.
+        missing: u64,
+        /// The oldest segment present.
+        first: u64,
+        /// The newest segment present.
+        last: u64,
+    },
+    /// A line of a dead-letter file is longer than the replay's limit
+    /// ([`Replay::with_max_line`]); it was skipped without being read
+    /// into memory.
+    #[error(
+        "line {line} of `{}` is longer than the limit of {max} bytes and was skipped",
+        path.display()
+    )]
+    LineTooLong {
+        /// The file.
+        path: PathBuf,
+        /// The line's number, from 1.
+        line: u64,
+        /// The limit in bytes, newline excluded.
+        max: usize,
+    },
+    /// A setting is invalid (from [`FileSinkOptions::create`]).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The sink was full and the policy is [`Overflow::Fail`]: the stream
     /// ends with this error.
     #[error(
         "the dead-letter sink is full ({buffered} records wait for it) and the overflow policy fails the stream"
     )]
     Overflow {
-        /// The stage's buffer of records waiting for the sink.
+        /// The stage's buffer: the records between the stage and the sink
+        /// ([`DeadLetterQueue::with_buffer`]).
         buffered: usize,
     },
     /// The sink's writer task ended early (it panicked), so records could
@@ -129,10 +173,14 @@ pub enum Overflow {
     /// (with the count). Its sequence number is skipped, so the gap shows
     /// in the sink.
     DropAndCount,
-    /// End the stream: the stage sends on what it holds, then an error item
-    /// of its own whose source is [`DlqError::Overflow`] and whose item is
-    /// the record that did not fit, and stops taking input (upstream stops
-    /// as when its output is dropped; what it held is counted `aborted`).
+    /// End the stream: the stage sends on the items that came before the
+    /// record that did not fit, then an error item of its own whose source
+    /// is [`DlqError::Overflow`] and whose item is that record, and stops
+    /// taking input (upstream stops as when its output is dropped). No
+    /// value that came after the record is emitted: the rest of its chunk
+    /// and what upstream held are counted `aborted`. Records already
+    /// accepted are still written; one the sink refuses may still come
+    /// after the error, as an error item carrying it.
     Fail,
 }
 
@@ -143,7 +191,10 @@ pub enum Overflow {
 /// chain, the stage that failed, attempts, first and last failure time and
 /// a sequence number. Records go through a bounded buffer to a writer task
 /// that calls the sink, so a slow sink does not stall values until the
-/// buffer is full; then the [`Overflow`] policy decides.
+/// buffer is full; then the [`Overflow`] policy decides. The buffer bounds
+/// every record between the stage and the sink's answer, the batch the
+/// sink is writing included ([`with_buffer`](DeadLetterQueue::with_buffer)).
+/// Values and errors keep their order.
 ///
 /// A record the sink refuses or fails to write comes downstream as a
 /// `failed` error item of this stage carrying the record (take it with
@@ -298,17 +349,53 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
         }
     }
 
-    /// Sets what happens when the sink is slow and the buffer is full.
+    /// Sets what happens when the sink is slow and the buffer is full
+    /// ([`Overflow::Block`] by default).
+    ///
+    /// ```
+    /// use streamz::dlq::Overflow;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink).on_overflow(Overflow::Fail);
+    /// # drop(dlq);
+    /// # Ok(()) }
+    /// ```
     pub fn on_overflow(mut self, overflow: Overflow) -> Self {
         self.overflow = overflow;
         self
     }
 
-    /// How many records may wait for the sink (256 by default).
+    /// How many records may be between the stage and the sink (256 by
+    /// default): waiting in the buffer, or handed to a
+    /// [`write`](DeadLetterSink::write) the sink has not returned from.
+    /// The writer hands the sink at most `min(records, 256)` per write.
+    ///
+    /// Under [`Overflow::Block`] the stage holds one more record, the one
+    /// waiting for room, besides the rest of the input chunk it is routing
+    /// (at most the edge's `max_chunk` items, like any stage). So while the
+    /// sink does not answer, the stage takes at most `records + max_chunk`
+    /// items from its input edge, and upstream holds what its own edges
+    /// allow.
     ///
     /// # Errors
     ///
     /// [`ConfigError::Zero`] if `records` is zero.
+    ///
+    /// ```
+    /// use streamz::dlq::Overflow;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// // At most 1,000 records wait for the sink; then drop and count.
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink)
+    ///     .with_buffer(1_000)?
+    ///     .on_overflow(Overflow::DropAndCount);
+    /// # drop(dlq);
+    /// # Ok(()) }
+    /// ```
     pub fn with_buffer(mut self, records: usize) -> Result<Self, ConfigError> {
         if records == 0 {
             return Err(ConfigError::Zero { field: "buffer" });
@@ -343,12 +430,17 @@ where
     fn process(self, input: Flow<T>) -> Flow<T> {
         let pipeline = input.pipeline().clone();
         spawn_operator(input, &self.name, self.edge, |io| {
-            let (queue, records) = mpsc::channel(self.buffer);
+            // One permit per record between the router and the sink's
+            // confirmation (queued or in a write), so the buffer bounds both.
+            let permits = Arc::new(Semaphore::new(self.buffer));
+            let (queue, records) = mpsc::unbounded_channel();
             let (returns, returned) = mpsc::unbounded_channel();
             let writer = Writer {
                 sink: self.sink,
                 records,
                 returns,
+                permits: permits.clone(),
+                batch: self.buffer.min(MAX_BATCH),
                 abort: io.abort.clone(),
                 counters: io.counters.clone(),
                 in_hand: 0,
@@ -358,6 +450,7 @@ where
             let router = Router {
                 items: self.items,
                 returned,
+                permits,
                 counters: io.counters.clone(),
                 writer_done: false,
                 overflow: self.overflow,
@@ -413,8 +506,12 @@ impl<R: Send + 'static> Returned<R> {
 /// hands them to the sink.
 struct Writer<T, S> {
     sink: S,
-    records: mpsc::Receiver<DeadLetter<T>>,
+    records: mpsc::UnboundedReceiver<DeadLetter<T>>,
     returns: mpsc::UnboundedSender<Returned<T>>,
+    /// Given back once the sink has returned from a write.
+    permits: Arc<Semaphore>,
+    /// Records per write at most.
+    batch: usize,
     abort: CancellationToken,
     counters: Counters,
     /// Records of the batch being written, unconfirmed.
@@ -429,6 +526,8 @@ impl<T, S> Drop for Writer<T, S> {
     /// If the writer stops early (an abort, or a panic in sink code outside
     /// its guards), what it held and what waits in the buffer is counted.
     fn drop(&mut self) {
+        // A router waiting for room learns that the sink is gone.
+        self.permits.close();
         self.records.close();
         let mut left = std::mem::take(&mut self.in_hand);
         while self.records.try_recv().is_ok() {
@@ -440,7 +539,9 @@ impl<T, S> Drop for Writer<T, S> {
 
 impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
     async fn run(mut self) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut batch = Vec::with_capacity(self.batch);
+        // One timer for the sink's flush deadlines, re-armed each round.
+        let mut flush_timer = crate::time::Timer::new();
         loop {
             let flush_at = match catch_unwind(AssertUnwindSafe(|| self.sink.flush_at())) {
                 Ok(at) => at,
@@ -450,12 +551,8 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
                     None
                 }
             };
-            let flush_due = async {
-                match flush_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            flush_timer.set(flush_at);
+            let flush_due = poll_fn(|cx| flush_timer.poll_due(cx).map(drop));
             // A due flush goes before more records, so a busy buffer cannot
             // postpone it.
             let n = tokio::select! {
@@ -467,12 +564,12 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
                     }
                     continue;
                 }
-                n = self.records.recv_many(&mut batch, MAX_BATCH) => n,
+                n = self.records.recv_many(&mut batch, self.batch) => n,
             };
             if n == 0 {
                 break; // the stage is done and the buffer is empty
             }
-            let records = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            let records = std::mem::replace(&mut batch, Vec::with_capacity(self.batch));
             let n = records.len() as u64;
             self.in_hand = n;
             let sink = &mut self.sink;
@@ -486,6 +583,8 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
                 result = write => result,
             };
             self.in_hand = 0;
+            // The sink has answered for the batch: its room is free again.
+            self.permits.add_permits(n as usize);
             match result {
                 Ok(Ok(())) => self.counters.add_dead_lettered(n),
                 Ok(Err(unwritten)) => {
@@ -506,7 +605,7 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
         if self.abort.is_cancelled() {
             // Still close (sync what was written), but not forever.
             let close = self.guarded(Op::Close);
-            if tokio::time::timeout(CLOSE_AFTER_ABORT, close)
+            if crate::time::timeout(CLOSE_AFTER_ABORT, close)
                 .await
                 .is_err()
             {
@@ -570,6 +669,8 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
 struct Router<R> {
     items: TakeItem<R>,
     returned: mpsc::UnboundedReceiver<Returned<R>>,
+    /// Room between the router and the sink, one permit per record.
+    permits: Arc<Semaphore>,
     counters: Counters,
     writer_done: bool,
     overflow: Overflow,
@@ -622,7 +723,7 @@ impl<R: Send + 'static> Router<R> {
     async fn run<T: Send + 'static>(
         mut self,
         io: TaskIo<T, T>,
-        queue: mpsc::Sender<DeadLetter<R>>,
+        queue: mpsc::UnboundedSender<DeadLetter<R>>,
     ) {
         let TaskIo {
             mut src,
@@ -650,31 +751,38 @@ impl<R: Send + 'static> Router<R> {
                 }
                 Event::Input(Some(chunk)) => {
                     let received = chunk.len() as u64;
-                    let mut out = Chunk::from_values(chunk.values);
-                    let values = out.values.len() as u64;
-                    let mut errors = chunk.errors.into_iter().map(|(_, e)| e);
+                    let mut out = Chunk::with_capacity(chunk.values.len());
+                    let mut values = chunk.values.into_iter();
+                    let mut errors = chunk.errors.into_iter();
                     let stop = |cx: &mut Context<'_>| {
                         aborted.as_mut().poll(cx).is_ready() || closed.as_mut().poll(cx).is_ready()
                     };
-                    let routed = self.route(&queue, &mut errors, &mut out, stop).await;
+                    let routed = self
+                        .route(&queue, &mut values, &mut errors, &mut out, stop)
+                        .await;
+                    // What routing did not reach (an early stop, or the
+                    // values and errors after an overflow that failed the
+                    // stream) is discarded.
+                    let left = (values.len() + errors.len()) as u64;
                     counters.add(&crate::counters::Local {
                         received,
-                        emitted: values,
+                        emitted: out.values.len() as u64,
                         ..Default::default()
                     });
                     match routed {
                         Routed::Done => {}
                         Routed::Stopped => {
                             counters.add_undelivered(out.len() as u64);
-                            counters.add_aborted(errors.len() as u64);
+                            counters.add_aborted(left);
                             counters.add_drained(src.abandon());
                             return;
                         }
                         Routed::Failed => {
-                            counters.add_aborted(errors.len() as u64);
+                            counters.add_aborted(left);
                             counters.add_drained(src.abandon());
-                            // Send what is held, then finish like at the end
-                            // of input: the writer drains the buffer.
+                            // Send what came before the overflow, ending with
+                            // its error, then finish like at the end of
+                            // input: the writer drains the buffer.
                             if !deliver(&tx, out, &counters, &mut aborted).await {
                                 return;
                             }
@@ -753,23 +861,31 @@ impl<R: Send + 'static> Router<R> {
         Poll::Pending
     }
 
-    /// Turns each error into a record and queues it by the overflow policy.
-    /// Errors that cannot be routed become error items in `out`.
+    /// Moves the chunk's values to `out` in order and turns each error
+    /// into a record queued by the overflow policy. Errors that cannot be
+    /// routed become error items in `out`, in the failed item's place. On
+    /// a stop or an overflow failure, what follows stays in `values` and
+    /// `errors`.
     async fn route<T>(
         &mut self,
-        queue: &mpsc::Sender<DeadLetter<R>>,
-        errors: &mut impl Iterator<Item = StreamError>,
+        queue: &mpsc::UnboundedSender<DeadLetter<R>>,
+        values: &mut std::vec::IntoIter<T>,
+        errors: &mut std::vec::IntoIter<(usize, StreamError)>,
         out: &mut Chunk<T>,
         mut stop: impl FnMut(&mut Context<'_>) -> bool,
     ) -> Routed {
-        for error in errors {
+        // Values moved to `out` so far.
+        let mut moved = 0;
+        for (position, error) in errors.by_ref() {
+            out.values.extend(values.by_ref().take(position - moved));
+            moved = position;
             self.sequence += 1;
             let record = DeadLetter::from_error_with(self.sequence, error, &self.items);
-            let sent = match self.overflow {
+            let permit = match self.overflow {
                 Overflow::Block => {
-                    let mut send = pin!(queue.send(record));
-                    let sent = poll_fn(|cx| {
-                        if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                    let mut acquire = pin!(self.permits.acquire());
+                    let acquired = poll_fn(|cx| {
+                        if let Poll::Ready(r) = acquire.as_mut().poll(cx) {
                             return Poll::Ready(Some(r));
                         }
                         if stop(cx) {
@@ -778,8 +894,8 @@ impl<R: Send + 'static> Router<R> {
                         Poll::Pending
                     })
                     .await;
-                    match sent {
-                        Some(r) => r.map_err(|e| e.0),
+                    match acquired {
+                        Some(r) => r.map_err(|_| TryAcquireError::Closed),
                         None => {
                             // The record in hand is discarded with the rest.
                             self.counters.add_aborted(1);
@@ -787,48 +903,51 @@ impl<R: Send + 'static> Router<R> {
                         }
                     }
                 }
-                Overflow::DropAndCount | Overflow::Fail => match queue.try_send(record) {
-                    Ok(()) => {
-                        if self.dropping > 0 {
-                            tracing::warn!(
-                                dropped = self.dropping,
-                                "dead-letter sink caught up; records were dropped and counted"
-                            );
-                            self.dropping = 0;
-                        }
-                        Ok(())
+                Overflow::DropAndCount | Overflow::Fail => self.permits.try_acquire(),
+            };
+            let sent = match permit {
+                Ok(permit) => {
+                    // The writer hands the room back once the sink answered.
+                    permit.forget();
+                    if self.dropping > 0 {
+                        tracing::warn!(
+                            dropped = self.dropping,
+                            "dead-letter sink caught up; records were dropped and counted"
+                        );
+                        self.dropping = 0;
                     }
-                    Err(mpsc::error::TrySendError::Closed(record)) => Err(record),
-                    Err(mpsc::error::TrySendError::Full(record))
-                        if self.overflow == Overflow::DropAndCount =>
-                    {
-                        // One warning per episode, not one per record.
-                        if self.dropping == 0 {
-                            tracing::warn!(
-                                sequence = record.sequence,
-                                "dead-letter sink is full; dropping and counting records until it catches up"
-                            );
-                        }
-                        self.dropping += 1;
-                        self.counters.add_dropped(1);
-                        Ok(())
-                    }
-                    Err(mpsc::error::TrySendError::Full(record)) => {
-                        tracing::error!(
+                    queue.send(record).map_err(|e| e.0)
+                }
+                Err(TryAcquireError::Closed) => Err(record),
+                Err(TryAcquireError::NoPermits) if self.overflow == Overflow::DropAndCount => {
+                    // One warning per episode, not one per record.
+                    if self.dropping == 0 {
+                        tracing::warn!(
                             sequence = record.sequence,
-                            "dead-letter sink is full; the stream fails"
+                            "dead-letter sink is full; dropping and counting records until it catches up"
                         );
-                        out.push_error(
-                            StreamError::new(ErrorKind::Failed, self.counters.name().to_string())
-                                .with_source(DlqError::Overflow {
-                                    buffered: self.buffer,
-                                })
-                                .with_item(record),
-                        );
-                        self.counters.add_failed(1);
-                        return Routed::Failed;
                     }
-                },
+                    self.dropping += 1;
+                    self.counters.add_dropped(1);
+                    Ok(())
+                }
+                Err(TryAcquireError::NoPermits) => {
+                    tracing::error!(
+                        sequence = record.sequence,
+                        "dead-letter sink is full; the stream fails"
+                    );
+                    // The last item of the stream: the values after it stay
+                    // behind (counted as aborted by the caller).
+                    out.push_error(
+                        StreamError::new(ErrorKind::Failed, self.counters.name().to_string())
+                            .with_source(DlqError::Overflow {
+                                buffered: self.buffer,
+                            })
+                            .with_item(record),
+                    );
+                    self.counters.add_failed(1);
+                    return Routed::Failed;
+                }
             };
             if let Err(record) = sent {
                 // The writer task is gone: the record travels on instead.
@@ -840,6 +959,7 @@ impl<R: Send + 'static> Router<R> {
                 self.counters.add_failed(1);
             }
         }
+        out.values.extend(values);
         Routed::Done
     }
 }
