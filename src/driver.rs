@@ -238,11 +238,6 @@ impl<T> Out<T> {
         piece.1 += values + errors;
     }
 
-    /// Output items waiting to be delivered.
-    pub(crate) fn pending(&self) -> usize {
-        self.pieces.iter().map(|(c, _)| c.len()).sum()
-    }
-
     fn is_empty(&self) -> bool {
         self.pieces.is_empty()
     }
