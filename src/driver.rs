@@ -515,3 +515,84 @@ where
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EdgeConfig;
+    use crate::pipeline::Pipeline;
+
+    /// Holds every value; panics on the value 7, after emitting what it held.
+    struct Fragile {
+        held: Vec<u32>,
+    }
+
+    impl Operator<u32, u32> for Fragile {
+        fn on_chunk(&mut self, chunk: Chunk<u32>, out: &mut Out<u32>) {
+            for item in chunk {
+                let v = item.unwrap();
+                assert!(v != 7, "operator bug");
+                self.held.push(v);
+                if self.held.len() == 3 {
+                    self.held.drain(..).for_each(|v| out.emit(v));
+                }
+            }
+        }
+
+        fn held(&self) -> u64 {
+            self.held.len() as u64
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operator_panic_keeps_the_counts_and_reaches_join() {
+        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+        let flow = pipeline.iter(0..20u32);
+        let out = spawn(flow, "fragile", None, Fragile { held: Vec::new() });
+        let items = out.collect().await;
+        // 0..=5 left in two threes; 6 was held; 7 panicked.
+        let values: Vec<u32> = items
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(values, [0, 1, 2, 3, 4, 5]);
+        let last = items.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(last.kind(), ErrorKind::Panicked);
+        let err = pipeline.join().await.unwrap_err();
+        assert!(err.to_string().contains("operator bug"), "{err}");
+        let m = pipeline.stage_metrics("fragile").unwrap();
+        assert_eq!(m.emitted, 6);
+        assert_eq!(
+            m.received,
+            m.emitted + m.failed + m.errors_passed + m.dropped + m.aborted,
+            "{m:?}"
+        );
+        assert!(m.aborted >= 2, "6 and 7 at least: {m:?}");
+    }
+
+    #[tokio::test]
+    async fn outputs_are_cut_to_max_chunk() {
+        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 3).unwrap());
+        let flow = pipeline.stream(futures::stream::iter(0..10u32));
+        struct Burst;
+        impl Operator<u32, u32> for Burst {
+            fn on_chunk(&mut self, chunk: Chunk<u32>, out: &mut Out<u32>) {
+                // Five outputs per input, counted as the one input.
+                for v in chunk.values {
+                    out.emit(v);
+                    (0..4).for_each(|_| out.emit_for(v, 0));
+                }
+            }
+        }
+        let mut out = spawn(flow, "burst", None, Burst);
+        let mut n = 0;
+        while let Some(chunk) = out.next_chunk().await {
+            assert!(chunk.len() <= 3, "{}", chunk.len());
+            n += chunk.len();
+        }
+        assert_eq!(n, 50);
+        pipeline.join().await.unwrap();
+        let m = pipeline.stage_metrics("burst").unwrap();
+        assert_eq!((m.received, m.emitted), (10, 10));
+    }
+}

@@ -144,6 +144,7 @@ impl<T: Send + 'static> Flow<T> {
             step,
             counters: counters.clone(),
             ended: false,
+            abort: pipeline.abort_token(),
         });
         (Flow::from_source(pipeline, src), counters)
     }

@@ -52,6 +52,7 @@ where
             step: Pass,
             counters: counters.clone(),
             ended: false,
+            abort: pipeline.abort_token(),
         };
         spawn_into(
             &pipeline,

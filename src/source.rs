@@ -197,6 +197,19 @@ pub(crate) struct FusedSource<In, S> {
     pub(crate) step: S,
     pub(crate) counters: Counters,
     pub(crate) ended: bool,
+    /// An abort ends the input too; then `on_end` is not called.
+    pub(crate) abort: tokio_util::sync::CancellationToken,
+}
+
+impl<In, S> FusedSource<In, S> {
+    /// Counts what the step holds as aborted (once: the step is done).
+    fn abort_held<Out>(&mut self)
+    where
+        S: Step<In, Out>,
+    {
+        let held = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step.held()));
+        self.counters.add_aborted(held.unwrap_or(0));
+    }
 }
 
 /// How many fully filtered-out chunks a fused source consumes in one poll
@@ -228,6 +241,10 @@ where
                 }
                 Poll::Ready(None) => {
                     self.ended = true;
+                    if self.abort.is_cancelled() {
+                        self.abort_held();
+                        return Poll::Ready(None);
+                    }
                     let mut out = Chunk::default();
                     run_end(&mut self.step, &mut out, &self.counters);
                     return Poll::Ready((!out.is_empty()).then_some(out));
@@ -239,7 +256,10 @@ where
     }
 
     fn abandon(&mut self) -> u64 {
-        self.ended = true;
+        if !self.ended {
+            self.ended = true;
+            self.abort_held();
+        }
         self.inner.abandon()
     }
 }

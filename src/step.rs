@@ -71,10 +71,52 @@ pub trait Step<In, Out>: Send + 'static {
         out.pass(error.take());
     }
 
-    /// Called once when the input ends, to flush any state. Not called when
-    /// the pipeline is aborted.
+    /// Called once when the input ends (also after a graceful shutdown),
+    /// to flush any state. Not called when the pipeline is aborted or the
+    /// stage's output goes away: what the step then holds is counted as
+    /// aborted (see [`held`](Step::held)).
+    ///
+    /// If it panics, what it emitted before the panic still goes on,
+    /// followed by a `panicked` error, and what it had received and not yet
+    /// emitted is counted as aborted.
     fn on_end(&mut self, out: &mut Emit<'_, Out>) {
         let _ = out;
+    }
+
+    /// How many received items the step holds to emit later (for example
+    /// in [`on_end`](Step::on_end)). The runner counts them as aborted when
+    /// the stage stops before they were emitted, so the stage's counters
+    /// stay exact. The default, zero, is right for every step that emits
+    /// for an item while it handles it.
+    ///
+    /// ```
+    /// use streamz::{Emit, Item, Step};
+    ///
+    /// /// Emits the values in reverse order at the end of the input.
+    /// struct Reverse(Vec<u32>);
+    ///
+    /// impl Step<u32, u32> for Reverse {
+    ///     fn on_item(&mut self, item: Item<'_, u32>, _out: &mut Emit<'_, u32>) {
+    ///         self.0.push(item.take());
+    ///     }
+    ///     fn on_end(&mut self, out: &mut Emit<'_, u32>) {
+    ///         while let Some(v) = self.0.pop() {
+    ///             out.emit(v);
+    ///         }
+    ///     }
+    ///     fn held(&self) -> u64 {
+    ///         self.0.len() as u64
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = streamz::iter([1, 2, 3]).step("reverse", Reverse(Vec::new())).collect().await;
+    /// let out: Vec<u32> = out.into_iter().map(Result::unwrap).collect();
+    /// assert_eq!(out, [3, 2, 1]);
+    /// # }
+    /// ```
+    fn held(&self) -> u64 {
+        0
     }
 
     /// Runs the step over a whole chunk. The built-in one-in-one-out steps
@@ -276,13 +318,17 @@ where
 }
 
 /// Calls [`Step::on_end`] with the same panic protection.
+///
+/// If `on_end` panics, what it emitted before the panic is kept and
+/// counted, a `panicked` error follows it, and what the step received and
+/// had not accounted for is counted as aborted. The error stands for no
+/// input item, so it is not counted (the conservation law stays exact).
 pub(crate) fn run_end<In, Out, S>(step: &mut S, out: &mut Chunk<Out>, counters: &Counters)
 where
     S: Step<In, Out>,
 {
     let stage = counters.name();
     let mut local = Local::default();
-    let mark = (out.values.len(), out.errors.len());
     let result = catch_unwind(AssertUnwindSafe(|| {
         step.on_end(&mut Emit {
             out,
@@ -290,15 +336,16 @@ where
             stage,
         })
     }));
+    counters.add(&local);
     if let Err(payload) = result {
-        out.truncate(mark.0, mark.1);
-        local = Local {
-            failed: 1,
-            ..Local::default()
-        };
+        // Whatever the step received and did not account for is lost with
+        // the panic: the items it held, and one it was emitting. Only this
+        // task updates these counters, so the snapshot is exact.
+        let m = counters.snapshot();
+        let accounted = m.emitted + m.failed + m.errors_passed + m.dropped + m.aborted;
+        counters.add_aborted(m.received.saturating_sub(accounted));
         out.push_error(StreamError::panicked(stage, payload));
     }
-    counters.add(&local);
 }
 
 type PanicPayload = Box<dyn std::any::Any + Send>;

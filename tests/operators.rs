@@ -342,3 +342,113 @@ async fn a_map_to_another_type_also_hands_back_panicked_items() {
     assert_eq!((m.emitted, m.failed), (297, 3));
     assert_conserved(&m);
 }
+
+/// A step that holds every value and hands them out at the end; with
+/// `panic_after`, `on_end` panics after emitting that many.
+struct Hoard {
+    held: Vec<u32>,
+    panic_after: Option<usize>,
+    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hoard {
+    fn new(panic_after: Option<usize>) -> Self {
+        Hoard {
+            held: Vec::new(),
+            panic_after,
+            ended: Default::default(),
+        }
+    }
+}
+
+impl Step<u32, u32> for Hoard {
+    fn on_item(&mut self, item: Item<'_, u32>, _out: &mut Emit<'_, u32>) {
+        self.held.push(item.take());
+    }
+
+    fn on_end(&mut self, out: &mut Emit<'_, u32>) {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut emitted = 0;
+        while let Some(v) = self.held.pop() {
+            assert!(Some(emitted) != self.panic_after, "on_end failed");
+            out.emit(v);
+            emitted += 1;
+        }
+    }
+
+    fn held(&self) -> u64 {
+        self.held.len() as u64
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_on_end_keeps_what_it_emitted_and_counts_what_it_held() {
+    let pipeline = Pipeline::new();
+    let out = pipeline
+        .iter(1..=5u32)
+        .step("hoard", Hoard::new(Some(2)))
+        .collect()
+        .await;
+    let (oks, errs) = split(out);
+    assert_eq!(oks, [5, 4], "what on_end emitted before the panic goes on");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].kind(), ErrorKind::Panicked);
+    let m = stage(&pipeline, "hoard");
+    assert_eq!((m.received, m.emitted, m.failed, m.aborted), (5, 2, 0, 3));
+    // The panic came after the third value left `held`: it is counted too.
+    assert_conserved(&m);
+}
+
+#[tokio::test]
+async fn a_stage_that_stops_early_counts_what_its_step_holds() {
+    let pipeline = Pipeline::new();
+    let (pusher, flow) = pipeline.channel::<u32>();
+    let out = flow.pipe(Stage::new("hoard", Hoard::new(None)));
+    for i in 0..10 {
+        pusher.send(i).await.unwrap();
+    }
+    // Wait until the stage has taken all ten, then drop its output.
+    while stage(&pipeline, "hoard").received < 10 {
+        tokio::task::yield_now().await;
+    }
+    drop(out);
+    tokio::time::timeout(std::time::Duration::from_secs(10), pipeline.join())
+        .await
+        .expect("the stage stops when its output is dropped")
+        .unwrap();
+    let m = stage(&pipeline, "hoard");
+    assert_eq!((m.received, m.emitted, m.aborted), (10, 0, 10));
+    assert_conserved(&m);
+}
+
+#[tokio::test]
+async fn on_end_is_not_called_on_abort() {
+    let pipeline = Pipeline::new();
+    let (pusher, flow) = pipeline.channel::<u32>();
+    let hoard = Hoard::new(None);
+    let ended = hoard.ended.clone();
+    let out = tokio::spawn(
+        flow.step("hoard", hoard)
+            .async_boundary("boundary")
+            .collect(),
+    );
+    for i in 0..4 {
+        pusher.send(i).await.unwrap();
+    }
+    while stage(&pipeline, "hoard").received < 4 {
+        tokio::task::yield_now().await;
+    }
+    pipeline.abort();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), out)
+        .await
+        .expect("an abort ends the flow")
+        .unwrap();
+    assert!(out.is_empty());
+    assert!(
+        !ended.load(std::sync::atomic::Ordering::SeqCst),
+        "on_end ran after an abort"
+    );
+    let m = stage(&pipeline, "hoard");
+    assert_eq!((m.received, m.aborted), (4, 4));
+    assert_conserved(&m);
+}
