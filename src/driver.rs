@@ -120,16 +120,18 @@ pub(crate) trait Operator<In, O>: Send + 'static {
 /// Where an operator puts what leaves it: output items cut into chunks of at
 /// most `max_chunk`, and the counts that go with them.
 pub(crate) struct Out<T> {
-    pieces: VecDeque<(Chunk<T>, u64)>,
+    /// Per output ("lane"): chunks waiting, each with the input items it
+    /// stands for. Most operators have one lane.
+    lanes: Vec<VecDeque<(Chunk<T>, u64)>>,
     max_chunk: usize,
     local: Local,
     stage: Arc<str>,
 }
 
 impl<T> Out<T> {
-    fn new(max_chunk: usize, stage: Arc<str>) -> Self {
+    fn new(lanes: usize, max_chunk: usize, stage: Arc<str>) -> Self {
         Out {
-            pieces: VecDeque::new(),
+            lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
             max_chunk,
             local: Local::default(),
             stage,
@@ -141,16 +143,13 @@ impl<T> Out<T> {
         &self.stage
     }
 
-    /// The piece being filled, with room for one more item.
-    fn room(&mut self) -> &mut (Chunk<T>, u64) {
-        if self
-            .pieces
-            .back()
-            .is_none_or(|(c, _)| c.len() >= self.max_chunk)
-        {
-            self.pieces.push_back((Chunk::default(), 0));
+    /// The piece of `lane` being filled, with room for one more item.
+    fn room(&mut self, lane: usize) -> &mut (Chunk<T>, u64) {
+        let pieces = &mut self.lanes[lane];
+        if pieces.back().is_none_or(|(c, _)| c.len() >= self.max_chunk) {
+            pieces.push_back((Chunk::default(), 0));
         }
-        self.pieces.back_mut().expect("just ensured")
+        pieces.back_mut().expect("just ensured")
     }
 
     /// Emits a value that stands for one input item.
@@ -158,10 +157,34 @@ impl<T> Out<T> {
         self.emit_for(value, 1);
     }
 
+    /// Emits a value on output `lane` (of an operator with several).
+    pub(crate) fn emit_to(&mut self, lane: usize, value: T) {
+        self.local.emitted += 1;
+        let piece = self.room(lane);
+        piece.0.values.push(value);
+        piece.1 += 1;
+    }
+
+    /// Passes an upstream error on unchanged, on output `lane`.
+    pub(crate) fn pass_to(&mut self, lane: usize, error: StreamError) {
+        self.local.errors_passed += 1;
+        let piece = self.room(lane);
+        piece.0.push_error(error);
+        piece.1 += 1;
+    }
+
+    /// Sends an error this stage made from an input item on output `lane`.
+    pub(crate) fn fail_to(&mut self, lane: usize, error: StreamError) {
+        self.local.failed += 1;
+        let piece = self.room(lane);
+        piece.0.push_error(error);
+        piece.1 += 1;
+    }
+
     /// Emits a value that stands for `inputs` input items (a batch).
     pub(crate) fn emit_for(&mut self, value: T, inputs: u64) {
         self.local.emitted += inputs;
-        let piece = self.room();
+        let piece = self.room(0);
         piece.0.values.push(value);
         piece.1 += inputs;
     }
@@ -173,9 +196,9 @@ impl<T> Out<T> {
             return;
         }
         let n = values.len() as u64;
-        if self.pieces.is_empty() && values.len() <= self.max_chunk {
+        if self.lanes[0].is_empty() && values.len() <= self.max_chunk {
             self.local.emitted += n;
-            self.pieces.push_back((Chunk::from_values(values), n));
+            self.lanes[0].push_back((Chunk::from_values(values), n));
             return;
         }
         values.into_iter().for_each(|v| self.emit(v));
@@ -184,11 +207,11 @@ impl<T> Out<T> {
     /// Forwards a chunk unchanged (values emitted, errors passed): a chunk
     /// that fits an empty output moves over without copying.
     pub(crate) fn forward(&mut self, chunk: Chunk<T>) {
-        if self.pieces.is_empty() && chunk.len() <= self.max_chunk {
+        if self.lanes[0].is_empty() && chunk.len() <= self.max_chunk {
             self.local.emitted += chunk.values.len() as u64;
             self.local.errors_passed += chunk.errors.len() as u64;
             let n = chunk.len() as u64;
-            self.pieces.push_back((chunk, n));
+            self.lanes[0].push_back((chunk, n));
             return;
         }
         chunk.into_iter().for_each(|item| self.push(item));
@@ -216,7 +239,7 @@ impl<T> Out<T> {
 
     /// Sends an error standing for `inputs` items (errors of a window).
     pub(crate) fn push_error(&mut self, error: StreamError, inputs: u64) {
-        let piece = self.room();
+        let piece = self.room(0);
         piece.0.push_error(error);
         piece.1 += inputs;
     }
@@ -233,13 +256,21 @@ impl<T> Out<T> {
     pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64) {
         self.local.emitted += values;
         self.local.errors_passed += errors;
-        let piece = self.room();
+        let piece = self.room(0);
         piece.0.values.push(value);
         piece.1 += values + errors;
     }
 
     fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
+        self.lanes.iter().all(VecDeque::is_empty)
+    }
+
+    /// Takes every piece out, with its lane.
+    fn drain(&mut self) -> impl Iterator<Item = (usize, Chunk<T>, u64)> + '_ {
+        self.lanes
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(lane, pieces)| pieces.drain(..).map(move |(c, n)| (lane, c, n)))
     }
 }
 
@@ -257,25 +288,48 @@ where
     O: Send + 'static,
     Op: Operator<In, O>,
 {
+    spawn_fan_out(input, name, 1, edge, op)
+        .pop()
+        .expect("one output")
+}
+
+/// [`spawn`] for an operator with `outputs` outputs (lanes of [`Out`]),
+/// each on its own channel. The stage stops early when every output is
+/// gone; an output that goes away alone counts what was meant for it as
+/// undelivered.
+pub(crate) fn spawn_fan_out<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    outputs: usize,
+    edge: Option<EdgeConfig>,
+    op: Op,
+) -> Vec<Flow<O>>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
     let pipeline = input.pipeline().clone();
     let edge = edge.unwrap_or(pipeline.edge());
     let counters = pipeline.register(name);
-    let (tx, rx) = chunk_channel(edge);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..outputs).map(|_| chunk_channel(edge)).unzip();
     let io = Io {
         src: input.into_source(),
-        tx,
+        txs,
         abort: pipeline.abort_token(),
         shutdown: pipeline.shutdown_token(),
         counters: counters.clone(),
         max_chunk: edge.max_chunk(),
     };
     pipeline.spawn(counters.name().clone(), run(op, io));
-    Flow::from_source(pipeline, Box::new(rx))
+    rxs.into_iter()
+        .map(|rx| Flow::from_source(pipeline.clone(), Box::new(rx)))
+        .collect()
 }
 
 struct Io<In, O> {
     src: BoxSource<In>,
-    tx: ChunkTx<O>,
+    txs: Vec<ChunkTx<O>>,
     abort: CancellationToken,
     shutdown: CancellationToken,
     counters: Counters,
@@ -315,17 +369,17 @@ where
 {
     let Io {
         mut src,
-        tx,
+        txs,
         abort,
         shutdown,
         counters,
         max_chunk,
     } = io;
-    let mut out = Out::new(max_chunk, counters.name().clone());
+    let mut out = Out::new(txs.len(), max_chunk, counters.name().clone());
     let mut tally = Tally::default();
     let mut timer = Timer::new();
     let mut aborted = pin!(abort.cancelled());
-    let mut closed = pin!(tx.closed());
+    let mut closed = pin!(futures::future::join_all(txs.iter().map(ChunkTx::closed)));
     let mut shutdown_seen = false;
     let mut shutting = pin!(shutdown.cancelled());
     let mut input_open = true;
@@ -333,7 +387,7 @@ where
     let stop = loop {
         // Deliver what is pending, keeping the operator's work going.
         if !out.is_empty() {
-            let delivered = deliver(&mut op, &mut out, &tx, aborted.as_mut(), &counters).await;
+            let delivered = deliver(&mut op, &mut out, &txs, aborted.as_mut(), &counters).await;
             flush(&mut out, &counters, &mut tally);
             match delivered {
                 Ok(true) => {}
@@ -431,7 +485,7 @@ where
 
     // The stop epilogue: every item is accounted for exactly once.
     flush(&mut out, &counters, &mut tally);
-    let undelivered: u64 = out.pieces.drain(..).map(|(_, n)| n).sum();
+    let undelivered: u64 = out.drain().map(|(_, _, n)| n).sum();
     counters.add_undelivered(undelivered);
     match stop {
         Stop::Early => counters.add_aborted(op.held()),
@@ -447,7 +501,10 @@ where
                 ));
             let mut chunk = Chunk::default();
             chunk.push_error(error);
-            let _ = tx.send_now(chunk);
+            // To the first output still read.
+            if let Some(tx) = txs.iter().find(|tx| !tx.is_closed()) {
+                let _ = tx.send_now(chunk);
+            }
             resume_unwind(payload);
         }
     }
@@ -468,48 +525,57 @@ fn flush<T>(out: &mut Out<T>, counters: &Counters, tally: &mut Tally) {
 }
 
 /// Sends every pending piece, polling the operator's work while a send
-/// waits for room. `Ok(false)`: the stage must stop (abort, or the output
-/// is gone); the pieces not sent stay in `out`.
+/// waits for room. A piece for an output that is gone is counted as
+/// undelivered. `Ok(false)`: the stage must stop (abort); the pieces not
+/// sent stay in `out`.
 async fn deliver<In, O, Op>(
     op: &mut Op,
     out: &mut Out<O>,
-    tx: &ChunkTx<O>,
+    txs: &[ChunkTx<O>],
     mut aborted: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     counters: &Counters,
 ) -> Result<bool, Box<dyn std::any::Any + Send>>
 where
     Op: Operator<In, O>,
 {
-    while let Some((chunk, units)) = out.pieces.pop_front() {
-        let mut send = pin!(tx.send(chunk));
-        let mut panic = None;
-        let sent = poll_fn(|cx| {
-            if aborted.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
+    for (lane, tx) in txs.iter().enumerate() {
+        while let Some((chunk, units)) = out.lanes[lane].pop_front() {
+            if tx.is_closed() {
+                counters.add_undelivered(units);
+                continue;
             }
-            if let Poll::Ready(r) = send.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            // Keep the operator's calls running while downstream is full.
-            match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, out))) {
-                Ok(Poll::Ready(())) => cx.waker().wake_by_ref(),
-                Ok(Poll::Pending) => {}
-                Err(payload) => {
-                    panic = Some(payload);
+            let mut send = pin!(tx.send(chunk));
+            let mut panic = None;
+            let sent = poll_fn(|cx| {
+                if aborted.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
-            }
-            Poll::Pending
-        })
-        .await;
-        match sent {
-            Some(Ok(())) => {}
-            Some(Err(_)) | None => {
-                counters.add_undelivered(units);
-                return match panic {
-                    Some(payload) => Err(payload),
-                    None => Ok(false),
-                };
+                if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                // Keep the operator's calls running while downstream is full.
+                match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, out))) {
+                    Ok(Poll::Ready(())) => cx.waker().wake_by_ref(),
+                    Ok(Poll::Pending) => {}
+                    Err(payload) => {
+                        panic = Some(payload);
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match sent {
+                Some(Ok(())) => {}
+                // That output went away while waiting for room.
+                Some(Err(_)) => counters.add_undelivered(units),
+                None => {
+                    counters.add_undelivered(units);
+                    return match panic {
+                        Some(payload) => Err(payload),
+                        None => Ok(false),
+                    };
+                }
             }
         }
     }

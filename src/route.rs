@@ -1,21 +1,12 @@
 //! The task behind [`Partition`](crate::Partition) and
 //! [`Switch`](crate::Switch): each value to one output of several.
 
-use std::any::Any;
-use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::pin;
-use std::task::Context;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::channel::{ChunkTx, chunk_channel};
 use crate::chunk::Chunk;
-use crate::counters::{Counters, Local};
+use crate::driver::{self, Operator, Out};
 use crate::error::{BoxError, StreamError};
 use crate::flow::Flow;
-use crate::source::BoxSource;
-use crate::stage::{receive_or_stop, send_or_stop};
 
 /// Where one value goes.
 pub(crate) enum Pick {
@@ -28,8 +19,8 @@ pub(crate) enum Pick {
     Failed(BoxError),
 }
 
-/// Spawns the router task for `input` into `n` new outputs; errors (from
-/// upstream, and of the choice) go to output `errors_to`.
+/// Spawns the router: `n` outputs, errors (from upstream and made here) to
+/// output `errors_to`, each value where `pick` says.
 pub(crate) fn spawn_router<T, P>(
     input: Flow<T>,
     name: &str,
@@ -41,113 +32,41 @@ where
     T: Send + 'static,
     P: FnMut(&T) -> Pick + Send + 'static,
 {
-    let pipeline = input.pipeline().clone();
-    let edge = pipeline.edge();
-    let counters = pipeline.register(name);
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| chunk_channel(edge)).unzip();
-    let task = run(
-        input.into_source(),
-        txs,
-        errors_to,
-        pipeline.abort_token(),
-        counters.clone(),
-        pick,
-    );
-    pipeline.spawn(counters.name().clone(), task);
-    rxs.into_iter()
-        .map(|rx| Flow::from_source(pipeline.clone(), Box::new(rx)))
-        .collect()
+    driver::spawn_fan_out(input, name, n, None, Router { pick, errors_to })
 }
 
-async fn run<T, P>(
-    mut src: BoxSource<T>,
-    outputs: Vec<ChunkTx<T>>,
+struct Router<P> {
+    pick: P,
     errors_to: usize,
-    abort: CancellationToken,
-    counters: Counters,
-    mut pick: P,
-) where
+}
+
+impl<T, P> Operator<T, T> for Router<P>
+where
     T: Send + 'static,
     P: FnMut(&T) -> Pick + Send + 'static,
 {
-    let mut aborted = pin!(abort.cancelled());
-    let mut all_closed = pin!(futures::future::join_all(
-        outputs.iter().map(ChunkTx::closed)
-    ));
-    loop {
-        let stop = |cx: &mut Context<'_>| {
-            aborted.as_mut().poll(cx).is_ready() || all_closed.as_mut().poll(cx).is_ready()
-        };
-        let Some(chunk) = receive_or_stop(&mut src, &abort, &counters, stop).await else {
-            return;
-        };
-        let mut local = Local {
-            received: chunk.len() as u64,
-            ..Local::default()
-        };
-        let mut pieces: Vec<Chunk<T>> = (0..outputs.len())
-            .map(|_| Chunk::with_capacity(0))
-            .collect();
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
         for item in chunk {
             let value = match item {
                 Ok(v) => v,
                 Err(e) => {
-                    local.errors_passed += 1;
-                    pieces[errors_to].push_error(e);
+                    out.pass_to(self.errors_to, e);
                     continue;
                 }
             };
-            let picked: Result<Pick, Box<dyn Any + Send>> =
-                catch_unwind(AssertUnwindSafe(|| pick(&value)));
-            match picked {
+            let error = match catch_unwind(AssertUnwindSafe(|| (self.pick)(&value))) {
                 Ok(Pick::To(i)) => {
-                    local.emitted += 1;
-                    pieces[i].values.push(value);
+                    out.emit_to(i, value);
+                    continue;
                 }
-                Ok(Pick::Unrouted) => local.dropped += 1,
-                Ok(Pick::Failed(why)) => {
-                    local.failed += 1;
-                    let err =
-                        StreamError::failed(counters.name().to_string(), why).with_item(value);
-                    pieces[errors_to].push_error(err);
+                Ok(Pick::Unrouted) => {
+                    out.drop(value);
+                    continue;
                 }
-                Err(payload) => {
-                    local.failed += 1;
-                    let err = StreamError::panicked(counters.name(), payload).with_item(value);
-                    pieces[errors_to].push_error(err);
-                }
-            }
-        }
-        counters.add(&local);
-        let mut parts = outputs.iter().zip(pieces);
-        while let Some((tx, piece)) = parts.next() {
-            if piece.is_empty() {
-                continue;
-            }
-            let len = piece.len() as u64;
-            if tx.is_closed() {
-                // Nobody reads that output any more: produced, counted,
-                // not delivered.
-                counters.add_undelivered(len);
-                continue;
-            }
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            match send_or_stop(tx, piece, stop).await {
-                Some(Ok(())) => {}
-                Some(Err(_)) => counters.add_undelivered(len),
-                None => {
-                    // Aborted: this part and the parts for the outputs
-                    // after it were produced and not delivered.
-                    let rest: u64 = parts.map(|(_, p)| p.len() as u64).sum();
-                    counters.add_undelivered(len + rest);
-                    counters.add_drained(src.abandon());
-                    return;
-                }
-            }
-        }
-        if outputs.iter().all(ChunkTx::is_closed) {
-            counters.add_drained(src.abandon());
-            return;
+                Ok(Pick::Failed(why)) => StreamError::failed(out.stage().to_string(), why),
+                Err(payload) => StreamError::panicked(out.stage(), payload),
+            };
+            out.fail_to(self.errors_to, error.with_item(value));
         }
     }
 }

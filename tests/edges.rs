@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use streamz::{
-    Batcher, Debounce, EdgeConfig, Flow, HealthGate, Pipeline, Session, Sliding, StageMetrics,
-    Take, Throttle, Tumbling, Unbatch,
+    Batcher, Debounce, EdgeConfig, Flow, HealthGate, Partition, Pipeline, Session, Sliding,
+    StageMetrics, Take, Throttle, Tumbling, Unbatch,
 };
 
 /// The edge every case runs on: chunks of at most 4 items.
@@ -68,33 +68,51 @@ fn input() -> Flow<u64> {
 
 /// Drains `flow` the way `end` says and reports on the stage named `op`.
 fn drive<U: Send + 'static>(flow: Flow<U>, end: End) -> Run {
+    drive_all(vec![flow], end, "op")
+}
+
+/// Drains every output of a stage named `stage` at once, each the way
+/// `end` says (the first output's first chunk triggers a shutdown or
+/// abort; a dropped output is dropped after its own first chunk).
+fn drive_all<U: Send + 'static>(flows: Vec<Flow<U>>, end: End, stage: &'static str) -> Run {
     Box::pin(async move {
-        let pipeline = flow.pipeline().clone();
-        let mut flow = Some(flow);
-        let mut largest = 0;
-        let mut first = true;
-        while let Some(chunk) = match flow.as_mut() {
-            Some(f) => f.next_chunk().await,
-            None => None,
-        } {
-            largest = largest.max(chunk.len());
-            if first {
-                first = false;
-                match end {
-                    End::Complete => {}
-                    End::Shutdown => pipeline.shutdown(),
-                    End::Abort => pipeline.abort(),
-                    End::DropOutput => flow = None,
+        let pipeline = flows[0].pipeline().clone();
+        let drains = flows.into_iter().enumerate().map(|(i, flow)| {
+            let pipeline = pipeline.clone();
+            async move {
+                let mut flow = Some(flow);
+                let mut largest = 0;
+                let mut first = true;
+                while let Some(chunk) = match flow.as_mut() {
+                    Some(f) => f.next_chunk().await,
+                    None => None,
+                } {
+                    largest = largest.max(chunk.len());
+                    if first {
+                        first = false;
+                        match end {
+                            End::Complete => {}
+                            End::Shutdown if i == 0 => pipeline.shutdown(),
+                            End::Abort if i == 0 => pipeline.abort(),
+                            End::Shutdown | End::Abort => {}
+                            End::DropOutput => flow = None,
+                        }
+                    }
                 }
+                largest
             }
-        }
-        drop(flow);
+        });
+        let largest = futures::future::join_all(drains)
+            .await
+            .into_iter()
+            .max()
+            .unwrap_or(0);
         // An operator task that panicked on purpose is reported here; the
         // counts are what this test checks.
         let _ = pipeline.join().await;
         Report {
             largest_chunk: largest,
-            stage: support::stage(&pipeline, "op"),
+            stage: support::stage(&pipeline, stage),
         }
     })
 }
@@ -294,6 +312,35 @@ fn cases() -> Vec<Case> {
                 drive(
                     input().pipe(Session::new(Duration::MAX).unwrap().named("op")),
                     e,
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "partition, round robin",
+            run: |e| {
+                drive_all(
+                    input().partition(Partition::round_robin(3).unwrap()),
+                    e,
+                    "partition",
+                )
+            },
+            drops_on_shutdown: false,
+        },
+        Case {
+            name: "partition, panicking chooser",
+            run: |e| {
+                let choose = |x: &u64| {
+                    if *x == 50 {
+                        panic!("choose")
+                    } else {
+                        (*x % 2) as usize
+                    }
+                };
+                drive_all(
+                    input().partition(Partition::custom(2, choose).unwrap()),
+                    e,
+                    "partition",
                 )
             },
             drops_on_shutdown: false,
