@@ -205,3 +205,41 @@ async fn the_output_edge_holds_about_as_many_values_as_the_pipelines_edges() {
     assert!(accepted >= 200, "{accepted} values buffered");
     drop(out);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_value_that_would_exceed_the_weight_closes_the_batch_first() {
+    let out = streamz::iter([1u64, 2, 3, 9, 1])
+        .pipe(
+            Batcher::try_new(100, Duration::from_secs(1))
+                .unwrap()
+                .with_weight(5, |w: &u64| *w)
+                .unwrap(),
+        )
+        .collect()
+        .await;
+    let (batches, _) = split(out);
+    // 1+2 = 3; 3 more would make 6 > 5: [1, 2] closes first. 9 is heavier
+    // than the limit on its own: a batch alone.
+    assert_eq!(batches, [vec![1, 2], vec![3], vec![9], vec![1]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_size_and_no_time_limit_batch_everything_until_the_end() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let out = tokio::spawn(
+        flow.pipe(Batcher::try_new(usize::MAX, Duration::MAX).unwrap())
+            .collect(),
+    );
+    for i in 0..1000 {
+        tx.send(i).await.unwrap();
+    }
+    // A century passes: Duration::MAX never fires, nothing panics.
+    tokio::time::sleep(Duration::from_secs(86_400 * 365 * 100)).await;
+    assert!(!out.is_finished());
+    drop(tx);
+    let (batches, _) = split(out.await.unwrap());
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].len(), 1000);
+    assert!(batches[0].capacity() < 1 << 20, "no usize::MAX reservation");
+}

@@ -421,3 +421,94 @@ async fn a_change_signal_that_panics_leaves_the_gate_polling() {
     drop(tx);
     assert_eq!(out.await.unwrap().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_shutdown_releases_what_waits_at_a_closed_gate_as_errors() {
+    let pipeline = Pipeline::new();
+    let gate = HealthGate::new(down()).with_interval(TICK).unwrap();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let out = tokio::spawn(flow.pipe(gate).collect());
+    for i in 0..5 {
+        tx.send(i).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!out.is_finished(), "closed: nothing passes");
+    pipeline.shutdown();
+    let out = tokio::time::timeout(Duration::from_secs(3600), out)
+        .await
+        .expect("a shutdown ends a closed gate")
+        .unwrap();
+    let (values, errors) = split(out);
+    assert!(values.is_empty());
+    assert_eq!(errors.len(), 5);
+    for (i, mut e) in errors.into_iter().enumerate() {
+        assert_eq!(e.kind(), ErrorKind::GateClosed);
+        let source = e.cause().unwrap().downcast_ref::<GateError>().unwrap();
+        assert!(
+            matches!(source, GateError::ShutDownWhileClosed { reason } if reason == "database unreachable"),
+            "{source:?}"
+        );
+        assert_eq!(e.take_item::<u32>(), Some(i as u32), "the item rides along");
+    }
+    tokio::time::timeout(Duration::from_secs(3600), pipeline.join())
+        .await
+        .expect("every task ends")
+        .unwrap();
+    let m = stage(&pipeline, "health_gate");
+    assert_eq!((m.received, m.failed, m.aborted), (5, 5, 0));
+    assert_conserved(&m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn checks_keep_their_cadence_when_a_check_is_slow() {
+    let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = started.clone();
+    let t0 = Instant::now();
+    // Each check takes 300 ms of a 1 s interval.
+    let check = streamz::health_fn(move || {
+        log.lock().unwrap().push(Instant::now() - t0);
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            true
+        }
+    });
+    let gate = HealthGate::new(check)
+        .with_interval(Duration::from_secs(1))
+        .unwrap();
+    let (tx, flow) = Pipeline::new().channel::<u32>();
+    let out = tokio::spawn(flow.pipe(gate).collect());
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    drop(tx);
+    out.await.unwrap();
+    let secs: Vec<u64> = started
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_millis() as u64)
+        .collect();
+    // Every interval from the first check, not every interval after the
+    // previous one finished (which would be 0, 1300, 2600, 3900).
+    assert_eq!(secs, [0, 1000, 2000, 3000, 4000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn duration_max_settings_mean_never() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(AtomicBool::new(true));
+    let gate = HealthGate::new(switch(&up, &calls))
+        .with_interval(Duration::MAX)
+        .unwrap()
+        .with_check_timeout(Duration::MAX)
+        .unwrap()
+        .when_closed_longer_than(Duration::MAX, ClosedPolicy::Fail)
+        .unwrap();
+    let pipeline = Pipeline::new();
+    let out = tokio::spawn(pipeline.iter(0..100u32).pipe(gate).collect());
+    let out = tokio::time::timeout(Duration::from_secs(3600), out)
+        .await
+        .expect("the first check opens the gate; the pipeline ends")
+        .unwrap();
+    assert_eq!(out.len(), 100);
+    // One check at the start, none scheduled after it.
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
