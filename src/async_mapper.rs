@@ -31,7 +31,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use futures::future::{Fuse, FusedFuture, FutureExt};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::chunk::{Chunk, IntoIter as ChunkIter};
 use crate::config::{ConfigError, EdgeConfig};
@@ -41,6 +42,7 @@ use crate::flow::Flow;
 use crate::processor::Processor;
 use crate::retry::Retry;
 use crate::stage::{TaskIo, spawn_operator};
+use crate::time;
 
 type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
 
@@ -104,6 +106,20 @@ pub enum TimeoutError {
 /// [`TimeoutError`] source for a timeout, [`Panicked`](ErrorKind::Panicked)
 /// if the function or its future panicked (never retried).
 ///
+/// # Shutdown
+///
+/// A graceful [`shutdown`](crate::Pipeline::shutdown) of the pipeline
+/// stops retries, not work in flight. Attempts already running finish
+/// normally, and items still arriving from upstream get their first
+/// attempt (they drain like any accepted item), but no retry starts after
+/// the shutdown: an item waiting its backoff ends at once, and an attempt
+/// that fails afterwards is final. Such an item ends as if its retries
+/// were exhausted: an error of its last failure's kind carrying the item,
+/// its attempt count and that failure as the source, counted as `failed`.
+/// So a mapper with many (or effectively unlimited) attempts always lets
+/// the pipeline end. An [`abort`](crate::Pipeline::abort) drops what is
+/// held instead (counted as `aborted`).
+///
 /// # Memory
 ///
 /// At most `concurrency` items are in flight or finished and waiting for
@@ -113,7 +129,8 @@ pub enum TimeoutError {
 /// # Counters
 ///
 /// `received`, `emitted`, `failed` (final failures), `errors_passed`,
-/// `retries` (attempts scheduled again) and `timeouts` (attempts that ran
+/// `retries` (attempts made again: a retry that shutdown or an abort
+/// cancels during its backoff is not counted) and `timeouts` (attempts that ran
 /// out of time); `aborted` counts the items held when the pipeline aborts.
 ///
 /// # Examples
@@ -215,14 +232,27 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// attempt starts; an attempt that takes longer is cancelled (its future
     /// dropped) and counts as a [`TimedOut`](ErrorKind::TimedOut) failure.
     ///
+    /// `Duration::MAX` means no limit (the default), as does any limit that
+    /// would end beyond what the clock can represent.
+    ///
     /// # Errors
     ///
     /// [`ConfigError::Zero`] if `timeout` is zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::AsyncMapper;
+    ///
+    /// // No time limit: the same as not calling `with_timeout`.
+    /// let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, std::io::Error>(*x)))
+    ///     .with_timeout(Duration::MAX)?;
+    /// # Ok::<(), streamz::ConfigError>(())
+    /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
         if timeout.is_zero() {
             return Err(ConfigError::Zero { field: "timeout" });
         }
-        self.timeout = Some(timeout);
+        self.timeout = (timeout != Duration::MAX).then_some(timeout);
         Ok(self)
     }
 
@@ -295,9 +325,11 @@ where
     /// Runs the mapper with `guard` asked before every attempt.
     pub(crate) fn spawn_guarded<G: Guard>(self, input: Flow<In>, guard: G) -> Flow<Out> {
         let c = self.concurrency.get();
+        let shutdown = input.pipeline().shutdown_token();
         spawn_operator(input, &self.name, self.edge, |io| {
             let machine = Machine {
                 policy: Policy {
+                    shutdown: Shutdown::new(shutdown),
                     rng: self.retry.rng(),
                     f: self.f,
                     guard,
@@ -380,15 +412,16 @@ enum Outcome<Out> {
 }
 
 /// One unit of concurrency, reused item after item.
-struct Slot<In, Out, Fut, T> {
+struct Slot<In, Out, E, Fut, T> {
     item: Option<In>,
+    /// While the slot waits its backoff: the failure it retries, which
+    /// becomes the item's final error if shutdown ends the wait.
+    last: Option<Failure<E>>,
     /// The guard's token for the running attempt.
     token: Option<T>,
     fut: Pin<Box<Option<Fut>>>,
     /// The running attempt's time limit, or the backoff.
-    timer: Pin<Box<Sleep>>,
-    /// Whether the running attempt has a time limit.
-    timed: bool,
+    timer: time::Timer,
     attempts: u32,
     first_start: Option<Instant>,
     /// When the item's first attempt failed, by the wall clock (for the
@@ -397,14 +430,14 @@ struct Slot<In, Out, Fut, T> {
     phase: Phase<Out>,
 }
 
-impl<In, Out, Fut, T> Slot<In, Out, Fut, T> {
+impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
     fn new() -> Self {
         Slot {
             item: None,
+            last: None,
             token: None,
             fut: Box::pin(None),
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            timed: false,
+            timer: time::Timer::new(),
             attempts: 0,
             first_start: None,
             first_failure: None,
@@ -422,12 +455,49 @@ impl<In, Out, Fut, T> Slot<In, Out, Fut, T> {
 struct Policy<F, E, G> {
     f: F,
     guard: G,
+    shutdown: Shutdown,
     timeout: Option<Duration>,
     retry: Retry,
     retryable: Option<Predicate<E>>,
     rng: fastrand::Rng,
     stage: Arc<str>,
     local: Local,
+}
+
+/// The pipeline's graceful shutdown as retries see it. It is looked at
+/// only where a retry is scheduled or waits its backoff, never per item:
+/// the token's check takes a lock.
+struct Shutdown {
+    token: CancellationToken,
+    /// Polled only while a slot waits its backoff (allocated once).
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    seen: bool,
+}
+
+impl Shutdown {
+    fn new(token: CancellationToken) -> Self {
+        Shutdown {
+            wait: Box::pin(token.clone().cancelled_owned()),
+            token,
+            seen: false,
+        }
+    }
+
+    /// Whether shutdown was requested.
+    fn requested(&mut self) -> bool {
+        if !self.seen {
+            self.seen = self.token.is_cancelled();
+        }
+        self.seen
+    }
+
+    /// Whether shutdown was requested; if not, `cx` is woken when it is.
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.seen {
+            self.seen = self.wait.as_mut().poll(cx).is_ready();
+        }
+        self.seen
+    }
 }
 
 /// Why an attempt failed.
@@ -442,7 +512,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     }
 
     /// Starts the next attempt of the slot's item.
-    fn start<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut, G::Token>)
+    fn start<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, E, Fut, G::Token>)
     where
         In: Send + 'static,
         F: Fn(&In) -> Fut,
@@ -464,27 +534,20 @@ impl<F, E, G: Guard> Policy<F, E, G> {
             }
         }
         slot.phase = Phase::Running;
-        slot.timed = false;
         if self.timeout.is_none() && self.retry.deadline.is_none() {
+            slot.timer.set(None);
             return;
         }
         let now = Instant::now();
         let first = *slot.first_start.get_or_insert(now);
-        let limit = [
-            self.timeout.map(|t| now + t),
-            self.retry.deadline.map(|d| first + d),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        if let Some(at) = limit {
-            slot.timer.as_mut().reset(at);
-            slot.timed = true;
-        }
+        slot.timer.set(time::earliest(
+            self.timeout.and_then(|t| time::after(now, t)),
+            self.retry.deadline.and_then(|d| time::after(first, d)),
+        ));
     }
 
     /// Ends the item with a failure of this stage.
-    fn fail<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut, G::Token>, err: StreamError)
+    fn fail<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, E, Fut, G::Token>, err: StreamError)
     where
         In: Send + 'static,
     {
@@ -499,8 +562,11 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     }
 
     /// An attempt failed: retry after a backoff, or give up.
-    fn failed<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, Fut, G::Token>, failure: Failure<E>)
-    where
+    fn failed<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        failure: Failure<E>,
+    ) where
         In: Send + 'static,
         E: Into<BoxError>,
     {
@@ -520,19 +586,45 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         };
         if retryable && slot.attempts < self.retry.max_attempts.get() {
             slot.first_failure.get_or_insert_with(SystemTime::now);
-            let now = Instant::now();
-            let at = now + self.retry.delay(slot.attempts, &mut self.rng);
-            let in_time = match (self.retry.deadline, slot.first_start) {
-                (Some(d), Some(first)) => at < first + d,
-                _ => true,
-            };
-            if in_time {
-                self.local.retries += 1;
-                slot.timer.as_mut().reset(at);
-                slot.phase = Phase::Backoff;
-                return;
+            // No retry is scheduled after shutdown (checked here, on the
+            // retry path only).
+            if !self.shutdown.requested() {
+                if let Some(at) = self.retry_at(slot) {
+                    slot.timer.set(Some(at));
+                    slot.last = Some(failure);
+                    slot.phase = Phase::Backoff;
+                    return;
+                }
             }
         }
+        self.give_up(slot, failure);
+    }
+
+    /// When the slot's next attempt starts, if it can: not if the delay
+    /// never ends, nor at or after the item's deadline.
+    fn retry_at<In, Out, Fut>(
+        &mut self,
+        slot: &Slot<In, Out, E, Fut, G::Token>,
+    ) -> Option<Instant> {
+        let delay = self.retry.delay(slot.attempts, &mut self.rng);
+        let at = time::after(Instant::now(), delay)?;
+        match (self.retry.deadline, slot.first_start) {
+            (Some(d), Some(first)) => time::after(first, d)
+                .is_none_or(|end| at < end)
+                .then_some(at),
+            _ => Some(at),
+        }
+    }
+
+    /// Ends the item with `failure` as its final error.
+    fn give_up<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        failure: Failure<E>,
+    ) where
+        In: Send + 'static,
+        E: Into<BoxError>,
+    {
         let err = match failure {
             Failure::Error(e) => {
                 let source: BoxError = e.into();
@@ -548,7 +640,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     /// Drives a busy slot as far as it goes; true once it is done.
     fn poll<In, Out, Fut>(
         &mut self,
-        slot: &mut Slot<In, Out, Fut, G::Token>,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
         cx: &mut Context<'_>,
     ) -> bool
     where
@@ -568,13 +660,13 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                     }));
                     match polled {
                         Ok(Poll::Pending) => {
-                            if !(slot.timed && slot.timer.as_mut().poll(cx).is_ready()) {
+                            let Poll::Ready(limit) = slot.timer.poll_due(cx) else {
                                 return false;
-                            }
+                            };
                             slot.fut.as_mut().set(None);
                             self.end_attempt(slot, None);
                             self.local.timeouts += 1;
-                            let failure = self.timeout_cause(slot);
+                            let failure = self.timeout_cause(slot, limit);
                             self.failed(slot, Failure::TimedOut(failure));
                         }
                         Ok(Poll::Ready(Ok(value))) => {
@@ -597,9 +689,19 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                     }
                 }
                 Phase::Backoff => {
-                    if slot.timer.as_mut().poll(cx).is_pending() {
+                    // Shutdown ends the wait at once (before the timer is
+                    // looked at: no attempt starts after shutdown).
+                    if self.shutdown.poll(cx) {
+                        slot.timer.set(None);
+                        let last = slot.last.take().expect("a waiting slot keeps its failure");
+                        self.give_up(slot, last);
+                        continue;
+                    }
+                    if slot.timer.poll_due(cx).is_pending() {
                         return false;
                     }
+                    slot.last = None;
+                    self.local.retries += 1;
                     self.start(slot);
                 }
                 Phase::Done(_) => return true,
@@ -613,7 +715,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     /// timeout, a panic before the call).
     fn end_attempt<In, Out, Fut>(
         &mut self,
-        slot: &mut Slot<In, Out, Fut, G::Token>,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
         ok: Option<bool>,
     ) {
         if let Some(token) = slot.token.take() {
@@ -624,11 +726,15 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         }
     }
 
-    /// Which limit cut the attempt off: the per-attempt timeout, or the
-    /// total deadline if that came first.
-    fn timeout_cause<In, Out, Fut>(&self, slot: &Slot<In, Out, Fut, G::Token>) -> TimeoutError {
+    /// Which limit cut the attempt off at `at`: the per-attempt timeout,
+    /// or the total deadline if that came first.
+    fn timeout_cause<In, Out, Fut>(
+        &self,
+        slot: &Slot<In, Out, E, Fut, G::Token>,
+        at: Instant,
+    ) -> TimeoutError {
         match (self.retry.deadline, slot.first_start) {
-            (Some(limit), Some(first)) if slot.timer.deadline() == first + limit => {
+            (Some(limit), Some(first)) if time::after(first, limit) == Some(at) => {
                 TimeoutError::Deadline { limit }
             }
             _ => TimeoutError::Attempt {
@@ -641,7 +747,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
 /// The slots and the order they leave in.
 struct Machine<In, Out, E, F, Fut, G: Guard> {
     policy: Policy<F, E, G>,
-    slots: Vec<Slot<In, Out, Fut, G::Token>>,
+    slots: Vec<Slot<In, Out, E, Fut, G::Token>>,
     free: Vec<usize>,
     /// Ordered mode: occupied slots in arrival order.
     order: VecDeque<usize>,
@@ -749,6 +855,8 @@ where
             slot.fut.as_mut().set(None);
             self.policy.end_attempt(slot, None);
             slot.item = None;
+            slot.last = None;
+            slot.timer.set(None);
             slot.phase = Phase::Free;
         }
         held

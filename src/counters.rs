@@ -59,8 +59,9 @@ pub struct StageMetrics {
     /// Outputs the stage produced (counted in `emitted`, `failed` or
     /// `errors_passed`) that it could not deliver because it stopped early.
     pub undelivered: u64,
-    /// Attempts scheduled again after a retryable failure (an
-    /// [`AsyncMapper`](crate::AsyncMapper) with a retry policy).
+    /// Attempts made again after a retryable failure (an
+    /// [`AsyncMapper`](crate::AsyncMapper) with a retry policy); a retry
+    /// cancelled during its backoff (shutdown, abort) is not one.
     pub retries: u64,
     /// Attempts that ran out of time (an
     /// [`AsyncMapper`](crate::AsyncMapper) timeout or retry deadline).

@@ -35,6 +35,23 @@ pub enum Jitter {
 /// deadline passes is cut off (a [`TimedOut`](crate::ErrorKind::TimedOut)
 /// failure).
 ///
+/// # No limit
+///
+/// `Duration::MAX` means "never" and the arithmetic saturates, so no value
+/// panics or overflows: a `max_delay` of `Duration::MAX` leaves the delays
+/// uncapped, a `deadline` of `Duration::MAX` is no deadline. A delay that
+/// never ends (a `min_delay` of `Duration::MAX`, or an uncapped delay grown
+/// past what the clock can represent) means that retry never comes: the
+/// item fails at once with its last error, as if its attempts were spent.
+///
+/// # Shutdown
+///
+/// A graceful [`shutdown`](crate::Pipeline::shutdown) ends retrying: an
+/// item waiting its backoff fails at once with its last error (its kind,
+/// the item and the attempt count, as when the attempts are spent), and no
+/// new attempt starts. Attempts already running finish first. So even
+/// `Retry::attempts(u32::MAX)` cannot keep a pipeline from ending.
+///
 /// # Default
 ///
 /// [`Retry::attempts`] sets the number of attempts; the rest defaults to a
@@ -109,6 +126,9 @@ impl Retry {
 
     /// The delay before the first retry and the cap on any delay.
     ///
+    /// `max` of `Duration::MAX` leaves the delays uncapped; `min` of
+    /// `Duration::MAX` means never retry (see [No limit](Retry#no-limit)).
+    ///
     /// # Errors
     ///
     /// [`ConfigError::Invalid`] if `min` is longer than `max`.
@@ -158,7 +178,8 @@ impl Retry {
     }
 
     /// Gives up on an item once `deadline` has passed since its first
-    /// attempt started, whatever attempts remain.
+    /// attempt started, whatever attempts remain. `Duration::MAX` means no
+    /// deadline (the default).
     ///
     /// # Errors
     ///
@@ -167,7 +188,7 @@ impl Retry {
         if deadline.is_zero() {
             return Err(ConfigError::Zero { field: "deadline" });
         }
-        self.deadline = Some(deadline);
+        self.deadline = (deadline != Duration::MAX).then_some(deadline);
         Ok(self)
     }
 
@@ -179,7 +200,8 @@ impl Retry {
     }
 
     /// The delay before retry `n` (from 1) before jitter:
-    /// `min_delay × factor^(n-1)`, capped at `max_delay`.
+    /// `min_delay × factor^(n-1)`, capped at `max_delay`; saturates at
+    /// `Duration::MAX` (never) when uncapped.
     pub fn base_delay(&self, n: u32) -> Duration {
         let exp = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
         let secs = self.min_delay.as_secs_f64() * self.factor.powi(exp);
@@ -197,10 +219,14 @@ impl Retry {
         }
     }
 
-    /// The jittered delay before retry `n`.
+    /// The jittered delay before retry `n`; `Duration::MAX` (never) stays
+    /// never whatever the jitter.
     pub(crate) fn delay(&self, n: u32, rng: &mut fastrand::Rng) -> Duration {
         let base = self.base_delay(n);
-        let nanos = u64::try_from(base.as_nanos()).unwrap_or(u64::MAX);
+        if base == Duration::MAX {
+            return base;
+        }
+        let nanos = crate::time::nanos(base);
         let nanos = match self.jitter {
             Jitter::None => nanos,
             Jitter::Full => rng.u64(0..=nanos),
@@ -248,6 +274,40 @@ mod tests {
         }
         let none = base.with_jitter(Jitter::None);
         assert_eq!(none.delay(2, &mut none.rng()), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn duration_max_saturates_and_means_never() {
+        let uncapped = Retry::attempts(u32::MAX)
+            .unwrap()
+            .with_backoff(Duration::from_secs(1), Duration::MAX)
+            .unwrap()
+            .with_factor(10.0)
+            .unwrap()
+            .with_deadline(Duration::MAX)
+            .unwrap();
+        assert_eq!(uncapped.deadline, None, "no deadline");
+        assert_eq!(uncapped.base_delay(3), Duration::from_secs(100));
+        // 10^99 s and 10^(u32::MAX) s do not fit a Duration: never.
+        assert_eq!(uncapped.base_delay(100), Duration::MAX);
+        assert_eq!(uncapped.base_delay(u32::MAX), Duration::MAX);
+        let never = Retry::attempts(3)
+            .unwrap()
+            .with_backoff(Duration::MAX, Duration::MAX)
+            .unwrap();
+        for jitter in [Jitter::None, Jitter::Full, Jitter::Equal] {
+            let r = never.clone().with_jitter(jitter);
+            assert_eq!(r.delay(1, &mut r.rng()), Duration::MAX);
+            assert_eq!(r.delay(u32::MAX, &mut r.rng()), Duration::MAX);
+        }
+        // Just below never, jitter saturates instead of overflowing.
+        let huge = Duration::new(u64::MAX, 0);
+        let r = Retry::attempts(3)
+            .unwrap()
+            .with_backoff(huge, huge)
+            .unwrap()
+            .with_jitter(Jitter::Equal);
+        assert!(r.delay(1, &mut r.rng()) >= Duration::from_nanos(u64::MAX / 2));
     }
 
     #[test]

@@ -667,3 +667,222 @@ fn concurrency_defaults_to_the_available_parallelism() {
         "ordered by default: {shown}"
     );
 }
+
+/// Fails a hang rather than hanging: `limit` on the paused clock.
+async fn within<F: std::future::Future>(limit: Duration, fut: F) -> F::Output {
+    tokio::time::timeout(limit, fut)
+        .await
+        .expect("the pipeline ended in time")
+}
+
+#[tokio::test(start_paused = true)]
+async fn duration_max_means_no_timeout_no_deadline_and_no_delay_cap() {
+    let huge = Duration::new(u64::MAX, 0); // not MAX, still past the clock
+    for (timeout, deadline) in [(Duration::MAX, Duration::MAX), (huge, huge)] {
+        let pipeline = Pipeline::new();
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let retry = Retry::attempts(3)
+            .unwrap()
+            .with_backoff(Duration::from_secs(1), Duration::MAX)
+            .unwrap()
+            .with_jitter(Jitter::None)
+            .with_deadline(deadline)
+            .unwrap();
+        let mapper = AsyncMapper::new(move |i: &u32| {
+            let (i, n) = (*i, seen.fetch_add(1, SeqCst));
+            async move {
+                sleep(Duration::from_secs(3600)).await; // far past any default
+                if n < 2 { Err(boom("flaky")) } else { Ok(i) }
+            }
+        })
+        .with_timeout(timeout)
+        .unwrap()
+        .with_retry(retry);
+        let start = Instant::now();
+        let out = within(
+            Duration::from_secs(4 * 3600),
+            pipeline.iter([7u32]).pipe(mapper).collect(),
+        )
+        .await;
+        assert_eq!(values(out), [7]);
+        // Three hour-long attempts, 1 s and 2 s apart: nothing cut short.
+        assert_eq!(Instant::now() - start, Duration::from_secs(3 * 3600 + 3));
+        let m = stage(&pipeline, "async_mapper");
+        assert_eq!((m.emitted, m.retries, m.timeouts), (1, 2, 0));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_that_never_ends_fails_the_item_at_once_instead_of_hanging() {
+    for jitter in [Jitter::None, Jitter::Full, Jitter::Equal] {
+        let retry = Retry::attempts(5)
+            .unwrap()
+            .with_backoff(Duration::MAX, Duration::MAX)
+            .unwrap()
+            .with_jitter(jitter);
+        let mapper =
+            AsyncMapper::new(|_: &u32| async { Err::<u32, _>(boom("down")) }).with_retry(retry);
+        let start = Instant::now();
+        let (_, mut errs) = split(within(MS, streamz::iter([1u32]).pipe(mapper).collect()).await);
+        assert_eq!(Instant::now(), start);
+        let mut err = errs.pop().unwrap();
+        assert_eq!((err.kind(), err.attempts()), (ErrorKind::Failed, 1));
+        assert_eq!(err.take_item::<u32>(), Some(1));
+    }
+}
+
+/// An always-failing call with as many attempts as a `u32` holds: only
+/// shutdown ends it.
+fn always_failing(
+    calls: &Arc<AtomicU32>,
+) -> impl Fn(&String) -> std::future::Ready<Result<u8, io::Error>> + use<> {
+    let seen = calls.clone();
+    move |_: &String| {
+        let n = seen.fetch_add(1, SeqCst) + 1;
+        std::future::ready(Err(boom(&format!("attempt {n} failed"))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_unlimited_retries_with_the_item_and_its_attempts() {
+    for ordered in [true, false] {
+        let pipeline = Pipeline::new();
+        let calls = Arc::new(AtomicU32::new(0));
+        let mut mapper = AsyncMapper::new(always_failing(&calls)).with_retry(fixed_retry(u32::MAX));
+        if !ordered {
+            mapper = mapper.unordered();
+        }
+        let out = pipeline.iter([String::from("order-7")]).pipe(mapper);
+        let reader = tokio::spawn(out.collect());
+        // Attempts at 0, 0.1, 0.3, 0.7 and 1.5 s; the next would be at 3.1 s.
+        sleep(Duration::from_secs(2)).await;
+        assert_eq!(calls.load(SeqCst), 5);
+        pipeline.shutdown();
+        let out = within(MS, reader).await.unwrap();
+        let (oks, mut errs) = split(out);
+        assert!(oks.is_empty());
+        let mut err = errs.pop().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Failed, "the last failure's kind");
+        assert_eq!(err.attempts(), 5);
+        assert_eq!(err.cause().unwrap().to_string(), "attempt 5 failed");
+        assert_eq!(err.take_item::<String>().as_deref(), Some("order-7"));
+        assert_eq!(calls.load(SeqCst), 5, "no attempt after shutdown");
+        let m = stage(&pipeline, "async_mapper");
+        assert_eq!((m.failed, m.retries, m.aborted), (1, 4, 0));
+        assert_conserved(&m);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_a_long_backoff_without_waiting_for_it() {
+    let pipeline = Pipeline::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let retry = Retry::attempts(3)
+        .unwrap()
+        .with_backoff(Duration::from_secs(86_400), Duration::from_secs(86_400))
+        .unwrap()
+        .with_jitter(Jitter::None);
+    let mapper = AsyncMapper::new(always_failing(&calls)).with_retry(retry);
+    let mut out = pipeline.iter([String::from("a")]).pipe(mapper);
+    let mut next = tokio::spawn(async move {
+        let first = out.next().await;
+        (first, out.next().await)
+    });
+    sleep(MS).await; // the first attempt has failed; a day of backoff starts
+    assert_eq!(calls.load(SeqCst), 1);
+    let shutdown_at = Instant::now();
+    pipeline.shutdown();
+    let (first, end) = within(MS, &mut next).await.unwrap();
+    assert_eq!(
+        Instant::now(),
+        shutdown_at,
+        "the backoff was not waited for"
+    );
+    let mut err = first.unwrap().unwrap_err();
+    assert_eq!((err.kind(), err.attempts()), (ErrorKind::Failed, 1));
+    assert_eq!(err.take_item::<String>().as_deref(), Some("a"));
+    assert!(end.is_none(), "the output ends");
+    assert_eq!(calls.load(SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_running_at_shutdown_finishes_and_its_failure_is_final() {
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let mapper = AsyncMapper::new(move |i: &u32| {
+        let i = *i;
+        seen.fetch_add(1, SeqCst);
+        async move {
+            sleep(Duration::from_secs(1)).await;
+            if i == 0 {
+                Err(boom("slow failure"))
+            } else {
+                Ok(i)
+            }
+        }
+    })
+    .with_concurrency(2)
+    .unwrap()
+    .with_retry(fixed_retry(10));
+    let reader = tokio::spawn(flow.pipe(mapper).collect());
+    tx.send(0).await.unwrap();
+    tx.send(1).await.unwrap();
+    sleep(500 * MS).await;
+    pipeline.shutdown();
+    let out = within(Duration::from_secs(2), reader).await.unwrap();
+    let (oks, errs) = split(out);
+    assert_eq!(oks, [1], "the running attempt finished");
+    assert_eq!((errs[0].kind(), errs[0].attempts()), (ErrorKind::Failed, 1));
+    assert_eq!(calls.load(SeqCst), 2, "not retried after shutdown");
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.emitted, m.failed, m.retries), (1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn conservation_holds_when_shutdown_ends_retries() {
+    for ordered in [true, false] {
+        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+        let input = (0..200u32).map(|i| {
+            if i % 23 == 0 {
+                Err(StreamError::failed("reader", "bad"))
+            } else {
+                Ok(i)
+            }
+        });
+        let mut mapper = AsyncMapper::new(|i: &u32| {
+            let i = *i;
+            async move {
+                sleep(Duration::from_millis(u64::from(i % 7) * 50)).await;
+                // A third always fails; the rest succeed.
+                if i % 3 == 0 { Err(boom("down")) } else { Ok(i) }
+            }
+        })
+        .with_concurrency(8)
+        .unwrap()
+        .with_retry(fixed_retry(u32::MAX));
+        if !ordered {
+            mapper = mapper.unordered();
+        }
+        let flow = pipeline.try_stream(futures::stream::iter(input));
+        let reader = tokio::spawn(flow.pipe(mapper).collect());
+        sleep(Duration::from_secs(5)).await;
+        pipeline.shutdown();
+        let out = within(Duration::from_secs(5), reader).await.unwrap();
+        let m = stage(&pipeline, "async_mapper");
+        assert_conserved(&m);
+        assert!(
+            m.failed > 0 && m.retries > 0 && m.errors_passed > 0,
+            "{m:?}"
+        );
+        assert_eq!(m.aborted, 0, "shutdown aborts nothing: {m:?}");
+        assert_eq!(out.len() as u64, m.emitted + m.failed + m.errors_passed);
+        for e in out.iter().filter_map(|r| r.as_ref().err()) {
+            if e.stage() == "async_mapper" {
+                assert!(e.attempts() >= 1);
+            }
+        }
+    }
+}

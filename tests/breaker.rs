@@ -670,3 +670,94 @@ fn a_count_window_smaller_than_the_minimum_calls_is_rejected() {
         "`minimum_calls` must not exceed the count window's size"
     );
 }
+
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Open, and still open (refusing, with no reachable time to retry at) a
+/// century later.
+async fn assert_open_for_good(b: &Breaker) {
+    tokio::time::advance(CENTURY).await;
+    assert_eq!(b.state(), BreakerState::Open, "never half-open by itself");
+    let refused = b.try_acquire().unwrap_err();
+    assert_eq!(refused.state(), BreakerState::Open);
+    // `None` for never; a value the clock cannot reach is as good.
+    assert!(
+        refused.retry_in().is_none_or(|d| d > 1000 * CENTURY),
+        "{:?}",
+        refused.retry_in()
+    );
+    // A waiting caller waits (it neither panics nor gets a permit) ...
+    assert!(
+        tokio::time::timeout(CENTURY, b.acquire()).await.is_err(),
+        "no permit while open for good"
+    );
+    // ... until a manual transition.
+    b.reset();
+    assert_eq!(b.state(), BreakerState::Closed);
+    ok(b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_duration_of_duration_max_means_open_until_reset() {
+    for open_for in [Duration::MAX, Duration::new(u64::MAX, 0)] {
+        let mut c = config();
+        c.open_for = open_for;
+        let b = Breaker::new("b", c).unwrap();
+        open(&b);
+        if open_for == Duration::MAX {
+            assert_eq!(b.try_acquire().unwrap_err().retry_in(), None);
+        }
+        assert_open_for_good(&b).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_open_duration_or_backoff_from_toml_never_panics_or_half_opens() {
+    // `open_for` at the largest value humantime reads.
+    let registry = BreakerRegistry::from_toml(
+        r#"
+        [breakers.forever]
+        minimum_calls = 4
+        open_for = "18446744073709551615s"
+        [breakers.backoff]
+        minimum_calls = 4
+        open_for = "1s"
+        half_open_calls = 1
+        successes_to_close = 1
+        open_backoff = { factor = 1e300, max = "18446744073709551615s" }
+        "#,
+    )
+    .unwrap();
+    let forever = registry.get("forever").unwrap();
+    open(&forever);
+    assert_open_for_good(&forever).await;
+
+    // The first opening lasts 1 s; the trial fails; the second would last
+    // 1e300 s, past any clock: capped at `max`, which is never.
+    let backoff = registry.get("backoff").unwrap();
+    open(&backoff);
+    let permit = tokio::time::timeout(Duration::from_secs(2), backoff.acquire())
+        .await
+        .expect("half-open after the first, short opening");
+    permit.failure(MS);
+    assert_open_for_good(&backoff).await;
+
+    // Beyond a `Duration`: a typed error, not a panic.
+    let err =
+        BreakerRegistry::from_toml("[defaults]\nopen_for = \"18446744073709551616s\"").unwrap_err();
+    assert!(matches!(err, RegistryError::Parse(_)), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endless_minimum_interval_keeps_the_breaker_where_it_is() {
+    let mut c = config();
+    c.min_transition_interval = Duration::MAX;
+    let b = Breaker::new("b", c).unwrap();
+    for _ in 0..4 {
+        fail(&b);
+    }
+    tokio::time::advance(CENTURY).await;
+    assert_eq!(b.state(), BreakerState::Closed, "the opening never comes");
+    // A waiting caller is not left sleeping on an overflowed deadline.
+    assert!(tokio::time::timeout(MS, b.acquire()).await.is_ok());
+}

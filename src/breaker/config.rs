@@ -38,7 +38,9 @@ pub struct OpenBackoff {
     /// Each opening since the breaker last closed multiplies the open
     /// duration by this (≥ 1).
     pub factor: f64,
-    /// The longest open duration.
+    /// The longest open duration. `Duration::MAX` (or any value too
+    /// large to add to the clock) lets the backoff grow until the open
+    /// duration is endless: open until [`reset`](crate::breaker::Breaker::reset).
     #[serde(with = "humantime_serde")]
     pub max: Duration,
 }
@@ -88,11 +90,18 @@ pub struct BreakerConfig {
     /// `half_open_calls`).
     pub successes_to_close: NonZeroU32,
     /// How long the breaker stays open before trial calls.
+    /// `Duration::MAX`, or any value whose end the clock cannot hold (a
+    /// TOML `"18446744073709551615s"`), means open until a manual
+    /// [`reset`](crate::breaker::Breaker::reset): the breaker never goes
+    /// half-open by itself. Values beyond `Duration`'s range are rejected
+    /// when the file is read.
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
     /// Longer open durations for openings in a row.
     pub open_backoff: Option<OpenBackoff>,
     /// No two automatic transitions closer than this (anti-flapping).
+    /// `Duration::MAX` means the breaker never moves by itself, only by
+    /// hand.
     #[serde(with = "humantime_serde")]
     pub min_transition_interval: Duration,
     /// How many transitions the audit trail keeps.

@@ -221,8 +221,10 @@ pub(crate) struct Machine {
     pub(crate) state: BreakerState,
     /// When the current state began.
     since: Duration,
-    /// Until when an open breaker refuses calls.
-    open_until: Duration,
+    /// Until when an open breaker refuses calls; `None`: until a manual
+    /// transition (an open duration of `Duration::MAX`, or one that ends
+    /// beyond what a `Duration` since the start can hold).
+    open_until: Option<Duration>,
     /// Openings since the breaker was last closed (for the backoff).
     opens_in_a_row: u32,
     outcomes: Outcomes,
@@ -255,7 +257,7 @@ impl Machine {
             config,
             state: BreakerState::Closed,
             since: Duration::ZERO,
-            open_until: Duration::ZERO,
+            open_until: Some(Duration::ZERO),
             opens_in_a_row: 0,
             consecutive_failures: 0,
             half_open_in_flight: 0,
@@ -300,7 +302,11 @@ impl Machine {
                 self.stats.rejected += 1;
                 Err(Refusal {
                     state: self.state,
-                    retry_at: (self.state == BreakerState::Open).then_some(self.open_until),
+                    retry_at: if self.state == BreakerState::Open {
+                        self.open_until
+                    } else {
+                        None
+                    },
                 })
             }
         }
@@ -500,7 +506,7 @@ impl Machine {
     /// only the state is read, so a breaker nobody calls still moves on.)
     pub(crate) fn tick(&mut self, now: &mut Now<'_>, out: &mut Vec<Transition>) {
         self.apply_pending(now, out);
-        if self.state == BreakerState::Open && now.get() >= self.open_until {
+        if self.state == BreakerState::Open && self.open_until.is_some_and(|at| now.get() >= at) {
             self.transition(
                 BreakerState::HalfOpen,
                 now,
@@ -525,11 +531,12 @@ impl Machine {
         }
     }
 
-    /// When a pending transition may happen, if one waits.
+    /// When a pending transition may happen, if one waits and its time
+    /// is representable (a `Duration::MAX` interval never passes).
     pub(crate) fn pending_at(&self) -> Option<Duration> {
         self.pending
             .as_ref()
-            .map(|_| self.since + self.config.min_transition_interval)
+            .and_then(|_| self.since.checked_add(self.config.min_transition_interval))
     }
 
     /// Enters `to`, resetting what the new state counts.
@@ -552,9 +559,15 @@ impl Machine {
         self.half_open_successes = 0;
         match to {
             BreakerState::Open => {
+                // An end a `Duration` cannot hold is never. (`now + wait`
+                // used to panic here, after the state had changed, leaving
+                // the breaker open with a stale end: half-open at once.)
                 let wait = self.open_duration();
                 self.opens_in_a_row = self.opens_in_a_row.saturating_add(1);
-                self.open_until = now + wait.max(self.config.min_transition_interval);
+                self.open_until = match wait.max(self.config.min_transition_interval) {
+                    Duration::MAX => None,
+                    wait => now.checked_add(wait),
+                };
             }
             BreakerState::Closed => {
                 self.opens_in_a_row = 0;
@@ -573,7 +586,8 @@ impl Machine {
 
     /// How long the next opening lasts: the open duration, times the
     /// backoff factor for each opening since the breaker last closed,
-    /// capped.
+    /// capped (a product too large for a `Duration` is the cap).
+    /// `Duration::MAX` means until a manual transition.
     fn open_duration(&self) -> Duration {
         let base = self.config.open_for;
         match self.config.open_backoff {

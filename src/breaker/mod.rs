@@ -401,14 +401,16 @@ impl Breaker {
                 .machine()
                 .pending_at()
                 .map(|at| at.saturating_sub(self.now()));
-            match retry_in.into_iter().chain(pending_in).min() {
-                Some(wait) => {
-                    tokio::select! {
-                        () = notified => {}
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-                None => notified.await,
+            // Neither known (forced open, an endless open duration): only
+            // a transition wakes us.
+            let wake_at = retry_in
+                .into_iter()
+                .chain(pending_in)
+                .min()
+                .and_then(|wait| crate::time::after(Instant::now(), wait));
+            tokio::select! {
+                () = notified => {}
+                () = crate::time::sleep_until(wake_at) => {}
             }
         }
     }

@@ -25,6 +25,7 @@ use crate::error::StreamError;
 use crate::flow::Flow;
 use crate::pipeline::Pipeline;
 use crate::source::Pusher;
+use crate::time;
 
 /// Joins a Kafka consumer group and reads its share of the topics' partitions
 /// as a flow of [`KafkaRecord`]s, committing offsets only past acknowledged
@@ -163,6 +164,8 @@ impl KafkaSource {
     }
 
     /// How often acknowledged offsets are committed (1 s by default).
+    /// Periods above a year (`Duration::MAX` included) are a year: the
+    /// commits on rebalance and at the end still happen.
     ///
     /// # Errors
     ///
@@ -195,6 +198,8 @@ impl KafkaSource {
 
     /// How long a graceful shutdown waits for the records in the chain to
     /// be acknowledged before the last commit (30 s by default).
+    /// `Duration::MAX` means no limit: the source waits until every record
+    /// is acknowledged (or the pipeline aborts), then commits and leaves.
     pub fn drain_for(mut self, wait: Duration) -> Self {
         self.drain_for = wait;
         self
@@ -509,7 +514,7 @@ enum Stop {
 
 impl Reader {
     async fn run(mut self) {
-        let mut tick = tokio::time::interval(self.commit_every);
+        let mut tick = tokio::time::interval(commit_period(self.commit_every));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stalled_since: Option<tokio::time::Instant> = None;
         let stop = loop {
@@ -609,21 +614,13 @@ impl Reader {
     /// Waits up to `drain_for` for every record in the chain to be
     /// acknowledged, committing as they are.
     async fn drain(&self, tick: &mut tokio::time::Interval) {
-        let deadline = tokio::time::Instant::now() + self.drain_for;
-        loop {
+        let drained = drain_until(self.drain_for, &self.abort, tick, || {
             self.commit_acknowledged();
-            let left = self.shared.offsets().outstanding();
-            if left == 0 {
-                return;
-            }
-            tokio::select! {
-                () = self.abort.cancelled() => return,
-                () = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(source = %self.name, unacked = left, "shutdown: records still unacknowledged after the drain period; the group reads them again");
-                    return;
-                }
-                _ = tick.tick() => {}
-            }
+            self.shared.offsets().outstanding()
+        })
+        .await;
+        if let Drained::TimedOut(left) = drained {
+            tracing::warn!(source = %self.name, unacked = left, "shutdown: records still unacknowledged after the drain period; the group reads them again");
         }
     }
 
@@ -647,7 +644,7 @@ impl Reader {
                 drop(consumer);
             })
         };
-        match tokio::time::timeout(CLOSE_WAIT, closing).await {
+        match time::timeout(CLOSE_WAIT, closing).await {
             Ok(_) => tracing::info!(source = %name, "left the consumer group"),
             Err(_) => {
                 tracing::warn!(source = %name, "the broker did not confirm the last commit and the leave within 30 s; the group reads again what was not committed")
@@ -666,6 +663,49 @@ impl Reader {
             CommitMode::Async,
             &self.name,
         );
+    }
+}
+
+/// The longest commit period: `tokio`'s interval adds its period to the
+/// clock, which overflows for `Duration::MAX`.
+const LONGEST_COMMIT_PERIOD: Duration = Duration::from_secs(365 * 86_400);
+
+fn commit_period(every: Duration) -> Duration {
+    every.min(LONGEST_COMMIT_PERIOD)
+}
+
+/// How a drain ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// Nothing is left unacknowledged.
+    All,
+    Aborted,
+    /// The drain period passed with this many records unacknowledged.
+    TimedOut(usize),
+}
+
+/// Asks `left` (which commits what is acknowledged and counts what is not)
+/// on every tick until it says nothing is left, the pipeline aborts, or
+/// `drain_for` passes (`Duration::MAX`: never). It always returns to the
+/// caller, who commits last: a deadline that overflowed here used to
+/// panic the task and skip the final commit.
+async fn drain_until(
+    drain_for: Duration,
+    abort: &CancellationToken,
+    tick: &mut tokio::time::Interval,
+    mut left: impl FnMut() -> usize,
+) -> Drained {
+    let deadline = time::after(tokio::time::Instant::now(), drain_for);
+    loop {
+        let n = left();
+        if n == 0 {
+            return Drained::All;
+        }
+        tokio::select! {
+            () = abort.cancelled() => return Drained::Aborted,
+            () = time::sleep_until(deadline) => return Drained::TimedOut(n),
+            _ = tick.tick() => {}
+        }
     }
 }
 
@@ -707,3 +747,56 @@ fn record_of(
 
 /// A record's place for the tracker: topic, partition, offset, progress.
 type Tracked = (Arc<str>, i32, i64, Arc<Progress>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `drain_for(Duration::MAX)` waits for the acknowledgements without a
+    /// limit and then returns, so the last commit runs.
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_drain_waits_for_every_acknowledgement_then_returns() {
+        let abort = CancellationToken::new();
+        let mut tick = tokio::time::interval(commit_period(Duration::MAX));
+        let mut checks = 0;
+        let start = tokio::time::Instant::now();
+        // Three looks find a record outstanding (ticks: at once, then a
+        // year apart), the fourth finds none.
+        let drained = tokio::time::timeout(
+            Duration::from_secs(10 * 365 * 86_400),
+            drain_until(Duration::MAX, &abort, &mut tick, || {
+                checks += 1;
+                if checks < 4 { 1 } else { 0 }
+            }),
+        )
+        .await
+        .expect("the drain ends once nothing is left");
+        assert_eq!(drained, Drained::All);
+        assert_eq!(checks, 4);
+        assert!(start.elapsed() >= 2 * LONGEST_COMMIT_PERIOD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_drain_still_ends_on_abort_and_a_finite_one_on_time() {
+        let abort = CancellationToken::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let stop = abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            stop.cancel();
+        });
+        let drained = tokio::time::timeout(
+            Duration::from_secs(1000),
+            drain_until(Duration::MAX, &abort, &mut tick, || 5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(drained, Drained::Aborted);
+
+        let abort = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let drained = drain_until(Duration::from_secs(30), &abort, &mut tick, || 2).await;
+        assert_eq!(drained, Drained::TimedOut(2));
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+}
