@@ -35,7 +35,6 @@ pub(crate) fn far_after(t: Instant, d: Duration) -> Instant {
 
 /// The earlier of two deadlines (never is later than any instant).
 #[inline]
-#[cfg_attr(not(test), allow(dead_code))] // for operators that merge deadlines
 pub(crate) fn earliest(a: Deadline, b: Deadline) -> Deadline {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -47,7 +46,6 @@ pub(crate) fn earliest(a: Deadline, b: Deadline) -> Deadline {
 /// `d` as a whole number of nanoseconds, saturating (`Duration::MAX` is
 /// about 5.8e20 ns, beyond `u64`).
 #[inline]
-#[cfg_attr(not(test), allow(dead_code))] // for operators that count in nanoseconds
 pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -104,7 +102,6 @@ impl Timer {
 }
 
 /// Sleeps until `at`; never returns for "never".
-#[allow(dead_code)] // for operators that wait once rather than re-arm a `Timer`
 pub(crate) async fn sleep_until(at: Deadline) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
