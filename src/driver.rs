@@ -261,6 +261,17 @@ impl<T> Out<T> {
         piece.1 += values + errors;
     }
 
+    /// Counts attempts retried and timed out (an `AsyncMapper`).
+    pub(crate) fn count_attempts(&mut self, retries: u64, timeouts: u64) {
+        self.local.retries += retries;
+        self.local.timeouts += timeouts;
+    }
+
+    /// Output items waiting to be delivered.
+    pub(crate) fn len(&self) -> usize {
+        self.lanes.iter().flatten().map(|(c, _)| c.len()).sum()
+    }
+
     fn is_empty(&self) -> bool {
         self.lanes.iter().all(VecDeque::is_empty)
     }

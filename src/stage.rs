@@ -103,7 +103,6 @@ pub(crate) struct TaskIo<In, Out> {
     pub(crate) tx: ChunkTx<Out>,
     pub(crate) abort: CancellationToken,
     pub(crate) counters: Counters,
-    pub(crate) max_chunk: usize,
 }
 
 /// Registers an operator named `name`, builds its task loop with `task`
@@ -137,7 +136,6 @@ where
         tx,
         abort: pipeline.abort_token(),
         counters,
-        max_chunk: edge.max_chunk(),
     });
     pipeline.spawn(name, async move {
         let _guard = guard;

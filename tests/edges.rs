@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use streamz::{
-    Batcher, Debounce, EdgeConfig, Flow, HealthGate, Partition, Pipeline, Session, Sliding,
-    StageMetrics, Take, Throttle, Tumbling, Unbatch,
+    AsyncMapper, Batcher, Debounce, EdgeConfig, Flow, HealthGate, Partition, Pipeline, Retry,
+    Session, Sliding, StageMetrics, Take, Throttle, Tumbling, Unbatch,
 };
 
 /// The edge every case runs on: chunks of at most 4 items.
@@ -82,20 +82,32 @@ fn drive_all<U: Send + 'static>(flows: Vec<Flow<U>>, end: End, stage: &'static s
             async move {
                 let mut flow = Some(flow);
                 let mut largest = 0;
-                let mut first = true;
-                while let Some(chunk) = match flow.as_mut() {
-                    Some(f) => f.next_chunk().await,
-                    None => None,
-                } {
-                    largest = largest.max(chunk.len());
-                    if first {
-                        first = false;
-                        match end {
-                            End::Complete => {}
-                            End::Shutdown if i == 0 => pipeline.shutdown(),
-                            End::Abort if i == 0 => pipeline.abort(),
-                            End::Shutdown | End::Abort => {}
-                            End::DropOutput => flow = None,
+                // The run ends its way after the first chunk, or after a
+                // while if no chunk comes (a stage that retries forever).
+                let mut acted = false;
+                let act = |flow: &mut Option<Flow<U>>| match end {
+                    End::Complete => {}
+                    End::Shutdown if i == 0 => pipeline.shutdown(),
+                    End::Abort if i == 0 => pipeline.abort(),
+                    End::Shutdown | End::Abort => {}
+                    End::DropOutput => *flow = None,
+                };
+                let patience = tokio::time::sleep(Duration::from_secs(10));
+                tokio::pin!(patience);
+                loop {
+                    let Some(f) = flow.as_mut() else { break };
+                    tokio::select! {
+                        chunk = f.next_chunk() => {
+                            let Some(chunk) = chunk else { break };
+                            largest = largest.max(chunk.len());
+                            if !acted {
+                                acted = true;
+                                act(&mut flow);
+                            }
+                        }
+                        () = &mut patience, if !acted => {
+                            acted = true;
+                            act(&mut flow);
                         }
                     }
                 }
@@ -120,6 +132,9 @@ fn drive_all<U: Send + 'static>(flows: Vec<Flow<U>>, end: End, stage: &'static s
 struct Case {
     name: &'static str,
     run: fn(End) -> Run,
+    /// The input never ends on its own account (a call retried forever):
+    /// only shutdown, abort and a dropped output end the run.
+    endless: bool,
     /// Whether a graceful shutdown may count items as aborted (a stage that
     /// ends its input on purpose).
     drops_on_shutdown: bool,
@@ -145,6 +160,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "batcher without limits",
@@ -159,6 +175,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "batcher by weight, panicking weight",
@@ -174,6 +191,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(b), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "throttle",
@@ -188,6 +206,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "throttle without limits",
@@ -200,6 +219,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(t), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "throttle with a huge period, panicking cost",
@@ -213,6 +233,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(t), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "dropping throttle",
@@ -227,6 +248,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(t), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "debounce",
@@ -237,6 +259,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "debounce forever",
@@ -247,16 +270,19 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "take",
             run: |e| drive(input().pipe(Take::new(30).unwrap().named("op")), e),
             drops_on_shutdown: true,
+            endless: false,
         },
         Case {
             name: "take everything",
             run: |e| drive(input().pipe(Take::new(u64::MAX).unwrap().named("op")), e),
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "tumbling",
@@ -271,6 +297,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "tumbling forever, tiny limit",
@@ -283,6 +310,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(w), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "sliding",
@@ -293,6 +321,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(w), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "sliding, tiny limit",
@@ -305,6 +334,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(w), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "session forever",
@@ -315,6 +345,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "partition, round robin",
@@ -326,6 +357,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "partition, panicking chooser",
@@ -344,11 +376,69 @@ fn cases() -> Vec<Case> {
                 )
             },
             drops_on_shutdown: false,
+            endless: false,
+        },
+        Case {
+            name: "async mapper, no limits",
+            run: |e| {
+                let m = AsyncMapper::new(|x: &u64| {
+                    let x = *x;
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(x % 5)).await;
+                        Ok::<_, std::io::Error>(x + 1)
+                    }
+                })
+                .with_concurrency(3)
+                .unwrap()
+                .with_timeout(Duration::MAX)
+                .unwrap()
+                .with_retry(
+                    Retry::attempts(3)
+                        .unwrap()
+                        .with_deadline(Duration::MAX)
+                        .unwrap(),
+                )
+                .named("op");
+                drive(input().pipe(m), e)
+            },
+            drops_on_shutdown: false,
+            endless: false,
+        },
+        Case {
+            name: "async mapper, unordered, panicking call",
+            run: |e| {
+                let m = AsyncMapper::new(|x: &u64| {
+                    assert!(*x != 50, "call");
+                    let x = *x;
+                    async move { Ok::<_, std::io::Error>(x) }
+                })
+                .unordered()
+                .named("op");
+                drive(input().pipe(m), e)
+            },
+            drops_on_shutdown: false,
+            endless: false,
+        },
+        Case {
+            name: "async mapper retrying a dead dependency forever",
+            run: |e| {
+                let retry = Retry::attempts(u32::MAX)
+                    .unwrap()
+                    .with_backoff(Duration::from_secs(1), Duration::MAX)
+                    .unwrap();
+                let m = AsyncMapper::new(|_: &u64| async { Err::<u64, _>("down") })
+                    .with_retry(retry)
+                    .named("op");
+                drive(input().pipe(m), e)
+            },
+            drops_on_shutdown: false,
+            endless: true,
         },
         Case {
             name: "health gate",
             run: |e| drive(input().pipe(healthy_gate().named("op")), e),
             drops_on_shutdown: false,
+            endless: false,
         },
         Case {
             name: "health gate, checks and limits of Duration::MAX",
@@ -364,6 +454,7 @@ fn cases() -> Vec<Case> {
                 drive(input().pipe(gate), e)
             },
             drops_on_shutdown: false,
+            endless: false,
         },
     ]
 }
@@ -410,6 +501,9 @@ fn every_operator_at_the_edges_keeps_its_bounds_and_counts() {
             rt.block_on(async {
                 for case in cases() {
                     for end in ENDS {
+                        if case.endless && end == End::Complete {
+                            continue;
+                        }
                         let limit = Duration::from_secs(86_400 * 365);
                         let report = tokio::time::timeout(limit, (case.run)(end))
                             .await
