@@ -94,8 +94,7 @@ fn drive_all<U: Send + 'static>(flows: Vec<Flow<U>>, end: End, stage: &'static s
                 };
                 let patience = tokio::time::sleep(Duration::from_secs(10));
                 tokio::pin!(patience);
-                loop {
-                    let Some(f) = flow.as_mut() else { break };
+                while let Some(f) = flow.as_mut() {
                     tokio::select! {
                         chunk = f.next_chunk() => {
                             let Some(chunk) = chunk else { break };
