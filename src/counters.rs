@@ -141,20 +141,6 @@ impl Counters {
         }
     }
 
-    /// Items dropped on purpose, counted outside a chunk's [`Local`].
-    pub(crate) fn add_dropped(&self, n: u64) {
-        if n != 0 {
-            self.inner.dropped.fetch_add(n, Relaxed);
-        }
-    }
-
-    /// Error items created outside a chunk's [`Local`].
-    pub(crate) fn add_failed(&self, n: u64) {
-        if n != 0 {
-            self.inner.failed.fetch_add(n, Relaxed);
-        }
-    }
-
     pub(crate) fn add_emitted(&self, n: u64) {
         self.inner.emitted.fetch_add(n, Relaxed);
     }

@@ -30,6 +30,10 @@
 //!   reports it.
 //! - **Drops**: every intentional, counted drop goes through [`Out::drop`],
 //!   the one place where a drop is recorded.
+//! - **Hand-offs**: an operator that hands items to a task of its own that
+//!   counts their fate (the dead-letter queue's writer) says so with
+//!   [`Out::hand_off`] and [`Out::take_back`], and keeps its output open
+//!   while that task runs ([`Operator::busy`]).
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -47,6 +51,7 @@ use crate::config::EdgeConfig;
 use crate::counters::{Counters, Local};
 use crate::error::{ErrorKind, StreamError};
 use crate::flow::Flow;
+use crate::pipeline::Pipeline;
 use crate::source::BoxSource;
 use crate::time::{Deadline, Timer};
 
@@ -102,10 +107,11 @@ pub(crate) trait Operator<In, O>: Send + 'static {
     }
 
     /// The input has ended: flush. Called again on every wake-up while
-    /// [`held`](Self::held) is not zero, so an operator may hand out what it
-    /// holds one output at a time; one that finishes its held items over
-    /// time (calls in flight) emits nothing here and lets its work or its
-    /// deadline finish them. Not called after [`Demand::Done`].
+    /// [`held`](Self::held) is not zero or the operator is
+    /// [`busy`](Self::busy), so an operator may hand out what it holds one
+    /// output at a time; one that finishes its held items over time (calls
+    /// in flight) emits nothing here and lets its work or its deadline
+    /// finish them. Not called after [`Demand::Done`].
     fn on_end(&mut self, out: &mut Out<O>) {
         let _ = out;
     }
@@ -114,6 +120,15 @@ pub(crate) trait Operator<In, O>: Send + 'static {
     /// passed or dropped). Counted as aborted if the stage stops early.
     fn held(&self) -> u64 {
         0
+    }
+
+    /// Whether work that holds no received item is still in progress (a
+    /// task of the operator's that may still give items back): once the
+    /// input has ended, or after [`Demand::Done`], the driver keeps driving
+    /// the operator's work and its output open until this is false and
+    /// nothing is held. An early stop does not wait for it.
+    fn busy(&self) -> bool {
+        false
     }
 }
 
@@ -125,6 +140,12 @@ pub(crate) struct Out<T> {
     lanes: Vec<VecDeque<(Chunk<T>, u64)>>,
     max_chunk: usize,
     local: Local,
+    /// Items discarded unprocessed on purpose (counted `aborted`).
+    discarded: u64,
+    /// Items handed to, and taken back from, a task that counts their fate
+    /// itself: no counter of the stage, but part of the driver's tally.
+    handed_off: u64,
+    taken_back: u64,
     stage: Arc<str>,
 }
 
@@ -134,6 +155,9 @@ impl<T> Out<T> {
             lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
             max_chunk,
             local: Local::default(),
+            discarded: 0,
+            handed_off: 0,
+            taken_back: 0,
             stage,
         }
     }
@@ -251,6 +275,27 @@ impl<T> Out<T> {
         self.local.dropped += 1;
     }
 
+    /// Discards an item unprocessed because the operator ends the stream on
+    /// purpose (the rest of a chunk after a failure that ends it): counted
+    /// `aborted`, like what the driver then leaves upstream.
+    pub(crate) fn discard<I>(&mut self, item: I) {
+        drop(item);
+        self.discarded += 1;
+    }
+
+    /// `inputs` items left the operator for a task of its own that counts
+    /// what becomes of them (a dead-letter queue's writer, which counts
+    /// `dead_lettered` or `aborted`): no counter here.
+    pub(crate) fn hand_off(&mut self, inputs: u64) {
+        self.handed_off += inputs;
+    }
+
+    /// `inputs` handed-off items came back from that task; the operator
+    /// now accounts for them again (and sends them on through `self`).
+    pub(crate) fn take_back(&mut self, inputs: u64) {
+        self.taken_back += inputs;
+    }
+
     /// Emits a value that stands for `values` input values and `errors`
     /// upstream errors it carries (a window).
     pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64) {
@@ -299,7 +344,24 @@ where
     O: Send + 'static,
     Op: Operator<In, O>,
 {
-    spawn_fan_out(input, name, 1, edge, op)
+    spawn_with(input, name, edge, |_, _| op)
+}
+
+/// Like [`spawn`], for an operator that needs the pipeline or the stage's
+/// counters to be built (one that starts a task of its own): `make` gets
+/// them once the stage is registered, before its task starts.
+pub(crate) fn spawn_with<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    make: impl FnOnce(&Pipeline, &Counters) -> Op,
+) -> Flow<O>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    spawn_fan_out_with(input, name, 1, edge, make)
         .pop()
         .expect("one output")
 }
@@ -320,9 +382,25 @@ where
     O: Send + 'static,
     Op: Operator<In, O>,
 {
+    spawn_fan_out_with(input, name, outputs, edge, |_, _| op)
+}
+
+fn spawn_fan_out_with<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    outputs: usize,
+    edge: Option<EdgeConfig>,
+    make: impl FnOnce(&Pipeline, &Counters) -> Op,
+) -> Vec<Flow<O>>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
     let pipeline = input.pipeline().clone();
     let edge = edge.unwrap_or(pipeline.edge());
     let counters = pipeline.register(name);
+    let op = make(&pipeline, &counters);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..outputs).map(|_| chunk_channel(edge)).unzip();
     let io = Io {
         src: input.into_source(),
@@ -412,7 +490,7 @@ where
             input_open = false;
         }
         if !input_open {
-            if op.held() == 0 && out.is_empty() {
+            if op.held() == 0 && !op.busy() && out.is_empty() {
                 debug_assert_eq!(
                     tally.received, tally.left,
                     "{}: items unaccounted",
@@ -530,9 +608,16 @@ fn guarded(f: impl FnOnce()) -> Result<(), Box<dyn std::any::Any + Send>> {
 /// Adds the counts gathered since the last flush to the stage's counters.
 fn flush<T>(out: &mut Out<T>, counters: &Counters, tally: &mut Tally) {
     let l = std::mem::take(&mut out.local);
-    tally.received += l.received;
-    tally.left += l.emitted + l.failed + l.errors_passed + l.dropped;
+    let discarded = std::mem::take(&mut out.discarded);
+    tally.received += l.received + std::mem::take(&mut out.taken_back);
+    tally.left += l.emitted
+        + l.failed
+        + l.errors_passed
+        + l.dropped
+        + discarded
+        + std::mem::take(&mut out.handed_off);
     counters.add(&l);
+    counters.add_aborted(discarded);
 }
 
 /// Sends every pending piece, polling the operator's work while a send

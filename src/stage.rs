@@ -96,54 +96,6 @@ where
     }
 }
 
-/// What an operator with its own task loop (batcher, async mapper,
-/// throttle) works with.
-pub(crate) struct TaskIo<In, Out> {
-    pub(crate) src: BoxSource<In>,
-    pub(crate) tx: ChunkTx<Out>,
-    pub(crate) abort: CancellationToken,
-    pub(crate) counters: Counters,
-}
-
-/// Registers an operator named `name`, builds its task loop with `task`
-/// from the input, a new output channel on `edge` (the pipeline's by
-/// default), the abort token and the operator's counters, spawns it, and
-/// returns the flow reading its output.
-pub(crate) fn spawn_operator<In, Out, Fut>(
-    input: Flow<In>,
-    name: &str,
-    edge: Option<EdgeConfig>,
-    task: impl FnOnce(TaskIo<In, Out>) -> Fut,
-) -> Flow<Out>
-where
-    In: Send + 'static,
-    Out: Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let pipeline = input.pipeline().clone();
-    let edge = edge.unwrap_or(pipeline.edge());
-    let counters = pipeline.register(name);
-    let (tx, rx) = chunk_channel(edge);
-    let name = counters.name().clone();
-    // If the operator's task itself panics, the next stage gets a
-    // `panicked` error instead of a silently shortened stream.
-    let guard = PanicGuard {
-        tx: tx.clone(),
-        counters: counters.clone(),
-    };
-    let task = task(TaskIo {
-        src: input.into_source(),
-        tx,
-        abort: pipeline.abort_token(),
-        counters,
-    });
-    pipeline.spawn(name, async move {
-        let _guard = guard;
-        task.await;
-    });
-    Flow::from_source(pipeline, Box::new(rx))
-}
-
 /// Spawns the task that drives `src` into a new edge channel and returns the
 /// flow reading from that channel.
 pub(crate) fn spawn_stage<T: Send + 'static>(

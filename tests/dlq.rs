@@ -1446,3 +1446,36 @@ async fn fail_policy_emits_no_value_after_the_overflow_error() {
     );
     assert_dlq_conserved(&m);
 }
+
+#[tokio::test]
+async fn a_panic_while_making_a_record_is_reported_and_every_item_is_counted() {
+    // `Explosive(3)` panics when serialised, here in the router itself
+    // (JSON records are made before they reach the sink).
+    let (sink, mut letters) = dlq::channel(16).unwrap();
+    let input = (0..6u64).map(|i| {
+        if i % 2 == 1 {
+            Err(StreamError::failed("s", "e").with_item(Explosive(i)))
+        } else {
+            Ok(i)
+        }
+    });
+    let flow = streamz::try_stream(futures::stream::iter(input)).pipe(DeadLetterQueue::json(
+        sink,
+        dlq::JsonItems::new().of::<Explosive>(),
+    ));
+    let pipeline = flow.pipeline().clone();
+    let out = flow.collect().await;
+    // The stage's panic comes downstream as its last item and from `join`.
+    let last = out.last().unwrap().as_ref().unwrap_err();
+    assert_eq!((last.kind(), last.stage()), (ErrorKind::Panicked, "dlq"));
+    assert!(pipeline.join().await.is_err());
+    let mut records = 0;
+    while letters.recv().await.is_some() {
+        records += 1;
+    }
+    let m = stage(&pipeline, "dlq");
+    assert_eq!(m.received, 6);
+    assert!(m.aborted > 0, "{m:?}");
+    assert_eq!(m.dead_lettered, records);
+    assert_dlq_conserved(&m);
+}

@@ -3,7 +3,8 @@
 //! hooks, and every way a run can end (input end, graceful shutdown, abort,
 //! the consumer dropping its flow). Each run checks that no output chunk is
 //! larger than the edge's `max_chunk`, that the run ends, and the
-//! conservation law of the stage under test.
+//! conservation law of the stage under test (with `dead_lettered`, which is
+//! zero for every stage but a dead-letter queue).
 //!
 //! The table runs on a paused clock: a stage that waits for "never" makes
 //! the runtime idle, the clock jumps, and the time limit fails the run. A
@@ -18,9 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use streamz::dlq::{self, Overflow, Unwritten};
 use streamz::{
-    AsyncMapper, Batcher, Debounce, EdgeConfig, Flow, HealthGate, Partition, Pipeline, Retry,
-    Session, Sliding, StageMetrics, Take, Throttle, Tumbling, Unbatch,
+    AsyncMapper, Batcher, DeadLetter, DeadLetterQueue, Debounce, EdgeConfig, Flow, HealthGate,
+    Partition, Pipeline, Retry, Session, Sliding, StageMetrics, Take, Throttle, Tumbling, Unbatch,
 };
 
 /// The edge every case runs on: chunks of at most 4 items.
@@ -142,6 +144,19 @@ struct Case {
 fn healthy_gate() -> HealthGate<streamz::HealthFn<impl FnMut() -> std::future::Ready<bool> + Send>>
 {
     HealthGate::new(streamz::health_fn(|| std::future::ready(true)))
+}
+
+/// A dead-letter queue with a buffer of one record in front of a channel
+/// of one record, whose receiver a task of its own drains (it ends when the
+/// queue closes its sink, however the run ends).
+fn channel_dlq(overflow: Overflow) -> DeadLetterQueue<u64, u64, dlq::ChannelSink<u64>> {
+    let (sink, mut letters) = dlq::channel::<u64>(1).unwrap();
+    tokio::spawn(async move { while letters.recv().await.is_some() {} });
+    DeadLetterQueue::new(sink)
+        .with_buffer(1)
+        .unwrap()
+        .on_overflow(overflow)
+        .named("op")
 }
 
 fn cases() -> Vec<Case> {
@@ -455,6 +470,29 @@ fn cases() -> Vec<Case> {
             drops_on_shutdown: false,
             endless: false,
         },
+        Case {
+            name: "dlq, a channel of 1 and a buffer of 1, blocking",
+            run: |e| drive(input().pipe(channel_dlq(Overflow::Block)), e),
+            drops_on_shutdown: false,
+            endless: false,
+        },
+        Case {
+            name: "dlq, a channel of 1 and a buffer of 1, dropping",
+            run: |e| drive(input().pipe(channel_dlq(Overflow::DropAndCount)), e),
+            drops_on_shutdown: false,
+            endless: false,
+        },
+        Case {
+            name: "dlq, a sink that refuses every record",
+            run: |e| {
+                let sink = dlq::sink_fn(|r: DeadLetter<u64>| {
+                    std::future::ready(Err(Unwritten::new(r, "refused")))
+                });
+                drive(input().pipe(DeadLetterQueue::new(sink).named("op")), e)
+            },
+            drops_on_shutdown: false,
+            endless: false,
+        },
     ]
 }
 
@@ -468,7 +506,7 @@ fn check(case: &Case, end: End, r: &Report) {
     );
     assert_eq!(
         m.received,
-        m.emitted + m.failed + m.errors_passed + m.dropped + m.aborted,
+        m.emitted + m.dead_lettered + m.failed + m.errors_passed + m.dropped + m.aborted,
         "{what}: conservation"
     );
     assert!(m.received > 0, "{what}: nothing reached the stage");
