@@ -62,81 +62,58 @@
 )]
 #![forbid(unsafe_code)]
 
-mod async_mapper;
-mod batcher;
-#[cfg(feature = "circuit-breaker")]
-pub mod breaker;
-mod broadcast;
-mod buffer;
-mod channel;
-mod chunk;
-mod config;
-mod counters;
-mod debounce;
-mod dedupe;
-pub mod dlq;
-mod driver;
-mod error;
-mod filter;
-mod flow;
-mod health;
+// The layers, each using only those above it: the transport core; flows,
+// stages and the operator driver; the operators; the resilience operators
+// (calls with timeouts and retries, dead letters, health gates, the
+// breaker); connectors to external systems.
+mod base;
 #[cfg(feature = "kafka")]
-pub mod kafka;
-mod map;
-mod merge;
-mod partition;
-mod pipeline;
-mod processor;
-mod retry;
-mod route;
-mod sample;
-mod skip;
-mod source;
-mod stage;
-mod step;
-mod switch;
-mod take;
-mod tap;
-mod throttle;
-mod time;
-mod unbatch;
-mod window;
+mod connectors;
+mod flow;
+mod ops;
+mod resilience;
 
-pub use async_mapper::{AsyncMapper, TimeoutError};
-pub use batcher::Batcher;
-pub use buffer::Buffer;
-pub use chunk::{Chunk, IntoIter as ChunkIntoIter};
-pub use config::{ConfigError, EdgeConfig};
-pub use counters::StageMetrics;
-pub use debounce::Debounce;
-pub use dedupe::Dedupe;
-pub use dlq::{DeadLetter, DeadLetterQueue};
-pub use error::{BoxError, ErrorKind, PanicError, Result, StreamError};
-pub use filter::Filter;
+#[cfg(feature = "kafka")]
+pub use connectors::kafka;
+#[cfg(feature = "circuit-breaker")]
+pub use resilience::breaker;
+pub use resilience::dlq;
+
+pub use base::chunk::{Chunk, IntoIter as ChunkIntoIter};
+pub use base::config::{ConfigError, EdgeConfig};
+pub use base::counters::StageMetrics;
+pub use base::error::{BoxError, ErrorKind, PanicError, Result, StreamError};
 pub use flow::Flow;
+pub use flow::pipeline::{Pipeline, PipelineError, StagePanic};
+pub use flow::processor::Processor;
+pub use flow::source::{Pusher, SendError, TrySendError};
+pub use flow::stage::Stage;
+pub use flow::step::{Emit, Item, Step};
+pub use ops::batcher::Batcher;
+pub use ops::buffer::Buffer;
+pub use ops::debounce::Debounce;
+pub use ops::dedupe::Dedupe;
+pub use ops::filter::Filter;
+pub use ops::map::{Map, TryMap};
+pub use ops::merge::merge;
+pub use ops::partition::Partition;
+pub use ops::sample::Sample;
+pub use ops::skip::Skip;
+pub use ops::switch::{Routes, Switch};
+pub use ops::take::Take;
+pub use ops::tap::Tap;
+pub use ops::throttle::Throttle;
+pub use ops::unbatch::Unbatch;
+pub use ops::window::{Session, Sliding, Tumbling, Window};
+pub use resilience::async_mapper::{AsyncMapper, TimeoutError};
+pub use resilience::dlq::{DeadLetter, DeadLetterQueue};
 #[cfg(feature = "http")]
-pub use health::HttpProbe;
-pub use health::{
+pub use resilience::health::HttpProbe;
+pub use resilience::health::{
     ClosedPolicy, GateError, GateHandle, GateState, GateStatus, Health, HealthCheck, HealthFn,
     HealthGate, health_fn,
 };
-pub use map::{Map, TryMap};
-pub use merge::merge;
-pub use partition::Partition;
-pub use pipeline::{Pipeline, PipelineError, StagePanic};
-pub use processor::Processor;
-pub use retry::{Jitter, Retry};
-pub use sample::Sample;
-pub use skip::Skip;
-pub use source::{Pusher, SendError, TrySendError};
-pub use stage::Stage;
-pub use step::{Emit, Item, Step};
-pub use switch::{Routes, Switch};
-pub use take::Take;
-pub use tap::Tap;
-pub use throttle::Throttle;
-pub use unbatch::Unbatch;
-pub use window::{Session, Sliding, Tumbling, Window};
+pub use resilience::retry::{Jitter, Retry};
 
 // The README's and the guides' examples are compiled and run as doc tests,
 // so they cannot drift from the code.

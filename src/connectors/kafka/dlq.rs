@@ -1,0 +1,191 @@
+//! [`KafkaDlq`]: dead letters to a Kafka topic.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::KafkaError;
+use super::record::{Acknowledge, KafkaRecord};
+use super::sink::{brokers_at, durable_producer, headers};
+use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
+
+/// A [`DeadLetterSink`] writing each dead letter to a Kafka topic, in the
+/// spirit of Kafka Connect's dead-letter queue: the record's **original
+/// key and value** (of the Kafka record the failed item came from, found
+/// through its acknowledgement, [`Acknowledge`]), and the error's context
+/// in headers:
+///
+/// | header | value |
+/// |---|---|
+/// | `streamz.errors.topic`, `.partition`, `.offset` | where the original record was read |
+/// | `streamz.errors.stage` | the stage that failed the item |
+/// | `streamz.errors.kind` | `failed`, `timed_out`, `panicked`... |
+/// | `streamz.errors.message` | the error's message |
+/// | `streamz.errors.causes` | its cause chain, one per line |
+/// | `streamz.errors.attempts` | attempts made |
+/// | `streamz.errors.first.failure.ms`, `.last.failure.ms` | when, in ms since the epoch |
+/// | `streamz.errors.sequence` | the dead letter's sequence number in its queue |
+///
+/// A dead letter whose item has no acknowledgement (an upstream error
+/// without an item, an item not from Kafka) is written with headers only.
+///
+/// Once the broker confirms a dead letter, the original record is
+/// acknowledged, so its offset can be committed: a failed record counts as
+/// handled once it is safely in the DLQ topic. A dead letter the broker
+/// refuses comes back as [`Unwritten`] (the queue sends it downstream as an
+/// error item; its offset is not committed past).
+///
+/// # Examples
+///
+/// ```no_run
+/// use streamz::dlq::DeadLetterQueue;
+/// use streamz::kafka::{KafkaDlq, KafkaRecord};
+///
+/// # fn run() -> Result<(), streamz::kafka::KafkaError> {
+/// let dlq = DeadLetterQueue::<KafkaRecord, KafkaRecord, _>::new(
+///     KafkaDlq::new("127.0.0.1:9092", "orders.dlq")?,
+/// );
+/// # let _ = dlq; Ok(()) }
+/// ```
+pub struct KafkaDlq {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl std::fmt::Debug for KafkaDlq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaDlq")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaDlq {
+    /// Writes to `topic` on the cluster at `brokers`.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::Client`] if librdkafka refuses the configuration.
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
+        Self::with_config(&brokers_at(brokers), topic)
+    }
+
+    /// Writes to `topic` with a producer made from `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::Client`] if librdkafka refuses the configuration.
+    ///
+    /// [`KafkaError::Config`] for `acks` other than `all`, as for
+    /// [`KafkaSink::with_config`](super::KafkaSink::with_config).
+    pub fn with_config(config: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
+        Ok(KafkaDlq {
+            producer: durable_producer(config)?,
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+fn millis(t: SystemTime) -> String {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+        .to_string()
+}
+
+/// The context headers of `letter`, whose original record is `origin`.
+fn context<T>(
+    letter: &DeadLetter<T>,
+    origin: Option<&KafkaRecord>,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let mut h: Vec<(&'static str, Vec<u8>)> = Vec::with_capacity(11);
+    if let Some(o) = origin {
+        h.push(("streamz.errors.topic", o.topic().as_bytes().to_vec()));
+        h.push((
+            "streamz.errors.partition",
+            o.partition().to_string().into_bytes(),
+        ));
+        h.push(("streamz.errors.offset", o.offset().to_string().into_bytes()));
+    }
+    let kind = serde_json::to_value(letter.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    h.push(("streamz.errors.stage", letter.stage.clone().into_bytes()));
+    h.push(("streamz.errors.kind", kind.into_bytes()));
+    h.push((
+        "streamz.errors.message",
+        letter.message.clone().into_bytes(),
+    ));
+    h.push((
+        "streamz.errors.causes",
+        letter.causes.join("\n").into_bytes(),
+    ));
+    h.push((
+        "streamz.errors.attempts",
+        letter.attempts.to_string().into_bytes(),
+    ));
+    h.push((
+        "streamz.errors.first.failure.ms",
+        millis(letter.first_failure).into_bytes(),
+    ));
+    h.push((
+        "streamz.errors.last.failure.ms",
+        millis(letter.last_failure).into_bytes(),
+    ));
+    h.push((
+        "streamz.errors.sequence",
+        letter.sequence.to_string().into_bytes(),
+    ));
+    h
+}
+
+impl<T: Acknowledge + Send + 'static> DeadLetterSink<T> for KafkaDlq {
+    async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
+        // Hand every record to the producer first, then wait for the
+        // confirmations: one round trip for the batch.
+        let mut sent = Vec::with_capacity(records.len());
+        for letter in records {
+            let origin = letter
+                .item
+                .as_ref()
+                .and_then(|i| i.acknowledgement())
+                .map(super::Ack::record);
+            let context = context(&letter, origin.as_ref());
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
+                .headers(headers(context.iter().map(|(k, v)| (*k, v.as_slice()))));
+            if let Some(key) = origin.as_ref().and_then(KafkaRecord::key) {
+                record = record.key(key);
+            }
+            if let Some(value) = origin.as_ref().and_then(KafkaRecord::value) {
+                record = record.payload(value);
+            }
+            let delivery = self.producer.send_result(record).map_err(|(e, _)| e);
+            sent.push((letter, delivery));
+        }
+        let mut unwritten = Vec::new();
+        for (letter, delivery) in sent {
+            let outcome = match delivery {
+                Ok(d) => match d.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(KafkaError::Client(e)),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(e) => Err(KafkaError::Client(e)),
+            };
+            match outcome {
+                Ok(()) => {
+                    if let Some(ack) = letter.item.as_ref().and_then(|i| i.acknowledgement()) {
+                        ack.ack();
+                    }
+                }
+                Err(e) => unwritten.push(Unwritten::new(letter, e)),
+            }
+        }
+        if unwritten.is_empty() {
+            Ok(())
+        } else {
+            Err(unwritten)
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! [`KafkaSink`]: produce each item to a topic and confirm its delivery.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::KafkaError;
+use super::record::{Ack, Acknowledge, KafkaRecord};
+use crate::base::config::ConfigError;
+use crate::flow::Flow;
+use crate::flow::processor::Processor;
+use crate::resilience::async_mapper::AsyncMapper;
+
+/// A record to produce: an optional topic (the sink's by default), key,
+/// value, headers, and the acknowledgement of the record it came from.
+///
+/// ```
+/// use streamz::kafka::ProducerRecord;
+///
+/// let r = ProducerRecord::new(b"{\"total\":42}".to_vec())
+///     .key(b"order-7".to_vec())
+///     .header("content-type", b"application/json".to_vec());
+/// assert_eq!(r.value.as_deref(), Some(&b"{\"total\":42}"[..]));
+/// ```
+#[derive(Debug, Default)]
+pub struct ProducerRecord {
+    /// The topic, or `None` for the sink's.
+    pub topic: Option<String>,
+    /// The key (partitioning uses it).
+    pub key: Option<Vec<u8>>,
+    /// The value; `None` produces a tombstone.
+    pub value: Option<Vec<u8>>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Acknowledged when the broker confirms the write.
+    pub ack: Option<Ack>,
+}
+
+impl ProducerRecord {
+    /// A record with `value`.
+    pub fn new(value: impl Into<Vec<u8>>) -> Self {
+        ProducerRecord {
+            value: Some(value.into()),
+            ..ProducerRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sends it to `topic` instead of the sink's.
+    pub fn to(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// Acknowledges `ack` once written.
+    pub fn acking(mut self, ack: Ack) -> Self {
+        self.ack = Some(ack);
+        self
+    }
+}
+
+/// A read record produced again as it is (key, value, headers with a
+/// value), acknowledging it once written: a pass-through.
+impl From<KafkaRecord> for ProducerRecord {
+    fn from(r: KafkaRecord) -> Self {
+        ProducerRecord::from(&r)
+    }
+}
+
+/// A read record produced again as it is, acknowledging it once written
+/// (for `flow.map(|r: &KafkaRecord| ProducerRecord::from(r))`).
+impl From<&KafkaRecord> for ProducerRecord {
+    fn from(r: &KafkaRecord) -> Self {
+        ProducerRecord {
+            topic: None,
+            key: r.key().map(<[u8]>::to_vec),
+            value: r.value().map(<[u8]>::to_vec),
+            headers: r
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
+                .collect(),
+            ack: Some(r.acker()),
+        }
+    }
+}
+
+impl Acknowledge for ProducerRecord {
+    fn acknowledgement(&self) -> Option<&Ack> {
+        self.ack.as_ref()
+    }
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+}
+
+/// Produces each [`ProducerRecord`] and emits a [`Delivered`] once the
+/// broker confirms it, acknowledging the record's source record then.
+///
+/// Runs like an ordered [`AsyncMapper`]: records are handed to the
+/// producer in input order (so a partition receives them in that order)
+/// with up to `concurrency` awaiting confirmation, and [`Delivered`]s
+/// leave in input order. A record the producer refuses or cannot deliver
+/// (after librdkafka's own retries, within its `delivery.timeout.ms`)
+/// becomes a `failed` error item carrying the record, acknowledgement
+/// included: route it to a [`DeadLetterQueue`](crate::resilience::dlq::DeadLetterQueue)
+/// with a [`KafkaDlq`](super::KafkaDlq) so it is written and acknowledged
+/// there; otherwise its offset is not committed past.
+///
+/// # Defaults
+///
+/// Concurrency 1,000 (below librdkafka's default queue of 100,000
+/// messages), `enable.idempotence=true` (librdkafka's retries keep order
+/// and write no duplicates), named `kafka_sink`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use streamz::kafka::{KafkaSink, ProducerRecord};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let sink = KafkaSink::new("127.0.0.1:9092", "greetings")?;
+/// let delivered = streamz::iter(["hello", "world"])
+///     .map(|s| ProducerRecord::new(s.as_bytes().to_vec()))
+///     .pipe(sink)
+///     .collect()
+///     .await;
+/// assert!(delivered.iter().all(Result::is_ok));
+/// # Ok(()) }
+/// ```
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topic: Arc<str>,
+    concurrency: usize,
+    name: Cow<'static, str>,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("topic", &self.topic)
+            .field("concurrency", &self.concurrency)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSink {
+    /// A sink writing to `topic` on the cluster at `brokers`.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::Client`] if librdkafka refuses the configuration.
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
+        Self::with_config(&brokers_at(brokers), topic)
+    }
+
+    /// A sink with a producer made from `config` (any librdkafka producer
+    /// properties; `bootstrap.servers` at least).
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::Client`] if librdkafka refuses the configuration.
+    ///
+    /// [`KafkaError::Config`] for `acks` other than `all` (`-1`): a write
+    /// confirmed by the leader alone can vanish with it after the source
+    /// committed past the record. `enable.idempotence` is set to `true`
+    /// unless given.
+    pub fn with_config(config: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
+        Ok(KafkaSink {
+            producer: durable_producer(config)?,
+            topic: Arc::from(topic),
+            concurrency: 1000,
+            name: Cow::Borrowed("kafka_sink"),
+        })
+    }
+
+    /// How many records may await their confirmation at once.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for zero.
+    pub fn with_concurrency(mut self, n: usize) -> Result<Self, ConfigError> {
+        if n == 0 {
+            return Err(ConfigError::Zero {
+                field: "concurrency",
+            });
+        }
+        self.concurrency = n;
+        Ok(self)
+    }
+
+    /// Names the stage (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+/// A producer configuration for the cluster at `brokers`.
+pub(crate) fn brokers_at(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    config
+}
+
+/// A producer from `config` with what a write must have to count as
+/// durable: all in-sync replicas confirm it (`acks=all`, implied by
+/// idempotence), so an acknowledgement is never given for a write a leader
+/// failover can lose. Shared by the sink and the DLQ.
+pub(crate) fn durable_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
+    let mut config = config.clone();
+    match config.get("acks") {
+        None | Some("all" | "-1") => {}
+        Some(_) => {
+            return Err(KafkaError::Config {
+                key: "acks".into(),
+                reason: "must be `all`: the source commits past a record once its write is confirmed",
+            });
+        }
+    }
+    if config.get("enable.idempotence").is_none() {
+        config.set("enable.idempotence", "true");
+    }
+    Ok(config.create()?)
+}
+
+/// Headers for librdkafka from `(key, value)` pairs.
+pub(crate) fn headers<'a>(
+    pairs: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
+) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(pairs.len());
+    for (key, value) in pairs {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
+impl Processor<ProducerRecord, Delivered> for KafkaSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<ProducerRecord>) -> Flow<Delivered> {
+        let KafkaSink {
+            producer,
+            topic: default_topic,
+            concurrency,
+            name,
+        } = self;
+        let produce = move |r: &ProducerRecord| {
+            let topic: Arc<str> = match &r.topic {
+                Some(t) => Arc::from(t.as_str()),
+                None => default_topic.clone(),
+            };
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic);
+            if let Some(key) = &r.key {
+                record = record.key(key.as_slice());
+            }
+            if let Some(value) = &r.value {
+                record = record.payload(value.as_slice());
+            }
+            if !r.headers.is_empty() {
+                record = record.headers(headers(
+                    r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                ));
+            }
+            // Handed to the producer now, in input order.
+            let sent = producer.send_result(record).map_err(|(e, _)| e);
+            let ack = r.ack.as_ref().map(Ack::share);
+            async move {
+                let delivery = sent?.await.map_err(|_| KafkaError::Canceled)?;
+                let (partition, offset) = match delivery {
+                    Ok(d) => (d.partition, d.offset),
+                    Err((e, _)) => return Err(KafkaError::Client(e)),
+                };
+                if let Some(ack) = ack {
+                    ack.ack();
+                }
+                Ok(Delivered {
+                    topic,
+                    partition,
+                    offset,
+                })
+            }
+        };
+        AsyncMapper::new(produce)
+            .named(name)
+            .with_concurrency(concurrency)
+            .expect("the concurrency was checked when set")
+            .process(input)
+    }
+}

@@ -1,0 +1,802 @@
+//! [`KafkaSource`]: a consumer-group member as the source of a flow.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::KafkaError;
+use super::offsets::{Commit, Offsets};
+use super::record::{Entry, KafkaRecord, Progress};
+use crate::base::config::ConfigError;
+use crate::base::error::StreamError;
+use crate::base::time;
+use crate::flow::Flow;
+use crate::flow::pipeline::Pipeline;
+use crate::flow::source::Pusher;
+
+/// Joins a Kafka consumer group and reads its share of the topics' partitions
+/// as a flow of [`KafkaRecord`]s, committing offsets only past acknowledged
+/// records (at least once).
+///
+/// # How offsets are committed
+///
+/// Every record read is tracked per partition, in offset order. A
+/// partition's offset is committed (every [`commit_every`], and at the
+/// end) up to the first record that is not acknowledged: a record is
+/// acknowledged once its outcome is durable ([`KafkaRecord::ack`];
+/// [`KafkaSink`](super::KafkaSink) and [`KafkaDlq`](super::KafkaDlq) do
+/// it when the broker confirms their write). So after a crash, a restart
+/// or a rebalance, the partition's next owner starts at the oldest record
+/// whose outcome was not yet written, and nothing is lost; the records
+/// after it that were written are written again (duplicates, counted as
+/// [`released`](KafkaSourceStats::released) when a partition is taken away).
+///
+/// At most [`max_unacked`] records may wait for their acknowledgement; then
+/// the source stops reading until some are acknowledged (and warns if that
+/// lasts longer than a commit interval): memory stays bounded, and a stage
+/// that forgets to acknowledge the records it drops shows up as a stalled
+/// source, not as lost data. The tracker keeps an offset and a flag per
+/// record, not its payload.
+///
+/// # Errors from the consumer
+///
+/// librdkafka recovers from most errors itself (a broker restarting, a
+/// connection lost): those are logged and counted
+/// ([`errors`](KafkaSourceStats::errors)). A fatal error ends the source:
+/// it goes down the flow as a `failed` error item, and the source drains
+/// and leaves as in a graceful shutdown.
+///
+/// # Rebalances
+///
+/// When the group takes partitions from this member, the source commits
+/// what is acknowledged of them (asynchronously: the callback runs on the
+/// source's task, which must not block) and forgets them: records of
+/// those partitions still in the chain are released
+/// ([`KafkaRecord::is_released`]) to the next owner, which reads them again
+/// from the committed offset. When partitions are given to it, it starts
+/// them afresh.
+///
+/// The consumer is served while the source reads: while the chain holds
+/// it back (backpressure), rebalance callbacks wait too, up to the group's
+/// `max.poll.interval.ms` (five minutes by default), after which the
+/// broker considers the member gone.
+///
+/// # Ending
+///
+/// - A graceful [`Pipeline::shutdown`]: the source stops reading, waits up
+///   to [`drain_for`] for the records in the chain to be acknowledged,
+///   commits, and leaves the group.
+/// - The flow dropped (even while no record arrives), or the pipeline
+///   aborted: it commits what is acknowledged at once and leaves the group.
+///
+/// The last commit and leaving the group wait on the broker, so they run
+/// on a blocking thread; the task waits for them up to 30 s.
+///
+/// Either way the task is one of the pipeline's, so [`Pipeline::join`]
+/// returns after the last commit.
+///
+/// # Defaults
+///
+/// `enable.auto.commit=false` and `enable.auto.offset.store=false` (the
+/// source commits; setting either to `true` is refused),
+/// `auto.offset.reset=earliest`; commit every second, at most 10,000
+/// records unacknowledged, drain for 30 s. Any other librdkafka consumer
+/// property with [`set`](KafkaSource::set).
+///
+/// [`commit_every`]: KafkaSource::commit_every
+/// [`max_unacked`]: KafkaSource::max_unacked
+/// [`drain_for`]: KafkaSource::drain_for
+///
+/// # Examples
+///
+/// ```no_run
+/// use streamz::kafka::{KafkaRecord, KafkaSink, KafkaSource, ProducerRecord};
+/// use streamz::Pipeline;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let pipeline = Pipeline::new();
+/// let (records, _handle) = KafkaSource::new("127.0.0.1:9092", "orders-enricher")
+///     .topics(["orders"])
+///     .start(&pipeline)?;
+/// let sink = KafkaSink::new("127.0.0.1:9092", "orders-enriched")?;
+/// records
+///     .map(|r: &KafkaRecord| ProducerRecord::from(r)) // the acknowledgement travels along
+///     .pipe(sink)                       // acknowledged once delivered
+///     .for_each(|_delivered| {})
+///     .await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct KafkaSource {
+    config: ClientConfig,
+    topics: Vec<String>,
+    commit_every: Duration,
+    max_unacked: usize,
+    drain_for: Duration,
+    name: Cow<'static, str>,
+}
+
+impl KafkaSource {
+    /// A member of consumer group `group_id` on the cluster at `brokers`
+    /// (`host:port`, comma-separated).
+    pub fn new(brokers: &str, group_id: &str) -> Self {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        KafkaSource {
+            config,
+            topics: Vec::new(),
+            commit_every: Duration::from_secs(1),
+            max_unacked: 10_000,
+            drain_for: Duration::from_secs(30),
+            name: Cow::Borrowed("kafka_source"),
+        }
+    }
+
+    /// The topics to subscribe to.
+    pub fn topics<S: Into<String>>(mut self, topics: impl IntoIterator<Item = S>) -> Self {
+        self.topics = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets a librdkafka consumer property (`session.timeout.ms`,
+    /// `client.id`, security settings...).
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.config.set(key, value);
+        self
+    }
+
+    /// How often acknowledged offsets are committed (1 s by default).
+    /// Periods above a year (`Duration::MAX` included) are a year: the
+    /// commits on rebalance and at the end still happen.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for zero.
+    pub fn commit_every(mut self, every: Duration) -> Result<Self, ConfigError> {
+        if every.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "commit_every",
+            });
+        }
+        self.commit_every = every;
+        Ok(self)
+    }
+
+    /// How many records may wait for their acknowledgement before the
+    /// source stops reading (10,000 by default).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for zero.
+    pub fn max_unacked(mut self, n: usize) -> Result<Self, ConfigError> {
+        if n == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_unacked",
+            });
+        }
+        self.max_unacked = n;
+        Ok(self)
+    }
+
+    /// How long a graceful shutdown waits for the records in the chain to
+    /// be acknowledged before the last commit (30 s by default).
+    /// `Duration::MAX` means no limit: the source waits until every record
+    /// is acknowledged (or the pipeline aborts), then commits and leaves.
+    pub fn drain_for(mut self, wait: Duration) -> Self {
+        self.drain_for = wait;
+        self
+    }
+
+    /// Names the source (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Creates the consumer, subscribes, and starts reading into a flow of
+    /// `pipeline`. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::Config`] without topics or with automatic commits
+    /// turned on; [`KafkaError::Client`] if librdkafka refuses the
+    /// configuration or the subscription.
+    pub fn start(
+        self,
+        pipeline: &Pipeline,
+    ) -> Result<(Flow<KafkaRecord>, KafkaSourceHandle), KafkaError> {
+        if self.topics.is_empty() {
+            return Err(KafkaError::Config {
+                key: "topics".into(),
+                reason: "at least one topic is needed",
+            });
+        }
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            if self.config.get(key) != Some("false") {
+                return Err(KafkaError::Config {
+                    key: key.into(),
+                    reason: "must stay false: the source commits acknowledged offsets itself",
+                });
+            }
+        }
+        let shared = Arc::new(Shared::default());
+        let context = SourceContext {
+            shared: shared.clone(),
+            name: self.name.to_string(),
+        };
+        let consumer: StreamConsumer<SourceContext> = self.config.create_with_context(context)?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let (pusher, flow) = pipeline.channel_named(self.name.to_string());
+        let (stopped_tx, stopped) = watch::channel(false);
+        let task = Reader {
+            consumer,
+            shared: shared.clone(),
+            pusher,
+            shutdown: pipeline.shutdown_token(),
+            abort: pipeline.abort_token(),
+            commit_every: self.commit_every,
+            max_unacked: self.max_unacked,
+            drain_for: self.drain_for,
+            name: self.name.to_string(),
+            topic_names: HashMap::new(),
+            ticks: AtomicU64::new(0),
+        };
+        pipeline.spawn(Arc::from(&*self.name), async move {
+            task.run().await;
+            let _ = stopped_tx.send(true);
+        });
+        Ok((flow, KafkaSourceHandle { shared, stopped }))
+    }
+}
+
+/// What the reader task and the rebalance callbacks share.
+struct Shared {
+    offsets: Mutex<Offsets>,
+    /// The partitions held now, sorted.
+    assignment: watch::Sender<Vec<(String, i32)>>,
+    read: AtomicU64,
+    commits: AtomicU64,
+    released: AtomicU64,
+    errors: AtomicU64,
+    stalled: AtomicBool,
+}
+
+impl Shared {
+    fn offsets(&self) -> MutexGuard<'_, Offsets> {
+        self.offsets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            offsets: Mutex::default(),
+            assignment: watch::Sender::new(Vec::new()),
+            read: AtomicU64::default(),
+            commits: AtomicU64::default(),
+            released: AtomicU64::default(),
+            errors: AtomicU64::default(),
+            stalled: AtomicBool::default(),
+        }
+    }
+}
+
+/// Counters of a [`KafkaSource`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct KafkaSourceStats {
+    /// Records read.
+    pub read: u64,
+    /// Offset commit requests librdkafka accepted (each may cover several
+    /// partitions; an asynchronous one may still fail at the broker, and is
+    /// then made again).
+    pub commits: u64,
+    /// Records still in the chain when their partition was taken away:
+    /// the next owner reads them again.
+    pub released: u64,
+    /// Records read and not yet acknowledged with every record before them.
+    pub unacked: u64,
+    /// Errors the consumer reported (each also went down the flow as an
+    /// error item).
+    pub errors: u64,
+}
+
+/// Watches a running [`KafkaSource`].
+#[derive(Clone)]
+pub struct KafkaSourceHandle {
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for KafkaSourceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSourceHandle")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSourceHandle {
+    /// Its counters now.
+    pub fn stats(&self) -> KafkaSourceStats {
+        let s = &self.shared;
+        KafkaSourceStats {
+            read: s.read.load(Ordering::Relaxed),
+            commits: s.commits.load(Ordering::Relaxed),
+            released: s.released.load(Ordering::Relaxed),
+            unacked: s.offsets().outstanding() as u64,
+            errors: s.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The partitions the group has given this member now, as
+    /// `(topic, partition)`, sorted.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.shared.assignment.borrow().clone()
+    }
+
+    /// A watch of [`assignment`](KafkaSourceHandle::assignment), to wait
+    /// for the group to give or take partitions.
+    pub fn watch_assignment(&self) -> watch::Receiver<Vec<(String, i32)>> {
+        self.shared.assignment.subscribe()
+    }
+
+    /// Waits until the source has made its last commit and left the group.
+    pub async fn stopped(&mut self) {
+        let _ = self.stopped.wait_for(|s| *s).await;
+    }
+}
+
+struct SourceContext {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let mut commits = Vec::new();
+        let mut released = 0;
+        {
+            let mut offsets = self.shared.offsets();
+            for e in tpl.elements() {
+                let (commit, in_flight) = offsets.release(e.topic(), e.partition());
+                commits.extend(commit);
+                released += in_flight;
+            }
+        }
+        self.shared.assignment.send_modify(|held| {
+            held.retain(|(t, p)| {
+                !tpl.elements()
+                    .iter()
+                    .any(|e| e.topic() == t && e.partition() == *p)
+            });
+        });
+        self.shared
+            .released
+            .fetch_add(released as u64, Ordering::Relaxed);
+        if released > 0 {
+            tracing::info!(source = %self.name, released, "partitions taken away; their records not yet committed past will be read again by the next owner");
+        }
+        // Asynchronous: this runs on the reader's task, which must not
+        // block on the network. A commit that lands late only makes the
+        // next owner read more again, never less.
+        commit(
+            consumer,
+            &self.shared,
+            &commits,
+            CommitMode::Async,
+            &self.name,
+        );
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.shared.assignment.send_modify(|held| {
+                for e in tpl.elements() {
+                    let tp = (e.topic().to_owned(), e.partition());
+                    if !held.contains(&tp) {
+                        held.push(tp);
+                    }
+                }
+                held.sort();
+            });
+            tracing::info!(source = %self.name, partitions = tpl.count(), "partitions assigned");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(source = %self.name, error = %e, "offset commit failed; it is made again");
+                let mut tracker = self.shared.offsets();
+                for el in offsets.elements() {
+                    if let Offset::Offset(next) = el.offset() {
+                        tracker.retry(el.topic(), el.partition(), next);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Commits `commits` (nothing if empty). A failed asynchronous commit is
+/// reported to [`SourceContext::commit_callback`] when librdkafka delivers
+/// the report (which hands the offsets out again); the source also makes
+/// every partition's commit again every [`RECOMMIT_EVERY`] ticks, so a
+/// failure whose report never comes is covered too.
+fn commit<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    shared: &Shared,
+    commits: &[Commit],
+    mode: CommitMode,
+    name: &str,
+) {
+    if commits.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for c in commits {
+        if let Err(e) = tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next)) {
+            tracing::warn!(source = %name, error = %e, "could not list an offset to commit");
+        }
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => {
+            shared.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(source = %name, error = %e, "offset commit failed; a later one covers it");
+        }
+    }
+}
+
+/// Every this many commit ticks, every partition's offset is committed
+/// again, moved or not.
+const RECOMMIT_EVERY: u64 = 10;
+
+/// How often a source that waits for acknowledgements (at
+/// `max_unacked`) looks again.
+const STALL_CHECK: Duration = Duration::from_millis(5);
+
+/// How long the source waits for its last commit and for leaving the
+/// group before it gives up on the broker (the consumer finishes closing
+/// on a blocking thread).
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// The reader task.
+struct Reader {
+    consumer: StreamConsumer<SourceContext>,
+    shared: Arc<Shared>,
+    pusher: Pusher<KafkaRecord>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+    commit_every: Duration,
+    max_unacked: usize,
+    drain_for: Duration,
+    name: String,
+    /// Topic names, allocated once.
+    topic_names: HashMap<String, Arc<str>>,
+    /// Commit ticks so far.
+    ticks: AtomicU64,
+}
+
+enum Stop {
+    /// A graceful shutdown: let the chain finish what it holds.
+    Drain,
+    /// The flow is gone or the pipeline aborted.
+    Now,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(commit_period(self.commit_every));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stalled_since: Option<tokio::time::Instant> = None;
+        let stop = loop {
+            if self.over_limit() {
+                let since = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
+                let patience = self.commit_every.max(Duration::from_secs(1));
+                if since.elapsed() >= patience && !self.shared.stalled.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(source = %self.name, max_unacked = self.max_unacked, "reading paused: too many records wait for their acknowledgement (does a stage drop records without acknowledging them?)");
+                }
+                tokio::select! {
+                    biased;
+                    () = self.abort.cancelled() => break Stop::Now,
+                    () = self.shutdown.cancelled() => break Stop::Drain,
+                    () = self.pusher.closed() => break Stop::Now,
+                    _ = tick.tick() => self.commit_acknowledged(),
+                    () = tokio::time::sleep(STALL_CHECK) => {}
+                }
+                continue;
+            }
+            stalled_since = None;
+            self.shared.stalled.store(false, Ordering::Relaxed);
+            let received = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => break Stop::Now,
+                () = self.shutdown.cancelled() => break Stop::Drain,
+                () = self.pusher.closed() => break Stop::Now,
+                _ = tick.tick() => {
+                    self.commit_acknowledged();
+                    continue;
+                }
+                m = self.consumer.recv() => m.map(|m| record_of(&mut self.topic_names, &m)),
+            };
+            let (item, tracked) = match received {
+                Ok((record, tracked)) => (Ok(record), Some(tracked)),
+                Err(e) => {
+                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                    if self.consumer.client().fatal_error().is_none() {
+                        // librdkafka recovers from these (a broker
+                        // restarting, a lost connection) by itself.
+                        tracing::warn!(source = %self.name, error = %e, "the consumer reported an error");
+                        continue;
+                    }
+                    tracing::error!(source = %self.name, error = %e, "the consumer failed for good");
+                    let err = StreamError::failed(self.name.clone(), KafkaError::Client(e));
+                    (Err(err), None)
+                }
+            };
+            let fatal = tracked.is_none();
+            let mut send = pin!(self.pusher.send_result(item));
+            let sent = loop {
+                tokio::select! {
+                    biased;
+                    () = self.abort.cancelled() => break None,
+                    r = &mut send => break Some(r.is_ok()),
+                    _ = tick.tick() => self.commit_acknowledged(),
+                }
+            };
+            match sent {
+                None => break Stop::Now,
+                Some(false) if self.shutdown.is_cancelled() => break Stop::Drain,
+                Some(false) => break Stop::Now,
+                Some(true) => {
+                    // Tracked once it is in the chain: a record the flow
+                    // refused is read again by whoever reads next, and is
+                    // not waited for. Nothing else runs on the tracker
+                    // between the receive and here (rebalance callbacks run
+                    // inside `recv`, on this task).
+                    if let Some((topic, partition, offset, progress)) = tracked {
+                        self.shared
+                            .offsets()
+                            .track(&topic, partition, offset, progress);
+                        self.shared.read.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if fatal {
+                        break Stop::Drain;
+                    }
+                }
+            }
+        };
+        if let Stop::Drain = stop {
+            self.drain(&mut tick).await;
+        }
+        self.close().await;
+    }
+
+    /// Whether `max_unacked` records wait (after moving the watermarks).
+    fn over_limit(&self) -> bool {
+        let mut offsets = self.shared.offsets();
+        if offsets.outstanding() < self.max_unacked {
+            return false;
+        }
+        offsets.advance_only();
+        offsets.outstanding() >= self.max_unacked
+    }
+
+    /// Waits up to `drain_for` for every record in the chain to be
+    /// acknowledged, committing as they are.
+    async fn drain(&self, tick: &mut tokio::time::Interval) {
+        let drained = drain_until(self.drain_for, &self.abort, tick, || {
+            self.commit_acknowledged();
+            self.shared.offsets().outstanding()
+        })
+        .await;
+        if let Drained::TimedOut(left) = drained {
+            tracing::warn!(source = %self.name, unacked = left, "shutdown: records still unacknowledged after the drain period; the group reads them again");
+        }
+    }
+
+    /// The last commit and leaving the group, on a blocking thread: both
+    /// wait on the broker, and closing the consumer polls until it is
+    /// closed.
+    async fn close(self) {
+        let Reader {
+            consumer,
+            shared,
+            name,
+            ..
+        } = self;
+        let last = shared.offsets().watermarks();
+        let closing = {
+            let name = name.clone();
+            let shared_for_close = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                commit(&consumer, &shared_for_close, &last, CommitMode::Sync, &name);
+                consumer.unsubscribe();
+                drop(consumer);
+            })
+        };
+        match time::timeout(CLOSE_WAIT, closing).await {
+            Ok(_) => tracing::info!(source = %name, "left the consumer group"),
+            Err(_) => {
+                tracing::warn!(source = %name, "the broker did not confirm the last commit and the leave within 30 s; the group reads again what was not committed")
+            }
+        }
+        shared.assignment.send_replace(Vec::new());
+    }
+
+    fn commit_acknowledged(&self) {
+        let all = (self.ticks.fetch_add(1, Ordering::Relaxed) + 1) % RECOMMIT_EVERY == 0;
+        let commits = self.shared.offsets().advance(all);
+        commit(
+            &self.consumer,
+            &self.shared,
+            &commits,
+            CommitMode::Async,
+            &self.name,
+        );
+    }
+}
+
+/// The longest commit period: `tokio`'s interval adds its period to the
+/// clock, which overflows for `Duration::MAX`.
+const LONGEST_COMMIT_PERIOD: Duration = Duration::from_secs(365 * 86_400);
+
+fn commit_period(every: Duration) -> Duration {
+    every.min(LONGEST_COMMIT_PERIOD)
+}
+
+/// How a drain ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// Nothing is left unacknowledged.
+    All,
+    Aborted,
+    /// The drain period passed with this many records unacknowledged.
+    TimedOut(usize),
+}
+
+/// Asks `left` (which commits what is acknowledged and counts what is not)
+/// on every tick until it says nothing is left, the pipeline aborts, or
+/// `drain_for` passes (`Duration::MAX`: never). It always returns to the
+/// caller, who commits last: a deadline that overflowed here used to
+/// panic the task and skip the final commit.
+async fn drain_until(
+    drain_for: Duration,
+    abort: &CancellationToken,
+    tick: &mut tokio::time::Interval,
+    mut left: impl FnMut() -> usize,
+) -> Drained {
+    let deadline = time::after(tokio::time::Instant::now(), drain_for);
+    loop {
+        let n = left();
+        if n == 0 {
+            return Drained::All;
+        }
+        tokio::select! {
+            () = abort.cancelled() => return Drained::Aborted,
+            () = time::sleep_until(deadline) => return Drained::TimedOut(n),
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// The record of `m`, and what the tracker needs of it.
+fn record_of(
+    topic_names: &mut HashMap<String, Arc<str>>,
+    m: &BorrowedMessage<'_>,
+) -> (KafkaRecord, Tracked) {
+    let topic = match topic_names.get(m.topic()) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            topic_names.insert(m.topic().to_owned(), t.clone());
+            t
+        }
+    };
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let progress = Arc::new(Progress::new());
+    let record = KafkaRecord::new(Entry {
+        topic: topic.clone(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp: m.timestamp().to_millis(),
+        progress: progress.clone(),
+        own: AtomicBool::new(false),
+    });
+    (record, (topic, m.partition(), m.offset(), progress))
+}
+
+/// A record's place for the tracker: topic, partition, offset, progress.
+type Tracked = (Arc<str>, i32, i64, Arc<Progress>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `drain_for(Duration::MAX)` waits for the acknowledgements without a
+    /// limit and then returns, so the last commit runs.
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_drain_waits_for_every_acknowledgement_then_returns() {
+        let abort = CancellationToken::new();
+        let mut tick = tokio::time::interval(commit_period(Duration::MAX));
+        let mut checks = 0;
+        let start = tokio::time::Instant::now();
+        // Three looks find a record outstanding (ticks: at once, then a
+        // year apart), the fourth finds none.
+        let drained = tokio::time::timeout(
+            Duration::from_secs(10 * 365 * 86_400),
+            drain_until(Duration::MAX, &abort, &mut tick, || {
+                checks += 1;
+                if checks < 4 { 1 } else { 0 }
+            }),
+        )
+        .await
+        .expect("the drain ends once nothing is left");
+        assert_eq!(drained, Drained::All);
+        assert_eq!(checks, 4);
+        assert!(start.elapsed() >= 2 * LONGEST_COMMIT_PERIOD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_drain_still_ends_on_abort_and_a_finite_one_on_time() {
+        let abort = CancellationToken::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let stop = abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            stop.cancel();
+        });
+        let drained = tokio::time::timeout(
+            Duration::from_secs(1000),
+            drain_until(Duration::MAX, &abort, &mut tick, || 5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(drained, Drained::Aborted);
+
+        let abort = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let drained = drain_until(Duration::from_secs(30), &abort, &mut tick, || 2).await;
+        assert_eq!(drained, Drained::TimedOut(2));
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+}

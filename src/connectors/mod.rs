@@ -1,0 +1,4 @@
+//! Connectors to external systems: sources and sinks built on the layers
+//! below.
+
+pub mod kafka;

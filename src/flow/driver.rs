@@ -1,0 +1,760 @@
+//! The operator driver: every operator task's event loop, written once.
+//!
+//! An operator with its own task (a batcher, a throttle, a window) is a
+//! small state machine implementing [`Operator`]: what it does with an input
+//! chunk, with its due deadline, with its own work in progress, at the end
+//! of the input and at a graceful shutdown, and how many input items it
+//! holds. [`run`] owns everything else:
+//!
+//! - **One priority between events**, checked in this order on every
+//!   wake-up: abort, closed output, graceful shutdown (once), the operator's
+//!   own work, its due deadline, then the input (only while the operator
+//!   wants input). Stopping comes first so that a busy input cannot hide it;
+//!   deadlines come before input so that a value whose time has come is not
+//!   held back by an input that is always ready.
+//! - **Output chunking**: everything the operator emits goes through
+//!   [`Out`], which cuts it into chunks of at most the edge's `max_chunk`,
+//!   so the per-edge item bound holds whatever the operator or its input
+//!   produced. While a chunk waits for room downstream, the operator's own
+//!   work keeps being polled (its in-flight calls keep running).
+//! - **Deadlines** are [`Deadline`]s: `None` is never, so `Duration::MAX`
+//!   cannot panic or spin (see `time.rs`).
+//! - **Counting**: the driver counts what it hands in (`received`); the
+//!   operator counts what leaves through [`Out`]; the driver adds the counts
+//!   to the stage's counters once per event and, when the stage stops early,
+//!   counts what was not delivered (`undelivered`), what the operator holds
+//!   and what waits upstream (`aborted`) exactly once. If the operator
+//!   panics, the counts so far are kept, everything it had received and not
+//!   accounted for is counted as aborted, a `panicked` error goes downstream,
+//!   and the panic is re-raised so [`Pipeline::join`](crate::Pipeline::join)
+//!   reports it.
+//! - **Drops**: every intentional, counted drop goes through [`Out::drop`],
+//!   the one place where a drop is recorded.
+//! - **Hand-offs**: an operator that hands items to a task of its own that
+//!   counts their fate (the dead-letter queue's writer) says so with
+//!   [`Out::hand_off`] and [`Out::take_back`], and keeps its output open
+//!   while that task runs ([`Operator::busy`]).
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::base::channel::{ChunkTx, chunk_channel};
+use crate::base::chunk::Chunk;
+use crate::base::config::EdgeConfig;
+use crate::base::counters::{Counters, Local};
+use crate::base::error::{ErrorKind, StreamError};
+use crate::base::time::{Deadline, Timer};
+use crate::flow::Flow;
+use crate::flow::pipeline::Pipeline;
+use crate::flow::source::BoxSource;
+
+/// Whether an operator takes input now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Demand {
+    /// Feed it the next chunk when one is ready.
+    Input,
+    /// Not now: the input waits upstream (backpressure).
+    Hold,
+    /// Never again: the driver stops the input (counting what waits there
+    /// as aborted), delivers what is pending and ends the output.
+    Done,
+}
+
+/// A stage's logic as a state machine; [`run`] drives it.
+///
+/// Every count is in input items: an output that stands for several inputs
+/// (a batch, a window) is emitted with [`Out::emit_for`].
+pub(crate) trait Operator<In, O>: Send + 'static {
+    /// Handles a chunk of input (the driver has counted it as received).
+    fn on_chunk(&mut self, chunk: Chunk<In>, out: &mut Out<O>);
+
+    /// The next instant the operator wants [`on_deadline`](Self::on_deadline)
+    /// called; `None` for none. Asked before every wait.
+    fn deadline(&self) -> Deadline {
+        None
+    }
+
+    /// The deadline has passed; `now` is the current time.
+    fn on_deadline(&mut self, now: Instant, out: &mut Out<O>) {
+        let _ = (now, out);
+    }
+
+    /// Drives the operator's own work in progress (calls in flight, a
+    /// watched state). `Ready` means it made progress and wants to be
+    /// called again; `Pending` means it registered `cx`. Also polled while
+    /// output waits for room downstream.
+    fn poll_work(&mut self, cx: &mut Context<'_>, out: &mut Out<O>) -> Poll<()> {
+        let _ = (cx, out);
+        Poll::Pending
+    }
+
+    /// Whether the operator takes input now.
+    fn demand(&self) -> Demand {
+        Demand::Input
+    }
+
+    /// Called once when a graceful shutdown starts (the sources then end,
+    /// so [`on_end`](Self::on_end) follows).
+    fn on_shutdown(&mut self, out: &mut Out<O>) {
+        let _ = out;
+    }
+
+    /// The input has ended: flush. Called again on every wake-up while
+    /// [`held`](Self::held) is not zero or the operator is
+    /// [`busy`](Self::busy), so an operator may hand out what it holds one
+    /// output at a time; one that finishes its held items over time (calls
+    /// in flight) emits nothing here and lets its work or its deadline
+    /// finish them. Not called after [`Demand::Done`].
+    fn on_end(&mut self, out: &mut Out<O>) {
+        let _ = out;
+    }
+
+    /// How many received items the operator holds (not yet emitted, failed,
+    /// passed or dropped). Counted as aborted if the stage stops early.
+    fn held(&self) -> u64 {
+        0
+    }
+
+    /// Whether work that holds no received item is still in progress (a
+    /// task of the operator's that may still give items back): once the
+    /// input has ended, or after [`Demand::Done`], the driver keeps driving
+    /// the operator's work and its output open until this is false and
+    /// nothing is held. An early stop does not wait for it.
+    fn busy(&self) -> bool {
+        false
+    }
+}
+
+/// Where an operator puts what leaves it: output items cut into chunks of at
+/// most `max_chunk`, and the counts that go with them.
+pub(crate) struct Out<T> {
+    /// Per output ("lane"): chunks waiting, each with the input items it
+    /// stands for. Most operators have one lane.
+    lanes: Vec<VecDeque<(Chunk<T>, u64)>>,
+    max_chunk: usize,
+    local: Local,
+    /// Items discarded unprocessed on purpose (counted `aborted`).
+    discarded: u64,
+    /// Items handed to, and taken back from, a task that counts their fate
+    /// itself: no counter of the stage, but part of the driver's tally.
+    handed_off: u64,
+    taken_back: u64,
+    stage: Arc<str>,
+}
+
+impl<T> Out<T> {
+    fn new(lanes: usize, max_chunk: usize, stage: Arc<str>) -> Self {
+        Out {
+            lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
+            max_chunk,
+            local: Local::default(),
+            discarded: 0,
+            handed_off: 0,
+            taken_back: 0,
+            stage,
+        }
+    }
+
+    /// The stage's name, for the errors it makes.
+    pub(crate) fn stage(&self) -> &Arc<str> {
+        &self.stage
+    }
+
+    /// The piece of `lane` being filled, with room for one more item.
+    fn room(&mut self, lane: usize) -> &mut (Chunk<T>, u64) {
+        let pieces = &mut self.lanes[lane];
+        if pieces.back().is_none_or(|(c, _)| c.len() >= self.max_chunk) {
+            pieces.push_back((Chunk::default(), 0));
+        }
+        pieces.back_mut().expect("just ensured")
+    }
+
+    /// Emits a value that stands for one input item.
+    pub(crate) fn emit(&mut self, value: T) {
+        self.emit_for(value, 1);
+    }
+
+    /// Emits a value on output `lane` (of an operator with several).
+    pub(crate) fn emit_to(&mut self, lane: usize, value: T) {
+        self.local.emitted += 1;
+        let piece = self.room(lane);
+        piece.0.values.push(value);
+        piece.1 += 1;
+    }
+
+    /// Passes an upstream error on unchanged, on output `lane`.
+    pub(crate) fn pass_to(&mut self, lane: usize, error: StreamError) {
+        self.local.errors_passed += 1;
+        let piece = self.room(lane);
+        piece.0.push_error(error);
+        piece.1 += 1;
+    }
+
+    /// Sends an error this stage made from an input item on output `lane`.
+    pub(crate) fn fail_to(&mut self, lane: usize, error: StreamError) {
+        self.local.failed += 1;
+        let piece = self.room(lane);
+        piece.0.push_error(error);
+        piece.1 += 1;
+    }
+
+    /// Emits a value that stands for `inputs` input items (a batch).
+    pub(crate) fn emit_for(&mut self, value: T, inputs: u64) {
+        self.local.emitted += inputs;
+        let piece = self.room(0);
+        piece.0.values.push(value);
+        piece.1 += inputs;
+    }
+
+    /// Emits values, one input item each, in bulk: a vector that fits an
+    /// empty output moves over without copying.
+    pub(crate) fn emit_all(&mut self, values: Vec<T>) {
+        if values.is_empty() {
+            return;
+        }
+        let n = values.len() as u64;
+        if self.lanes[0].is_empty() && values.len() <= self.max_chunk {
+            self.local.emitted += n;
+            self.lanes[0].push_back((Chunk::from_values(values), n));
+            return;
+        }
+        values.into_iter().for_each(|v| self.emit(v));
+    }
+
+    /// Forwards a chunk unchanged (values emitted, errors passed): a chunk
+    /// that fits an empty output moves over without copying.
+    pub(crate) fn forward(&mut self, chunk: Chunk<T>) {
+        if self.lanes[0].is_empty() && chunk.len() <= self.max_chunk {
+            self.local.emitted += chunk.values.len() as u64;
+            self.local.errors_passed += chunk.errors.len() as u64;
+            let n = chunk.len() as u64;
+            self.lanes[0].push_back((chunk, n));
+            return;
+        }
+        chunk.into_iter().for_each(|item| self.push(item));
+    }
+
+    /// Emits a value or passes an upstream error, in order.
+    pub(crate) fn push(&mut self, item: crate::Result<T>) {
+        match item {
+            Ok(v) => self.emit(v),
+            Err(e) => self.pass(e),
+        }
+    }
+
+    /// Passes an upstream error on unchanged.
+    pub(crate) fn pass(&mut self, error: StreamError) {
+        self.local.errors_passed += 1;
+        self.push_error(error, 1);
+    }
+
+    /// Sends an error this stage made from an input item (counted failed).
+    pub(crate) fn fail(&mut self, error: StreamError) {
+        self.local.failed += 1;
+        self.push_error(error, 1);
+    }
+
+    /// Sends an error standing for `inputs` items (errors of a window).
+    pub(crate) fn push_error(&mut self, error: StreamError, inputs: u64) {
+        let piece = self.room(0);
+        piece.0.push_error(error);
+        piece.1 += inputs;
+    }
+
+    /// Drops an item on purpose and counts it: the one place where an
+    /// operator's intentional drops are recorded.
+    pub(crate) fn drop<I>(&mut self, item: I) {
+        drop(item);
+        self.local.dropped += 1;
+    }
+
+    /// Discards an item unprocessed because the operator ends the stream on
+    /// purpose (the rest of a chunk after a failure that ends it): counted
+    /// `aborted`, like what the driver then leaves upstream.
+    pub(crate) fn discard<I>(&mut self, item: I) {
+        drop(item);
+        self.discarded += 1;
+    }
+
+    /// `inputs` items left the operator for a task of its own that counts
+    /// what becomes of them (a dead-letter queue's writer, which counts
+    /// `dead_lettered` or `aborted`): no counter here.
+    pub(crate) fn hand_off(&mut self, inputs: u64) {
+        self.handed_off += inputs;
+    }
+
+    /// `inputs` handed-off items came back from that task; the operator
+    /// now accounts for them again (and sends them on through `self`).
+    pub(crate) fn take_back(&mut self, inputs: u64) {
+        self.taken_back += inputs;
+    }
+
+    /// Emits a value that stands for `values` input values and `errors`
+    /// upstream errors it carries (a window).
+    pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64) {
+        self.local.emitted += values;
+        self.local.errors_passed += errors;
+        let piece = self.room(0);
+        piece.0.values.push(value);
+        piece.1 += values + errors;
+    }
+
+    /// Counts attempts retried and timed out (an `AsyncMapper`).
+    pub(crate) fn count_attempts(&mut self, retries: u64, timeouts: u64) {
+        self.local.retries += retries;
+        self.local.timeouts += timeouts;
+    }
+
+    /// Output items waiting to be delivered.
+    pub(crate) fn len(&self) -> usize {
+        self.lanes.iter().flatten().map(|(c, _)| c.len()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lanes.iter().all(VecDeque::is_empty)
+    }
+
+    /// Takes every piece out, with its lane.
+    fn drain(&mut self) -> impl Iterator<Item = (usize, Chunk<T>, u64)> + '_ {
+        self.lanes
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(lane, pieces)| pieces.drain(..).map(move |(c, n)| (lane, c, n)))
+    }
+}
+
+/// Registers an operator stage named `name`, spawns its task driving `op`
+/// between `input` and a new channel on `edge` (the pipeline's by default),
+/// and returns the flow reading that channel.
+pub(crate) fn spawn<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    op: Op,
+) -> Flow<O>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    spawn_with(input, name, edge, |_, _| op)
+}
+
+/// Like [`spawn`], for an operator that needs the pipeline or the stage's
+/// counters to be built (one that starts a task of its own): `make` gets
+/// them once the stage is registered, before its task starts.
+pub(crate) fn spawn_with<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    edge: Option<EdgeConfig>,
+    make: impl FnOnce(&Pipeline, &Counters) -> Op,
+) -> Flow<O>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    spawn_fan_out_with(input, name, 1, edge, make)
+        .pop()
+        .expect("one output")
+}
+
+/// [`spawn`] for an operator with `outputs` outputs (lanes of [`Out`]),
+/// each on its own channel. The stage stops early when every output is
+/// gone; an output that goes away alone counts what was meant for it as
+/// undelivered.
+pub(crate) fn spawn_fan_out<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    outputs: usize,
+    edge: Option<EdgeConfig>,
+    op: Op,
+) -> Vec<Flow<O>>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    spawn_fan_out_with(input, name, outputs, edge, |_, _| op)
+}
+
+fn spawn_fan_out_with<In, O, Op>(
+    input: Flow<In>,
+    name: &str,
+    outputs: usize,
+    edge: Option<EdgeConfig>,
+    make: impl FnOnce(&Pipeline, &Counters) -> Op,
+) -> Vec<Flow<O>>
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    let pipeline = input.pipeline().clone();
+    let edge = edge.unwrap_or(pipeline.edge());
+    let counters = pipeline.register(name);
+    let op = make(&pipeline, &counters);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..outputs).map(|_| chunk_channel(edge)).unzip();
+    let io = Io {
+        src: input.into_source(),
+        txs,
+        abort: pipeline.abort_token(),
+        shutdown: pipeline.shutdown_token(),
+        counters: counters.clone(),
+        max_chunk: edge.max_chunk(),
+    };
+    pipeline.spawn(counters.name().clone(), run(op, io));
+    rxs.into_iter()
+        .map(|rx| Flow::from_source(pipeline.clone(), Box::new(rx)))
+        .collect()
+}
+
+struct Io<In, O> {
+    src: BoxSource<In>,
+    txs: Vec<ChunkTx<O>>,
+    abort: CancellationToken,
+    shutdown: CancellationToken,
+    counters: Counters,
+    max_chunk: usize,
+}
+
+enum Event<In> {
+    Abort,
+    Closed,
+    Shutdown,
+    Work,
+    Deadline(Instant),
+    Input(Option<Chunk<In>>),
+}
+
+/// Why the stage stops before its input ended.
+enum Stop {
+    Early,
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// What the operator has been handed and what left it, to account for
+/// everything if it panics.
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    left: u64,
+}
+
+/// Runs `op` until its input has ended and everything it held has been
+/// delivered, or until the stage must stop (see the module docs).
+async fn run<In, O, Op>(mut op: Op, io: Io<In, O>)
+where
+    In: Send + 'static,
+    O: Send + 'static,
+    Op: Operator<In, O>,
+{
+    let Io {
+        mut src,
+        txs,
+        abort,
+        shutdown,
+        counters,
+        max_chunk,
+    } = io;
+    let mut out = Out::new(txs.len(), max_chunk, counters.name().clone());
+    let mut tally = Tally::default();
+    let mut timer = Timer::new();
+    let mut aborted = pin!(abort.cancelled());
+    let mut closed = pin!(futures::future::join_all(txs.iter().map(ChunkTx::closed)));
+    let mut shutdown_seen = false;
+    let mut shutting = pin!(shutdown.cancelled());
+    let mut input_open = true;
+
+    let stop = loop {
+        // Deliver what is pending, keeping the operator's work going.
+        if !out.is_empty() {
+            let delivered = deliver(&mut op, &mut out, &txs, aborted.as_mut(), &counters).await;
+            flush(&mut out, &counters, &mut tally);
+            match delivered {
+                Ok(true) => {}
+                Ok(false) => break Stop::Early,
+                Err(payload) => break Stop::Panicked(payload),
+            }
+        }
+        let demand = op.demand();
+        if demand == Demand::Done && input_open {
+            counters.add_drained(src.abandon());
+            input_open = false;
+        }
+        if !input_open {
+            if op.held() == 0 && !op.busy() && out.is_empty() {
+                debug_assert_eq!(
+                    tally.received, tally.left,
+                    "{}: items unaccounted",
+                    out.stage
+                );
+                return;
+            }
+            if demand != Demand::Done {
+                if let Err(payload) = guarded(|| op.on_end(&mut out)) {
+                    break Stop::Panicked(payload);
+                }
+                if !out.is_empty() {
+                    continue;
+                }
+            }
+        }
+        timer.set(op.deadline());
+        let want_input = input_open && demand == Demand::Input;
+        let mut work_panic = None;
+        let event = poll_fn(|cx: &mut Context<'_>| {
+            if aborted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Abort);
+            }
+            if closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Closed);
+            }
+            if !shutdown_seen && shutting.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, &mut out))) {
+                Ok(Poll::Ready(())) => return Poll::Ready(Event::Work),
+                Ok(Poll::Pending) if !out.is_empty() => return Poll::Ready(Event::Work),
+                Ok(Poll::Pending) => {}
+                Err(payload) => {
+                    work_panic = Some(payload);
+                    return Poll::Ready(Event::Work);
+                }
+            }
+            if let Poll::Ready(now) = timer.poll_due(cx) {
+                return Poll::Ready(Event::Deadline(now.max(Instant::now())));
+            }
+            if want_input {
+                if let Poll::Ready(chunk) = src.poll_chunk(cx) {
+                    return Poll::Ready(Event::Input(chunk));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(payload) = work_panic {
+            break Stop::Panicked(payload);
+        }
+        let handled = match event {
+            Event::Abort | Event::Closed => break Stop::Early,
+            Event::Shutdown => {
+                shutdown_seen = true;
+                guarded(|| op.on_shutdown(&mut out))
+            }
+            Event::Work => Ok(()),
+            Event::Deadline(now) => guarded(|| op.on_deadline(now, &mut out)),
+            Event::Input(Some(chunk)) => {
+                // An abort wins over input that arrived at the same time.
+                if abort.is_cancelled() {
+                    counters.add_drained(chunk.len() as u64);
+                    break Stop::Early;
+                }
+                let n = chunk.len() as u64;
+                out.local.received += n;
+                guarded(|| op.on_chunk(chunk, &mut out))
+            }
+            Event::Input(None) => {
+                input_open = false;
+                Ok(())
+            }
+        };
+        flush(&mut out, &counters, &mut tally);
+        if let Err(payload) = handled {
+            break Stop::Panicked(payload);
+        }
+    };
+
+    // The stop epilogue: every item is accounted for exactly once.
+    flush(&mut out, &counters, &mut tally);
+    let undelivered: u64 = out.drain().map(|(_, _, n)| n).sum();
+    counters.add_undelivered(undelivered);
+    match stop {
+        Stop::Early => counters.add_aborted(op.held()),
+        Stop::Panicked(payload) => {
+            // The operator's state is suspect: whatever it received and did
+            // not account for is lost with it, and counted as such.
+            counters.add_aborted(tally.received.saturating_sub(tally.left));
+            counters.add_drained(src.abandon());
+            let error =
+                StreamError::new(ErrorKind::Panicked, out.stage.to_string()).with_source(format!(
+                    "the stage's operator panicked ({}); items it held are counted as aborted",
+                    crate::base::error::PanicError::from_payload_ref(&payload)
+                ));
+            let mut chunk = Chunk::default();
+            chunk.push_error(error);
+            // To the first output still read.
+            if let Some(tx) = txs.iter().find(|tx| !tx.is_closed()) {
+                let _ = tx.send_now(chunk);
+            }
+            resume_unwind(payload);
+        }
+    }
+    counters.add_drained(src.abandon());
+}
+
+/// Calls into the operator, catching a panic.
+fn guarded(f: impl FnOnce()) -> Result<(), Box<dyn std::any::Any + Send>> {
+    catch_unwind(AssertUnwindSafe(f))
+}
+
+/// Adds the counts gathered since the last flush to the stage's counters.
+fn flush<T>(out: &mut Out<T>, counters: &Counters, tally: &mut Tally) {
+    let l = std::mem::take(&mut out.local);
+    let discarded = std::mem::take(&mut out.discarded);
+    tally.received += l.received + std::mem::take(&mut out.taken_back);
+    tally.left += l.emitted
+        + l.failed
+        + l.errors_passed
+        + l.dropped
+        + discarded
+        + std::mem::take(&mut out.handed_off);
+    counters.add(&l);
+    counters.add_aborted(discarded);
+}
+
+/// Sends every pending piece, polling the operator's work while a send
+/// waits for room. A piece for an output that is gone is counted as
+/// undelivered. `Ok(false)`: the stage must stop (abort); the pieces not
+/// sent stay in `out`.
+async fn deliver<In, O, Op>(
+    op: &mut Op,
+    out: &mut Out<O>,
+    txs: &[ChunkTx<O>],
+    mut aborted: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    counters: &Counters,
+) -> Result<bool, Box<dyn std::any::Any + Send>>
+where
+    Op: Operator<In, O>,
+{
+    for (lane, tx) in txs.iter().enumerate() {
+        while let Some((chunk, units)) = out.lanes[lane].pop_front() {
+            if tx.is_closed() {
+                counters.add_undelivered(units);
+                continue;
+            }
+            let mut send = pin!(tx.send(chunk));
+            let mut panic = None;
+            let sent = poll_fn(|cx| {
+                if aborted.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                // Keep the operator's calls running while downstream is full.
+                match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, out))) {
+                    Ok(Poll::Ready(())) => cx.waker().wake_by_ref(),
+                    Ok(Poll::Pending) => {}
+                    Err(payload) => {
+                        panic = Some(payload);
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match sent {
+                Some(Ok(())) => {}
+                // That output went away while waiting for room.
+                Some(Err(_)) => counters.add_undelivered(units),
+                None => {
+                    counters.add_undelivered(units);
+                    return match panic {
+                        Some(payload) => Err(payload),
+                        None => Ok(false),
+                    };
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::config::EdgeConfig;
+    use crate::flow::pipeline::Pipeline;
+
+    /// Holds every value; panics on the value 7, after emitting what it held.
+    struct Fragile {
+        held: Vec<u32>,
+    }
+
+    impl Operator<u32, u32> for Fragile {
+        fn on_chunk(&mut self, chunk: Chunk<u32>, out: &mut Out<u32>) {
+            for item in chunk {
+                let v = item.unwrap();
+                assert!(v != 7, "operator bug");
+                self.held.push(v);
+                if self.held.len() == 3 {
+                    self.held.drain(..).for_each(|v| out.emit(v));
+                }
+            }
+        }
+
+        fn held(&self) -> u64 {
+            self.held.len() as u64
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operator_panic_keeps_the_counts_and_reaches_join() {
+        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+        let flow = pipeline.iter(0..20u32);
+        let out = spawn(flow, "fragile", None, Fragile { held: Vec::new() });
+        let items = out.collect().await;
+        // 0..=5 left in two threes; 6 was held; 7 panicked.
+        let values: Vec<u32> = items
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(values, [0, 1, 2, 3, 4, 5]);
+        let last = items.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(last.kind(), ErrorKind::Panicked);
+        let err = pipeline.join().await.unwrap_err();
+        assert!(err.to_string().contains("operator bug"), "{err}");
+        let m = pipeline.stage_metrics("fragile").unwrap();
+        assert_eq!(m.emitted, 6);
+        assert_eq!(
+            m.received,
+            m.emitted + m.failed + m.errors_passed + m.dropped + m.aborted,
+            "{m:?}"
+        );
+        assert!(m.aborted >= 2, "6 and 7 at least: {m:?}");
+    }
+
+    #[tokio::test]
+    async fn outputs_are_cut_to_max_chunk() {
+        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 3).unwrap());
+        let flow = pipeline.stream(futures::stream::iter(0..10u32));
+        struct Burst;
+        impl Operator<u32, u32> for Burst {
+            fn on_chunk(&mut self, chunk: Chunk<u32>, out: &mut Out<u32>) {
+                // Five outputs per input, counted as the one input.
+                for v in chunk.values {
+                    out.emit(v);
+                    (0..4).for_each(|_| out.emit_for(v, 0));
+                }
+            }
+        }
+        let mut out = spawn(flow, "burst", None, Burst);
+        let mut n = 0;
+        while let Some(chunk) = out.next_chunk().await {
+            assert!(chunk.len() <= 3, "{}", chunk.len());
+            n += chunk.len();
+        }
+        assert_eq!(n, 50);
+        pipeline.join().await.unwrap();
+        let m = pipeline.stage_metrics("burst").unwrap();
+        assert_eq!((m.received, m.emitted), (10, 10));
+    }
+}

@@ -1,0 +1,389 @@
+//! The flow layer: [`Flow`] (a stream of `Result<T>` items between
+//! stages, in this file), the pipeline that owns a chain's tasks, sources,
+//! per-item steps and stages, and the operator driver every operator task
+//! runs on.
+
+pub(crate) mod driver;
+pub(crate) mod pipeline;
+pub(crate) mod processor;
+pub(crate) mod source;
+pub(crate) mod stage;
+pub(crate) mod step;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::{Sink, SinkExt, Stream};
+
+use crate::base::chunk::{Chunk, IntoIter as ChunkIter};
+use crate::base::config::EdgeConfig;
+use crate::base::counters::Counters;
+use crate::base::error::{BoxError, Result};
+use crate::flow::pipeline::Pipeline;
+use crate::flow::processor::Processor;
+use crate::flow::source::{BoxSource, ChunkSource, FusedSource};
+use crate::flow::stage::spawn_stage;
+use crate::flow::step::Step;
+use crate::ops::filter::Filter;
+use crate::ops::map::{Map, TryMap};
+use crate::ops::tap::Tap;
+
+/// A stream of [`Result<T>`] items flowing out of a stage.
+///
+/// Compose stages left to right with [`pipe`](Flow::pipe) (or the fused
+/// shorthands [`map`](Flow::map), [`filter`](Flow::filter), ...), then
+/// consume the flow with a sink ([`collect`](Flow::collect),
+/// [`for_each`](Flow::for_each), [`forward`](Flow::forward)) or as a
+/// `futures::Stream`.
+///
+/// Between stages, items travel in chunks; a `Flow` hides that and yields
+/// one item at a time. Dropping a flow stops the stages that feed it and
+/// counts the items it still held in [`Pipeline::discarded`].
+///
+/// # Examples
+///
+/// ```
+/// use futures::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let mut flow = streamz::iter(["1", "2", "x", "4"])
+///     .try_map(|s: &&str| s.parse::<u32>())
+///     .filter(|n: &u32| n % 2 == 0);
+///
+/// assert_eq!(flow.next().await.unwrap().unwrap(), 2);
+/// let err = flow.next().await.unwrap().unwrap_err();
+/// assert_eq!(err.stage(), "try_map");
+/// assert_eq!(flow.next().await.unwrap().unwrap(), 4);
+/// assert!(flow.next().await.is_none());
+/// # }
+/// ```
+pub struct Flow<T> {
+    src: Option<BoxSource<T>>,
+    buf: ChunkIter<T>,
+    pipeline: Pipeline,
+}
+
+impl<T> fmt::Debug for Flow<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flow")
+            .field("buffered", &self.buf.len())
+            .field("ended", &self.src.is_none())
+            .field("pipeline", &self.pipeline)
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> Flow<T> {
+    pub(crate) fn from_source(pipeline: Pipeline, src: BoxSource<T>) -> Self {
+        Flow {
+            src: Some(src),
+            buf: ChunkIter::default(),
+            pipeline,
+        }
+    }
+
+    /// Takes the source out (for a stage that will read it), keeping any
+    /// items already buffered by a reader in front.
+    pub(crate) fn into_source(mut self) -> BoxSource<T> {
+        let src = self.src.take().unwrap_or_else(|| Box::new(Ended));
+        let buffered: Chunk<T> = std::mem::take(&mut self.buf).collect();
+        if buffered.is_empty() {
+            src
+        } else {
+            Box::new(Prepend {
+                first: Some(buffered),
+                inner: src,
+            })
+        }
+    }
+
+    /// The pipeline this flow belongs to.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Runs `processor` on this flow and returns its output.
+    ///
+    /// ```
+    /// use streamz::{Filter, Stage};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let evens = streamz::iter(0..10)
+    ///     .pipe(Stage::new("evens", Filter::new(|x: &i32| x % 2 == 0)))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(evens.len(), 5);
+    /// # }
+    /// ```
+    pub fn pipe<U, P>(self, processor: P) -> Flow<U>
+    where
+        P: Processor<T, U>,
+    {
+        processor.process(self)
+    }
+
+    /// Runs `step` inside the task that reads this flow: no task, no channel
+    /// hop. Its counters appear under `name` in [`Pipeline::metrics`].
+    ///
+    /// See [`Step`] for an example.
+    pub fn step<U, S>(self, name: impl Into<Cow<'static, str>>, step: S) -> Flow<U>
+    where
+        U: Send + 'static,
+        S: Step<T, U>,
+    {
+        self.fuse(name, step).0
+    }
+
+    pub(crate) fn fuse<U, S>(
+        self,
+        name: impl Into<Cow<'static, str>>,
+        step: S,
+    ) -> (Flow<U>, Counters)
+    where
+        U: Send + 'static,
+        S: Step<T, U>,
+    {
+        let name: Cow<'static, str> = name.into();
+        let pipeline = self.pipeline.clone();
+        let counters = pipeline.register(name.as_ref());
+        let src = Box::new(FusedSource {
+            inner: self.into_source(),
+            step,
+            counters: counters.clone(),
+            ended: false,
+            abort: pipeline.abort_token(),
+        });
+        (Flow::from_source(pipeline, src), counters)
+    }
+
+    /// Ends the current fused segment: everything fused so far runs on a new
+    /// task named `name`, and a channel with the pipeline's edge
+    /// configuration carries its output. Use it to spread a chain of fused
+    /// stages over several cores.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub fn async_boundary(self, name: impl Into<Cow<'static, str>>) -> Flow<T> {
+        let edge = self.pipeline.edge();
+        self.async_boundary_with(name, edge)
+    }
+
+    /// [`async_boundary`](Flow::async_boundary) with its own edge configuration.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub fn async_boundary_with(
+        self,
+        name: impl Into<Cow<'static, str>>,
+        edge: EdgeConfig,
+    ) -> Flow<T> {
+        let (flow, counters) = self.fuse(name, crate::flow::stage::Pass);
+        flow.spawn_task(counters, edge)
+    }
+
+    pub(crate) fn spawn_task(self, counters: Counters, edge: EdgeConfig) -> Flow<T> {
+        let pipeline = self.pipeline.clone();
+        spawn_stage(&pipeline, self.into_source(), counters, edge)
+    }
+
+    /// Applies `f` to each value, fused into the reading task.
+    ///
+    /// The closure borrows the item, so if it panics the item is still whole
+    /// and rides along in the `panicked` error.
+    pub fn map<U, F>(self, f: F) -> Flow<U>
+    where
+        U: Send + 'static,
+        F: FnMut(&T) -> U + Send + 'static,
+    {
+        self.step("map", Map::new(f))
+    }
+
+    /// Applies a fallible `f`; an `Err` becomes a `failed` error item that
+    /// carries the input item.
+    pub fn try_map<U, E, F>(self, f: F) -> Flow<U>
+    where
+        U: Send + 'static,
+        E: Into<BoxError>,
+        F: FnMut(&T) -> std::result::Result<U, E> + Send + 'static,
+    {
+        self.step("try_map", TryMap::new(f))
+    }
+
+    /// Keeps the values for which `f` returns true; the others are counted
+    /// as dropped. Errors always pass.
+    pub fn filter<F>(self, f: F) -> Flow<T>
+    where
+        F: FnMut(&T) -> bool + Send + 'static,
+    {
+        self.step("filter", Filter::new(f))
+    }
+
+    /// Calls `f` on each value and passes it on unchanged.
+    pub fn tap<F>(self, f: F) -> Flow<T>
+    where
+        F: FnMut(&T) + Send + 'static,
+    {
+        self.step("tap", Tap::new(f))
+    }
+
+    /// The next chunk of items, as the stage before produced it; `None` at
+    /// the end. For consumers that handle items in bulk.
+    pub async fn next_chunk(&mut self) -> Option<Chunk<T>> {
+        if self.buf.len() > 0 {
+            return Some(std::mem::take(&mut self.buf).collect());
+        }
+        let src = self.src.as_mut()?;
+        let chunk = poll_fn(|cx| src.poll_chunk(cx)).await;
+        if chunk.is_none() {
+            self.src = None;
+        }
+        chunk
+    }
+
+    /// Collects every item, values and errors, in order.
+    pub async fn collect(mut self) -> Vec<Result<T>> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.next_chunk().await {
+            out.extend(chunk);
+        }
+        out
+    }
+
+    /// Calls `f` on every item, values and errors, in order.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut sum = 0;
+    /// streamz::iter(1..=4).for_each(|r| sum += r.unwrap()).await;
+    /// assert_eq!(sum, 10);
+    /// # }
+    /// ```
+    pub async fn for_each<F>(mut self, mut f: F)
+    where
+        F: FnMut(Result<T>),
+    {
+        while let Some(chunk) = self.next_chunk().await {
+            chunk.into_iter().for_each(&mut f);
+        }
+    }
+
+    /// Sends every item into `sink`, then closes it.
+    ///
+    /// # Errors
+    ///
+    /// The sink's first error. The item the sink refused and the items not
+    /// yet sent are counted in [`Pipeline::discarded`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (tx, mut rx) = futures::channel::mpsc::channel(8);
+    /// let sink = futures::SinkExt::sink_map_err(tx, |_| "receiver gone");
+    /// tokio::spawn(streamz::iter(0..3).forward(sink));
+    /// let mut got = Vec::new();
+    /// while let Some(item) = futures::StreamExt::next(&mut rx).await {
+    ///     got.push(item.unwrap());
+    /// }
+    /// assert_eq!(got, [0, 1, 2]);
+    /// # }
+    /// ```
+    pub async fn forward<S>(mut self, mut sink: S) -> std::result::Result<(), S::Error>
+    where
+        S: Sink<Result<T>> + Unpin,
+    {
+        while let Some(chunk) = self.next_chunk().await {
+            let mut items = chunk.into_iter();
+            while let Some(item) = items.next() {
+                if let Err(e) = sink.feed(item).await {
+                    self.pipeline.add_discarded(1 + items.len() as u64);
+                    return Err(e);
+                }
+            }
+            sink.flush().await?;
+        }
+        sink.close().await
+    }
+}
+
+// A flow never pins its items: they sit in a Vec and are moved out.
+impl<T> Unpin for Flow<T> {}
+
+impl<T: Send + 'static> Stream for Flow<T> {
+    type Item = Result<T>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<T>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(item) = this.buf.next() {
+                return Poll::Ready(Some(item));
+            }
+            let Some(src) = this.src.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match std::task::ready!(src.poll_chunk(cx)) {
+                Some(chunk) => this.buf = chunk.into_iter(),
+                None => {
+                    this.src = None;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let buffered = self.buf.len();
+        if self.src.is_none() {
+            (buffered, Some(buffered))
+        } else {
+            (buffered, None)
+        }
+    }
+}
+
+impl<T> Drop for Flow<T> {
+    fn drop(&mut self) {
+        let mut n = self.buf.len() as u64;
+        if let Some(src) = self.src.as_mut() {
+            n += src.abandon();
+        }
+        self.pipeline.add_discarded(n);
+    }
+}
+
+/// The source of a flow that has ended.
+struct Ended;
+
+impl<T> ChunkSource<T> for Ended {
+    fn poll_chunk(&mut self, _: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
+        Poll::Ready(None)
+    }
+
+    fn abandon(&mut self) -> u64 {
+        0
+    }
+}
+
+/// Items a reader had already buffered, served before the rest.
+struct Prepend<T> {
+    first: Option<Chunk<T>>,
+    inner: BoxSource<T>,
+}
+
+impl<T: Send> ChunkSource<T> for Prepend<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
+        match self.first.take() {
+            Some(chunk) => Poll::Ready(Some(chunk)),
+            None => self.inner.poll_chunk(cx),
+        }
+    }
+
+    fn abandon(&mut self) -> u64 {
+        self.first.take().map_or(0, |c| c.len() as u64) + self.inner.abandon()
+    }
+}

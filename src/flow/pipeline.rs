@@ -1,0 +1,631 @@
+//! The pipeline: the tasks of one chain, their counters, and their lifecycle.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures::Stream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::base::config::EdgeConfig;
+use crate::base::counters::{Counters, StageMetrics};
+use crate::base::error::Result;
+use crate::flow::Flow;
+use crate::flow::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
+
+/// A handle on one pipeline: its sources, stage tasks and counters.
+///
+/// Cheap to clone; every [`Flow`] knows its pipeline
+/// ([`Flow::pipeline`]). The free functions [`iter`](crate::iter),
+/// [`stream`](crate::stream) and [`channel`](crate::channel) create a new
+/// pipeline with the default [`EdgeConfig`]; create one explicitly to set the
+/// edge configuration or to tie shutdown to your own cancellation token.
+///
+/// # Lifecycle
+///
+/// - **End of input**: sources end, every stage drains and flushes, the
+///   final flow ends, and every task exits.
+/// - **Dropping the final flow** stops the chain: each stage notices that
+///   its output is gone, discards and counts what it holds, and exits.
+/// - **[`shutdown`](Pipeline::shutdown)** (graceful): sources stop taking
+///   new input (a [`Pusher`] refuses at once); everything already accepted
+///   drains through the chain as at end of input.
+/// - **[`abort`](Pipeline::abort)**: every stage stops at once and counts
+///   what it held (`undelivered`) and what waited on its input (`aborted`).
+/// - **[`join`](Pipeline::join)** waits for every task and reports a stage
+///   that panicked.
+///
+/// # Examples
+///
+/// ```
+/// use streamz::{EdgeConfig, Pipeline};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 16).unwrap());
+/// let out = pipeline
+///     .iter(0..100u64)
+///     .map(|x| x * 2)
+///     .async_boundary("double")
+///     .collect()
+///     .await;
+/// assert_eq!(out.len(), 100);
+/// pipeline.join().await.unwrap();
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+    /// Keeps alive every pipeline this one is linked with; see [`Group`].
+    group: Arc<Group>,
+}
+
+/// One pipeline's own state. It names the pipelines linked to it only
+/// through `Weak`s, so links in both directions (a merge each way) cannot
+/// form a cycle of strong references that would never be freed.
+struct Inner {
+    edge: EdgeConfig,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+    stages: Mutex<Vec<Counters>>,
+    tasks: Mutex<Vec<(Arc<str>, JoinHandle<()>)>>,
+    /// Pipelines that follow this one's lifecycle (merged into it). Each is
+    /// in this pipeline's group, which keeps it alive while any handle on a
+    /// member lives, so the upgrade succeeds whenever someone can walk here.
+    linked: Mutex<Vec<Weak<Inner>>>,
+    discarded: AtomicU64,
+}
+
+/// The owner of the state of pipelines joined by links, in either
+/// direction.
+///
+/// A link is directed (the linked pipeline follows the linker's shutdown
+/// and abort and shows in its metrics and join), but ownership is shared:
+/// a handle on any member keeps every member alive, and the last handle
+/// gone frees them together. A linked pipeline whose own handles are all
+/// gone (the usual case: its flow was consumed by the merge) so stays in
+/// the linker's metrics and join. Groups only ever merge: the smaller one
+/// hands its members to the larger and forwards to it, so forwarding
+/// pointers run from older groups to newer ones and never form a cycle.
+struct Group {
+    state: Mutex<GroupState>,
+}
+
+struct GroupState {
+    members: Vec<Arc<Inner>>,
+    /// Set once this group's members moved to another group.
+    merged_into: Option<Arc<Group>>,
+}
+
+impl Group {
+    fn new(first: Arc<Inner>) -> Arc<Self> {
+        Arc::new(Group {
+            state: Mutex::new(GroupState {
+                members: vec![first],
+                merged_into: None,
+            }),
+        })
+    }
+
+    /// The group that now holds this group's members.
+    fn root(self: &Arc<Self>) -> Arc<Self> {
+        let mut group = self.clone();
+        loop {
+            let next = lock(&group.state).merged_into.clone();
+            match next {
+                Some(next) => group = next,
+                None => return group,
+            }
+        }
+    }
+
+    /// Makes `a` and `b` one group.
+    fn join(a: &Arc<Self>, b: &Arc<Self>) {
+        loop {
+            let (a, b) = (a.root(), b.root());
+            if Arc::ptr_eq(&a, &b) {
+                return;
+            }
+            // Locked in address order, so two joins cannot deadlock.
+            let (first, second) = if Arc::as_ptr(&a) < Arc::as_ptr(&b) {
+                (&a, &b)
+            } else {
+                (&b, &a)
+            };
+            let mut s1 = lock(&first.state);
+            let mut s2 = lock(&second.state);
+            if s1.merged_into.is_some() || s2.merged_into.is_some() {
+                continue; // a concurrent join moved one of them: start again
+            }
+            // The smaller group forwards, so forwarding chains stay short.
+            let (from, into, to) = if s1.members.len() <= s2.members.len() {
+                (&mut *s1, &mut *s2, second)
+            } else {
+                (&mut *s2, &mut *s1, first)
+            };
+            into.members.append(&mut from.members);
+            from.merged_into = Some(to.clone());
+            return;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The lists stay consistent even if a holder panicked.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("edge", &self.inner.edge)
+            .field("shutting_down", &self.inner.shutdown.is_cancelled())
+            .field("aborted", &self.inner.abort.is_cancelled())
+            .field("stages", &lock(&self.inner.stages).len())
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// A pipeline with the default [`EdgeConfig`].
+    pub fn new() -> Self {
+        Self::with_edge(EdgeConfig::new())
+    }
+
+    /// A pipeline whose edges use `edge` unless a stage sets its own.
+    pub fn with_edge(edge: EdgeConfig) -> Self {
+        Self::build(edge, CancellationToken::new())
+    }
+
+    /// A pipeline that shuts down gracefully when `token` is cancelled (for
+    /// example by your application's signal handler).
+    ///
+    /// ```
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let token = CancellationToken::new();
+    /// let pipeline = streamz::Pipeline::with_shutdown_token(token.clone());
+    /// token.cancel();
+    /// assert!(pipeline.is_shutting_down());
+    /// ```
+    pub fn with_shutdown_token(token: CancellationToken) -> Self {
+        Self::build(EdgeConfig::new(), token)
+    }
+
+    fn build(edge: EdgeConfig, shutdown: CancellationToken) -> Self {
+        let inner = Arc::new(Inner {
+            edge,
+            shutdown,
+            abort: CancellationToken::new(),
+            stages: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            linked: Mutex::new(Vec::new()),
+            discarded: AtomicU64::new(0),
+        });
+        Pipeline {
+            group: Group::new(inner.clone()),
+            inner,
+        }
+    }
+
+    /// The default edge configuration of this pipeline.
+    pub fn edge(&self) -> EdgeConfig {
+        self.inner.edge
+    }
+
+    /// A source of the iterator's items, pulled `max_chunk` at a time by the
+    /// first stage. The iterator runs inside that stage's task, so it should
+    /// not block.
+    pub fn iter<I>(&self, items: I) -> Flow<I::Item>
+    where
+        I: IntoIterator,
+        I::IntoIter: Send + 'static,
+        I::Item: Send + 'static,
+    {
+        let counters = self.register("iter");
+        Flow::from_source(
+            self.clone(),
+            Box::new(IterSource {
+                iter: Some(items.into_iter()),
+                max_chunk: self.inner.edge.max_chunk(),
+                shutdown: self.inner.shutdown.clone(),
+                counters,
+            }),
+        )
+    }
+
+    /// A source of a `futures::Stream`'s items.
+    pub fn stream<S>(&self, stream: S) -> Flow<S::Item>
+    where
+        S: Stream + Send + 'static,
+        S::Item: Send + 'static,
+    {
+        use futures::StreamExt;
+        self.try_stream(stream.map(Ok))
+    }
+
+    /// A source of a stream whose items may already be errors.
+    pub fn try_stream<S, T>(&self, stream: S) -> Flow<T>
+    where
+        S: Stream<Item = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let counters = self.register("stream");
+        Flow::from_source(
+            self.clone(),
+            Box::new(StreamSource {
+                stream: Some(Box::pin(stream)),
+                max_chunk: self.inner.edge.max_chunk(),
+                shutdown: Shutdown::new(self.inner.shutdown.clone()),
+                counters,
+            }),
+        )
+    }
+
+    /// A source the application pushes into with a [`Pusher`]. The channel
+    /// holds up to the edge's `capacity` items; `send` waits while it is full.
+    pub fn channel<T: Send + 'static>(&self) -> (Pusher<T>, Flow<T>) {
+        self.channel_named("channel")
+    }
+
+    /// [`channel`](Pipeline::channel) with the source's stage name.
+    pub(crate) fn channel_named<T: Send + 'static>(
+        &self,
+        name: impl Into<Arc<str>>,
+    ) -> (Pusher<T>, Flow<T>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(self.inner.edge.capacity());
+        let counters = self.register(name);
+        let flow = Flow::from_source(
+            self.clone(),
+            Box::new(PushSource {
+                rx,
+                max_chunk: self.inner.edge.max_chunk(),
+                shutdown: Shutdown::new(self.inner.shutdown.clone()),
+                closing: false,
+                counters,
+            }),
+        );
+        (
+            Pusher {
+                tx,
+                shutdown: self.inner.shutdown.clone(),
+            },
+            flow,
+        )
+    }
+
+    /// This pipeline and every pipeline linked to it by a merge, directly or
+    /// not, each once. At most one lock is held at a time while walking, so
+    /// cycles and diamonds of links are harmless.
+    fn reachable(&self) -> Vec<Arc<Inner>> {
+        let mut seen = vec![self.inner.clone()];
+        let mut next = 0;
+        while next < seen.len() {
+            // Every linked pipeline is in this handle's group, which `self`
+            // keeps alive: the upgrades succeed.
+            let linked: Vec<Arc<Inner>> = lock(&seen[next].linked)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect();
+            for p in linked {
+                if !seen.iter().any(|q| Arc::ptr_eq(q, &p)) {
+                    seen.push(p);
+                }
+            }
+            next += 1;
+        }
+        seen
+    }
+
+    /// Starts a graceful shutdown: sources stop taking new input (a
+    /// [`Pusher`] refuses at once), everything already accepted drains
+    /// through the chain, partial state is flushed, and the tasks exit when
+    /// their output has been consumed.
+    pub fn shutdown(&self) {
+        for p in self.reachable() {
+            p.shutdown.cancel();
+        }
+    }
+
+    /// Stops every stage now. Items a stage holds or that wait on its input
+    /// are discarded and counted (see [`StageMetrics`]).
+    pub fn abort(&self) {
+        for p in self.reachable() {
+            p.abort.cancel();
+            p.shutdown.cancel();
+        }
+    }
+
+    /// Whether [`shutdown`](Pipeline::shutdown) (or abort) was requested.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// A token that is cancelled when the pipeline shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Counters of every stage, in the order the stages were created
+    /// (then those of pipelines merged into this one).
+    pub fn metrics(&self) -> Vec<StageMetrics> {
+        self.reachable()
+            .iter()
+            .flat_map(|p| {
+                lock(&p.stages)
+                    .iter()
+                    .map(Counters::snapshot)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The counters of the first stage named `name`.
+    pub fn stage_metrics(&self, name: &str) -> Option<StageMetrics> {
+        self.metrics().into_iter().find(|m| m.name == name)
+    }
+
+    /// Items that were still unread in a [`Flow`] the application dropped.
+    pub fn discarded(&self) -> u64 {
+        self.reachable()
+            .iter()
+            .map(|p| p.discarded.load(Relaxed))
+            .sum()
+    }
+
+    /// How many of the pipeline's tasks are still running.
+    pub fn running_tasks(&self) -> usize {
+        self.reachable()
+            .iter()
+            .map(|p| {
+                lock(&p.tasks)
+                    .iter()
+                    .filter(|(_, h)| !h.is_finished())
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Waits until every task of the pipeline has exited.
+    ///
+    /// A pipeline's tasks exit when its input ends and the final flow has
+    /// been consumed, when the final flow is dropped, or after an abort; join
+    /// while some flow is still being read and it waits for that reader.
+    ///
+    /// # Errors
+    ///
+    /// [`PipelineError::Panicked`] lists the stages whose task panicked.
+    /// (Panics in user closures do not count: they become error items.)
+    pub async fn join(&self) -> std::result::Result<(), PipelineError> {
+        let mut panics = Vec::new();
+        for p in self.reachable() {
+            loop {
+                let tasks = std::mem::take(&mut *lock(&p.tasks));
+                if tasks.is_empty() {
+                    break;
+                }
+                for (stage, handle) in tasks {
+                    if let Err(e) = handle.await {
+                        let message = if e.is_panic() {
+                            crate::base::error::PanicError::from_payload(e.into_panic())
+                                .message()
+                                .to_owned()
+                        } else {
+                            "the task was cancelled".to_owned()
+                        };
+                        panics.push(StagePanic {
+                            stage: stage.to_string(),
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+        if panics.is_empty() {
+            Ok(())
+        } else {
+            Err(PipelineError::Panicked(panics))
+        }
+    }
+
+    pub(crate) fn register(&self, name: impl Into<Arc<str>>) -> Counters {
+        let counters = Counters::new(name.into());
+        lock(&self.inner.stages).push(counters.clone());
+        counters
+    }
+
+    pub(crate) fn abort_token(&self) -> CancellationToken {
+        self.inner.abort.clone()
+    }
+
+    pub(crate) fn add_discarded(&self, n: u64) {
+        if n != 0 {
+            self.inner.discarded.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Makes `other`'s lifecycle follow this pipeline's (used by merge).
+    pub(crate) fn link(&self, other: Pipeline) {
+        if self
+            .reachable()
+            .iter()
+            .any(|p| Arc::ptr_eq(p, &other.inner))
+        {
+            return;
+        }
+        if self.inner.abort.is_cancelled() {
+            other.abort();
+        } else if self.inner.shutdown.is_cancelled() {
+            other.shutdown();
+        }
+        // Joined first: a link is only ever walked within one group.
+        Group::join(&self.group, &other.group);
+        lock(&self.inner.linked).push(Arc::downgrade(&other.inner));
+    }
+
+    /// Spawns a stage task inside a tracing span named after the stage.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub(crate) fn spawn<F>(&self, stage: Arc<str>, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let span = tracing::debug_span!("stage", name = %stage);
+        let handle = tokio::spawn(fut.instrument(span));
+        lock(&self.inner.tasks).push((stage, handle));
+    }
+}
+
+/// Why [`Pipeline::join`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The tasks of these stages panicked outside user code.
+    #[error("{} stage task(s) panicked: {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Panicked(Vec<StagePanic>),
+}
+
+/// One stage task that panicked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stage `{stage}`: {message}")]
+pub struct StagePanic {
+    stage: String,
+    message: String,
+}
+
+impl StagePanic {
+    /// The stage's name.
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    /// The panic's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Watches whether a pipeline's state is still allocated.
+    fn watch(p: &Pipeline) -> Weak<Inner> {
+        Arc::downgrade(&p.inner)
+    }
+
+    fn values(items: Vec<Result<u32>>) -> Vec<u32> {
+        let mut v: Vec<u32> = items.into_iter().map(|r| r.unwrap()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn merges_in_both_directions_are_freed() {
+        let a = Pipeline::new();
+        let b = Pipeline::new();
+        let (weak_a, weak_b) = (watch(&a), watch(&b));
+
+        // `b` merged into `a`, then `a` into `b`: each links the other.
+        let ab = crate::merge([a.iter(0..3u32), b.iter(10..13u32)]);
+        let ba = crate::merge([b.iter(20..23u32), a.iter(30..33u32)]);
+        assert_eq!(a.reachable().len(), 2);
+        assert_eq!(b.reachable().len(), 2);
+        // Each pipeline's metrics cover the other's stages.
+        assert_eq!(a.metrics().len(), b.metrics().len());
+        assert_eq!(a.metrics().len(), 6); // 2 iter + 1 merge per pipeline
+
+        let (ab, ba) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(ab.collect(), ba.collect())
+        })
+        .await
+        .expect("the merges end");
+        assert_eq!(values(ab), [0, 1, 2, 10, 11, 12]);
+        assert_eq!(values(ba), [20, 21, 22, 30, 31, 32]);
+        a.join().await.unwrap();
+        b.join().await.unwrap();
+
+        drop((a, b));
+        assert!(weak_a.upgrade().is_none(), "pipeline a leaked");
+        assert!(weak_b.upgrade().is_none(), "pipeline b leaked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cycle_of_links_still_follows_shutdown_both_ways() {
+        let a = Pipeline::new();
+        let b = Pipeline::new();
+        let (weak_a, weak_b) = (watch(&a), watch(&b));
+        let (_tx_a, flow_a) = a.channel::<u32>();
+        let (_tx_b, flow_b) = b.channel::<u32>();
+        let (_tx_a2, flow_a2) = a.channel::<u32>();
+        let (_tx_b2, flow_b2) = b.channel::<u32>();
+        let ab = crate::merge([flow_a, flow_b]);
+        let ba = crate::merge([flow_b2, flow_a2]);
+
+        b.shutdown();
+        assert!(a.is_shutting_down(), "a follows b");
+        let out = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(ab.collect(), ba.collect())
+        })
+        .await
+        .expect("shutdown ends both merges");
+        assert!(out.0.is_empty() && out.1.is_empty());
+        a.join().await.unwrap();
+        drop((a, b));
+        assert!(weak_a.upgrade().is_none() && weak_b.upgrade().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_merged_pipeline_without_handles_stays_in_metrics_and_join() {
+        let a = Pipeline::new();
+        // The other input's pipeline has no handle but its (consumed) flow.
+        let other = Pipeline::new();
+        let weak_other = watch(&other);
+        let flow = other.iter(10..13u32);
+        drop(other);
+        let merged = crate::merge([a.iter(0..3u32), flow]);
+        assert!(weak_other.upgrade().is_some(), "kept by a's group");
+        assert_eq!(values(merged.collect().await), [0, 1, 2, 10, 11, 12]);
+        a.join().await.unwrap();
+        assert_eq!(
+            a.metrics().iter().filter(|m| m.name == "iter").count(),
+            2,
+            "{:?}",
+            a.metrics()
+        );
+        drop(a);
+        assert!(weak_other.upgrade().is_none());
+    }
+
+    #[test]
+    fn joins_of_many_groups_end_in_one_root() {
+        let pipelines: Vec<Pipeline> = (0..9).map(|_| Pipeline::new()).collect();
+        for pair in pipelines.windows(2) {
+            Group::join(&pair[1].group, &pair[0].group);
+        }
+        let root = pipelines[0].group.root();
+        assert!(
+            pipelines
+                .iter()
+                .all(|p| Arc::ptr_eq(&p.group.root(), &root))
+        );
+        assert_eq!(lock(&root.state).members.len(), 9);
+        let weak: Vec<_> = pipelines.iter().map(watch).collect();
+        drop(pipelines);
+        drop(root);
+        assert!(weak.iter().all(|w| w.upgrade().is_none()));
+    }
+}

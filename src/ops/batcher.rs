@@ -1,0 +1,311 @@
+//! `Batcher`: group values into `Vec`s by size, latency and weight.
+//!
+//! A batch is emitted when it holds `max_size` values, when `max_latency`
+//! has passed since its **first** value arrived, or, with a weight function,
+//! when the total weight reaches `max_weight`, whichever comes first. The
+//! partial batch is flushed when the input ends and on graceful shutdown
+//! (which ends the input); only an abort discards it, counted.
+//!
+//! Errors are not batched: each error is sent on as soon as it arrives, so
+//! it overtakes the values waiting in the partial batch. Relative to other
+//! errors and to batches already emitted, order is kept.
+//!
+//! One timer per batcher, reset for each new batch, never one per item.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::base::chunk::Chunk;
+use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::error::StreamError;
+use crate::base::time::{self, Deadline};
+use crate::flow::Flow;
+use crate::flow::driver::{self, Operator, Out};
+use crate::flow::processor::Processor;
+
+type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
+
+/// Groups values into batches (`Vec<T>`) by size, latency since the batch's
+/// first value, and optionally weight.
+///
+/// # Default
+///
+/// There is no default size or latency: both are required. No weight limit
+/// unless [`with_weight`](Batcher::with_weight) sets one. The stage is named
+/// `batcher`. Its output edge holds about as many *values* as the
+/// pipeline's [`EdgeConfig`] allows items: its capacity and chunk length
+/// in batches are the pipeline's divided by the batch size (at least 1),
+/// so a consumer that falls behind holds back upstream after a few
+/// batches, not after a thousand batches of values
+/// ([`with_edge`](Batcher::with_edge) sets it explicitly).
+///
+/// # Counters
+///
+/// `received` counts values and errors in, `emitted` counts values placed in
+/// emitted batches, `errors_passed` the errors sent on, `aborted` the values
+/// of a partial batch discarded by an abort. A weight function that panics
+/// turns its value into a `panicked` error carrying it (`failed`).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use streamz::Batcher;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let batcher = Batcher::try_new(3, Duration::from_millis(10)).unwrap();
+/// let batches = streamz::iter(1..=7).pipe(batcher).collect().await;
+/// let batches: Vec<Vec<i32>> = batches.into_iter().map(Result::unwrap).collect();
+/// assert_eq!(batches, [vec![1, 2, 3], vec![4, 5, 6], vec![7]]); // 7: flushed at the end
+/// # }
+/// ```
+pub struct Batcher<T> {
+    name: Cow<'static, str>,
+    max_size: NonZeroUsize,
+    max_latency: Duration,
+    weight: Option<(u64, WeightFn<T>)>,
+    edge: Option<EdgeConfig>,
+}
+
+impl<T> fmt::Debug for Batcher<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("name", &self.name)
+            .field("max_size", &self.max_size)
+            .field("max_latency", &self.max_latency)
+            .field("max_weight", &self.weight.as_ref().map(|(w, _)| w))
+            .field("edge", &self.edge)
+            .finish()
+    }
+}
+
+impl<T> Batcher<T> {
+    /// A batcher emitting at `max_size` values or `max_latency` after a
+    /// batch's first value. `Duration::MAX` means no time limit (a batch
+    /// then leaves by size, weight, or at the end of the input) and
+    /// `usize::MAX` no size limit; neither reserves anything up front.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `max_size` is zero or `max_latency` is zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::{Batcher, ConfigError};
+    ///
+    /// let err = Batcher::<u8>::try_new(0, Duration::from_secs(1)).unwrap_err();
+    /// assert_eq!(err, ConfigError::Zero { field: "max_size" });
+    /// ```
+    pub fn try_new(max_size: usize, max_latency: Duration) -> Result<Self, ConfigError> {
+        let max_size =
+            NonZeroUsize::new(max_size).ok_or(ConfigError::Zero { field: "max_size" })?;
+        if max_latency.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "max_latency",
+            });
+        }
+        Ok(Batcher {
+            name: Cow::Borrowed("batcher"),
+            max_size,
+            max_latency,
+            weight: None,
+            edge: None,
+        })
+    }
+
+    /// Also emits a batch once the total `weight` of its values reaches
+    /// `max_weight` (for example bytes). A value that would push the batch
+    /// over `max_weight` closes the batch first and starts the next one, so
+    /// no batch weighs more than `max_weight` unless it is a single value
+    /// heavier than `max_weight` on its own, which forms a batch alone.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `max_weight` is zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::Batcher;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let by_bytes = Batcher::try_new(100, Duration::from_secs(1))
+    ///     .unwrap()
+    ///     .with_weight(10, |s: &String| s.len() as u64)
+    ///     .unwrap();
+    /// let words = ["abcd", "efgh", "ij", "klmnopqrstu", "v"].map(String::from);
+    /// let batches = streamz::iter(words).pipe(by_bytes).collect().await;
+    /// let sizes: Vec<usize> = batches.into_iter().map(|b| b.unwrap().len()).collect();
+    /// assert_eq!(sizes, [3, 1, 1]); // 4+4+2 = 10, then 11 alone, then the rest
+    /// # }
+    /// ```
+    pub fn with_weight<F>(mut self, max_weight: u64, weight: F) -> Result<Self, ConfigError>
+    where
+        F: Fn(&T) -> u64 + Send + Sync + 'static,
+    {
+        if max_weight == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_weight",
+            });
+        }
+        self.weight = Some((max_weight, Arc::new(weight)));
+        Ok(self)
+    }
+
+    /// Names the stage (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the stage's output edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+}
+
+impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<T>) -> Flow<Vec<T>> {
+        let edge = self.edge.unwrap_or_else(|| {
+            let values = input.pipeline().edge();
+            let size = self.max_size.get();
+            EdgeConfig::try_new(
+                (values.capacity() / size).max(1),
+                (values.max_chunk() / size).max(1),
+            )
+            .expect("both are at least 1")
+        });
+        let op = Batching {
+            batch: Vec::new(),
+            weight: 0,
+            max_size: self.max_size.get(),
+            max_latency: self.max_latency,
+            limit: self.weight,
+            due: None,
+        };
+        driver::spawn(input, &self.name, Some(edge), op)
+    }
+}
+
+/// The most values a new batch reserves room for: a huge `max_size`
+/// (`usize::MAX` for "no size limit") must not reserve memory up front.
+const MAX_RESERVE: usize = 4096;
+
+struct Batching<T> {
+    batch: Vec<T>,
+    weight: u64,
+    max_size: usize,
+    max_latency: Duration,
+    limit: Option<(u64, WeightFn<T>)>,
+    /// When the current batch is due (set by its first value).
+    due: Deadline,
+}
+
+impl<T: Send + 'static> Batching<T> {
+    fn push(&mut self, value: T, now: &mut Option<Instant>) {
+        if self.batch.is_empty() {
+            self.batch.reserve(self.max_size.min(MAX_RESERVE));
+            let now = *now.get_or_insert_with(Instant::now);
+            self.due = time::after(now, self.max_latency);
+        }
+        self.batch.push(value);
+    }
+
+    fn close(&mut self, out: &mut Out<Vec<T>>) {
+        if !self.batch.is_empty() {
+            self.weight = 0;
+            let n = self.batch.len() as u64;
+            out.emit_for(std::mem::take(&mut self.batch), n);
+        }
+    }
+
+    /// The value's weight, or the `panicked` error carrying it.
+    fn weigh(&self, value: T, stage: &str) -> Result<(T, u64), StreamError> {
+        let Some((_, weigh)) = &self.limit else {
+            return Ok((value, 0));
+        };
+        match catch_unwind(AssertUnwindSafe(|| weigh(&value))) {
+            Ok(w) => Ok((value, w)),
+            Err(payload) => Err(StreamError::panicked(stage, payload).with_item(value)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<Vec<T>>) {
+        let mut now = None;
+        if self.limit.is_none() && !chunk.has_errors() {
+            // The common case: only sizes to watch, values moved in bulk.
+            let mut values = chunk.values.into_iter();
+            while values.len() > 0 {
+                if self.batch.is_empty() {
+                    let first = values.next().expect("not empty");
+                    self.push(first, &mut now);
+                }
+                let room = self.max_size - self.batch.len();
+                self.batch.extend(values.by_ref().take(room));
+                if self.batch.len() >= self.max_size {
+                    self.close(out);
+                }
+            }
+            return;
+        }
+        for item in chunk {
+            let value = match item {
+                Ok(v) => v,
+                Err(e) => {
+                    out.pass(e);
+                    continue;
+                }
+            };
+            let (value, w) = match self.weigh(value, out.stage()) {
+                Ok(weighed) => weighed,
+                Err(e) => {
+                    out.fail(e);
+                    continue;
+                }
+            };
+            let max_weight = self.limit.as_ref().map_or(u64::MAX, |(max, _)| *max);
+            // A value that would push the batch over the limit starts the
+            // next one; a value heavier than the limit is a batch alone.
+            if !self.batch.is_empty() && self.weight.saturating_add(w) > max_weight {
+                self.close(out);
+            }
+            self.push(value, &mut now);
+            self.weight = self.weight.saturating_add(w);
+            if self.batch.len() >= self.max_size || self.weight >= max_weight {
+                self.close(out);
+            }
+        }
+    }
+
+    fn deadline(&self) -> Deadline {
+        if self.batch.is_empty() {
+            None
+        } else {
+            self.due
+        }
+    }
+
+    fn on_deadline(&mut self, _now: Instant, out: &mut Out<Vec<T>>) {
+        self.close(out);
+    }
+
+    fn on_end(&mut self, out: &mut Out<Vec<T>>) {
+        self.close(out);
+    }
+
+    fn held(&self) -> u64 {
+        self.batch.len() as u64
+    }
+}

@@ -1,0 +1,78 @@
+//! Fan-in: merge several flows into one.
+
+use crate::base::channel::chunk_channel;
+use crate::flow::Flow;
+use crate::flow::pipeline::Pipeline;
+use crate::flow::source::FusedSource;
+use crate::flow::stage::{Pass, spawn_into};
+
+/// Merges `flows` into one flow, interleaving chunks as they become ready.
+///
+/// Each input is read by its own task, so a slow input does not hold up the
+/// others; order is kept within each input, not across inputs. The output
+/// ends when every input has ended. Errors pass through unchanged.
+///
+/// The merged flow belongs to the first input's pipeline; the other inputs'
+/// pipelines are linked to it, so [`Pipeline::shutdown`],
+/// [`Pipeline::abort`], [`Pipeline::join`] and [`Pipeline::metrics`] on the
+/// result cover the whole graph. An empty list gives an empty flow.
+///
+/// # Panics
+///
+/// Outside a tokio runtime.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let merged = streamz::merge([streamz::iter(0..3), streamz::iter(10..13)]);
+/// let mut values: Vec<i32> = merged.collect().await.into_iter().map(Result::unwrap).collect();
+/// values.sort();
+/// assert_eq!(values, [0, 1, 2, 10, 11, 12]);
+/// # }
+/// ```
+#[track_caller]
+pub fn merge<T, I>(flows: I) -> Flow<T>
+where
+    T: Send + 'static,
+    I: IntoIterator<Item = Flow<T>>,
+{
+    let mut flows = flows.into_iter().peekable();
+    let pipeline = match flows.peek() {
+        Some(first) => first.pipeline().clone(),
+        None => Pipeline::new(),
+    };
+    let edge = pipeline.edge();
+    let counters = pipeline.register("merge");
+    let (tx, rx) = chunk_channel(edge);
+    for flow in flows {
+        pipeline.link(flow.pipeline().clone());
+        let src = FusedSource {
+            inner: flow.into_source(),
+            step: Pass,
+            counters: counters.clone(),
+            ended: false,
+            abort: pipeline.abort_token(),
+        };
+        spawn_into(
+            &pipeline,
+            Box::new(src),
+            tx.clone(),
+            counters.clone(),
+            edge.max_chunk(),
+        );
+    }
+    Flow::from_source(pipeline, Box::new(rx))
+}
+
+impl<T: Send + 'static> Flow<T> {
+    /// Merges this flow with `other`; see [`merge`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub fn merge_with(self, other: Flow<T>) -> Flow<T> {
+        merge([self, other])
+    }
+}

@@ -1,0 +1,171 @@
+//! [`Switch`]: each value to the route its key names.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+
+use crate::base::config::ConfigError;
+use crate::flow::Flow;
+use crate::ops::route::{Pick, spawn_router};
+
+/// Routes each value by a key function to named routes, with an optional
+/// default route for keys that name none. Apply it with
+/// [`Flow::switch`](crate::Flow::switch), then take each route's flow
+/// from the [`Routes`].
+///
+/// **Values with no route** (a key that names no route, and no default)
+/// are dropped and counted (`dropped` on the stage): never lost silently.
+///
+/// **Where errors go:** upstream errors, and values whose key function
+/// panicked (as `panicked` error items carrying them), go to the default
+/// route if there is one, otherwise to the first route declared.
+///
+/// A route whose flow is dropped (also one left in [`Routes`] when the
+/// `Routes` is dropped) has its values counted as `undelivered`. A route's
+/// flow that is kept but not read holds the other routes back, as any flow
+/// nobody reads holds back its producer: take every route you need, then
+/// drop the `Routes`.
+///
+/// # Examples
+///
+/// ```
+/// use streamz::Switch;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+/// let switch = Switch::new(|order: &(&str, u32)| order.0)
+///     .route("de")
+///     .route("fr")
+///     .otherwise();
+/// let mut routes = streamz::iter([("de", 1), ("fr", 2), ("it", 3), ("de", 4)]).switch(switch)?;
+/// let (de, fr, rest) = (routes.take("de").unwrap(), routes.take("fr").unwrap(), routes.take_default().unwrap());
+/// drop(routes); // nothing left in it
+/// let (de, fr, rest) = tokio::join!(de.collect(), fr.collect(), rest.collect());
+/// assert_eq!(de.len(), 2);
+/// assert_eq!(fr.len(), 1);
+/// assert_eq!(rest.into_iter().map(|r| r.unwrap().1).collect::<Vec<_>>(), [3]);
+/// # Ok(()) }
+/// ```
+pub struct Switch<K, F> {
+    key: F,
+    routes: Vec<K>,
+    default: bool,
+}
+
+impl<K: fmt::Debug, F> fmt::Debug for Switch<K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Switch")
+            .field("routes", &self.routes)
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, F> Switch<K, F> {
+    /// A switch on the key `key` returns, without routes yet.
+    pub fn new<T>(key: F) -> Self
+    where
+        F: FnMut(&T) -> K,
+    {
+        Switch {
+            key,
+            routes: Vec::new(),
+            default: false,
+        }
+    }
+
+    /// Adds a route for values whose key is `key`.
+    pub fn route(mut self, key: K) -> Self {
+        self.routes.push(key);
+        self
+    }
+
+    /// Adds the default route, for values whose key names no route.
+    pub fn otherwise(mut self) -> Self {
+        self.default = true;
+        self
+    }
+}
+
+/// The flows of a [`Switch`]'s routes.
+pub struct Routes<K, T> {
+    named: HashMap<K, Flow<T>>,
+    default: Option<Flow<T>>,
+}
+
+impl<K: fmt::Debug, T> fmt::Debug for Routes<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Routes")
+            .field("named", &self.named.keys().collect::<Vec<_>>())
+            .field("default", &self.default.is_some())
+            .finish()
+    }
+}
+
+impl<K: Hash + Eq, T> Routes<K, T> {
+    /// The flow of the route for `key` (once; `None` after, or for a key
+    /// with no route).
+    pub fn take<Q>(&mut self, key: &Q) -> Option<Flow<T>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.named.remove(key)
+    }
+
+    /// The flow of the default route (once; `None` without one).
+    pub fn take_default(&mut self) -> Option<Flow<T>> {
+        self.default.take()
+    }
+}
+
+impl<T: Send + 'static> Flow<T> {
+    /// Routes the flow's values by `switch`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for a switch without routes (and without a
+    /// default); [`ConfigError::Invalid`] if a key has two routes.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub fn switch<K, F>(self, switch: Switch<K, F>) -> Result<Routes<K, T>, ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + 'static,
+        F: FnMut(&T) -> K + Send + 'static,
+    {
+        let Switch {
+            mut key,
+            routes,
+            default,
+        } = switch;
+        if routes.is_empty() && !default {
+            return Err(ConfigError::Zero { field: "routes" });
+        }
+        let mut index: HashMap<K, usize> = HashMap::with_capacity(routes.len());
+        for (i, k) in routes.iter().enumerate() {
+            if index.insert(k.clone(), i).is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "routes",
+                    reason: "must name each key once",
+                });
+            }
+        }
+        let n = routes.len() + usize::from(default);
+        // The default route is the last output; errors go there, or to the
+        // first route without one.
+        let errors_to = if default { n - 1 } else { 0 };
+        let pick = move |v: &T| match index.get(&key(v)) {
+            Some(&i) => Pick::To(i),
+            None if default => Pick::To(n - 1),
+            None => Pick::Unrouted,
+        };
+        let mut flows = spawn_router(self, "switch", n, errors_to, pick);
+        let default = if default { flows.pop() } else { None };
+        Ok(Routes {
+            named: routes.into_iter().zip(flows).collect(),
+            default,
+        })
+    }
+}

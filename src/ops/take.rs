@@ -1,0 +1,107 @@
+//! [`Take`]: the first `n` values, then the end of the stream.
+
+use std::borrow::Cow;
+
+use crate::base::chunk::Chunk;
+use crate::base::config::{ConfigError, EdgeConfig};
+use crate::flow::Flow;
+use crate::flow::driver::{self, Demand, Operator, Out};
+use crate::flow::processor::Processor;
+
+/// Passes the first `n` values (and the errors among them), then ends its
+/// output and stops reading its input, so the stages before it stop too.
+///
+/// What it does not pass is counted, never lost silently: the items after
+/// the `n`-th value in the chunk at hand are `dropped`, and whatever was
+/// still waiting in its input when it stopped is `aborted` (discarded
+/// unprocessed); the stages before it count what they could not deliver as
+/// `undelivered`. An input that ends before `n` values simply ends the
+/// output.
+///
+/// # Examples
+///
+/// ```
+/// use streamz::Take;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+/// // An endless source, three values.
+/// let out = streamz::iter(0u64..).pipe(Take::new(3)?).collect().await;
+/// let out: Vec<u64> = out.into_iter().map(Result::unwrap).collect();
+/// assert_eq!(out, [0, 1, 2]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Take {
+    n: u64,
+    name: Cow<'static, str>,
+    edge: Option<EdgeConfig>,
+}
+
+impl Take {
+    /// Takes the first `n` values.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for zero.
+    pub fn new(n: u64) -> Result<Self, ConfigError> {
+        if n == 0 {
+            return Err(ConfigError::Zero { field: "n" });
+        }
+        Ok(Take {
+            n,
+            name: Cow::Borrowed("take"),
+            edge: None,
+        })
+    }
+
+    /// Names the stage (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the stage's output edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+}
+
+impl<T: Send + 'static> Processor<T, T> for Take {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<T>) -> Flow<T> {
+        driver::spawn(input, &self.name, self.edge, Taking { left: self.n })
+    }
+}
+
+struct Taking {
+    left: u64,
+}
+
+impl<T: Send + 'static> Operator<T, T> for Taking {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
+        for item in chunk {
+            match item {
+                // Past the count, the rest of the chunk is dropped, counted.
+                _ if self.left == 0 => out.drop(item),
+                Ok(v) => {
+                    out.emit(v);
+                    self.left -= 1;
+                }
+                Err(e) => out.pass(e),
+            }
+        }
+    }
+
+    /// Done: the driver stops the input, counting what waits in it.
+    fn demand(&self) -> Demand {
+        if self.left == 0 {
+            Demand::Done
+        } else {
+            Demand::Input
+        }
+    }
+}

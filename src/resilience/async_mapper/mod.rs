@@ -1,0 +1,391 @@
+//! [`AsyncMapper`]: an async function per item, with bounded concurrency,
+//! ordering, a per-attempt timeout and retries.
+//!
+//! # How it runs
+//!
+//! One task owns `concurrency` slots. A slot holds an item, the future of
+//! its current attempt and one timer (the attempt's time limit, or the
+//! backoff before the next attempt); slots and their boxes are allocated
+//! once and reused. The task's single loop polls the in-flight futures, the
+//! input and the pending output send together, so futures keep running while
+//! the output is full: a timeout measures the item's own execution, never
+//! the time spent waiting for a slow consumer (the flaw of
+//! `futures::StreamExt::buffered`, rust-lang/futures-rs#2387).
+//!
+//! In ordered mode the slots form a ring in arrival order and only the head
+//! may leave, so a slow head item holds back at most `concurrency - 1`
+//! finished ones: memory never grows with the length of the stream. Each
+//! wake-up polls every busy slot, which is cheap for the small
+//! concurrencies async I/O calls use (tens, not thousands).
+
+mod machine;
+mod slot;
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::base::chunk::IntoIter as ChunkIter;
+use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::error::BoxError;
+use crate::flow::Flow;
+use crate::flow::driver;
+use crate::flow::processor::Processor;
+use crate::resilience::retry::Retry;
+
+use machine::Machine;
+use slot::{Policy, Slot};
+
+pub(crate) type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
+
+/// Marks the item, output and error types without owning any (so the
+/// mapper's auto traits depend only on the function).
+type Types<In, Out, E> = PhantomData<fn(&In) -> (Out, E)>;
+
+/// The source of a [`TimedOut`](crate::ErrorKind::TimedOut) error: an attempt ran
+/// longer than its time limit.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamz::TimeoutError;
+///
+/// let e = TimeoutError::Attempt { limit: Duration::from_millis(50) };
+/// assert_eq!(e.to_string(), "the attempt took longer than its 50ms timeout");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TimeoutError {
+    /// The per-attempt timeout ([`AsyncMapper::with_timeout`]) passed.
+    #[error("the attempt took longer than its {limit:?} timeout")]
+    Attempt {
+        /// The timeout.
+        limit: Duration,
+    },
+    /// The retry policy's total deadline ([`Retry::with_deadline`]) passed
+    /// while an attempt was running.
+    #[error("the item's {limit:?} retry deadline passed during an attempt")]
+    Deadline {
+        /// The deadline.
+        limit: Duration,
+    },
+}
+
+/// Runs an async function on each item, `concurrency` items at a time.
+///
+/// The function borrows the item and returns a future that owns what it
+/// needs (clone out of the item before the `async move` block). The mapper
+/// keeps the item itself: to retry it, and to hand it back inside the error
+/// when the item finally fails, so nothing needs to be `Clone`.
+///
+/// # Default
+///
+/// - Concurrency: the machine's available parallelism.
+/// - Ordered: outputs leave in input order, upstream errors keep their
+///   position. [`unordered`](AsyncMapper::unordered) emits each item as soon
+///   as it finishes.
+/// - No timeout, no retries ([`with_retry`](AsyncMapper::with_retry)), every
+///   error retryable once retries are on
+///   ([`retry_if`](AsyncMapper::retry_if)).
+/// - Named `async_mapper`; the output edge uses the pipeline's
+///   [`EdgeConfig`].
+///
+/// # Failures
+///
+/// An item whose last attempt fails becomes an error that carries the item
+/// ([`StreamError::take_item`](crate::StreamError::take_item)), the number of attempts and the last error
+/// as its source: kind [`Failed`](crate::ErrorKind::Failed) for an error the
+/// function returned, [`TimedOut`](crate::ErrorKind::TimedOut) with a
+/// [`TimeoutError`] source for a timeout, [`Panicked`](crate::ErrorKind::Panicked)
+/// if the function or its future panicked (never retried).
+///
+/// # Shutdown
+///
+/// A graceful [`shutdown`](crate::Pipeline::shutdown) of the pipeline
+/// stops retries, not work in flight. Attempts already running finish
+/// normally, and items still arriving from upstream get their first
+/// attempt (they drain like any accepted item), but no retry starts after
+/// the shutdown: an item waiting its backoff ends at once, and an attempt
+/// that fails afterwards is final. Such an item ends as if its retries
+/// were exhausted: an error of its last failure's kind carrying the item,
+/// its attempt count and that failure as the source, counted as `failed`.
+/// So a mapper with many (or effectively unlimited) attempts always lets
+/// the pipeline end. An [`abort`](crate::Pipeline::abort) drops what is
+/// held instead (counted as `aborted`).
+///
+/// # Memory
+///
+/// At most `concurrency` items are in flight or finished and waiting for
+/// their turn, plus the input chunk being admitted and the output chunk being
+/// assembled (both at most the edge's `max_chunk`).
+///
+/// # Counters
+///
+/// `received`, `emitted`, `failed` (final failures), `errors_passed`,
+/// `retries` (attempts made again: a retry that shutdown or an abort
+/// cancels during its backoff is not counted) and `timeouts` (attempts that ran
+/// out of time); `aborted` counts the items held when the pipeline aborts.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use streamz::{AsyncMapper, Retry};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// async fn lookup(id: u32) -> Result<String, std::io::Error> {
+///     tokio::time::sleep(Duration::from_millis(10)).await;
+///     Ok(format!("user-{id}"))
+/// }
+///
+/// let enrich = AsyncMapper::new(|id: &u32| lookup(*id))
+///     .with_concurrency(8)?
+///     .with_timeout(Duration::from_secs(1))?
+///     .with_retry(Retry::attempts(3)?);
+/// let names = streamz::iter(1..=3).pipe(enrich).collect().await;
+/// let names: Vec<String> = names.into_iter().map(Result::unwrap).collect();
+/// assert_eq!(names, ["user-1", "user-2", "user-3"]);
+/// # Ok(()) }
+/// ```
+pub struct AsyncMapper<In, Out, E, F> {
+    name: Cow<'static, str>,
+    f: F,
+    concurrency: NonZeroUsize,
+    ordered: bool,
+    timeout: Option<Duration>,
+    retry: Retry,
+    retryable: Option<Predicate<E>>,
+    edge: Option<EdgeConfig>,
+    _types: Types<In, Out, E>,
+}
+
+impl<In, Out, E, F> fmt::Debug for AsyncMapper<In, Out, E, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncMapper")
+            .field("name", &self.name)
+            .field("concurrency", &self.concurrency)
+            .field("ordered", &self.ordered)
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .field("edge", &self.edge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<In, Out, E, F, Fut> AsyncMapper<In, Out, E, F>
+where
+    F: Fn(&In) -> Fut,
+    Fut: Future<Output = std::result::Result<Out, E>>,
+{
+    /// A mapper running `f` on each item.
+    pub fn new(f: F) -> Self {
+        let parallelism = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        AsyncMapper {
+            name: Cow::Borrowed("async_mapper"),
+            f,
+            concurrency: parallelism,
+            ordered: true,
+            timeout: None,
+            retry: Retry::default(),
+            retryable: None,
+            edge: None,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
+    /// How many items run at once.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `concurrency` is zero.
+    ///
+    /// ```
+    /// use streamz::{AsyncMapper, ConfigError};
+    ///
+    /// let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, ConfigError>(*x)));
+    /// assert_eq!(m.with_concurrency(0).unwrap_err(), ConfigError::Zero { field: "concurrency" });
+    /// ```
+    pub fn with_concurrency(mut self, concurrency: usize) -> Result<Self, ConfigError> {
+        self.concurrency = NonZeroUsize::new(concurrency).ok_or(ConfigError::Zero {
+            field: "concurrency",
+        })?;
+        Ok(self)
+    }
+
+    /// Emits each item as soon as it finishes instead of in input order.
+    /// Upstream errors are passed on as they arrive.
+    pub fn unordered(mut self) -> Self {
+        self.ordered = false;
+        self
+    }
+
+    /// Limits each attempt to `timeout`, measured from the moment the
+    /// attempt starts; an attempt that takes longer is cancelled (its future
+    /// dropped) and counts as a [`TimedOut`](crate::ErrorKind::TimedOut) failure.
+    ///
+    /// `Duration::MAX` means no limit (the default), as does any limit that
+    /// would end beyond what the clock can represent.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `timeout` is zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::AsyncMapper;
+    ///
+    /// // No time limit: the same as not calling `with_timeout`.
+    /// let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, std::io::Error>(*x)))
+    ///     .with_timeout(Duration::MAX)?;
+    /// # Ok::<(), streamz::ConfigError>(())
+    /// ```
+    pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
+        if timeout.is_zero() {
+            return Err(ConfigError::Zero { field: "timeout" });
+        }
+        self.timeout = (timeout != Duration::MAX).then_some(timeout);
+        Ok(self)
+    }
+
+    /// Retries failed attempts by `retry`.
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Decides which errors are worth another attempt (all are by default).
+    /// Timeouts follow [`Retry::retry_timeouts`] instead; a predicate that
+    /// panics fails the item as [`Panicked`](crate::ErrorKind::Panicked).
+    ///
+    /// ```
+    /// use std::io;
+    /// use streamz::{AsyncMapper, Retry};
+    ///
+    /// # fn main() -> Result<(), streamz::ConfigError> {
+    /// let m = AsyncMapper::new(|x: &u32| std::future::ready(Ok::<u32, io::Error>(*x)))
+    ///     .with_retry(Retry::attempts(3)?)
+    ///     .retry_if(|e: &io::Error| e.kind() != io::ErrorKind::InvalidInput);
+    /// # Ok(()) }
+    /// ```
+    pub fn retry_if<P>(mut self, retryable: P) -> Self
+    where
+        P: Fn(&E) -> bool + Send + Sync + 'static,
+    {
+        self.retryable = Some(Arc::new(retryable));
+        self
+    }
+
+    /// Names the stage (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the stage's output edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+}
+
+impl<In, Out, E, F, Fut> Processor<In, Out> for AsyncMapper<In, Out, E, F>
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    E: Into<BoxError> + Send + 'static,
+    F: Fn(&In) -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<Out, E>> + Send + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<In>) -> Flow<Out> {
+        self.spawn_guarded(input, Unguarded)
+    }
+}
+
+impl<In, Out, E, F, Fut> AsyncMapper<In, Out, E, F>
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    E: Into<BoxError> + Send + 'static,
+    F: Fn(&In) -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<Out, E>> + Send + 'static,
+{
+    /// Runs the mapper with `guard` asked before every attempt.
+    pub(crate) fn spawn_guarded<G: Guard>(self, input: Flow<In>, guard: G) -> Flow<Out> {
+        let c = self.concurrency.get();
+        let edge = self.edge.unwrap_or(input.pipeline().edge());
+        let machine = Machine {
+            policy: Policy {
+                shutting_down: false,
+                rng: self.retry.rng(),
+                f: self.f,
+                guard,
+                timeout: self.timeout,
+                retry: self.retry,
+                retryable: self.retryable,
+                stage: Arc::from(self.name.as_ref()),
+                retries: 0,
+                timeouts: 0,
+            },
+            slots: (0..c).map(|_| Slot::new()).collect(),
+            free: (0..c).rev().collect(),
+            order: VecDeque::with_capacity(c),
+            ordered: self.ordered,
+            finished: 0,
+            pending: ChunkIter::default(),
+            max_chunk: edge.max_chunk(),
+        };
+        driver::spawn(input, &self.name, Some(edge), machine)
+    }
+}
+
+/// Asked before each attempt and told how it ended: how a circuit breaker
+/// does its bookkeeping inside the mapper's task, instead of in a future
+/// per item around the call.
+pub(crate) trait Guard: Send + 'static {
+    /// What a slot holds while its attempt runs.
+    type Token: Send;
+
+    /// Asks to start an attempt, putting its token in `token` (in place:
+    /// a token moved out through a return value costs a stall per item).
+    /// A refusal fails the item without calling the function (and without
+    /// retries); its kind comes from the error's type as for the
+    /// function's own errors.
+    fn admit(&mut self, token: &mut Option<Self::Token>) -> std::result::Result<(), BoxError>;
+
+    /// The attempt ended with a value (`ok`) or an error (or a panic).
+    fn settle(&mut self, token: Self::Token, ok: bool);
+
+    /// The attempt ended without an outcome: a timeout, an abort.
+    fn cancel(&mut self, token: Self::Token);
+
+    /// The task is about to wait or end: report anything kept back.
+    fn flush(&mut self);
+}
+
+/// No guard: every attempt starts.
+pub(crate) struct Unguarded;
+
+impl Guard for Unguarded {
+    type Token = ();
+
+    fn admit(&mut self, token: &mut Option<()>) -> std::result::Result<(), BoxError> {
+        *token = Some(());
+        Ok(())
+    }
+
+    fn settle(&mut self, (): (), _ok: bool) {}
+
+    fn cancel(&mut self, (): ()) {}
+
+    fn flush(&mut self) {}
+}

@@ -1,0 +1,350 @@
+//! One slot of the mapper: an item, the future of its current attempt and
+//! its timer, and the policies every slot shares (timeouts, retries, the
+//! guard).
+
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::{Guard, Predicate, TimeoutError};
+use crate::base::error::{BoxError, ErrorKind, StreamError};
+use crate::base::time;
+use crate::resilience::retry::Retry;
+
+/// What a slot is doing.
+pub(super) enum Phase<Out> {
+    Free,
+    /// An attempt's future is running.
+    Running,
+    /// Waiting for the backoff timer before the next attempt.
+    Backoff,
+    /// The outcome, waiting to be emitted.
+    Done(Outcome<Out>),
+}
+
+pub(super) enum Outcome<Out> {
+    Value(Out),
+    /// A failure this stage produced.
+    Failed(StreamError),
+    /// An upstream error, passed on unchanged.
+    Passed(StreamError),
+}
+
+/// One unit of concurrency, reused item after item.
+pub(super) struct Slot<In, Out, E, Fut, T> {
+    pub(super) item: Option<In>,
+    /// While the slot waits its backoff: the failure it retries, which
+    /// becomes the item's final error if shutdown ends the wait.
+    pub(super) last: Option<Failure<E>>,
+    /// The guard's token for the running attempt.
+    pub(super) token: Option<T>,
+    pub(super) fut: Pin<Box<Option<Fut>>>,
+    /// The running attempt's time limit, or the backoff.
+    pub(super) timer: time::Timer,
+    pub(super) attempts: u32,
+    pub(super) first_start: Option<Instant>,
+    /// When the item's first attempt failed, by the wall clock (for the
+    /// error's record when a retry does not save it).
+    pub(super) first_failure: Option<SystemTime>,
+    pub(super) phase: Phase<Out>,
+}
+
+impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
+    pub(super) fn new() -> Self {
+        Slot {
+            item: None,
+            last: None,
+            token: None,
+            fut: Box::pin(None),
+            timer: time::Timer::new(),
+            attempts: 0,
+            first_start: None,
+            first_failure: None,
+            phase: Phase::Free,
+        }
+    }
+
+    pub(super) fn busy(&self) -> bool {
+        matches!(self.phase, Phase::Running | Phase::Backoff)
+    }
+}
+
+/// What every slot shares: the function, the policies and the counts of the
+/// chunk in progress.
+pub(super) struct Policy<F, E, G> {
+    pub(super) f: F,
+    pub(super) guard: G,
+    /// A graceful shutdown started: a waiting retry ends at once with its
+    /// last error, and no retry is scheduled any more.
+    pub(super) shutting_down: bool,
+    pub(super) timeout: Option<Duration>,
+    pub(super) retry: Retry,
+    pub(super) retryable: Option<Predicate<E>>,
+    pub(super) rng: fastrand::Rng,
+    pub(super) stage: Arc<str>,
+    /// Attempts retried and timed out since the driver last took them.
+    pub(super) retries: u64,
+    pub(super) timeouts: u64,
+}
+
+/// Why an attempt failed.
+pub(super) enum Failure<E> {
+    Error(E),
+    TimedOut(TimeoutError),
+}
+
+impl<F, E, G: Guard> Policy<F, E, G> {
+    fn stage(&self) -> String {
+        self.stage.to_string()
+    }
+
+    /// Starts the next attempt of the slot's item.
+    pub(super) fn start<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, E, Fut, G::Token>)
+    where
+        In: Send + 'static,
+        F: Fn(&In) -> Fut,
+    {
+        let item = slot.item.as_ref().expect("a started slot holds its item");
+        slot.attempts += 1;
+        if let Err(refused) = self.guard.admit(&mut slot.token) {
+            let err = StreamError::new(kind_of(&*refused), self.stage()).with_source(refused);
+            self.fail(slot, err);
+            return;
+        }
+        match catch_unwind(AssertUnwindSafe(|| (self.f)(item))) {
+            Ok(fut) => slot.fut.as_mut().set(Some(fut)),
+            Err(payload) => {
+                self.end_attempt(slot, None);
+                let err = StreamError::panicked(&self.stage, payload);
+                self.fail(slot, err);
+                return;
+            }
+        }
+        slot.phase = Phase::Running;
+        if self.timeout.is_none() && self.retry.deadline.is_none() {
+            slot.timer.set(None);
+            return;
+        }
+        let now = Instant::now();
+        let first = *slot.first_start.get_or_insert(now);
+        slot.timer.set(time::earliest(
+            self.timeout.and_then(|t| time::after(now, t)),
+            self.retry.deadline.and_then(|d| time::after(first, d)),
+        ));
+    }
+
+    /// Ends the item with a failure of this stage.
+    pub(super) fn fail<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        err: StreamError,
+    ) where
+        In: Send + 'static,
+    {
+        let mut err = err.with_attempts(slot.attempts);
+        if let Some(first) = slot.first_failure.take() {
+            err = err.with_first_time(first);
+        }
+        if let Some(item) = slot.item.take() {
+            err = err.with_item(item);
+        }
+        slot.phase = Phase::Done(Outcome::Failed(err));
+    }
+
+    /// An attempt failed: retry after a backoff, or give up.
+    fn failed<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        failure: Failure<E>,
+    ) where
+        In: Send + 'static,
+        E: Into<BoxError>,
+    {
+        let retryable = match &failure {
+            Failure::Error(e) => match &self.retryable {
+                None => true,
+                Some(p) => match catch_unwind(AssertUnwindSafe(|| p(e))) {
+                    Ok(r) => r,
+                    Err(payload) => {
+                        let err = StreamError::panicked(&self.stage, payload);
+                        return self.fail(slot, err);
+                    }
+                },
+            },
+            Failure::TimedOut(TimeoutError::Attempt { .. }) => self.retry.retry_timeouts,
+            Failure::TimedOut(TimeoutError::Deadline { .. }) => false,
+        };
+        if retryable && slot.attempts < self.retry.max_attempts.get() {
+            slot.first_failure.get_or_insert_with(SystemTime::now);
+            // No retry is scheduled after shutdown.
+            if !self.shutting_down {
+                if let Some(at) = self.retry_at(slot) {
+                    slot.timer.set(Some(at));
+                    slot.last = Some(failure);
+                    slot.phase = Phase::Backoff;
+                    return;
+                }
+            }
+        }
+        self.give_up(slot, failure);
+    }
+
+    /// When the slot's next attempt starts, if it can: not if the delay
+    /// never ends, nor at or after the item's deadline.
+    fn retry_at<In, Out, Fut>(
+        &mut self,
+        slot: &Slot<In, Out, E, Fut, G::Token>,
+    ) -> Option<Instant> {
+        let delay = self.retry.delay(slot.attempts, &mut self.rng);
+        let at = time::after(Instant::now(), delay)?;
+        match (self.retry.deadline, slot.first_start) {
+            (Some(d), Some(first)) => time::after(first, d)
+                .is_none_or(|end| at < end)
+                .then_some(at),
+            _ => Some(at),
+        }
+    }
+
+    /// Ends the item with `failure` as its final error.
+    fn give_up<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        failure: Failure<E>,
+    ) where
+        In: Send + 'static,
+        E: Into<BoxError>,
+    {
+        let err = match failure {
+            Failure::Error(e) => {
+                let source: BoxError = e.into();
+                StreamError::new(kind_of(&*source), self.stage()).with_source(source)
+            }
+            Failure::TimedOut(t) => {
+                StreamError::new(ErrorKind::TimedOut, self.stage()).with_source(t)
+            }
+        };
+        self.fail(slot, err);
+    }
+
+    /// Drives a busy slot as far as it goes; true once it is done.
+    pub(super) fn poll<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        cx: &mut Context<'_>,
+    ) -> bool
+    where
+        In: Send + 'static,
+        E: Into<BoxError>,
+        F: Fn(&In) -> Fut,
+        Fut: Future<Output = std::result::Result<Out, E>>,
+    {
+        loop {
+            match slot.phase {
+                Phase::Running => {
+                    let fut = slot.fut.as_mut();
+                    let polled = catch_unwind(AssertUnwindSafe(|| {
+                        fut.as_pin_mut()
+                            .expect("a running slot has a future")
+                            .poll(cx)
+                    }));
+                    match polled {
+                        Ok(Poll::Pending) => {
+                            let Poll::Ready(limit) = slot.timer.poll_due(cx) else {
+                                return false;
+                            };
+                            slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, None);
+                            self.timeouts += 1;
+                            let failure = self.timeout_cause(slot, limit);
+                            self.failed(slot, Failure::TimedOut(failure));
+                        }
+                        Ok(Poll::Ready(Ok(value))) => {
+                            slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, Some(true));
+                            slot.item = None;
+                            slot.phase = Phase::Done(Outcome::Value(value));
+                        }
+                        Ok(Poll::Ready(Err(e))) => {
+                            slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, Some(false));
+                            self.failed(slot, Failure::Error(e));
+                        }
+                        Err(payload) => {
+                            slot.fut.as_mut().set(None);
+                            self.end_attempt(slot, Some(false));
+                            let err = StreamError::panicked(&self.stage, payload);
+                            self.fail(slot, err);
+                        }
+                    }
+                }
+                Phase::Backoff => {
+                    // Shutdown ends the wait at once (before the timer is
+                    // looked at: no attempt starts after shutdown).
+                    if self.shutting_down {
+                        slot.timer.set(None);
+                        let last = slot.last.take().expect("a waiting slot keeps its failure");
+                        self.give_up(slot, last);
+                        continue;
+                    }
+                    if slot.timer.poll_due(cx).is_pending() {
+                        return false;
+                    }
+                    slot.last = None;
+                    self.retries += 1;
+                    self.start(slot);
+                }
+                Phase::Done(_) => return true,
+                Phase::Free => return false,
+            }
+        }
+    }
+
+    /// Tells the guard how the slot's attempt ended: a value (`Some(true)`),
+    /// an error or a panic (`Some(false)`), or no outcome (`None`: a
+    /// timeout, a panic before the call).
+    pub(super) fn end_attempt<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        ok: Option<bool>,
+    ) {
+        if let Some(token) = slot.token.take() {
+            match ok {
+                Some(ok) => self.guard.settle(token, ok),
+                None => self.guard.cancel(token),
+            }
+        }
+    }
+
+    /// Which limit cut the attempt off at `at`: the per-attempt timeout,
+    /// or the total deadline if that came first.
+    fn timeout_cause<In, Out, Fut>(
+        &self,
+        slot: &Slot<In, Out, E, Fut, G::Token>,
+        at: Instant,
+    ) -> TimeoutError {
+        match (self.retry.deadline, slot.first_start) {
+            (Some(limit), Some(first)) if time::after(first, limit) == Some(at) => {
+                TimeoutError::Deadline { limit }
+            }
+            _ => TimeoutError::Attempt {
+                limit: self.timeout.unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// The kind of an item's final error: `circuit_open` when a circuit
+/// breaker refused the call, `failed` otherwise.
+pub(super) fn kind_of(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
+    #[cfg(feature = "circuit-breaker")]
+    if error.is::<crate::resilience::breaker::CircuitOpen>() {
+        return ErrorKind::CircuitOpen;
+    }
+    let _ = error;
+    ErrorKind::Failed
+}

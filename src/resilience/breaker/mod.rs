@@ -1,0 +1,684 @@
+//! An opt-in circuit breaker (cargo feature `circuit-breaker`).
+//!
+//! # Read this first
+//!
+//! A circuit breaker inside a stream is usually the wrong tool, and
+//! streamz ships it behind a feature that is off by default for that
+//! reason:
+//!
+//! - **It changes the stream's meaning by injecting failures.** While it
+//!   is open, items that would have been processed become `circuit_open`
+//!   errors (or wait). A failure of some items now fails others that had
+//!   nothing wrong with them.
+//! - **It keeps state across runs.** Its counters live in a [`Breaker`]
+//!   handle you create and share, so one run's failures change the next
+//!   run's behaviour. That is the point, and also what makes it hard to
+//!   reason about and to debug.
+//! - **It interacts with backpressure.** An open breaker that rejects
+//!   makes the stage fast, so upstream speeds up into a wall of errors;
+//!   one that waits stalls the pipeline like a closed gate, from the
+//!   middle of the chain.
+//! - **Better tools usually exist:** [`Throttle`](crate::Throttle) to stay
+//!   under a dependency's limit, [`AsyncMapper`](crate::AsyncMapper)
+//!   timeouts and [`Retry`](crate::Retry) for transient failures, a
+//!   [`DeadLetterQueue`](crate::DeadLetterQueue) to keep failed items
+//!   without stopping, and a [`HealthGate`](crate::HealthGate) to stop
+//!   taking input while a dependency is down.
+//!
+//! **When it is the right tool:** a dependency that fails under load and
+//! recovers only when the load stops (a database in a connection storm),
+//! shared by several pipelines or runs that should back off together, and
+//! where failing items fast into a dead-letter queue is acceptable. Then a
+//! breaker stops hammering it, and its half-open trial calls find out when
+//! it is back. Pair it with a `DeadLetterQueue`, watch its transitions
+//! ([`Breaker::on_transition`]) and its audit trail, and consider
+//! [`ClosedPolicy`](crate::ClosedPolicy)-style gating at the ingress with
+//! the breaker as the gate's check (a [`Breaker`] is a
+//! [`HealthCheck`]).
+//!
+//! # The state machine
+//!
+//! ```text
+//!            failure rate, slow-call rate or consecutive failures
+//!   Closed ───────────────────────────────────────────────────▶ Open
+//!     ▲                                                          │
+//!     │ successes_to_close trial calls succeed   open_for passes │
+//!     │                                                          ▼
+//!     └──────────────────────────── HalfOpen ◀───────────────────┘
+//!                                      │  a trial call fails or is slow
+//!                                      └──────────────────────▶ Open (longer, with backoff)
+//! ```
+//!
+//! Manual control: [`Breaker::reset`] (to closed), [`Breaker::force_open`]
+//! (stays open until reset), [`Breaker::disable`] (always permits, never
+//! opens). See `docs/circuit-breaker.md`.
+
+mod config;
+mod lane;
+mod machine;
+mod operator;
+mod registry;
+
+pub use config::{BreakerConfig, OpenBackoff, SlowCall, Window};
+pub use operator::{CircuitBreaker, CircuitOpen, Guarded, OpenPolicy};
+pub use registry::{BreakerRegistry, RegistryError};
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::base::config::ConfigError;
+use crate::resilience::health::{Health, HealthCheck};
+use machine::{Machine, Now, Ticket};
+
+#[cfg(loom)]
+use loom::sync::{
+    Mutex, MutexGuard, RwLock,
+    atomic::{AtomicU64, Ordering},
+};
+#[cfg(not(loom))]
+use std::sync::{
+    Mutex, MutexGuard, RwLock,
+    atomic::{AtomicU64, Ordering},
+};
+
+/// Where a breaker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Calls pass; outcomes are counted.
+    Closed,
+    /// Calls are refused until the open duration passes.
+    Open,
+    /// A few trial calls pass; their outcomes decide.
+    HalfOpen,
+    /// Opened by hand: refused until [`Breaker::reset`].
+    ForcedOpen,
+    /// Switched off by hand: every call passes, nothing opens it.
+    Disabled,
+}
+
+impl BreakerState {
+    /// Whether calls may pass (some, in half-open).
+    pub fn permits_calls(self) -> bool {
+        matches!(
+            self,
+            BreakerState::Closed | BreakerState::HalfOpen | BreakerState::Disabled
+        )
+    }
+}
+
+/// One change of state, as listeners and the audit trail see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// The state left.
+    pub from: BreakerState,
+    /// The state entered.
+    pub to: BreakerState,
+    /// Why, in words (for alerts and the audit trail).
+    pub reason: String,
+    /// When, by the wall clock.
+    pub at: SystemTime,
+}
+
+/// A snapshot of a breaker's state and counters.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BreakerMetrics {
+    /// The breaker's name.
+    pub name: String,
+    /// Its state.
+    pub state: BreakerState,
+    /// Calls permitted.
+    pub permitted: u64,
+    /// Calls refused.
+    pub rejected: u64,
+    /// Permitted calls that succeeded.
+    pub successes: u64,
+    /// Permitted calls that failed.
+    pub failures: u64,
+    /// Permitted calls that were slow.
+    pub slow_calls: u64,
+    /// Permitted calls that ended without an outcome (cancelled).
+    pub cancelled: u64,
+    /// Trial calls in flight in half-open (never more than
+    /// `half_open_calls`).
+    pub trials_in_flight: u32,
+    /// State changes.
+    pub transitions: u64,
+    /// Calls in the current window (closed state).
+    pub window_calls: u64,
+    /// The failure rate over the window (0 when it is empty).
+    pub failure_rate: f64,
+    /// The slow-call rate over the window.
+    pub slow_call_rate: f64,
+}
+
+type Listener = dyn Fn(&Transition) + Send + Sync;
+
+struct Inner {
+    name: String,
+    /// Whether call durations matter (a slow-call threshold is set).
+    times_calls: bool,
+    origin: Clock,
+    machine: Mutex<Machine>,
+    /// [`Machine::lane`], written under the machine's lock after every
+    /// change: whether a call may be admitted, and its quick success
+    /// reported later, without the lock (see `lane.rs`).
+    lane: AtomicU64,
+    audit: Mutex<VecDeque<Transition>>,
+    /// Transitions waiting for the listeners, in order.
+    outbox: Mutex<VecDeque<Transition>>,
+    /// Held by the thread calling the listeners.
+    delivering: Mutex<()>,
+    listeners: RwLock<Vec<Arc<Listener>>>,
+    /// Woken on every transition and every freed half-open slot.
+    changed: Notify,
+}
+
+/// A circuit breaker's shared state: create one, clone it into every
+/// stage, run or [`HealthGate`](crate::HealthGate) that should share it.
+///
+/// Calls ask for a [`Permit`] ([`try_acquire`](Breaker::try_acquire), or
+/// [`acquire`](Breaker::acquire) to wait) and report the outcome on it; a
+/// permit dropped without an outcome (a cancelled call) frees its slot.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use streamz::breaker::{Breaker, BreakerConfig, BreakerState};
+///
+/// let mut config = BreakerConfig::default();
+/// config.consecutive_failures = std::num::NonZeroU32::new(2);
+/// let breaker = Breaker::new("payments", config)?;
+///
+/// for _ in 0..2 {
+///     let permit = breaker.try_acquire().expect("closed: calls pass");
+///     permit.failure(Duration::from_millis(5));
+/// }
+/// assert_eq!(breaker.state(), BreakerState::Open);
+/// assert!(breaker.try_acquire().is_err());
+/// assert_eq!(breaker.audit_trail()[0].reason, "2 consecutive failures");
+/// # Ok::<(), streamz::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct Breaker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("name", &self.inner.name)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Breaker {
+    /// A closed breaker named `name` (for logs, metrics and errors).
+    ///
+    /// # Errors
+    ///
+    /// What [`BreakerConfig::validate`] finds.
+    pub fn new(name: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let machine = Machine::new(config);
+        Ok(Breaker {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                times_calls: config.slow_call.is_some(),
+                origin: Clock::now(),
+                lane: AtomicU64::new(machine.lane()),
+                machine: Mutex::new(machine),
+                audit: Mutex::new(VecDeque::new()),
+                outbox: Mutex::new(VecDeque::new()),
+                delivering: Mutex::new(()),
+                listeners: RwLock::new(Vec::new()),
+                changed: Notify::new(),
+            }),
+        })
+    }
+
+    /// The breaker's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> BreakerConfig {
+        self.machine().config
+    }
+
+    fn now(&self) -> Duration {
+        Clock::now().since(self.inner.origin)
+    }
+
+    fn machine(&self) -> MutexGuard<'_, Machine> {
+        // The machine is consistent between calls; a panic cannot leave it
+        // half-updated (no user code runs under the lock).
+        lock(&self.inner.machine)
+    }
+
+    /// Runs `f` on the machine. The transitions it makes go to the audit
+    /// trail and the listeners' queue while the machine is still locked,
+    /// so both see them in the order they happened; listeners are called
+    /// after the lock is released.
+    fn with_machine<R>(
+        &self,
+        f: impl FnOnce(&mut Machine, &mut Now<'_>, &mut Vec<Transition>) -> R,
+    ) -> R {
+        let mut transitions = Vec::new();
+        let read = || self.now();
+        let mut now = Now::new(&read);
+        let r = {
+            let mut machine = self.machine();
+            let r = f(&mut machine, &mut now, &mut transitions);
+            self.inner.lane.store(machine.lane(), Ordering::Release);
+            if !transitions.is_empty() {
+                let capacity = machine.config.audit_capacity;
+                let mut audit = lock(&self.inner.audit);
+                for t in &transitions {
+                    if capacity > 0 {
+                        if audit.len() == capacity {
+                            audit.pop_front();
+                        }
+                        audit.push_back(t.clone());
+                    }
+                }
+                lock(&self.inner.outbox).extend(transitions.iter().cloned());
+            }
+            r
+        };
+        if !transitions.is_empty() {
+            self.deliver();
+            self.inner.changed.notify_waiters();
+        }
+        r
+    }
+
+    /// Calls the listeners with queued transitions, in order, one thread
+    /// at a time. A thread that finds another delivering leaves its
+    /// transitions to it (which also makes a listener that moves the
+    /// breaker safe: its transitions are delivered after the current one).
+    fn deliver(&self) {
+        loop {
+            let Ok(delivering) = self.inner.delivering.try_lock() else {
+                return;
+            };
+            loop {
+                let Some(t) = lock(&self.inner.outbox).pop_front() else {
+                    break;
+                };
+                match t.to {
+                    BreakerState::Open | BreakerState::ForcedOpen => {
+                        tracing::warn!(breaker = %self.inner.name, from = ?t.from, to = ?t.to, reason = %t.reason, "circuit breaker opens")
+                    }
+                    _ => {
+                        tracing::info!(breaker = %self.inner.name, from = ?t.from, to = ?t.to, reason = %t.reason, "circuit breaker transition")
+                    }
+                }
+                // A copy of the list: a listener may add listeners.
+                let listeners: Vec<Arc<Listener>> = self
+                    .inner
+                    .listeners
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for listener in listeners {
+                    let call = std::panic::AssertUnwindSafe(|| listener(&t));
+                    if std::panic::catch_unwind(call).is_err() {
+                        tracing::error!(breaker = %self.inner.name, "a transition listener panicked");
+                    }
+                }
+            }
+            drop(delivering);
+            // Something queued after the last look but before the release
+            // would otherwise wait for the next transition.
+            if lock(&self.inner.outbox).is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Asks to make a call now.
+    ///
+    /// # Errors
+    ///
+    /// [`CircuitOpen`] while the breaker is open, forced open, or in
+    /// half-open with every trial slot taken.
+    pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
+        let ticket = self.acquire_ticket()?;
+        Ok(Permit {
+            breaker: self,
+            ticket,
+            start: self.start(),
+            done: false,
+        })
+    }
+
+    fn acquire_ticket(&self) -> Result<Ticket, CircuitOpen> {
+        self.with_machine(|m, now, out| m.acquire(now, out))
+            .map_err(|refusal| CircuitOpen {
+                breaker: self.inner.name.clone(),
+                state: refusal.state,
+                retry_in: refusal.retry_at.map(|at| at.saturating_sub(self.now())),
+            })
+    }
+
+    /// When a call starts, if durations matter.
+    #[inline]
+    fn start(&self) -> Option<Instant> {
+        self.inner.times_calls.then(Instant::now)
+    }
+
+    /// The generation a call admitted without the lock belongs to, while
+    /// the breaker allows that.
+    #[inline]
+    fn lane(&self) -> Option<u64> {
+        let word = self.inner.lane.load(Ordering::Acquire);
+        (word & 1 == 1).then_some(word >> 1)
+    }
+
+    /// Waits until a call may be made: through an open period, and for a
+    /// free trial slot in half-open.
+    pub async fn acquire(&self) -> Permit<'_> {
+        loop {
+            let notified = self.inner.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before asking, so a transition in between wakes us.
+            notified.as_mut().enable();
+            let retry_in = match self.try_acquire() {
+                Ok(permit) => return permit,
+                Err(open) => open.retry_in,
+            };
+            let pending_in = self
+                .machine()
+                .pending_at()
+                .map(|at| at.saturating_sub(self.now()));
+            // Neither known (forced open, an endless open duration): only
+            // a transition wakes us.
+            let wake_at = retry_in
+                .into_iter()
+                .chain(pending_in)
+                .min()
+                .and_then(|wait| crate::base::time::after(Instant::now(), wait));
+            tokio::select! {
+                () = notified => {}
+                () = crate::base::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        // Reading the state applies what time alone decides (the end of
+        // the open period), so a gate watching an idle breaker sees it.
+        self.with_machine(|m, now, out| {
+            m.tick(now, out);
+            m.state
+        })
+    }
+
+    /// Closes the breaker by hand: counters of the window are cleared.
+    pub fn reset(&self) {
+        self.manual(BreakerState::Closed, "reset by hand");
+    }
+
+    /// Opens the breaker by hand until [`reset`](Breaker::reset).
+    pub fn force_open(&self) {
+        self.manual(BreakerState::ForcedOpen, "forced open by hand");
+    }
+
+    /// Switches the breaker off by hand: every call passes and nothing
+    /// opens it, until [`reset`](Breaker::reset).
+    pub fn disable(&self) {
+        self.manual(BreakerState::Disabled, "disabled by hand");
+    }
+
+    fn manual(&self, to: BreakerState, why: &str) {
+        self.with_machine(|m, now, out| {
+            if m.state != to {
+                m.transition(to, now, why.to_owned(), out);
+            }
+        });
+    }
+
+    /// Calls `listener` on every transition (an alert, a metric). It runs
+    /// on the thread that caused the transition, after the breaker's lock
+    /// is released; keep it short. A listener that panics is logged and
+    /// kept.
+    pub fn on_transition(&self, listener: impl Fn(&Transition) + Send + Sync + 'static) {
+        self.inner
+            .listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::new(listener));
+    }
+
+    /// The last transitions, oldest first (up to the configured
+    /// `audit_capacity`).
+    pub fn audit_trail(&self) -> Vec<Transition> {
+        lock(&self.inner.audit).iter().cloned().collect()
+    }
+
+    /// A snapshot of the state and counters.
+    pub fn metrics(&self) -> BreakerMetrics {
+        let read = || self.now();
+        let mut now = Now::new(&read);
+        let mut m = self.machine();
+        let window = m.window(&mut now);
+        let rate = |n: u64| {
+            if window.calls == 0 {
+                0.0
+            } else {
+                n as f64 / window.calls as f64
+            }
+        };
+        BreakerMetrics {
+            name: self.inner.name.clone(),
+            state: m.state,
+            permitted: m.stats.permitted,
+            rejected: m.stats.rejected,
+            successes: m.stats.successes,
+            failures: m.stats.failures,
+            slow_calls: m.stats.slow,
+            cancelled: m.stats.cancelled,
+            trials_in_flight: m.half_open_in_flight(),
+            transitions: m.stats.transitions,
+            window_calls: window.calls,
+            failure_rate: rate(window.failures),
+            slow_call_rate: rate(window.slow),
+        }
+    }
+}
+
+/// The breaker's clock: tokio's (so paused-clock tests drive it), or
+/// under loom a counter the model advances, so every explored execution
+/// sees the same times.
+#[cfg(not(loom))]
+#[derive(Debug, Clone, Copy)]
+struct Clock(Instant);
+
+#[cfg(not(loom))]
+impl Clock {
+    fn now() -> Self {
+        Clock(Instant::now())
+    }
+
+    fn since(self, origin: Clock) -> Duration {
+        self.0.saturating_duration_since(origin.0)
+    }
+}
+
+#[cfg(loom)]
+#[derive(Debug, Clone, Copy)]
+struct Clock(Duration);
+
+#[cfg(loom)]
+impl Clock {
+    fn now() -> Self {
+        Clock(loom_clock::now())
+    }
+
+    fn since(self, origin: Clock) -> Duration {
+        self.0.saturating_sub(origin.0)
+    }
+}
+
+/// The model tests' clock (only with `--cfg loom`). Loom runs a model's
+/// threads on one OS thread, so a thread-local clock is the model's own,
+/// apart from other tests running at the same time.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_clock {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    std::thread_local! {
+        static NOW: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    }
+
+    /// Moves the clock of every breaker of this model forward.
+    pub fn advance(by: Duration) {
+        NOW.with(|now| now.set(now.get() + by));
+    }
+
+    pub(crate) fn now() -> Duration {
+        NOW.with(Cell::get)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Permission to make one call. Report its outcome with
+/// [`success`](Permit::success) or [`failure`](Permit::failure) (or
+/// [`record`](Permit::record), which measures the duration since the
+/// permit was given); dropping it without an outcome releases it, so a
+/// cancelled call never holds a half-open slot.
+#[must_use = "report the call's outcome on the permit"]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    ticket: Ticket,
+    /// When the call began, if durations matter.
+    start: Option<Instant>,
+    done: bool,
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("breaker", &self.breaker.inner.name)
+            .field("half_open", &self.ticket.half_open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit<'_> {
+    /// The call succeeded after `took`.
+    pub fn success(self, took: Duration) {
+        self.finish(false, took);
+    }
+
+    /// The call failed after `took`.
+    pub fn failure(self, took: Duration) {
+        self.finish(true, took);
+    }
+
+    /// The call succeeded (`ok`) or failed, taking the time since the
+    /// permit was given (measured only if the breaker has a slow-call
+    /// threshold).
+    pub fn record(self, ok: bool) {
+        let took = self.start.map_or(Duration::ZERO, |s| s.elapsed());
+        self.finish(!ok, took);
+    }
+
+    fn finish(mut self, failed: bool, took: Duration) {
+        self.done = true;
+        self.breaker.finish(self.ticket, failed, took);
+    }
+
+    /// The same permit, owning a handle on its breaker (to keep it past
+    /// the borrow, as a guarded processor does between its two ends).
+    pub(crate) fn into_owned(mut self) -> OwnedPermit {
+        self.done = true;
+        OwnedPermit {
+            breaker: self.breaker.clone(),
+            ticket: self.ticket,
+            start: self.start,
+            done: false,
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.release(self.ticket);
+        }
+    }
+}
+
+/// A [`Permit`] that owns a handle on its breaker.
+pub(crate) struct OwnedPermit {
+    breaker: Breaker,
+    ticket: Ticket,
+    start: Option<Instant>,
+    done: bool,
+}
+
+impl OwnedPermit {
+    /// The call succeeded (`ok`) or failed; its duration is the time since
+    /// the permit was given.
+    pub(crate) fn record(mut self, ok: bool) {
+        self.done = true;
+        let took = self.start.map_or(Duration::ZERO, |s| s.elapsed());
+        self.breaker.finish(self.ticket, !ok, took);
+    }
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.release(self.ticket);
+        }
+    }
+}
+
+impl Breaker {
+    fn finish(&self, ticket: Ticket, failed: bool, took: Duration) {
+        self.with_machine(|m, now, out| m.record(ticket, now, failed, took, out));
+        if ticket.half_open {
+            self.inner.changed.notify_waiters();
+        }
+    }
+
+    fn release(&self, ticket: Ticket) {
+        self.with_machine(|m, now, out| m.release(ticket, now, out));
+        if ticket.half_open {
+            self.inner.changed.notify_waiters();
+        }
+    }
+}
+
+/// A breaker is a health check: healthy while it permits calls. Gate a
+/// pipeline's ingress on it to stop taking input while it is open.
+impl HealthCheck for Breaker {
+    async fn check(&mut self) -> Health {
+        match self.state() {
+            s if s.permits_calls() => Health::Healthy,
+            s => Health::unhealthy(format!("circuit breaker `{}` is {s:?}", self.inner.name)),
+        }
+    }
+
+    async fn changed(&mut self) {
+        self.inner.changed.notified().await;
+    }
+}

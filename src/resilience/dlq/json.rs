@@ -1,0 +1,84 @@
+//! [`JsonItems`]: records that keep failed items of several types.
+
+use std::any::type_name;
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::base::error::StreamError;
+
+type Convert = fn(&mut StreamError) -> Option<serde_json::Result<Value>>;
+
+/// The item types a [`DeadLetterQueue::json`](crate::DeadLetterQueue::json)
+/// records, as JSON values.
+///
+/// A chain's stages fail on items of their own input types: a parser on
+/// the raw line, an enricher on the parsed order. One dead-letter queue at
+/// the end of the chain keeps them all when it knows each type. An item of
+/// a type not listed is still recorded, with its error context and a note
+/// naming its type.
+///
+/// ```
+/// use streamz::dlq::JsonItems;
+/// use streamz::StreamError;
+///
+/// let items = JsonItems::new().of::<String>().of::<(u32, i64)>();
+/// assert_eq!(format!("{items:?}"), r#"JsonItems(["alloc::string::String", "(u32, i64)"])"#);
+/// ```
+#[derive(Clone, Default)]
+pub struct JsonItems {
+    types: Vec<(&'static str, Convert)>,
+}
+
+impl fmt::Debug for JsonItems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("JsonItems")
+            .field(&self.types.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl JsonItems {
+    /// No types yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records items of type `I`.
+    pub fn of<I: Serialize + 'static>(mut self) -> Self {
+        self.types.push((type_name::<I>(), convert::<I>));
+        self
+    }
+
+    /// The error's item as JSON, or the record's note saying why not.
+    pub(crate) fn take(&self, error: &mut StreamError) -> Result<Value, String> {
+        for (name, convert) in &self.types {
+            match convert(error) {
+                Some(Ok(value)) => {
+                    drop(error.take_any_item());
+                    return Ok(value);
+                }
+                Some(Err(e)) => {
+                    return Err(format!(
+                        "the failed `{name}` item could not be written as JSON: {e}"
+                    ));
+                }
+                None => {}
+            }
+        }
+        let names: Vec<String> = self.types.iter().map(|(n, _)| format!("`{n}`")).collect();
+        let records = if names.is_empty() {
+            "no item types".to_owned()
+        } else {
+            names.join(", ")
+        };
+        Err(crate::resilience::dlq::not_recorded(error, &records))
+    }
+}
+
+fn convert<I: Serialize + 'static>(error: &mut StreamError) -> Option<serde_json::Result<Value>> {
+    error
+        .item_mut::<I>()
+        .map(|item| serde_json::to_value(&*item))
+}

@@ -1,0 +1,271 @@
+//! [`DeadLetterQueue`]: the builder, and the `Processor` impl that starts
+//! the router and the writer.
+
+use std::any::type_name;
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use super::router::Router;
+use super::{DeadLetterSink, JsonItems, Overflow, TakeItem, not_recorded, writer};
+use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::error::StreamError;
+use crate::flow::Flow;
+use crate::flow::driver;
+use crate::flow::processor::Processor;
+
+/// Sends error items to a dead-letter sink; values continue downstream.
+///
+/// Every error item that reaches the stage becomes a [`DeadLetter`](super::DeadLetter) record
+/// with the original item as a `T`, the error's kind, message and source
+/// chain, the stage that failed, attempts, first and last failure time and
+/// a sequence number. Records go through a bounded buffer to a writer task
+/// that calls the sink, so a slow sink does not stall values until the
+/// buffer is full; then the [`Overflow`] policy decides. The buffer bounds
+/// every record between the stage and the sink's answer, the batch the
+/// sink is writing included ([`with_buffer`](DeadLetterQueue::with_buffer)).
+/// Values and errors keep their order.
+///
+/// A record the sink refuses or fails to write comes downstream as a
+/// `failed` error item of this stage carrying the record (take it with
+/// `take_item::<DeadLetter<T>>()`); a record a sink panicked on comes as a
+/// `panicked` one. (A custom sink's panic costs the whole batch it held:
+/// each of its records becomes a `panicked` error item without an item.) The
+/// stream ends after the sink has been closed (flushed), so a file is
+/// complete when the last item has been read.
+///
+/// # Default
+///
+/// [`Overflow::Block`], a buffer of 256 records, named `dlq`, output edge
+/// from the pipeline's [`EdgeConfig`].
+///
+/// # Counters
+///
+/// `emitted` counts values passed on, `dead_lettered` records the sink
+/// confirmed, `failed` records that came back as error items, `dropped`
+/// records dropped by policy, and `aborted` what an abort or an early stop
+/// discarded:
+///
+/// ```text
+/// received = emitted + dead_lettered + failed + dropped + aborted
+/// ```
+///
+/// # Examples
+///
+/// ```
+/// use streamz::DeadLetterQueue;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (sink, mut letters) = streamz::dlq::channel::<String>(64)?;
+/// // Read the dead letters while the pipeline runs.
+/// let reader = tokio::spawn(async move {
+///     let mut all = Vec::new();
+///     while let Some(letter) = letters.recv().await {
+///         all.push(letter);
+///     }
+///     all
+/// });
+/// let flow = streamz::iter(["1", "x", "3"].map(String::from))
+///     .try_map(|s: &String| s.parse::<u32>().map(|_| s.clone()))
+///     .pipe(DeadLetterQueue::new(sink));
+/// let pipeline = flow.pipeline().clone();
+/// let values: Vec<String> = flow.collect().await.into_iter().map(Result::unwrap).collect();
+/// assert_eq!(values, ["1", "3"]);
+///
+/// let letters = reader.await?;
+/// assert_eq!(letters.len(), 1);
+/// assert_eq!(letters[0].item.as_deref(), Some("x"));
+/// assert_eq!(letters[0].stage, "try_map");
+/// assert_eq!(letters[0].message, "invalid digit found in string");
+///
+/// let m = pipeline.stage_metrics("dlq").unwrap();
+/// assert_eq!((m.received, m.emitted, m.dead_lettered), (3, 2, 1));
+/// # Ok(()) }
+/// ```
+pub struct DeadLetterQueue<T, R, S> {
+    name: Cow<'static, str>,
+    sink: S,
+    items: TakeItem<R>,
+    overflow: Overflow,
+    buffer: usize,
+    edge: Option<EdgeConfig>,
+    _values: PhantomData<fn(T) -> T>,
+}
+
+impl<T, R, S> fmt::Debug for DeadLetterQueue<T, R, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetterQueue")
+            .field("name", &self.name)
+            .field("overflow", &self.overflow)
+            .field("buffer", &self.buffer)
+            .field("edge", &self.edge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, R: Send + 'static, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
+    /// A dead-letter queue writing to `sink`, whose records keep failed
+    /// items of the sink's type `R`. That need not be the flow's type `T`:
+    /// after a stage that maps payments to receipts, the failed items are
+    /// payments.
+    ///
+    /// ```
+    /// use streamz::{DeadLetterQueue, StreamError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, mut letters) = streamz::dlq::channel::<String>(16)?;
+    /// let out = streamz::iter(["7", "x"].map(String::from))
+    ///     .try_map(|s: &String| s.parse::<u32>()) // a flow of u32, failing on Strings
+    ///     .pipe(DeadLetterQueue::new(sink))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(*out[0].as_ref().unwrap(), 7);
+    /// assert_eq!(letters.recv().await.unwrap().item.as_deref(), Some("x"));
+    /// # Ok(()) }
+    /// ```
+    pub fn new(sink: S) -> Self {
+        Self::with_items(
+            sink,
+            Box::new(|e: &mut StreamError| {
+                e.take_item::<R>()
+                    .ok_or_else(|| not_recorded(e, &format!("`{}`", type_name::<R>())))
+            }),
+        )
+    }
+}
+
+impl<T, S: DeadLetterSink<serde_json::Value>> DeadLetterQueue<T, serde_json::Value, S> {
+    /// A dead-letter queue whose records keep failed items of each type in
+    /// `items` as JSON values: one queue at the end of a chain whose stages
+    /// fail on items of different types. Each record's `item_type` says
+    /// which type to read the value back as.
+    ///
+    /// ```
+    /// use streamz::dlq::JsonItems;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, mut letters) = streamz::dlq::channel(16)?;
+    /// let out = streamz::iter(["4", "x", "-3"].map(String::from))
+    ///     .try_map(|s: &String| s.parse::<i64>())          // fails on a String
+    ///     .try_map(|n: &i64| u32::try_from(*n))            // fails on an i64
+    ///     .pipe(DeadLetterQueue::json(sink, JsonItems::new().of::<String>().of::<i64>()))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out.len(), 1);
+    /// assert_eq!(letters.recv().await.unwrap().item, Some(serde_json::json!("x")));
+    /// assert_eq!(letters.recv().await.unwrap().item, Some(serde_json::json!(-3)));
+    /// # Ok(()) }
+    /// ```
+    pub fn json(sink: S, items: JsonItems) -> Self {
+        Self::with_items(sink, Box::new(move |e: &mut StreamError| items.take(e)))
+    }
+}
+
+impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
+    fn with_items(sink: S, items: TakeItem<R>) -> Self {
+        DeadLetterQueue {
+            name: Cow::Borrowed("dlq"),
+            sink,
+            items,
+            overflow: Overflow::Block,
+            buffer: 256,
+            edge: None,
+            _values: PhantomData,
+        }
+    }
+
+    /// Sets what happens when the sink is slow and the buffer is full
+    /// ([`Overflow::Block`] by default).
+    ///
+    /// ```
+    /// use streamz::dlq::Overflow;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink).on_overflow(Overflow::Fail);
+    /// # drop(dlq);
+    /// # Ok(()) }
+    /// ```
+    pub fn on_overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// How many records may be between the stage and the sink (256 by
+    /// default): waiting in the buffer, or handed to a
+    /// [`write`](DeadLetterSink::write) the sink has not returned from.
+    /// The writer hands the sink at most `min(records, 256)` per write.
+    ///
+    /// Under [`Overflow::Block`] the stage holds one more record, the one
+    /// waiting for room, besides the rest of the input chunk it is routing
+    /// (at most the edge's `max_chunk` items, like any stage). So while the
+    /// sink does not answer, the stage takes at most `records + max_chunk`
+    /// items from its input edge, and upstream holds what its own edges
+    /// allow.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] if `records` is zero.
+    ///
+    /// ```
+    /// use streamz::dlq::Overflow;
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// // At most 1,000 records wait for the sink; then drop and count.
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink)
+    ///     .with_buffer(1_000)?
+    ///     .on_overflow(Overflow::DropAndCount);
+    /// # drop(dlq);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_buffer(mut self, records: usize) -> Result<Self, ConfigError> {
+        if records == 0 {
+            return Err(ConfigError::Zero { field: "buffer" });
+        }
+        self.buffer = records;
+        Ok(self)
+    }
+
+    /// Names the stage (for counters, spans and errors).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the stage's output edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+}
+
+impl<T, R, S> Processor<T, T> for DeadLetterQueue<T, R, S>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    S: DeadLetterSink<R>,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(self, input: Flow<T>) -> Flow<T> {
+        let DeadLetterQueue {
+            name,
+            sink,
+            items,
+            overflow,
+            buffer,
+            edge,
+            _values,
+        } = self;
+        driver::spawn_with(input, &name, edge, |pipeline, counters| {
+            let link = writer::spawn(pipeline, counters, sink, buffer);
+            Router::new(link, items, overflow, buffer, counters.clone())
+        })
+    }
+}

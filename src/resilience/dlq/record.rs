@@ -1,0 +1,154 @@
+//! [`DeadLetter`]: what a dead-letter sink receives for each failed item.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::error::{ErrorKind, StreamError};
+
+/// One failed item with the context of its failure, as a dead-letter sink
+/// receives it and as the file sink stores it (one JSON object per line).
+///
+/// The item keeps its own type `T`. An error that carried an item of
+/// another type, or no item, is still recorded: `item` is `None` and
+/// `note` says why.
+///
+/// # Format
+///
+/// With `serde_json`, a record of a `u32` item reads:
+///
+/// ```text
+/// {"sequence":1,"stage":"parse","kind":"failed","message":"bad digit",
+///  "causes":[],"attempts":1,"first_failure":"2026-11-30T16:00:00.5Z",
+///  "last_failure":"2026-11-30T16:00:00.5Z","item_type":"u32","item":7,"note":null}
+/// ```
+///
+/// Times are RFC 3339 in UTC; `kind` is [`ErrorKind::as_str`].
+///
+/// # Examples
+///
+/// ```
+/// use streamz::{DeadLetter, ErrorKind, StreamError};
+///
+/// let err = StreamError::failed("parse", "bad digit").with_item(7u32);
+/// let record = DeadLetter::<u32>::from_error(1, err);
+/// assert_eq!(record.kind, ErrorKind::Failed);
+/// assert_eq!(record.stage, "parse");
+/// assert_eq!(record.message, "bad digit");
+/// assert_eq!(record.item, Some(7));
+///
+/// // An item of another type is noted, not lost without a trace.
+/// let err = StreamError::failed("parse", "bad digit").with_item("seven");
+/// let record = DeadLetter::<u32>::from_error(2, err);
+/// assert_eq!(record.item, None);
+/// assert_eq!(record.item_type.as_deref(), Some("&str"));
+/// assert!(record.note.unwrap().contains("it records `u32`"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeadLetter<T> {
+    /// The failure's number among all errors the dead-letter queue stage
+    /// received in this run, from 1. A gap means records were dropped by
+    /// the [`Overflow::DropAndCount`](crate::resilience::dlq::Overflow) policy.
+    pub sequence: u64,
+    /// The stage that produced the error.
+    pub stage: String,
+    /// What went wrong.
+    pub kind: ErrorKind,
+    /// The error's message: its source's text, or the kind if it had none.
+    pub message: String,
+    /// The source's own sources, outermost first.
+    #[serde(default)]
+    pub causes: Vec<String>,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When the first attempt failed.
+    #[serde(with = "humantime_serde")]
+    pub first_failure: SystemTime,
+    /// When the last attempt failed.
+    #[serde(with = "humantime_serde")]
+    pub last_failure: SystemTime,
+    /// The Rust type name of the item the error carried, if any.
+    pub item_type: Option<String>,
+    /// The failed item, if the error carried one of type `T`.
+    pub item: Option<T>,
+    /// Why `item` is missing, when it is.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl<T: 'static> DeadLetter<T> {
+    /// The record of `error`, numbered `sequence`; takes the item out of
+    /// the error if it is a `T`.
+    pub fn from_error(sequence: u64, error: StreamError) -> Self {
+        Self::from_error_with(sequence, error, |e: &mut StreamError| {
+            e.take_item::<T>().ok_or_else(|| {
+                crate::resilience::dlq::not_recorded(
+                    e,
+                    &format!("`{}`", std::any::type_name::<T>()),
+                )
+            })
+        })
+    }
+}
+
+impl<T> DeadLetter<T> {
+    /// The record of `error`, whose item `take` takes (or explains, in the
+    /// record's note, why it cannot).
+    pub(crate) fn from_error_with(
+        sequence: u64,
+        mut error: StreamError,
+        take: impl FnOnce(&mut StreamError) -> Result<T, String>,
+    ) -> Self {
+        let item_type = error.item_type_name();
+        let (item, note) = match item_type {
+            None => (None, Some("the error carried no item".to_owned())),
+            Some(_) => match take(&mut error) {
+                Ok(item) => (Some(item), None),
+                Err(note) => (None, Some(note)),
+            },
+        };
+        let (message, causes) = match error.cause() {
+            Some(cause) => {
+                let mut causes = Vec::new();
+                let mut next = cause.source();
+                while let Some(e) = next {
+                    causes.push(e.to_string());
+                    next = e.source();
+                }
+                (cause.to_string(), causes)
+            }
+            None => (error.kind().as_str().to_owned(), Vec::new()),
+        };
+        DeadLetter {
+            sequence,
+            stage: error.stage().to_owned(),
+            kind: error.kind(),
+            message,
+            causes,
+            attempts: error.attempts(),
+            first_failure: error.first_time(),
+            last_failure: error.time(),
+            item_type: item_type.map(str::to_owned),
+            item,
+            note,
+        }
+    }
+
+    /// A copy of the record's context without its item, with `note`.
+    pub(crate) fn without_item(&self, note: &str) -> Self {
+        DeadLetter {
+            sequence: self.sequence,
+            stage: self.stage.clone(),
+            kind: self.kind,
+            message: self.message.clone(),
+            causes: self.causes.clone(),
+            attempts: self.attempts,
+            first_failure: self.first_failure,
+            last_failure: self.last_failure,
+            item_type: self.item_type.clone(),
+            item: None,
+            note: Some(note.to_owned()),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The checker task: asks the health check on a fixed schedule and moves the
+//! gate's state with hysteresis.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use futures::FutureExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{GateConfig, GateState, GateStatus, Health, HealthCheck, Stats};
+use crate::base::error::PanicError;
+use crate::base::time::{self, Deadline};
+
+pub(super) struct Checker<C> {
+    pub(super) check: C,
+    pub(super) config: GateConfig,
+    pub(super) status: watch::Sender<GateStatus>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) stage: Arc<str>,
+}
+
+/// The first scheduled check after `now`: checks start every `interval`
+/// from the first, whatever a check took, so a slow probe does not shift
+/// the later ones; ticks missed while a check ran are skipped, not run in
+/// a burst. `None` (an interval of `Duration::MAX`): no more scheduled
+/// checks.
+fn next_tick(prev: Instant, interval: std::time::Duration, now: Instant) -> Deadline {
+    let next = time::after(prev, interval)?;
+    if next > now {
+        return Some(next);
+    }
+    let step = interval.as_nanos();
+    let behind = now.duration_since(next).as_nanos();
+    let skip = behind / step + 1;
+    let ahead = u64::try_from(skip.checked_mul(step)?).ok()?;
+    time::after(next, std::time::Duration::from_nanos(ahead))
+}
+
+impl<C: HealthCheck> Checker<C> {
+    pub(super) async fn run(mut self, stop: CancellationToken) {
+        let (mut healthy_run, mut unhealthy_run) = (0u32, 0u32);
+        // The first check runs at once; the schedule counts from it.
+        let mut tick = Instant::now();
+        let mut next: Deadline = Some(tick);
+        // A `changed` that panics is not asked again: the gate polls.
+        let mut watch_changes = true;
+        loop {
+            let check = &mut self.check;
+            let changed = async {
+                if !watch_changes {
+                    return std::future::pending().await;
+                }
+                AssertUnwindSafe(async { check.changed().await })
+                    .catch_unwind()
+                    .await
+            };
+            let scheduled = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = time::sleep_until(next) => true,
+                result = changed => {
+                    if let Err(payload) = result {
+                        let panic = PanicError::from_payload(payload);
+                        tracing::error!(stage = %self.stage, %panic, "the health check's change signal panicked; polling only");
+                        watch_changes = false;
+                    }
+                    false
+                }
+            };
+            let health = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                health = self.ask() => health,
+            };
+            if scheduled {
+                // `next` was the tick that just ran; a check that a change
+                // signal triggered leaves the schedule alone.
+                tick = next.unwrap_or(tick);
+                next = next_tick(tick, self.config.interval, Instant::now());
+            }
+            self.stats.checks.fetch_add(1, Relaxed);
+            self.record(health, &mut healthy_run, &mut unhealthy_run);
+        }
+    }
+
+    fn record(&mut self, health: Health, healthy_run: &mut u32, unhealthy_run: &mut u32) {
+        let state = self.status.borrow().state;
+        match health {
+            Health::Healthy => {
+                *healthy_run = healthy_run.saturating_add(1);
+                *unhealthy_run = 0;
+                if state == GateState::Closed && *healthy_run >= self.config.open_after.get() {
+                    tracing::info!(stage = %self.stage, "health gate opens");
+                    self.status.send_replace(GateStatus {
+                        state: GateState::Open,
+                        reason: None,
+                        since: Instant::now(),
+                    });
+                }
+            }
+            Health::Unhealthy(reason) => {
+                self.stats.unhealthy.fetch_add(1, Relaxed);
+                *unhealthy_run = unhealthy_run.saturating_add(1);
+                *healthy_run = 0;
+                if state == GateState::Open && *unhealthy_run >= self.config.close_after.get() {
+                    tracing::warn!(stage = %self.stage, %reason, "health gate closes");
+                    self.stats.closings.fetch_add(1, Relaxed);
+                    self.status.send_replace(GateStatus {
+                        state: GateState::Closed,
+                        reason: Some(reason),
+                        since: Instant::now(),
+                    });
+                } else if state == GateState::Closed {
+                    self.status.send_if_modified(|s| {
+                        let changed = s.reason.as_deref() != Some(reason.as_str());
+                        s.reason = Some(reason);
+                        changed
+                    });
+                }
+            }
+        }
+    }
+
+    async fn ask(&mut self) -> Health {
+        let check = &mut self.check;
+        let call = AssertUnwindSafe(async move { check.check().await }).catch_unwind();
+        match time::timeout(self.config.check_timeout, call).await {
+            Ok(Ok(health)) => health,
+            Ok(Err(payload)) => Health::unhealthy(format!(
+                "the health check {}",
+                PanicError::from_payload(payload)
+            )),
+            Err(_) => Health::unhealthy(format!(
+                "the health check took longer than {:?}",
+                self.config.check_timeout
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_keep_their_schedule_and_skip_missed_ones() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        // On time: the next tick is one interval after the previous one.
+        assert_eq!(
+            next_tick(t0, s, t0 + Duration::from_millis(300)),
+            Some(t0 + s)
+        );
+        // A check that took 2.5 intervals: the ticks it overran are skipped.
+        assert_eq!(
+            next_tick(t0, s, t0 + Duration::from_millis(2500)),
+            Some(t0 + 3 * s)
+        );
+        // Exactly on a tick: that tick has started, the next one is due.
+        assert_eq!(next_tick(t0, s, t0 + s), Some(t0 + 2 * s));
+        assert_eq!(next_tick(t0, Duration::MAX, t0), None);
+    }
+}
