@@ -886,3 +886,12 @@ async fn conservation_holds_when_shutdown_ends_retries() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_huge_concurrency_allocates_nothing_up_front() {
+    let mapper = AsyncMapper::new(|x: &u32| std::future::ready(Ok::<_, std::io::Error>(*x)))
+        .with_concurrency(usize::MAX)
+        .unwrap();
+    let out = streamz::iter(0..1000u32).pipe(mapper).collect().await;
+    assert_eq!(out.len(), 1000);
+}

@@ -111,3 +111,19 @@ async fn send_waits_while_full() {
     assert!(third.is_woken(), "making room wakes the waiting producer");
     tokio_test::assert_ready_ok!(third.poll());
 }
+
+#[tokio::test]
+async fn an_edge_of_any_capacity_works() {
+    use std::num::NonZeroUsize;
+    let edge = streamz::EdgeConfig::new()
+        .with_capacity(NonZeroUsize::MAX)
+        .with_max_chunk(NonZeroUsize::MAX);
+    assert_eq!(edge.max_items_held(), usize::MAX);
+    let out = streamz::Pipeline::with_edge(edge)
+        .iter(0..10u32)
+        .map(|x| x + 1)
+        .async_boundary("b")
+        .collect()
+        .await;
+    assert_eq!(out.len(), 10);
+}

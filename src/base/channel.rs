@@ -17,8 +17,10 @@ use crate::base::config::EdgeConfig;
 
 pub(crate) fn chunk_channel<T>(edge: EdgeConfig) -> (ChunkTx<T>, ChunkRx<T>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let permits = Arc::new(Semaphore::new(edge.capacity()));
-    let cap = edge.capacity();
+    // tokio's semaphore holds at most `MAX_PERMITS` (`usize::MAX >> 3`):
+    // a larger capacity is unbounded in practice and is held to that.
+    let cap = edge.capacity().min(Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(cap));
     (
         ChunkTx {
             tx,

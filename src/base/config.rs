@@ -141,7 +141,7 @@ impl EdgeConfig {
         } else {
             self.max_chunk()
         };
-        queued + 2 * self.max_chunk()
+        queued.saturating_add(self.max_chunk().saturating_mul(2))
     }
 }
 

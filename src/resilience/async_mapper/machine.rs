@@ -22,6 +22,9 @@ pub(super) struct Machine<In, Out, E, F, Fut, G: Guard> {
     pub(super) policy: Policy<F, E, G>,
     pub(super) slots: Vec<Slot<In, Out, E, Fut, G::Token>>,
     pub(super) free: Vec<usize>,
+    /// The concurrency: slots are created as items need them, up to this
+    /// many, so a huge setting costs nothing until the input fills it.
+    pub(super) limit: usize,
     /// Ordered mode: occupied slots in arrival order.
     pub(super) order: VecDeque<usize>,
     pub(super) ordered: bool,
@@ -44,9 +47,18 @@ where
         self.slots.len() - self.free.len()
     }
 
-    /// Puts an input item into a free slot (the caller checked there is one).
+    /// Whether another item can be admitted now.
+    fn has_room(&self) -> bool {
+        !self.free.is_empty() || self.slots.len() < self.limit
+    }
+
+    /// Puts an input item into a free slot (the caller checked there is
+    /// room), creating the slot if all existing ones are busy.
     fn admit(&mut self, item: Result<In>) {
-        let i = self.free.pop().expect("admit needs a free slot");
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::new());
+            self.slots.len() - 1
+        });
         let slot = &mut self.slots[i];
         if self.ordered {
             self.order.push_back(i);
@@ -140,7 +152,7 @@ where
         loop {
             self.poll_slots(cx);
             let mut progress = self.take_done(out);
-            while budget > 0 && !self.free.is_empty() {
+            while budget > 0 && self.has_room() {
                 let Some(item) = self.pending.next() else {
                     break;
                 };
@@ -172,7 +184,7 @@ where
     }
 
     fn demand(&self) -> Demand {
-        if self.pending.len() == 0 && !self.free.is_empty() {
+        if self.pending.len() == 0 && self.has_room() {
             Demand::Input
         } else {
             Demand::Hold

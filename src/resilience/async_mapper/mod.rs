@@ -39,7 +39,7 @@ use crate::flow::processor::Processor;
 use crate::resilience::retry::Retry;
 
 use machine::Machine;
-use slot::{Policy, Slot};
+use slot::Policy;
 
 pub(crate) type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
 
@@ -199,7 +199,9 @@ where
 }
 
 impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
-    /// How many items run at once.
+    /// How many items run at once: the bound on items in flight. Slots are
+    /// created as items arrive, so a large limit costs memory only for the
+    /// items actually in flight, never up front.
     ///
     /// # Errors
     ///
@@ -336,9 +338,10 @@ where
                 retries: 0,
                 timeouts: 0,
             },
-            slots: (0..c).map(|_| Slot::new()).collect(),
-            free: (0..c).rev().collect(),
-            order: VecDeque::with_capacity(c),
+            slots: Vec::new(),
+            free: Vec::new(),
+            limit: c,
+            order: VecDeque::new(),
             ordered: self.ordered,
             finished: 0,
             pending: ChunkIter::default(),
