@@ -41,12 +41,46 @@ use crate::resilience::health::{Health, HealthCheck};
 /// assert!(HttpProbe::new("https://127.0.0.1:8443/health").is_err());
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpProbe {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// The URL as it may be shown: credentials and query values redacted.
+    shown: String,
     timeout: Duration,
     max_redirects: usize,
+}
+
+impl std::fmt::Debug for HttpProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpProbe")
+            .field("url", &self.shown)
+            .field("timeout", &self.timeout)
+            .field("max_redirects", &self.max_redirects)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` with its user name, password and query values replaced by `***`:
+/// what a probe shows of a URL in reasons, logs and `Debug`. The request
+/// itself uses the full URL.
+fn redact(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    if !shown.username().is_empty() {
+        let _ = shown.set_username("***");
+    }
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    if shown.query().is_some() {
+        let keys: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let mut pairs = shown.query_pairs_mut();
+        pairs.clear();
+        for k in keys {
+            pairs.append_pair(&k, "***");
+        }
+    }
+    shown.to_string()
 }
 
 /// Why a URL is refused.
@@ -111,6 +145,7 @@ impl HttpProbe {
             });
         }
         Ok(HttpProbe {
+            shown: redact(&url),
             client: client(0)?,
             url,
             timeout: Duration::from_secs(2),
@@ -156,9 +191,18 @@ impl HttpProbe {
         Ok(self)
     }
 
-    /// The probed URL.
+    /// The probed URL as the probe shows it: a user name, a password and
+    /// query values are replaced by `***` (the request uses them).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), streamz::ConfigError> {
+    /// let probe = streamz::HttpProbe::new("http://ops:s3cret@127.0.0.1:8080/health?token=abc")?;
+    /// assert_eq!(probe.url(), "http://***:***@127.0.0.1:8080/health?token=***");
+    /// assert!(!format!("{probe:?}").contains("s3cret"));
+    /// # Ok(()) }
+    /// ```
     pub fn url(&self) -> &str {
-        self.url.as_str()
+        &self.shown
     }
 }
 
@@ -167,9 +211,9 @@ impl HttpProbe {
     /// did not go there.
     fn redirect_reason(&self, answer: &reqwest::Response) -> String {
         let at = answer.url();
-        let mut reason = format!("GET {} answered {}", self.url, answer.status());
+        let mut reason = format!("GET {} answered {}", self.shown, answer.status());
         if *at != self.url {
-            reason.push_str(&format!(" at {at}"));
+            reason.push_str(&format!(" at {}", redact(at)));
         }
         let target = answer
             .headers()
@@ -185,7 +229,7 @@ impl HttpProbe {
                 let n = self.max_redirects;
                 format!("more than {n} redirect{}", if n == 1 { "" } else { "s" })
             };
-            reason.push_str(&format!(", a redirect to {to} ({why})"));
+            reason.push_str(&format!(", a redirect to {} ({why})", redact(&to)));
         }
         reason
     }
@@ -193,10 +237,10 @@ impl HttpProbe {
 
 impl HealthCheck for HttpProbe {
     async fn check(&mut self) -> Health {
-        let url = &self.url;
+        let url = &self.shown;
         match self
             .client
-            .get(url.clone())
+            .get(self.url.clone())
             .timeout(self.timeout)
             .send()
             .await
@@ -211,6 +255,8 @@ impl HealthCheck for HttpProbe {
             }
             Err(e) => {
                 // reqwest's own message is short; the cause says why.
+                // Without its URL: the error would show the credentials.
+                let e = e.without_url();
                 let mut reason = format!("GET {url} failed: {e}");
                 let mut source = std::error::Error::source(&e);
                 while let Some(cause) = source {
