@@ -373,3 +373,34 @@ async fn a_pusher_refuses_after_abort_and_after_its_token_is_cancelled() {
     token.cancel();
     assert_eq!(within("send", tx.send(2)).await.unwrap_err().0, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_push_source_counts_what_it_accepted_when_the_chain_stops_early() {
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(2, 1).unwrap());
+    let (tx, flow) = pipeline.channel::<u32>();
+    let out = flow.map(|x| x + 1).async_boundary("a");
+    // Nobody reads: the boundary fills its output and blocks, and the
+    // push channel fills behind it.
+    let producer = tokio::spawn(async move {
+        let mut accepted = 0u64;
+        for i in 0..100 {
+            if tx.send(i).await.is_err() {
+                break;
+            }
+            accepted += 1;
+        }
+        accepted
+    });
+    settle().await;
+    drop(out);
+    let accepted = producer.await.unwrap();
+    pipeline.join().await.unwrap();
+    let m = pipeline.metrics();
+    let source = m.iter().find(|m| m.name == "channel").unwrap();
+    let lost: u64 = m.iter().map(|m| m.dropped + m.aborted + m.undelivered).sum();
+    // Everything the Pusher accepted was produced by the source, and ends
+    // as a drop, an abort or an undelivered item: the chain balances.
+    assert!(accepted > 3, "the push channel held some: {accepted}");
+    assert_eq!(source.emitted, accepted, "{m:?}");
+    assert_eq!(source.emitted, lost + pipeline.discarded(), "{m:?}");
+}

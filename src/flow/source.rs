@@ -187,6 +187,9 @@ impl<T: Send> ChunkSource<T> for PushSource<T> {
         while self.rx.try_recv().is_ok() {
             n += 1;
         }
+        // Accepted from the producer, so produced by this source: the
+        // stage that abandons them counts them as received and aborted.
+        self.counters.add_emitted(n);
         n
     }
 }

@@ -113,7 +113,10 @@ impl<T> Throttle<T> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] if `rate` or `period` is zero.
+    /// [`ConfigError::Zero`] if `rate` or `period` is zero;
+    /// [`ConfigError::Invalid`] for a period of 584 years or more
+    /// (`Duration::MAX` included): a period is a rate's denominator, not a
+    /// limit that can mean "never".
     ///
     /// ```
     /// use std::time::Duration;
