@@ -62,8 +62,8 @@ impl<T> ChunkTx<T> {
     ///
     /// # Cancel safety
     ///
-    /// Cancelling drops the chunk; callers that must count it use
-    /// [`ChunkTx::send`] inside a `select!` that keeps ownership (see
+    /// Cancelling drops the chunk; callers that must count it poll the send
+    /// inside a loop that knows its length (see `driver::deliver` and
     /// `stage::send_or_stop`).
     pub(crate) async fn send(&self, chunk: Chunk<T>) -> Result<(), Chunk<T>> {
         if chunk.is_empty() {

@@ -18,7 +18,7 @@
 //!   produced. While a chunk waits for room downstream, the operator's own
 //!   work keeps being polled (its in-flight calls keep running).
 //! - **Deadlines** are [`Deadline`]s: `None` is never, so `Duration::MAX`
-//!   cannot panic or spin (see `time.rs`).
+//!   cannot panic or spin (see `base/time.rs`).
 //! - **Counting**: the driver counts what it hands in (`received`); the
 //!   operator counts what leaves through [`Out`]; the driver adds the counts
 //!   to the stage's counters once per event and, when the stage stops early,
