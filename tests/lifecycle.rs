@@ -397,7 +397,10 @@ async fn a_push_source_counts_what_it_accepted_when_the_chain_stops_early() {
     pipeline.join().await.unwrap();
     let m = pipeline.metrics();
     let source = m.iter().find(|m| m.name == "channel").unwrap();
-    let lost: u64 = m.iter().map(|m| m.dropped + m.aborted + m.undelivered).sum();
+    let lost: u64 = m
+        .iter()
+        .map(|m| m.dropped + m.aborted + m.undelivered)
+        .sum();
     // Everything the Pusher accepted was produced by the source, and ends
     // as a drop, an abort or an undelivered item: the chain balances.
     assert!(accepted > 3, "the push channel held some: {accepted}");

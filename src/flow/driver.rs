@@ -55,6 +55,9 @@ use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::source::BoxSource;
 
+/// The most items a new output piece reserves room for.
+const MAX_RESERVE: usize = 1024;
+
 /// Whether an operator takes input now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Demand {
@@ -138,6 +141,8 @@ pub(crate) struct Out<T> {
     /// Per output ("lane"): chunks waiting, each with the input items it
     /// stands for. Most operators have one lane.
     lanes: Vec<VecDeque<(Chunk<T>, u64)>>,
+    /// Items in `lanes`, kept as they come and go.
+    queued: usize,
     max_chunk: usize,
     local: Local,
     /// Items discarded unprocessed on purpose (counted `aborted`).
@@ -153,6 +158,7 @@ impl<T> Out<T> {
     fn new(lanes: usize, max_chunk: usize, stage: Arc<str>) -> Self {
         Out {
             lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
+            queued: 0,
             max_chunk,
             local: Local::default(),
             discarded: 0,
@@ -167,11 +173,17 @@ impl<T> Out<T> {
         &self.stage
     }
 
-    /// The piece of `lane` being filled, with room for one more item.
+    /// The piece of `lane` being filled, with room for the one item the
+    /// caller pushes next.
+    #[inline]
     fn room(&mut self, lane: usize) -> &mut (Chunk<T>, u64) {
+        self.queued += 1;
+        let max = self.max_chunk;
         let pieces = &mut self.lanes[lane];
-        if pieces.back().is_none_or(|(c, _)| c.len() >= self.max_chunk) {
-            pieces.push_back((Chunk::default(), 0));
+        if pieces.back().is_none_or(|(c, _)| c.len() >= max) {
+            // Room for a chunk's worth up front (bounded, for a huge
+            // `max_chunk`): a piece then fills without reallocating.
+            pieces.push_back((Chunk::with_capacity(max.min(MAX_RESERVE)), 0));
         }
         pieces.back_mut().expect("just ensured")
     }
@@ -222,6 +234,7 @@ impl<T> Out<T> {
         let n = values.len() as u64;
         if self.lanes[0].is_empty() && values.len() <= self.max_chunk {
             self.local.emitted += n;
+            self.queued += values.len();
             self.lanes[0].push_back((Chunk::from_values(values), n));
             return;
         }
@@ -232,6 +245,7 @@ impl<T> Out<T> {
     /// that fits an empty output moves over without copying.
     pub(crate) fn forward(&mut self, chunk: Chunk<T>) {
         if self.lanes[0].is_empty() && chunk.len() <= self.max_chunk {
+            self.queued += chunk.len();
             self.local.emitted += chunk.values.len() as u64;
             self.local.errors_passed += chunk.errors.len() as u64;
             let n = chunk.len() as u64;
@@ -314,7 +328,14 @@ impl<T> Out<T> {
 
     /// Output items waiting to be delivered.
     pub(crate) fn len(&self) -> usize {
-        self.lanes.iter().flatten().map(|(c, _)| c.len()).sum()
+        self.queued
+    }
+
+    /// The next piece of `lane` to deliver.
+    fn pop(&mut self, lane: usize) -> Option<(Chunk<T>, u64)> {
+        let piece = self.lanes[lane].pop_front()?;
+        self.queued -= piece.0.len();
+        Some(piece)
     }
 
     fn is_empty(&self) -> bool {
@@ -323,6 +344,7 @@ impl<T> Out<T> {
 
     /// Takes every piece out, with its lane.
     fn drain(&mut self) -> impl Iterator<Item = (usize, Chunk<T>, u64)> + '_ {
+        self.queued = 0;
         self.lanes
             .iter_mut()
             .enumerate()
@@ -476,7 +498,8 @@ where
     let stop = loop {
         // Deliver what is pending, keeping the operator's work going.
         if !out.is_empty() {
-            let delivered = deliver(&mut op, &mut out, &txs, aborted.as_mut(), &counters).await;
+            let delivered =
+                deliver(&mut op, &mut out, &txs, &abort, aborted.as_mut(), &counters).await;
             flush(&mut out, &counters, &mut tally);
             match delivered {
                 Ok(true) => {}
@@ -511,13 +534,16 @@ where
         let want_input = input_open && demand == Demand::Input;
         let mut work_panic = None;
         let event = poll_fn(|cx: &mut Context<'_>| {
-            if aborted.as_mut().poll(cx).is_ready() {
+            // The stop signals first, as flags: a wake-up that has work to
+            // do pays three atomic loads, not the locks that registering
+            // for them takes (that happens below, only before sleeping).
+            if abort.is_cancelled() {
                 return Poll::Ready(Event::Abort);
             }
-            if closed.as_mut().poll(cx).is_ready() {
+            if txs.iter().all(ChunkTx::is_closed) {
                 return Poll::Ready(Event::Closed);
             }
-            if !shutdown_seen && shutting.as_mut().poll(cx).is_ready() {
+            if !shutdown_seen && shutdown.is_cancelled() {
                 return Poll::Ready(Event::Shutdown);
             }
             match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, &mut out))) {
@@ -536,6 +562,16 @@ where
                 if let Poll::Ready(chunk) = src.poll_chunk(cx) {
                     return Poll::Ready(Event::Input(chunk));
                 }
+            }
+            // Nothing to do: be woken by a stop signal too.
+            if aborted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Abort);
+            }
+            if closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Closed);
+            }
+            if !shutdown_seen && shutting.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
             }
             Poll::Pending
         })
@@ -628,6 +664,7 @@ async fn deliver<In, O, Op>(
     op: &mut Op,
     out: &mut Out<O>,
     txs: &[ChunkTx<O>],
+    abort: &CancellationToken,
     mut aborted: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     counters: &Counters,
 ) -> Result<bool, Box<dyn std::any::Any + Send>>
@@ -635,7 +672,7 @@ where
     Op: Operator<In, O>,
 {
     for (lane, tx) in txs.iter().enumerate() {
-        while let Some((chunk, units)) = out.lanes[lane].pop_front() {
+        while let Some((chunk, units)) = out.pop(lane) {
             if tx.is_closed() {
                 counters.add_undelivered(units);
                 continue;
@@ -643,11 +680,14 @@ where
             let mut send = pin!(tx.send(chunk));
             let mut panic = None;
             let sent = poll_fn(|cx| {
-                if aborted.as_mut().poll(cx).is_ready() {
+                if abort.is_cancelled() {
                     return Poll::Ready(None);
                 }
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
+                }
+                if aborted.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
                 }
                 // Keep the operator's calls running while downstream is full.
                 match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, out))) {

@@ -94,29 +94,30 @@ where
     /// chunk's worth: beyond that they stay in their slots, which is what
     /// holds the input back while the output is full.
     fn take_done(&mut self, out: &mut Out<O>) -> bool {
-        let mut moved = false;
+        let room = self.max_chunk.saturating_sub(out.len());
+        let mut moved = 0;
         if self.ordered {
-            while out.len() < self.max_chunk {
+            while moved < room {
                 let Some(&i) = self.order.front() else { break };
                 if !matches!(self.slots[i].phase, Phase::Done(_)) {
                     break;
                 }
                 self.order.pop_front();
                 self.release(i, out);
-                moved = true;
+                moved += 1;
             }
         } else if self.finished > 0 {
             for i in 0..self.slots.len() {
-                if out.len() >= self.max_chunk {
+                if moved >= room {
                     break;
                 }
                 if matches!(self.slots[i].phase, Phase::Done(_)) {
                     self.release(i, out);
-                    moved = true;
+                    moved += 1;
                 }
             }
         }
-        moved
+        moved > 0
     }
 
     fn release(&mut self, i: usize, out: &mut Out<O>) {
