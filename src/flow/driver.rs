@@ -140,7 +140,7 @@ pub(crate) trait Operator<In, O>: Send + 'static {
 pub(crate) struct Out<T> {
     /// Per output ("lane"): chunks waiting, each with the input items it
     /// stands for. Most operators have one lane.
-    lanes: Vec<VecDeque<(Chunk<T>, u64)>>,
+    lanes: Vec<Lane<T>>,
     /// Items in `lanes`, kept as they come and go.
     queued: usize,
     max_chunk: usize,
@@ -157,7 +157,7 @@ pub(crate) struct Out<T> {
 impl<T> Out<T> {
     fn new(lanes: usize, max_chunk: usize, stage: Arc<str>) -> Self {
         Out {
-            lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
             queued: 0,
             max_chunk,
             local: Local::default(),
@@ -176,16 +176,20 @@ impl<T> Out<T> {
     /// The piece of `lane` being filled, with room for the one item the
     /// caller pushes next.
     #[inline]
-    fn room(&mut self, lane: usize) -> &mut (Chunk<T>, u64) {
+    fn room(&mut self, lane: usize) -> (&mut Chunk<T>, &mut u64) {
         self.queued += 1;
         let max = self.max_chunk;
-        let pieces = &mut self.lanes[lane];
-        if pieces.back().is_none_or(|(c, _)| c.len() >= max) {
+        let lane = &mut self.lanes[lane];
+        if lane.open.len() >= max {
+            let full = std::mem::take(&mut lane.open);
+            lane.full.push_back((full, std::mem::take(&mut lane.units)));
+        }
+        if lane.open.values.capacity() == 0 {
             // Room for a chunk's worth up front (bounded, for a huge
             // `max_chunk`): a piece then fills without reallocating.
-            pieces.push_back((Chunk::with_capacity(max.min(MAX_RESERVE)), 0));
+            lane.open.values.reserve(max.min(MAX_RESERVE));
         }
-        pieces.back_mut().expect("just ensured")
+        (&mut lane.open, &mut lane.units)
     }
 
     /// Emits a value that stands for one input item.
@@ -196,33 +200,33 @@ impl<T> Out<T> {
     /// Emits a value on output `lane` (of an operator with several).
     pub(crate) fn emit_to(&mut self, lane: usize, value: T) {
         self.local.emitted += 1;
-        let piece = self.room(lane);
-        piece.0.values.push(value);
-        piece.1 += 1;
+        let (piece, units) = self.room(lane);
+        piece.values.push(value);
+        *units += 1;
     }
 
     /// Passes an upstream error on unchanged, on output `lane`.
     pub(crate) fn pass_to(&mut self, lane: usize, error: StreamError) {
         self.local.errors_passed += 1;
-        let piece = self.room(lane);
-        piece.0.push_error(error);
-        piece.1 += 1;
+        let (piece, units) = self.room(lane);
+        piece.push_error(error);
+        *units += 1;
     }
 
     /// Sends an error this stage made from an input item on output `lane`.
     pub(crate) fn fail_to(&mut self, lane: usize, error: StreamError) {
         self.local.failed += 1;
-        let piece = self.room(lane);
-        piece.0.push_error(error);
-        piece.1 += 1;
+        let (piece, units) = self.room(lane);
+        piece.push_error(error);
+        *units += 1;
     }
 
     /// Emits a value that stands for `inputs` input items (a batch).
     pub(crate) fn emit_for(&mut self, value: T, inputs: u64) {
         self.local.emitted += inputs;
-        let piece = self.room(0);
-        piece.0.values.push(value);
-        piece.1 += inputs;
+        let (piece, units) = self.room(0);
+        piece.values.push(value);
+        *units += inputs;
     }
 
     /// Emits values, one input item each, in bulk: a vector that fits an
@@ -232,10 +236,12 @@ impl<T> Out<T> {
             return;
         }
         let n = values.len() as u64;
-        if self.lanes[0].is_empty() && values.len() <= self.max_chunk {
+        if self.queued == 0 && values.len() <= self.max_chunk {
             self.local.emitted += n;
             self.queued += values.len();
-            self.lanes[0].push_back((Chunk::from_values(values), n));
+            self.lanes[0]
+                .full
+                .push_back((Chunk::from_values(values), n));
             return;
         }
         values.into_iter().for_each(|v| self.emit(v));
@@ -244,12 +250,12 @@ impl<T> Out<T> {
     /// Forwards a chunk unchanged (values emitted, errors passed): a chunk
     /// that fits an empty output moves over without copying.
     pub(crate) fn forward(&mut self, chunk: Chunk<T>) {
-        if self.lanes[0].is_empty() && chunk.len() <= self.max_chunk {
+        if self.queued == 0 && chunk.len() <= self.max_chunk {
             self.queued += chunk.len();
             self.local.emitted += chunk.values.len() as u64;
             self.local.errors_passed += chunk.errors.len() as u64;
             let n = chunk.len() as u64;
-            self.lanes[0].push_back((chunk, n));
+            self.lanes[0].full.push_back((chunk, n));
             return;
         }
         chunk.into_iter().for_each(|item| self.push(item));
@@ -277,9 +283,9 @@ impl<T> Out<T> {
 
     /// Sends an error standing for `inputs` items (errors of a window).
     pub(crate) fn push_error(&mut self, error: StreamError, inputs: u64) {
-        let piece = self.room(0);
-        piece.0.push_error(error);
-        piece.1 += inputs;
+        let (piece, units) = self.room(0);
+        piece.push_error(error);
+        *units += inputs;
     }
 
     /// Drops an item on purpose and counts it: the one place where an
@@ -315,9 +321,9 @@ impl<T> Out<T> {
     pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64) {
         self.local.emitted += values;
         self.local.errors_passed += errors;
-        let piece = self.room(0);
-        piece.0.values.push(value);
-        piece.1 += values + errors;
+        let (piece, units) = self.room(0);
+        piece.values.push(value);
+        *units += values + errors;
     }
 
     /// Counts attempts retried and timed out (an `AsyncMapper`).
@@ -333,22 +339,54 @@ impl<T> Out<T> {
 
     /// The next piece of `lane` to deliver.
     fn pop(&mut self, lane: usize) -> Option<(Chunk<T>, u64)> {
-        let piece = self.lanes[lane].pop_front()?;
+        let lane = &mut self.lanes[lane];
+        let piece = match lane.full.pop_front() {
+            Some(piece) => piece,
+            None if !lane.open.is_empty() => (
+                std::mem::take(&mut lane.open),
+                std::mem::take(&mut lane.units),
+            ),
+            None => return None,
+        };
         self.queued -= piece.0.len();
         Some(piece)
     }
 
     fn is_empty(&self) -> bool {
-        self.lanes.iter().all(VecDeque::is_empty)
+        self.queued == 0
     }
 
     /// Takes every piece out, with its lane.
     fn drain(&mut self) -> impl Iterator<Item = (usize, Chunk<T>, u64)> + '_ {
         self.queued = 0;
-        self.lanes
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(lane, pieces)| pieces.drain(..).map(move |(c, n)| (lane, c, n)))
+        self.lanes.iter_mut().enumerate().flat_map(|(i, lane)| {
+            let open = (!lane.open.is_empty()).then(|| {
+                (
+                    std::mem::take(&mut lane.open),
+                    std::mem::take(&mut lane.units),
+                )
+            });
+            lane.full.drain(..).chain(open).map(move |(c, n)| (i, c, n))
+        })
+    }
+}
+
+/// One output's pieces: full ones waiting to be delivered, and the one
+/// being filled, kept apart so that pushing an item touches one place.
+struct Lane<T> {
+    full: VecDeque<(Chunk<T>, u64)>,
+    open: Chunk<T>,
+    /// The input items `open` stands for.
+    units: u64,
+}
+
+impl<T> Default for Lane<T> {
+    fn default() -> Self {
+        Lane {
+            full: VecDeque::new(),
+            open: Chunk::default(),
+            units: 0,
+        }
     }
 }
 
