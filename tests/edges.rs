@@ -393,6 +393,15 @@ fn cases() -> Vec<Case> {
             endless: false,
         },
         Case {
+            name: "broadcast to three",
+            run: |e| {
+                let n = std::num::NonZeroUsize::new(3).unwrap();
+                drive_all(input().broadcast_to(n), e, "broadcast")
+            },
+            drops_on_shutdown: false,
+            endless: false,
+        },
+        Case {
             name: "async mapper, no limits",
             run: |e| {
                 let m = AsyncMapper::new(|x: &u64| {

@@ -73,8 +73,9 @@ async fn broadcast_sends_every_value_to_every_output_and_each_error_once() {
     let (c_ok, c_err) = split(c);
     assert_eq!((a_ok, b_ok, c_ok), (vec![1, 2], vec![1, 2], vec![1, 2]));
     assert_eq!((a_err.len(), b_err.len(), c_err.len()), (1, 0, 0));
+    // Counted per input item: each value once, however many copies.
     let m = stage(&pipeline, "broadcast");
-    assert_eq!((m.received, m.emitted, m.errors_passed), (3, 6, 1));
+    assert_eq!((m.received, m.emitted, m.errors_passed), (3, 2, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -128,6 +129,35 @@ async fn a_dropped_output_does_not_stop_the_others_and_errors_move_on() {
     let (oks, errs) = split(consumer.await.unwrap());
     assert_eq!(oks, [1, 2]);
     assert_eq!(errs.len(), 1, "the error goes to the first open output");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_output_that_goes_away_while_its_chunk_waits_hands_its_errors_on() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    let items = vec![
+        Ok(1),
+        Err(StreamError::failed("src", "a")),
+        Ok(2),
+        Err(StreamError::failed("src", "b")),
+        Ok(3),
+    ];
+    let [first, second] = pipeline
+        .try_stream(futures::stream::iter(items))
+        .broadcast();
+    let consumer = tokio::spawn(second.collect());
+    // Nobody reads `first`: its edge fills and the broadcast waits on it.
+    settle().await;
+    drop(first);
+    let (oks, errs) = split(consumer.await.unwrap());
+    let m = stage(&pipeline, "broadcast");
+    assert_eq!(oks, [1, 2, 3], "copies reach the open output");
+    assert_eq!(errs.len(), 2, "both errors moved on to the open output");
+    assert_eq!((m.emitted, m.errors_passed, m.undelivered), (3, 2, 0));
+    assert_eq!(
+        m.received,
+        m.emitted + m.errors_passed + m.aborted,
+        "conservation: {m:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

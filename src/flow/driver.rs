@@ -119,6 +119,16 @@ pub(crate) trait Operator<In, O>: Send + 'static {
         let _ = out;
     }
 
+    /// A piece meant for output `lane`, standing for `units` input items,
+    /// found that output gone. Returns how many of those items are lost
+    /// (the driver counts them `undelivered`). An operator that can still
+    /// deliver them elsewhere (broadcast: to the next open output)
+    /// re-queues them through `out` and returns what it could not place.
+    fn on_refused(&mut self, lane: usize, chunk: Chunk<O>, units: u64, out: &mut Out<O>) -> u64 {
+        let _ = (lane, chunk, out);
+        units
+    }
+
     /// How many received items the operator holds (not yet emitted, failed,
     /// passed or dropped). Counted as aborted if the stage stops early.
     fn held(&self) -> u64 {
@@ -332,6 +342,51 @@ impl<T> Out<T> {
         self.local.timeouts += timeouts;
     }
 
+    /// The number of outputs (lanes).
+    pub(crate) fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Whether output `lane` was still read when the driver last looked
+    /// (before each input chunk, and at each delivery). Once gone, an
+    /// output stays gone.
+    pub(crate) fn is_open(&self, lane: usize) -> bool {
+        self.lanes[lane].reading
+    }
+
+    /// Queues a copy of a value for output `lane` without counting it: the
+    /// input item it stands for is counted by the one original sent
+    /// elsewhere (broadcast).
+    pub(crate) fn copy_to(&mut self, lane: usize, value: T) {
+        let (piece, _) = self.room(lane);
+        piece.values.push(value);
+    }
+
+    /// Re-queues on output `lane` errors already counted when they were
+    /// first queued elsewhere, with the `units` input items they (and the
+    /// rest of their piece) stand for.
+    pub(crate) fn requeue_errors(&mut self, lane: usize, errors: Vec<StreamError>, units: u64) {
+        for error in errors {
+            let (piece, _) = self.room(lane);
+            piece.push_error(error);
+        }
+        self.lanes[lane].units += units;
+    }
+
+    /// Adds `units` input items to what output `lane`'s pending items stand
+    /// for; false (nothing added) if that output has nothing pending.
+    pub(crate) fn add_units(&mut self, lane: usize, units: u64) -> bool {
+        let lane = &mut self.lanes[lane];
+        if let Some((_, n)) = lane.full.front_mut() {
+            *n += units;
+        } else if !lane.open.is_empty() {
+            lane.units += units;
+        } else {
+            return false;
+        }
+        true
+    }
+
     /// Output items waiting to be delivered.
     pub(crate) fn len(&self) -> usize {
         self.queued
@@ -378,6 +433,8 @@ struct Lane<T> {
     open: Chunk<T>,
     /// The input items `open` stands for.
     units: u64,
+    /// Whether the output was still read when the driver last looked.
+    reading: bool,
 }
 
 impl<T> Default for Lane<T> {
@@ -386,6 +443,7 @@ impl<T> Default for Lane<T> {
             full: VecDeque::new(),
             open: Chunk::default(),
             units: 0,
+            reading: true,
         }
     }
 }
@@ -631,6 +689,11 @@ where
                     counters.add_drained(chunk.len() as u64);
                     break Stop::Early;
                 }
+                if txs.len() > 1 {
+                    for (lane, tx) in out.lanes.iter_mut().zip(&txs) {
+                        lane.reading = !tx.is_closed();
+                    }
+                }
                 let n = chunk.len() as u64;
                 out.local.received += n;
                 guarded(|| op.on_chunk(chunk, &mut out))
@@ -712,7 +775,7 @@ where
     for (lane, tx) in txs.iter().enumerate() {
         while let Some((chunk, units)) = out.pop(lane) {
             if tx.is_closed() {
-                counters.add_undelivered(units);
+                refused(op, out, lane, chunk, units, counters)?;
                 continue;
             }
             let mut send = pin!(tx.send(chunk));
@@ -742,7 +805,7 @@ where
             match sent {
                 Some(Ok(())) => {}
                 // That output went away while waiting for room.
-                Some(Err(_)) => counters.add_undelivered(units),
+                Some(Err(chunk)) => refused(op, out, lane, chunk, units, counters)?,
                 None => {
                     counters.add_undelivered(units);
                     return match panic {
@@ -754,6 +817,26 @@ where
         }
     }
     Ok(true)
+}
+
+/// A piece for `lane` found its output gone: the operator may place its
+/// items elsewhere; what it cannot place is counted undelivered.
+fn refused<In, O, Op>(
+    op: &mut Op,
+    out: &mut Out<O>,
+    lane: usize,
+    chunk: Chunk<O>,
+    units: u64,
+    counters: &Counters,
+) -> Result<(), Box<dyn std::any::Any + Send>>
+where
+    Op: Operator<In, O>,
+{
+    out.lanes[lane].reading = false;
+    let mut lost = units;
+    guarded(|| lost = op.on_refused(lane, chunk, units, out))?;
+    counters.add_undelivered(lost);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -189,31 +189,6 @@ pub(crate) async fn next_or_stop<T>(
     .await
 }
 
-/// The next chunk for an operator's task loop, or `None` when the loop must
-/// end: the input ended, `stop` (polled while waiting) said so, or the
-/// pipeline was aborted (checked after each receive, so input that keeps
-/// flowing cannot hide an abort). When stopping early, the chunk in hand
-/// and everything left in the input are counted as received and aborted.
-pub(crate) async fn receive_or_stop<T>(
-    src: &mut BoxSource<T>,
-    abort: &CancellationToken,
-    counters: &Counters,
-    stop: impl FnMut(&mut Context<'_>) -> bool,
-) -> Option<Chunk<T>> {
-    match next_or_stop(src, stop).await {
-        Some(Some(chunk)) if !abort.is_cancelled() => Some(chunk),
-        Some(Some(chunk)) => {
-            counters.add_drained(chunk.len() as u64 + src.abandon());
-            None
-        }
-        Some(None) => None,
-        None => {
-            counters.add_drained(src.abandon());
-            None
-        }
-    }
-}
-
 /// Sends `chunk`, waiting for room: `Some(Err(chunk))` if the receiver is
 /// gone, `None` if `stop` (polled only while waiting) says to stop; the
 /// chunk is then dropped, and the caller counts it.

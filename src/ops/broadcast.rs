@@ -1,18 +1,10 @@
 //! Fan-out: every value to every output.
 
-use std::future::Future;
 use std::num::NonZeroUsize;
-use std::pin::pin;
-use std::task::Context;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::base::channel::{ChunkTx, chunk_channel};
 use crate::base::chunk::Chunk;
-use crate::base::counters::{Counters, Local};
 use crate::flow::Flow;
-use crate::flow::source::BoxSource;
-use crate::flow::stage::{receive_or_stop, send_or_stop};
+use crate::flow::driver::{self, Operator, Out};
 
 impl<T: Clone + Send + 'static> Flow<T> {
     /// Sends every value to each of `N` outputs.
@@ -28,9 +20,13 @@ impl<T: Clone + Send + 'static> Flow<T> {
     /// - **A dropped output** stops receiving copies; the others go on. When
     ///   every output is dropped, the stages upstream stop.
     ///
-    /// Counters (stage `broadcast`): `received` counts input items,
-    /// `emitted` counts delivered copies of values, `errors_passed` counts
-    /// errors delivered; an item no output took is `aborted`.
+    /// Counters (stage `broadcast`) count input items, as every stage's
+    /// do: `received`; `emitted`, values sent on (once each, however many
+    /// outputs got a copy); `errors_passed`; `undelivered`, items no
+    /// output took because every output that could have was gone. So
+    /// `received = emitted + errors_passed + undelivered + aborted`.
+    /// An error whose output goes away while it waits moves on to the next
+    /// open output, after the values already queued there.
     ///
     /// `N = 0` does not compile.
     ///
@@ -76,100 +72,51 @@ impl<T: Clone + Send + 'static> Flow<T> {
     /// ```
     #[track_caller]
     pub fn broadcast_to(self, n: NonZeroUsize) -> Vec<Flow<T>> {
-        let pipeline = self.pipeline().clone();
-        let edge = pipeline.edge();
-        let counters = pipeline.register("broadcast");
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n.get()).map(|_| chunk_channel(edge)).unzip();
-        let task = run(
-            self.into_source(),
-            txs,
-            pipeline.abort_token(),
-            counters.clone(),
-        );
-        pipeline.spawn(counters.name().clone(), task);
-        rxs.into_iter()
-            .map(|rx| Flow::from_source(pipeline.clone(), Box::new(rx)))
-            .collect()
+        driver::spawn_fan_out(self, "broadcast", n.get(), None, Broadcast)
     }
 }
 
-async fn run<T: Clone + Send + 'static>(
-    mut src: BoxSource<T>,
-    outputs: Vec<ChunkTx<T>>,
-    abort: CancellationToken,
-    counters: Counters,
-) {
-    let mut aborted = pin!(abort.cancelled());
-    let mut all_closed = pin!(futures::future::join_all(
-        outputs.iter().map(ChunkTx::closed)
-    ));
-    loop {
-        let stop = |cx: &mut Context<'_>| {
-            aborted.as_mut().poll(cx).is_ready() || all_closed.as_mut().poll(cx).is_ready()
-        };
-        let Some(chunk) = receive_or_stop(&mut src, &abort, &counters, stop).await else {
-            return;
-        };
-        let mut local = Local {
-            received: chunk.len() as u64,
-            ..Local::default()
-        };
-        // The original chunk (values and errors) goes to the first open
-        // output; the others get copies of its values. If an output goes
-        // away mid-send, the original moves on to the next one.
-        let mut original = Some(chunk);
-        let mut copies: Option<Vec<T>> = None;
-        for (i, tx) in outputs.iter().enumerate() {
-            if tx.is_closed() {
-                continue;
-            }
-            let last = outputs[i + 1..].iter().all(ChunkTx::is_closed);
-            let is_original = original.is_some();
-            let piece = match original.take() {
-                Some(orig) => {
-                    if !last && copies.is_none() {
-                        copies = Some(orig.values.clone());
+/// The operator: each value to the first open output (counted there) and a
+/// copy to every other open one; each error to the first open output.
+struct Broadcast;
+
+impl<T: Clone + Send + 'static> Operator<T, T> for Broadcast {
+    fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
+        let lanes = out.lanes();
+        // With every output gone the driver stops the stage; until it
+        // notices, output 0 takes the items and counts them undelivered.
+        let first = (0..lanes).find(|&l| out.is_open(l)).unwrap_or(0);
+        let others: Vec<usize> = (first + 1..lanes).filter(|&l| out.is_open(l)).collect();
+        for item in chunk {
+            match item {
+                Ok(value) => {
+                    for &lane in &others {
+                        out.copy_to(lane, value.clone());
                     }
-                    orig
+                    out.emit_to(first, value);
                 }
-                None => {
-                    let c = copies
-                        .as_mut()
-                        .expect("copies exist once the original is sent");
-                    Chunk::from_values(if last { std::mem::take(c) } else { c.clone() })
-                }
-            };
-            let (oks, errs) = (piece.values.len() as u64, piece.errors.len() as u64);
-            let stop = |cx: &mut Context<'_>| aborted.as_mut().poll(cx).is_ready();
-            let outcome = send_or_stop(tx, piece, stop).await;
-            match outcome {
-                Some(Ok(())) => {
-                    local.emitted += oks;
-                    local.errors_passed += errs;
-                }
-                Some(Err(refused)) if is_original => original = Some(refused),
-                Some(Err(_)) => {}
-                None => {
-                    // Aborted mid-send: the chunk is lost only if no output
-                    // has received it yet.
-                    counters.add(&local);
-                    let held = if is_original { oks + errs } else { 0 };
-                    counters.add_aborted(held);
-                    counters.add_drained(src.abandon());
-                    return;
-                }
+                Err(error) => out.pass_to(first, error),
             }
         }
-        // Every open output refused the original: nobody got these items.
-        if let Some(orig) = original {
-            counters.add_aborted(orig.len() as u64);
+    }
+
+    fn on_refused(&mut self, lane: usize, chunk: Chunk<T>, units: u64, out: &mut Out<T>) -> u64 {
+        if units == 0 {
+            // Copies only: their items are counted where the originals went.
+            return 0;
         }
-        counters.add(&local);
-        // With every output gone, stop now: an always-ready source would
-        // otherwise never let the wait above notice.
-        if outputs.iter().all(ChunkTx::is_closed) {
-            counters.add_drained(src.abandon());
-            return;
+        // The originals' output is gone. Their values reached every later
+        // open output as copies (those are delivered after this one); their
+        // errors went nowhere else, so they move on to the next open output.
+        let Some(next) = (lane + 1..out.lanes()).find(|&l| out.is_open(l)) else {
+            return units;
+        };
+        let (_, errors) = chunk.into_parts();
+        if errors.is_empty() {
+            if out.add_units(next, units) { 0 } else { units }
+        } else {
+            out.requeue_errors(next, errors, units);
+            0
         }
     }
 }
