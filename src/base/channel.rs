@@ -76,6 +76,21 @@ impl<T> ChunkTx<T> {
         self.tx.send(chunk).map_err(|e| e.0)
     }
 
+    /// Sends a chunk if the queue has room for it now, without the waiter
+    /// node and lock that [`send`](Self::send) sets up: the delivery fast
+    /// path. A chunk that must wait, or whose receiver is gone, comes back.
+    pub(crate) fn try_send(&self, chunk: Chunk<T>) -> Result<(), TrySend<T>> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match self.permits.try_acquire_many(self.cost(chunk.len())) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySend::Full(chunk)),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySend::Closed(chunk)),
+        }
+        self.tx.send(chunk).map_err(|e| TrySend::Closed(e.0))
+    }
+
     /// Sends a chunk without waiting for room. Used only on the panic path
     /// to deliver the final error item. It takes permits when there are
     /// some; when the queue is full it sends anyway, and the edge's capacity
@@ -96,6 +111,14 @@ impl<T> ChunkTx<T> {
     pub(crate) fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+}
+
+/// A chunk [`ChunkTx::try_send`] could not send, and why.
+pub(crate) enum TrySend<T> {
+    /// The queue has no room for it now.
+    Full(Chunk<T>),
+    /// The receiver is gone.
+    Closed(Chunk<T>),
 }
 
 pub(crate) struct ChunkRx<T> {

@@ -7,4 +7,5 @@ pub(crate) mod chunk;
 pub(crate) mod config;
 pub(crate) mod counters;
 pub(crate) mod error;
+pub(crate) mod signal;
 pub(crate) mod time;

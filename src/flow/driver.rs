@@ -43,19 +43,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::base::channel::{ChunkTx, chunk_channel};
+use crate::base::channel::{ChunkTx, TrySend, chunk_channel};
 use crate::base::chunk::Chunk;
 use crate::base::config::EdgeConfig;
 use crate::base::counters::{Counters, Local};
 use crate::base::error::{ErrorKind, StreamError};
+use crate::base::signal::Watch;
 use crate::base::time::{Deadline, Timer};
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::source::BoxSource;
 
-/// The most items a new output piece reserves room for.
+/// The fewest and the most items a new output piece reserves room for.
+const MIN_RESERVE: usize = 8;
 const MAX_RESERVE: usize = 1024;
 
 /// Whether an operator takes input now.
@@ -195,14 +196,19 @@ impl<T> Out<T> {
             lane.full.push_back((full, std::mem::take(&mut lane.units)));
         }
         if lane.open.values.capacity() == 0 {
-            // Room for a chunk's worth up front (bounded, for a huge
-            // `max_chunk`): a piece then fills without reallocating.
-            lane.open.values.reserve(max.min(MAX_RESERVE));
+            // Room up front for as many as the last piece held (a full
+            // chunk's worth for a stage that fills its chunks, a few for
+            // a batcher; bounded for a huge `max_chunk`): a piece then
+            // fills without reallocating, and a sparse one does not pay
+            // for a chunk's worth.
+            let hint = lane.last.clamp(MIN_RESERVE, MAX_RESERVE);
+            lane.open.values.reserve(max.min(hint));
         }
         (&mut lane.open, &mut lane.units)
     }
 
     /// Emits a value that stands for one input item.
+    #[inline]
     pub(crate) fn emit(&mut self, value: T) {
         self.emit_for(value, 1);
     }
@@ -232,6 +238,7 @@ impl<T> Out<T> {
     }
 
     /// Emits a value that stands for `inputs` input items (a batch).
+    #[inline]
     pub(crate) fn emit_for(&mut self, value: T, inputs: u64) {
         self.local.emitted += inputs;
         let (piece, units) = self.room(0);
@@ -272,6 +279,7 @@ impl<T> Out<T> {
     }
 
     /// Emits a value or passes an upstream error, in order.
+    #[inline]
     pub(crate) fn push(&mut self, item: crate::Result<T>) {
         match item {
             Ok(v) => self.emit(v),
@@ -403,6 +411,7 @@ impl<T> Out<T> {
             ),
             None => return None,
         };
+        lane.last = piece.0.values.len();
         self.queued -= piece.0.len();
         Some(piece)
     }
@@ -435,6 +444,8 @@ struct Lane<T> {
     units: u64,
     /// Whether the output was still read when the driver last looked.
     reading: bool,
+    /// The values of the piece delivered last: what the next one reserves.
+    last: usize,
 }
 
 impl<T> Default for Lane<T> {
@@ -444,6 +455,7 @@ impl<T> Default for Lane<T> {
             open: Chunk::default(),
             units: 0,
             reading: true,
+            last: MAX_RESERVE,
         }
     }
 }
@@ -523,8 +535,8 @@ where
     let io = Io {
         src: input.into_source(),
         txs,
-        abort: pipeline.abort_token(),
-        shutdown: pipeline.shutdown_token(),
+        abort: pipeline.abort_signal().watch(),
+        shutdown: pipeline.shutdown_signal().watch(),
         counters: counters.clone(),
         max_chunk: edge.max_chunk(),
     };
@@ -537,8 +549,8 @@ where
 struct Io<In, O> {
     src: BoxSource<In>,
     txs: Vec<ChunkTx<O>>,
-    abort: CancellationToken,
-    shutdown: CancellationToken,
+    abort: Watch,
+    shutdown: Watch,
     counters: Counters,
     max_chunk: usize,
 }
@@ -585,10 +597,10 @@ where
     let mut out = Out::new(txs.len(), max_chunk, counters.name().clone());
     let mut tally = Tally::default();
     let mut timer = Timer::new();
-    let mut aborted = pin!(abort.cancelled());
+    let mut aborted = pin!(abort.token().cancelled());
     let mut closed = pin!(futures::future::join_all(txs.iter().map(ChunkTx::closed)));
     let mut shutdown_seen = false;
-    let mut shutting = pin!(shutdown.cancelled());
+    let mut shutting = pin!(shutdown.token().cancelled());
     let mut input_open = true;
 
     let stop = loop {
@@ -631,15 +643,15 @@ where
         let mut work_panic = None;
         let event = poll_fn(|cx: &mut Context<'_>| {
             // The stop signals first, as flags: a wake-up that has work to
-            // do pays three atomic loads, not the locks that registering
+            // do pays a few atomic loads, not the locks that registering
             // for them takes (that happens below, only before sleeping).
-            if abort.is_cancelled() {
+            if abort.is_raised() {
                 return Poll::Ready(Event::Abort);
             }
             if txs.iter().all(ChunkTx::is_closed) {
                 return Poll::Ready(Event::Closed);
             }
-            if !shutdown_seen && shutdown.is_cancelled() {
+            if !shutdown_seen && shutdown.is_raised() {
                 return Poll::Ready(Event::Shutdown);
             }
             match catch_unwind(AssertUnwindSafe(|| op.poll_work(cx, &mut out))) {
@@ -685,7 +697,7 @@ where
             Event::Deadline(now) => guarded(|| op.on_deadline(now, &mut out)),
             Event::Input(Some(chunk)) => {
                 // An abort wins over input that arrived at the same time.
-                if abort.is_cancelled() {
+                if abort.is_raised() {
                     counters.add_drained(chunk.len() as u64);
                     break Stop::Early;
                 }
@@ -765,7 +777,7 @@ async fn deliver<In, O, Op>(
     op: &mut Op,
     out: &mut Out<O>,
     txs: &[ChunkTx<O>],
-    abort: &CancellationToken,
+    abort: &Watch,
     mut aborted: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     counters: &Counters,
 ) -> Result<bool, Box<dyn std::any::Any + Send>>
@@ -774,14 +786,19 @@ where
 {
     for (lane, tx) in txs.iter().enumerate() {
         while let Some((chunk, units)) = out.pop(lane) {
-            if tx.is_closed() {
-                refused(op, out, lane, chunk, units, counters)?;
-                continue;
-            }
+            // Room now (the usual case): no waiting future to set up.
+            let chunk = match tx.try_send(chunk) {
+                Ok(()) => continue,
+                Err(TrySend::Closed(chunk)) => {
+                    refused(op, out, lane, chunk, units, counters)?;
+                    continue;
+                }
+                Err(TrySend::Full(chunk)) => chunk,
+            };
             let mut send = pin!(tx.send(chunk));
             let mut panic = None;
             let sent = poll_fn(|cx| {
-                if abort.is_cancelled() {
+                if abort.is_raised() {
                     return Poll::Ready(None);
                 }
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use crate::base::config::EdgeConfig;
 use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
+use crate::base::signal::Signal;
 use crate::flow::Flow;
 use crate::flow::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
 
@@ -67,8 +68,8 @@ pub struct Pipeline {
 /// form a cycle of strong references that would never be freed.
 struct Inner {
     edge: EdgeConfig,
-    shutdown: CancellationToken,
-    abort: CancellationToken,
+    shutdown: Signal,
+    abort: Signal,
     stages: Mutex<Vec<Counters>>,
     tasks: Mutex<Vec<(Arc<str>, JoinHandle<()>)>>,
     /// Pipelines that follow this one's lifecycle (merged into it). Each is
@@ -167,8 +168,8 @@ impl fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pipeline")
             .field("edge", &self.inner.edge)
-            .field("shutting_down", &self.inner.shutdown.is_cancelled())
-            .field("aborted", &self.inner.abort.is_cancelled())
+            .field("shutting_down", &self.inner.shutdown.is_raised())
+            .field("aborted", &self.inner.abort.is_raised())
             .field("stages", &lock(&self.inner.stages).len())
             .finish()
     }
@@ -203,8 +204,8 @@ impl Pipeline {
     fn build(edge: EdgeConfig, shutdown: CancellationToken) -> Self {
         let inner = Arc::new(Inner {
             edge,
-            shutdown,
-            abort: CancellationToken::new(),
+            shutdown: Signal::new(shutdown),
+            abort: Signal::new(CancellationToken::new()),
             stages: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
             linked: Mutex::new(Vec::new()),
@@ -236,7 +237,7 @@ impl Pipeline {
             Box::new(IterSource {
                 iter: Some(items.into_iter()),
                 max_chunk: self.inner.edge.max_chunk(),
-                shutdown: self.inner.shutdown.clone(),
+                shutdown: self.inner.shutdown.token().clone(),
                 counters,
             }),
         )
@@ -264,7 +265,7 @@ impl Pipeline {
             Box::new(StreamSource {
                 stream: Some(Box::pin(stream)),
                 max_chunk: self.inner.edge.max_chunk(),
-                shutdown: Shutdown::new(self.inner.shutdown.clone()),
+                shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
                 counters,
             }),
         )
@@ -288,7 +289,7 @@ impl Pipeline {
             Box::new(PushSource {
                 rx,
                 max_chunk: self.inner.edge.max_chunk(),
-                shutdown: Shutdown::new(self.inner.shutdown.clone()),
+                shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
                 closing: false,
                 counters,
             }),
@@ -296,7 +297,7 @@ impl Pipeline {
         (
             Pusher {
                 tx,
-                shutdown: self.inner.shutdown.clone(),
+                shutdown: self.inner.shutdown.token().clone(),
             },
             flow,
         )
@@ -331,7 +332,7 @@ impl Pipeline {
     /// their output has been consumed.
     pub fn shutdown(&self) {
         for p in self.reachable() {
-            p.shutdown.cancel();
+            p.shutdown.raise();
         }
     }
 
@@ -339,19 +340,19 @@ impl Pipeline {
     /// are discarded and counted (see [`StageMetrics`]).
     pub fn abort(&self) {
         for p in self.reachable() {
-            p.abort.cancel();
-            p.shutdown.cancel();
+            p.abort.raise();
+            p.shutdown.raise();
         }
     }
 
     /// Whether [`shutdown`](Pipeline::shutdown) (or abort) was requested.
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutdown.is_cancelled()
+        self.inner.shutdown.is_raised()
     }
 
     /// A token that is cancelled when the pipeline shuts down.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.inner.shutdown.clone()
+        self.inner.shutdown.token().clone()
     }
 
     /// Counters of every stage, in the order the stages were created
@@ -443,7 +444,17 @@ impl Pipeline {
     }
 
     pub(crate) fn abort_token(&self) -> CancellationToken {
+        self.inner.abort.token().clone()
+    }
+
+    /// The abort signal, for a task that asks about it on every wake-up.
+    pub(crate) fn abort_signal(&self) -> Signal {
         self.inner.abort.clone()
+    }
+
+    /// The shutdown signal, for a task that asks about it on every wake-up.
+    pub(crate) fn shutdown_signal(&self) -> Signal {
+        self.inner.shutdown.clone()
     }
 
     pub(crate) fn add_discarded(&self, n: u64) {
@@ -461,9 +472,9 @@ impl Pipeline {
         {
             return;
         }
-        if self.inner.abort.is_cancelled() {
+        if self.inner.abort.is_raised() {
             other.abort();
-        } else if self.inner.shutdown.is_cancelled() {
+        } else if self.inner.shutdown.is_raised() {
             other.shutdown();
         }
         // Joined first: a link is only ever walked within one group.

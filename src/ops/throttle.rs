@@ -284,6 +284,7 @@ impl Gcra {
     /// now if that is in the past. While items are behind their schedule
     /// (`behind`), an arrival time at most the catch-up allowance in the
     /// past is kept: the wake-up was late, not the input idle.
+    #[inline]
     fn base(&self, now: u128, behind: bool) -> u128 {
         if behind && self.tat.saturating_add(self.catch_up) >= now {
             self.tat
@@ -292,16 +293,19 @@ impl Gcra {
         }
     }
 
-    /// When an item of `cost` tokens may pass.
-    fn allowed_at(&self, now: u128, cost: u64, behind: bool) -> u128 {
+    /// Takes `cost` tokens if an item of that cost may pass at `now`;
+    /// otherwise returns when it may (and takes nothing).
+    #[inline]
+    fn try_take(&mut self, now: u128, cost: u64, behind: bool) -> Result<(), u128> {
         let inc = wide_mul(self.token, cost);
+        let base = self.base(now, behind);
         // Heavier than the whole bucket: wait for a full bucket only.
-        (self.base(now, behind) + inc.min(self.depth)).saturating_sub(self.depth)
-    }
-
-    fn take(&mut self, now: u128, cost: u64, behind: bool) {
-        let inc = wide_mul(self.token, cost);
-        self.tat = self.base(now, behind).saturating_add(inc);
+        let allowed = (base + inc.min(self.depth)).saturating_sub(self.depth);
+        if allowed > now {
+            return Err(allowed);
+        }
+        self.tat = base.saturating_add(inc);
+        Ok(())
     }
 
     /// Takes one token each for as many of `n` items as may pass now.
@@ -322,6 +326,7 @@ impl Gcra {
     }
 }
 
+#[inline]
 fn wide_mul(a: u64, b: u64) -> u128 {
     u128::from(a) * u128::from(b)
 }
@@ -386,12 +391,10 @@ impl<T: Send + 'static> Shaper<T> {
                 out.push(item);
                 continue;
             }
-            let allowed = self.gcra.allowed_at(now, cost, behind);
-            if allowed <= now {
-                self.gcra.take(now, cost, behind);
+            let Err(allowed) = self.gcra.try_take(now, cost, behind) else {
                 out.push(item);
                 continue;
-            }
+            };
             match (self.mode, item) {
                 (Mode::Shape, item) => {
                     self.head = Some((item, cost));
