@@ -47,10 +47,10 @@ async fn run<S: DeadLetterSink<Order>>(sink: S) {
 }
 
 async fn channel_sink() {
-    let (sink, mut letters) = dlq::channel::<Order>(1024).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(1024).unwrap();
     let reader = tokio::spawn(async move {
         let mut n = 0u64;
-        while letters.recv().await.is_some() {
+        while letters.recv().await.is_ok() {
             n += 1;
         }
         n

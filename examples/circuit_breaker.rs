@@ -67,10 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let (dead, mut letters) = streamz::dlq::channel::<u32>(1024)?;
+    let (dead, letters) = streamz::dlq::channel::<u32>(1024)?;
     let kept = tokio::spawn(async move {
         let mut kinds = std::collections::BTreeMap::new();
-        while let Some(letter) = letters.recv().await {
+        while let Ok(letter) = letters.recv().await {
             *kinds.entry(letter.kind.as_str()).or_insert(0) += 1;
         }
         kinds

@@ -72,7 +72,7 @@ async fn until(mut done: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn values_pass_and_errors_reach_the_channel_sink_as_records() {
-    let (sink, mut letters) = dlq::channel::<Order>(64).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(64).unwrap();
     let flow = streamz::try_stream(futures::stream::iter(mixed(20, 4)))
         .pipe(DeadLetterQueue::new(sink).named("to-dlq"));
     let pipeline = flow.pipeline().clone();
@@ -82,7 +82,7 @@ async fn values_pass_and_errors_reach_the_channel_sink_as_records() {
     assert!(values.iter().all(|o| o.id % 4 != 0));
 
     let mut records = Vec::new();
-    while let Some(r) = letters.recv().await {
+    while let Ok(r) = letters.recv().await {
         records.push(r);
     }
     assert_eq!(records.len(), 5);
@@ -426,7 +426,7 @@ async fn a_dropped_receiver_sends_records_downstream() {
 
 #[tokio::test]
 async fn items_of_another_type_are_recorded_with_a_note() {
-    let (sink, mut letters) = dlq::channel::<Order>(8).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(8).unwrap();
     let input: Vec<Result<Order>> = vec![
         Err(StreamError::failed("parse", "not json").with_item(String::from("{oops"))),
         Err(StreamError::failed("source", "connection reset")),
@@ -453,7 +453,7 @@ async fn items_of_another_type_are_recorded_with_a_note() {
 
 #[tokio::test(start_paused = true)]
 async fn retried_failures_record_attempts_and_both_failure_times() {
-    let (sink, mut letters) = dlq::channel::<u32>(8).unwrap();
+    let (sink, letters) = dlq::channel::<u32>(8).unwrap();
     let mapper = AsyncMapper::new(|x: &u32| {
         let x = *x;
         async move { if x == 2 { Err("down") } else { Ok(x) } }
@@ -1451,7 +1451,7 @@ async fn fail_policy_emits_no_value_after_the_overflow_error() {
 async fn a_panic_while_making_a_record_is_reported_and_every_item_is_counted() {
     // `Explosive(3)` panics when serialised, here in the router itself
     // (JSON records are made before they reach the sink).
-    let (sink, mut letters) = dlq::channel(16).unwrap();
+    let (sink, letters) = dlq::channel(16).unwrap();
     let input = (0..6u64).map(|i| {
         if i % 2 == 1 {
             Err(StreamError::failed("s", "e").with_item(Explosive(i)))
@@ -1470,7 +1470,7 @@ async fn a_panic_while_making_a_record_is_reported_and_every_item_is_counted() {
     assert_eq!((last.kind(), last.stage()), (ErrorKind::Panicked, "dlq"));
     assert!(pipeline.join().await.is_err());
     let mut records = 0;
-    while letters.recv().await.is_some() {
+    while letters.recv().await.is_ok() {
         records += 1;
     }
     let m = stage(&pipeline, "dlq");

@@ -150,8 +150,8 @@ fn healthy_gate() -> HealthGate<streamz::HealthFn<impl FnMut() -> std::future::R
 /// of one record, whose receiver a task of its own drains (it ends when the
 /// queue closes its sink, however the run ends).
 fn channel_dlq(overflow: Overflow) -> DeadLetterQueue<u64, u64, dlq::ChannelSink<u64>> {
-    let (sink, mut letters) = dlq::channel::<u64>(1).unwrap();
-    tokio::spawn(async move { while letters.recv().await.is_some() {} });
+    let (sink, letters) = dlq::channel::<u64>(1).unwrap();
+    tokio::spawn(async move { while letters.recv().await.is_ok() {} });
     DeadLetterQueue::new(sink)
         .with_buffer(1)
         .unwrap()

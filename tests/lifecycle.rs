@@ -21,6 +21,29 @@ fn alive_tasks() -> usize {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_join_dropped_part_way_loses_no_panic() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    // The first task panics at once; the second waits on a pusher.
+    let broken = pipeline.iter(PanicsAt(0, 1)).async_boundary("broken");
+    let (tx, waiting) = pipeline.channel::<u32>();
+    let waiting = waiting.async_boundary("waiting");
+    let (broken_out, ()) = tokio::join!(broken.collect(), async {
+        // The first join takes the broken task's panic, then waits on the
+        // other task until its time runs out.
+        let first = tokio::time::timeout(Duration::from_millis(20), pipeline.join()).await;
+        assert!(first.is_err(), "the waiting task keeps the first join busy");
+    });
+    assert_eq!(broken_out.len(), 1, "only the `panicked` error item");
+    drop(tx);
+    assert!(waiting.collect().await.is_empty());
+    let Err(PipelineError::Panicked(panics)) = pipeline.join().await else {
+        panic!("the second join must still report the panic");
+    };
+    assert_eq!(panics.len(), 1);
+    assert_eq!(panics[0].stage(), "broken");
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropping_the_final_flow_stops_every_task() {
     let pipeline = Pipeline::new();
     // An idle producer keeps its sender: nothing ends by itself.

@@ -314,6 +314,14 @@ impl<T: Send + 'static> Flow<T> {
 // A flow never pins its items: they sit in a Vec and are moved out.
 impl<T> Unpin for Flow<T> {}
 
+/// A flow that has ended stays ended: `select!` and other combinators that
+/// need a [`FusedStream`](futures::stream::FusedStream) take it as it is.
+impl<T: Send + 'static> futures::stream::FusedStream for Flow<T> {
+    fn is_terminated(&self) -> bool {
+        self.src.is_none() && self.buf.len() == 0
+    }
+}
+
 impl<T: Send + 'static> Stream for Flow<T> {
     type Item = Result<T>;
 

@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::task::JoinHandle;
@@ -67,6 +68,7 @@ pub struct Pipeline {
 /// through `Weak`s, so links in both directions (a merge each way) cannot
 /// form a cycle of strong references that would never be freed.
 struct Inner {
+    name: Option<Arc<str>>,
     edge: EdgeConfig,
     shutdown: Signal,
     abort: Signal,
@@ -77,6 +79,9 @@ struct Inner {
     /// member lives, so the upgrade succeeds whenever someone can walk here.
     linked: Mutex<Vec<Weak<Inner>>>,
     discarded: AtomicU64,
+    /// Stage tasks found panicked by a join: kept here, so that a join
+    /// dropped part-way (`shutdown_within`'s timeout) loses none of them.
+    panicked: Mutex<Vec<StagePanic>>,
 }
 
 /// The owner of the state of pipelines joined by links, in either
@@ -167,6 +172,7 @@ impl Default for Pipeline {
 impl fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pipeline")
+            .field("name", &self.inner.name)
             .field("edge", &self.inner.edge)
             .field("shutting_down", &self.inner.shutdown.is_raised())
             .field("aborted", &self.inner.abort.is_raised())
@@ -183,7 +189,34 @@ impl Pipeline {
 
     /// A pipeline whose edges use `edge` unless a stage sets its own.
     pub fn with_edge(edge: EdgeConfig) -> Self {
-        Self::build(edge, CancellationToken::new())
+        Self::builder().with_edge(edge).build()
+    }
+
+    /// A builder for a pipeline with several settings at once: its edge
+    /// configuration, a shutdown token and a name.
+    ///
+    /// ```
+    /// use streamz::{EdgeConfig, Pipeline};
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let token = CancellationToken::new();
+    /// let pipeline = Pipeline::builder()
+    ///     .with_name("orders")
+    ///     .with_edge(EdgeConfig::try_new(64, 16).unwrap())
+    ///     .with_shutdown_token(token.clone())
+    ///     .build();
+    /// assert_eq!(pipeline.name(), Some("orders"));
+    /// assert_eq!(pipeline.edge().max_chunk(), 16);
+    /// token.cancel();
+    /// assert!(pipeline.is_shutting_down());
+    /// ```
+    pub fn builder() -> PipelineBuilder {
+        PipelineBuilder::default()
+    }
+
+    /// The name given with [`PipelineBuilder::with_name`], if any.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.name.as_deref()
     }
 
     /// A pipeline that shuts down gracefully when `token` is cancelled (for
@@ -198,11 +231,12 @@ impl Pipeline {
     /// assert!(pipeline.is_shutting_down());
     /// ```
     pub fn with_shutdown_token(token: CancellationToken) -> Self {
-        Self::build(EdgeConfig::new(), token)
+        Self::builder().with_shutdown_token(token).build()
     }
 
-    fn build(edge: EdgeConfig, shutdown: CancellationToken) -> Self {
+    fn build(name: Option<Arc<str>>, edge: EdgeConfig, shutdown: CancellationToken) -> Self {
         let inner = Arc::new(Inner {
+            name,
             edge,
             shutdown: Signal::new(shutdown),
             abort: Signal::new(CancellationToken::new()),
@@ -210,6 +244,7 @@ impl Pipeline {
             tasks: Mutex::new(Vec::new()),
             linked: Mutex::new(Vec::new()),
             discarded: AtomicU64::new(0),
+            panicked: Mutex::new(Vec::new()),
         });
         Pipeline {
             group: Group::new(inner.clone()),
@@ -294,13 +329,7 @@ impl Pipeline {
                 counters,
             }),
         );
-        (
-            Pusher {
-                tx,
-                shutdown: self.inner.shutdown.token().clone(),
-            },
-            flow,
-        )
+        (Pusher::new(tx, self.inner.shutdown.token().clone()), flow)
     }
 
     /// This pipeline and every pipeline linked to it by a merge, directly or
@@ -369,7 +398,8 @@ impl Pipeline {
             .collect()
     }
 
-    /// The counters of the first stage named `name`.
+    /// The counters of the stage named `name`. Names are unique within a
+    /// pipeline: the second stage registered as `map` is `map#2`.
     pub fn stage_metrics(&self, name: &str) -> Option<StageMetrics> {
         self.metrics().into_iter().find(|m| m.name == name)
     }
@@ -403,18 +433,30 @@ impl Pipeline {
     ///
     /// # Errors
     ///
-    /// [`PipelineError::Panicked`] lists the stages whose task panicked.
-    /// (Panics in user closures do not count: they become error items.)
+    /// [`PipelineError::Panicked`] lists the stages whose task panicked
+    /// (every join reports them, not only the first). Panics in user
+    /// closures do not count: they become error items.
+    ///
+    /// Cancel safe: a join dropped part-way (under a timeout) loses nothing;
+    /// a later join waits for the rest and reports every panic.
     pub async fn join(&self) -> std::result::Result<(), PipelineError> {
-        let mut panics = Vec::new();
-        for p in self.reachable() {
+        let pipelines = self.reachable();
+        for p in &pipelines {
             loop {
                 let tasks = std::mem::take(&mut *lock(&p.tasks));
                 if tasks.is_empty() {
                     break;
                 }
-                for (stage, handle) in tasks {
-                    if let Err(e) = handle.await {
+                // Cancel safe: if this future is dropped, the handles not
+                // yet awaited go back, so a later join still sees them.
+                let mut pending = PutBack {
+                    inner: p,
+                    tasks: tasks.into(),
+                };
+                while let Some((_, handle)) = pending.tasks.front_mut() {
+                    let result = handle.await;
+                    let (stage, _) = pending.tasks.pop_front().expect("just awaited");
+                    if let Err(e) = result {
                         let message = if e.is_panic() {
                             crate::base::error::PanicError::from_payload(e.into_panic())
                                 .message()
@@ -422,7 +464,7 @@ impl Pipeline {
                         } else {
                             "the task was cancelled".to_owned()
                         };
-                        panics.push(StagePanic {
+                        lock(&p.panicked).push(StagePanic {
                             stage: stage.to_string(),
                             message,
                         });
@@ -430,6 +472,10 @@ impl Pipeline {
                 }
             }
         }
+        let panics: Vec<StagePanic> = pipelines
+            .iter()
+            .flat_map(|p| lock(&p.panicked).clone())
+            .collect();
         if panics.is_empty() {
             Ok(())
         } else {
@@ -437,9 +483,87 @@ impl Pipeline {
         }
     }
 
+    /// Shuts down gracefully and waits up to `grace` for every task to
+    /// exit; if they have not by then, aborts and waits for that. The
+    /// report says which it was and how many items the abort discarded.
+    ///
+    /// A graceful shutdown ends only once the final flow has been read to
+    /// its end, so read it in another task (or drop it) to let it finish in
+    /// time. `Duration::MAX` waits for as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// As [`join`](Pipeline::join): a stage whose task panicked.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::{EdgeConfig, Pipeline};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    ///
+    /// // Edges of one item, and nobody reads the final flow: once the relay
+    /// // has filled its output it cannot drain what it holds, the grace
+    /// // period runs out, and the pipeline is aborted.
+    /// let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    /// let flow = pipeline.iter(0..10u32).async_boundary("relay");
+    /// tokio::task::yield_now().await; // the relay runs until it blocks
+    /// let report = pipeline.shutdown_within(Duration::from_millis(50)).await.unwrap();
+    /// assert!(!report.graceful());
+    /// assert!(report.aborted() > 0);
+    /// # drop(flow);
+    /// # }
+    /// ```
+    pub async fn shutdown_within(
+        &self,
+        grace: Duration,
+    ) -> std::result::Result<ShutdownReport, PipelineError> {
+        let lost = || -> u64 {
+            self.metrics()
+                .iter()
+                .map(|m| m.aborted + m.undelivered)
+                .sum()
+        };
+        self.shutdown();
+        let before = lost();
+        if let Ok(joined) = crate::base::time::timeout(grace, self.join()).await {
+            joined?;
+            return Ok(ShutdownReport {
+                graceful: true,
+                aborted: lost() - before,
+            });
+        }
+        tracing::warn!(
+            pipeline = self.name().unwrap_or(""),
+            ?grace,
+            "graceful shutdown did not finish in time: aborting"
+        );
+        self.abort();
+        self.join().await?;
+        Ok(ShutdownReport {
+            graceful: false,
+            aborted: lost() - before,
+        })
+    }
+
+    /// Registers a stage's counters under `name`, made unique in the
+    /// pipeline: a second `map` becomes `map#2`, a third `map#3`.
     pub(crate) fn register(&self, name: impl Into<Arc<str>>) -> Counters {
-        let counters = Counters::new(name.into());
-        lock(&self.inner.stages).push(counters.clone());
+        let name: Arc<str> = name.into();
+        let mut stages = lock(&self.inner.stages);
+        let taken = |candidate: &str| stages.iter().any(|c| &**c.name() == candidate);
+        let name = if taken(&name) {
+            (2u64..)
+                .map(|n| format!("{name}#{n}"))
+                .find(|candidate| !taken(candidate))
+                .expect("a free suffix")
+                .into()
+        } else {
+            name
+        };
+        let counters = Counters::new(name);
+        stages.push(counters.clone());
         counters
     }
 
@@ -495,6 +619,80 @@ impl Pipeline {
         let span = tracing::debug_span!("stage", name = %stage);
         let handle = tokio::spawn(fut.instrument(span));
         lock(&self.inner.tasks).push((stage, handle));
+    }
+}
+
+/// Builds a [`Pipeline`] with several settings; see [`Pipeline::builder`].
+#[derive(Debug, Clone, Default)]
+pub struct PipelineBuilder {
+    name: Option<Arc<str>>,
+    edge: Option<EdgeConfig>,
+    shutdown: Option<CancellationToken>,
+}
+
+impl PipelineBuilder {
+    /// Names the pipeline (shown in its `Debug` output and its shutdown
+    /// log line).
+    pub fn with_name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The edge configuration of every stage that does not set its own
+    /// (default: [`EdgeConfig::new`]).
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+
+    /// Shuts the pipeline down gracefully when `token` is cancelled (for
+    /// example by your application's signal handler).
+    pub fn with_shutdown_token(mut self, token: CancellationToken) -> Self {
+        self.shutdown = Some(token);
+        self
+    }
+
+    /// The pipeline.
+    pub fn build(self) -> Pipeline {
+        Pipeline::build(
+            self.name,
+            self.edge.unwrap_or_default(),
+            self.shutdown.unwrap_or_default(),
+        )
+    }
+}
+
+/// What [`Pipeline::shutdown_within`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    graceful: bool,
+    aborted: u64,
+}
+
+impl ShutdownReport {
+    /// Whether every task exited within the grace period (false: the
+    /// pipeline was aborted).
+    pub fn graceful(&self) -> bool {
+        self.graceful
+    }
+
+    /// Items counted `aborted` or `undelivered` by the stages while the
+    /// shutdown ran (summed over stages; zero for a clean graceful one).
+    pub fn aborted(&self) -> u64 {
+        self.aborted
+    }
+}
+
+/// Returns the join handles not awaited yet to their pipeline when a join
+/// is dropped part-way.
+struct PutBack<'a> {
+    inner: &'a Inner,
+    tasks: std::collections::VecDeque<(Arc<str>, JoinHandle<()>)>,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.tasks).extend(self.tasks.drain(..));
     }
 }
 

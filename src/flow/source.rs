@@ -6,6 +6,7 @@
 //! edge's `max_chunk`, and never wait to fill a chunk.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -314,21 +315,116 @@ where
 /// # }
 /// ```
 pub struct Pusher<T> {
-    pub(crate) tx: mpsc::Sender<Result<T>>,
+    tx: mpsc::Sender<Result<T>>,
     /// The pipeline's shutdown token. The source closes its receiver only
     /// when it is next polled, which may be never (its stage is blocked on a
     /// full output or a closed gate), so the pusher watches the token itself.
-    pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// The [`Sink`](futures::Sink) side, made on first use.
+    sink: Option<SinkState<T>>,
+}
+
+/// What a `Pusher` used as a `Sink` keeps between polls: the reserved slot,
+/// and the shutdown it waits on while the channel is full.
+struct SinkState<T> {
+    tx: tokio_util::sync::PollSender<Result<T>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<T> Pusher<T> {
+    pub(crate) fn new(
+        tx: mpsc::Sender<Result<T>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Pusher {
+            tx,
+            shutdown,
+            sink: None,
+        }
+    }
 }
 
 impl<T> Clone for Pusher<T> {
     fn clone(&self) -> Self {
-        Pusher {
-            tx: self.tx.clone(),
-            shutdown: self.shutdown.clone(),
-        }
+        Pusher::new(self.tx.clone(), self.shutdown.clone())
     }
 }
+
+/// A `Pusher` is a [`Sink`](futures::Sink) of values, so a producer can use
+/// `SinkExt::send_all` or `StreamExt::forward`. Like [`Pusher::send`], it
+/// waits while the flow is full, and refuses with [`PusherClosed`] once the
+/// flow is dropped or the pipeline shuts down, even while the channel is
+/// full. Items go straight into the flow's channel: flushing has nothing
+/// to wait for.
+///
+/// ```
+/// use futures::{SinkExt, StreamExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let (mut tx, flow) = streamz::channel::<u32>();
+/// let producer = tokio::spawn(async move {
+///     let mut values = futures::stream::iter(0..5).map(Ok);
+///     tx.send_all(&mut values).await
+/// });
+/// let out: Vec<u32> = flow.collect().await.into_iter().map(Result::unwrap).collect();
+/// producer.await.unwrap().unwrap();
+/// assert_eq!(out, [0, 1, 2, 3, 4]);
+/// # }
+/// ```
+impl<T: Send + 'static> futures::Sink<T> for Pusher<T> {
+    type Error = PusherClosed;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PusherClosed>> {
+        let this = self.get_mut();
+        if this.shutdown.is_cancelled() {
+            return Poll::Ready(Err(PusherClosed));
+        }
+        let (tx, shutdown) = (&this.tx, &this.shutdown);
+        let state = this.sink.get_or_insert_with(|| SinkState {
+            tx: tokio_util::sync::PollSender::new(tx.clone()),
+            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+        });
+        if let Poll::Ready(reserved) = state.tx.poll_reserve(cx) {
+            return Poll::Ready(reserved.map_err(|_| PusherClosed));
+        }
+        // Full: a shutdown must still refuse at once (nothing may read).
+        match state.shutdown.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(PusherClosed)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), PusherClosed> {
+        let this = self.get_mut();
+        if this.shutdown.is_cancelled() {
+            return Err(PusherClosed);
+        }
+        match &mut this.sink {
+            Some(state) => state.tx.send_item(Ok(item)).map_err(|_| PusherClosed),
+            // `poll_ready` was not called first: the Sink contract's misuse.
+            None => Err(PusherClosed),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), PusherClosed>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), PusherClosed>> {
+        // Only this pusher's sink side lets go; the flow ends when every
+        // `Pusher` is dropped.
+        if let Some(state) = &mut self.get_mut().sink {
+            state.tx.close();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A [`Pusher`] used as a [`Sink`](futures::Sink) found its flow closed: the
+/// flow was dropped, or the pipeline shut down or aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the flow no longer accepts items")]
+pub struct PusherClosed;
 
 impl<T> fmt::Debug for Pusher<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -39,7 +39,9 @@ pub use json::JsonItems;
 pub use queue::DeadLetterQueue;
 pub use record::DeadLetter;
 pub use replay::{DEFAULT_MAX_LINE, Replay, ReplayStats};
-pub use sink::{ChannelSink, DeadLetterSink, FnSink, Unwritten, channel, sink_fn};
+pub use sink::{
+    ChannelSink, DeadLetterReceiver, DeadLetterSink, FnSink, Unwritten, channel, sink_fn,
+};
 
 use std::path::PathBuf;
 

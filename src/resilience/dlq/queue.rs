@@ -56,11 +56,11 @@ use crate::flow::processor::Processor;
 /// use streamz::DeadLetterQueue;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let (sink, mut letters) = streamz::dlq::channel::<String>(64)?;
+/// let (sink, letters) = streamz::dlq::channel::<String>(64)?;
 /// // Read the dead letters while the pipeline runs.
 /// let reader = tokio::spawn(async move {
 ///     let mut all = Vec::new();
-///     while let Some(letter) = letters.recv().await {
+///     while let Ok(letter) = letters.recv().await {
 ///         all.push(letter);
 ///     }
 ///     all
@@ -113,7 +113,7 @@ impl<T, R: Send + 'static, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     /// use streamz::{DeadLetterQueue, StreamError};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, mut letters) = streamz::dlq::channel::<String>(16)?;
+    /// let (sink, letters) = streamz::dlq::channel::<String>(16)?;
     /// let out = streamz::iter(["7", "x"].map(String::from))
     ///     .try_map(|s: &String| s.parse::<u32>()) // a flow of u32, failing on Strings
     ///     .pipe(DeadLetterQueue::new(sink))
@@ -145,7 +145,7 @@ impl<T, S: DeadLetterSink<serde_json::Value>> DeadLetterQueue<T, serde_json::Val
     /// use streamz::DeadLetterQueue;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, mut letters) = streamz::dlq::channel(16)?;
+    /// let (sink, letters) = streamz::dlq::channel(16)?;
     /// let out = streamz::iter(["4", "x", "-3"].map(String::from))
     ///     .try_map(|s: &String| s.parse::<i64>())          // fails on a String
     ///     .try_map(|n: &i64| u32::try_from(*n))            // fails on an i64

@@ -6,8 +6,6 @@ use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 
-use tokio::sync::mpsc;
-
 use crate::base::config::ConfigError;
 use crate::base::error::{BoxError, PanicError};
 use crate::resilience::dlq::DeadLetter;
@@ -125,14 +123,22 @@ impl<T> fmt::Debug for Unwritten<T> {
     }
 }
 
-/// A sink that sends records on a bounded tokio channel; see [`channel`].
+/// A sink that sends records on a bounded channel; see [`channel`].
 #[derive(Debug)]
 pub struct ChannelSink<T> {
-    tx: mpsc::Sender<DeadLetter<T>>,
+    tx: async_channel::Sender<DeadLetter<T>>,
 }
 
-/// A sink that sends each record on a bounded channel whose receiver you
-/// read. When the channel is full the sink waits, and the dead-letter
+/// The reading end of a dead-letter [`channel`]: an
+/// [`async_channel::Receiver`]. Clone it to share the records among
+/// several readers (each record goes to one of them); read it with
+/// `recv().await`, as a `Stream`, or with `recv_blocking()` from a plain
+/// thread (a synchronous database writer, say). The channel closes when the
+/// dead-letter queue is gone and its records are read.
+pub type DeadLetterReceiver<T> = async_channel::Receiver<DeadLetter<T>>;
+
+/// A sink that sends each record on a bounded channel whose receiver
+/// ([`DeadLetterReceiver`]) you read. When the channel is full the sink waits, and the dead-letter
 /// queue's [`Overflow`](crate::resilience::dlq::Overflow) policy applies once its own
 /// buffer is full too. If the receiver is dropped, records come back as
 /// error items downstream.
@@ -153,7 +159,7 @@ pub struct ChannelSink<T> {
 /// use streamz::{DeadLetterQueue, StreamError};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let (sink, mut letters) = streamz::dlq::channel::<i32>(16)?;
+/// let (sink, letters) = streamz::dlq::channel::<i32>(16)?;
 /// let out = streamz::iter([1, -2, 3])
 ///     .try_map(|x: &i32| if *x < 0 { Err("negative") } else { Ok(*x) })
 ///     .pipe(DeadLetterQueue::new(sink))
@@ -166,11 +172,11 @@ pub struct ChannelSink<T> {
 /// ```
 pub fn channel<T: Send + 'static>(
     capacity: usize,
-) -> Result<(ChannelSink<T>, mpsc::Receiver<DeadLetter<T>>), ConfigError> {
+) -> Result<(ChannelSink<T>, DeadLetterReceiver<T>), ConfigError> {
     if capacity == 0 {
         return Err(ConfigError::Zero { field: "capacity" });
     }
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = async_channel::bounded(capacity);
     Ok((ChannelSink { tx }, rx))
 }
 
@@ -178,7 +184,7 @@ impl<T: Send + 'static> DeadLetterSink<T> for ChannelSink<T> {
     async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
         let mut records = records.into_iter();
         while let Some(record) = records.next() {
-            if let Err(mpsc::error::SendError(record)) = self.tx.send(record).await {
+            if let Err(async_channel::SendError(record)) = self.tx.send(record).await {
                 let gone = "the dead-letter receiver was dropped";
                 return Err(std::iter::once(record)
                     .chain(records)
