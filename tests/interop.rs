@@ -256,3 +256,54 @@ async fn shutdown_within_max_waits_for_as_long_as_it_takes() {
     assert!(report.unwrap().graceful());
     assert_eq!(reader.await.unwrap().len(), 5);
 }
+
+#[cfg(feature = "tower")]
+mod tower_service {
+    use super::*;
+    use streamz::AsyncMapper;
+    use tower::ServiceBuilder;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tower_stack_runs_inside_an_async_mapper() {
+        // A rate limit shared by every call (behind a buffer), a timeout
+        // per call, and a dependency that hangs on 13.
+        let service = ServiceBuilder::new()
+            .buffer(16)
+            .rate_limit(10, Duration::from_secs(1))
+            .timeout(Duration::from_millis(200))
+            .service_fn(|id: u32| async move {
+                if id == 13 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::io::Error>(id * 2)
+            });
+        let mapper = AsyncMapper::from_service(service)
+            .with_concurrency(4)
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let out = within(streamz::iter(0..30u32).pipe(mapper).collect()).await;
+        let (ok, err): (Vec<_>, Vec<_>) = out.into_iter().partition(Result::is_ok);
+        let mut ok = values(ok);
+        ok.sort_unstable();
+        assert_eq!(
+            ok,
+            (0..30)
+                .filter(|&x| x != 13)
+                .map(|x| x * 2)
+                .collect::<Vec<_>>()
+        );
+        // The hanging call is an error item carrying its item, with tower's
+        // timeout as its source.
+        let mut err = err.into_iter().map(Result::unwrap_err);
+        let mut e = err.next().unwrap();
+        assert!(err.next().is_none());
+        assert_eq!(e.take_item::<u32>(), Some(13));
+        assert!(e.to_string().contains("request timed out"), "{e}");
+        // 30 calls at 10 per second: the rate limit held across clones.
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -198,6 +198,64 @@ where
     }
 }
 
+#[cfg(feature = "tower")]
+impl<Req> AsyncMapper<Req, (), (), ()>
+where
+    Req: Clone + Send + 'static,
+{
+    /// A mapper calling a [`tower::Service`] with each item (feature
+    /// `tower`), so tower's layers (timeouts, rate limits, concurrency
+    /// limits, load shedding, retries) wrap the call and the mapper's own
+    /// settings (concurrency, order, timeout, retry) still apply around it.
+    ///
+    /// Each call takes a clone of the service and of the item, waits until
+    /// the clone is ready, and calls it (tower's
+    /// [`oneshot`](tower::ServiceExt::oneshot)). A layer whose state must be
+    /// shared by all calls, such as `RateLimit`, therefore goes behind a
+    /// `Buffer`, which hands every clone the same inner service; a
+    /// `ConcurrencyLimit` shares its permits among its clones by itself.
+    /// The service's error becomes the error item's source (a tower
+    /// timeout's `Elapsed`, say), and the mapper's
+    /// [`retry_if`](AsyncMapper::retry_if) sees it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::AsyncMapper;
+    /// use tower::ServiceBuilder;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let lookup = ServiceBuilder::new()
+    ///     .timeout(Duration::from_secs(1))
+    ///     .service_fn(|id: u32| async move { Ok::<_, std::io::Error>(format!("user-{id}")) });
+    /// let names = streamz::iter(1..=3u32)
+    ///     .pipe(AsyncMapper::from_service(lookup).with_concurrency(8)?)
+    ///     .collect()
+    ///     .await;
+    /// let names: Vec<String> = names.into_iter().map(Result::unwrap).collect();
+    /// assert_eq!(names, ["user-1", "user-2", "user-3"]);
+    /// # Ok(()) }
+    /// ```
+    // The closure's type cannot be named (an alias of `impl Fn` is not
+    // stable Rust), so the return type is spelled out.
+    #[allow(clippy::type_complexity)]
+    pub fn from_service<S>(
+        service: S,
+    ) -> AsyncMapper<
+        Req,
+        S::Response,
+        S::Error,
+        impl Fn(&Req) -> tower::util::Oneshot<S, Req> + Send + 'static,
+    >
+    where
+        S: tower::Service<Req> + Clone + Send + 'static,
+    {
+        use tower::ServiceExt;
+        AsyncMapper::new(move |req: &Req| service.clone().oneshot(req.clone()))
+    }
+}
+
 impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// How many items run at once: the bound on items in flight. Slots are
     /// created as items arrive, so a large limit costs memory only for the
