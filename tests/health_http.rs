@@ -46,6 +46,20 @@ async fn serve(addr: SocketAddr, status: &'static str) -> (SocketAddr, JoinHandl
     (addr, task)
 }
 
+#[tokio::test]
+async fn a_probe_without_a_time_limit_takes_duration_max() {
+    let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), "200 OK").await;
+    let mut probe = HttpProbe::new(&format!("http://{addr}/"))
+        .unwrap()
+        .with_timeout(Duration::MAX)
+        .unwrap();
+    let health = tokio::time::timeout(Duration::from_secs(10), probe.check())
+        .await
+        .expect("hung");
+    assert_eq!(health, streamz::Health::Healthy);
+    server.abort();
+}
+
 /// Waits for the gate to reach `state`, failing the test after 10 s.
 async fn reached(status: &mut watch::Receiver<GateStatus>, state: GateState) -> GateStatus {
     tokio::time::timeout(

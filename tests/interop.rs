@@ -195,6 +195,45 @@ async fn stage_names_are_unique_in_a_pipeline() {
 }
 
 #[tokio::test]
+async fn fused_steps_and_sources_take_a_name_and_errors_carry_it() {
+    let flow = streamz::iter(["1", "x", "3", "y"])
+        .named("lines")
+        .try_map(|s: &&str| s.parse::<u32>())
+        .named("parse")
+        .map(|x| x * 10)
+        // Taken already: made unique.
+        .named("parse")
+        .filter(|x: &u32| *x > 10);
+    let pipeline = flow.pipeline().clone();
+    let out = within(flow.collect()).await;
+    let stages: Vec<&str> = out
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(StreamError::stage)
+        .collect();
+    assert_eq!(stages, ["parse", "parse"]);
+    let names: Vec<String> = pipeline.metrics().into_iter().map(|m| m.name).collect();
+    assert_eq!(names, ["lines", "parse", "parse#2", "filter"]);
+    let parse = pipeline.stage_metrics("parse").unwrap();
+    assert_eq!((parse.received, parse.emitted, parse.failed), (4, 2, 2));
+}
+
+#[tokio::test]
+async fn a_stage_with_its_own_task_keeps_the_name_it_was_made_with() {
+    let flow = streamz::iter(0..3u32)
+        .async_boundary("hop")
+        .named("renamed")
+        .map(|x| x + 1)
+        .named("plus_one")
+        .named("again");
+    let pipeline = flow.pipeline().clone();
+    assert_eq!(within(flow.collect()).await.len(), 3);
+    let names: Vec<String> = pipeline.metrics().into_iter().map(|m| m.name).collect();
+    // The boundary's task runs as "hop"; the step kept its first name.
+    assert_eq!(names, ["iter", "hop", "plus_one"]);
+}
+
+#[tokio::test]
 async fn shutdown_within_is_graceful_when_the_output_is_read() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();

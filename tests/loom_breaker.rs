@@ -9,8 +9,8 @@
 //! - a reset racing a trial call leaves a consistent breaker, and the audit
 //!   trail and the listeners see transitions in the order they happened.
 //!
-//! Run: `RUSTFLAGS="--cfg loom" cargo test --release --features circuit-breaker --test loom_breaker`
-#![cfg(all(loom, feature = "circuit-breaker"))]
+//! Run: `RUSTFLAGS="--cfg streamz_loom" cargo test --release --features circuit-breaker --test loom_breaker`
+#![cfg(all(streamz_loom, feature = "circuit-breaker"))]
 
 use std::num::NonZeroU32;
 use std::time::Duration;

@@ -71,6 +71,43 @@ pub struct StageMetrics {
     pub dead_lettered: u64,
 }
 
+/// One line per stage for logs and terminals: the name, `received` and
+/// `emitted`, then every other counter that is not zero.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let flow = streamz::iter(1..=10).filter(|x: &i32| x % 2 == 0);
+/// let pipeline = flow.pipeline().clone();
+/// flow.collect().await;
+/// let filter = pipeline.stage_metrics("filter").unwrap();
+/// assert_eq!(filter.to_string(), "filter: received 10, emitted 5, dropped 5");
+/// # }
+/// ```
+impl std::fmt::Display for StageMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: received {}, emitted {}",
+            self.name, self.received, self.emitted
+        )?;
+        for (label, n) in [
+            ("failed", self.failed),
+            ("errors passed", self.errors_passed),
+            ("dropped", self.dropped),
+            ("aborted", self.aborted),
+            ("undelivered", self.undelivered),
+            ("retries", self.retries),
+            ("timeouts", self.timeouts),
+            ("dead-lettered", self.dead_lettered),
+        ] {
+            if n != 0 {
+                write!(f, ", {label} {n}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The live counters of one stage; cheap to clone, shared with the stage.
 #[derive(Debug, Clone)]
 pub(crate) struct Counters {
@@ -80,6 +117,8 @@ pub(crate) struct Counters {
 #[derive(Debug)]
 struct Shared {
     name: Arc<str>,
+    /// The name given later by `Flow::named`, once, before the stage runs.
+    renamed: std::sync::OnceLock<Arc<str>>,
     received: AtomicU64,
     emitted: AtomicU64,
     failed: AtomicU64,
@@ -97,6 +136,7 @@ impl Counters {
         Counters {
             inner: Arc::new(Shared {
                 name,
+                renamed: std::sync::OnceLock::new(),
                 received: AtomicU64::new(0),
                 emitted: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
@@ -111,8 +151,17 @@ impl Counters {
         }
     }
 
+    /// Gives the stage its final name; false if it already had one.
+    pub(crate) fn rename(&self, name: Arc<str>) -> bool {
+        self.inner.renamed.set(name).is_ok()
+    }
+
+    pub(crate) fn same(&self, other: &Counters) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     pub(crate) fn name(&self) -> &Arc<str> {
-        &self.inner.name
+        self.inner.renamed.get().unwrap_or(&self.inner.name)
     }
 
     /// Adds a batch of local counts: one atomic add per field per chunk,
@@ -170,7 +219,7 @@ impl Counters {
     pub(crate) fn snapshot(&self) -> StageMetrics {
         let s = &self.inner;
         StageMetrics {
-            name: s.name.to_string(),
+            name: self.name().to_string(),
             received: s.received.load(Relaxed),
             emitted: s.emitted.load(Relaxed),
             failed: s.failed.load(Relaxed),

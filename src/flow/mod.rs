@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::{Sink, SinkExt, Stream};
@@ -64,6 +65,9 @@ pub struct Flow<T> {
     src: Option<BoxSource<T>>,
     buf: ChunkIter<T>,
     pipeline: Pipeline,
+    /// The fused step or source that produces this flow, while it may
+    /// still be renamed ([`Flow::named`]).
+    stage: Option<Counters>,
 }
 
 impl<T> fmt::Debug for Flow<T> {
@@ -82,7 +86,53 @@ impl<T: Send + 'static> Flow<T> {
             src: Some(src),
             buf: ChunkIter::default(),
             pipeline,
+            stage: None,
         }
+    }
+
+    /// Marks `counters` as the stage producing this flow, one that runs in
+    /// the reader's task and so may still be renamed.
+    pub(crate) fn produced_by(mut self, counters: Counters) -> Self {
+        self.stage = Some(counters);
+        self
+    }
+
+    /// Names the stage that produces this flow: a fused step (`map`,
+    /// `try_map`, `filter`, `step`...) or a source (`iter`, `stream`,
+    /// `channel`). Its counters ([`Pipeline::stage_metrics`]) and the error
+    /// items it makes carry the name. Names are unique in a pipeline: a
+    /// name another stage has gets a suffix (`parse#2`).
+    ///
+    /// A stage with a task of its own (an operator, `async_boundary`) is
+    /// named where it is made (`named` on its builder, the argument of
+    /// `async_boundary`), since its task already runs under that name; on
+    /// its flow, and on a flow already named, this logs a warning and
+    /// changes nothing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let flow = streamz::iter(["1", "x", "3"])
+    ///     .named("lines")
+    ///     .try_map(|s: &&str| s.parse::<u32>())
+    ///     .named("parse");
+    /// let pipeline = flow.pipeline().clone();
+    /// let out = flow.collect().await;
+    /// assert_eq!(out[1].as_ref().unwrap_err().stage(), "parse");
+    /// let parse = pipeline.stage_metrics("parse").unwrap();
+    /// assert_eq!((parse.received, parse.emitted, parse.failed), (3, 2, 1));
+    /// assert_eq!(pipeline.stage_metrics("lines").unwrap().emitted, 3);
+    /// # }
+    /// ```
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        let name: Cow<'static, str> = name.into();
+        match self.stage.take() {
+            Some(counters) if self.pipeline.rename(&counters, Arc::from(name.as_ref())) => {}
+            _ => tracing::warn!(
+                name = %name,
+                "Flow::named: the stage producing this flow has a task of its own or was named already; name it where it is made"
+            ),
+        }
+        self
     }
 
     /// Takes the source out (for a stage that will read it), keeping any
@@ -156,7 +206,8 @@ impl<T: Send + 'static> Flow<T> {
             ended: false,
             abort: pipeline.abort_token(),
         });
-        (Flow::from_source(pipeline, src), counters)
+        let flow = Flow::from_source(pipeline, src).produced_by(counters.clone());
+        (flow, counters)
     }
 
     /// Ends the current fused segment: everything fused so far runs on a new

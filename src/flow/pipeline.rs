@@ -158,6 +158,23 @@ impl Group {
     }
 }
 
+/// `name`, or `name#2`, `name#3`... if another stage than `this` has it.
+fn unique(stages: &[Counters], this: Option<&Counters>, name: Arc<str>) -> Arc<str> {
+    let taken = |candidate: &str| {
+        stages
+            .iter()
+            .any(|c| this.is_none_or(|this| !c.same(this)) && &**c.name() == candidate)
+    };
+    if !taken(&name) {
+        return name;
+    }
+    (2u64..)
+        .map(|n| format!("{name}#{n}"))
+        .find(|candidate| !taken(candidate))
+        .expect("a free suffix")
+        .into()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The lists stay consistent even if a holder panicked.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -273,9 +290,10 @@ impl Pipeline {
                 iter: Some(items.into_iter()),
                 max_chunk: self.inner.edge.max_chunk(),
                 shutdown: self.inner.shutdown.token().clone(),
-                counters,
+                counters: counters.clone(),
             }),
         )
+        .produced_by(counters)
     }
 
     /// A source of a `futures::Stream`'s items.
@@ -301,9 +319,10 @@ impl Pipeline {
                 stream: Some(Box::pin(stream)),
                 max_chunk: self.inner.edge.max_chunk(),
                 shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
-                counters,
+                counters: counters.clone(),
             }),
         )
+        .produced_by(counters)
     }
 
     /// A source the application pushes into with a [`Pusher`]. The channel
@@ -326,9 +345,10 @@ impl Pipeline {
                 max_chunk: self.inner.edge.max_chunk(),
                 shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
                 closing: false,
-                counters,
+                counters: counters.clone(),
             }),
-        );
+        )
+        .produced_by(counters);
         (Pusher::new(tx, self.inner.shutdown.token().clone()), flow)
     }
 
@@ -550,21 +570,17 @@ impl Pipeline {
     /// Registers a stage's counters under `name`, made unique in the
     /// pipeline: a second `map` becomes `map#2`, a third `map#3`.
     pub(crate) fn register(&self, name: impl Into<Arc<str>>) -> Counters {
-        let name: Arc<str> = name.into();
         let mut stages = lock(&self.inner.stages);
-        let taken = |candidate: &str| stages.iter().any(|c| &**c.name() == candidate);
-        let name = if taken(&name) {
-            (2u64..)
-                .map(|n| format!("{name}#{n}"))
-                .find(|candidate| !taken(candidate))
-                .expect("a free suffix")
-                .into()
-        } else {
-            name
-        };
-        let counters = Counters::new(name);
+        let counters = Counters::new(unique(&stages, None, name.into()));
         stages.push(counters.clone());
         counters
+    }
+
+    /// Gives a registered stage that has not run yet its final name (made
+    /// unique like [`register`](Self::register)'s); false if it had one.
+    pub(crate) fn rename(&self, counters: &Counters, name: Arc<str>) -> bool {
+        let stages = lock(&self.inner.stages);
+        counters.rename(unique(&stages, Some(counters), name))
     }
 
     pub(crate) fn abort_token(&self) -> CancellationToken {

@@ -122,6 +122,10 @@ pub trait Step<In, Out>: Send + 'static {
     /// Runs the step over a whole chunk. The built-in one-in-one-out steps
     /// replace the per-item loop with a tighter one; the default calls
     /// [`on_item`](Step::on_item) per item.
+    ///
+    /// Sealed: its `ChunkCtx` parameter is a type no path outside the crate
+    /// names, so only the crate's own steps can override it, and the
+    /// counting it does for them stays the crate's business.
     #[doc(hidden)]
     fn on_chunk(&mut self, chunk: Chunk<In>, ctx: ChunkCtx<'_>) -> Chunk<Out>
     where

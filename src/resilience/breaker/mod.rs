@@ -75,12 +75,12 @@ use crate::base::config::ConfigError;
 use crate::resilience::health::{Health, HealthCheck};
 use machine::{Machine, Now, Ticket};
 
-#[cfg(loom)]
+#[cfg(streamz_loom)]
 use loom::sync::{
     Mutex, MutexGuard, RwLock,
     atomic::{AtomicU64, Ordering},
 };
-#[cfg(not(loom))]
+#[cfg(not(streamz_loom))]
 use std::sync::{
     Mutex, MutexGuard, RwLock,
     atomic::{AtomicU64, Ordering},
@@ -501,11 +501,11 @@ impl Breaker {
 /// The breaker's clock: tokio's (so paused-clock tests drive it), or
 /// under loom a counter the model advances, so every explored execution
 /// sees the same times.
-#[cfg(not(loom))]
+#[cfg(not(streamz_loom))]
 #[derive(Debug, Clone, Copy)]
 struct Clock(Instant);
 
-#[cfg(not(loom))]
+#[cfg(not(streamz_loom))]
 impl Clock {
     fn now() -> Self {
         Clock(Instant::now())
@@ -516,11 +516,11 @@ impl Clock {
     }
 }
 
-#[cfg(loom)]
+#[cfg(streamz_loom)]
 #[derive(Debug, Clone, Copy)]
 struct Clock(Duration);
 
-#[cfg(loom)]
+#[cfg(streamz_loom)]
 impl Clock {
     fn now() -> Self {
         Clock(loom_clock::now())
@@ -531,10 +531,10 @@ impl Clock {
     }
 }
 
-/// The model tests' clock (only with `--cfg loom`). Loom runs a model's
+/// The model tests' clock (only with `--cfg streamz_loom`). Loom runs a model's
 /// threads on one OS thread, so a thread-local clock is the model's own,
 /// apart from other tests running at the same time.
-#[cfg(loom)]
+#[cfg(streamz_loom)]
 #[doc(hidden)]
 pub mod loom_clock {
     use std::cell::Cell;

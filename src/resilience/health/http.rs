@@ -178,7 +178,8 @@ impl HttpProbe {
         Ok(self)
     }
 
-    /// How long a request may take (2 s by default).
+    /// How long a request may take (2 s by default); `Duration::MAX` for no
+    /// time limit (the gate's own check timeout still applies).
     ///
     /// # Errors
     ///

@@ -229,7 +229,7 @@ impl<C: HealthCheck> HealthGate<C> {
     }
 
     /// How long one check may take before it counts as unhealthy (5 s by
-    /// default).
+    /// default); `Duration::MAX` for no limit.
     ///
     /// # Errors
     ///
