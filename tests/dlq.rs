@@ -1089,6 +1089,22 @@ async fn the_mode_option_sets_the_mode_of_every_file_the_sink_creates() {
     assert_eq!(mode_of(&existing), 0o604);
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn setuid_setgid_and_sticky_bits_are_dropped_from_the_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.jsonl");
+    let sink: FileSink<Order> = FileSinkOptions::new()
+        .mode(0o7640)
+        .create(&path)
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o640);
+    drop(sink);
+}
+
 #[tokio::test]
 async fn retention_keeps_the_newest_rotated_segments_and_replay_reads_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -339,8 +339,9 @@ impl FileSinkOptions {
 
     /// The permission bits of every file the sink creates (`0o600` by
     /// default), applied exactly, whatever the umask. A file that already
-    /// exists keeps its permissions. Only the lower 12 bits count. On
-    /// platforms other than Unix this is ignored.
+    /// exists keeps its permissions. Only the permission bits (`0o777`)
+    /// count: setuid, setgid and sticky bits mean nothing for a data file
+    /// and are dropped. On platforms other than Unix this is ignored.
     ///
     /// ```
     /// use streamz::dlq::{FileSink, FileSinkOptions};
@@ -359,7 +360,7 @@ impl FileSinkOptions {
     /// # Ok(()) }
     /// ```
     pub const fn mode(mut self, mode: u32) -> Self {
-        self.mode = mode & 0o7777;
+        self.mode = mode & 0o777;
         self
     }
 
