@@ -212,3 +212,66 @@ async fn links_that_form_a_cycle_or_a_diamond_are_walked_once() {
     );
     assert_eq!(pb.metrics().len(), pa.metrics().len());
 }
+
+/// Reads a flow chunk by chunk: its items, and the largest chunk seen.
+async fn chunks_of<T: Send + 'static>(mut flow: streamz::Flow<T>) -> (usize, usize) {
+    let (mut n, mut largest) = (0, 0);
+    while let Some(chunk) = flow.next_chunk().await {
+        n += chunk.len();
+        largest = largest.max(chunk.len());
+    }
+    (n, largest)
+}
+
+#[tokio::test]
+async fn every_fan_in_and_fan_out_takes_a_name_and_an_edge() {
+    use std::num::NonZeroUsize;
+    use streamz::{Broadcast, Merge, Partition, Switch};
+    let small = EdgeConfig::try_new(8, 3).unwrap();
+    // Input chunks of 64 (the pipeline's edge), outputs cut to 3.
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(256, 64).unwrap());
+
+    let outputs = pipeline.iter(0..100u32).partition(
+        Partition::round_robin(2)
+            .unwrap()
+            .named("shards")
+            .with_edge(small),
+    );
+    let parts = futures::future::join_all(outputs.into_iter().map(chunks_of)).await;
+    assert_eq!(parts, [(50, 3), (50, 3)]);
+
+    let mut routes = pipeline
+        .iter(0..100u32)
+        .switch(
+            Switch::new(|x: &u32| x % 2)
+                .route(0)
+                .otherwise()
+                .named("parity")
+                .with_edge(small),
+        )
+        .unwrap();
+    let (even, rest) = (routes.take(&0).unwrap(), routes.take_default().unwrap());
+    let (even, rest) = tokio::join!(chunks_of(even), chunks_of(rest));
+    assert_eq!((even, rest), ((50, 3), (50, 3)));
+
+    let copies = pipeline.iter(0..100u32).broadcast_with(
+        Broadcast::new(NonZeroUsize::new(2).unwrap())
+            .named("tee")
+            .with_edge(small),
+    );
+    let copies = futures::future::join_all(copies.into_iter().map(chunks_of)).await;
+    assert_eq!(copies, [(100, 3), (100, 3)]);
+
+    let merged = Merge::new()
+        .named("together")
+        .with_edge(small)
+        .merge([pipeline.iter(0..50u32), pipeline.iter(50..100u32)]);
+    assert_eq!(chunks_of(merged).await, (100, 3));
+
+    pipeline.join().await.unwrap();
+    for name in ["shards", "parity", "tee", "together"] {
+        let m = stage(&pipeline, name);
+        assert_eq!(m.received, 100, "{name}: {m:?}");
+        assert_eq!(m.emitted, 100, "{name}: {m:?}");
+    }
+}

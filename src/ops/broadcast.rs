@@ -1,8 +1,10 @@
 //! Fan-out: every value to every output.
 
+use std::borrow::Cow;
 use std::num::NonZeroUsize;
 
 use crate::base::chunk::Chunk;
+use crate::base::config::EdgeConfig;
 use crate::flow::Flow;
 use crate::flow::driver::{self, Operator, Out};
 
@@ -72,15 +74,81 @@ impl<T: Clone + Send + 'static> Flow<T> {
     /// ```
     #[track_caller]
     pub fn broadcast_to(self, n: NonZeroUsize) -> Vec<Flow<T>> {
-        driver::spawn_fan_out(self, "broadcast", n.get(), None, Broadcast)
+        self.broadcast_with(Broadcast::new(n))
+    }
+
+    /// [`broadcast_to`](Flow::broadcast_to) with the stage's name and the
+    /// outputs' edge set.
+    ///
+    /// ```
+    /// use std::num::NonZeroUsize;
+    /// use streamz::{Broadcast, EdgeConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let tee = Broadcast::new(NonZeroUsize::new(2).unwrap())
+    ///     .named("tee")
+    ///     .with_edge(EdgeConfig::try_new(16, 4).unwrap());
+    /// let flow = streamz::iter(1..=3);
+    /// let pipeline = flow.pipeline().clone();
+    /// let outputs = flow.broadcast_with(tee);
+    /// let all = futures::future::join_all(outputs.into_iter().map(|o| o.collect())).await;
+    /// assert!(all.iter().all(|out| out.len() == 3));
+    /// assert_eq!(pipeline.stage_metrics("tee").unwrap().emitted, 3);
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub fn broadcast_with(self, broadcast: Broadcast) -> Vec<Flow<T>> {
+        let Broadcast {
+            outputs,
+            name,
+            edge,
+        } = broadcast;
+        driver::spawn_fan_out(self, &name, outputs.get(), edge, Copies)
+    }
+}
+
+/// A fan-out's settings for [`Flow::broadcast_with`]: how many outputs,
+/// the stage's name (`broadcast` by default) and the outputs' edge (the
+/// pipeline's by default).
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    outputs: NonZeroUsize,
+    name: Cow<'static, str>,
+    edge: Option<EdgeConfig>,
+}
+
+impl Broadcast {
+    /// A fan-out to `outputs` outputs.
+    pub fn new(outputs: NonZeroUsize) -> Self {
+        Broadcast {
+            outputs,
+            name: Cow::Borrowed("broadcast"),
+            edge: None,
+        }
+    }
+
+    /// Names the stage.
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets every output's edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
     }
 }
 
 /// The operator: each value to the first open output (counted there) and a
 /// copy to every other open one; each error to the first open output.
-struct Broadcast;
+struct Copies;
 
-impl<T: Clone + Send + 'static> Operator<T, T> for Broadcast {
+impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
     fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
         let lanes = out.lanes();
         // With every output gone the driver stops the stage; until it

@@ -1,6 +1,9 @@
 //! Fan-in: merge several flows into one.
 
+use std::borrow::Cow;
+
 use crate::base::channel::chunk_channel;
+use crate::base::config::EdgeConfig;
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::source::FusedSource;
@@ -37,13 +40,77 @@ where
     T: Send + 'static,
     I: IntoIterator<Item = Flow<T>>,
 {
+    Merge::new().merge(flows)
+}
+
+/// A fan-in's settings: the stage's name (`merge` by default) and its
+/// output's edge (the pipeline's by default); [`Merge::merge`] runs it.
+///
+/// ```
+/// use streamz::{EdgeConfig, Merge};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let merged = Merge::new()
+///     .named("all_orders")
+///     .with_edge(EdgeConfig::try_new(64, 16).unwrap())
+///     .merge([streamz::iter(0..3), streamz::iter(10..13)]);
+/// let pipeline = merged.pipeline().clone();
+/// assert_eq!(merged.collect().await.len(), 6);
+/// assert_eq!(pipeline.stage_metrics("all_orders").unwrap().emitted, 6);
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Merge {
+    name: Option<Cow<'static, str>>,
+    edge: Option<EdgeConfig>,
+}
+
+impl Merge {
+    /// A merge named `merge` on the pipeline's edge.
+    pub fn new() -> Self {
+        Merge::default()
+    }
+
+    /// Names the stage.
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the output's edge.
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+
+    /// Merges `flows` into one; see [`merge`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[track_caller]
+    pub fn merge<T, I>(self, flows: I) -> Flow<T>
+    where
+        T: Send + 'static,
+        I: IntoIterator<Item = Flow<T>>,
+    {
+        merge_into(self, flows)
+    }
+}
+
+#[track_caller]
+fn merge_into<T, I>(settings: Merge, flows: I) -> Flow<T>
+where
+    T: Send + 'static,
+    I: IntoIterator<Item = Flow<T>>,
+{
     let mut flows = flows.into_iter().peekable();
     let pipeline = match flows.peek() {
         Some(first) => first.pipeline().clone(),
         None => Pipeline::new(),
     };
-    let edge = pipeline.edge();
-    let counters = pipeline.register("merge");
+    let edge = settings.edge.unwrap_or(pipeline.edge());
+    let counters = pipeline.register(settings.name.as_deref().unwrap_or("merge"));
     let (tx, rx) = chunk_channel(edge);
     for flow in flows {
         pipeline.link(flow.pipeline().clone());

@@ -5,7 +5,9 @@ use std::hash::{Hash, Hasher};
 
 use siphasher::sip::SipHasher13;
 
-use crate::base::config::ConfigError;
+use std::borrow::Cow;
+
+use crate::base::config::{ConfigError, EdgeConfig};
 use crate::flow::Flow;
 use crate::ops::route::{Pick, spawn_router};
 
@@ -45,12 +47,16 @@ type Choose<T> = Box<dyn FnMut(&T) -> Pick + Send>;
 pub struct Partition<T> {
     n: usize,
     choose: Choose<T>,
+    name: Cow<'static, str>,
+    edge: Option<EdgeConfig>,
 }
 
 impl<T> std::fmt::Debug for Partition<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Partition")
             .field("n", &self.n)
+            .field("name", &self.name)
+            .field("edge", &self.edge)
             .finish_non_exhaustive()
     }
 }
@@ -110,10 +116,10 @@ impl<T: 'static> Partition<T> {
         mut key: impl FnMut(&T) -> K + Send + 'static,
     ) -> Result<Self, ConfigError> {
         let n = outputs(n)?;
-        Ok(Partition {
+        Ok(Partition::with(
             n,
-            choose: Box::new(move |v| Pick::To((key_hash(&key(v)) % n as u64) as usize)),
-        })
+            Box::new(move |v| Pick::To((key_hash(&key(v)) % n as u64) as usize)),
+        ))
     }
 
     /// To outputs 0, 1, ..., n - 1, 0, ... in turn.
@@ -124,14 +130,14 @@ impl<T: 'static> Partition<T> {
     pub fn round_robin(n: usize) -> Result<Self, ConfigError> {
         let n = outputs(n)?;
         let mut next = 0;
-        Ok(Partition {
+        Ok(Partition::with(
             n,
-            choose: Box::new(move |_| {
+            Box::new(move |_| {
                 let i = next;
                 next = (next + 1) % n;
                 Pick::To(i)
             }),
-        })
+        ))
     }
 
     /// To the output `choose` returns. An index of `n` or more makes the
@@ -145,9 +151,9 @@ impl<T: 'static> Partition<T> {
         mut choose: impl FnMut(&T) -> usize + Send + 'static,
     ) -> Result<Self, ConfigError> {
         let n = outputs(n)?;
-        Ok(Partition {
+        Ok(Partition::with(
             n,
-            choose: Box::new(move |v| match choose(v) {
+            Box::new(move |v| match choose(v) {
                 i if i < n => Pick::To(i),
                 i => Pick::Failed(
                     format!(
@@ -157,11 +163,34 @@ impl<T: 'static> Partition<T> {
                     .into(),
                 ),
             }),
-        })
+        ))
     }
 }
 
 /// The hash of [`Partition::by_key`]: fixed, documented there.
+impl<T> Partition<T> {
+    fn with(n: usize, choose: Choose<T>) -> Self {
+        Partition {
+            n,
+            choose,
+            name: Cow::Borrowed("partition"),
+            edge: None,
+        }
+    }
+
+    /// Names the stage (`partition` by default).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the edge of every output (the pipeline's by default).
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+}
+
 fn key_hash<K: Hash + ?Sized>(key: &K) -> u64 {
     let mut h = KeyHasher(SipHasher13::new_with_keys(0, 0));
     key.hash(&mut h);
@@ -220,7 +249,14 @@ impl<T: Send + 'static> Flow<T> {
     /// Outside a tokio runtime.
     #[track_caller]
     pub fn partition(self, partition: Partition<T>) -> Vec<Flow<T>> {
-        spawn_router(self, "partition", partition.n, 0, partition.choose)
+        spawn_router(
+            self,
+            &partition.name,
+            partition.edge,
+            partition.n,
+            0,
+            partition.choose,
+        )
     }
 }
 

@@ -4,6 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::base::chunk::Chunk;
+use crate::base::config::EdgeConfig;
 use crate::base::error::{BoxError, StreamError};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Operator, Out};
@@ -24,6 +25,7 @@ pub(crate) enum Pick {
 pub(crate) fn spawn_router<T, P>(
     input: Flow<T>,
     name: &str,
+    edge: Option<EdgeConfig>,
     n: usize,
     errors_to: usize,
     pick: P,
@@ -32,7 +34,7 @@ where
     T: Send + 'static,
     P: FnMut(&T) -> Pick + Send + 'static,
 {
-    driver::spawn_fan_out(input, name, n, None, Router { pick, errors_to })
+    driver::spawn_fan_out(input, name, n, edge, Router { pick, errors_to })
 }
 
 struct Router<P> {

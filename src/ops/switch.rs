@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 
-use crate::base::config::ConfigError;
+use std::borrow::Cow;
+
+use crate::base::config::{ConfigError, EdgeConfig};
 use crate::flow::Flow;
 use crate::ops::route::{Pick, spawn_router};
 
@@ -49,6 +51,8 @@ pub struct Switch<K, F> {
     key: F,
     routes: Vec<K>,
     default: bool,
+    name: Cow<'static, str>,
+    edge: Option<EdgeConfig>,
 }
 
 impl<K: fmt::Debug, F> fmt::Debug for Switch<K, F> {
@@ -56,6 +60,8 @@ impl<K: fmt::Debug, F> fmt::Debug for Switch<K, F> {
         f.debug_struct("Switch")
             .field("routes", &self.routes)
             .field("default", &self.default)
+            .field("name", &self.name)
+            .field("edge", &self.edge)
             .finish_non_exhaustive()
     }
 }
@@ -70,7 +76,21 @@ impl<K, F> Switch<K, F> {
             key,
             routes: Vec::new(),
             default: false,
+            name: Cow::Borrowed("switch"),
+            edge: None,
         }
+    }
+
+    /// Names the stage (`switch` by default).
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the edge of every route (the pipeline's by default).
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.edge = Some(edge);
+        self
     }
 
     /// Adds a route for values whose key is `key`.
@@ -139,6 +159,8 @@ impl<T: Send + 'static> Flow<T> {
             mut key,
             routes,
             default,
+            name,
+            edge,
         } = switch;
         if routes.is_empty() && !default {
             return Err(ConfigError::Zero { field: "routes" });
@@ -161,7 +183,7 @@ impl<T: Send + 'static> Flow<T> {
             None if default => Pick::To(n - 1),
             None => Pick::Unrouted,
         };
-        let mut flows = spawn_router(self, "switch", n, errors_to, pick);
+        let mut flows = spawn_router(self, &name, edge, n, errors_to, pick);
         let default = if default { flows.pop() } else { None };
         Ok(Routes {
             named: routes.into_iter().zip(flows).collect(),
