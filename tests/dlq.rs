@@ -1495,3 +1495,53 @@ async fn a_panic_while_making_a_record_is_reported_and_every_item_is_counted() {
     assert_eq!(m.dead_lettered, records);
     assert_dlq_conserved(&m);
 }
+
+#[tokio::test]
+async fn tagged_items_of_two_types_are_replayed_and_read_back_by_their_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.jsonl");
+    let input: Vec<Result<Order>> = vec![
+        Err(StreamError::failed("parse", "not json").with_item(String::from("{oops"))),
+        Err(StreamError::failed("price", "refused").with_item(order(7))),
+        Err(StreamError::failed("source", "reset")),
+    ];
+    let items = dlq::JsonItems::new()
+        .tagged::<Order>("order.v1")
+        .tagged::<String>("raw_line");
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::json(
+            FileSink::<serde_json::Value>::create(&path).await.unwrap(),
+            items,
+        ))
+        .collect()
+        .await;
+
+    let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&path)
+        .await
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    let tags: Vec<Option<&str>> = records.iter().map(|r| r.item_type.as_deref()).collect();
+    assert_eq!(tags, [Some("raw_line"), Some("order.v1"), None]);
+    assert_eq!(records[0].item_as::<String>().unwrap().unwrap(), "{oops");
+    assert_eq!(records[1].item_as::<Order>().unwrap().unwrap(), order(7));
+    // Read as the wrong type: an error, not a panic nor a silent default.
+    assert!(records[1].item_as::<String>().unwrap().is_err());
+    assert!(records[2].item_as::<Order>().is_none());
+}
+
+#[tokio::test]
+async fn a_typed_queue_names_its_items_with_its_tag() {
+    let (sink, letters) = dlq::channel::<Order>(4).unwrap();
+    let input: Vec<Result<Order>> = vec![Err(
+        StreamError::failed("price", "refused").with_item(order(1))
+    )];
+    streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::new(sink).with_item_tag("order.v1"))
+        .collect()
+        .await;
+    let letter = letters.recv().await.unwrap();
+    assert_eq!(letter.item_type.as_deref(), Some("order.v1"));
+    assert_eq!(letter.item, Some(order(1)));
+}

@@ -2,11 +2,13 @@
 
 use std::any::type_name;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::base::error::StreamError;
+use crate::resilience::dlq::Taken;
 
 type Convert = fn(&mut StreamError) -> Option<serde_json::Result<Value>>;
 
@@ -28,13 +30,21 @@ type Convert = fn(&mut StreamError) -> Option<serde_json::Result<Value>>;
 /// ```
 #[derive(Clone, Default)]
 pub struct JsonItems {
-    types: Vec<(&'static str, Convert)>,
+    /// Each recorded type: its Rust name, its tag if it has one, and how
+    /// to write it as JSON.
+    types: Vec<(&'static str, Option<Arc<str>>, Convert)>,
 }
 
 impl fmt::Debug for JsonItems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("JsonItems")
-            .field(&self.types.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                &self
+                    .types
+                    .iter()
+                    .map(|(name, tag, _)| tag.as_deref().unwrap_or(name))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -45,19 +55,32 @@ impl JsonItems {
         Self::default()
     }
 
-    /// Records items of type `I`.
+    /// Records items of type `I`; their records name the type with its
+    /// Rust type name, which is not stable across compiler versions (see
+    /// [`tagged`](JsonItems::tagged) for a name a program can rely on).
     pub fn of<I: Serialize + 'static>(mut self) -> Self {
-        self.types.push((type_name::<I>(), convert::<I>));
+        self.types.push((type_name::<I>(), None, convert::<I>));
         self
     }
 
-    /// The error's item as JSON, or the record's note saying why not.
-    pub(crate) fn take(&self, error: &mut StreamError) -> Result<Value, String> {
-        for (name, convert) in &self.types {
+    /// Records items of type `I` under `tag` (say `"order.v1"`): their
+    /// records' [`item_type`](crate::dlq::DeadLetter::item_type) is the tag,
+    /// stable for as long as you keep it, which says what to read the item
+    /// back as ([`DeadLetter::item_as`](crate::dlq::DeadLetter::item_as)).
+    pub fn tagged<I: Serialize + 'static>(mut self, tag: impl Into<Arc<str>>) -> Self {
+        self.types
+            .push((type_name::<I>(), Some(tag.into()), convert::<I>));
+        self
+    }
+
+    /// The error's item as JSON with its tag, or the record's note saying
+    /// why not.
+    pub(crate) fn take(&self, error: &mut StreamError) -> Result<Taken<Value>, String> {
+        for (name, tag, convert) in &self.types {
             match convert(error) {
                 Some(Ok(value)) => {
                     drop(error.take_any_item());
-                    return Ok(value);
+                    return Ok((value, tag.clone()));
                 }
                 Some(Err(e)) => {
                     return Err(format!(
@@ -67,7 +90,11 @@ impl JsonItems {
                 None => {}
             }
         }
-        let names: Vec<String> = self.types.iter().map(|(n, _)| format!("`{n}`")).collect();
+        let names: Vec<String> = self
+            .types
+            .iter()
+            .map(|(n, _, _)| format!("`{n}`"))
+            .collect();
         let records = if names.is_empty() {
             "no item types".to_owned()
         } else {

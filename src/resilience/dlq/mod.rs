@@ -57,9 +57,13 @@ pub(crate) fn not_recorded(error: &StreamError, records: &str) -> String {
     )
 }
 
-/// Takes the item a record keeps out of an error that carries one, or
-/// says why it cannot (the record's note).
-type TakeItem<R> = Box<dyn Fn(&mut StreamError) -> Result<R, String> + Send + Sync>;
+/// Takes the item a record keeps out of an error that carries one, with
+/// the type tag the user chose for it (if any), or says why it cannot (the
+/// record's note).
+type TakeItem<R> = Box<dyn Fn(&mut StreamError) -> Result<Taken<R>, String> + Send + Sync>;
+
+/// An item taken for a record, and its user-chosen type tag.
+pub(crate) type Taken<R> = (R, Option<std::sync::Arc<str>>);
 
 /// Why a dead-letter operation failed.
 #[derive(Debug, thiserror::Error)]

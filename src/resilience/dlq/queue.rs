@@ -128,9 +128,38 @@ impl<T, R: Send + 'static, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
             sink,
             Box::new(|e: &mut StreamError| {
                 e.take_item::<R>()
+                    .map(|item| (item, None))
                     .ok_or_else(|| not_recorded(e, &format!("`{}`", type_name::<R>())))
             }),
         )
+    }
+
+    /// Names the recorded items' type with `tag` (say `"payment.v2"`) in
+    /// each record's [`item_type`](crate::dlq::DeadLetter::item_type),
+    /// instead of the Rust type name, which is not stable across compiler
+    /// versions. For a queue of several item types, tag each in
+    /// [`JsonItems::tagged`](crate::dlq::JsonItems::tagged) instead: this
+    /// tag would name them all.
+    ///
+    /// ```
+    /// use streamz::DeadLetterQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, letters) = streamz::dlq::channel::<String>(16)?;
+    /// streamz::iter(["x"].map(String::from))
+    ///     .try_map(|s: &String| s.parse::<u32>())
+    ///     .pipe(DeadLetterQueue::new(sink).with_item_tag("line"))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(letters.recv().await?.item_type.as_deref(), Some("line"));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_item_tag(mut self, tag: impl Into<std::sync::Arc<str>>) -> Self {
+        let tag = tag.into();
+        let take = self.items;
+        self.items =
+            Box::new(move |e: &mut StreamError| take(e).map(|(item, _)| (item, Some(tag.clone()))));
+        self
     }
 }
 

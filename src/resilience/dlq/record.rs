@@ -68,7 +68,11 @@ pub struct DeadLetter<T> {
     /// When the last attempt failed.
     #[serde(with = "humantime_serde")]
     pub last_failure: SystemTime,
-    /// The Rust type name of the item the error carried, if any.
+    /// The type of the item the error carried, if any: the tag chosen for
+    /// it ([`DeadLetterQueue::with_item_tag`](crate::DeadLetterQueue::with_item_tag),
+    /// [`JsonItems::tagged`](crate::dlq::JsonItems::tagged)), else its Rust
+    /// type name, which is fine for reading in a log but not stable across
+    /// compiler versions: give a tag to what a program reads back.
     pub item_type: Option<String>,
     /// The failed item, if the error carried one of type `T`.
     pub item: Option<T>,
@@ -82,7 +86,7 @@ impl<T: 'static> DeadLetter<T> {
     /// the error if it is a `T`.
     pub fn from_error(sequence: u64, error: StreamError) -> Self {
         Self::from_error_with(sequence, error, |e: &mut StreamError| {
-            e.take_item::<T>().ok_or_else(|| {
+            e.take_item::<T>().map(|item| (item, None)).ok_or_else(|| {
                 crate::resilience::dlq::not_recorded(
                     e,
                     &format!("`{}`", std::any::type_name::<T>()),
@@ -92,19 +96,64 @@ impl<T: 'static> DeadLetter<T> {
     }
 }
 
+impl DeadLetter<serde_json::Value> {
+    /// The record's item read back as a `T`: `None` without an item,
+    /// otherwise the value or why it is not a `T`. With items of several
+    /// types in one queue, check [`item_type`](DeadLetter::item_type)
+    /// (their tags) first.
+    ///
+    /// ```
+    /// use streamz::dlq::{DeadLetter, JsonItems};
+    /// use streamz::{DeadLetterQueue, StreamError};
+    ///
+    /// #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    /// struct Order { id: u32 }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, letters) = streamz::dlq::channel(16)?;
+    /// let items = JsonItems::new().tagged::<Order>("order.v1").tagged::<String>("line");
+    /// let failures = vec![
+    ///     Err(StreamError::failed("parse", "not json").with_item(String::from("{oops"))),
+    ///     Err(StreamError::failed("price", "no price").with_item(Order { id: 7 })),
+    /// ];
+    /// let out = streamz::try_stream::<_, Order>(futures::stream::iter(failures))
+    ///     .pipe(DeadLetterQueue::json(sink, items))
+    ///     .collect()
+    ///     .await;
+    /// assert!(out.is_empty());
+    /// for _ in 0..2 {
+    ///     let letter: DeadLetter<serde_json::Value> = letters.recv().await?;
+    ///     match letter.item_type.as_deref() {
+    ///         Some("order.v1") => assert_eq!(letter.item_as::<Order>().unwrap()?, Order { id: 7 }),
+    ///         Some("line") => assert_eq!(letter.item_as::<String>().unwrap()?, "{oops"),
+    ///         other => panic!("unexpected item type {other:?}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn item_as<T: serde::de::DeserializeOwned>(&self) -> Option<serde_json::Result<T>> {
+        self.item.as_ref().map(|value| T::deserialize(value))
+    }
+}
+
 impl<T> DeadLetter<T> {
-    /// The record of `error`, whose item `take` takes (or explains, in the
-    /// record's note, why it cannot).
+    /// The record of `error`, whose item `take` takes with its type tag
+    /// (or explains, in the record's note, why it cannot).
     pub(crate) fn from_error_with(
         sequence: u64,
         mut error: StreamError,
-        take: impl FnOnce(&mut StreamError) -> Result<T, String>,
+        take: impl FnOnce(&mut StreamError) -> Result<super::Taken<T>, String>,
     ) -> Self {
-        let item_type = error.item_type_name();
+        let mut item_type = error.item_type_name().map(str::to_owned);
         let (item, note) = match item_type {
             None => (None, Some("the error carried no item".to_owned())),
             Some(_) => match take(&mut error) {
-                Ok(item) => (Some(item), None),
+                Ok((item, tag)) => {
+                    if let Some(tag) = tag {
+                        item_type = Some(tag.to_string());
+                    }
+                    (Some(item), None)
+                }
                 Err(note) => (None, Some(note)),
             },
         };
@@ -129,7 +178,7 @@ impl<T> DeadLetter<T> {
             attempts: error.attempts(),
             first_failure: error.first_time(),
             last_failure: error.time(),
-            item_type: item_type.map(str::to_owned),
+            item_type,
             item,
             note,
         }
