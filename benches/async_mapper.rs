@@ -3,6 +3,11 @@
 //! `futures::StreamExt::buffered` / `buffer_unordered` doing the same work
 //! in the same run.
 //!
+//! `async_map_head_of_line`: the cost of order on the real clock. 2,000
+//! calls that take 1 ms, every 50th 20 ms (a slow dependency's tail), at
+//! concurrency 16, ordered and unordered: in ordered mode a slow call holds
+//! back the finished ones behind it, and their slots, until it is done.
+//!
 //! Run: `cargo bench --bench async_mapper`.
 
 mod support;
@@ -72,5 +77,44 @@ fn async_mapper(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, async_mapper);
+const CALLS: u64 = 2_000;
+
+/// 1 ms per call, 20 ms for every 50th.
+async fn slow_tail(x: u64) -> Result<u64, Infallible> {
+    let ms = if x % 50 == 49 { 20 } else { 1 };
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    Ok(x)
+}
+
+async fn head_of_line_run(ordered: bool) -> u64 {
+    let mapper = AsyncMapper::new(|x: &u64| slow_tail(*x))
+        .with_concurrency(16)
+        .unwrap();
+    let mapper = if ordered { mapper } else { mapper.unordered() };
+    let mut flow = streamz::iter(0..CALLS).pipe(mapper);
+    let mut n = 0;
+    while let Some(chunk) = flow.next_chunk().await {
+        n += chunk.values().len() as u64;
+    }
+    n
+}
+
+fn head_of_line(c: &mut Criterion) {
+    let mut group = c.benchmark_group("async_map_head_of_line");
+    group.throughput(Throughput::Elements(CALLS));
+    group.sample_size(10);
+    for (rt_name, rt) in support::runtimes() {
+        for (case, ordered) in [("ordered_c16", true), ("unordered_c16", false)] {
+            let once =
+                || rt.block_on(async { tokio::spawn(head_of_line_run(ordered)).await.unwrap() });
+            assert_eq!(once(), CALLS);
+            group.bench_function(BenchmarkId::new(case, rt_name), |b| {
+                b.iter(|| black_box(once()))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, async_mapper, head_of_line);
 criterion_main!(benches);

@@ -656,16 +656,33 @@ fn bad_configuration_is_rejected() {
     ));
 }
 
-#[test]
-fn concurrency_defaults_to_the_available_parallelism() {
-    let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<u8, io::Error>(*x)));
-    let cores = std::thread::available_parallelism().unwrap().get();
-    let shown = format!("{m:?}");
-    assert!(shown.contains(&format!("concurrency: {cores},")), "{shown}");
-    assert!(
-        shown.contains("ordered: true"),
-        "ordered by default: {shown}"
+#[tokio::test(start_paused = true)]
+async fn concurrency_defaults_to_sixteen_calls_at_once_in_order() {
+    // 32 calls of 10 ms: two waves of sixteen, whatever the machine's cores.
+    let in_flight = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let m = AsyncMapper::new({
+        let (in_flight, most) = (in_flight.clone(), most.clone());
+        move |x: &u32| {
+            let (x, in_flight, most) = (*x, in_flight.clone(), most.clone());
+            async move {
+                let now = in_flight.fetch_add(1, SeqCst) + 1;
+                most.fetch_max(now, SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                in_flight.fetch_sub(1, SeqCst);
+                Ok::<u32, io::Error>(x)
+            }
+        }
+    });
+    let start = Instant::now();
+    let out = streamz::iter(0..32u32).pipe(m).collect().await;
+    assert_eq!(
+        values(out),
+        (0..32).collect::<Vec<_>>(),
+        "ordered by default"
     );
+    assert_eq!(most.load(SeqCst), 16);
+    assert_eq!(start.elapsed(), Duration::from_millis(20));
 }
 
 /// Fails a hang rather than hanging: `limit` on the paused clock.

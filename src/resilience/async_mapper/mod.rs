@@ -75,6 +75,11 @@ pub enum TimeoutError {
     },
 }
 
+/// How many calls an [`AsyncMapper`] runs at once unless
+/// [`with_concurrency`](AsyncMapper::with_concurrency) says otherwise (see
+/// its "Default" section for why 16).
+pub(crate) const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(16).expect("not zero");
+
 /// Runs an async function on each item, `concurrency` items at a time.
 ///
 /// The function borrows the item and returns a future that owns what it
@@ -84,10 +89,21 @@ pub enum TimeoutError {
 ///
 /// # Default
 ///
-/// - Concurrency: the machine's available parallelism.
+/// - Concurrency: 16. Not the core count: the
+///   calls an `AsyncMapper` makes wait on I/O, not on the CPU, so how many
+///   run at once is a question about the dependency. Sixteen keeps a 10 ms
+///   service at about 1,600 calls/s without flooding it; set
+///   [`with_concurrency`](AsyncMapper::with_concurrency) to what yours
+///   takes. (For CPU-bound work, the limit is the runtime's workers.)
 /// - Ordered: outputs leave in input order, upstream errors keep their
-///   position. [`unordered`](AsyncMapper::unordered) emits each item as soon
-///   as it finishes.
+///   position, as a stream promises and as per-key processing and
+///   offset commits need. The price is head-of-line blocking: a slow call
+///   holds back the finished calls behind it, and their slots. With 2,000
+///   calls of 1 ms where every 50th takes 20 ms, at concurrency 16, ordered
+///   took 3.1× as long as unordered (`cargo bench --bench async_mapper --
+///   head_of_line`: 1.016 s against 0.324 s, both runtimes). When order
+///   does not matter, [`unordered`](AsyncMapper::unordered) emits each item
+///   as soon as it finishes.
 /// - No timeout, no retries ([`with_retry`](AsyncMapper::with_retry)), every
 ///   error retryable once retries are on
 ///   ([`retry_if`](AsyncMapper::retry_if)).
@@ -183,11 +199,10 @@ where
 {
     /// A mapper running `f` on each item.
     pub fn new(f: F) -> Self {
-        let parallelism = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
         AsyncMapper {
             name: Cow::Borrowed("async_mapper"),
             f,
-            concurrency: parallelism,
+            concurrency: DEFAULT_CONCURRENCY,
             ordered: true,
             timeout: None,
             retry: Retry::default(),
