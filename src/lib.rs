@@ -138,6 +138,10 @@ struct HealthGateDoctests;
 #[doc = include_str!("../docs/operators.md")]
 struct OperatorsDoctests;
 
+#[cfg(all(doctest, feature = "tower"))]
+#[doc = include_str!("../docs/interop.md")]
+struct InteropDoctests;
+
 #[cfg(all(doctest, feature = "circuit-breaker"))]
 #[doc = include_str!("../docs/circuit-breaker.md")]
 struct CircuitBreakerDoctests;

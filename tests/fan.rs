@@ -199,16 +199,19 @@ async fn links_that_form_a_cycle_or_a_diamond_are_walked_once() {
     assert_eq!((x.len(), y.len()), (6, 6));
     assert_eq!(pa.discarded(), 0);
     pa.join().await.unwrap();
-    let names: Vec<String> = pa.metrics().into_iter().map(|m| m.name).collect();
+    let mut names: Vec<String> = pa.metrics().into_iter().map(|m| m.name).collect();
+    names.sort();
+    // Each pipeline's stages once, under names made unique by the links.
     assert_eq!(
-        names.iter().filter(|n| *n == "iter").count(),
-        2,
-        "{names:?}"
-    );
-    assert_eq!(
-        names.iter().filter(|n| *n == "merge").count(),
-        2,
-        "{names:?}"
+        names,
+        [
+            "broadcast",
+            "broadcast#2",
+            "iter",
+            "iter#2",
+            "merge",
+            "merge#2"
+        ]
     );
     assert_eq!(pb.metrics().len(), pa.metrics().len());
 }
@@ -274,4 +277,15 @@ async fn every_fan_in_and_fan_out_takes_a_name_and_an_edge() {
         assert_eq!(m.received, 100, "{name}: {m:?}");
         assert_eq!(m.emitted, 100, "{name}: {m:?}");
     }
+}
+
+#[tokio::test]
+async fn stage_names_stay_unique_across_merged_pipelines() {
+    let merged = streamz::merge([streamz::iter(0..3u32), streamz::iter(10..13u32)]);
+    let pipeline = merged.pipeline().clone();
+    assert_eq!(merged.collect().await.len(), 6);
+    let mut names: Vec<String> = pipeline.metrics().into_iter().map(|m| m.name).collect();
+    names.sort();
+    assert_eq!(names, ["iter", "iter#2", "merge"]);
+    assert_eq!(stage(&pipeline, "iter#2").emitted, 3);
 }

@@ -346,3 +346,18 @@ mod tower_service {
         );
     }
 }
+
+#[tokio::test]
+async fn shutdown_within_is_not_graceful_when_someone_else_aborts() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    let flow = pipeline.iter(0..10u32).async_boundary("relay");
+    tokio::task::yield_now().await; // the relay fills its output and blocks
+    let other = pipeline.clone();
+    let aborter = tokio::spawn(async move { other.abort() });
+    let report = within(pipeline.shutdown_within(Duration::MAX))
+        .await
+        .unwrap();
+    aborter.await.unwrap();
+    assert!(!report.graceful(), "{report:?}");
+    drop(flow);
+}

@@ -419,7 +419,10 @@ impl Pipeline {
     }
 
     /// The counters of the stage named `name`. Names are unique within a
-    /// pipeline: the second stage registered as `map` is `map#2`.
+    /// pipeline and the pipelines merged into it: the second stage
+    /// registered as `map` is `map#2`. (Two stages given the same name with
+    /// [`Flow::named`] in pipelines merged later keep it; this finds the
+    /// first.)
     pub fn stage_metrics(&self, name: &str) -> Option<StageMetrics> {
         self.metrics().into_iter().find(|m| m.name == name)
     }
@@ -550,7 +553,8 @@ impl Pipeline {
         if let Ok(joined) = crate::base::time::timeout(grace, self.join()).await {
             joined?;
             return Ok(ShutdownReport {
-                graceful: true,
+                // Someone else may have aborted while we waited.
+                graceful: !self.inner.abort.is_raised(),
                 aborted: lost() - before,
             });
         }
@@ -616,6 +620,23 @@ impl Pipeline {
             other.abort();
         } else if self.inner.shutdown.is_raised() {
             other.shutdown();
+        }
+        // Names stay unique across linked pipelines (two `iter` sources
+        // merged): a stage of `other` whose name is taken here gets a
+        // suffix, unless it was named for good already (`Flow::named`).
+        let mut known: Vec<Counters> = self
+            .reachable()
+            .iter()
+            .flat_map(|p| lock(&p.stages).clone())
+            .collect();
+        for p in other.reachable() {
+            let theirs = lock(&p.stages).clone();
+            for stage in theirs {
+                if known.iter().any(|k| k.name() == stage.name()) {
+                    stage.rename(unique(&known, Some(&stage), stage.name().clone()));
+                }
+                known.push(stage);
+            }
         }
         // Joined first: a link is only ever walked within one group.
         Group::join(&self.group, &other.group);
@@ -686,8 +707,8 @@ pub struct ShutdownReport {
 }
 
 impl ShutdownReport {
-    /// Whether every task exited within the grace period (false: the
-    /// pipeline was aborted).
+    /// Whether every task exited within the grace period without an abort
+    /// (false: the pipeline was aborted, by this call or by another).
     pub fn graceful(&self) -> bool {
         self.graceful
     }
@@ -825,12 +846,8 @@ mod tests {
         assert!(weak_other.upgrade().is_some(), "kept by a's group");
         assert_eq!(values(merged.collect().await), [0, 1, 2, 10, 11, 12]);
         a.join().await.unwrap();
-        assert_eq!(
-            a.metrics().iter().filter(|m| m.name == "iter").count(),
-            2,
-            "{:?}",
-            a.metrics()
-        );
+        let names: Vec<String> = a.metrics().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["iter", "merge", "iter#2"]);
         drop(a);
         assert!(weak_other.upgrade().is_none());
     }

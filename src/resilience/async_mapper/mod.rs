@@ -230,7 +230,9 @@ where
     /// `Buffer`, which hands every clone the same inner service; a
     /// `ConcurrencyLimit` shares its permits among its clones by itself.
     /// The service's error becomes the error item's source (a tower
-    /// timeout's `Elapsed`, say), and the mapper's
+    /// timeout's `Elapsed`, say: to the mapper a failed call of kind
+    /// `failed`, not counted in `timeouts`, which count the mapper's own
+    /// [`with_timeout`](AsyncMapper::with_timeout)), and the mapper's
     /// [`retry_if`](AsyncMapper::retry_if) sees it.
     ///
     /// # Examples
