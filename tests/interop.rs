@@ -361,3 +361,28 @@ async fn shutdown_within_is_not_graceful_when_someone_else_aborts() {
     assert!(!report.graceful(), "{report:?}");
     drop(flow);
 }
+
+#[tokio::test]
+async fn a_source_counts_the_errors_it_gives_apart_from_its_values() {
+    let items: Vec<streamz::Result<u32>> = vec![
+        Err(StreamError::failed("upstream", "bad")),
+        Ok(1),
+        Err(StreamError::failed("upstream", "worse")),
+    ];
+    let flow = streamz::try_stream(futures::stream::iter(items));
+    let pipeline = flow.pipeline().clone();
+    assert_eq!(within(flow.collect()).await.len(), 3);
+    let m = pipeline.stage_metrics("stream").unwrap();
+    assert_eq!((m.emitted, m.errors_passed), (1, 2), "{m}");
+
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    tx.send_result(Err(StreamError::failed("producer", "bad")))
+        .await
+        .unwrap();
+    tx.send(2).await.unwrap();
+    drop(tx);
+    assert_eq!(within(flow.collect()).await.len(), 2);
+    let m = pipeline.stage_metrics("channel").unwrap();
+    assert_eq!((m.emitted, m.errors_passed), (1, 1), "{m}");
+}

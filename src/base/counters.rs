@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 ///
 /// where `received` counts both values and upstream errors, and of what the
 /// stage produced, `emitted + failed + errors_passed - undelivered` reached
-/// the next stage. Sources count what they produce as `emitted`. A stage
-/// that emits several items per input (a custom step) may emit more than it
-/// receives.
+/// the next stage. Sources count the values they produce as `emitted` and
+/// the error items their stream or producer gives as `errors_passed`. A
+/// stage that emits several items per input (a custom step) may emit more
+/// than it receives.
 ///
 /// # Examples
 ///
@@ -48,7 +49,8 @@ pub struct StageMetrics {
     pub emitted: u64,
     /// Error items this stage created (user errors and panics).
     pub failed: u64,
-    /// Errors from upstream that this stage passed on unchanged.
+    /// Errors from upstream that this stage passed on unchanged (for a
+    /// source: the error items its stream or producer gave).
     pub errors_passed: u64,
     /// Items removed on purpose and counted (a filter's rejects).
     pub dropped: u64,
@@ -187,6 +189,16 @@ impl Counters {
     pub(crate) fn add_dead_lettered(&self, n: u64) {
         if n != 0 {
             self.inner.dead_lettered.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Records what a source produced: its values as `emitted`, the error
+    /// items its stream or producer gave as `errors_passed`.
+    pub(crate) fn add_produced<T>(&self, chunk: &crate::base::chunk::Chunk<T>) {
+        self.add_emitted(chunk.values.len() as u64);
+        let errors = chunk.errors.len() as u64;
+        if errors != 0 {
+            self.inner.errors_passed.fetch_add(errors, Relaxed);
         }
     }
 

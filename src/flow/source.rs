@@ -144,7 +144,7 @@ where
                 Poll::Pending
             };
         }
-        self.counters.add_emitted(chunk.len() as u64);
+        self.counters.add_produced(&chunk);
         Poll::Ready(Some(chunk))
     }
 
@@ -174,9 +174,10 @@ impl<T: Send> ChunkSource<T> for PushSource<T> {
         let mut items = Vec::new();
         match self.rx.poll_recv_many(cx, &mut items, self.max_chunk) {
             Poll::Ready(0) => Poll::Ready(None),
-            Poll::Ready(n) => {
-                self.counters.add_emitted(n as u64);
-                Poll::Ready(Some(items.into_iter().collect()))
+            Poll::Ready(_) => {
+                let chunk: Chunk<T> = items.into_iter().collect();
+                self.counters.add_produced(&chunk);
+                Poll::Ready(Some(chunk))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -184,14 +185,14 @@ impl<T: Send> ChunkSource<T> for PushSource<T> {
 
     fn abandon(&mut self) -> u64 {
         self.rx.close();
-        let mut n = 0;
-        while self.rx.try_recv().is_ok() {
-            n += 1;
+        let mut left = Chunk::default();
+        while let Ok(item) = self.rx.try_recv() {
+            left.push(item);
         }
         // Accepted from the producer, so produced by this source: the
         // stage that abandons them counts them as received and aborted.
-        self.counters.add_emitted(n);
-        n
+        self.counters.add_produced(&left);
+        left.len() as u64
     }
 }
 
