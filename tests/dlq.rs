@@ -1545,3 +1545,25 @@ async fn a_typed_queue_names_its_items_with_its_tag() {
     assert_eq!(letter.item_type.as_deref(), Some("order.v1"));
     assert_eq!(letter.item, Some(order(1)));
 }
+
+#[tokio::test]
+async fn an_item_that_cannot_be_json_is_noted_with_its_tag() {
+    use std::collections::HashMap;
+    // serde_json writes map keys as strings only: this map has no JSON.
+    let weird: HashMap<(u8, u8), u8> = HashMap::from([((1, 2), 3)]);
+    let (sink, letters) = dlq::channel(4).unwrap();
+    let input: Vec<Result<u8>> = vec![Err(StreamError::failed("stage", "bad").with_item(weird))];
+    let items = dlq::JsonItems::new().tagged::<HashMap<(u8, u8), u8>>("weird.v1");
+    let out = streamz::try_stream(futures::stream::iter(input))
+        .pipe(DeadLetterQueue::json(sink, items))
+        .collect()
+        .await;
+    assert!(out.is_empty());
+    let letter: DeadLetter<serde_json::Value> = letters.recv().await.unwrap();
+    assert_eq!(letter.item, None);
+    let note = letter.note.unwrap();
+    assert!(
+        note.contains("(tagged `weird.v1`) could not be written as JSON"),
+        "{note}"
+    );
+}

@@ -83,8 +83,12 @@ impl JsonItems {
                     return Ok((value, tag.clone()));
                 }
                 Some(Err(e)) => {
+                    let tagged = tag
+                        .as_deref()
+                        .map(|tag| format!(" (tagged `{tag}`)"))
+                        .unwrap_or_default();
                     return Err(format!(
-                        "the failed `{name}` item could not be written as JSON: {e}"
+                        "the failed `{name}` item{tagged} could not be written as JSON: {e}"
                     ));
                 }
                 None => {}
