@@ -2,11 +2,14 @@
 //! wrappers as sources, a `Flow` as a `FusedStream`, the dead-letter
 //! channel read from a plain thread, and the pipeline builder.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::stream::FusedStream;
 use futures::{SinkExt, StreamExt};
 use streamz::{DeadLetterQueue, EdgeConfig, Pipeline, PusherClosed, StreamError};
+use support::{assert_conserved, settle, values};
 use tokio_util::sync::CancellationToken;
 
 /// Fails the test instead of hanging it.
@@ -14,10 +17,6 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(10), f)
         .await
         .expect("hung")
-}
-
-fn values<T>(items: Vec<streamz::Result<T>>) -> Vec<T> {
-    items.into_iter().map(Result::unwrap).collect()
 }
 
 #[tokio::test]
@@ -262,7 +261,7 @@ async fn shutdown_within_aborts_what_cannot_drain_and_counts_it() {
         sent
     });
     // Nobody reads `flow`: the relay fills its output and blocks.
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let report = within(pipeline.shutdown_within(Duration::from_millis(500)))
         .await
         .unwrap();
@@ -272,6 +271,7 @@ async fn shutdown_within_aborts_what_cannot_drain_and_counts_it() {
     // What the relay took and could not deliver is counted, and reported.
     assert!(m.undelivered + m.aborted >= 1, "{m:?}");
     assert_eq!(report.aborted(), m.undelivered + m.aborted);
+    assert_conserved(&m);
     // Conservation: every accepted item is in the channel left unread,
     // counted by the relay, or was still waiting at its input.
     assert!(m.received <= u64::from(sent), "{m:?} of {sent}");
