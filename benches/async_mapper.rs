@@ -33,9 +33,8 @@ async fn futures_buffered(c: usize, ordered: bool) -> u64 {
 }
 
 async fn streamz_mapper(c: usize, ordered: bool) -> u64 {
-    let mapper = AsyncMapper::new(|x: &u64| ready(Ok::<u64, Infallible>(x + 1)))
-        .with_concurrency(c)
-        .unwrap();
+    let mapper =
+        AsyncMapper::new(|x: &u64| ready(Ok::<u64, Infallible>(x + 1))).with_concurrency(c);
     let mapper = if ordered { mapper } else { mapper.unordered() };
     let mut flow = streamz::iter(0..N).pipe(mapper);
     let mut sum = 0u64;
@@ -87,9 +86,7 @@ async fn slow_tail(x: u64) -> Result<u64, Infallible> {
 }
 
 async fn head_of_line_run(ordered: bool) -> u64 {
-    let mapper = AsyncMapper::new(|x: &u64| slow_tail(*x))
-        .with_concurrency(16)
-        .unwrap();
+    let mapper = AsyncMapper::new(|x: &u64| slow_tail(*x)).with_concurrency(16);
     let mapper = if ordered { mapper } else { mapper.unordered() };
     let mut flow = streamz::iter(0..CALLS).pipe(mapper);
     let mut n = 0;

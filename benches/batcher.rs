@@ -23,7 +23,7 @@ async fn futures_chunks() -> u64 {
 }
 
 async fn streamz_batcher() -> u64 {
-    let batcher = Batcher::try_new(100, Duration::from_millis(10)).unwrap();
+    let batcher = Batcher::new(100, Duration::from_millis(10));
     let mut flow = streamz::iter(0..N).pipe(batcher);
     let mut n = 0;
     while let Some(chunk) = flow.next_chunk().await {

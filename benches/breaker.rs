@@ -39,8 +39,7 @@ async fn run<P: Processor<u64, u64>>(n: u64, stage: P) -> u64 {
 
 async fn plain(n: u64, work: u32) -> u64 {
     let mapper = AsyncMapper::new(move |x: &u64| ready(Ok::<u64, Infallible>(call(*x, work))))
-        .with_concurrency(4)
-        .unwrap();
+        .with_concurrency(4);
     run(n, mapper).await
 }
 
@@ -48,8 +47,7 @@ async fn guarded(n: u64, work: u32, breaker: Breaker) -> u64 {
     let stage = CircuitBreaker::new(breaker, move |x: &u64| {
         ready(Ok::<u64, Infallible>(call(*x, work)))
     })
-    .with_concurrency(4)
-    .unwrap();
+    .with_concurrency(4);
     run(n, stage).await
 }
 
@@ -64,7 +62,7 @@ fn breaker(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n));
         group.sample_size(10);
         for (rt_name, rt) in support::runtimes() {
-            let breaker = Breaker::new("bench", BreakerConfig::default()).unwrap();
+            let breaker = Breaker::new("bench", BreakerConfig::default());
             type Case = Box<dyn Fn() -> futures::future::BoxFuture<'static, u64>>;
             let cases: [(&str, Case); 2] = [
                 ("async_mapper", Box::new(move || plain(n, work).boxed())),

@@ -55,8 +55,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
                         .boxed()
                 }),
                 ("streamz_skip", || {
-                    let flow =
-                        streamz::iter(0..N).pipe(Stage::new("skip", Skip::new(1000).unwrap()));
+                    let flow = streamz::iter(0..N).pipe(Stage::new("skip", Skip::new(1000)));
                     count(flow, one).boxed()
                 }),
             ],
@@ -72,7 +71,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
                         .boxed()
                 }),
                 ("streamz_take", || {
-                    count(streamz::iter(0u64..).pipe(Take::new(N).unwrap()), one).boxed()
+                    count(streamz::iter(0u64..).pipe(Take::new(N)), one).boxed()
                 }),
             ],
         ),
@@ -88,7 +87,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
                         .boxed()
                 }),
                 ("streamz_sample", || {
-                    let sample = Sample::new(0.5).unwrap().with_seed(1);
+                    let sample = Sample::new(0.5).with_seed(1);
                     count(streamz::iter(0..N).pipe(Stage::new("sample", sample)), one).boxed()
                 }),
             ],
@@ -125,8 +124,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
                         .boxed()
                 }),
                 ("streamz_dedupe", || {
-                    let dedupe =
-                        Dedupe::new(|x: &u64| x % 1000, 10_000, Duration::from_secs(3600)).unwrap();
+                    let dedupe = Dedupe::new(|x: &u64| x % 1000, 10_000, Duration::from_secs(3600));
                     count(streamz::iter(0..N).pipe(Stage::new("dedupe", dedupe)), one).boxed()
                 }),
             ],
@@ -134,15 +132,14 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
         (
             "buffer_100k",
             vec![("streamz_buffer", || {
-                count(streamz::iter(0..N).pipe(Buffer::new(100_000).unwrap()), one).boxed()
+                count(streamz::iter(0..N).pipe(Buffer::new(100_000)), one).boxed()
             })],
         ),
         (
             "debounce",
             vec![("streamz_debounce", || {
                 // One burst: everything but the last value is replaced.
-                let flow =
-                    streamz::iter(0..N).pipe(Debounce::new(Duration::from_millis(1)).unwrap());
+                let flow = streamz::iter(0..N).pipe(Debounce::new(Duration::from_millis(1)));
                 count(flow, one).boxed()
             })],
         ),
@@ -150,7 +147,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
             "partition_4",
             vec![("streamz_partition_round_robin", || {
                 async {
-                    let flows = streamz::iter(0..N).partition(Partition::round_robin(4).unwrap());
+                    let flows = streamz::iter(0..N).partition(Partition::round_robin(4));
                     let counts =
                         futures::future::join_all(flows.into_iter().map(|f| count(f, one))).await;
                     counts.iter().sum()
@@ -163,7 +160,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
             vec![("streamz_switch", || {
                 async {
                     let switch = Switch::new(|x: &u64| x % 2).route(0).route(1);
-                    let mut routes = streamz::iter(0..N).switch(switch).unwrap();
+                    let mut routes = streamz::iter(0..N).switch(switch);
                     let (a, b) = (routes.take(&0).unwrap(), routes.take(&1).unwrap());
                     let (a, b) = tokio::join!(count(a, one), count(b, one));
                     a + b
@@ -174,8 +171,7 @@ fn cases() -> Vec<(&'static str, Vec<Case>)> {
         (
             "tumbling_window",
             vec![("streamz_tumbling", || {
-                let flow =
-                    streamz::iter(0..N).pipe(Tumbling::new(Duration::from_secs(3600)).unwrap());
+                let flow = streamz::iter(0..N).pipe(Tumbling::new(Duration::from_secs(3600)));
                 count(flow, |w| w.items.len() as u64).boxed()
             })],
         ),

@@ -47,7 +47,7 @@ async fn run<S: DeadLetterSink<Order>>(sink: S) {
 }
 
 async fn channel_sink() {
-    let (sink, letters) = dlq::channel::<Order>(1024).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(1024);
     let reader = tokio::spawn(async move {
         let mut n = 0u64;
         while letters.recv().await.is_ok() {
@@ -64,8 +64,7 @@ async fn file_sink(path: &Path, fsync: Fsync) {
     let sink = FileSink::<Order>::create(path)
         .await
         .unwrap()
-        .with_fsync(fsync)
-        .unwrap();
+        .with_fsync(fsync);
     let stats = sink.stats();
     run(sink).await;
     assert_eq!(stats.records(), N);

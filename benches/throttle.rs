@@ -28,18 +28,13 @@ async fn relay_only() -> u64 {
 }
 
 async fn unlimited_throttle() -> u64 {
-    let throttle = Throttle::try_new(u64::MAX, Duration::from_secs(1))
-        .unwrap()
-        .with_burst(u64::MAX)
-        .unwrap();
+    let throttle = Throttle::new(u64::MAX, Duration::from_secs(1)).with_burst(u64::MAX);
     drain(streamz::iter(0..N).pipe(throttle)).await
 }
 
 async fn unlimited_throttle_with_cost() -> u64 {
-    let throttle = Throttle::try_new(u64::MAX, Duration::from_secs(1))
-        .unwrap()
+    let throttle = Throttle::new(u64::MAX, Duration::from_secs(1))
         .with_burst(u64::MAX)
-        .unwrap()
         .with_cost(|_: &u64| 1);
     drain(streamz::iter(0..N).pipe(throttle)).await
 }

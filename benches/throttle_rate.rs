@@ -3,7 +3,7 @@
 //!
 //! A paused clock in the tests cannot show timer lag (tokio's timer fires up
 //! to about a millisecond late); this measures it. Each case feeds an
-//! endless input through `Throttle::try_new(rate, 1 s)` and counts what a
+//! endless input through `Throttle::new(rate, 1 s)` and counts what a
 //! consumer receives in the window; the figure is the delivered rate over
 //! the configured one.
 //!
@@ -16,7 +16,7 @@ use streamz::Throttle;
 
 fn measure(rt: &tokio::runtime::Runtime, rate: u64, window: Duration) -> f64 {
     rt.block_on(async {
-        let throttle = Throttle::try_new(rate, Duration::from_secs(1)).unwrap();
+        let throttle = Throttle::new(rate, Duration::from_secs(1));
         let mut flow = streamz::iter(0u64..).pipe(throttle);
         // The first item passes at once (a full bucket); time from it.
         let _ = flow.next_chunk().await;

@@ -67,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let (dead, letters) = streamz::dlq::channel::<u32>(1024)?;
+    let (dead, letters) = streamz::dlq::channel::<u32>(1024);
     let kept = tokio::spawn(async move {
         let mut kinds = std::collections::BTreeMap::new();
         while let Ok(letter) = letters.recv().await {
@@ -83,7 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(Duration::from_millis(1)).await;
             (n < 400).then_some((n, n + 1))
         }))
-        .pipe(CircuitBreaker::new(breaker.clone(), post).with_concurrency(4)?)
+        .pipe(CircuitBreaker::new(breaker.clone(), post).with_concurrency(4))
         .pipe(DeadLetterQueue::new(dead))
         .collect()
         .await;

@@ -43,10 +43,9 @@ async fn post(payment: Payment, down: bool) -> Result<u32, LedgerError> {
 fn ledger(down: bool) -> Result<impl Processor<Payment, u32>, ConfigError> {
     Ok(AsyncMapper::new(move |p: &Payment| post(p.clone(), down))
         .named("post")
-        .with_concurrency(8)?
+        .with_concurrency(8)
         .with_retry(
-            Retry::attempts(3)?
-                .with_backoff(Duration::from_millis(2), Duration::from_millis(10))?,
+            Retry::attempts(3).with_backoff(Duration::from_millis(2), Duration::from_millis(10)),
         )
         .retry_if(|e: &LedgerError| matches!(e, LedgerError::Unavailable)))
 }
@@ -75,7 +74,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     //    records and at the end.
     let sink = FileSink::<Payment>::create(&path)
         .await?
-        .with_fsync(Fsync::EveryN(50))?;
+        .with_fsync(Fsync::EveryN(50));
     let stats = sink.stats();
     let pipeline = Pipeline::new();
     let posted = pipeline

@@ -28,9 +28,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     // Check every 20 ms; close after 2 bad answers, open after 2 good ones.
     let gate = HealthGate::new(check)
-        .with_interval(Duration::from_millis(20))?
-        .close_after(2)?
-        .open_after(2)?;
+        .with_interval(Duration::from_millis(20))
+        .with_failures_to_close(2)
+        .with_successes_to_open(2);
     let handle = gate.handle();
 
     let start = Instant::now();
@@ -48,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     // A small edge, so the producer feels the closed gate quickly.
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(16, 16)?);
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(16, 16));
     let (tx, flow) = pipeline.channel::<u32>();
     let written = Arc::new(AtomicU32::new(0));
     let sink = tokio::spawn({

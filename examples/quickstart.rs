@@ -107,10 +107,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     })
     .named("enrich")
-    .with_concurrency(4)?
-    .with_timeout(Duration::from_millis(100))?
+    .with_concurrency(4)
+    .with_timeout(Duration::from_millis(100))
     .with_retry(
-        Retry::attempts(3)?.with_backoff(Duration::from_millis(20), Duration::from_millis(200))?,
+        Retry::attempts(3).with_backoff(Duration::from_millis(20), Duration::from_millis(200)),
     )
     .retry_if(|e: &ServiceError| matches!(e, ServiceError::Unavailable));
 
@@ -137,9 +137,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ))
         .pipe(enrich)
         // At most 50 orders per second downstream, in bursts of up to 4.
-        .pipe(Throttle::try_new(50, Duration::from_secs(1))?.with_burst(4)?)
+        .pipe(Throttle::new(50, Duration::from_secs(1)).with_burst(4))
         // Write in batches of up to 3, or whatever 50 ms collected.
-        .pipe(Batcher::try_new(3, Duration::from_millis(50))?)
+        .pipe(Batcher::new(3, Duration::from_millis(50)))
         .pipe(dead_letters)
         .collect()
         .await;

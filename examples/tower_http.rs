@@ -46,13 +46,12 @@ async fn main() -> Result<(), BoxError> {
     // a short backoff; keep the order of the input.
     let lookup = AsyncMapper::from_service(prices)
         .named("price_lookup")
-        .with_concurrency(16)?
+        .with_concurrency(16)
         .with_retry(
-            Retry::attempts(3)?
-                .with_backoff(Duration::from_millis(10), Duration::from_millis(50))?,
+            Retry::attempts(3).with_backoff(Duration::from_millis(10), Duration::from_millis(50)),
         );
 
-    let (dead, letters) = streamz::dlq::channel::<u32>(64)?;
+    let (dead, letters) = streamz::dlq::channel::<u32>(64);
     let dead_letters = tokio::spawn(async move {
         let mut ids = Vec::new();
         while let Ok(letter) = letters.recv().await {

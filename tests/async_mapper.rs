@@ -28,9 +28,7 @@ fn boom(msg: &str) -> io::Error {
 /// Fixed delays, no jitter: retry `n` waits `100ms × 2^(n-1)`.
 fn fixed_retry(attempts: u32) -> Retry {
     Retry::attempts(attempts)
-        .unwrap()
         .with_backoff(100 * MS, Duration::from_secs(10))
-        .unwrap()
         .with_jitter(Jitter::None)
 }
 
@@ -45,8 +43,7 @@ async fn ordered_mode_keeps_input_order_whatever_the_finishing_order() {
             Ok::<_, io::Error>(i * 10)
         }
     })
-    .with_concurrency(4)
-    .unwrap();
+    .with_concurrency(4);
     let out = pipeline.iter(0..10u64).pipe(mapper).collect().await;
     assert_eq!(values(out), (0..10).map(|i| i * 10).collect::<Vec<_>>());
     let m = stage(&pipeline, "async_mapper");
@@ -64,7 +61,6 @@ async fn unordered_mode_emits_in_finishing_order() {
         }
     })
     .with_concurrency(4)
-    .unwrap()
     .unordered();
     let out = streamz::iter(0..4u64).pipe(mapper).collect().await;
     assert_eq!(values(out), [3, 2, 1, 0]);
@@ -85,8 +81,7 @@ async fn concurrency_bounds_how_many_run_at_once() {
             Ok::<_, io::Error>(i)
         }
     })
-    .with_concurrency(3)
-    .unwrap();
+    .with_concurrency(3);
     let start = Instant::now();
     let out = streamz::iter(0..30u32).pipe(mapper).collect().await;
     assert_eq!(values(out), (0..30).collect::<Vec<_>>());
@@ -99,7 +94,7 @@ async fn concurrency_bounds_how_many_run_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_slow_head_item_keeps_the_reorder_window_within_the_concurrency() {
     const C: usize = 8;
-    let edge = EdgeConfig::try_new(64, 16).unwrap();
+    let edge = EdgeConfig::new(64, 16);
     let pipeline = Pipeline::with_edge(edge);
     let release = Arc::new(Notify::new());
     let started = Arc::new(AtomicU64::new(0));
@@ -114,8 +109,7 @@ async fn a_slow_head_item_keeps_the_reorder_window_within_the_concurrency() {
             Ok::<_, io::Error>(i)
         }
     })
-    .with_concurrency(C)
-    .unwrap();
+    .with_concurrency(C);
     let mut out = pipeline.iter(0..100_001u64).pipe(mapper);
     let reader = tokio::spawn(async move {
         let mut n = 0u64;
@@ -157,13 +151,11 @@ async fn two_steps(i: u32) -> Result<u32, io::Error> {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_consumer_never_makes_an_item_time_out() {
-    let edge = EdgeConfig::try_new(1, 1).unwrap();
+    let edge = EdgeConfig::new(1, 1);
     let pipeline = Pipeline::with_edge(edge);
     let mapper = AsyncMapper::new(|i: &u32| two_steps(*i))
         .with_concurrency(4)
-        .unwrap()
-        .with_timeout(100 * MS)
-        .unwrap();
+        .with_timeout(100 * MS);
     let mut out = pipeline.iter(0..20u32).pipe(mapper);
     let mut got = Vec::new();
     while let Some(item) = out.next().await {
@@ -203,8 +195,7 @@ async fn the_timeout_cancels_a_slow_attempt_and_fails_the_item_with_it() {
             Ok::<_, io::Error>(i)
         }
     })
-    .with_timeout(50 * MS)
-    .unwrap();
+    .with_timeout(50 * MS);
     let start = Instant::now();
     let (oks, mut errs) = split(pipeline.iter(0..3u32).pipe(mapper).collect().await);
     assert_eq!(Instant::now() - start, 50 * MS, "cut off at the timeout");
@@ -298,7 +289,6 @@ async fn the_predicate_decides_which_errors_are_retried() {
         }
     })
     .with_concurrency(1)
-    .unwrap()
     .with_retry(fixed_retry(4))
     .retry_if(|e: &io::Error| e.kind() != io::ErrorKind::InvalidInput);
     let (_, errs) = split(streamz::iter(0..2u32).pipe(mapper).collect().await);
@@ -326,7 +316,6 @@ async fn a_timed_out_attempt_is_retried_and_counted() {
         }
     })
     .with_timeout(50 * MS)
-    .unwrap()
     .with_retry(fixed_retry(3));
     let start = Instant::now();
     assert_eq!(
@@ -343,8 +332,7 @@ async fn a_timed_out_attempt_is_retried_and_counted() {
         Ok::<u32, io::Error>(0)
     })
     .with_timeout(50 * MS)
-    .unwrap()
-    .with_retry(fixed_retry(3).retry_timeouts(false));
+    .with_retry(fixed_retry(3).with_timeouts_retried(false));
     let (_, errs) = split(streamz::iter([1u32]).pipe(mapper).collect().await);
     assert_eq!(errs[0].kind(), ErrorKind::TimedOut);
     assert_eq!(errs[0].attempts(), 1);
@@ -353,12 +341,9 @@ async fn a_timed_out_attempt_is_retried_and_counted() {
 #[tokio::test(start_paused = true)]
 async fn the_deadline_stops_retrying_when_the_next_attempt_could_not_start_in_time() {
     let retry = Retry::attempts(10)
-        .unwrap()
         .with_backoff(Duration::from_secs(1), Duration::from_secs(1))
-        .unwrap()
         .with_jitter(Jitter::None)
-        .with_deadline(2500 * MS)
-        .unwrap();
+        .with_deadline(2500 * MS);
     let mapper =
         AsyncMapper::new(|_: &u32| async { Err::<u32, _>(boom("down")) }).with_retry(retry);
     let start = Instant::now();
@@ -371,13 +356,12 @@ async fn the_deadline_stops_retrying_when_the_next_attempt_could_not_start_in_ti
 
 #[tokio::test(start_paused = true)]
 async fn the_deadline_cuts_off_a_running_attempt() {
-    let retry = fixed_retry(5).with_deadline(2 * MS * 1000).unwrap();
+    let retry = fixed_retry(5).with_deadline(2 * MS * 1000);
     let mapper = AsyncMapper::new(|_: &u32| async {
         sleep(Duration::from_secs(60)).await;
         Ok::<u32, io::Error>(0)
     })
     .with_timeout(Duration::from_secs(30))
-    .unwrap()
     .with_retry(retry);
     let start = Instant::now();
     let (_, errs) = split(streamz::iter([1u32]).pipe(mapper).collect().await);
@@ -399,9 +383,7 @@ async fn seeded_jitter_repeats_and_stays_below_the_exponential_delay() {
     async fn finish_time(seed: u64) -> Duration {
         let calls = Arc::new(AtomicU32::new(0));
         let retry = Retry::attempts(4)
-            .unwrap()
             .with_backoff(Duration::from_secs(1), Duration::from_secs(60))
-            .unwrap()
             .with_jitter(Jitter::Full)
             .with_seed(seed);
         let mapper = AsyncMapper::new(move |_: &u32| {
@@ -446,8 +428,7 @@ async fn upstream_errors_keep_their_position_in_ordered_mode() {
             Ok::<_, io::Error>(i)
         }
     })
-    .with_concurrency(4)
-    .unwrap();
+    .with_concurrency(4);
     let out = pipeline.try_stream(input).pipe(mapper).collect().await;
     let shape: Vec<String> = out
         .iter()
@@ -511,8 +492,7 @@ async fn graceful_shutdown_finishes_the_items_in_flight() {
             Ok::<_, io::Error>(i)
         }
     })
-    .with_concurrency(4)
-    .unwrap();
+    .with_concurrency(4);
     let reader = tokio::spawn(flow.pipe(mapper).collect());
     for i in 0..3 {
         tx.send(i).await.unwrap();
@@ -539,7 +519,6 @@ async fn abort_counts_the_items_in_flight_and_keeps_the_law() {
         }
     })
     .with_concurrency(4)
-    .unwrap()
     .unordered();
     let mut out = pipeline.iter(0..1000u32).pipe(mapper);
     let first = out.next().await.unwrap().unwrap();
@@ -573,8 +552,7 @@ async fn dropping_the_output_stops_the_mapper_and_counts_what_it_held() {
             Ok::<_, io::Error>(i)
         }
     })
-    .with_concurrency(4)
-    .unwrap();
+    .with_concurrency(4);
     let mut out = pipeline.iter(0..10_000u32).pipe(mapper);
     assert_eq!(out.next().await.unwrap().unwrap(), 0);
     drop(out);
@@ -591,7 +569,7 @@ async fn dropping_the_output_stops_the_mapper_and_counts_what_it_held() {
 
 #[tokio::test(start_paused = true)]
 async fn conservation_holds_under_errors_panics_and_a_slow_consumer() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
     let input = (0..500u32).map(|i| {
         if i % 37 == 0 {
             Err(StreamError::failed("reader", "bad"))
@@ -611,7 +589,6 @@ async fn conservation_holds_under_errors_panics_and_a_slow_consumer() {
         }
     })
     .with_concurrency(3)
-    .unwrap()
     .with_retry(fixed_retry(2));
     let mut out = pipeline
         .try_stream(futures::stream::iter(input))
@@ -628,32 +605,33 @@ async fn conservation_holds_under_errors_panics_and_a_slow_consumer() {
     assert_conserved(&m);
 }
 
-#[test]
-fn bad_configuration_is_rejected() {
+#[tokio::test]
+async fn bad_configuration_is_refused_when_piped() {
     let m = || AsyncMapper::new(|x: &u8| std::future::ready(Ok::<u8, io::Error>(*x)));
+    let field = |e: ConfigError| {
+        assert_eq!(
+            (e.operator(), e.stage()),
+            (Some("AsyncMapper"), Some("async_mapper"))
+        );
+        e.field()
+    };
     assert_eq!(
-        m().with_concurrency(0).unwrap_err(),
-        ConfigError::Zero {
-            field: "concurrency"
-        }
+        field(support::refused(m().with_concurrency(0))),
+        "concurrency"
     );
     assert_eq!(
-        m().with_timeout(Duration::ZERO).unwrap_err(),
-        ConfigError::Zero { field: "timeout" }
+        field(support::refused(m().with_timeout(Duration::ZERO))),
+        "timeout"
     );
-    assert_eq!(
-        Retry::attempts(0).unwrap_err(),
-        ConfigError::Zero {
-            field: "max_attempts"
-        }
+    let retry = |r| field(support::refused(m().with_retry(r)));
+    assert_eq!(retry(Retry::attempts(0)), "retry.max_attempts");
+    assert_eq!(retry(Retry::attempts(2).with_factor(0.9)), "retry.factor");
+    // No limit is a valid setting, not an error.
+    assert!(
+        streamz::iter([1u8])
+            .try_pipe(m().with_timeout(Duration::MAX))
+            .is_ok()
     );
-    assert!(matches!(
-        Retry::attempts(2).unwrap().with_factor(0.9),
-        Err(ConfigError::Invalid {
-            field: "factor",
-            ..
-        })
-    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -700,12 +678,9 @@ async fn duration_max_means_no_timeout_no_deadline_and_no_delay_cap() {
         let calls = Arc::new(AtomicU32::new(0));
         let seen = calls.clone();
         let retry = Retry::attempts(3)
-            .unwrap()
             .with_backoff(Duration::from_secs(1), Duration::MAX)
-            .unwrap()
             .with_jitter(Jitter::None)
-            .with_deadline(deadline)
-            .unwrap();
+            .with_deadline(deadline);
         let mapper = AsyncMapper::new(move |i: &u32| {
             let (i, n) = (*i, seen.fetch_add(1, SeqCst));
             async move {
@@ -714,7 +689,6 @@ async fn duration_max_means_no_timeout_no_deadline_and_no_delay_cap() {
             }
         })
         .with_timeout(timeout)
-        .unwrap()
         .with_retry(retry);
         let start = Instant::now();
         let out = within(
@@ -734,9 +708,7 @@ async fn duration_max_means_no_timeout_no_deadline_and_no_delay_cap() {
 async fn a_delay_that_never_ends_fails_the_item_at_once_instead_of_hanging() {
     for jitter in [Jitter::None, Jitter::Full, Jitter::Equal] {
         let retry = Retry::attempts(5)
-            .unwrap()
             .with_backoff(Duration::MAX, Duration::MAX)
-            .unwrap()
             .with_jitter(jitter);
         let mapper =
             AsyncMapper::new(|_: &u32| async { Err::<u32, _>(boom("down")) }).with_retry(retry);
@@ -796,9 +768,7 @@ async fn shutdown_ends_a_long_backoff_without_waiting_for_it() {
     let pipeline = Pipeline::new();
     let calls = Arc::new(AtomicU32::new(0));
     let retry = Retry::attempts(3)
-        .unwrap()
         .with_backoff(Duration::from_secs(86_400), Duration::from_secs(86_400))
-        .unwrap()
         .with_jitter(Jitter::None);
     let mapper = AsyncMapper::new(always_failing(&calls)).with_retry(retry);
     let mut out = pipeline.iter([String::from("a")]).pipe(mapper);
@@ -842,7 +812,6 @@ async fn an_attempt_running_at_shutdown_finishes_and_its_failure_is_final() {
         }
     })
     .with_concurrency(2)
-    .unwrap()
     .with_retry(fixed_retry(10));
     let reader = tokio::spawn(flow.pipe(mapper).collect());
     tx.send(0).await.unwrap();
@@ -861,7 +830,7 @@ async fn an_attempt_running_at_shutdown_finishes_and_its_failure_is_final() {
 #[tokio::test(start_paused = true)]
 async fn conservation_holds_when_shutdown_ends_retries() {
     for ordered in [true, false] {
-        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+        let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
         let input = (0..200u32).map(|i| {
             if i % 23 == 0 {
                 Err(StreamError::failed("reader", "bad"))
@@ -878,7 +847,6 @@ async fn conservation_holds_when_shutdown_ends_retries() {
             }
         })
         .with_concurrency(8)
-        .unwrap()
         .with_retry(fixed_retry(u32::MAX));
         if !ordered {
             mapper = mapper.unordered();
@@ -907,8 +875,7 @@ async fn conservation_holds_when_shutdown_ends_retries() {
 #[tokio::test]
 async fn a_huge_concurrency_allocates_nothing_up_front() {
     let mapper = AsyncMapper::new(|x: &u32| std::future::ready(Ok::<_, std::io::Error>(*x)))
-        .with_concurrency(usize::MAX)
-        .unwrap();
+        .with_concurrency(usize::MAX);
     let out = streamz::iter(0..1000u32).pipe(mapper).collect().await;
     assert_eq!(out.len(), 1000);
 }

@@ -12,7 +12,7 @@ use support::settle;
 
 #[tokio::test(start_paused = true)]
 async fn stalled_consumer_blocks_producer_within_bound() {
-    let edge = EdgeConfig::try_new(32, 8).unwrap();
+    let edge = EdgeConfig::new(32, 8);
     let pipeline = Pipeline::with_edge(edge);
     let (tx, flow) = pipeline.channel::<u64>();
     let mut out = flow
@@ -74,7 +74,7 @@ async fn stalled_consumer_blocks_producer_within_bound() {
 
 #[tokio::test(start_paused = true)]
 async fn try_send_reports_full_when_pipeline_is_stalled() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
     let (tx, flow) = pipeline.channel::<u32>();
     let _out = flow.pipe(Stage::new("slow", Map::new(|x: &u32| *x)));
     let mut accepted = 0;
@@ -93,12 +93,12 @@ async fn try_send_reports_full_when_pipeline_is_stalled() {
         }
     }
     // push channel 4 + stage in-hand 2 + queue 4 + ... bounded, not endless.
-    assert!(accepted <= 4 + EdgeConfig::try_new(4, 2).unwrap().max_items_held() as u32 + 2);
+    assert!(accepted <= 4 + EdgeConfig::new(4, 2).max_items_held() as u32 + 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn send_waits_while_full() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(2, 1).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(2, 1));
     let (tx, flow) = pipeline.channel::<u32>();
     let mut out = flow;
     tx.send(1).await.unwrap();
@@ -114,11 +114,14 @@ async fn send_waits_while_full() {
 
 #[tokio::test]
 async fn an_edge_of_any_capacity_works() {
-    use std::num::NonZeroUsize;
-    let edge = streamz::EdgeConfig::new()
-        .with_capacity(NonZeroUsize::MAX)
-        .with_max_chunk(NonZeroUsize::MAX);
+    // The largest capacity the channel's semaphore can count, and any
+    // chunk length; one more is refused when piped.
+    let edge = streamz::EdgeConfig::default()
+        .with_capacity(usize::MAX >> 3)
+        .with_max_chunk(usize::MAX);
     assert_eq!(edge.max_items_held(), usize::MAX);
+    let too_big = edge.with_capacity((usize::MAX >> 3) + 1).validate();
+    assert_eq!(too_big.unwrap_err().field(), "edge.capacity");
     let out = streamz::Pipeline::with_edge(edge)
         .iter(0..10u32)
         .map(|x| x + 1)

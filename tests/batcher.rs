@@ -17,7 +17,7 @@ async fn emits_full_batches_and_flushes_the_rest_at_the_end() {
     let pipeline = Pipeline::new();
     let out = pipeline
         .iter(0..1001u32)
-        .pipe(Batcher::try_new(100, Duration::from_secs(1)).unwrap())
+        .pipe(Batcher::new(100, Duration::from_secs(1)))
         .collect()
         .await;
     let (batches, errs) = split(out);
@@ -34,7 +34,7 @@ async fn emits_full_batches_and_flushes_the_rest_at_the_end() {
 #[tokio::test(start_paused = true)]
 async fn latency_counts_from_the_first_value_of_the_batch() {
     let (tx, flow) = streamz::channel::<u32>();
-    let mut out = flow.pipe(Batcher::try_new(10, 10 * MS).unwrap());
+    let mut out = flow.pipe(Batcher::new(10, 10 * MS));
     let start = Instant::now();
     tx.send(1).await.unwrap();
     // A second value later does not restart the clock.
@@ -62,7 +62,7 @@ async fn latency_counts_from_the_first_value_of_the_batch() {
 #[tokio::test(start_paused = true)]
 async fn a_full_batch_does_not_wait_for_the_deadline() {
     let (tx, flow) = streamz::channel::<u32>();
-    let mut out = flow.pipe(Batcher::try_new(2, Duration::from_secs(60)).unwrap());
+    let mut out = flow.pipe(Batcher::new(2, Duration::from_secs(60)));
     let start = Instant::now();
     tx.send(1).await.unwrap();
     tx.send(2).await.unwrap();
@@ -73,7 +73,7 @@ async fn a_full_batch_does_not_wait_for_the_deadline() {
 #[tokio::test(start_paused = true)]
 async fn errors_overtake_the_partial_batch() {
     let (tx, flow) = streamz::channel::<u32>();
-    let mut out = flow.pipe(Batcher::try_new(10, 10 * MS).unwrap());
+    let mut out = flow.pipe(Batcher::new(10, 10 * MS));
     let start = Instant::now();
     tx.send(1).await.unwrap();
     tx.send_result(Err(StreamError::failed("src", "bad").with_item(9u32)))
@@ -89,7 +89,7 @@ async fn errors_overtake_the_partial_batch() {
 async fn graceful_shutdown_flushes_the_partial_batch() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();
-    let mut out = flow.pipe(Batcher::try_new(10, Duration::from_secs(3600)).unwrap());
+    let mut out = flow.pipe(Batcher::new(10, Duration::from_secs(3600)));
     tx.send(1).await.unwrap();
     tx.send(2).await.unwrap();
     let start = Instant::now();
@@ -108,7 +108,7 @@ async fn graceful_shutdown_flushes_the_partial_batch() {
 async fn abort_counts_the_partial_batch() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();
-    let mut out = flow.pipe(Batcher::try_new(10, Duration::from_secs(3600)).unwrap());
+    let mut out = flow.pipe(Batcher::new(10, Duration::from_secs(3600)));
     for i in 0..3 {
         tx.send(i).await.unwrap();
     }
@@ -123,13 +123,11 @@ async fn abort_counts_the_partial_batch() {
 
 #[tokio::test(start_paused = true)]
 async fn weight_closes_batches_and_a_panicking_weight_fails_its_value() {
-    let batcher = Batcher::try_new(100, Duration::from_secs(1))
-        .unwrap()
+    let batcher = Batcher::new(100, Duration::from_secs(1))
         .with_weight(10, |x: &u64| {
             assert!(*x != 99, "cannot weigh 99");
             *x
         })
-        .unwrap()
         .named("by-weight");
     let pipeline = Pipeline::new();
     let out = pipeline
@@ -153,35 +151,30 @@ async fn weight_closes_batches_and_a_panicking_weight_fails_its_value() {
     assert_conserved(&m);
 }
 
-#[test]
-fn zero_sizes_and_durations_are_rejected() {
-    let zero_size = Batcher::<u8>::try_new(0, MS).unwrap_err();
-    assert_eq!(zero_size, ConfigError::Zero { field: "max_size" });
-    let zero_latency = Batcher::<u8>::try_new(1, Duration::ZERO).unwrap_err();
+#[tokio::test]
+async fn zero_sizes_and_durations_are_refused_when_piped() {
+    let field = |b: Batcher<u8>| -> &'static str {
+        let e: ConfigError = support::refused(b);
+        assert_eq!(
+            (e.operator(), e.stage()),
+            (Some("Batcher"), Some("batcher"))
+        );
+        e.field()
+    };
+    assert_eq!(field(Batcher::new(0, MS)), "max_size");
+    assert_eq!(field(Batcher::new(1, Duration::ZERO)), "max_latency");
     assert_eq!(
-        zero_latency,
-        ConfigError::Zero {
-            field: "max_latency"
-        }
-    );
-    let zero_weight = Batcher::<u8>::try_new(1, MS)
-        .unwrap()
-        .with_weight(0, |_| 1)
-        .unwrap_err();
-    assert_eq!(
-        zero_weight,
-        ConfigError::Zero {
-            field: "max_weight"
-        }
+        field(Batcher::new(1, MS).with_weight(0, |_| 1)),
+        "max_weight"
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_output_edge_holds_about_as_many_values_as_the_pipelines_edges() {
     // Edges of 100 items; batches of 10: the output edge holds 10 batches.
-    let pipeline = streamz::Pipeline::with_edge(streamz::EdgeConfig::try_new(100, 100).unwrap());
+    let pipeline = streamz::Pipeline::with_edge(streamz::EdgeConfig::new(100, 100));
     let (tx, flow) = pipeline.channel::<u32>();
-    let batcher = Batcher::try_new(10, Duration::from_secs(3600)).unwrap();
+    let batcher = Batcher::new(10, Duration::from_secs(3600));
     let out = flow.pipe(batcher);
     // Nobody reads `out`: fill everything until the producer must wait.
     let mut accepted = 0u32;
@@ -209,12 +202,7 @@ async fn the_output_edge_holds_about_as_many_values_as_the_pipelines_edges() {
 #[tokio::test(start_paused = true)]
 async fn a_value_that_would_exceed_the_weight_closes_the_batch_first() {
     let out = streamz::iter([1u64, 2, 3, 9, 1])
-        .pipe(
-            Batcher::try_new(100, Duration::from_secs(1))
-                .unwrap()
-                .with_weight(5, |w: &u64| *w)
-                .unwrap(),
-        )
+        .pipe(Batcher::new(100, Duration::from_secs(1)).with_weight(5, |w: &u64| *w))
         .collect()
         .await;
     let (batches, _) = split(out);
@@ -227,10 +215,7 @@ async fn a_value_that_would_exceed_the_weight_closes_the_batch_first() {
 async fn no_size_and_no_time_limit_batch_everything_until_the_end() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();
-    let out = tokio::spawn(
-        flow.pipe(Batcher::try_new(usize::MAX, Duration::MAX).unwrap())
-            .collect(),
-    );
+    let out = tokio::spawn(flow.pipe(Batcher::new(usize::MAX, Duration::MAX)).collect());
     for i in 0..1000 {
         tx.send(i).await.unwrap();
     }

@@ -45,7 +45,7 @@ fn fail(b: &Breaker) {
 
 #[tokio::test(start_paused = true)]
 async fn the_failure_rate_opens_it_only_after_the_minimum_calls() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     // 3 failures: 100 %, but fewer than the 4 calls needed to judge.
     for _ in 0..3 {
         fail(&b);
@@ -61,7 +61,7 @@ async fn the_failure_rate_opens_it_only_after_the_minimum_calls() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rate_below_the_threshold_keeps_it_closed_and_the_count_window_slides() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     // 4 failures in 10 calls, never 50 % from the fourth call on.
     for i in 0..10 {
         if [3, 4, 8, 9].contains(&i) {
@@ -84,7 +84,7 @@ async fn a_rate_below_the_threshold_keeps_it_closed_and_the_count_window_slides(
 async fn a_time_window_forgets_old_failures() {
     let mut c = config();
     c.window = Window::Time(Duration::from_secs(10));
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     fail(&b);
     fail(&b);
     tokio::time::advance(Duration::from_secs(11)).await;
@@ -104,7 +104,7 @@ async fn consecutive_failures_open_it_without_waiting_for_the_minimum() {
     c.window = Window::Count(n(100));
     c.minimum_calls = n(100);
     c.consecutive_failures = Some(n(3));
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     fail(&b);
     fail(&b);
     ok(&b); // the run restarts
@@ -123,7 +123,7 @@ async fn the_slow_call_rate_opens_it() {
         duration: Duration::from_millis(500),
         rate: 0.75,
     });
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     b.try_acquire().unwrap().success(Duration::from_millis(499));
     for _ in 0..2 {
         b.try_acquire().unwrap().success(Duration::from_millis(500));
@@ -146,7 +146,7 @@ fn open(b: &Breaker) {
 
 #[tokio::test(start_paused = true)]
 async fn open_refuses_until_the_open_duration_then_half_open_permits_only_the_trial_calls() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     open(&b);
     tokio::time::advance(Duration::from_millis(999)).await;
     let refused = b.try_acquire().unwrap_err();
@@ -173,7 +173,7 @@ async fn a_failed_trial_reopens_it_for_longer_with_backoff_up_to_the_cap() {
         factor: 2.0,
         max: Duration::from_secs(5),
     });
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     open(&b);
     let mut waited = Vec::new();
     for _ in 0..4 {
@@ -198,7 +198,7 @@ async fn a_failed_trial_reopens_it_for_longer_with_backoff_up_to_the_cap() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_trial_call_frees_its_slot() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     open(&b);
     tokio::time::advance(Duration::from_secs(1)).await;
     let a = b.try_acquire().unwrap();
@@ -218,7 +218,7 @@ async fn the_minimum_interval_holds_back_a_transition_until_it_passes() {
     let mut c = config();
     c.min_transition_interval = Duration::from_secs(10);
     c.open_for = Duration::from_secs(1);
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     // Closed since t=0: opening at t=2 s waits until t=10 s.
     tokio::time::advance(Duration::from_secs(2)).await;
     open_pending(&b);
@@ -244,7 +244,7 @@ fn open_pending(b: &Breaker) {
 async fn manual_control_and_listeners_and_a_bounded_audit_trail() {
     let mut c = config();
     c.audit_capacity = 3;
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     let seen = Arc::new(Mutex::new(Vec::new()));
     b.on_transition({
         let seen = seen.clone();
@@ -284,7 +284,7 @@ async fn manual_control_and_listeners_and_a_bounded_audit_trail() {
 
 #[tokio::test(start_paused = true)]
 async fn the_operator_rejects_while_open_with_the_item_in_the_error() {
-    let b = Breaker::new("ledger", config()).unwrap();
+    let b = Breaker::new("ledger", config());
     let pipeline = Pipeline::new();
     let stage_ = CircuitBreaker::new(b.clone(), |x: &u32| {
         let x = *x;
@@ -316,7 +316,7 @@ async fn the_operator_rejects_while_open_with_the_item_in_the_error() {
 
 #[tokio::test(start_paused = true)]
 async fn the_operator_builds_no_call_for_a_refused_item_and_counts_a_panic_as_a_failure() {
-    let b = Breaker::new("ledger", config()).unwrap();
+    let b = Breaker::new("ledger", config());
     let built = Arc::new(AtomicU32::new(0));
     let pipeline = Pipeline::new();
     let calls = built.clone();
@@ -349,16 +349,15 @@ async fn the_operator_builds_no_call_for_a_refused_item_and_counts_a_panic_as_a_
 
 #[tokio::test(start_paused = true)]
 async fn the_operator_waits_while_open_under_the_wait_policy() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     open(&b);
     let start = tokio::time::Instant::now();
     let stage_ = CircuitBreaker::new(b.clone(), |x: &u32| {
         let x = *x;
         async move { Ok::<_, &str>(x) }
     })
-    .when_open(OpenPolicy::Wait)
-    .with_concurrency(4)
-    .unwrap();
+    .with_open_policy(OpenPolicy::Wait)
+    .with_concurrency(4);
     let out = streamz::iter(0..6u32).pipe(stage_).collect().await;
     let values: Vec<u32> = out.into_iter().map(Result::unwrap).collect();
     assert_eq!(values, [0, 1, 2, 3, 4, 5]);
@@ -380,9 +379,7 @@ async fn gate_on(
 ) {
     let gate = HealthGate::new(b.clone())
         .with_interval(interval)
-        .unwrap()
-        .close_after(1)
-        .unwrap();
+        .with_failures_to_close(1);
     let handle = gate.handle();
     let mut status = handle.subscribe();
     let (tx, flow) = streamz::channel::<u32>();
@@ -396,7 +393,7 @@ async fn gate_on(
 
 #[tokio::test(start_paused = true)]
 async fn a_breaker_gates_a_pipeline_ingress() {
-    let b = Breaker::new("db", config()).unwrap();
+    let b = Breaker::new("db", config());
     let (handle, mut status, tx, out) = gate_on(&b, Duration::from_secs(60)).await;
     // The breaker opens: the gate follows at once, not at the next poll.
     let at = tokio::time::Instant::now();
@@ -478,25 +475,26 @@ fn bad_configuration_is_rejected_with_the_field_named() {
     );
     let mut c = config();
     c.successes_to_close = n(3);
-    assert!(Breaker::new("b", c).is_err());
+    assert!(Breaker::new("b", c).validate().is_err());
     let mut c = config();
     c.open_backoff = Some(OpenBackoff {
         factor: 0.5,
         max: Duration::from_secs(1),
     });
-    assert!(Breaker::new("b", c).is_err());
+    assert!(Breaker::new("b", c).validate().is_err());
     let mut c = config();
     c.slow_call = Some(SlowCall {
         duration: Duration::ZERO,
         rate: 0.5,
     });
-    assert!(Breaker::new("b", c).is_err());
-    assert!(
-        CircuitBreaker::new(Breaker::new("b", config()).unwrap(), |_: &u8| async {
-            Ok::<u8, &str>(0)
-        })
-        .with_concurrency(0)
-        .is_err()
+    assert!(Breaker::new("b", c).validate().is_err());
+    let zero = CircuitBreaker::new(Breaker::new("b", config()), |_: &u8| async {
+        Ok::<u8, &str>(0)
+    })
+    .with_concurrency(0);
+    assert_eq!(
+        streamz::iter([1u8]).try_pipe(zero).unwrap_err().field(),
+        "concurrency"
     );
 }
 
@@ -505,14 +503,13 @@ async fn around_a_processor_each_output_settles_its_permit() {
     let mut c = config();
     c.window = Window::Count(n(1000));
     c.minimum_calls = n(1000); // stays closed: only counting here
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     let inner = streamz::AsyncMapper::new(|x: &u32| {
         let x = *x;
         async move { if x % 3 == 0 { Err("bad") } else { Ok(x) } }
     })
     .named("call")
-    .with_concurrency(4)
-    .unwrap();
+    .with_concurrency(4);
     let pipeline = Pipeline::new();
     let input: Vec<streamz::Result<u32>> = (0..30)
         .map(|i| {
@@ -542,7 +539,7 @@ async fn around_a_processor_each_output_settles_its_permit() {
 
 #[tokio::test(start_paused = true)]
 async fn around_an_open_breaker_refuses_values_and_passes_errors() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     b.force_open();
     let inner = streamz::Stage::new("inner", streamz::Map::new(|x: &u32| x + 1));
     let input: Vec<streamz::Result<u32>> = vec![
@@ -573,7 +570,7 @@ async fn a_failed_trial_is_not_undone_by_later_successes_while_a_transition_wait
     c.half_open_calls = n(3);
     c.successes_to_close = n(2);
     c.min_transition_interval = Duration::from_millis(500);
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     tokio::time::advance(Duration::from_millis(500)).await;
     open(&b);
     tokio::time::advance(Duration::from_secs(1)).await;
@@ -592,7 +589,7 @@ async fn a_failed_trial_is_not_undone_by_later_successes_while_a_transition_wait
 
 #[tokio::test(start_paused = true)]
 async fn a_gate_on_an_idle_breaker_reopens_when_the_open_period_ends() {
-    let b = Breaker::new("db", config()).unwrap();
+    let b = Breaker::new("db", config());
     let (_handle, mut status, tx, out) = gate_on(&b, Duration::from_millis(100)).await;
     open(&b);
     status
@@ -613,7 +610,7 @@ async fn a_gate_on_an_idle_breaker_reopens_when_the_open_period_ends() {
 
 #[tokio::test(start_paused = true)]
 async fn a_listener_may_call_back_into_the_breaker() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     let seen = Arc::new(Mutex::new(Vec::new()));
     b.on_transition({
         let (b, seen) = (b.clone(), seen.clone());
@@ -638,7 +635,7 @@ async fn a_listener_may_call_back_into_the_breaker() {
 
 #[tokio::test(start_paused = true)]
 async fn around_matches_outputs_by_position_not_by_stage_name() {
-    let b = Breaker::new("b", config()).unwrap();
+    let b = Breaker::new("b", config());
     // Upstream errors named like the inner stage settle nothing.
     let input: Vec<streamz::Result<u32>> = (0..10)
         .map(|i| {
@@ -666,8 +663,8 @@ fn a_count_window_smaller_than_the_minimum_calls_is_rejected() {
     c.window = Window::Count(n(5));
     c.minimum_calls = n(10);
     assert_eq!(
-        Breaker::new("b", c).unwrap_err().to_string(),
-        "`minimum_calls` must not exceed the count window's size"
+        Breaker::new("b", c).validate().unwrap_err().to_string(),
+        "`breaker.minimum_calls` must not exceed the count window's size"
     );
 }
 
@@ -702,7 +699,7 @@ async fn an_open_duration_of_duration_max_means_open_until_reset() {
     for open_for in [Duration::MAX, Duration::new(u64::MAX, 0)] {
         let mut c = config();
         c.open_for = open_for;
-        let b = Breaker::new("b", c).unwrap();
+        let b = Breaker::new("b", c);
         open(&b);
         if open_for == Duration::MAX {
             assert_eq!(b.try_acquire().unwrap_err().retry_in(), None);
@@ -752,7 +749,7 @@ async fn a_huge_open_duration_or_backoff_from_toml_never_panics_or_half_opens() 
 async fn an_endless_minimum_interval_keeps_the_breaker_where_it_is() {
     let mut c = config();
     c.min_transition_interval = Duration::MAX;
-    let b = Breaker::new("b", c).unwrap();
+    let b = Breaker::new("b", c);
     for _ in 0..4 {
         fail(&b);
     }

@@ -106,7 +106,7 @@ proptest! {
             .unwrap();
         let _guard = rt.enter();
         let trials = config.half_open_calls.get();
-        let breaker = Breaker::new("p", config).unwrap();
+        let breaker = Breaker::new("p", config);
         let mut held: Vec<Permit<'_>> = Vec::new();
         let take = |held: &mut Vec<Permit<'_>>, i: usize| -> Option<usize> {
             (!held.is_empty()).then(|| i % held.len())
@@ -178,7 +178,7 @@ async fn stage_and_by_hand(
     use streamz::ErrorKind;
     use streamz::breaker::CircuitBreaker;
 
-    let staged = Breaker::new("stage", config).unwrap();
+    let staged = Breaker::new("stage", config);
     let stage = CircuitBreaker::new(staged.clone(), |&(ok, ms): &(bool, u64)| async move {
         if ms > 0 {
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -195,7 +195,7 @@ async fn stage_and_by_hand(
         })
         .collect();
 
-    let by_hand = Breaker::new("by_hand", config).unwrap();
+    let by_hand = Breaker::new("by_hand", config);
     let mut seen_hand = Vec::new();
     for (ok, ms) in calls {
         match by_hand.try_acquire() {

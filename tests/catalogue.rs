@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use streamz::{
-    Batcher, Buffer, ConfigError, Debounce, Dedupe, ErrorKind, Flow, Partition, Pipeline, Sample,
-    Skip, Stage, StreamError, Switch, Take, Unbatch,
+    Batcher, Buffer, Debounce, Dedupe, ErrorKind, Flow, Partition, Pipeline, Sample, Skip, Stage,
+    StreamError, Switch, Take, Unbatch,
 };
 use support::{assert_conserved, split, stage, values};
 
@@ -30,7 +30,7 @@ async fn skip_drops_the_first_values_and_passes_every_error_in_place() {
     let pipeline = Pipeline::new();
     let out = pipeline
         .try_stream(futures::stream::iter(with_errors(10, 3)))
-        .pipe(Stage::new("skip", Skip::new(4).unwrap()))
+        .pipe(Stage::new("skip", Skip::new(4)))
         .collect()
         .await;
     // 0 1 E 3 4 E 6 7 E 9: values 0 1 3 4 skipped, errors kept in order.
@@ -42,7 +42,8 @@ async fn skip_drops_the_first_values_and_passes_every_error_in_place() {
         (10, 3, 4, 3)
     );
     assert_conserved(&m);
-    assert_eq!(Skip::new(0).unwrap_err(), ConfigError::Zero { field: "n" });
+    let zero = streamz::iter(0..1u32).try_step("skip", Skip::new(0));
+    assert_eq!(zero.unwrap_err().field(), "n");
 }
 
 #[tokio::test]
@@ -51,7 +52,7 @@ async fn take_ends_an_endless_stream_and_stops_its_input_counting_the_rest() {
     let out = pipeline
         .stream(futures::stream::iter(0u64..))
         .map(|x: &u64| x * 2)
-        .pipe(Take::new(1000).unwrap())
+        .pipe(Take::new(1000))
         .collect()
         .await;
     assert_eq!(values(out), (0..1000).map(|x| x * 2).collect::<Vec<_>>());
@@ -75,25 +76,21 @@ async fn take_ends_an_endless_stream_and_stops_its_input_counting_the_rest() {
         "{:?}",
         pipeline.metrics()
     );
-    assert_eq!(Take::new(0).unwrap_err(), ConfigError::Zero { field: "n" });
+    assert_eq!(support::refused::<u32, u32, _>(Take::new(0)).field(), "n");
 }
 
 #[tokio::test]
 async fn take_passes_the_errors_before_its_last_value_and_a_short_input_just_ends() {
     let out = streamz::Pipeline::new()
         .try_stream(futures::stream::iter(with_errors(10, 3)))
-        .pipe(Take::new(3).unwrap())
+        .pipe(Take::new(3))
         .collect()
         .await;
     let shape: Vec<Option<u32>> = out.iter().map(|r| r.as_ref().ok().copied()).collect();
     assert_eq!(shape, [Some(0), Some(1), None, Some(3)]);
 
     let pipeline = Pipeline::new();
-    let out = pipeline
-        .iter(0..5)
-        .pipe(Take::new(10).unwrap())
-        .collect()
-        .await;
+    let out = pipeline.iter(0..5).pipe(Take::new(10)).collect().await;
     assert_eq!(values(out), [0, 1, 2, 3, 4]);
     let m = stage(&pipeline, "take");
     assert_eq!((m.received, m.emitted, m.dropped, m.aborted), (5, 5, 0, 0));
@@ -105,10 +102,7 @@ async fn sample_is_repeatable_with_a_seed_counts_its_drops_and_passes_errors() {
         let pipeline = Pipeline::new();
         let out = pipeline
             .try_stream(futures::stream::iter(with_errors(10_000, 100)))
-            .pipe(Stage::new(
-                "sample",
-                Sample::new(p).unwrap().with_seed(seed),
-            ))
+            .pipe(Stage::new("sample", Sample::new(p).with_seed(seed)))
             .collect()
             .await;
         (split(out), stage(&pipeline, "sample"))
@@ -130,8 +124,13 @@ async fn sample_is_repeatable_with_a_seed_counts_its_drops_and_passes_errors() {
     assert_eq!(all.len(), 9_900);
 
     for p in [-0.1, 1.1, f64::NAN, f64::INFINITY] {
-        let err = Sample::new(p).unwrap_err();
-        assert_eq!(err.to_string(), "`p` must be a probability from 0 to 1");
+        let err = streamz::iter(0..1u32)
+            .try_step("sample", Sample::new(p))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Sample `sample`: `p` must be a probability from 0 to 1"
+        );
     }
 }
 
@@ -140,7 +139,7 @@ async fn unbatch_undoes_a_batcher_keeping_order_and_errors_in_place() {
     let pipeline = Pipeline::new();
     let out = pipeline
         .try_stream(futures::stream::iter(with_errors(1000, 7)))
-        .pipe(Batcher::try_new(10, Duration::from_secs(1)).unwrap())
+        .pipe(Batcher::new(10, Duration::from_secs(1)))
         .pipe(Stage::new("unbatch", Unbatch::new()))
         .collect()
         .await;
@@ -177,7 +176,7 @@ async fn unbatch_undoes_a_batcher_keeping_order_and_errors_in_place() {
 
 #[tokio::test(start_paused = true)]
 async fn dedupe_forgets_keys_after_their_ttl_and_beyond_its_capacity() {
-    let dedupe = Dedupe::new(|s: &String| s.clone(), 3, Duration::from_secs(10)).unwrap();
+    let dedupe = Dedupe::new(|s: &String| s.clone(), 3, Duration::from_secs(10));
     let pipeline = Pipeline::new();
     let (pusher, flow) = pipeline.channel::<String>();
     let collected = tokio::spawn(flow.step("dedupe", dedupe).collect());
@@ -214,8 +213,7 @@ async fn dedupe_turns_a_panicking_key_into_an_error_item_and_refuses_zeros() {
         },
         100,
         Duration::from_secs(60),
-    )
-    .unwrap();
+    );
     let out = pipeline
         .iter(0..10u32)
         .pipe(Stage::new("dedupe", dedupe))
@@ -233,14 +231,17 @@ async fn dedupe_turns_a_panicking_key_into_an_error_item_and_refuses_zeros() {
     assert_conserved(&m);
 
     let key = |x: &u32| *x;
+    let refused = |d| {
+        streamz::iter(0..1u32)
+            .try_step("dedupe", d)
+            .unwrap_err()
+            .field()
+    };
     assert_eq!(
-        Dedupe::new(key, 0, Duration::from_secs(1)).unwrap_err(),
-        ConfigError::Zero { field: "capacity" }
+        refused(Dedupe::new(key, 0, Duration::from_secs(1))),
+        "capacity"
     );
-    assert_eq!(
-        Dedupe::new(key, 1, Duration::ZERO).unwrap_err(),
-        ConfigError::Zero { field: "ttl" }
-    );
+    assert_eq!(refused(Dedupe::new(key, 1, Duration::ZERO)), "ttl");
 }
 
 #[tokio::test(start_paused = true)]
@@ -250,7 +251,7 @@ async fn a_buffer_takes_a_burst_the_pipeline_edges_alone_would_not() {
         let pipeline = Pipeline::new();
         let (pusher, flow) = pipeline.channel::<u32>();
         let flow = match buffer {
-            Some(n) => flow.pipe(Buffer::new(n).unwrap()),
+            Some(n) => flow.pipe(Buffer::new(n)),
             None => flow.async_boundary("relay"),
         };
         let mut accepted = 0;
@@ -277,13 +278,11 @@ async fn a_buffer_takes_a_burst_the_pipeline_edges_alone_would_not() {
         "{plain} vs {buffered}"
     );
     assert!(buffered - plain <= 20_000, "{plain} vs {buffered}");
+    let refused = |b| support::refused::<u32, u32, _>(b);
+    assert_eq!(refused(Buffer::new(0)).field(), "capacity");
     assert_eq!(
-        Buffer::new(0).unwrap_err(),
-        ConfigError::Zero { field: "capacity" }
-    );
-    assert_eq!(
-        Buffer::new(usize::MAX).unwrap_err().to_string(),
-        "`capacity` must be at most usize::MAX / 8"
+        refused(Buffer::new(usize::MAX)).to_string(),
+        "Buffer `buffer`: `capacity` must be at most usize::MAX / 8"
     );
 }
 
@@ -293,7 +292,7 @@ async fn debounce_emits_the_last_of_a_burst_after_the_quiet_period_and_passes_er
     let (pusher, flow) = pipeline.channel::<u32>();
     let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let quiet = Duration::from_millis(100);
-    let out = flow.pipe(Debounce::new(quiet).unwrap());
+    let out = flow.pipe(Debounce::new(quiet));
     tokio::spawn(out.for_each(move |r| {
         let _ = tx.send((tokio::time::Instant::now(), r.ok()));
     }));
@@ -329,10 +328,8 @@ async fn debounce_emits_the_last_of_a_burst_after_the_quiet_period_and_passes_er
         (7, 3, 3, 1)
     );
     assert_conserved(&m);
-    assert_eq!(
-        Debounce::new(Duration::ZERO).unwrap_err(),
-        ConfigError::Zero { field: "quiet" }
-    );
+    let zero = support::refused::<u32, u32, _>(Debounce::new(Duration::ZERO));
+    assert_eq!(zero.field(), "quiet");
 }
 
 #[tokio::test(start_paused = true)]
@@ -340,10 +337,7 @@ async fn debounce_flushes_on_graceful_shutdown_and_counts_its_value_on_abort() {
     for abort in [false, true] {
         let pipeline = Pipeline::new();
         let (pusher, flow) = pipeline.channel::<u32>();
-        let out = tokio::spawn(
-            flow.pipe(Debounce::new(Duration::from_secs(60)).unwrap())
-                .collect(),
-        );
+        let out = tokio::spawn(flow.pipe(Debounce::new(Duration::from_secs(60))).collect());
         pusher.send(1).await.unwrap();
         pusher.send(2).await.unwrap();
         // On a paused clock this returns once every task is idle: the
@@ -377,7 +371,7 @@ async fn partition_by_key_sends_known_keys_to_known_outputs() {
     where
         K: std::hash::Hash + Clone + Send + 'static,
     {
-        let flows = streamz::iter(keys).partition(Partition::by_key(7, K::clone).unwrap());
+        let flows = streamz::iter(keys).partition(Partition::by_key(7, K::clone));
         let outs = futures::future::join_all(flows.into_iter().map(Flow::collect)).await;
         let mut got = Vec::new();
         for (i, out) in outs.into_iter().enumerate() {
@@ -422,7 +416,7 @@ async fn partition_by_key_keeps_each_key_on_one_output_in_order() {
     let pipeline = Pipeline::new();
     let flows = pipeline
         .iter((0..3000u32).map(|i| (i % 10, i)))
-        .partition(Partition::by_key(3, |(k, _): &(u32, u32)| *k).unwrap());
+        .partition(Partition::by_key(3, |(k, _): &(u32, u32)| *k));
     let outs = futures::future::join_all(flows.into_iter().map(Flow::collect)).await;
     let mut owner = std::collections::HashMap::new();
     for (i, out) in outs.into_iter().enumerate() {
@@ -456,7 +450,7 @@ async fn partition_errors_and_bad_choices_go_to_output_zero_as_error_items() {
     };
     let flows = pipeline
         .try_stream(futures::stream::iter(with_errors(10, 10)))
-        .partition(Partition::custom(3, choose).unwrap());
+        .partition(Partition::custom(3, choose));
     let mut outs = futures::future::join_all(flows.into_iter().map(Flow::collect)).await;
     let (zero, mut errors) = split(outs.remove(0));
     assert_eq!(zero, [0, 3, 6]);
@@ -485,10 +479,8 @@ async fn partition_errors_and_bad_choices_go_to_output_zero_as_error_items() {
     );
     assert_conserved(&m);
 
-    assert_eq!(
-        Partition::<u32>::round_robin(0).unwrap_err(),
-        ConfigError::Zero { field: "n" }
-    );
+    let zero = streamz::iter(0..1u32).try_partition(Partition::round_robin(0));
+    assert_eq!(zero.unwrap_err().field(), "n");
 }
 
 #[tokio::test]
@@ -499,8 +491,7 @@ async fn switch_routes_by_key_counts_the_unrouted_and_sends_errors_to_the_defaul
     let switch = Switch::new(|x: &u32| x % 4).route(0).route(1);
     let mut routes = pipeline
         .try_stream(futures::stream::iter(with_errors(12, 12)))
-        .switch(switch)
-        .unwrap();
+        .switch(switch);
     let (zero, one) = (routes.take(&0).unwrap(), routes.take(&1).unwrap());
     assert!(routes.take(&0).is_none() && routes.take_default().is_none());
     let (zero, one) = tokio::join!(zero.collect(), one.collect());
@@ -524,8 +515,7 @@ async fn switch_routes_by_key_counts_the_unrouted_and_sends_errors_to_the_defaul
     };
     let mut routes = pipeline
         .try_stream(futures::stream::iter(with_errors(12, 12)))
-        .switch(Switch::new(key).route(0).otherwise())
-        .unwrap();
+        .switch(Switch::new(key).route(0).otherwise());
     let (zero, rest) = (routes.take(&0).unwrap(), routes.take_default().unwrap());
     let (zero, rest) = tokio::join!(zero.collect(), rest.collect());
     assert_eq!(values(zero), [0, 4, 8]);
@@ -540,27 +530,26 @@ async fn switch_routes_by_key_counts_the_unrouted_and_sends_errors_to_the_defaul
     let pipeline = Pipeline::new();
     let mut routes = pipeline
         .iter(0..10_000u32)
-        .switch(Switch::new(|x: &u32| x % 2).route(0).route(1))
-        .unwrap();
+        .switch(Switch::new(|x: &u32| x % 2).route(0).route(1));
     let zero = routes.take(&0).unwrap();
     drop(routes);
     assert_eq!(values(zero.collect().await).len(), 5_000);
     pipeline.join().await.unwrap();
     assert_eq!(stage(&pipeline, "switch").undelivered, 5_000);
 
-    let none = streamz::iter(0..1u32).switch(Switch::new(|x: &u32| *x));
-    assert_eq!(none.unwrap_err(), ConfigError::Zero { field: "routes" });
-    let twice = streamz::iter(0..1u32).switch(Switch::new(|x: &u32| *x).route(1).route(1));
+    let none = streamz::iter(0..1u32).try_switch(Switch::new(|x: &u32| *x));
+    assert_eq!(none.unwrap_err().field(), "routes");
+    let twice = streamz::iter(0..1u32).try_switch(Switch::new(|x: &u32| *x).route(1).route(1));
     assert_eq!(
         twice.unwrap_err().to_string(),
-        "`routes` must name each key once"
+        "Switch `switch`: `routes` must name each key once (routes 0 and 1 name the same key)"
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn debounce_with_an_enormous_quiet_period_still_flushes_at_the_end() {
     let (pusher, flow) = Pipeline::new().channel::<u32>();
-    let out = tokio::spawn(flow.pipe(Debounce::new(Duration::MAX).unwrap()).collect());
+    let out = tokio::spawn(flow.pipe(Debounce::new(Duration::MAX)).collect());
     pusher.send(1).await.unwrap();
     pusher.send(2).await.unwrap();
     drop(pusher);

@@ -2,10 +2,8 @@
 
 mod support;
 
-use std::num::NonZeroUsize;
-
 use futures::{SinkExt, StreamExt};
-use streamz::{ConfigError, EdgeConfig, Flow, Map, Pipeline, Processor, Stage};
+use streamz::{EdgeConfig, Flow, Map, Pipeline, Processor, Stage};
 use support::{settle, stage, values};
 
 #[tokio::test]
@@ -85,24 +83,20 @@ async fn custom_processor_composes_with_pipe() {
 
 #[test]
 fn zero_sizes_are_rejected_with_a_typed_error() {
-    assert_eq!(
-        EdgeConfig::try_new(0, 1),
-        Err(ConfigError::Zero { field: "capacity" })
-    );
-    assert_eq!(
-        EdgeConfig::try_new(1, 0),
-        Err(ConfigError::Zero { field: "max_chunk" })
-    );
-    let err = EdgeConfig::try_new(0, 0).unwrap_err();
-    assert_eq!(err.to_string(), "`capacity` must be greater than zero");
-    let ok = EdgeConfig::new().with_capacity(NonZeroUsize::new(3).unwrap());
+    let err = EdgeConfig::new(0, 1).validate().unwrap_err();
+    assert_eq!((err.field(), err.is_zero()), ("edge.capacity", true));
+    let err = EdgeConfig::new(1, 0).validate().unwrap_err();
+    assert_eq!(err.field(), "edge.max_chunk");
+    let err = EdgeConfig::new(0, 0).validate().unwrap_err();
+    assert_eq!(err.to_string(), "`edge.capacity` must be greater than zero");
+    let ok = EdgeConfig::default().with_capacity(3);
     assert_eq!((ok.capacity(), ok.max_chunk()), (3, 256));
-    assert_eq!(EdgeConfig::default(), EdgeConfig::new());
+    assert!(ok.validate().is_ok());
 }
 
 #[tokio::test]
 async fn chunks_respect_max_chunk() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 7).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(64, 7));
     let mut flow = pipeline
         .iter(0..100u32)
         .pipe(Stage::new("s", Map::new(|x: &u32| *x)));
@@ -140,7 +134,7 @@ async fn a_flow_read_partly_as_a_stream_can_still_be_piped() {
 
 #[tokio::test]
 async fn a_stage_can_have_its_own_edge() {
-    let edge = EdgeConfig::try_new(2, 1).unwrap();
+    let edge = EdgeConfig::new(2, 1);
     let mut flow =
         streamz::iter(0..10u32).pipe(Stage::new("narrow", Map::new(|x: &u32| *x)).with_edge(edge));
     while let Some(chunk) = flow.next_chunk().await {

@@ -128,7 +128,7 @@ proptest! {
         std::panic::set_hook(Box::new(|_| {})); // injected panics are expected
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let (expected, expected_dropped) = model(&ops, &input);
-        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(capacity, max_chunk).unwrap());
+        let pipeline = Pipeline::with_edge(EdgeConfig::new(capacity, max_chunk));
         let out = rt.block_on(async {
             build(pipeline.iter(input.clone()), &ops, &staged).collect().await
         });

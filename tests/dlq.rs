@@ -72,7 +72,7 @@ async fn until(mut done: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn values_pass_and_errors_reach_the_channel_sink_as_records() {
-    let (sink, letters) = dlq::channel::<Order>(64).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(64);
     let flow = streamz::try_stream(futures::stream::iter(mixed(20, 4)))
         .pipe(DeadLetterQueue::new(sink).named("to-dlq"));
     let pipeline = flow.pipeline().clone();
@@ -165,8 +165,7 @@ async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
     let sink = FileSink::<u64>::create(&path)
         .await
         .unwrap()
-        .with_fsync(Fsync::EveryN(10_000))
-        .unwrap();
+        .with_fsync(Fsync::EveryN(10_000));
     let stats = sink.stats();
     let input = (0..N).map(|i| Err::<u64, _>(StreamError::failed("s", "e").with_item(i)));
     let flow = streamz::try_stream(futures::stream::iter(input)).pipe(DeadLetterQueue::new(sink));
@@ -337,47 +336,54 @@ async fn a_read_only_directory_fails_at_construction_unless_running_as_root() {
 }
 
 #[tokio::test]
-async fn bad_configuration_is_rejected() {
-    assert_eq!(
-        dlq::channel::<u8>(0).unwrap_err(),
-        ConfigError::Zero { field: "capacity" }
-    );
-    let (sink, _rx) = dlq::channel::<u8>(1).unwrap();
-    assert_eq!(
-        DeadLetterQueue::<u8, _, _>::new(sink)
-            .with_buffer(0)
-            .unwrap_err(),
-        ConfigError::Zero { field: "buffer" }
-    );
+async fn bad_configuration_is_refused_when_piped() {
+    let field = |e: ConfigError| {
+        assert_eq!(e.operator(), Some("DeadLetterQueue"), "{e}");
+        e.field()
+    };
+    let (sink, _rx) = dlq::channel::<u8>(0);
+    let queue = DeadLetterQueue::<u8, _, _>::new(sink);
+    assert_eq!(field(support::refused::<u8, u8, _>(queue)), "sink.capacity");
+    let (sink, _rx) = dlq::channel::<u8>(1);
+    let queue = DeadLetterQueue::<u8, _, _>::new(sink).with_buffer(0);
+    assert_eq!(field(support::refused::<u8, u8, _>(queue)), "buffer");
     let dir = tempfile::tempdir().unwrap();
-    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
-    assert!(sink.with_fsync(Fsync::EveryN(0)).is_err());
-    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
-    assert!(sink.with_fsync(Fsync::Interval(Duration::ZERO)).is_err());
-    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
-    assert!(sink.with_rotation(0).is_err());
-    let sink = FileSink::<u8>::create(dir.path().join("f")).await.unwrap();
-    assert!(sink.with_retention(0).is_err());
+    let file = dir.path().join("f");
+    type Set = fn(FileSink<u8>) -> FileSink<u8>;
+    let settings: [(Set, &str); 4] = [
+        (|s| s.with_fsync(Fsync::EveryN(0)), "sink.fsync.every_n"),
+        (
+            |s| s.with_fsync(Fsync::Interval(Duration::ZERO)),
+            "sink.fsync.interval",
+        ),
+        (|s| s.with_rotation(0), "sink.rotation"),
+        (|s| s.with_retention(0), "sink.retention"),
+    ];
+    for (set, name) in settings {
+        let sink = set(FileSink::<u8>::create(&file).await.unwrap());
+        assert_eq!(sink.validate().unwrap_err().field(), name);
+        let queue = DeadLetterQueue::<u8, _, _>::new(sink);
+        assert_eq!(field(support::refused::<u8, u8, _>(queue)), name);
+    }
     // The options check before they create anything.
     let g = dir.path().join("g");
     for options in [
-        FileSinkOptions::new().fsync(Fsync::EveryN(0)),
-        FileSinkOptions::new().rotation(0),
-        FileSinkOptions::new().retention(0),
+        FileSinkOptions::new().with_fsync(Fsync::EveryN(0)),
+        FileSinkOptions::new().with_rotation(0),
+        FileSinkOptions::new().with_retention(0),
     ] {
         let err = options.create::<u8>(&g).await.unwrap_err();
-        assert!(
-            matches!(err, DlqError::Config(ConfigError::Zero { .. })),
-            "{err}"
-        );
+        assert!(matches!(&err, DlqError::Config(e) if e.is_zero()), "{err}");
     }
     assert!(!g.exists());
     // A zero line limit for replay.
     let replay = Replay::<u8>::open(dir.path().join("f")).await.unwrap();
-    assert_eq!(
-        replay.with_max_line(0).unwrap_err(),
-        ConfigError::Zero { field: "max line" }
-    );
+    let out = replay.with_max_line(0).into_flow().collect().await;
+    assert_eq!(out.len(), 1);
+    let err = out[0].as_ref().unwrap_err();
+    assert_eq!(err.kind(), streamz::ErrorKind::Config);
+    let cause = err.cause().unwrap().downcast_ref::<ConfigError>().unwrap();
+    assert_eq!(cause.field(), "max_line");
 }
 
 #[tokio::test]
@@ -410,7 +416,7 @@ async fn a_full_disk_sends_records_downstream_and_counts_the_failure() {
 
 #[tokio::test]
 async fn a_dropped_receiver_sends_records_downstream() {
-    let (sink, letters) = dlq::channel::<Order>(4).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(4);
     drop(letters);
     let flow =
         streamz::try_stream(futures::stream::iter(mixed(6, 3))).pipe(DeadLetterQueue::new(sink));
@@ -426,7 +432,7 @@ async fn a_dropped_receiver_sends_records_downstream() {
 
 #[tokio::test]
 async fn items_of_another_type_are_recorded_with_a_note() {
-    let (sink, letters) = dlq::channel::<Order>(8).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(8);
     let input: Vec<Result<Order>> = vec![
         Err(StreamError::failed("parse", "not json").with_item(String::from("{oops"))),
         Err(StreamError::failed("source", "connection reset")),
@@ -453,16 +459,13 @@ async fn items_of_another_type_are_recorded_with_a_note() {
 
 #[tokio::test(start_paused = true)]
 async fn retried_failures_record_attempts_and_both_failure_times() {
-    let (sink, letters) = dlq::channel::<u32>(8).unwrap();
+    let (sink, letters) = dlq::channel::<u32>(8);
     let mapper = AsyncMapper::new(|x: &u32| {
         let x = *x;
         async move { if x == 2 { Err("down") } else { Ok(x) } }
     })
     .with_retry(
-        Retry::attempts(3)
-            .unwrap()
-            .with_backoff(Duration::from_millis(10), Duration::from_millis(10))
-            .unwrap(),
+        Retry::attempts(3).with_backoff(Duration::from_millis(10), Duration::from_millis(10)),
     );
     let out = streamz::iter([1u32, 2, 3])
         .pipe(mapper)
@@ -508,14 +511,13 @@ fn stalled_dlq(
     });
     let dlq = DeadLetterQueue::new(sink)
         .with_buffer(buffer)
-        .unwrap()
-        .on_overflow(overflow);
+        .with_overflow(overflow);
     (dlq, Stalled { gate, seen })
 }
 
 #[tokio::test(start_paused = true)]
 async fn block_policy_holds_upstream_while_the_sink_stalls_and_loses_nothing() {
-    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(4, 4).unwrap());
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::new(4, 4));
     let (tx, flow) = pipeline.channel::<u64>();
     let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::Block);
     let out = tokio::spawn(flow.pipe(dlq).collect());
@@ -631,8 +633,7 @@ async fn interval_policy_syncs_after_the_interval_without_new_records() {
     let sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
         .await
         .unwrap()
-        .with_fsync(Fsync::Interval(Duration::from_secs(5)))
-        .unwrap();
+        .with_fsync(Fsync::Interval(Duration::from_secs(5)));
     let stats = sink.stats();
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u64>();
@@ -658,13 +659,12 @@ async fn every_n_policy_syncs_every_n_records_and_at_close() {
     let sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
         .await
         .unwrap()
-        .with_fsync(Fsync::EveryN(4))
-        .unwrap();
+        .with_fsync(Fsync::EveryN(4));
     let stats = sink.stats();
     // One record per write: a sink that waits for each.
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u64>();
-    let dlq = DeadLetterQueue::new(sink).with_buffer(1).unwrap();
+    let dlq = DeadLetterQueue::new(sink).with_buffer(1);
     let out = tokio::spawn(flow.pipe(dlq).collect());
     for i in 0..10 {
         tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
@@ -685,8 +685,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
     let sink = FileSink::<Order>::create(&path)
         .await
         .unwrap()
-        .with_rotation(1000)
-        .unwrap();
+        .with_rotation(1000);
     let stats = sink.stats();
     let input = (0..40).map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
     streamz::try_stream(futures::stream::iter(input))
@@ -712,8 +711,7 @@ async fn rotation_splits_files_by_size_and_replay_reads_them_in_order() {
     let sink = FileSink::<Order>::create(&path)
         .await
         .unwrap()
-        .with_rotation(1000)
-        .unwrap();
+        .with_rotation(1000);
     let input =
         (40..80).map(|i| Err::<Order, _>(StreamError::failed("s", "e").with_item(order(i))));
     streamz::try_stream(futures::stream::iter(input))
@@ -752,7 +750,7 @@ async fn a_panicking_sink_turns_its_batch_into_error_items() {
     });
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u64>();
-    let mut flow = flow.pipe(DeadLetterQueue::new(sink).with_buffer(1).unwrap());
+    let mut flow = flow.pipe(DeadLetterQueue::new(sink).with_buffer(1));
     let mut seen = Vec::new();
     for i in 0..3 {
         tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
@@ -782,7 +780,7 @@ async fn a_panicking_sink_turns_its_batch_into_error_items() {
 
 #[tokio::test(start_paused = true)]
 async fn abort_while_the_sink_stalls_counts_everything() {
-    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(8, 4).unwrap());
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::new(8, 4));
     let (tx, flow) = pipeline.channel::<u64>();
     let (dlq, _stalled) = stalled_dlq(2, Overflow::Block);
     let out = tokio::spawn(flow.pipe(dlq).collect());
@@ -884,11 +882,7 @@ impl dlq::DeadLetterSink<u64> for PanicsOnSecondCall {
 async fn a_sink_that_panics_outside_its_future_still_accounts_for_every_record() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u64>();
-    let mut flow = flow.pipe(
-        DeadLetterQueue::new(PanicsOnSecondCall(0))
-            .with_buffer(1)
-            .unwrap(),
-    );
+    let mut flow = flow.pipe(DeadLetterQueue::new(PanicsOnSecondCall(0)).with_buffer(1));
     let producer = tokio::spawn(async move {
         for i in 0..50 {
             tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
@@ -986,7 +980,7 @@ async fn a_due_flush_happens_even_while_records_keep_arriving() {
     let input = (0..200u64).map(|i| Err::<u64, _>(StreamError::failed("s", "e").with_item(i)));
     let start = tokio::time::Instant::now();
     streamz::try_stream(futures::stream::iter(input))
-        .pipe(DeadLetterQueue::new(sink).with_buffer(1).unwrap())
+        .pipe(DeadLetterQueue::new(sink).with_buffer(1))
         .collect()
         .await;
     let elapsed = start.elapsed();
@@ -998,7 +992,7 @@ async fn a_due_flush_happens_even_while_records_keep_arriving() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_output_while_the_sink_stalls_stops_the_stage_and_the_sink_finishes() {
-    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(4, 4).unwrap());
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::new(4, 4));
     let (tx, flow) = pipeline.channel::<u64>();
     let (dlq, Stalled { gate, seen }) = stalled_dlq(2, Overflow::Block);
     let flow = flow.pipe(dlq);
@@ -1060,7 +1054,7 @@ async fn dead_letter_files_are_private_by_default_and_rotation_keeps_the_mode() 
     assert_eq!(mode_of(&path), 0o600);
     drop(sink);
 
-    let stats = write_orders(&path, FileSinkOptions::new().rotation(1000), 0..40).await;
+    let stats = write_orders(&path, FileSinkOptions::new().with_rotation(1000), 0..40).await;
     assert!(stats.rotations() >= 3, "{}", stats.rotations());
     assert_eq!(mode_of(&path), 0o600);
     for n in 1..=stats.rotations() {
@@ -1073,7 +1067,7 @@ async fn dead_letter_files_are_private_by_default_and_rotation_keeps_the_mode() 
 async fn the_mode_option_sets_the_mode_of_every_file_the_sink_creates() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
-    let options = FileSinkOptions::new().mode(0o640).rotation(1000);
+    let options = FileSinkOptions::new().with_mode(0o640).with_rotation(1000);
     let stats = write_orders(&path, options, 0..40).await;
     assert!(stats.rotations() >= 3);
     assert_eq!(mode_of(&path), 0o640);
@@ -1096,7 +1090,7 @@ async fn setuid_setgid_and_sticky_bits_are_dropped_from_the_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
     let sink: FileSink<Order> = FileSinkOptions::new()
-        .mode(0o7640)
+        .with_mode(0o7640)
         .create(&path)
         .await
         .unwrap();
@@ -1109,7 +1103,7 @@ async fn setuid_setgid_and_sticky_bits_are_dropped_from_the_mode() {
 async fn retention_keeps_the_newest_rotated_segments_and_replay_reads_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dlq.jsonl");
-    let options = FileSinkOptions::new().rotation(1000).retention(2);
+    let options = FileSinkOptions::new().with_rotation(1000).with_retention(2);
     let stats = write_orders(&path, options, 0..40).await;
     let rotations = stats.rotations();
     assert!(rotations >= 5, "{rotations}");
@@ -1139,7 +1133,7 @@ async fn retention_keeps_the_newest_rotated_segments_and_replay_reads_them() {
 
     // Without a retention limit nothing is deleted (the default).
     let other = dir.path().join("all.jsonl");
-    let stats = write_orders(&other, FileSinkOptions::new().rotation(1000), 0..40).await;
+    let stats = write_orders(&other, FileSinkOptions::new().with_rotation(1000), 0..40).await;
     assert_eq!(stats.segments_deleted(), 0);
     for n in 1..=stats.rotations() {
         assert!(dir.path().join(format!("all.jsonl.{n}")).exists());
@@ -1160,8 +1154,7 @@ async fn a_line_over_the_limit_is_one_rejected_item_and_replay_goes_on() {
     let replay = Replay::<Order>::open(&path)
         .await
         .unwrap()
-        .with_max_line(1000)
-        .unwrap();
+        .with_max_line(1000);
     let stats = replay.stats();
     let mut items: Vec<Result<DeadLetter<Order>>> = replay.collect().await;
     assert_eq!(items.len(), 5);
@@ -1323,8 +1316,7 @@ async fn an_interval_of_duration_max_means_never_by_time() {
     let mut sink = FileSink::<u64>::create(dir.path().join("dlq.jsonl"))
         .await
         .unwrap()
-        .with_fsync(Fsync::Interval(Duration::MAX))
-        .unwrap();
+        .with_fsync(Fsync::Interval(Duration::MAX));
     let stats = sink.stats();
     use dlq::DeadLetterSink;
     let record = DeadLetter::<u64>::from_error(1, StreamError::failed("s", "e").with_item(1u64));
@@ -1334,8 +1326,7 @@ async fn an_interval_of_duration_max_means_never_by_time() {
     let finite = FileSink::<u64>::create(dir.path().join("other.jsonl"))
         .await
         .unwrap()
-        .with_fsync(Fsync::Interval(Duration::from_secs(1)))
-        .unwrap();
+        .with_fsync(Fsync::Interval(Duration::from_secs(1)));
     assert_eq!(finite.flush_at(), None, "nothing written yet");
 
     // In a pipeline: a century passes without a sync; close syncs.
@@ -1380,13 +1371,12 @@ async fn the_buffer_bounds_every_record_between_the_router_and_the_sink() {
         (4, Overflow::DropAndCount),
     ] {
         // One item per chunk and per edge slot, so the count is exact.
-        let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(1, 1).unwrap());
+        let pipeline = Pipeline::with_edge(streamz::EdgeConfig::new(1, 1));
         let (tx, flow) = pipeline.channel::<u64>();
         let handed = Arc::new(AtomicUsize::new(0));
         let dlq = DeadLetterQueue::new(NeverAnswers(handed.clone()))
             .with_buffer(buffer)
-            .unwrap()
-            .on_overflow(overflow);
+            .with_overflow(overflow);
         let out = tokio::spawn(flow.pipe(dlq).collect());
         let pushed = Arc::new(AtomicUsize::new(0));
         let producer = tokio::spawn({
@@ -1467,7 +1457,7 @@ async fn fail_policy_emits_no_value_after_the_overflow_error() {
 async fn a_panic_while_making_a_record_is_reported_and_every_item_is_counted() {
     // `Explosive(3)` panics when serialised, here in the router itself
     // (JSON records are made before they reach the sink).
-    let (sink, letters) = dlq::channel(16).unwrap();
+    let (sink, letters) = dlq::channel(16);
     let input = (0..6u64).map(|i| {
         if i % 2 == 1 {
             Err(StreamError::failed("s", "e").with_item(Explosive(i)))
@@ -1506,8 +1496,8 @@ async fn tagged_items_of_two_types_are_replayed_and_read_back_by_their_tags() {
         Err(StreamError::failed("source", "reset")),
     ];
     let items = dlq::JsonItems::new()
-        .tagged::<Order>("order.v1")
-        .tagged::<String>("raw_line");
+        .with_tag::<Order>("order.v1")
+        .with_tag::<String>("raw_line");
     streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::json(
             FileSink::<serde_json::Value>::create(&path).await.unwrap(),
@@ -1533,7 +1523,7 @@ async fn tagged_items_of_two_types_are_replayed_and_read_back_by_their_tags() {
 
 #[tokio::test]
 async fn a_typed_queue_names_its_items_with_its_tag() {
-    let (sink, letters) = dlq::channel::<Order>(4).unwrap();
+    let (sink, letters) = dlq::channel::<Order>(4);
     let input: Vec<Result<Order>> = vec![Err(
         StreamError::failed("price", "refused").with_item(order(1))
     )];
@@ -1551,9 +1541,9 @@ async fn an_item_that_cannot_be_json_is_noted_with_its_tag() {
     use std::collections::HashMap;
     // serde_json writes map keys as strings only: this map has no JSON.
     let weird: HashMap<(u8, u8), u8> = HashMap::from([((1, 2), 3)]);
-    let (sink, letters) = dlq::channel(4).unwrap();
+    let (sink, letters) = dlq::channel(4);
     let input: Vec<Result<u8>> = vec![Err(StreamError::failed("stage", "bad").with_item(weird))];
-    let items = dlq::JsonItems::new().tagged::<HashMap<(u8, u8), u8>>("weird.v1");
+    let items = dlq::JsonItems::new().with_tag::<HashMap<(u8, u8), u8>>("weird.v1");
     let out = streamz::try_stream(futures::stream::iter(input))
         .pipe(DeadLetterQueue::json(sink, items))
         .collect()

@@ -99,8 +99,7 @@ struct Outcome {
 }
 
 async fn run(case: Case) -> Outcome {
-    let pipeline =
-        Pipeline::with_edge(EdgeConfig::try_new(case.capacity, case.capacity.min(16)).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(case.capacity, case.capacity.min(16)));
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let sink = dlq::sink_fn({
         let accepted = accepted.clone();
@@ -123,8 +122,7 @@ async fn run(case: Case) -> Outcome {
     });
     let dlq = DeadLetterQueue::new(sink)
         .with_buffer(case.buffer)
-        .unwrap()
-        .on_overflow(case.overflow);
+        .with_overflow(case.overflow);
     let (fail_mod, panic_mod) = (case.fail_mod, case.panic_mod);
     let mut flow = pipeline
         .iter(case.input.clone())

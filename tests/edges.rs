@@ -56,7 +56,7 @@ struct Report {
 /// Input whose chunks are far larger than `MAX_CHUNK` (`Unbatch` of
 /// 50-value vectors), with every 7th value made an error upstream.
 fn input() -> Flow<u64> {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(16, MAX_CHUNK).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(16, MAX_CHUNK));
     let batches: Vec<Vec<u64>> = (0..N)
         .collect::<Vec<_>>()
         .chunks(50)
@@ -150,12 +150,11 @@ fn healthy_gate() -> HealthGate<streamz::HealthFn<impl FnMut() -> std::future::R
 /// of one record, whose receiver a task of its own drains (it ends when the
 /// queue closes its sink, however the run ends).
 fn channel_dlq(overflow: Overflow) -> DeadLetterQueue<u64, u64, dlq::ChannelSink<u64>> {
-    let (sink, letters) = dlq::channel::<u64>(1).unwrap();
+    let (sink, letters) = dlq::channel::<u64>(1);
     tokio::spawn(async move { while letters.recv().await.is_ok() {} });
     DeadLetterQueue::new(sink)
         .with_buffer(1)
-        .unwrap()
-        .on_overflow(overflow)
+        .with_overflow(overflow)
         .named("op")
 }
 
@@ -165,11 +164,7 @@ fn cases() -> Vec<Case> {
             name: "batcher",
             run: |e| {
                 drive(
-                    input().pipe(
-                        Batcher::try_new(5, Duration::from_millis(10))
-                            .unwrap()
-                            .named("op"),
-                    ),
+                    input().pipe(Batcher::new(5, Duration::from_millis(10)).named("op")),
                     e,
                 )
             },
@@ -180,11 +175,7 @@ fn cases() -> Vec<Case> {
             name: "batcher without limits",
             run: |e| {
                 drive(
-                    input().pipe(
-                        Batcher::try_new(usize::MAX, Duration::MAX)
-                            .unwrap()
-                            .named("op"),
-                    ),
+                    input().pipe(Batcher::new(usize::MAX, Duration::MAX).named("op")),
                     e,
                 )
             },
@@ -194,13 +185,11 @@ fn cases() -> Vec<Case> {
         Case {
             name: "batcher by weight, panicking weight",
             run: |e| {
-                let b = Batcher::try_new(usize::MAX, Duration::MAX)
-                    .unwrap()
+                let b = Batcher::new(usize::MAX, Duration::MAX)
                     .with_weight(
                         10,
                         |x: &u64| if *x == 50 { panic!("weight") } else { x % 13 },
                     )
-                    .unwrap()
                     .named("op");
                 drive(input().pipe(b), e)
             },
@@ -211,11 +200,7 @@ fn cases() -> Vec<Case> {
             name: "throttle",
             run: |e| {
                 drive(
-                    input().pipe(
-                        Throttle::try_new(1000, Duration::from_secs(1))
-                            .unwrap()
-                            .named("op"),
-                    ),
+                    input().pipe(Throttle::new(1000, Duration::from_secs(1)).named("op")),
                     e,
                 )
             },
@@ -225,10 +210,8 @@ fn cases() -> Vec<Case> {
         Case {
             name: "throttle without limits",
             run: |e| {
-                let t = Throttle::try_new(u64::MAX, Duration::from_secs(1))
-                    .unwrap()
+                let t = Throttle::new(u64::MAX, Duration::from_secs(1))
                     .with_burst(u64::MAX)
-                    .unwrap()
                     .named("op");
                 drive(input().pipe(t), e)
             },
@@ -238,10 +221,8 @@ fn cases() -> Vec<Case> {
         Case {
             name: "throttle with a huge period, panicking cost",
             run: |e| {
-                let t = Throttle::try_new(1, Duration::from_secs(86_400 * 365 * 500))
-                    .unwrap()
+                let t = Throttle::new(1, Duration::from_secs(86_400 * 365 * 500))
                     .with_burst(u64::MAX)
-                    .unwrap()
                     .with_cost(|x: &u64| if *x == 50 { panic!("cost") } else { 1 })
                     .named("op");
                 drive(input().pipe(t), e)
@@ -252,11 +233,10 @@ fn cases() -> Vec<Case> {
         Case {
             name: "dropping throttle",
             run: |e| {
-                let t = Throttle::try_new(
+                let t = Throttle::new(
                     1,
                     Duration::MAX.min(Duration::from_secs(86_400 * 365 * 500)),
                 )
-                .unwrap()
                 .dropping()
                 .named("op");
                 drive(input().pipe(t), e)
@@ -268,7 +248,7 @@ fn cases() -> Vec<Case> {
             name: "debounce",
             run: |e| {
                 drive(
-                    input().pipe(Debounce::new(Duration::from_millis(1)).unwrap().named("op")),
+                    input().pipe(Debounce::new(Duration::from_millis(1)).named("op")),
                     e,
                 )
             },
@@ -277,24 +257,19 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "debounce forever",
-            run: |e| {
-                drive(
-                    input().pipe(Debounce::new(Duration::MAX).unwrap().named("op")),
-                    e,
-                )
-            },
+            run: |e| drive(input().pipe(Debounce::new(Duration::MAX).named("op")), e),
             drops_on_shutdown: false,
             endless: false,
         },
         Case {
             name: "take",
-            run: |e| drive(input().pipe(Take::new(30).unwrap().named("op")), e),
+            run: |e| drive(input().pipe(Take::new(30).named("op")), e),
             drops_on_shutdown: true,
             endless: false,
         },
         Case {
             name: "take everything",
-            run: |e| drive(input().pipe(Take::new(u64::MAX).unwrap().named("op")), e),
+            run: |e| drive(input().pipe(Take::new(u64::MAX).named("op")), e),
             drops_on_shutdown: false,
             endless: false,
         },
@@ -302,11 +277,7 @@ fn cases() -> Vec<Case> {
             name: "tumbling",
             run: |e| {
                 drive(
-                    input().pipe(
-                        Tumbling::new(Duration::from_millis(10))
-                            .unwrap()
-                            .named("op"),
-                    ),
+                    input().pipe(Tumbling::new(Duration::from_millis(10)).named("op")),
                     e,
                 )
             },
@@ -316,11 +287,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "tumbling forever, tiny limit",
             run: |e| {
-                let w = Tumbling::new(Duration::MAX)
-                    .unwrap()
-                    .with_max_items(1)
-                    .unwrap()
-                    .named("op");
+                let w = Tumbling::new(Duration::MAX).with_max_items(1).named("op");
                 drive(input().pipe(w), e)
             },
             drops_on_shutdown: false,
@@ -329,9 +296,8 @@ fn cases() -> Vec<Case> {
         Case {
             name: "sliding",
             run: |e| {
-                let w = Sliding::new(Duration::from_millis(10), Duration::from_millis(5))
-                    .unwrap()
-                    .named("op");
+                let w =
+                    Sliding::new(Duration::from_millis(10), Duration::from_millis(5)).named("op");
                 drive(input().pipe(w), e)
             },
             drops_on_shutdown: false,
@@ -341,9 +307,7 @@ fn cases() -> Vec<Case> {
             name: "sliding, tiny limit",
             run: |e| {
                 let w = Sliding::new(Duration::from_millis(10), Duration::from_millis(5))
-                    .unwrap()
                     .with_max_items(1)
-                    .unwrap()
                     .named("op");
                 drive(input().pipe(w), e)
             },
@@ -352,24 +316,13 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "session forever",
-            run: |e| {
-                drive(
-                    input().pipe(Session::new(Duration::MAX).unwrap().named("op")),
-                    e,
-                )
-            },
+            run: |e| drive(input().pipe(Session::new(Duration::MAX).named("op")), e),
             drops_on_shutdown: false,
             endless: false,
         },
         Case {
             name: "partition, round robin",
-            run: |e| {
-                drive_all(
-                    input().partition(Partition::round_robin(3).unwrap()),
-                    e,
-                    "partition",
-                )
-            },
+            run: |e| drive_all(input().partition(Partition::round_robin(3)), e, "partition"),
             drops_on_shutdown: false,
             endless: false,
         },
@@ -384,7 +337,7 @@ fn cases() -> Vec<Case> {
                     }
                 };
                 drive_all(
-                    input().partition(Partition::custom(2, choose).unwrap()),
+                    input().partition(Partition::custom(2, choose)),
                     e,
                     "partition",
                 )
@@ -394,10 +347,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "broadcast to three",
-            run: |e| {
-                let n = std::num::NonZeroUsize::new(3).unwrap();
-                drive_all(input().broadcast_to(n), e, "broadcast")
-            },
+            run: |e| drive_all(input().broadcast_to(3), e, "broadcast"),
             drops_on_shutdown: false,
             endless: false,
         },
@@ -412,15 +362,8 @@ fn cases() -> Vec<Case> {
                     }
                 })
                 .with_concurrency(3)
-                .unwrap()
                 .with_timeout(Duration::MAX)
-                .unwrap()
-                .with_retry(
-                    Retry::attempts(3)
-                        .unwrap()
-                        .with_deadline(Duration::MAX)
-                        .unwrap(),
-                )
+                .with_retry(Retry::attempts(3).with_deadline(Duration::MAX))
                 .named("op");
                 drive(input().pipe(m), e)
             },
@@ -445,10 +388,8 @@ fn cases() -> Vec<Case> {
         Case {
             name: "async mapper retrying a dead dependency forever",
             run: |e| {
-                let retry = Retry::attempts(u32::MAX)
-                    .unwrap()
-                    .with_backoff(Duration::from_secs(1), Duration::MAX)
-                    .unwrap();
+                let retry =
+                    Retry::attempts(u32::MAX).with_backoff(Duration::from_secs(1), Duration::MAX);
                 let m = AsyncMapper::new(|_: &u64| async { Err::<u64, _>("down") })
                     .with_retry(retry)
                     .named("op");
@@ -468,11 +409,8 @@ fn cases() -> Vec<Case> {
             run: |e| {
                 let gate = healthy_gate()
                     .with_interval(Duration::MAX)
-                    .unwrap()
                     .with_check_timeout(Duration::MAX)
-                    .unwrap()
-                    .when_closed_longer_than(Duration::MAX, streamz::ClosedPolicy::Fail)
-                    .unwrap()
+                    .with_closed_limit(Duration::MAX, streamz::ClosedPolicy::Fail)
                     .named("op");
                 drive(input().pipe(gate), e)
             },

@@ -80,7 +80,7 @@ async fn broadcast_sends_every_value_to_every_output_and_each_error_once() {
 
 #[tokio::test(start_paused = true)]
 async fn the_slowest_output_paces_all() {
-    let edge = EdgeConfig::try_new(4, 2).unwrap();
+    let edge = EdgeConfig::new(4, 2);
     let pipeline = Pipeline::with_edge(edge);
     let (tx, flow) = pipeline.channel::<u32>();
     let [mut fast, _slow] = flow.broadcast();
@@ -133,7 +133,7 @@ async fn a_dropped_output_does_not_stop_the_others_and_errors_move_on() {
 
 #[tokio::test(start_paused = true)]
 async fn an_output_that_goes_away_while_its_chunk_waits_hands_its_errors_on() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(1, 1));
     let items = vec![
         Ok(1),
         Err(StreamError::failed("src", "a")),
@@ -164,9 +164,7 @@ async fn an_output_that_goes_away_while_its_chunk_waits_hands_its_errors_on() {
 async fn when_every_output_is_dropped_the_upstream_stops() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();
-    let outputs = flow
-        .map(|x| x + 1)
-        .broadcast_to(std::num::NonZeroUsize::new(3).unwrap());
+    let outputs = flow.map(|x| x + 1).broadcast_to(3);
     tx.send(1).await.unwrap();
     drop(outputs);
     settle().await;
@@ -228,40 +226,31 @@ async fn chunks_of<T: Send + 'static>(mut flow: streamz::Flow<T>) -> (usize, usi
 
 #[tokio::test]
 async fn every_fan_in_and_fan_out_takes_a_name_and_an_edge() {
-    use std::num::NonZeroUsize;
     use streamz::{Broadcast, Merge, Partition, Switch};
-    let small = EdgeConfig::try_new(8, 3).unwrap();
+    let small = EdgeConfig::new(8, 3);
     // Input chunks of 64 (the pipeline's edge), outputs cut to 3.
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(256, 64).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(256, 64));
 
-    let outputs = pipeline.iter(0..100u32).partition(
-        Partition::round_robin(2)
-            .unwrap()
-            .named("shards")
-            .with_edge(small),
-    );
+    let outputs = pipeline
+        .iter(0..100u32)
+        .partition(Partition::round_robin(2).named("shards").with_edge(small));
     let parts = futures::future::join_all(outputs.into_iter().map(chunks_of)).await;
     assert_eq!(parts, [(50, 3), (50, 3)]);
 
-    let mut routes = pipeline
-        .iter(0..100u32)
-        .switch(
-            Switch::new(|x: &u32| x % 2)
-                .route(0)
-                .otherwise()
-                .named("parity")
-                .with_edge(small),
-        )
-        .unwrap();
+    let mut routes = pipeline.iter(0..100u32).switch(
+        Switch::new(|x: &u32| x % 2)
+            .route(0)
+            .otherwise()
+            .named("parity")
+            .with_edge(small),
+    );
     let (even, rest) = (routes.take(&0).unwrap(), routes.take_default().unwrap());
     let (even, rest) = tokio::join!(chunks_of(even), chunks_of(rest));
     assert_eq!((even, rest), ((50, 3), (50, 3)));
 
-    let copies = pipeline.iter(0..100u32).broadcast_with(
-        Broadcast::new(NonZeroUsize::new(2).unwrap())
-            .named("tee")
-            .with_edge(small),
-    );
+    let copies = pipeline
+        .iter(0..100u32)
+        .broadcast_with(Broadcast::new(2).named("tee").with_edge(small));
     let copies = futures::future::join_all(copies.into_iter().map(chunks_of)).await;
     assert_eq!(copies, [(100, 3), (100, 3)]);
 

@@ -45,11 +45,8 @@ async fn it_closes_after_n_unhealthy_answers_and_opens_after_m_healthy_ones() {
     );
     let gate = HealthGate::new(switch(&up, &calls))
         .with_interval(TICK)
-        .unwrap()
-        .close_after(3)
-        .unwrap()
-        .open_after(2)
-        .unwrap();
+        .with_failures_to_close(3)
+        .with_successes_to_open(2);
     let handle = gate.handle();
     let mut status = handle.subscribe();
     let (tx, flow) = streamz::channel::<u32>();
@@ -89,9 +86,7 @@ async fn a_single_blip_does_not_close_the_gate() {
         Arc::new(AtomicBool::new(true)),
         Arc::new(AtomicUsize::new(0)),
     );
-    let gate = HealthGate::new(switch(&up, &calls))
-        .with_interval(TICK)
-        .unwrap();
+    let gate = HealthGate::new(switch(&up, &calls)).with_interval(TICK);
     let handle = gate.handle();
     let (tx, flow) = streamz::channel::<u32>();
     let out = tokio::spawn(flow.pipe(gate).collect());
@@ -114,10 +109,8 @@ async fn while_closed_the_producer_waits_and_no_item_is_lost() {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicUsize::new(0)),
     );
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 4).unwrap());
-    let gate = HealthGate::new(switch(&up, &calls))
-        .with_interval(TICK)
-        .unwrap();
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 4));
+    let gate = HealthGate::new(switch(&up, &calls)).with_interval(TICK);
     let handle = gate.handle();
     let (tx, flow) = pipeline.channel::<u32>();
     let mut flow = flow.pipe(gate);
@@ -163,9 +156,7 @@ async fn a_watch_signal_moves_the_gate_without_waiting_for_the_next_poll() {
     let (health, signal) = watch::channel(true);
     let gate = HealthGate::new(signal)
         .with_interval(Duration::from_secs(3600))
-        .unwrap()
-        .close_after(1)
-        .unwrap();
+        .with_failures_to_close(1);
     let handle = gate.handle();
     let mut status = handle.subscribe();
     let pipeline = Pipeline::new();
@@ -216,11 +207,8 @@ async fn a_check_that_panics_or_hangs_counts_as_unhealthy() {
     });
     let gate = HealthGate::new(check)
         .with_interval(TICK)
-        .unwrap()
         .with_check_timeout(Duration::from_millis(50))
-        .unwrap()
-        .close_after(1)
-        .unwrap();
+        .with_failures_to_close(1);
     let handle = gate.handle();
     let mut status = handle.subscribe();
     let pipeline = Pipeline::new();
@@ -255,9 +243,7 @@ async fn closed_too_long_fail_policy_ends_the_stream_with_an_error() {
     let pipeline = Pipeline::new();
     let gate = HealthGate::new(down())
         .with_interval(TICK)
-        .unwrap()
-        .when_closed_longer_than(Duration::from_secs(2), ClosedPolicy::Fail)
-        .unwrap();
+        .with_closed_limit(Duration::from_secs(2), ClosedPolicy::Fail);
     let (tx, flow) = pipeline.channel::<u32>();
     let mut flow = flow.pipe(gate);
     tx.send(1).await.unwrap();
@@ -288,9 +274,7 @@ async fn closed_too_long_reject_policy_passes_items_as_errors_until_it_opens() {
     let pipeline = Pipeline::new();
     let gate = HealthGate::new(switch(&up, &calls))
         .with_interval(TICK)
-        .unwrap()
-        .when_closed_longer_than(Duration::from_secs(1), ClosedPolicy::Reject)
-        .unwrap();
+        .with_closed_limit(Duration::from_secs(1), ClosedPolicy::Reject);
     let handle = gate.handle();
     let (tx, flow) = pipeline.channel::<u32>();
     let mut flow = flow.pipe(gate);
@@ -327,9 +311,7 @@ async fn wait_policy_keeps_waiting_and_abort_stops_a_closed_gate() {
     let pipeline = Pipeline::new();
     let gate = HealthGate::new(down())
         .with_interval(TICK)
-        .unwrap()
-        .when_closed_longer_than(Duration::from_secs(1), ClosedPolicy::Wait)
-        .unwrap();
+        .with_closed_limit(Duration::from_secs(1), ClosedPolicy::Wait);
     let (tx, flow) = pipeline.channel::<u32>();
     let out = tokio::spawn(flow.pipe(gate).collect());
     tx.send(1).await.unwrap();
@@ -349,10 +331,7 @@ async fn wait_policy_keeps_waiting_and_abort_stops_a_closed_gate() {
 #[tokio::test(start_paused = true)]
 async fn starting_open_passes_items_before_the_first_check_answers() {
     let (tx_gate, signal) = watch::channel(Health::unhealthy("slow to start"));
-    let gate = HealthGate::new(signal)
-        .starting_open()
-        .with_interval(TICK)
-        .unwrap();
+    let gate = HealthGate::new(signal).starting_open().with_interval(TICK);
     let handle = gate.handle();
     assert_eq!(handle.state(), GateState::Open);
     let out = streamz::iter(0..5u32).pipe(gate).collect().await;
@@ -360,29 +339,34 @@ async fn starting_open_passes_items_before_the_first_check_answers() {
     drop(tx_gate);
 }
 
-#[test]
-fn bad_configuration_is_rejected() {
+#[tokio::test]
+async fn bad_configuration_is_refused_when_piped() {
     let gate = || HealthGate::new(down());
+    let field = |g| {
+        let e: ConfigError = support::refused::<u32, u32, _>(g);
+        assert_eq!(
+            (e.operator(), e.stage()),
+            (Some("HealthGate"), Some("health_gate"))
+        );
+        e.field()
+    };
+    assert_eq!(field(gate().with_interval(Duration::ZERO)), "interval");
     assert_eq!(
-        gate().with_interval(Duration::ZERO).unwrap_err(),
-        ConfigError::Zero { field: "interval" }
+        field(gate().with_check_timeout(Duration::ZERO)),
+        "check_timeout"
     );
-    assert!(gate().with_check_timeout(Duration::ZERO).is_err());
-    assert!(gate().close_after(0).is_err());
-    assert!(gate().open_after(0).is_err());
-    assert!(
-        gate()
-            .when_closed_longer_than(Duration::ZERO, ClosedPolicy::Fail)
-            .is_err()
+    assert_eq!(field(gate().with_failures_to_close(0)), "failures_to_close");
+    assert_eq!(field(gate().with_successes_to_open(0)), "successes_to_open");
+    assert_eq!(
+        field(gate().with_closed_limit(Duration::ZERO, ClosedPolicy::Fail)),
+        "closed_limit"
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_checker_ends_with_the_stream() {
     let pipeline = Pipeline::new();
-    let gate = HealthGate::new(streamz::health_fn(|| async { true }))
-        .with_interval(TICK)
-        .unwrap();
+    let gate = HealthGate::new(streamz::health_fn(|| async { true })).with_interval(TICK);
     let out = pipeline.iter(0..10u32).pipe(gate).collect().await;
     assert_eq!(out.len(), 10);
     pipeline.join().await.unwrap();
@@ -406,9 +390,7 @@ impl HealthCheck for BrokenSignal {
 #[tokio::test(start_paused = true)]
 async fn a_change_signal_that_panics_leaves_the_gate_polling() {
     let up = Arc::new(AtomicBool::new(false));
-    let gate = HealthGate::new(BrokenSignal(up.clone()))
-        .with_interval(TICK)
-        .unwrap();
+    let gate = HealthGate::new(BrokenSignal(up.clone())).with_interval(TICK);
     let handle = gate.handle();
     let mut status = handle.subscribe();
     let (tx, flow) = streamz::channel::<u32>();
@@ -425,7 +407,7 @@ async fn a_change_signal_that_panics_leaves_the_gate_polling() {
 #[tokio::test(start_paused = true)]
 async fn a_graceful_shutdown_releases_what_waits_at_a_closed_gate_as_errors() {
     let pipeline = Pipeline::new();
-    let gate = HealthGate::new(down()).with_interval(TICK).unwrap();
+    let gate = HealthGate::new(down()).with_interval(TICK);
     let (tx, flow) = pipeline.channel::<u32>();
     let out = tokio::spawn(flow.pipe(gate).collect());
     for i in 0..5 {
@@ -472,9 +454,7 @@ async fn checks_keep_their_cadence_when_a_check_is_slow() {
             true
         }
     });
-    let gate = HealthGate::new(check)
-        .with_interval(Duration::from_secs(1))
-        .unwrap();
+    let gate = HealthGate::new(check).with_interval(Duration::from_secs(1));
     let (tx, flow) = Pipeline::new().channel::<u32>();
     let out = tokio::spawn(flow.pipe(gate).collect());
     tokio::time::sleep(Duration::from_millis(4500)).await;
@@ -497,11 +477,8 @@ async fn duration_max_settings_mean_never() {
     let up = Arc::new(AtomicBool::new(true));
     let gate = HealthGate::new(switch(&up, &calls))
         .with_interval(Duration::MAX)
-        .unwrap()
         .with_check_timeout(Duration::MAX)
-        .unwrap()
-        .when_closed_longer_than(Duration::MAX, ClosedPolicy::Fail)
-        .unwrap();
+        .with_closed_limit(Duration::MAX, ClosedPolicy::Fail);
     let pipeline = Pipeline::new();
     let out = tokio::spawn(pipeline.iter(0..100u32).pipe(gate).collect());
     let out = tokio::time::timeout(Duration::from_secs(3600), out)

@@ -49,10 +49,7 @@ async fn serve(addr: SocketAddr, status: &'static str) -> (SocketAddr, JoinHandl
 #[tokio::test]
 async fn a_probe_without_a_time_limit_takes_duration_max() {
     let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), "200 OK").await;
-    let mut probe = HttpProbe::new(&format!("http://{addr}/"))
-        .unwrap()
-        .with_timeout(Duration::MAX)
-        .unwrap();
+    let mut probe = HttpProbe::new(&format!("http://{addr}/")).with_timeout(Duration::MAX);
     let health = tokio::time::timeout(Duration::from_secs(10), probe.check())
         .await
         .expect("hung");
@@ -75,18 +72,14 @@ async fn reached(status: &mut watch::Receiver<GateStatus>, state: GateState) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_follows_a_server_that_goes_down_and_comes_back_and_loses_nothing() {
     let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), "200 OK").await;
-    let probe = HttpProbe::new(&format!("http://{addr}/health"))
-        .unwrap()
-        .with_timeout(Duration::from_millis(500))
-        .unwrap();
+    let probe =
+        HttpProbe::new(&format!("http://{addr}/health")).with_timeout(Duration::from_millis(500));
     let gate = HealthGate::new(probe)
         .with_interval(Duration::from_millis(20))
-        .unwrap()
-        .close_after(2)
-        .unwrap();
+        .with_failures_to_close(2);
     let handle = gate.handle();
     let mut status = handle.subscribe();
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(8, 8).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(8, 8));
     let (tx, flow) = pipeline.channel::<u32>();
     let out = tokio::spawn(flow.pipe(gate).collect());
 
@@ -136,7 +129,7 @@ async fn the_gate_follows_a_server_that_goes_down_and_comes_back_and_loses_nothi
 #[tokio::test]
 async fn non_2xx_and_silence_are_unhealthy_with_a_reason() {
     let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), "503 Service Unavailable").await;
-    let mut probe = HttpProbe::new(&format!("http://{addr}/health")).unwrap();
+    let mut probe = HttpProbe::new(&format!("http://{addr}/health"));
     let health = probe.check().await;
     assert_eq!(
         health,
@@ -149,10 +142,8 @@ async fn non_2xx_and_silence_are_unhealthy_with_a_reason() {
     // A server that accepts but never answers.
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = silent.local_addr().unwrap();
-    let mut probe = HttpProbe::new(&format!("http://{addr}/"))
-        .unwrap()
-        .with_timeout(Duration::from_millis(100))
-        .unwrap();
+    let mut probe =
+        HttpProbe::new(&format!("http://{addr}/")).with_timeout(Duration::from_millis(100));
     let health = probe.check().await;
     assert_eq!(
         health,
@@ -217,7 +208,7 @@ async fn check(probe: &mut HttpProbe) -> streamz::Health {
 #[tokio::test]
 async fn a_redirect_is_unhealthy_and_not_followed_by_default() {
     let (addr, requests, server) = serve_redirects().await;
-    let mut probe = HttpProbe::new(&format!("http://{addr}/to/ok")).unwrap();
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/ok"));
     assert_eq!(
         check(&mut probe).await,
         streamz::Health::unhealthy(format!(
@@ -235,19 +226,13 @@ async fn a_redirect_is_unhealthy_and_not_followed_by_default() {
 #[tokio::test]
 async fn follow_redirects_follows_up_to_its_bound() {
     let (addr, requests, server) = serve_redirects().await;
-    let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/ok"))
-        .unwrap()
-        .follow_redirects(2)
-        .unwrap();
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/ok")).with_max_redirects(2);
     assert_eq!(check(&mut probe).await, streamz::Health::Healthy);
     assert_eq!(requests.load(Ordering::SeqCst), 3);
 
     // One hop more than the bound: the last 3xx is the answer.
     requests.store(0, Ordering::SeqCst);
-    let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/to/ok"))
-        .unwrap()
-        .follow_redirects(2)
-        .unwrap();
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/to/ok")).with_max_redirects(2);
     assert_eq!(
         check(&mut probe).await,
         streamz::Health::unhealthy(format!(
@@ -261,10 +246,7 @@ async fn follow_redirects_follows_up_to_its_bound() {
 #[tokio::test]
 async fn a_redirect_to_https_is_not_followed() {
     let (addr, requests, server) = serve_redirects().await;
-    let mut probe = HttpProbe::new(&format!("http://{addr}/away"))
-        .unwrap()
-        .follow_redirects(5)
-        .unwrap();
+    let mut probe = HttpProbe::new(&format!("http://{addr}/away")).with_max_redirects(5);
     assert_eq!(
         check(&mut probe).await,
         streamz::Health::unhealthy(format!(
@@ -307,12 +289,12 @@ async fn credentials_and_query_values_in_a_probe_url_never_show() {
         .unwrap()
         .port();
     let url = format!("http://ops:s3cret@127.0.0.1:{port}/health?token=t0ken&x=1");
-    let probe = HttpProbe::new(&url).unwrap();
+    let probe = HttpProbe::new(&url);
     assert_eq!(
         probe.url(),
         format!("http://***:***@127.0.0.1:{port}/health?token=***&x=***")
     );
-    let gate = HealthGate::new(probe.clone()).close_after(1).unwrap();
+    let gate = HealthGate::new(probe.clone()).with_failures_to_close(1);
     let handle = gate.handle();
     let pipeline = streamz::Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();

@@ -21,7 +21,7 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 
 #[tokio::test]
 async fn a_pusher_is_a_sink_for_send_all() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
     let (mut tx, flow) = pipeline.channel::<u32>();
     // More items than the channel holds: send_all must wait for room.
     let producer = tokio::spawn(async move {
@@ -36,7 +36,7 @@ async fn a_pusher_is_a_sink_for_send_all() {
 
 #[tokio::test]
 async fn a_full_pusher_sink_refuses_at_shutdown_though_nothing_reads() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(1, 1));
     let (mut tx, _flow) = pipeline.channel::<u32>();
     tx.send(1).await.unwrap(); // fills the channel; nothing reads it
     let blocked = tokio::spawn(async move { SinkExt::send(&mut tx, 2).await });
@@ -131,7 +131,7 @@ async fn a_flow_is_a_fused_stream() {
 
 #[tokio::test]
 async fn dead_letters_are_read_on_a_plain_thread_and_by_several_readers() {
-    let (sink, letters) = streamz::dlq::channel::<i32>(4).unwrap();
+    let (sink, letters) = streamz::dlq::channel::<i32>(4);
     // A synchronous writer (say, a database client) on its own thread.
     let second = letters.clone();
     let sync_reader = std::thread::spawn(move || {
@@ -166,7 +166,7 @@ async fn a_built_pipeline_has_its_name_edge_and_token() {
     let token = CancellationToken::new();
     let pipeline = Pipeline::builder()
         .with_name("orders")
-        .with_edge(EdgeConfig::try_new(8, 4).unwrap())
+        .with_edge(EdgeConfig::new(8, 4))
         .with_shutdown_token(token.clone())
         .build();
     assert_eq!(pipeline.name(), Some("orders"));
@@ -250,7 +250,7 @@ async fn shutdown_within_is_graceful_when_the_output_is_read() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_within_aborts_what_cannot_drain_and_counts_it() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(1, 1));
     let (tx, flow) = pipeline.channel::<u32>();
     let flow = flow.async_boundary("relay");
     let producer = tokio::spawn(async move {
@@ -316,9 +316,7 @@ mod tower_service {
                 }
                 Ok::<_, std::io::Error>(id * 2)
             });
-        let mapper = AsyncMapper::from_service(service)
-            .with_concurrency(4)
-            .unwrap();
+        let mapper = AsyncMapper::from_service(service).with_concurrency(4);
         let start = tokio::time::Instant::now();
         let out = within(streamz::iter(0..30u32).pipe(mapper).collect()).await;
         let (ok, err): (Vec<_>, Vec<_>) = out.into_iter().partition(Result::is_ok);
@@ -349,7 +347,7 @@ mod tower_service {
 
 #[tokio::test]
 async fn shutdown_within_is_not_graceful_when_someone_else_aborts() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(1, 1));
     let flow = pipeline.iter(0..10u32).async_boundary("relay");
     tokio::task::yield_now().await; // the relay fills its output and blocks
     let other = pipeline.clone();

@@ -258,9 +258,8 @@ fn member(
         .topics([input])
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "500")
-        .commit_every(Duration::from_millis(200))
-        .unwrap()
-        .drain_for(Duration::from_secs(20))
+        .with_commit_interval(Duration::from_millis(200))
+        .with_drain_timeout(Duration::from_secs(20))
         .start(&pipeline)
         .unwrap();
     let dlq = DeadLetterQueue::<_, KafkaRecord, _>::new(KafkaDlq::new(brokers, dead).unwrap());
@@ -484,22 +483,15 @@ async fn bad_source_settings_are_refused_with_the_setting_named() {
             .starts_with("kafka setting `enable.auto.commit` must stay false"),
         "{auto}"
     );
-    assert_eq!(
-        KafkaSource::new("127.0.0.1:1", "g")
-            .commit_every(Duration::ZERO)
-            .unwrap_err(),
-        streamz::ConfigError::Zero {
-            field: "commit_every"
-        }
-    );
-    assert_eq!(
-        KafkaSource::new("127.0.0.1:1", "g")
-            .max_unacked(0)
-            .unwrap_err(),
-        streamz::ConfigError::Zero {
-            field: "max_unacked"
-        }
-    );
+    let zero = KafkaSource::new("127.0.0.1:1", "g").with_commit_interval(Duration::ZERO);
+    assert_eq!(zero.validate().unwrap_err().field(), "commit_interval");
+    let zero = KafkaSource::new("127.0.0.1:1", "g")
+        .topics(["t"])
+        .with_max_unacked(0);
+    assert!(matches!(
+        zero.start(&pipeline).unwrap_err(),
+        streamz::kafka::KafkaError::Invalid(e) if e.field() == "max_unacked"
+    ));
     let bad = KafkaSource::new("127.0.0.1:1", "g")
         .topics(["t"])
         .set("no.such.property", "1")
@@ -509,12 +501,11 @@ async fn bad_source_settings_are_refused_with_the_setting_named() {
         matches!(bad, streamz::kafka::KafkaError::Client(_)),
         "{bad}"
     );
-    assert!(
-        KafkaSink::new("127.0.0.1:1", "t")
-            .unwrap()
-            .with_concurrency(0)
-            .is_err()
-    );
+    let zero = KafkaSink::new("127.0.0.1:1", "t")
+        .unwrap()
+        .with_concurrency(0);
+    let err = streamz::iter(Vec::<streamz::kafka::ProducerRecord>::new()).try_pipe(zero);
+    assert_eq!(err.unwrap_err().field(), "concurrency");
     // A write confirmed by the leader alone is not durable enough to
     // acknowledge a record on.
     let mut leader_only = ClientConfig::new();
@@ -550,7 +541,7 @@ async fn an_unacknowledged_record_holds_its_offset_and_is_read_again() {
             .topics(["in"])
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
-            .drain_for(Duration::from_millis(300))
+            .with_drain_timeout(Duration::from_millis(300))
             .start(&pipeline)
             .unwrap();
         let (tx, seen) = watch::channel(Vec::<String>::new());
@@ -713,8 +704,7 @@ async fn a_partition_keeps_its_order_through_ordered_stages() {
             Ok::<_, std::convert::Infallible>(out)
         }
     })
-    .with_concurrency(8)
-    .unwrap();
+    .with_concurrency(8);
     let sink = KafkaSink::new(b, "seq.out").unwrap();
     let delivered = tokio::spawn(records.pipe(call).pipe(sink).collect());
 

@@ -22,7 +22,7 @@ fn alive_tasks() -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn a_join_dropped_part_way_loses_no_panic() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
     // The first task panics at once; the second waits on a pusher.
     let broken = pipeline.iter(PanicsAt(0, 1)).async_boundary("broken");
     let (tx, waiting) = pipeline.channel::<u32>();
@@ -69,7 +69,7 @@ async fn dropping_the_final_flow_stops_every_task() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_mid_stream_counts_every_item() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 16).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(64, 16));
     let mut out = pipeline
         .iter(0..10_000u64)
         .pipe(Stage::new("a", Map::new(|x: &u64| x + 1)))
@@ -96,7 +96,7 @@ async fn dropping_mid_stream_counts_every_item() {
 
 #[tokio::test(start_paused = true)]
 async fn graceful_shutdown_delivers_everything_accepted() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(16, 4).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(16, 4));
     let (tx, flow) = pipeline.channel::<u64>();
     let out = flow
         .pipe(Stage::new("a", Map::new(|x: &u64| x * 10)))
@@ -136,7 +136,7 @@ async fn graceful_shutdown_delivers_everything_accepted() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_stops_an_iterator_source_and_flushes() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(8, 4).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(8, 4));
     let mut out = pipeline
         .iter(0..u64::MAX)
         .pipe(Stage::new("a", Map::new(|x: &u64| *x)));
@@ -155,7 +155,7 @@ async fn shutdown_stops_an_iterator_source_and_flushes() {
 
 #[tokio::test(start_paused = true)]
 async fn abort_stops_at_once_and_counts_what_was_in_flight() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(32, 8).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(32, 8));
     let mut out = pipeline
         .iter(0..1_000_000u64)
         .pipe(Stage::new("a", Map::new(|x: &u64| *x)))
@@ -203,7 +203,7 @@ impl Iterator for PanicsAt {
 
 #[tokio::test]
 async fn join_reports_a_stage_that_panicked() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
     let out = pipeline
         .iter(PanicsAt(0, 7))
         .async_boundary("reader")
@@ -248,7 +248,7 @@ async fn counters_are_readable_while_running() {
 
 #[tokio::test(start_paused = true)]
 async fn abort_stops_a_chain_whose_input_keeps_flowing() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(32, 8).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(32, 8));
     let mut out = pipeline
         .iter(0u64..)
         .pipe(Stage::new("a", Map::new(|x: &u64| *x)))
@@ -304,7 +304,7 @@ async fn fill(tx: &streamz::Pusher<u32>) -> u32 {
 
 #[tokio::test(start_paused = true)]
 async fn a_pusher_refuses_at_once_after_shutdown_while_the_output_is_full() {
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
     let (tx, flow) = pipeline.channel::<u32>();
     // Nobody reads the output yet: the stage is blocked on a full edge and
     // does not poll the source.
@@ -347,7 +347,7 @@ async fn a_pusher_refuses_at_once_after_shutdown_while_the_output_is_full() {
 #[tokio::test(start_paused = true)]
 async fn a_pusher_refuses_after_shutdown_in_front_of_a_closed_gate() {
     let (healthy, health) = watch::channel(false);
-    let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 8).unwrap());
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(64, 8));
     let (tx, flow) = pipeline.channel::<u32>();
     let out = tokio::spawn(flow.pipe(HealthGate::new(health)).collect());
     for i in 0..3 {
@@ -399,7 +399,7 @@ async fn a_pusher_refuses_after_abort_and_after_its_token_is_cancelled() {
 
 #[tokio::test(start_paused = true)]
 async fn a_push_source_counts_what_it_accepted_when_the_chain_stops_early() {
-    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::try_new(2, 1).unwrap());
+    let pipeline = Pipeline::with_edge(streamz::EdgeConfig::new(2, 1));
     let (tx, flow) = pipeline.channel::<u32>();
     let out = flow.map(|x| x + 1).async_boundary("a");
     // Nobody reads: the boundary fills its output and blocks, and the

@@ -41,7 +41,7 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 
 /// A breaker in half-open: opened by two failures, then an hour passes.
 fn half_open() -> Breaker {
-    let b = Breaker::new("m", config()).unwrap();
+    let b = Breaker::new("m", config());
     for _ in 0..2 {
         b.try_acquire().unwrap().failure(MS);
     }
@@ -96,7 +96,7 @@ fn half_open_permits_at_most_the_trial_calls_and_never_gets_stuck() {
 #[test]
 fn concurrent_failures_open_the_breaker_exactly_once() {
     model(|| {
-        let b = Breaker::new("m", config()).unwrap();
+        let b = Breaker::new("m", config());
         let threads: Vec<_> = (0..2)
             .map(|_| {
                 let b = b.clone();

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt;
-use streamz::{ConfigError, EdgeConfig, ErrorKind, Pipeline, StreamError, Throttle, TrySendError};
+use streamz::{EdgeConfig, ErrorKind, Pipeline, StreamError, Throttle, TrySendError};
 use support::{assert_conserved, split, stage, values};
 use tokio::time::{Instant, sleep};
 
@@ -30,10 +30,7 @@ async fn arrival_times<T: Send + 'static>(
 async fn a_thousand_items_at_100_per_second_with_burst_10_take_9_9_seconds() {
     let pipeline = Pipeline::new();
     let start = Instant::now();
-    let throttle = Throttle::try_new(100, Duration::from_secs(1))
-        .unwrap()
-        .with_burst(10)
-        .unwrap();
+    let throttle = Throttle::new(100, Duration::from_secs(1)).with_burst(10);
     let times = arrival_times(pipeline.iter(0..1000u32).pipe(throttle), start).await;
     assert_eq!(times.len(), 1000);
     for (k, t) in times.iter().enumerate() {
@@ -51,10 +48,7 @@ async fn a_thousand_items_at_100_per_second_with_burst_10_take_9_9_seconds() {
 #[tokio::test(start_paused = true)]
 async fn no_window_of_one_period_holds_more_than_rate_plus_burst() {
     let start = Instant::now();
-    let throttle = Throttle::try_new(50, Duration::from_secs(1))
-        .unwrap()
-        .with_burst(20)
-        .unwrap();
+    let throttle = Throttle::new(50, Duration::from_secs(1)).with_burst(20);
     let (tx, flow) = streamz::channel::<u32>();
     let feeder = tokio::spawn(async move {
         // Bursty input: 300 at once, a pause, 300 more.
@@ -84,10 +78,8 @@ async fn no_window_of_one_period_holds_more_than_rate_plus_burst() {
 async fn the_cost_function_charges_tokens_per_value() {
     let start = Instant::now();
     // 100 tokens per second, burst 100; values cost their length.
-    let throttle = Throttle::try_new(100, Duration::from_secs(1))
-        .unwrap()
+    let throttle = Throttle::new(100, Duration::from_secs(1))
         .with_burst(100)
-        .unwrap()
         .with_cost(|s: &String| s.len() as u64);
     let input = [
         "x".repeat(60),
@@ -103,10 +95,8 @@ async fn the_cost_function_charges_tokens_per_value() {
 #[tokio::test(start_paused = true)]
 async fn a_value_heavier_than_the_burst_waits_for_a_full_bucket_and_leaves_debt() {
     let start = Instant::now();
-    let throttle = Throttle::try_new(10, Duration::from_secs(1))
-        .unwrap()
+    let throttle = Throttle::new(10, Duration::from_secs(1))
         .with_burst(10)
-        .unwrap()
         .with_cost(|n: &u64| *n);
     let times = arrival_times(streamz::iter([5u64, 30, 1]).pipe(throttle), start).await;
     // 5 from the burst; 30 waits until the bucket is full again (0.5 s)
@@ -127,7 +117,7 @@ async fn errors_pass_in_order_without_tokens_unless_configured() {
     };
     let start = Instant::now();
     let pipeline = Pipeline::new();
-    let free = Throttle::try_new(1, Duration::from_secs(1)).unwrap();
+    let free = Throttle::new(1, Duration::from_secs(1));
     let times = arrival_times(pipeline.try_stream(items()).pipe(free), start).await;
     assert_eq!(times, [0, 0, 0, 1000].map(Duration::from_millis));
     let m = stage(&pipeline, "throttle");
@@ -135,9 +125,7 @@ async fn errors_pass_in_order_without_tokens_unless_configured() {
     assert_conserved(&m);
 
     let start = Instant::now();
-    let charged = Throttle::try_new(1, Duration::from_secs(1))
-        .unwrap()
-        .with_error_cost(1);
+    let charged = Throttle::new(1, Duration::from_secs(1)).with_error_cost(1);
     let out = streamz::try_stream(items()).pipe(charged);
     let times = arrival_times(out, start).await;
     assert_eq!(times, [0, 1000, 2000, 3000].map(Duration::from_millis));
@@ -145,10 +133,10 @@ async fn errors_pass_in_order_without_tokens_unless_configured() {
 
 #[tokio::test(start_paused = true)]
 async fn shaping_never_drops_and_holds_the_producer_back() {
-    let edge = EdgeConfig::try_new(4, 2).unwrap();
+    let edge = EdgeConfig::new(4, 2);
     let pipeline = Pipeline::with_edge(edge);
     let (tx, flow) = pipeline.channel::<u32>();
-    let throttle = Throttle::try_new(1, Duration::from_secs(1)).unwrap();
+    let throttle = Throttle::new(1, Duration::from_secs(1));
     let reader = tokio::spawn(flow.pipe(throttle).collect());
     let mut accepted = 0u32;
     loop {
@@ -174,9 +162,7 @@ async fn shaping_never_drops_and_holds_the_producer_back() {
 async fn dropping_mode_emits_on_the_leading_edge_and_counts_every_drop() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();
-    let throttle = Throttle::try_new(1, Duration::from_millis(100))
-        .unwrap()
-        .dropping();
+    let throttle = Throttle::new(1, Duration::from_millis(100)).dropping();
     let start = Instant::now();
     let reader = tokio::spawn(async move {
         let mut flow = flow.pipe(throttle);
@@ -209,8 +195,7 @@ async fn dropping_mode_never_drops_errors() {
         Err(StreamError::failed("reader", "bad")),
         Ok(3),
     ]);
-    let throttle = Throttle::try_new(1, Duration::from_secs(1))
-        .unwrap()
+    let throttle = Throttle::new(1, Duration::from_secs(1))
         .with_error_cost(1)
         .dropping();
     let (oks, errs) = split(streamz::try_stream(input).pipe(throttle).collect().await);
@@ -221,12 +206,10 @@ async fn dropping_mode_never_drops_errors() {
 #[tokio::test(start_paused = true)]
 async fn a_panicking_cost_function_fails_only_its_value() {
     let pipeline = Pipeline::new();
-    let throttle = Throttle::try_new(1000, Duration::from_secs(1))
-        .unwrap()
-        .with_cost(|s: &String| {
-            assert!(s != "bad", "no cost for bad");
-            1
-        });
+    let throttle = Throttle::new(1000, Duration::from_secs(1)).with_cost(|s: &String| {
+        assert!(s != "bad", "no cost for bad");
+        1
+    });
     let input = ["a", "bad", "c"].map(String::from);
     let (oks, mut errs) = split(pipeline.iter(input).pipe(throttle).collect().await);
     assert_eq!(oks, ["a", "c"]);
@@ -240,7 +223,7 @@ async fn a_panicking_cost_function_fails_only_its_value() {
 #[tokio::test(start_paused = true)]
 async fn abort_while_waiting_counts_the_held_items() {
     let pipeline = Pipeline::new();
-    let throttle = Throttle::try_new(1, Duration::from_secs(1)).unwrap();
+    let throttle = Throttle::new(1, Duration::from_secs(1));
     let mut out = pipeline.iter(0..100u32).pipe(throttle);
     assert_eq!(out.next().await.unwrap().unwrap(), 0);
     sleep(2500 * MS).await;
@@ -260,7 +243,7 @@ async fn abort_while_waiting_counts_the_held_items() {
 async fn graceful_shutdown_lets_the_waiting_items_through_at_the_rate() {
     let pipeline = Pipeline::new();
     let (tx, flow) = pipeline.channel::<u32>();
-    let throttle = Throttle::try_new(1, Duration::from_secs(1)).unwrap();
+    let throttle = Throttle::new(1, Duration::from_secs(1));
     let start = Instant::now();
     let reader = tokio::spawn(arrival_times(flow.pipe(throttle), start));
     for i in 0..3 {
@@ -274,23 +257,18 @@ async fn graceful_shutdown_lets_the_waiting_items_through_at_the_rate() {
     assert_conserved(&m);
 }
 
-#[test]
-fn bad_configuration_is_rejected() {
+#[tokio::test]
+async fn bad_configuration_is_refused_when_piped() {
     let one_second = Duration::from_secs(1);
+    let field = |t: Throttle<u8>| support::refused(t).field();
+    assert_eq!(field(Throttle::new(0, one_second)), "rate");
+    assert_eq!(field(Throttle::new(1, Duration::ZERO)), "period");
+    assert_eq!(field(Throttle::new(1, Duration::MAX)), "period");
+    assert_eq!(field(Throttle::new(1, one_second).with_burst(0)), "burst");
+    let err = support::refused(Throttle::<u8>::new(0, one_second).named("api"));
     assert_eq!(
-        Throttle::<u8>::try_new(0, one_second).unwrap_err(),
-        ConfigError::Zero { field: "rate" }
-    );
-    assert_eq!(
-        Throttle::<u8>::try_new(1, Duration::ZERO).unwrap_err(),
-        ConfigError::Zero { field: "period" }
-    );
-    assert_eq!(
-        Throttle::<u8>::try_new(1, one_second)
-            .unwrap()
-            .with_burst(0)
-            .unwrap_err(),
-        ConfigError::Zero { field: "burst" }
+        err.to_string(),
+        "Throttle `api`: `rate` must be greater than zero"
     );
 }
 
@@ -303,7 +281,7 @@ fn bad_configuration_is_rejected() {
 async fn in_real_time_the_delivered_rate_is_close_to_the_configured_one() {
     const RATE: u64 = 1000;
     const ITEMS: u64 = 400;
-    let throttle = Throttle::try_new(RATE, Duration::from_secs(1)).unwrap();
+    let throttle = Throttle::new(RATE, Duration::from_secs(1));
     let mut flow = streamz::iter(0..=ITEMS).pipe(throttle);
     // The first item passes at once; time from it.
     flow.next().await.unwrap().unwrap();

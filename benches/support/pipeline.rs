@@ -62,7 +62,7 @@ async fn drain<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> u64 {
 }
 
 pub async fn streamz_pipeline(n: u64) -> Summary {
-    let (dead, letters) = streamz::dlq::channel::<Record>(1024).unwrap();
+    let (dead, letters) = streamz::dlq::channel::<Record>(1024);
     let dead_letters = tokio::spawn(async move {
         let mut n = 0;
         while letters.recv().await.is_ok() {
@@ -72,10 +72,10 @@ pub async fn streamz_pipeline(n: u64) -> Summary {
     });
     let mut flow = streamz::iter((0..n).map(record))
         .map(price)
-        .pipe(AsyncMapper::new(call).with_concurrency(4).unwrap())
+        .pipe(AsyncMapper::new(call).with_concurrency(4))
         .pipe(DeadLetterQueue::new(dead))
         .filter(keep)
-        .pipe(Batcher::try_new(100, Duration::from_millis(10)).unwrap());
+        .pipe(Batcher::new(100, Duration::from_millis(10)));
     let mut s = Summary::default();
     while let Some(chunk) = flow.next_chunk().await {
         for batch in chunk.values() {

@@ -163,7 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_by_items_and_oversized_chunk_passes_empty_queue() {
-        let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::try_new(4, 16).unwrap());
+        let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::new(4, 16));
         // Oversized chunk: takes all 4 permits, passes the empty queue.
         tx.send(Chunk::from_values(vec![0; 10])).await.unwrap();
         // Queue is full now: the next send waits.
@@ -185,7 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_receiver_hands_chunk_back_to_waiting_sender() {
-        let (tx, rx) = chunk_channel::<u32>(EdgeConfig::try_new(1, 1).unwrap());
+        let (tx, rx) = chunk_channel::<u32>(EdgeConfig::new(1, 1));
         tx.send(Chunk::from_values(vec![1])).await.unwrap();
         let waiting = tokio::spawn({
             let tx = tx.clone();
@@ -199,7 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_and_drain_counts_queued_items() {
-        let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::new());
+        let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::default());
         tx.send(Chunk::from_values(vec![1, 2, 3])).await.unwrap();
         tx.send(Chunk::from_values(vec![4])).await.unwrap();
         assert_eq!(rx.close_and_drain(), 4);

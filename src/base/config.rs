@@ -1,34 +1,141 @@
 //! Per-edge transport configuration.
 
-use std::num::NonZeroUsize;
+use std::borrow::Cow;
+use std::fmt;
 
-/// Invalid configuration, rejected before anything runs.
+/// An invalid setting, found when its operator is piped.
+///
+/// Constructors and `with_*` setters never fail; each operator checks its
+/// settings once, when [`Flow::pipe`](crate::Flow::pipe) starts it. The
+/// error names the operator, its stage and the field, and says what the
+/// field requires. [`Flow::try_pipe`](crate::Flow::try_pipe) returns it;
+/// [`Flow::pipe`](crate::Flow::pipe) turns it into one
+/// [`ErrorKind::Config`](crate::ErrorKind::Config) error item, starts
+/// nothing, and makes [`Pipeline::join`](crate::Pipeline::join) return
+/// [`PipelineError::Config`](crate::PipelineError::Config).
 ///
 /// ```
-/// use streamz::{ConfigError, EdgeConfig};
+/// use std::time::Duration;
+/// use streamz::Throttle;
 ///
-/// assert_eq!(
-///     EdgeConfig::try_new(0, 64).unwrap_err(),
-///     ConfigError::Zero { field: "capacity" },
-/// );
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = streamz::iter(0..3)
+///     .try_pipe(Throttle::new(0, Duration::from_secs(1)).named("api"))
+///     .unwrap_err();
+/// assert_eq!((err.operator(), err.stage(), err.field()), (Some("Throttle"), Some("api"), "rate"));
+/// assert_eq!(err.to_string(), "Throttle `api`: `rate` must be greater than zero");
+/// # }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A size or count that must be at least one was zero.
-    #[error("`{field}` must be greater than zero")]
-    Zero {
-        /// The configuration field.
-        field: &'static str,
-    },
-    /// A value is outside the range the field accepts.
-    #[error("`{field}` {reason}")]
-    Invalid {
-        /// The configuration field.
-        field: &'static str,
-        /// What the field requires, as a phrase (`must be at least 1.0`).
-        reason: &'static str,
-    },
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    operator: Option<&'static str>,
+    stage: Option<String>,
+    field: &'static str,
+    reason: Cow<'static, str>,
+}
+
+impl ConfigError {
+    /// `field` does not hold what it must; `reason` says what, as a phrase
+    /// that follows the field's name (`must be at least 1.0`).
+    pub fn new(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        ConfigError {
+            operator: None,
+            stage: None,
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// `field` is zero but must be at least one.
+    pub const fn zero(field: &'static str) -> Self {
+        ConfigError {
+            operator: None,
+            stage: None,
+            field,
+            reason: Cow::Borrowed("must be greater than zero"),
+        }
+    }
+
+    /// Names the operator and stage the setting belongs to, each unless
+    /// already named (by an inner part such as a retry policy, or by a
+    /// step that knows its type but not its stage).
+    pub fn in_stage(mut self, operator: &'static str, stage: &str) -> Self {
+        self.operator.get_or_insert(operator);
+        if self.stage.is_none() {
+            self.stage = Some(stage.to_owned());
+        }
+        self
+    }
+
+    /// Names the operator only (a [`Step`](crate::Step)'s `validate`: the
+    /// stage is named where the step is fused or staged).
+    pub fn in_operator(mut self, operator: &'static str) -> Self {
+        self.operator.get_or_insert(operator);
+        self
+    }
+
+    /// The operator's type (`Throttle`), once piped.
+    pub fn operator(&self) -> Option<&'static str> {
+        self.operator
+    }
+
+    /// The stage's name (`api-limit`), once piped.
+    pub fn stage(&self) -> Option<&str> {
+        self.stage.as_deref()
+    }
+
+    /// The setting (`rate`, `edge.capacity`).
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// What the setting requires (`must be greater than zero`).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Whether the setting was zero where it must be at least one.
+    pub fn is_zero(&self) -> bool {
+        self.reason == "must be greater than zero"
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.operator, &self.stage) {
+            (Some(op), Some(stage)) => write!(f, "{op} `{stage}`: ")?,
+            (Some(op), None) => write!(f, "{op}: ")?,
+            _ => {}
+        }
+        write!(f, "`{}` {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The most outputs a fan-out (`partition`, `broadcast_with`) may have:
+/// each is a channel and a flow, made up front.
+pub(crate) const MAX_OUTPUTS: usize = 1 << 16;
+
+/// A fan-out's output count: from 1 to [`MAX_OUTPUTS`].
+pub(crate) fn outputs(n: usize, field: &'static str) -> Result<(), ConfigError> {
+    nonzero(n, field)?;
+    if n > MAX_OUTPUTS {
+        return Err(ConfigError::new(field, "must be at most 65,536"));
+    }
+    Ok(())
+}
+
+/// `Err(ConfigError::zero(field))` if `n` is zero.
+pub(crate) fn nonzero<N: PartialEq + Default>(
+    n: N,
+    field: &'static str,
+) -> Result<(), ConfigError> {
+    if n == N::default() {
+        Err(ConfigError::zero(field))
+    } else {
+        Ok(())
+    }
 }
 
 /// How the channel on one edge of a pipeline is sized.
@@ -53,86 +160,91 @@ pub enum ConfigError {
 /// # Examples
 ///
 /// ```
-/// use std::num::NonZeroUsize;
-/// use streamz::EdgeConfig;
+/// use streamz::{EdgeConfig, Pipeline};
 ///
-/// let edge = EdgeConfig::new()
-///     .with_capacity(NonZeroUsize::new(64).unwrap())
-///     .with_max_chunk(NonZeroUsize::new(16).unwrap());
-/// assert_eq!(edge.capacity(), 64);
-/// assert_eq!(edge.max_chunk(), 16);
+/// let edge = EdgeConfig::new(64, 16);
+/// assert_eq!((edge.capacity(), edge.max_chunk()), (64, 16));
+/// let pipeline = Pipeline::builder().with_edge(edge).build();
 ///
-/// // From untrusted numbers (a config file), zero is a typed error:
-/// assert!(EdgeConfig::try_new(64, 0).is_err());
+/// // Zero is reported when a stage using the edge is piped:
+/// assert_eq!(EdgeConfig::new(64, 0).validate().unwrap_err().field(), "edge.max_chunk");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeConfig {
-    capacity: NonZeroUsize,
-    max_chunk: NonZeroUsize,
+    capacity: usize,
+    max_chunk: usize,
 }
 
 impl EdgeConfig {
-    /// The default configuration (see the table above).
-    pub const fn new() -> Self {
+    /// An edge of `capacity` items in chunks of at most `max_chunk`.
+    /// Checked when a stage using it is piped: both at least 1, and
+    /// `capacity` at most `usize::MAX / 8` (the channel counts items with
+    /// a tokio semaphore).
+    pub const fn new(capacity: usize, max_chunk: usize) -> Self {
         EdgeConfig {
-            capacity: NonZeroUsize::new(1024).unwrap(),
-            max_chunk: NonZeroUsize::new(256).unwrap(),
-        }
-    }
-
-    /// Builds a configuration from plain numbers.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if either value is zero.
-    pub const fn try_new(capacity: usize, max_chunk: usize) -> Result<Self, ConfigError> {
-        let Some(capacity) = NonZeroUsize::new(capacity) else {
-            return Err(ConfigError::Zero { field: "capacity" });
-        };
-        let Some(max_chunk) = NonZeroUsize::new(max_chunk) else {
-            return Err(ConfigError::Zero { field: "max_chunk" });
-        };
-        // The channel counts items with a tokio semaphore, which holds at
-        // most `usize::MAX >> 3` permits.
-        if capacity.get() > usize::MAX >> 3 {
-            return Err(ConfigError::Invalid {
-                field: "capacity",
-                reason: "must be at most usize::MAX / 8",
-            });
-        }
-        Ok(EdgeConfig {
             capacity,
             max_chunk,
-        })
+        }
     }
 
     /// Sets how many items may wait in the channel.
-    pub const fn with_capacity(mut self, capacity: NonZeroUsize) -> Self {
+    pub const fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
     /// Sets the largest number of items in one chunk.
-    pub const fn with_max_chunk(mut self, max_chunk: NonZeroUsize) -> Self {
+    pub const fn with_max_chunk(mut self, max_chunk: usize) -> Self {
         self.max_chunk = max_chunk;
         self
     }
 
+    /// Checks the settings (see [`new`](EdgeConfig::new)).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for the field `edge.capacity` or `edge.max_chunk`.
+    ///
+    /// ```
+    /// let err = streamz::EdgeConfig::new(0, 64).validate().unwrap_err();
+    /// assert_eq!(err.field(), "edge.capacity");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.capacity, "edge.capacity")?;
+        nonzero(self.max_chunk, "edge.max_chunk")?;
+        if self.capacity > usize::MAX >> 3 {
+            return Err(ConfigError::new(
+                "edge.capacity",
+                "must be at most usize::MAX / 8",
+            ));
+        }
+        Ok(())
+    }
+
+    /// This edge with zero settings raised to 1 and the capacity capped,
+    /// for transport built before (or despite) validation.
+    pub(crate) fn sane(self) -> Self {
+        EdgeConfig {
+            capacity: self.capacity.clamp(1, usize::MAX >> 3),
+            max_chunk: self.max_chunk.max(1),
+        }
+    }
+
     /// How many items may wait in the channel.
     pub const fn capacity(&self) -> usize {
-        self.capacity.get()
+        self.capacity
     }
 
     /// The largest number of items in one chunk.
     pub const fn max_chunk(&self) -> usize {
-        self.max_chunk.get()
+        self.max_chunk
     }
 
     /// The most items this edge holds at once: the queue plus one chunk at
     /// each end.
     ///
     /// ```
-    /// let edge = streamz::EdgeConfig::try_new(100, 10).unwrap();
+    /// let edge = streamz::EdgeConfig::new(100, 10);
     /// assert_eq!(edge.max_items_held(), 120);
     /// ```
     pub const fn max_items_held(&self) -> usize {
@@ -146,7 +258,8 @@ impl EdgeConfig {
 }
 
 impl Default for EdgeConfig {
+    /// 1024 items, in chunks of at most 256.
     fn default() -> Self {
-        Self::new()
+        Self::new(1024, 256)
     }
 }

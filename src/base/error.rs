@@ -52,6 +52,10 @@ pub enum ErrorKind {
     /// `circuit-breaker`).
     #[cfg(feature = "circuit-breaker")]
     CircuitOpen,
+    /// The stage did not start: one of its settings is invalid. The error's
+    /// cause is the [`ConfigError`](crate::ConfigError); it carries no
+    /// item, and it is the only item of the stage's output.
+    Config,
 }
 
 impl ErrorKind {
@@ -69,6 +73,7 @@ impl ErrorKind {
             ErrorKind::GateClosed => "gate_closed",
             #[cfg(feature = "circuit-breaker")]
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::Config => "config",
         }
     }
 }

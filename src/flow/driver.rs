@@ -886,7 +886,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_operator_panic_keeps_the_counts_and_reaches_join() {
-        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 2).unwrap());
+        let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 2));
         let flow = pipeline.iter(0..20u32);
         let out = spawn(flow, "fragile", None, Fragile { held: Vec::new() });
         let items = out.collect().await;
@@ -912,7 +912,7 @@ mod tests {
 
     #[tokio::test]
     async fn outputs_are_cut_to_max_chunk() {
-        let pipeline = Pipeline::with_edge(EdgeConfig::try_new(4, 3).unwrap());
+        let pipeline = Pipeline::with_edge(EdgeConfig::new(4, 3));
         let flow = pipeline.stream(futures::stream::iter(0..10u32));
         struct Burst;
         impl Operator<u32, u32> for Burst {

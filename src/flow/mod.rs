@@ -20,9 +20,9 @@ use std::task::{Context, Poll};
 use futures::{Sink, SinkExt, Stream};
 
 use crate::base::chunk::{Chunk, IntoIter as ChunkIter};
-use crate::base::config::EdgeConfig;
+use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::Counters;
-use crate::base::error::{BoxError, Result};
+use crate::base::error::{BoxError, ErrorKind, Result, StreamError};
 use crate::flow::pipeline::Pipeline;
 use crate::flow::processor::Processor;
 use crate::flow::source::{BoxSource, ChunkSource, FusedSource};
@@ -168,11 +168,107 @@ impl<T: Send + 'static> Flow<T> {
     /// assert_eq!(evens.len(), 5);
     /// # }
     /// ```
+    ///
+    /// The processor's settings are checked first
+    /// ([`Processor::validate`]). If one is invalid the stage does not
+    /// start: its input is dropped (the stage before it counts what it
+    /// could not deliver, and what it had sent already is counted in
+    /// [`Pipeline::discarded`]), its output is one
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) error item whose
+    /// cause is the [`ConfigError`], and [`Pipeline::join`] returns
+    /// [`PipelineError::Config`](crate::PipelineError::Config). Use
+    /// [`try_pipe`](Flow::try_pipe) to handle it where the pipeline is
+    /// built.
     pub fn pipe<U, P>(self, processor: P) -> Flow<U>
+    where
+        U: Send + 'static,
+        P: Processor<T, U>,
+    {
+        match self.pipeline.validate().and_then(|()| processor.validate()) {
+            Ok(()) => processor.process(self),
+            Err(error) => {
+                let stage = processor.name().to_owned();
+                self.refuse(stage, error)
+            }
+        }
+    }
+
+    /// The output of a stage that was not started because of `error`: one
+    /// [`ErrorKind::Config`] item, recorded for [`Pipeline::join`]. This
+    /// flow is dropped: the stage before counts what it could not deliver,
+    /// and what it had already sent is counted in
+    /// [`Pipeline::discarded`].
+    pub(crate) fn refuse<U: Send + 'static>(self, stage: String, error: ConfigError) -> Flow<U> {
+        self.refuse_fan_out(stage, error, 1)
+            .pop()
+            .expect("one output")
+    }
+
+    /// The `n` (at least one) outputs of a stage or fan-out that was not
+    /// started: each holds one [`ErrorKind::Config`] item, so whichever
+    /// output is read shows why; the error is recorded once.
+    pub(crate) fn refuse_fan_out<U: Send + 'static>(
+        self,
+        stage: String,
+        error: ConfigError,
+        n: usize,
+    ) -> Vec<Flow<U>> {
+        let pipeline = self.pipeline.clone();
+        drop(self);
+        pipeline.add_config_error(error.clone());
+        tracing::error!(stage = %stage, %error, "stage not started");
+        // As many outputs as the caller expects, unless that is the
+        // invalid setting itself.
+        let n = if n > crate::base::config::MAX_OUTPUTS {
+            1
+        } else {
+            n.max(1)
+        };
+        (0..n)
+            .map(|_| {
+                let item =
+                    StreamError::new(ErrorKind::Config, stage.clone()).with_source(error.clone());
+                let first = Chunk {
+                    values: Vec::new(),
+                    errors: vec![(0, item)],
+                };
+                Flow::from_source(
+                    pipeline.clone(),
+                    Box::new(Prepend {
+                        first: Some(first),
+                        inner: Box::new(Ended),
+                    }),
+                )
+            })
+            .collect()
+    }
+
+    /// Runs `processor` on this flow if its settings are valid
+    /// ([`Processor::validate`]); otherwise returns why, and drops this
+    /// flow.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] naming the operator, its stage and the field.
+    ///
+    /// ```
+    /// use streamz::Batcher;
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let err = streamz::iter(0..10)
+    ///     .try_pipe(Batcher::new(0, Duration::from_millis(10)))
+    ///     .unwrap_err();
+    /// assert_eq!(err.to_string(), "Batcher `batcher`: `max_size` must be greater than zero");
+    /// # }
+    /// ```
+    pub fn try_pipe<U, P>(self, processor: P) -> std::result::Result<Flow<U>, ConfigError>
     where
         P: Processor<T, U>,
     {
-        processor.process(self)
+        self.pipeline.validate()?;
+        processor.validate()?;
+        Ok(processor.process(self))
     }
 
     /// Runs `step` inside the task that reads this flow: no task, no channel
@@ -184,7 +280,37 @@ impl<T: Send + 'static> Flow<T> {
         U: Send + 'static,
         S: Step<T, U>,
     {
-        self.fuse(name, step).0
+        let name: Cow<'static, str> = name.into();
+        match self.pipeline.validate().and_then(|()| step.validate()) {
+            Ok(()) => self.fuse(name, step).0,
+            Err(error) => {
+                let error = error.in_stage("Step", &name);
+                self.refuse(name.into_owned(), error)
+            }
+        }
+    }
+
+    /// Fuses `step` as [`step`](Flow::step) does if its settings are valid
+    /// ([`Step::validate`]); otherwise returns why, and drops this flow.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] naming the step, its stage and the field.
+    pub fn try_step<U, S>(
+        self,
+        name: impl Into<Cow<'static, str>>,
+        step: S,
+    ) -> std::result::Result<Flow<U>, ConfigError>
+    where
+        U: Send + 'static,
+        S: Step<T, U>,
+    {
+        let name: Cow<'static, str> = name.into();
+        self.pipeline
+            .validate()
+            .and_then(|()| step.validate())
+            .map_err(|e| e.in_stage("Step", &name))?;
+        Ok(self.fuse(name, step).0)
     }
 
     pub(crate) fn fuse<U, S>(
@@ -235,6 +361,15 @@ impl<T: Send + 'static> Flow<T> {
         name: impl Into<Cow<'static, str>>,
         edge: EdgeConfig,
     ) -> Flow<T> {
+        let name: Cow<'static, str> = name.into();
+        let checked = self
+            .pipeline
+            .validate()
+            .and(edge.validate())
+            .map_err(|e| e.in_stage("async_boundary", &name));
+        if let Err(error) = checked {
+            return self.refuse(name.into_owned(), error);
+        }
         let (flow, counters) = self.fuse(name, crate::flow::stage::Pass);
         flow.spawn_task(counters, edge)
     }
@@ -416,7 +551,7 @@ impl<T> Drop for Flow<T> {
 }
 
 /// The source of a flow that has ended.
-struct Ended;
+pub(crate) struct Ended;
 
 impl<T> ChunkSource<T> for Ended {
     fn poll_chunk(&mut self, _: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {

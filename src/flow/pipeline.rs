@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::base::config::EdgeConfig;
+use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
 use crate::base::signal::Signal;
@@ -46,7 +46,7 @@ use crate::flow::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource
 /// use streamz::{EdgeConfig, Pipeline};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let pipeline = Pipeline::with_edge(EdgeConfig::try_new(64, 16).unwrap());
+/// let pipeline = Pipeline::with_edge(EdgeConfig::new(64, 16));
 /// let out = pipeline
 ///     .iter(0..100u64)
 ///     .map(|x| x * 2)
@@ -69,7 +69,12 @@ pub struct Pipeline {
 /// form a cycle of strong references that would never be freed.
 struct Inner {
     name: Option<Arc<str>>,
+    /// The edge given, with zeros raised to 1 (see `edge_error`).
     edge: EdgeConfig,
+    /// Why the edge given is invalid: every pipe on this pipeline fails.
+    edge_error: Option<ConfigError>,
+    /// Stages that were not started because a setting is invalid.
+    config_errors: Mutex<Vec<ConfigError>>,
     shutdown: Signal,
     abort: Signal,
     stages: Mutex<Vec<Counters>>,
@@ -201,7 +206,7 @@ impl fmt::Debug for Pipeline {
 impl Pipeline {
     /// A pipeline with the default [`EdgeConfig`].
     pub fn new() -> Self {
-        Self::with_edge(EdgeConfig::new())
+        Self::builder().build()
     }
 
     /// A pipeline whose edges use `edge` unless a stage sets its own.
@@ -219,7 +224,7 @@ impl Pipeline {
     /// let token = CancellationToken::new();
     /// let pipeline = Pipeline::builder()
     ///     .with_name("orders")
-    ///     .with_edge(EdgeConfig::try_new(64, 16).unwrap())
+    ///     .with_edge(EdgeConfig::new(64, 16))
     ///     .with_shutdown_token(token.clone())
     ///     .build();
     /// assert_eq!(pipeline.name(), Some("orders"));
@@ -252,9 +257,15 @@ impl Pipeline {
     }
 
     fn build(name: Option<Arc<str>>, edge: EdgeConfig, shutdown: CancellationToken) -> Self {
+        let edge_error = edge
+            .validate()
+            .err()
+            .map(|e| e.in_stage("Pipeline", name.as_deref().unwrap_or("pipeline")));
         let inner = Arc::new(Inner {
             name,
-            edge,
+            edge: edge.sane(),
+            edge_error,
+            config_errors: Mutex::new(Vec::new()),
             shutdown: Signal::new(shutdown),
             abort: Signal::new(CancellationToken::new()),
             stages: Mutex::new(Vec::new()),
@@ -269,9 +280,21 @@ impl Pipeline {
         }
     }
 
-    /// The default edge configuration of this pipeline.
+    /// The default edge configuration of this pipeline. An invalid one
+    /// (a zero) is shown raised to 1: no stage starts on it, and
+    /// [`Flow::try_pipe`] says why.
     pub fn edge(&self) -> EdgeConfig {
         self.inner.edge
+    }
+
+    /// The pipeline's own settings, checked before any stage is piped.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.inner.edge_error.clone().map_or(Ok(()), Err)
+    }
+
+    /// Records a stage that was not started, for [`join`](Pipeline::join).
+    pub(crate) fn add_config_error(&self, error: ConfigError) {
+        lock(&self.inner.config_errors).push(error);
     }
 
     /// A source of the iterator's items, pulled `max_chunk` at a time by the
@@ -456,7 +479,9 @@ impl Pipeline {
     ///
     /// # Errors
     ///
-    /// [`PipelineError::Panicked`] lists the stages whose task panicked
+    /// [`PipelineError::Config`] if a stage was not started because a
+    /// setting of it is invalid (checked first: such a pipeline is
+    /// misconfigured whatever else happened). [`PipelineError::Panicked`] lists the stages whose task panicked
     /// (every join reports them, not only the first). Panics in user
     /// closures do not count: they become error items.
     ///
@@ -495,6 +520,12 @@ impl Pipeline {
                 }
             }
         }
+        let config = pipelines
+            .iter()
+            .find_map(|p| lock(&p.config_errors).first().cloned());
+        if let Some(error) = config {
+            return Err(PipelineError::Config(error));
+        }
         let panics: Vec<StagePanic> = pipelines
             .iter()
             .flat_map(|p| lock(&p.panicked).clone())
@@ -516,7 +547,8 @@ impl Pipeline {
     ///
     /// # Errors
     ///
-    /// As [`join`](Pipeline::join): a stage whose task panicked.
+    /// As [`join`](Pipeline::join): a stage not started or whose task
+    /// panicked.
     ///
     /// # Examples
     ///
@@ -529,7 +561,7 @@ impl Pipeline {
     /// // Edges of one item, and nobody reads the final flow: once the relay
     /// // has filled its output it cannot drain what it holds, the grace
     /// // period runs out, and the pipeline is aborted.
-    /// let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1).unwrap());
+    /// let pipeline = Pipeline::with_edge(EdgeConfig::new(1, 1));
     /// let flow = pipeline.iter(0..10u32).async_boundary("relay");
     /// tokio::task::yield_now().await; // the relay runs until it blocks
     /// let report = pipeline.shutdown_within(Duration::from_millis(50)).await.unwrap();
@@ -737,6 +769,11 @@ impl Drop for PutBack<'_> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PipelineError {
+    /// A stage was not started because one of its settings is invalid
+    /// (the first such stage; each one's output held the error as an
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) item).
+    #[error("a stage did not start: {0}")]
+    Config(ConfigError),
     /// The tasks of these stages panicked outside user code.
     #[error("{} stage task(s) panicked: {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
     Panicked(Vec<StagePanic>),

@@ -41,6 +41,19 @@ pub trait Processor<In, Out> {
     /// The stage's name, used for counters, tracing spans and error items.
     fn name(&self) -> &str;
 
+    /// Checks the stage's settings. [`Flow::pipe`](crate::Flow::pipe) and
+    /// [`Flow::try_pipe`](crate::Flow::try_pipe) call it first and start
+    /// the stage only if it passes. The default accepts everything.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`](crate::ConfigError) naming the field, made with
+    /// [`in_stage`](crate::ConfigError::in_stage) so it names the
+    /// operator and this stage.
+    fn validate(&self) -> Result<(), crate::ConfigError> {
+        Ok(())
+    }
+
     /// Starts the stage on `input` and returns its output. Stages that need
     /// a task spawn it here, so this must be called inside a tokio runtime.
     fn process(self, input: Flow<In>) -> Flow<Out>;

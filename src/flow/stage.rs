@@ -89,6 +89,13 @@ where
         &self.name
     }
 
+    fn validate(&self) -> Result<(), crate::ConfigError> {
+        self.step
+            .validate()
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Stage", &self.name))
+    }
+
     fn process(self, input: Flow<In>) -> Flow<Out> {
         let edge = self.edge.unwrap_or(input.pipeline().edge());
         let (fused, counters) = input.fuse(self.name, self.step);

@@ -63,6 +63,20 @@ pub trait Step<In, Out>: Send + 'static {
     /// which it does not take is counted as dropped.
     fn on_item(&mut self, item: Item<'_, In>, out: &mut Emit<'_, Out>);
 
+    /// Checks the step's settings before it runs ([`Flow::step`](crate::Flow::step)
+    /// and [`Stage`](crate::Stage) call it; an invalid one starts nothing,
+    /// as for [`Processor::validate`](crate::Processor::validate)). Name
+    /// the step's type with [`ConfigError::in_operator`](crate::ConfigError::in_operator);
+    /// the stage name is added where it is known. The default accepts
+    /// everything.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`](crate::ConfigError) naming the field.
+    fn validate(&self) -> Result<(), crate::ConfigError> {
+        Ok(())
+    }
+
     /// Handles an error item from upstream. The default passes it on
     /// unchanged, which is what almost every stage should do. An error the
     /// step does not take is passed on unchanged too, also when the step

@@ -14,7 +14,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
 use crate::base::time::{self, Deadline};
 use crate::flow::Flow;
@@ -39,10 +38,12 @@ type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 /// There is no default size or latency: both are required. No weight limit
 /// unless [`with_weight`](Batcher::with_weight) sets one. The stage is named
 /// `batcher`. Its output edge holds about as many *values* as the
-/// pipeline's [`EdgeConfig`] allows items: its capacity and chunk length
-/// in batches are the pipeline's divided by the batch size (at least 1),
-/// so a consumer that falls behind holds back upstream after a few
-/// batches, not after a thousand batches of values
+/// pipeline's [`EdgeConfig`] allows items: its capacity in batches is the
+/// pipeline's divided by the batch size (rounded down, at least 1) and its
+/// chunk length the same quotient rounded up (256 / 100 gives 3 batches a
+/// chunk, so a chunk of input values leaves in one send), so a consumer
+/// that falls behind holds back upstream after a few batches, not after a
+/// thousand batches of values
 /// ([`with_edge`](Batcher::with_edge) sets it explicitly).
 ///
 /// # Counters
@@ -59,7 +60,7 @@ type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 /// use streamz::Batcher;
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-/// let batcher = Batcher::try_new(3, Duration::from_millis(10)).unwrap();
+/// let batcher = Batcher::new(3, Duration::from_millis(10));
 /// let batches = streamz::iter(1..=7).pipe(batcher).collect().await;
 /// let batches: Vec<Vec<i32>> = batches.into_iter().map(Result::unwrap).collect();
 /// assert_eq!(batches, [vec![1, 2, 3], vec![4, 5, 6], vec![7]]); // 7: flushed at the end
@@ -67,7 +68,7 @@ type WeightFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 /// ```
 pub struct Batcher<T> {
     name: Cow<'static, str>,
-    max_size: NonZeroUsize,
+    max_size: usize,
     max_latency: Duration,
     weight: Option<(u64, WeightFn<T>)>,
     edge: Option<EdgeConfig>,
@@ -90,33 +91,16 @@ impl<T> Batcher<T> {
     /// batch's first value. `Duration::MAX` means no time limit (a batch
     /// then leaves by size, weight, or at the end of the input) and
     /// `usize::MAX` no size limit; neither reserves anything up front.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `max_size` is zero or `max_latency` is zero.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use streamz::{Batcher, ConfigError};
-    ///
-    /// let err = Batcher::<u8>::try_new(0, Duration::from_secs(1)).unwrap_err();
-    /// assert_eq!(err, ConfigError::Zero { field: "max_size" });
-    /// ```
-    pub fn try_new(max_size: usize, max_latency: Duration) -> Result<Self, ConfigError> {
-        let max_size =
-            NonZeroUsize::new(max_size).ok_or(ConfigError::Zero { field: "max_size" })?;
-        if max_latency.is_zero() {
-            return Err(ConfigError::Zero {
-                field: "max_latency",
-            });
-        }
-        Ok(Batcher {
+    /// Zero for either is refused when the batcher is piped
+    /// ([`ConfigError`], fields `max_size`, `max_latency`).
+    pub fn new(max_size: usize, max_latency: Duration) -> Self {
+        Batcher {
             name: Cow::Borrowed("batcher"),
             max_size,
             max_latency,
             weight: None,
             edge: None,
-        })
+        }
     }
 
     /// Also emits a batch once the total `weight` of its values reaches
@@ -124,37 +108,27 @@ impl<T> Batcher<T> {
     /// over `max_weight` closes the batch first and starts the next one, so
     /// no batch weighs more than `max_weight` unless it is a single value
     /// heavier than `max_weight` on its own, which forms a batch alone.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `max_weight` is zero.
+    /// A zero `max_weight` is refused when the batcher is piped.
     ///
     /// ```
     /// use std::time::Duration;
     /// use streamz::Batcher;
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let by_bytes = Batcher::try_new(100, Duration::from_secs(1))
-    ///     .unwrap()
-    ///     .with_weight(10, |s: &String| s.len() as u64)
-    ///     .unwrap();
+    /// let by_bytes = Batcher::new(100, Duration::from_secs(1))
+    ///     .with_weight(10, |s: &String| s.len() as u64);
     /// let words = ["abcd", "efgh", "ij", "klmnopqrstu", "v"].map(String::from);
     /// let batches = streamz::iter(words).pipe(by_bytes).collect().await;
     /// let sizes: Vec<usize> = batches.into_iter().map(|b| b.unwrap().len()).collect();
     /// assert_eq!(sizes, [3, 1, 1]); // 4+4+2 = 10, then 11 alone, then the rest
     /// # }
     /// ```
-    pub fn with_weight<F>(mut self, max_weight: u64, weight: F) -> Result<Self, ConfigError>
+    pub fn with_weight<F>(mut self, max_weight: u64, weight: F) -> Self
     where
         F: Fn(&T) -> u64 + Send + Sync + 'static,
     {
-        if max_weight == 0 {
-            return Err(ConfigError::Zero {
-                field: "max_weight",
-            });
-        }
         self.weight = Some((max_weight, Arc::new(weight)));
-        Ok(self)
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -175,20 +149,31 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.max_size, "max_size")
+            .and(nonzero(self.max_latency, "max_latency"))
+            .and(
+                self.weight
+                    .as_ref()
+                    .map_or(Ok(()), |(w, _)| nonzero(*w, "max_weight")),
+            )
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Batcher", &self.name))
+    }
+
     fn process(self, input: Flow<T>) -> Flow<Vec<T>> {
         let edge = self.edge.unwrap_or_else(|| {
             let values = input.pipeline().edge();
-            let size = self.max_size.get();
-            EdgeConfig::try_new(
+            let size = self.max_size;
+            EdgeConfig::new(
                 (values.capacity() / size).max(1),
-                (values.max_chunk() / size).max(1),
+                values.max_chunk().div_ceil(size),
             )
-            .expect("both are at least 1")
         });
         let op = Batching {
             batch: Vec::new(),
             weight: 0,
-            max_size: self.max_size.get(),
+            max_size: self.max_size,
             max_latency: self.max_latency,
             limit: self.weight,
             due: None,

@@ -1,10 +1,9 @@
 //! Fan-out: every value to every output.
 
 use std::borrow::Cow;
-use std::num::NonZeroUsize;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::EdgeConfig;
+use crate::base::config::{EdgeConfig, outputs};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Operator, Out};
 
@@ -49,14 +48,18 @@ impl<T: Clone + Send + 'static> Flow<T> {
     #[track_caller]
     pub fn broadcast<const N: usize>(self) -> [Flow<T>; N] {
         const { assert!(N > 0, "broadcast needs at least one output") };
-        let outputs = self.broadcast_to(NonZeroUsize::new(N).expect("checked above"));
+        let outputs = self.broadcast_to(N);
         match outputs.try_into() {
             Ok(array) => array,
             Err(_) => unreachable!("broadcast_to returns exactly N flows"),
         }
     }
 
-    /// [`broadcast`](Flow::broadcast) to a number of outputs known at run time.
+    /// [`broadcast`](Flow::broadcast) to a number of outputs known at run
+    /// time. Zero starts nothing, as an invalid stage does for
+    /// [`Flow::pipe`]: one flow comes back, holding one
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) item (an invalid
+    /// edge: each of the `n` outputs holds one).
     ///
     /// # Panics
     ///
@@ -64,8 +67,7 @@ impl<T: Clone + Send + 'static> Flow<T> {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let n = std::num::NonZeroUsize::new(3).unwrap();
-    /// let outputs = streamz::iter(0..10).broadcast_to(n);
+    /// let outputs = streamz::iter(0..10).broadcast_to(3);
     /// assert_eq!(outputs.len(), 3);
     /// for out in outputs {
     ///     assert_eq!(out.collect().await.len(), 10);
@@ -73,21 +75,22 @@ impl<T: Clone + Send + 'static> Flow<T> {
     /// # }
     /// ```
     #[track_caller]
-    pub fn broadcast_to(self, n: NonZeroUsize) -> Vec<Flow<T>> {
+    pub fn broadcast_to(self, n: usize) -> Vec<Flow<T>> {
         self.broadcast_with(Broadcast::new(n))
     }
 
     /// [`broadcast_to`](Flow::broadcast_to) with the stage's name and the
-    /// outputs' edge set.
+    /// outputs' edge set. An invalid setting (zero outputs or more than
+    /// 65,536, an invalid edge) starts nothing, as for
+    /// [`broadcast_to`](Flow::broadcast_to).
     ///
     /// ```
-    /// use std::num::NonZeroUsize;
     /// use streamz::{Broadcast, EdgeConfig};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let tee = Broadcast::new(NonZeroUsize::new(2).unwrap())
+    /// let tee = Broadcast::new(2)
     ///     .named("tee")
-    ///     .with_edge(EdgeConfig::try_new(16, 4).unwrap());
+    ///     .with_edge(EdgeConfig::new(16, 4));
     /// let flow = streamz::iter(1..=3);
     /// let pipeline = flow.pipeline().clone();
     /// let outputs = flow.broadcast_with(tee);
@@ -102,12 +105,22 @@ impl<T: Clone + Send + 'static> Flow<T> {
     /// Outside a tokio runtime.
     #[track_caller]
     pub fn broadcast_with(self, broadcast: Broadcast) -> Vec<Flow<T>> {
+        let checked = self
+            .pipeline()
+            .validate()
+            .and(outputs(broadcast.outputs, "outputs"))
+            .and(broadcast.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Broadcast", &broadcast.name));
+        if let Err(error) = checked {
+            let n = broadcast.outputs;
+            return self.refuse_fan_out(broadcast.name.into_owned(), error, n);
+        }
         let Broadcast {
             outputs,
             name,
             edge,
         } = broadcast;
-        driver::spawn_fan_out(self, &name, outputs.get(), edge, Copies)
+        driver::spawn_fan_out(self, &name, outputs, edge, Copies)
     }
 }
 
@@ -116,14 +129,14 @@ impl<T: Clone + Send + 'static> Flow<T> {
 /// pipeline's by default).
 #[derive(Debug, Clone)]
 pub struct Broadcast {
-    outputs: NonZeroUsize,
+    outputs: usize,
     name: Cow<'static, str>,
     edge: Option<EdgeConfig>,
 }
 
 impl Broadcast {
-    /// A fan-out to `outputs` outputs.
-    pub fn new(outputs: NonZeroUsize) -> Self {
+    /// A fan-out to `outputs` outputs (zero is refused when applied).
+    pub fn new(outputs: usize) -> Self {
         Broadcast {
             outputs,
             name: Cow::Borrowed("broadcast"),

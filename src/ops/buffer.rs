@@ -19,11 +19,11 @@ use crate::flow::processor::Processor;
 /// ```
 /// use streamz::Buffer;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
-/// let out = streamz::iter(0..100).pipe(Buffer::new(10_000)?).collect().await;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let out = streamz::iter(0..100).pipe(Buffer::new(10_000)).collect().await;
 /// assert_eq!(out.len(), 100);
-/// assert!(Buffer::new(0).is_err());
-/// # Ok(()) }
+/// assert!(streamz::iter(0..100).try_pipe(Buffer::new(0)).is_err());
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Buffer {
@@ -32,20 +32,14 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    /// A buffer of `capacity` items.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn new(capacity: usize) -> Result<Self, ConfigError> {
-        if capacity == 0 {
-            return Err(ConfigError::Zero { field: "capacity" });
-        }
-        let edge = EdgeConfig::try_new(capacity, capacity.min(256))?;
-        Ok(Buffer {
-            edge,
+    /// A buffer of `capacity` items. Zero, or more than `usize::MAX / 8`
+    /// (the count of the channel's semaphore; nothing is allocated up
+    /// front), is refused when piped (field `capacity`).
+    pub fn new(capacity: usize) -> Self {
+        Buffer {
+            edge: EdgeConfig::new(capacity, capacity.min(256)),
             name: Cow::Borrowed("buffer"),
-        })
+        }
     }
 
     /// Names the stage (for counters and spans).
@@ -58,6 +52,14 @@ impl Buffer {
 impl<T: Send + 'static> Processor<T, T> for Buffer {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        // The buffer is its edge: name the argument the user gave.
+        self.edge
+            .validate()
+            .map_err(|e| ConfigError::new("capacity", e.reason().to_owned()))
+            .map_err(|e| e.in_stage("Buffer", &self.name))
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::time::{self, Deadline};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Operator, Out};
@@ -29,10 +29,10 @@ use crate::flow::processor::Processor;
 /// use std::time::Duration;
 /// use streamz::Debounce;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let pipeline = streamz::Pipeline::new();
 /// let (keys, typed) = pipeline.channel::<&str>();
-/// let searches = tokio::spawn(typed.pipe(Debounce::new(Duration::from_millis(300))?).collect());
+/// let searches = tokio::spawn(typed.pipe(Debounce::new(Duration::from_millis(300))).collect());
 /// for prefix in ["r", "ru", "rus"] {
 ///     keys.send(prefix).await.unwrap();
 ///     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -42,7 +42,7 @@ use crate::flow::processor::Processor;
 /// drop(keys); // the end of input flushes "rust"
 /// let searches: Vec<&str> = searches.await.unwrap().into_iter().map(Result::unwrap).collect();
 /// assert_eq!(searches, ["rus", "rust"]);
-/// # Ok(()) }
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Debounce {
@@ -52,20 +52,14 @@ pub struct Debounce {
 }
 
 impl Debounce {
-    /// Waits for `quiet` without a new value before emitting the last one.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero duration.
-    pub fn new(quiet: Duration) -> Result<Self, ConfigError> {
-        if quiet.is_zero() {
-            return Err(ConfigError::Zero { field: "quiet" });
-        }
-        Ok(Debounce {
+    /// Waits for `quiet` without a new value before emitting the last one
+    /// (zero is refused when piped: field `quiet`).
+    pub fn new(quiet: Duration) -> Self {
+        Debounce {
             quiet,
             name: Cow::Borrowed("debounce"),
             edge: None,
-        })
+        }
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -84,6 +78,12 @@ impl Debounce {
 impl<T: Send + 'static> Processor<T, T> for Debounce {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.quiet, "quiet")
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Debounce", &self.name))
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {

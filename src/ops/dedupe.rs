@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::flow::step::{ChunkCtx, Emit, Item, Step, keep_values};
 
 /// Drops a value whose key was already seen within the last `ttl` (counted
@@ -29,15 +29,15 @@ use crate::flow::step::{ChunkCtx, Emit, Item, Step, keep_values};
 /// use std::time::Duration;
 /// use streamz::Dedupe;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
-/// let dedupe = Dedupe::new(|order: &(u32, &str)| order.0, 10_000, Duration::from_secs(60))?;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let dedupe = Dedupe::new(|order: &(u32, &str)| order.0, 10_000, Duration::from_secs(60));
 /// let out = streamz::iter([(1, "a"), (2, "b"), (1, "a again")])
 ///     .step("dedupe", dedupe)
 ///     .collect()
 ///     .await;
 /// let kept: Vec<u32> = out.into_iter().map(|r| r.unwrap().0).collect();
 /// assert_eq!(kept, [1, 2]);
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct Dedupe<F, K> {
     key: F,
@@ -65,29 +65,20 @@ where
     K: Hash + Eq + Clone,
 {
     /// Dedupes by the key `key` returns, remembering up to `capacity`
-    /// keys for `ttl` each.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero `capacity` or `ttl`.
-    pub fn new<T>(key: F, capacity: usize, ttl: Duration) -> Result<Self, ConfigError>
+    /// keys for `ttl` each. A zero `capacity` or `ttl` is refused when the
+    /// step is fused or staged.
+    pub fn new<T>(key: F, capacity: usize, ttl: Duration) -> Self
     where
         F: FnMut(&T) -> K,
     {
-        if capacity == 0 {
-            return Err(ConfigError::Zero { field: "capacity" });
-        }
-        if ttl.is_zero() {
-            return Err(ConfigError::Zero { field: "ttl" });
-        }
-        Ok(Dedupe {
+        Dedupe {
             key,
             capacity,
             ttl,
             seen: HashMap::new(),
             order: VecDeque::new(),
             keep: Vec::new(),
-        })
+        }
     }
 
     /// How many keys it remembers now.
@@ -129,6 +120,12 @@ where
     F: FnMut(&T) -> K + Send + 'static,
     K: Hash + Eq + Clone + Send + 'static,
 {
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.capacity, "capacity")
+            .and(nonzero(self.ttl, "ttl"))
+            .map_err(|e| e.in_operator("Dedupe"))
+    }
+
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
         let now = Instant::now();
         self.expire(now);

@@ -52,7 +52,7 @@ where
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let merged = Merge::new()
 ///     .named("all_orders")
-///     .with_edge(EdgeConfig::try_new(64, 16).unwrap())
+///     .with_edge(EdgeConfig::new(64, 16))
 ///     .merge([streamz::iter(0..3), streamz::iter(10..13)]);
 /// let pipeline = merged.pipeline().clone();
 /// assert_eq!(merged.collect().await.len(), 6);
@@ -109,8 +109,22 @@ where
         Some(first) => first.pipeline().clone(),
         None => Pipeline::new(),
     };
+    let name = settings.name.as_deref().unwrap_or("merge");
+    let checked = pipeline
+        .validate()
+        .and(settings.edge.map_or(Ok(()), |e| e.validate()))
+        .map_err(|e| e.in_stage("Merge", name));
+    if let Err(error) = checked {
+        // Started nothing: the inputs are dropped (their producers count
+        // what they could not deliver) and follow this pipeline's join.
+        for flow in flows {
+            pipeline.link(flow.pipeline().clone());
+        }
+        let ended: Flow<T> = Flow::from_source(pipeline.clone(), Box::new(crate::flow::Ended));
+        return ended.refuse(name.to_owned(), error);
+    }
     let edge = settings.edge.unwrap_or(pipeline.edge());
-    let counters = pipeline.register(settings.name.as_deref().unwrap_or("merge"));
+    let counters = pipeline.register(name);
     let (tx, rx) = chunk_channel(edge);
     for flow in flows {
         pipeline.link(flow.pipeline().clone());

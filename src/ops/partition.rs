@@ -7,7 +7,7 @@ use siphasher::sip::SipHasher13;
 
 use std::borrow::Cow;
 
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, outputs};
 use crate::flow::Flow;
 use crate::ops::route::{Pick, spawn_router};
 
@@ -35,14 +35,14 @@ type Choose<T> = Box<dyn FnMut(&T) -> Pick + Send>;
 /// ```
 /// use streamz::Partition;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let [even, odd] = <[_; 2]>::try_from(
-///     streamz::iter(0..10u32).partition(Partition::custom(2, |x: &u32| (*x % 2) as usize)?),
+///     streamz::iter(0..10u32).partition(Partition::custom(2, |x: &u32| (*x % 2) as usize)),
 /// ).unwrap();
 /// let (even, odd) = tokio::join!(even.collect(), odd.collect());
 /// assert_eq!(even.len(), 5);
 /// assert_eq!(odd.into_iter().map(Result::unwrap).collect::<Vec<_>>(), [1, 3, 5, 7, 9]);
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct Partition<T> {
     n: usize,
@@ -61,11 +61,14 @@ impl<T> std::fmt::Debug for Partition<T> {
     }
 }
 
-fn outputs(n: usize) -> Result<usize, ConfigError> {
-    if n == 0 {
-        Err(ConfigError::Zero { field: "n" })
-    } else {
-        Ok(n)
+impl<T: Send + 'static> Partition<T> {
+    fn validate(&self, input: &Flow<T>) -> Result<(), ConfigError> {
+        input
+            .pipeline()
+            .validate()
+            .and(outputs(self.n, "n"))
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Partition", &self.name))
     }
 }
 
@@ -90,18 +93,17 @@ impl<T: 'static> Partition<T> {
     /// `DefaultHasher::new()` gave when this was written, so keys keep the
     /// outputs earlier versions of streamz gave them there.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero outputs.
+    /// Zero outputs, or more than 65,536, are refused when the partition
+    /// is applied (field `n`).
     ///
     /// # Examples
     ///
     /// ```
     /// use streamz::Partition;
     ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let users = ["alice", "bob", "alice", "carol", "bob"];
-    /// let shards = streamz::iter(users).partition(Partition::by_key(2, |user: &&str| *user)?);
+    /// let shards = streamz::iter(users).partition(Partition::by_key(2, |user: &&str| *user));
     /// let [a, b] = <[_; 2]>::try_from(shards).unwrap();
     /// let (a, b) = tokio::join!(a.collect(), b.collect());
     /// let a: Vec<&str> = a.into_iter().map(Result::unwrap).collect();
@@ -109,49 +111,36 @@ impl<T: 'static> Partition<T> {
     /// // Every key lands on exactly one output, the same in every run.
     /// assert_eq!(a.len() + b.len(), 5);
     /// assert!(a.iter().all(|user| !b.contains(user)));
-    /// # Ok(()) }
+    /// # }
     /// ```
-    pub fn by_key<K: Hash>(
-        n: usize,
-        mut key: impl FnMut(&T) -> K + Send + 'static,
-    ) -> Result<Self, ConfigError> {
-        let n = outputs(n)?;
-        Ok(Partition::with(
+    pub fn by_key<K: Hash>(n: usize, mut key: impl FnMut(&T) -> K + Send + 'static) -> Self {
+        let m = n.max(1) as u64; // zero is refused before anything runs
+        Partition::with(
             n,
-            Box::new(move |v| Pick::To((key_hash(&key(v)) % n as u64) as usize)),
-        ))
+            Box::new(move |v| Pick::To((key_hash(&key(v)) % m) as usize)),
+        )
     }
 
-    /// To outputs 0, 1, ..., n - 1, 0, ... in turn.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero outputs.
-    pub fn round_robin(n: usize) -> Result<Self, ConfigError> {
-        let n = outputs(n)?;
+    /// To outputs 0, 1, ..., n - 1, 0, ... in turn (zero outputs are
+    /// refused when applied).
+    pub fn round_robin(n: usize) -> Self {
+        let m = n.max(1);
         let mut next = 0;
-        Ok(Partition::with(
+        Partition::with(
             n,
             Box::new(move |_| {
                 let i = next;
-                next = (next + 1) % n;
+                next = (next + 1) % m;
                 Pick::To(i)
             }),
-        ))
+        )
     }
 
     /// To the output `choose` returns. An index of `n` or more makes the
     /// value a `failed` error item on output 0; a panic, a `panicked` one.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero outputs.
-    pub fn custom(
-        n: usize,
-        mut choose: impl FnMut(&T) -> usize + Send + 'static,
-    ) -> Result<Self, ConfigError> {
-        let n = outputs(n)?;
-        Ok(Partition::with(
+    /// Zero outputs are refused when applied.
+    pub fn custom(n: usize, mut choose: impl FnMut(&T) -> usize + Send + 'static) -> Self {
+        Partition::with(
             n,
             Box::new(move |v| match choose(v) {
                 i if i < n => Pick::To(i),
@@ -163,7 +152,7 @@ impl<T: 'static> Partition<T> {
                     .into(),
                 ),
             }),
-        ))
+        )
     }
 }
 
@@ -244,11 +233,36 @@ impl<T: Send + 'static> Flow<T> {
     /// Splits the flow by `partition` into its `n` outputs, in order of
     /// index; errors go to output 0.
     ///
+    /// An invalid partition (zero outputs or more than 65,536, an invalid
+    /// edge) starts nothing, as [`Flow::pipe`] does: each of the `n`
+    /// outputs (one if `n` is zero or too many) holds one
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) item.
+    ///
     /// # Panics
     ///
     /// Outside a tokio runtime.
     #[track_caller]
     pub fn partition(self, partition: Partition<T>) -> Vec<Flow<T>> {
+        if let Err(error) = partition.validate(&self) {
+            let n = partition.n;
+            return self.refuse_fan_out(partition.name.into_owned(), error, n);
+        }
+        self.start_partition(partition)
+    }
+
+    /// As [`partition`](Flow::partition), or why the partition is invalid.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] naming the stage and the field.
+    #[track_caller]
+    pub fn try_partition(self, partition: Partition<T>) -> Result<Vec<Flow<T>>, ConfigError> {
+        partition.validate(&self)?;
+        Ok(self.start_partition(partition))
+    }
+
+    #[track_caller]
+    fn start_partition(self, partition: Partition<T>) -> Vec<Flow<T>> {
         spawn_router(
             self,
             &partition.name,

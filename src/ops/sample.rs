@@ -17,13 +17,14 @@ use crate::flow::step::{ChunkCtx, Emit, Item, Step, keep_values};
 /// ```
 /// use streamz::Sample;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
-/// let sample = Sample::new(0.1)?.with_seed(7);
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let sample = Sample::new(0.1).with_seed(7);
 /// let kept = streamz::iter(0..10_000).step("sample", sample).collect().await;
 /// assert!((800..1200).contains(&kept.len()), "{}", kept.len());
 ///
-/// assert!(Sample::new(1.5).is_err());
-/// # Ok(()) }
+/// let err = streamz::iter(0..9).try_step("sample", Sample::new(1.5)).unwrap_err();
+/// assert_eq!(err.to_string(), "Sample `sample`: `p` must be a probability from 0 to 1");
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Sample {
@@ -34,22 +35,14 @@ pub struct Sample {
 
 impl Sample {
     /// Keeps each value with probability `p`, from 0 (none) to 1 (all).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Invalid`] for `p` outside `[0, 1]` or NaN.
-    pub fn new(p: f64) -> Result<Self, ConfigError> {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(ConfigError::Invalid {
-                field: "p",
-                reason: "must be a probability from 0 to 1",
-            });
-        }
-        Ok(Sample {
+    /// `p` outside `[0, 1]` or NaN is refused when the step is fused or
+    /// staged (field `p`).
+    pub fn new(p: f64) -> Self {
+        Sample {
             p,
             rng: fastrand::Rng::new(),
             keep: Vec::new(),
-        })
+        }
     }
 
     /// Makes the choices repeatable: the same seed keeps the same values of
@@ -61,6 +54,14 @@ impl Sample {
 }
 
 impl<T: Send + 'static> Step<T, T> for Sample {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if (0.0..=1.0).contains(&self.p) {
+            Ok(())
+        } else {
+            Err(ConfigError::new("p", "must be a probability from 0 to 1").in_operator("Sample"))
+        }
+    }
+
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
         if self.rng.f64() < self.p {
             out.emit(item.take());

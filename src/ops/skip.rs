@@ -1,7 +1,7 @@
 //! [`Skip`]: drop the first `n` values.
 
 use crate::base::chunk::Chunk;
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::flow::step::{ChunkCtx, Emit, Item, Step, keep_values};
 
 /// Drops the first `n` values (counted as `dropped`) and passes the rest.
@@ -15,11 +15,11 @@ use crate::flow::step::{ChunkCtx, Emit, Item, Step, keep_values};
 /// ```
 /// use streamz::Skip;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
-/// let out = streamz::iter(1..=5).step("skip", Skip::new(2)?).collect().await;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let out = streamz::iter(1..=5).step("skip", Skip::new(2)).collect().await;
 /// let out: Vec<i32> = out.into_iter().map(Result::unwrap).collect();
 /// assert_eq!(out, [3, 4, 5]);
-/// # Ok(()) }
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Skip {
@@ -28,24 +28,22 @@ pub struct Skip {
 }
 
 impl Skip {
-    /// Skips the first `n` values.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero (a skip of nothing is a mistake to
-    /// surface, not a stage to run).
-    pub fn new(n: u64) -> Result<Self, ConfigError> {
-        if n == 0 {
-            return Err(ConfigError::Zero { field: "n" });
-        }
-        Ok(Skip {
+    /// Skips the first `n` values. Zero is refused when the step is fused
+    /// or staged (field `n`): a skip of nothing is a mistake to surface,
+    /// not a stage to run.
+    pub fn new(n: u64) -> Self {
+        Skip {
             left: n,
             keep: Vec::new(),
-        })
+        }
     }
 }
 
 impl<T: Send + 'static> Step<T, T> for Skip {
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.left, "n").map_err(|e| e.in_operator("Skip"))
+    }
+
     fn on_item(&mut self, item: Item<'_, T>, out: &mut Emit<'_, T>) {
         if self.left > 0 {
             self.left -= 1; // not taken, not emitted: counted as dropped

@@ -33,19 +33,19 @@ use crate::ops::route::{Pick, spawn_router};
 /// ```
 /// use streamz::Switch;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let switch = Switch::new(|order: &(&str, u32)| order.0)
 ///     .route("de")
 ///     .route("fr")
 ///     .otherwise();
-/// let mut routes = streamz::iter([("de", 1), ("fr", 2), ("it", 3), ("de", 4)]).switch(switch)?;
+/// let mut routes = streamz::iter([("de", 1), ("fr", 2), ("it", 3), ("de", 4)]).switch(switch);
 /// let (de, fr, rest) = (routes.take("de").unwrap(), routes.take("fr").unwrap(), routes.take_default().unwrap());
 /// drop(routes); // nothing left in it
 /// let (de, fr, rest) = tokio::join!(de.collect(), fr.collect(), rest.collect());
 /// assert_eq!(de.len(), 2);
 /// assert_eq!(fr.len(), 1);
 /// assert_eq!(rest.into_iter().map(|r| r.unwrap().1).collect::<Vec<_>>(), [3]);
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct Switch<K, F> {
     key: F,
@@ -138,19 +138,86 @@ impl<K: Hash + Eq, T> Routes<K, T> {
     }
 }
 
+impl<K: Hash + Eq + Clone, F> Switch<K, F> {
+    /// Checks the switch and maps each routed key to its output.
+    fn index<T: Send + 'static>(&self, input: &Flow<T>) -> Result<HashMap<K, usize>, ConfigError> {
+        let checked = input
+            .pipeline()
+            .validate()
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .and_then(|()| {
+                if self.routes.is_empty() && !self.default {
+                    return Err(ConfigError::new(
+                        "routes",
+                        "must name at least one route, or a default",
+                    ));
+                }
+                let mut index = HashMap::with_capacity(self.routes.len());
+                for (i, k) in self.routes.iter().enumerate() {
+                    if let Some(first) = index.insert(k.clone(), i) {
+                        return Err(ConfigError::new(
+                            "routes",
+                            format!(
+                                "must name each key once (routes {first} and {i} name the same key)"
+                            ),
+                        ));
+                    }
+                }
+                Ok(index)
+            });
+        checked.map_err(|e| e.in_stage("Switch", &self.name))
+    }
+}
+
 impl<T: Send + 'static> Flow<T> {
     /// Routes the flow's values by `switch`.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a switch without routes (and without a
-    /// default); [`ConfigError::Invalid`] if a key has two routes.
+    /// An invalid switch (no route and no default, a key routed twice, an
+    /// invalid edge) starts nothing, as [`Flow::pipe`] does: each route
+    /// holds one [`ErrorKind::Config`](crate::ErrorKind::Config) item, and
+    /// [`Pipeline::join`](crate::Pipeline::join) reports it.
     ///
     /// # Panics
     ///
     /// Outside a tokio runtime.
     #[track_caller]
-    pub fn switch<K, F>(self, switch: Switch<K, F>) -> Result<Routes<K, T>, ConfigError>
+    pub fn switch<K, F>(self, switch: Switch<K, F>) -> Routes<K, T>
+    where
+        K: Hash + Eq + Clone + Send + 'static,
+        F: FnMut(&T) -> K + Send + 'static,
+    {
+        match switch.index(&self) {
+            Ok(index) => self.start_switch(switch, index),
+            Err(error) => {
+                let n = switch.routes.len() + usize::from(switch.default);
+                let mut flows = self.refuse_fan_out(switch.name.into_owned(), error, n);
+                let default = if switch.default { flows.pop() } else { None };
+                Routes {
+                    named: switch.routes.into_iter().zip(flows).collect(),
+                    default,
+                }
+            }
+        }
+    }
+
+    /// As [`switch`](Flow::switch), or why the switch is invalid.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] naming the stage and the field (`routes`,
+    /// `edge.*`).
+    #[track_caller]
+    pub fn try_switch<K, F>(self, switch: Switch<K, F>) -> Result<Routes<K, T>, ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + 'static,
+        F: FnMut(&T) -> K + Send + 'static,
+    {
+        let index = switch.index(&self)?;
+        Ok(self.start_switch(switch, index))
+    }
+
+    #[track_caller]
+    fn start_switch<K, F>(self, switch: Switch<K, F>, index: HashMap<K, usize>) -> Routes<K, T>
     where
         K: Hash + Eq + Clone + Send + 'static,
         F: FnMut(&T) -> K + Send + 'static,
@@ -162,18 +229,6 @@ impl<T: Send + 'static> Flow<T> {
             name,
             edge,
         } = switch;
-        if routes.is_empty() && !default {
-            return Err(ConfigError::Zero { field: "routes" });
-        }
-        let mut index: HashMap<K, usize> = HashMap::with_capacity(routes.len());
-        for (i, k) in routes.iter().enumerate() {
-            if index.insert(k.clone(), i).is_some() {
-                return Err(ConfigError::Invalid {
-                    field: "routes",
-                    reason: "must name each key once",
-                });
-            }
-        }
         let n = routes.len() + usize::from(default);
         // The default route is the last output; errors go there, or to the
         // first route without one.
@@ -185,9 +240,9 @@ impl<T: Send + 'static> Flow<T> {
         };
         let mut flows = spawn_router(self, &name, edge, n, errors_to, pick);
         let default = if default { flows.pop() } else { None };
-        Ok(Routes {
+        Routes {
             named: routes.into_iter().zip(flows).collect(),
             default,
-        })
+        }
     }
 }

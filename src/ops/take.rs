@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Demand, Operator, Out};
 use crate::flow::processor::Processor;
@@ -23,12 +23,12 @@ use crate::flow::processor::Processor;
 /// ```
 /// use streamz::Take;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// // An endless source, three values.
-/// let out = streamz::iter(0u64..).pipe(Take::new(3)?).collect().await;
+/// let out = streamz::iter(0u64..).pipe(Take::new(3)).collect().await;
 /// let out: Vec<u64> = out.into_iter().map(Result::unwrap).collect();
 /// assert_eq!(out, [0, 1, 2]);
-/// # Ok(()) }
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Take {
@@ -38,20 +38,13 @@ pub struct Take {
 }
 
 impl Take {
-    /// Takes the first `n` values.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn new(n: u64) -> Result<Self, ConfigError> {
-        if n == 0 {
-            return Err(ConfigError::Zero { field: "n" });
-        }
-        Ok(Take {
+    /// Takes the first `n` values (zero is refused when piped: field `n`).
+    pub fn new(n: u64) -> Self {
+        Take {
             n,
             name: Cow::Borrowed("take"),
             edge: None,
-        })
+        }
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -70,6 +63,12 @@ impl Take {
 impl<T: Send + 'static> Processor<T, T> for Take {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.n, "n")
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Take", &self.name))
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {

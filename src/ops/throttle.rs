@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
 use crate::base::time::{self, Deadline};
 use crate::flow::Flow;
@@ -74,14 +74,14 @@ enum Mode {
 /// use streamz::Throttle;
 /// use tokio::time::Instant;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let start = Instant::now();
-/// let throttle = Throttle::try_new(10, Duration::from_secs(1))?.with_burst(5)?;
+/// let throttle = Throttle::new(10, Duration::from_secs(1)).with_burst(5);
 /// let out = streamz::iter(0..25).pipe(throttle).collect().await;
 /// assert_eq!(out.len(), 25);
 /// // Five at once, then one every 100 ms: the last at 2 s.
 /// assert_eq!(Instant::now() - start, Duration::from_secs(2));
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct Throttle<T> {
     name: Cow<'static, str>,
@@ -111,34 +111,11 @@ impl<T> fmt::Debug for Throttle<T> {
 impl<T> Throttle<T> {
     /// A shaping throttle passing `rate` items per `period`.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `rate` or `period` is zero;
-    /// [`ConfigError::Invalid`] for a period of 584 years or more
-    /// (`Duration::MAX` included): a period is a rate's denominator, not a
-    /// limit that can mean "never".
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use streamz::{ConfigError, Throttle};
-    ///
-    /// let err = Throttle::<u8>::try_new(0, Duration::from_secs(1)).unwrap_err();
-    /// assert_eq!(err, ConfigError::Zero { field: "rate" });
-    /// ```
-    pub fn try_new(rate: u64, period: Duration) -> Result<Self, ConfigError> {
-        if rate == 0 {
-            return Err(ConfigError::Zero { field: "rate" });
-        }
-        if period.is_zero() {
-            return Err(ConfigError::Zero { field: "period" });
-        }
-        if u64::try_from(period.as_nanos()).is_err() {
-            return Err(ConfigError::Invalid {
-                field: "period",
-                reason: "must be shorter than 584 years",
-            });
-        }
-        Ok(Throttle {
+    /// Refused when piped ([`ConfigError`]): a zero `rate` or `period`, and
+    /// a period of 584 years or more (`Duration::MAX` included): a period
+    /// is a rate's denominator, not a limit that can mean "never".
+    pub fn new(rate: u64, period: Duration) -> Self {
+        Throttle {
             name: Cow::Borrowed("throttle"),
             rate,
             period,
@@ -147,21 +124,14 @@ impl<T> Throttle<T> {
             error_cost: 0,
             mode: Mode::Shape,
             edge: None,
-        })
+        }
     }
 
     /// How many tokens the bucket holds: items that may pass at once after
-    /// a quiet spell.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `burst` is zero.
-    pub fn with_burst(mut self, burst: u64) -> Result<Self, ConfigError> {
-        if burst == 0 {
-            return Err(ConfigError::Zero { field: "burst" });
-        }
+    /// a quiet spell (default 1; zero is refused when piped).
+    pub fn with_burst(mut self, burst: u64) -> Self {
         self.burst = burst;
-        Ok(self)
+        self
     }
 
     /// Charges each value `cost(&value)` tokens instead of one (for example
@@ -173,12 +143,10 @@ impl<T> Throttle<T> {
     /// use std::time::Duration;
     /// use streamz::Throttle;
     ///
-    /// # fn main() -> Result<(), streamz::ConfigError> {
     /// // At most 1 MiB per second of payload, in bursts of up to 256 KiB.
-    /// let bytes = Throttle::try_new(1 << 20, Duration::from_secs(1))?
-    ///     .with_burst(256 << 10)?
+    /// let bytes = Throttle::new(1 << 20, Duration::from_secs(1))
+    ///     .with_burst(256 << 10)
     ///     .with_cost(|payload: &Vec<u8>| payload.len() as u64);
-    /// # Ok(()) }
     /// ```
     pub fn with_cost<F>(mut self, cost: F) -> Self
     where
@@ -218,6 +186,19 @@ impl<T> Throttle<T> {
 impl<T: Send + 'static> Processor<T, T> for Throttle<T> {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let period = if u64::try_from(self.period.as_nanos()).is_err() {
+            Err(ConfigError::new("period", "must be shorter than 584 years"))
+        } else {
+            nonzero(self.period, "period")
+        };
+        nonzero(self.rate, "rate")
+            .and(period)
+            .and(nonzero(self.burst, "burst"))
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Throttle", &self.name))
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {

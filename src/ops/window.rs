@@ -8,23 +8,19 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::base::chunk::Chunk;
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
 use crate::base::time::{Deadline, far_after as later};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Demand, Operator, Out};
 use crate::flow::processor::Processor;
 
+/// The most sliding windows one value may be in (a day every second is
+/// 86,400): each window it is in gets a copy.
+const MAX_OVERLAP: u128 = 100_000;
+
 /// Arrivals a window stage holds at most, unless told otherwise.
 const DEFAULT_MAX_ITEMS: usize = 100_000;
-
-fn nonzero_items(n: usize) -> Result<usize, ConfigError> {
-    if n == 0 {
-        Err(ConfigError::Zero { field: "max_items" })
-    } else {
-        Ok(n)
-    }
-}
 
 /// One window's result: its time span and what arrived in it, in order.
 ///
@@ -62,10 +58,10 @@ pub struct Window<T> {
 /// use std::time::Duration;
 /// use streamz::Tumbling;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let pipeline = streamz::Pipeline::new();
 /// let (clicks, flow) = pipeline.channel::<u32>();
-/// let windows = tokio::spawn(flow.pipe(Tumbling::new(Duration::from_secs(60))?).collect());
+/// let windows = tokio::spawn(flow.pipe(Tumbling::new(Duration::from_secs(60))).collect());
 /// clicks.send(1).await.unwrap();
 /// clicks.send(2).await.unwrap();
 /// tokio::time::sleep(Duration::from_secs(90)).await;
@@ -76,7 +72,7 @@ pub struct Window<T> {
 /// assert_eq!(windows[0].items, [1, 2]);
 /// assert_eq!(windows[0].end - windows[0].start, Duration::from_secs(60));
 /// assert_eq!(windows[1].items, [3]);
-/// # Ok(()) }
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Tumbling {
@@ -87,32 +83,21 @@ pub struct Tumbling {
 }
 
 impl Tumbling {
-    /// Windows of `size`.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero size.
-    pub fn new(size: Duration) -> Result<Self, ConfigError> {
-        if size.is_zero() {
-            return Err(ConfigError::Zero { field: "size" });
-        }
-        Ok(Tumbling {
+    /// Windows of `size` (zero is refused when piped: field `size`).
+    pub fn new(size: Duration) -> Self {
+        Tumbling {
             size,
             max_items: DEFAULT_MAX_ITEMS,
             name: Cow::Borrowed("tumbling_window"),
             edge: None,
-        })
+        }
     }
 
     /// How many arrivals a window may hold (100,000 by default); a window
-    /// that reaches it is emitted at once.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn with_max_items(mut self, n: usize) -> Result<Self, ConfigError> {
-        self.max_items = nonzero_items(n)?;
-        Ok(self)
+    /// that reaches it is emitted at once (zero is refused when piped).
+    pub fn with_max_items(mut self, n: usize) -> Self {
+        self.max_items = n;
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -149,10 +134,10 @@ impl Tumbling {
 /// use std::time::Duration;
 /// use streamz::Sliding;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let pipeline = streamz::Pipeline::new();
 /// let (readings, flow) = pipeline.channel::<u32>();
-/// let window = Sliding::new(Duration::from_secs(10), Duration::from_secs(5))?;
+/// let window = Sliding::new(Duration::from_secs(10), Duration::from_secs(5));
 /// let windows = tokio::spawn(flow.pipe(window).collect());
 /// tokio::time::sleep(Duration::from_secs(7)).await;
 /// readings.send(7).await.unwrap(); // at 7 s: in [0, 10) and [5, 15)
@@ -161,8 +146,10 @@ impl Tumbling {
 /// assert_eq!(windows.len(), 2);
 /// assert!(windows.iter().all(|w| w.items == [7]));
 ///
-/// assert!(Sliding::new(Duration::from_secs(5), Duration::from_secs(10)).is_err());
-/// # Ok(()) }
+/// let too_far = Sliding::new(Duration::from_secs(5), Duration::from_secs(10));
+/// let err = streamz::iter([1]).try_pipe(too_far).unwrap_err();
+/// assert_eq!(err.field(), "slide");
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Sliding {
@@ -176,58 +163,37 @@ pub struct Sliding {
 impl Sliding {
     /// Windows of `size`, one starting every `slide`.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero size or slide;
-    /// [`ConfigError::Invalid`] for a slide longer than the size (values
-    /// between windows would belong to none), and for a size of
-    /// `Duration::MAX`: a window that never closes would hold the input
-    /// back forever once `max_items` arrivals wait in it (use [`Tumbling`]
-    /// for one window cut at a count).
+    /// Refused when piped ([`ConfigError`]): a zero size or slide; a slide
+    /// longer than the size (values between windows would belong to
+    /// none), or shorter than size / 100,000 (each value is copied into
+    /// every window it is in); a size of `Duration::MAX`: a window that never closes would
+    /// hold the input back forever once `max_items` arrivals wait in it
+    /// (use [`Tumbling`] for one window cut at a count).
     ///
     /// ```
     /// use std::time::Duration;
     /// use streamz::Sliding;
     ///
-    /// assert!(Sliding::new(Duration::MAX, Duration::from_secs(1)).is_err());
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let endless = Sliding::new(Duration::MAX, Duration::from_secs(1));
+    /// assert_eq!(streamz::iter([1]).try_pipe(endless).unwrap_err().field(), "size");
+    /// # }
     /// ```
-    pub fn new(size: Duration, slide: Duration) -> Result<Self, ConfigError> {
-        if size.is_zero() {
-            return Err(ConfigError::Zero { field: "size" });
-        }
-        if size == Duration::MAX {
-            return Err(ConfigError::Invalid {
-                field: "size",
-                reason: "must be finite: a sliding window holds its input back until a window closes",
-            });
-        }
-        if slide.is_zero() {
-            return Err(ConfigError::Zero { field: "slide" });
-        }
-        if slide > size {
-            return Err(ConfigError::Invalid {
-                field: "slide",
-                reason: "must not be longer than the window size",
-            });
-        }
-        Ok(Sliding {
+    pub fn new(size: Duration, slide: Duration) -> Self {
+        Sliding {
             size,
             slide,
             max_items: DEFAULT_MAX_ITEMS,
             name: Cow::Borrowed("sliding_window"),
             edge: None,
-        })
+        }
     }
 
     /// How many arrivals it may hold (100,000 by default); at the limit it
-    /// takes no input until a window closes.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn with_max_items(mut self, n: usize) -> Result<Self, ConfigError> {
-        self.max_items = nonzero_items(n)?;
-        Ok(self)
+    /// takes no input until a window closes (zero is refused when piped).
+    pub fn with_max_items(mut self, n: usize) -> Self {
+        self.max_items = n;
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -258,10 +224,10 @@ impl Sliding {
 /// use std::time::Duration;
 /// use streamz::Session;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let pipeline = streamz::Pipeline::new();
 /// let (clicks, flow) = pipeline.channel::<&str>();
-/// let sessions = tokio::spawn(flow.pipe(Session::new(Duration::from_secs(30))?).collect());
+/// let sessions = tokio::spawn(flow.pipe(Session::new(Duration::from_secs(30))).collect());
 /// clicks.send("home").await.unwrap();
 /// tokio::time::sleep(Duration::from_secs(10)).await;
 /// clicks.send("cart").await.unwrap();
@@ -272,7 +238,7 @@ impl Sliding {
 /// assert_eq!(sessions[0].items, ["home", "cart"]);
 /// assert_eq!(sessions[0].end - sessions[0].start, Duration::from_secs(40));
 /// assert_eq!(sessions[1].items, ["home"]);
-/// # Ok(()) }
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Session {
@@ -283,31 +249,22 @@ pub struct Session {
 }
 
 impl Session {
-    /// Sessions that close after `gap` without a value.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero gap.
-    pub fn new(gap: Duration) -> Result<Self, ConfigError> {
-        if gap.is_zero() {
-            return Err(ConfigError::Zero { field: "gap" });
-        }
-        Ok(Session {
+    /// Sessions that close after `gap` without a value (zero is refused
+    /// when piped: field `gap`).
+    pub fn new(gap: Duration) -> Self {
+        Session {
             gap,
             max_items: DEFAULT_MAX_ITEMS,
             name: Cow::Borrowed("session_window"),
             edge: None,
-        })
+        }
     }
 
-    /// Closes a session early once it holds `n` values.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn with_max_items(mut self, n: usize) -> Result<Self, ConfigError> {
-        self.max_items = nonzero_items(n)?;
-        Ok(self)
+    /// Closes a session early once it holds `n` values (zero is refused
+    /// when piped).
+    pub fn with_max_items(mut self, n: usize) -> Self {
+        self.max_items = n;
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -568,6 +525,13 @@ impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Tumbling {
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.size, "size")
+            .and(nonzero(self.max_items, "max_items"))
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Tumbling", &self.name))
+    }
+
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {
         // A tumbling window is a sliding one that slides by its size, and
         // is cut at its limit instead of holding the input back.
@@ -579,6 +543,36 @@ impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Tumbling {
 impl<T: Clone + Send + 'static> Processor<T, Window<T>> for Sliding {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let size = if self.size == Duration::MAX {
+            Err(ConfigError::new(
+                "size",
+                "must be finite: a sliding window holds its input back until a window closes",
+            ))
+        } else {
+            nonzero(self.size, "size")
+        };
+        let slide = if self.slide > self.size {
+            Err(ConfigError::new(
+                "slide",
+                "must not be longer than the window size",
+            ))
+        } else if !self.slide.is_zero()
+            && self.size.as_nanos() / self.slide.as_nanos() > MAX_OVERLAP
+        {
+            Err(ConfigError::new(
+                "slide",
+                "must be at least the window size / 100,000: each value is copied into every window it is in",
+            ))
+        } else {
+            nonzero(self.slide, "slide")
+        };
+        size.and(slide)
+            .and(nonzero(self.max_items, "max_items"))
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Sliding", &self.name))
     }
 
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {
@@ -622,6 +616,13 @@ fn slide<T: Clone + Send + 'static>(
 impl<T: Send + 'static> Processor<T, Window<T>> for Session {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.gap, "gap")
+            .and(nonzero(self.max_items, "max_items"))
+            .and(self.edge.map_or(Ok(()), |e| e.validate()))
+            .map_err(|e| e.in_stage("Session", &self.name))
     }
 
     fn process(self, input: Flow<T>) -> Flow<Window<T>> {

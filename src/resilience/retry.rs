@@ -1,10 +1,9 @@
 //! [`Retry`]: how an [`AsyncMapper`](crate::AsyncMapper) tries an item
 //! again, with exponential backoff, jitter and an optional total deadline.
 
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 
 /// How the delay before a retry is randomised.
 ///
@@ -58,24 +57,33 @@ pub enum Jitter {
 /// 100 ms minimum delay, a 10 s maximum, factor 2, [`Jitter::Full`] from a
 /// random seed, no deadline, and timed-out attempts retried.
 ///
+/// # Validation
+///
+/// The constructor and setters never fail. The settings are checked once,
+/// when the operator holding the policy (an
+/// [`AsyncMapper`](crate::AsyncMapper), a circuit breaker) is piped; an
+/// invalid one is refused then with a [`ConfigError`] naming the operator,
+/// its stage and the field (`retry.max_attempts`, `retry.min_delay`,
+/// `retry.factor`, `retry.deadline`). [`validate`](Retry::validate) checks
+/// them on their own.
+///
 /// # Examples
 ///
 /// ```
 /// use std::time::Duration;
 /// use streamz::{Jitter, Retry};
 ///
-/// let retry = Retry::attempts(5)?
-///     .with_backoff(Duration::from_millis(10), Duration::from_secs(1))?
-///     .with_factor(3.0)?
+/// let retry = Retry::attempts(5)
+///     .with_backoff(Duration::from_millis(10), Duration::from_secs(1))
+///     .with_factor(3.0)
 ///     .with_jitter(Jitter::None)
-///     .with_deadline(Duration::from_secs(5))?;
+///     .with_deadline(Duration::from_secs(5));
 /// let delays: Vec<Duration> = (1..5).map(|n| retry.base_delay(n)).collect();
 /// assert_eq!(delays, [10, 30, 90, 270].map(Duration::from_millis));
-/// # Ok::<(), streamz::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retry {
-    pub(crate) max_attempts: NonZeroU32,
+    pub(crate) max_attempts: u32,
     min_delay: Duration,
     max_delay: Duration,
     factor: f64,
@@ -89,7 +97,7 @@ impl Default for Retry {
     /// One attempt: no retries.
     fn default() -> Self {
         Retry {
-            max_attempts: NonZeroU32::MIN,
+            max_attempts: 1,
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(10),
             factor: 2.0,
@@ -103,65 +111,55 @@ impl Default for Retry {
 
 impl Retry {
     /// Up to `max_attempts` attempts per item, the first included (so
-    /// `attempts(1)` never retries).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `max_attempts` is zero.
+    /// `attempts(1)` never retries). Zero is refused when the operator
+    /// holding the policy is piped ([`ConfigError`], field
+    /// `retry.max_attempts`).
     ///
     /// ```
-    /// use streamz::{ConfigError, Retry};
+    /// use streamz::{AsyncMapper, Retry};
     ///
-    /// assert_eq!(Retry::attempts(0).unwrap_err(), ConfigError::Zero { field: "max_attempts" });
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let fetch = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, std::io::Error>(*x)))
+    ///     .with_retry(Retry::attempts(0))
+    ///     .named("fetch");
+    /// let err = streamz::iter([1u8]).try_pipe(fetch).unwrap_err();
+    /// assert_eq!(err.field(), "retry.max_attempts");
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "AsyncMapper `fetch`: `retry.max_attempts` must be greater than zero"
+    /// );
+    /// # }
     /// ```
-    pub fn attempts(max_attempts: u32) -> Result<Self, ConfigError> {
-        let max_attempts = NonZeroU32::new(max_attempts).ok_or(ConfigError::Zero {
-            field: "max_attempts",
-        })?;
-        Ok(Retry {
+    pub fn attempts(max_attempts: u32) -> Self {
+        Retry {
             max_attempts,
             ..Retry::default()
-        })
+        }
     }
 
     /// The delay before the first retry and the cap on any delay.
     ///
     /// `max` of `Duration::MAX` leaves the delays uncapped; `min` of
     /// `Duration::MAX` means never retry (see [No limit](Retry#no-limit)).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Invalid`] if `min` is longer than `max`.
-    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Result<Self, ConfigError> {
-        if min > max {
-            return Err(ConfigError::Invalid {
-                field: "min_delay",
-                reason: "must not be longer than max_delay",
-            });
-        }
+    /// A `min` longer than `max` is refused when the operator holding the
+    /// policy is piped ([`ConfigError`], field `retry.min_delay`).
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_delay = min;
         self.max_delay = max;
-        Ok(self)
+        self
     }
 
-    /// How much longer each delay is than the one before.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Invalid`] if `factor` is below 1.0 or not finite.
+    /// How much longer each delay is than the one before. A factor below
+    /// 1.0 or not finite is refused when the operator holding the policy
+    /// is piped ([`ConfigError`], field `retry.factor`).
     ///
     /// ```
-    /// assert!(streamz::Retry::attempts(3).unwrap().with_factor(0.5).is_err());
+    /// let err = streamz::Retry::attempts(3).with_factor(0.5).validate().unwrap_err();
+    /// assert_eq!(err.field(), "retry.factor");
     /// ```
-    pub fn with_factor(mut self, factor: f64) -> Result<Self, ConfigError> {
-        if !(factor.is_finite() && factor >= 1.0) {
-            return Err(ConfigError::Invalid {
-                field: "factor",
-                reason: "must be a finite number of at least 1.0",
-            });
-        }
+    pub fn with_factor(mut self, factor: f64) -> Self {
         self.factor = factor;
-        Ok(self)
+        self
     }
 
     /// How delays are randomised.
@@ -179,24 +177,56 @@ impl Retry {
 
     /// Gives up on an item once `deadline` has passed since its first
     /// attempt started, whatever attempts remain. `Duration::MAX` means no
-    /// deadline (the default).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `deadline` is zero.
-    pub fn with_deadline(mut self, deadline: Duration) -> Result<Self, ConfigError> {
-        if deadline.is_zero() {
-            return Err(ConfigError::Zero { field: "deadline" });
-        }
+    /// deadline (the default). Zero is refused when the operator holding
+    /// the policy is piped ([`ConfigError`], field `retry.deadline`).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = (deadline != Duration::MAX).then_some(deadline);
-        Ok(self)
+        self
     }
 
     /// Whether an attempt that timed out is retried (`true` by default: a
     /// timeout is usually a transient condition).
-    pub fn retry_timeouts(mut self, retry: bool) -> Self {
+    pub fn with_timeouts_retried(mut self, retry: bool) -> Self {
         self.retry_timeouts = retry;
         self
+    }
+
+    /// Checks the settings; the operator holding the policy calls it when
+    /// it is piped, so its error also names the operator and stage.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for the field `retry.max_attempts` (zero),
+    /// `retry.min_delay` (longer than the maximum delay), `retry.factor`
+    /// (below 1.0 or not finite) or `retry.deadline` (zero).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::Retry;
+    ///
+    /// let retry = Retry::attempts(3).with_backoff(Duration::from_secs(2), Duration::from_secs(1));
+    /// let err = retry.validate().unwrap_err();
+    /// assert_eq!(err.field(), "retry.min_delay");
+    /// assert_eq!(err.to_string(), "`retry.min_delay` must not be longer than `retry.max_delay`");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.max_attempts, "retry.max_attempts")?;
+        if self.min_delay > self.max_delay {
+            return Err(ConfigError::new(
+                "retry.min_delay",
+                "must not be longer than `retry.max_delay`",
+            ));
+        }
+        if !(self.factor.is_finite() && self.factor >= 1.0) {
+            return Err(ConfigError::new(
+                "retry.factor",
+                "must be a finite number of at least 1.0",
+            ));
+        }
+        if let Some(deadline) = self.deadline {
+            nonzero(deadline, "retry.deadline")?;
+        }
+        Ok(())
     }
 
     /// The delay before retry `n` (from 1) before jitter:
@@ -243,9 +273,7 @@ mod tests {
     #[test]
     fn base_delay_grows_and_caps() {
         let r = Retry::attempts(10)
-            .unwrap()
-            .with_backoff(Duration::from_millis(100), Duration::from_millis(500))
-            .unwrap();
+            .with_backoff(Duration::from_millis(100), Duration::from_millis(500));
         let d: Vec<u128> = (1..=5).map(|n| r.base_delay(n).as_millis()).collect();
         assert_eq!(d, [100, 200, 400, 500, 500]);
         assert_eq!(r.base_delay(u32::MAX), Duration::from_millis(500));
@@ -254,9 +282,7 @@ mod tests {
     #[test]
     fn jitter_stays_in_its_range_and_repeats_with_a_seed() {
         let base = Retry::attempts(3)
-            .unwrap()
             .with_backoff(Duration::from_millis(100), Duration::from_secs(1))
-            .unwrap()
             .with_seed(7);
         let full = base.clone().with_jitter(Jitter::Full);
         let equal = base.clone().with_jitter(Jitter::Equal);
@@ -279,22 +305,15 @@ mod tests {
     #[test]
     fn duration_max_saturates_and_means_never() {
         let uncapped = Retry::attempts(u32::MAX)
-            .unwrap()
             .with_backoff(Duration::from_secs(1), Duration::MAX)
-            .unwrap()
             .with_factor(10.0)
-            .unwrap()
-            .with_deadline(Duration::MAX)
-            .unwrap();
+            .with_deadline(Duration::MAX);
         assert_eq!(uncapped.deadline, None, "no deadline");
         assert_eq!(uncapped.base_delay(3), Duration::from_secs(100));
         // 10^99 s and 10^(u32::MAX) s do not fit a Duration: never.
         assert_eq!(uncapped.base_delay(100), Duration::MAX);
         assert_eq!(uncapped.base_delay(u32::MAX), Duration::MAX);
-        let never = Retry::attempts(3)
-            .unwrap()
-            .with_backoff(Duration::MAX, Duration::MAX)
-            .unwrap();
+        let never = Retry::attempts(3).with_backoff(Duration::MAX, Duration::MAX);
         for jitter in [Jitter::None, Jitter::Full, Jitter::Equal] {
             let r = never.clone().with_jitter(jitter);
             assert_eq!(r.delay(1, &mut r.rng()), Duration::MAX);
@@ -303,25 +322,36 @@ mod tests {
         // Just below never, jitter saturates instead of overflowing.
         let huge = Duration::new(u64::MAX, 0);
         let r = Retry::attempts(3)
-            .unwrap()
             .with_backoff(huge, huge)
-            .unwrap()
             .with_jitter(Jitter::Equal);
         assert!(r.delay(1, &mut r.rng()) >= Duration::from_nanos(u64::MAX / 2));
     }
 
     #[test]
-    fn bad_values_are_rejected() {
-        assert!(Retry::attempts(1).unwrap().with_factor(f64::NAN).is_err());
-        assert!(
-            Retry::attempts(1)
-                .unwrap()
-                .with_backoff(Duration::from_secs(2), Duration::from_secs(1))
-                .is_err()
-        );
+    fn bad_values_are_refused_by_validate() {
+        assert_eq!(Retry::default().validate(), Ok(()));
         assert_eq!(
-            Retry::attempts(1).unwrap().with_deadline(Duration::ZERO),
-            Err(ConfigError::Zero { field: "deadline" })
+            Retry::attempts(u32::MAX)
+                .with_deadline(Duration::MAX)
+                .validate(),
+            Ok(())
         );
+        let field = |r: Retry| r.validate().unwrap_err().field();
+        assert_eq!(field(Retry::attempts(0)), "retry.max_attempts");
+        assert_eq!(
+            field(Retry::attempts(1).with_factor(f64::NAN)),
+            "retry.factor"
+        );
+        assert_eq!(field(Retry::attempts(1).with_factor(0.5)), "retry.factor");
+        assert_eq!(
+            field(Retry::attempts(1).with_backoff(Duration::from_secs(2), Duration::from_secs(1))),
+            "retry.min_delay"
+        );
+        let err = Retry::attempts(1)
+            .with_deadline(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::zero("retry.deadline"));
+        assert_eq!((err.operator(), err.stage()), (None, None));
     }
 }

@@ -69,3 +69,16 @@ pub fn assert_all_conserved(pipeline: &Pipeline, prefix: &str) {
         assert_conserved(m);
     }
 }
+
+/// The `ConfigError` piping `op` gives; panics if `op` is accepted.
+pub fn refused<In, Out, P>(op: P) -> streamz::ConfigError
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    P: streamz::Processor<In, Out>,
+{
+    match streamz::iter(Vec::<In>::new()).try_pipe(op) {
+        Ok(_) => panic!("the invalid setting was accepted"),
+        Err(e) => e,
+    }
+}

@@ -54,4 +54,8 @@ pub enum KafkaError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A setting of the source itself is out of range (a zero
+    /// [`max_unacked`](KafkaSource::with_max_unacked)), found when it starts.
+    #[error(transparent)]
+    Invalid(#[from] crate::ConfigError),
 }

@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::KafkaError;
 use super::record::{Ack, Acknowledge, KafkaRecord};
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::flow::Flow;
 use crate::flow::processor::Processor;
 use crate::resilience::async_mapper::AsyncMapper;
@@ -135,6 +135,14 @@ pub struct Delivered {
 /// messages), `enable.idempotence=true` (librdkafka's retries keep order
 /// and write no duplicates), named `kafka_sink`.
 ///
+/// # Validation
+///
+/// [`new`](KafkaSink::new) and [`with_config`](KafkaSink::with_config)
+/// create the producer, so they fail at once on a configuration librdkafka
+/// refuses. The sink's own settings are checked when it is piped: a zero
+/// concurrency is refused with a [`ConfigError`] naming `KafkaSink`, the
+/// stage and the field `concurrency`.
+///
 /// # Examples
 ///
 /// ```no_run
@@ -197,19 +205,23 @@ impl KafkaSink {
         })
     }
 
-    /// How many records may await their confirmation at once.
+    /// How many records may await their confirmation at once (1,000 by
+    /// default). Zero is refused when the sink is piped ([`ConfigError`],
+    /// field `concurrency`).
     ///
-    /// # Errors
+    /// ```
+    /// use streamz::kafka::{KafkaSink, ProducerRecord};
     ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn with_concurrency(mut self, n: usize) -> Result<Self, ConfigError> {
-        if n == 0 {
-            return Err(ConfigError::Zero {
-                field: "concurrency",
-            });
-        }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Creating the producer does not contact the brokers.
+    /// let sink = KafkaSink::new("127.0.0.1:9092", "greetings")?.with_concurrency(0);
+    /// let err = streamz::iter([ProducerRecord::new(b"hi".to_vec())]).try_pipe(sink).unwrap_err();
+    /// assert_eq!(err.to_string(), "KafkaSink `kafka_sink`: `concurrency` must be greater than zero");
+    /// # Ok(()) }
+    /// ```
+    pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
-        Ok(self)
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -266,6 +278,10 @@ impl Processor<ProducerRecord, Delivered> for KafkaSink {
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.concurrency, "concurrency").map_err(|e| e.in_stage("KafkaSink", &self.name))
+    }
+
     fn process(self, input: Flow<ProducerRecord>) -> Flow<Delivered> {
         let KafkaSink {
             producer,
@@ -312,7 +328,28 @@ impl Processor<ProducerRecord, Delivered> for KafkaSink {
         AsyncMapper::new(produce)
             .named(name)
             .with_concurrency(concurrency)
-            .expect("the concurrency was checked when set")
             .process(input)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_zero_concurrency_is_refused_when_piped() {
+        // Creating a producer does not contact the brokers.
+        let sink = KafkaSink::new("127.0.0.1:9", "out")
+            .unwrap()
+            .named("produce");
+        assert_eq!(Processor::validate(&sink), Ok(()));
+        let err = crate::iter([ProducerRecord::new(b"x".to_vec())])
+            .try_pipe(sink.with_concurrency(0))
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(
+            (err.operator(), err.stage(), err.field()),
+            (Some("KafkaSink"), Some("produce"), "concurrency")
+        );
     }
 }

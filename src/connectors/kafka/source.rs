@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::KafkaError;
 use super::offsets::{Commit, Offsets};
 use super::record::{Entry, KafkaRecord, Progress};
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::StreamError;
 use crate::base::time;
 use crate::flow::Flow;
@@ -34,7 +34,7 @@ use crate::flow::source::Pusher;
 /// # How offsets are committed
 ///
 /// Every record read is tracked per partition, in offset order. A
-/// partition's offset is committed (every [`commit_every`], and at the
+/// partition's offset is committed (every [`with_commit_interval`], and at the
 /// end) up to the first record that is not acknowledged: a record is
 /// acknowledged once its outcome is durable ([`KafkaRecord::ack`];
 /// [`KafkaSink`](super::KafkaSink) and [`KafkaDlq`](super::KafkaDlq) do
@@ -77,7 +77,7 @@ use crate::flow::source::Pusher;
 /// # Ending
 ///
 /// - A graceful [`Pipeline::shutdown`]: the source stops reading, waits up
-///   to [`drain_for`] for the records in the chain to be acknowledged,
+///   to [`with_drain_timeout`] for the records in the chain to be acknowledged,
 ///   commits, and leaves the group.
 /// - The flow dropped (even while no record arrives), or the pipeline
 ///   aborted: it commits what is acknowledged at once and leaves the group.
@@ -96,9 +96,9 @@ use crate::flow::source::Pusher;
 /// records unacknowledged, drain for 30 s. Any other librdkafka consumer
 /// property with [`set`](KafkaSource::set).
 ///
-/// [`commit_every`]: KafkaSource::commit_every
-/// [`max_unacked`]: KafkaSource::max_unacked
-/// [`drain_for`]: KafkaSource::drain_for
+/// [`with_commit_interval`]: KafkaSource::with_commit_interval
+/// [`max_unacked`]: KafkaSource::with_max_unacked
+/// [`with_drain_timeout`]: KafkaSource::with_drain_timeout
 ///
 /// # Examples
 ///
@@ -165,42 +165,28 @@ impl KafkaSource {
 
     /// How often acknowledged offsets are committed (1 s by default).
     /// Periods above a year (`Duration::MAX` included) are a year: the
-    /// commits on rebalance and at the end still happen.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn commit_every(mut self, every: Duration) -> Result<Self, ConfigError> {
-        if every.is_zero() {
-            return Err(ConfigError::Zero {
-                field: "commit_every",
-            });
-        }
+    /// commits on rebalance and at the end still happen. Zero is refused
+    /// when the source is [started](KafkaSource::start)
+    /// ([`KafkaError::Invalid`], field `commit_interval`).
+    pub fn with_commit_interval(mut self, every: Duration) -> Self {
         self.commit_every = every;
-        Ok(self)
+        self
     }
 
     /// How many records may wait for their acknowledgement before the
-    /// source stops reading (10,000 by default).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn max_unacked(mut self, n: usize) -> Result<Self, ConfigError> {
-        if n == 0 {
-            return Err(ConfigError::Zero {
-                field: "max_unacked",
-            });
-        }
+    /// source stops reading (10,000 by default). Zero is refused when the
+    /// source is [started](KafkaSource::start) ([`KafkaError::Invalid`],
+    /// field `max_unacked`).
+    pub fn with_max_unacked(mut self, n: usize) -> Self {
         self.max_unacked = n;
-        Ok(self)
+        self
     }
 
     /// How long a graceful shutdown waits for the records in the chain to
     /// be acknowledged before the last commit (30 s by default).
     /// `Duration::MAX` means no limit: the source waits until every record
     /// is acknowledged (or the pipeline aborts), then commits and leaves.
-    pub fn drain_for(mut self, wait: Duration) -> Self {
+    pub fn with_drain_timeout(mut self, wait: Duration) -> Self {
         self.drain_for = wait;
         self
     }
@@ -211,18 +197,45 @@ impl KafkaSource {
         self
     }
 
+    /// Checks the source's own settings; [`start`](KafkaSource::start)
+    /// calls it before it creates the consumer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `KafkaSource`, the source's name and the
+    /// field: `commit_interval` or `max_unacked` if zero.
+    ///
+    /// ```
+    /// use streamz::kafka::KafkaSource;
+    ///
+    /// let source = KafkaSource::new("127.0.0.1:9092", "orders-enricher").with_max_unacked(0);
+    /// let err = source.validate().unwrap_err();
+    /// assert_eq!(err.to_string(), "KafkaSource `kafka_source`: `max_unacked` must be greater than zero");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.commit_every, "commit_interval")
+            .and_then(|()| nonzero(self.max_unacked, "max_unacked"))
+            .map_err(|e| e.in_stage("KafkaSource", &self.name))
+    }
+
     /// Creates the consumer, subscribes, and starts reading into a flow of
     /// `pipeline`. Must be called inside a tokio runtime.
     ///
     /// # Errors
     ///
+    /// [`KafkaError::Invalid`] for a zero [`with_commit_interval`] or
+    /// [`max_unacked`] (see [`validate`](KafkaSource::validate));
     /// [`KafkaError::Config`] without topics or with automatic commits
     /// turned on; [`KafkaError::Client`] if librdkafka refuses the
     /// configuration or the subscription.
+    ///
+    /// [`with_commit_interval`]: KafkaSource::with_commit_interval
+    /// [`max_unacked`]: KafkaSource::with_max_unacked
     pub fn start(
         self,
         pipeline: &Pipeline,
     ) -> Result<(Flow<KafkaRecord>, KafkaSourceHandle), KafkaError> {
+        self.validate()?;
         if self.topics.is_empty() {
             return Err(KafkaError::Config {
                 key: "topics".into(),
@@ -752,7 +765,32 @@ type Tracked = (Arc<str>, i32, i64, Arc<Progress>);
 mod tests {
     use super::*;
 
-    /// `drain_for(Duration::MAX)` waits for the acknowledgements without a
+    #[tokio::test]
+    async fn zero_settings_are_refused_when_the_source_starts() {
+        let source = || {
+            KafkaSource::new("127.0.0.1:9", "group")
+                .topics(["t"])
+                .named("orders")
+        };
+        assert_eq!(source().validate(), Ok(()));
+        for (source, field) in [
+            (
+                source().with_commit_interval(Duration::ZERO),
+                "commit_interval",
+            ),
+            (source().with_max_unacked(0), "max_unacked"),
+        ] {
+            let Err(KafkaError::Invalid(err)) = source.start(&Pipeline::new()) else {
+                panic!("{field}: not refused");
+            };
+            assert_eq!(
+                (err.operator(), err.stage(), err.field()),
+                (Some("KafkaSource"), Some("orders"), field)
+            );
+        }
+    }
+
+    /// `with_drain_timeout(Duration::MAX)` waits for the acknowledgements without a
     /// limit and then returns, so the last commit runs.
     #[tokio::test(start_paused = true)]
     async fn an_endless_drain_waits_for_every_acknowledgement_then_returns() {

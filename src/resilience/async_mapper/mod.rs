@@ -26,12 +26,11 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::base::chunk::IntoIter as ChunkIter;
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::BoxError;
 use crate::flow::Flow;
 use crate::flow::driver;
@@ -78,7 +77,7 @@ pub enum TimeoutError {
 /// How many calls an [`AsyncMapper`] runs at once unless
 /// [`with_concurrency`](AsyncMapper::with_concurrency) says otherwise (see
 /// its "Default" section for why 16).
-pub(crate) const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(16).expect("not zero");
+pub(crate) const DEFAULT_CONCURRENCY: usize = 16;
 
 /// Runs an async function on each item, `concurrency` items at a time.
 ///
@@ -109,6 +108,16 @@ pub(crate) const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(16).expec
 ///   ([`retry_if`](AsyncMapper::retry_if)).
 /// - Named `async_mapper`; the output edge uses the pipeline's
 ///   [`EdgeConfig`].
+///
+/// # Validation
+///
+/// The constructor and setters never fail: the settings are checked when
+/// the mapper is piped. A zero `concurrency` or `timeout`, an invalid
+/// [`Retry`] (fields `retry.*`) or an explicit edge with a zero
+/// (`edge.capacity`, `edge.max_chunk`) is refused then with a
+/// [`ConfigError`] naming `AsyncMapper`, the stage and the field
+/// ([`Flow::try_pipe`] returns it; [`Flow::pipe`] turns it into an error
+/// item).
 ///
 /// # Failures
 ///
@@ -152,25 +161,25 @@ pub(crate) const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(16).expec
 /// use std::time::Duration;
 /// use streamz::{AsyncMapper, Retry};
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// async fn lookup(id: u32) -> Result<String, std::io::Error> {
 ///     tokio::time::sleep(Duration::from_millis(10)).await;
 ///     Ok(format!("user-{id}"))
 /// }
 ///
 /// let enrich = AsyncMapper::new(|id: &u32| lookup(*id))
-///     .with_concurrency(8)?
-///     .with_timeout(Duration::from_secs(1))?
-///     .with_retry(Retry::attempts(3)?);
+///     .with_concurrency(8)
+///     .with_timeout(Duration::from_secs(1))
+///     .with_retry(Retry::attempts(3));
 /// let names = streamz::iter(1..=3).pipe(enrich).collect().await;
 /// let names: Vec<String> = names.into_iter().map(Result::unwrap).collect();
 /// assert_eq!(names, ["user-1", "user-2", "user-3"]);
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct AsyncMapper<In, Out, E, F> {
     name: Cow<'static, str>,
     f: F,
-    concurrency: NonZeroUsize,
+    concurrency: usize,
     ordered: bool,
     timeout: Option<Duration>,
     retry: Retry,
@@ -242,17 +251,17 @@ where
     /// use streamz::AsyncMapper;
     /// use tower::ServiceBuilder;
     ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let lookup = ServiceBuilder::new()
     ///     .timeout(Duration::from_secs(1))
     ///     .service_fn(|id: u32| async move { Ok::<_, std::io::Error>(format!("user-{id}")) });
     /// let names = streamz::iter(1..=3u32)
-    ///     .pipe(AsyncMapper::from_service(lookup).with_concurrency(8)?)
+    ///     .pipe(AsyncMapper::from_service(lookup).with_concurrency(8))
     ///     .collect()
     ///     .await;
     /// let names: Vec<String> = names.into_iter().map(Result::unwrap).collect();
     /// assert_eq!(names, ["user-1", "user-2", "user-3"]);
-    /// # Ok(()) }
+    /// # }
     /// ```
     // The closure's type cannot be named (an alias of `impl Fn` is not
     // stable Rust), so the return type is spelled out.
@@ -276,23 +285,24 @@ where
 impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// How many items run at once: the bound on items in flight. Slots are
     /// created as items arrive, so a large limit costs memory only for the
-    /// items actually in flight, never up front.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `concurrency` is zero.
+    /// items actually in flight, never up front. Zero is refused when the
+    /// mapper is piped ([`ConfigError`], field `concurrency`).
     ///
     /// ```
-    /// use streamz::{AsyncMapper, ConfigError};
+    /// use streamz::AsyncMapper;
     ///
-    /// let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, ConfigError>(*x)));
-    /// assert_eq!(m.with_concurrency(0).unwrap_err(), ConfigError::Zero { field: "concurrency" });
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, std::io::Error>(*x)))
+    ///     .with_concurrency(0)
+    ///     .named("lookup");
+    /// let err = streamz::iter([1u8]).try_pipe(m).unwrap_err();
+    /// assert_eq!((err.operator(), err.stage(), err.field()), (Some("AsyncMapper"), Some("lookup"), "concurrency"));
+    /// assert_eq!(err.to_string(), "AsyncMapper `lookup`: `concurrency` must be greater than zero");
+    /// # }
     /// ```
-    pub fn with_concurrency(mut self, concurrency: usize) -> Result<Self, ConfigError> {
-        self.concurrency = NonZeroUsize::new(concurrency).ok_or(ConfigError::Zero {
-            field: "concurrency",
-        })?;
-        Ok(self)
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
     }
 
     /// Emits each item as soon as it finishes instead of in input order.
@@ -307,11 +317,8 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// dropped) and counts as a [`TimedOut`](crate::ErrorKind::TimedOut) failure.
     ///
     /// `Duration::MAX` means no limit (the default), as does any limit that
-    /// would end beyond what the clock can represent.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `timeout` is zero.
+    /// would end beyond what the clock can represent. Zero is refused when
+    /// the mapper is piped ([`ConfigError`], field `timeout`).
     ///
     /// ```
     /// use std::time::Duration;
@@ -319,36 +326,31 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     ///
     /// // No time limit: the same as not calling `with_timeout`.
     /// let m = AsyncMapper::new(|x: &u8| std::future::ready(Ok::<_, std::io::Error>(*x)))
-    ///     .with_timeout(Duration::MAX)?;
-    /// # Ok::<(), streamz::ConfigError>(())
+    ///     .with_timeout(Duration::MAX);
     /// ```
-    pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout.is_zero() {
-            return Err(ConfigError::Zero { field: "timeout" });
-        }
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = (timeout != Duration::MAX).then_some(timeout);
-        Ok(self)
+        self
     }
 
-    /// Retries failed attempts by `retry`.
+    /// Retries failed attempts by `retry`, whose settings are checked
+    /// when the mapper is piped ([`Retry::validate`]; fields `retry.*`).
     pub fn with_retry(mut self, retry: Retry) -> Self {
         self.retry = retry;
         self
     }
 
     /// Decides which errors are worth another attempt (all are by default).
-    /// Timeouts follow [`Retry::retry_timeouts`] instead; a predicate that
+    /// Timeouts follow [`Retry::with_timeouts_retried`] instead; a predicate that
     /// panics fails the item as [`Panicked`](crate::ErrorKind::Panicked).
     ///
     /// ```
     /// use std::io;
     /// use streamz::{AsyncMapper, Retry};
     ///
-    /// # fn main() -> Result<(), streamz::ConfigError> {
     /// let m = AsyncMapper::new(|x: &u32| std::future::ready(Ok::<u32, io::Error>(*x)))
-    ///     .with_retry(Retry::attempts(3)?)
+    ///     .with_retry(Retry::attempts(3))
     ///     .retry_if(|e: &io::Error| e.kind() != io::ErrorKind::InvalidInput);
-    /// # Ok(()) }
     /// ```
     pub fn retry_if<P>(mut self, retryable: P) -> Self
     where
@@ -364,10 +366,22 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
         self
     }
 
-    /// Sets the stage's output edge.
+    /// Sets the stage's output edge, checked when the mapper is piped
+    /// ([`EdgeConfig::validate`]).
     pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
         self.edge = Some(edge);
         self
+    }
+
+    /// Checks the settings, naming no operator: the concurrency, the
+    /// timeout, the retry policy and an explicit edge.
+    fn check(&self) -> Result<(), ConfigError> {
+        nonzero(self.concurrency, "concurrency")?;
+        if let Some(timeout) = self.timeout {
+            nonzero(timeout, "timeout")?;
+        }
+        self.retry.validate()?;
+        self.edge.map_or(Ok(()), |e| e.validate())
     }
 }
 
@@ -381,6 +395,11 @@ where
 {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+            .map_err(|e| e.in_stage("AsyncMapper", &self.name))
     }
 
     fn process(self, input: Flow<In>) -> Flow<Out> {
@@ -398,7 +417,7 @@ where
 {
     /// Runs the mapper with `guard` asked before every attempt.
     pub(crate) fn spawn_guarded<G: Guard>(self, input: Flow<In>, guard: G) -> Flow<Out> {
-        let c = self.concurrency.get();
+        let c = self.concurrency.max(1);
         let edge = self.edge.unwrap_or(input.pipeline().edge());
         let machine = Machine {
             policy: Policy {
@@ -466,4 +485,61 @@ impl Guard for Unguarded {
     fn cancel(&mut self, (): ()) {}
 
     fn flush(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Ready = std::future::Ready<Result<u8, std::io::Error>>;
+
+    fn mapper() -> AsyncMapper<u8, u8, std::io::Error, impl Fn(&u8) -> Ready> {
+        AsyncMapper::new(|x: &u8| std::future::ready(Ok(*x))).named("lookup")
+    }
+
+    fn refused<P: Processor<u8, u8>>(p: P) -> (Option<&'static str>, Option<String>, &'static str) {
+        let err = crate::iter([1u8]).try_pipe(p).map(drop).unwrap_err();
+        (err.operator(), err.stage().map(str::to_owned), err.field())
+    }
+
+    #[test]
+    fn valid_settings_pass() {
+        let m = mapper()
+            .with_concurrency(1)
+            .with_timeout(Duration::MAX)
+            .with_retry(Retry::attempts(3))
+            .with_edge(EdgeConfig::new(1, 1));
+        assert_eq!(Processor::validate(&m), Ok(()));
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_when_piped() {
+        let at = |field| (Some("AsyncMapper"), Some("lookup".to_owned()), field);
+        assert_eq!(refused(mapper().with_concurrency(0)), at("concurrency"));
+        assert_eq!(
+            refused(mapper().with_timeout(Duration::ZERO)),
+            at("timeout")
+        );
+        assert_eq!(
+            refused(mapper().with_retry(Retry::attempts(0))),
+            at("retry.max_attempts")
+        );
+        assert_eq!(
+            refused(mapper().with_retry(Retry::attempts(2).with_factor(0.0))),
+            at("retry.factor")
+        );
+        assert_eq!(
+            refused(mapper().with_retry(Retry::attempts(2).with_deadline(Duration::ZERO))),
+            at("retry.deadline")
+        );
+        assert_eq!(
+            refused(mapper().with_edge(EdgeConfig::new(0, 1))),
+            at("edge.capacity")
+        );
+        let err = Processor::validate(&mapper().with_concurrency(0)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "AsyncMapper `lookup`: `concurrency` must be greater than zero"
+        );
+    }
 }

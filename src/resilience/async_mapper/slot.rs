@@ -179,7 +179,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
             Failure::TimedOut(TimeoutError::Attempt { .. }) => self.retry.retry_timeouts,
             Failure::TimedOut(TimeoutError::Deadline { .. }) => false,
         };
-        if retryable && slot.attempts < self.retry.max_attempts.get() {
+        if retryable && slot.attempts < self.retry.max_attempts {
             slot.first_failure.get_or_insert_with(SystemTime::now);
             // No retry is scheduled after shutdown.
             if !self.shutting_down {

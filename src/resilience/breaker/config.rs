@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 
 /// The sliding window the failure and slow-call rates are measured over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,70 +131,149 @@ fn rate(r: f64, field: &'static str) -> Result<(), ConfigError> {
     if r > 0.0 && r <= 1.0 {
         Ok(())
     } else {
-        Err(ConfigError::Invalid {
+        Err(ConfigError::new(
             field,
-            reason: "must be a rate above 0 and at most 1",
-        })
+            "must be a rate above 0 and at most 1",
+        ))
     }
 }
 
+/// A field's name: as in the configuration file, or under `breaker.` when
+/// an operator or a gate that holds the breaker reports it.
+macro_rules! field {
+    ($prefixed:expr, $name:literal) => {
+        if $prefixed {
+            concat!("breaker.", $name)
+        } else {
+            $name
+        }
+    };
+}
+
 impl BreakerConfig {
-    /// Checks the values that types cannot.
+    /// Checks the values that types cannot. A
+    /// [`Breaker`](crate::resilience::breaker::Breaker) is checked when a
+    /// [`CircuitBreaker`](crate::resilience::breaker::CircuitBreaker) (or a
+    /// [`HealthGate`](crate::HealthGate)) using it is piped, with the
+    /// fields under `breaker.` (`breaker.failure_rate`); a
+    /// [`BreakerRegistry`](crate::resilience::breaker::BreakerRegistry)
+    /// checks each configuration it reads.
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] naming the field: a rate outside (0, 1], a zero
-    /// window or open duration, more successes to close than trial calls,
-    /// a backoff factor below 1, a minimum number of calls larger than a
-    /// count window.
+    /// [`ConfigError`] naming the field (as in the configuration file): a
+    /// rate outside (0, 1], a zero window or open duration, more successes
+    /// to close than trial calls, a backoff factor below 1, a minimum
+    /// number of calls larger than a count window.
     ///
     /// ```
     /// use streamz::breaker::BreakerConfig;
     ///
     /// let mut config = BreakerConfig::default();
     /// config.failure_rate = 1.5;
-    /// assert_eq!(config.validate().unwrap_err().to_string(), "`failure_rate` must be a rate above 0 and at most 1");
+    /// let err = config.validate().unwrap_err();
+    /// assert_eq!(err.field(), "failure_rate");
+    /// assert_eq!(err.to_string(), "`failure_rate` must be a rate above 0 and at most 1");
     /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
-        rate(self.failure_rate, "failure_rate")?;
+        self.check(false)
+    }
+
+    /// [`validate`](BreakerConfig::validate), with the fields under
+    /// `breaker.` if `prefixed`.
+    pub(crate) fn check(&self, prefixed: bool) -> Result<(), ConfigError> {
+        rate(self.failure_rate, field!(prefixed, "failure_rate"))?;
         if let Some(slow) = self.slow_call {
-            rate(slow.rate, "slow_call.rate")?;
-            if slow.duration.is_zero() {
-                return Err(ConfigError::Zero {
-                    field: "slow_call.duration",
-                });
-            }
+            rate(slow.rate, field!(prefixed, "slow_call.rate"))?;
+            nonzero(slow.duration, field!(prefixed, "slow_call.duration"))?;
         }
         match self.window {
-            Window::Time(d) if d.is_zero() => {
-                return Err(ConfigError::Zero { field: "window" });
-            }
+            Window::Time(d) => nonzero(d, field!(prefixed, "window"))?,
             Window::Count(size) if self.minimum_calls > size => {
                 // The window could never hold enough calls to judge a rate.
-                return Err(ConfigError::Invalid {
-                    field: "minimum_calls",
-                    reason: "must not exceed the count window's size",
-                });
+                return Err(ConfigError::new(
+                    field!(prefixed, "minimum_calls"),
+                    "must not exceed the count window's size",
+                ));
             }
-            _ => {}
+            Window::Count(_) => {}
         }
-        if self.open_for.is_zero() {
-            return Err(ConfigError::Zero { field: "open_for" });
-        }
+        nonzero(self.open_for, field!(prefixed, "open_for"))?;
         if self.successes_to_close > self.half_open_calls {
-            return Err(ConfigError::Invalid {
-                field: "successes_to_close",
-                reason: "must not exceed half_open_calls",
-            });
+            return Err(ConfigError::new(
+                field!(prefixed, "successes_to_close"),
+                "must not exceed half_open_calls",
+            ));
         }
         if let Some(b) = self.open_backoff {
             if !(b.factor >= 1.0 && b.factor.is_finite()) {
-                return Err(ConfigError::Invalid {
-                    field: "open_backoff.factor",
-                    reason: "must be a finite number of at least 1",
-                });
+                return Err(ConfigError::new(
+                    field!(prefixed, "open_backoff.factor"),
+                    "must be a finite number of at least 1",
+                ));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_named_as_in_the_file_or_under_breaker() {
+        assert_eq!(BreakerConfig::default().validate(), Ok(()));
+        let config = BreakerConfig {
+            open_for: Duration::ZERO,
+            ..BreakerConfig::default()
+        };
+        assert_eq!(
+            config.validate().unwrap_err(),
+            ConfigError::zero("open_for")
+        );
+        assert_eq!(
+            config.check(true).unwrap_err(),
+            ConfigError::zero("breaker.open_for")
+        );
+        let mut config = BreakerConfig {
+            window: Window::Count(NonZeroU32::new(5).unwrap()),
+            ..BreakerConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field(), "minimum_calls");
+        config.window = Window::Time(Duration::ZERO);
+        assert_eq!(config.check(true).unwrap_err().field(), "breaker.window");
+        let config = BreakerConfig {
+            successes_to_close: NonZeroU32::new(4).unwrap(),
+            ..BreakerConfig::default()
+        };
+        assert_eq!(
+            config.check(true).unwrap_err().field(),
+            "breaker.successes_to_close"
+        );
+        let mut config = BreakerConfig {
+            slow_call: Some(SlowCall {
+                duration: Duration::ZERO,
+                rate: 0.5,
+            }),
+            ..BreakerConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field(), "slow_call.duration");
+        config.slow_call = Some(SlowCall {
+            duration: Duration::from_secs(1),
+            rate: 0.0,
+        });
+        assert_eq!(config.validate().unwrap_err().field(), "slow_call.rate");
+        let config = BreakerConfig {
+            open_backoff: Some(OpenBackoff {
+                factor: f64::INFINITY,
+                max: Duration::MAX,
+            }),
+            ..BreakerConfig::default()
+        };
+        assert_eq!(
+            config.check(true).unwrap_err().field(),
+            "breaker.open_backoff.factor"
+        );
     }
 }

@@ -195,7 +195,7 @@ struct Inner {
 ///
 /// let mut config = BreakerConfig::default();
 /// config.consecutive_failures = std::num::NonZeroU32::new(2);
-/// let breaker = Breaker::new("payments", config)?;
+/// let breaker = Breaker::new("payments", config);
 ///
 /// for _ in 0..2 {
 ///     let permit = breaker.try_acquire().expect("closed: calls pass");
@@ -204,7 +204,6 @@ struct Inner {
 /// assert_eq!(breaker.state(), BreakerState::Open);
 /// assert!(breaker.try_acquire().is_err());
 /// assert_eq!(breaker.audit_trail()[0].reason, "2 consecutive failures");
-/// # Ok::<(), streamz::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct Breaker {
@@ -223,15 +222,45 @@ impl fmt::Debug for Breaker {
 impl Breaker {
     /// A closed breaker named `name` (for logs, metrics and errors).
     ///
-    /// # Errors
+    /// The configuration is checked ([`BreakerConfig::validate`]) when a
+    /// [`CircuitBreaker`] or [`Guarded`] stage using the breaker, or a
+    /// [`HealthGate`](crate::HealthGate) gating on it, is piped: an invalid
+    /// one is refused then with a [`ConfigError`] naming the stage and the
+    /// field under `breaker.` (`breaker.failure_rate`). A breaker used only
+    /// by hand ([`try_acquire`](Breaker::try_acquire)) is checked only
+    /// here, with an `error` event in the log: call
+    /// [`validate`](Breaker::validate) to act on it. An unchecked invalid
+    /// configuration does not panic, but the breaker may never open (a
+    /// failure rate above 1) or never close (more successes to close than
+    /// trial calls).
     ///
-    /// What [`BreakerConfig::validate`] finds.
-    pub fn new(name: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
-        config.validate()?;
+    /// ```
+    /// use streamz::breaker::{Breaker, BreakerConfig, CircuitBreaker};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut config = BreakerConfig::default();
+    /// config.failure_rate = 0.0;
+    /// let breaker = Breaker::new("ledger", config);
+    /// let stage = CircuitBreaker::new(breaker, |n: &u32| std::future::ready(Ok::<_, std::io::Error>(*n)))
+    ///     .named("post");
+    /// let err = streamz::iter([1u32]).try_pipe(stage).unwrap_err();
+    /// assert_eq!(err.field(), "breaker.failure_rate");
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "CircuitBreaker `post`: `breaker.failure_rate` must be a rate above 0 and at most 1"
+    /// );
+    /// # }
+    /// ```
+    pub fn new(name: impl Into<String>, config: BreakerConfig) -> Self {
+        let name = name.into();
+        if let Err(error) = config.check(true) {
+            // Not an error value (`new` never fails), but never silent.
+            tracing::error!(breaker = %name, %error, "invalid breaker configuration: stages using it will not start");
+        }
         let machine = Machine::new(config);
-        Ok(Breaker {
+        Breaker {
             inner: Arc::new(Inner {
-                name: name.into(),
+                name,
                 times_calls: config.slow_call.is_some(),
                 origin: Clock::now(),
                 lane: AtomicU64::new(machine.lane()),
@@ -242,7 +271,28 @@ impl Breaker {
                 listeners: RwLock::new(Vec::new()),
                 changed: Notify::new(),
             }),
-        })
+        }
+    }
+
+    /// Checks the breaker's configuration ([`BreakerConfig::validate`]),
+    /// with the fields under `breaker.`. The stages and gates using the
+    /// breaker call it when they are piped.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for the field, such as `breaker.open_for`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::breaker::{Breaker, BreakerConfig};
+    ///
+    /// let mut config = BreakerConfig::default();
+    /// config.open_for = Duration::ZERO;
+    /// let err = Breaker::new("payments", config).validate().unwrap_err();
+    /// assert_eq!(err.field(), "breaker.open_for");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.config().check(true)
     }
 
     /// The breaker's name.
@@ -671,6 +721,11 @@ impl Breaker {
 /// A breaker is a health check: healthy while it permits calls. Gate a
 /// pipeline's ingress on it to stop taking input while it is open.
 impl HealthCheck for Breaker {
+    /// [`Breaker::validate`]: the gate refuses an invalid breaker.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Breaker::validate(self)
+    }
+
     async fn check(&mut self) -> Health {
         match self.state() {
             s if s.permits_calls() => Health::Healthy,

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::{BoxError, ErrorKind, StreamError};
 use crate::flow::Flow;
 use crate::flow::processor::Processor;
@@ -83,6 +83,13 @@ pub enum OpenPolicy {
 ///
 /// [`OpenPolicy::Reject`], concurrency 1, named `circuit_breaker`.
 ///
+/// # Validation
+///
+/// Checked when the stage is piped: a zero concurrency (field
+/// `concurrency`) or an invalid breaker configuration (fields under
+/// `breaker.`, see [`Breaker::validate`]) is refused with a
+/// [`ConfigError`] naming `CircuitBreaker` and the stage.
+///
 /// # Examples
 ///
 /// ```
@@ -90,10 +97,10 @@ pub enum OpenPolicy {
 /// use streamz::breaker::{Breaker, BreakerConfig, CircuitBreaker};
 /// use streamz::ErrorKind;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let mut config = BreakerConfig::default();
 /// config.consecutive_failures = std::num::NonZeroU32::new(2);
-/// let breaker = Breaker::new("ledger", config)?;
+/// let breaker = Breaker::new("ledger", config);
 ///
 /// // A ledger that is down: two failures open the breaker, and the rest
 /// // of the items fail fast without a call.
@@ -105,7 +112,7 @@ pub enum OpenPolicy {
 /// let kinds: Vec<ErrorKind> = out.iter().map(|r| r.as_ref().unwrap_err().kind()).collect();
 /// assert_eq!(kinds, [ErrorKind::Failed, ErrorKind::Failed, ErrorKind::CircuitOpen, ErrorKind::CircuitOpen]);
 /// assert_eq!(breaker.metrics().rejected, 2);
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct CircuitBreaker<F> {
     breaker: Breaker,
@@ -139,24 +146,28 @@ impl<F> CircuitBreaker<F> {
     }
 
     /// Sets what happens to items while the breaker refuses calls.
-    pub fn when_open(mut self, policy: OpenPolicy) -> Self {
+    pub fn with_open_policy(mut self, policy: OpenPolicy) -> Self {
         self.policy = policy;
         self
     }
 
-    /// How many calls may run at once (1 by default).
+    /// How many calls may run at once (1 by default). Zero is refused
+    /// when the stage is piped ([`ConfigError`], field `concurrency`).
     ///
-    /// # Errors
+    /// ```
+    /// use streamz::breaker::{Breaker, BreakerConfig, CircuitBreaker};
     ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn with_concurrency(mut self, n: usize) -> Result<Self, ConfigError> {
-        if n == 0 {
-            return Err(ConfigError::Zero {
-                field: "concurrency",
-            });
-        }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let breaker = Breaker::new("ledger", BreakerConfig::default());
+    /// let stage = CircuitBreaker::new(breaker, |n: &u32| std::future::ready(Ok::<_, std::io::Error>(*n)))
+    ///     .with_concurrency(0);
+    /// let err = streamz::iter([1u32]).try_pipe(stage).unwrap_err();
+    /// assert_eq!((err.operator(), err.stage(), err.field()), (Some("CircuitBreaker"), Some("circuit_breaker"), "concurrency"));
+    /// # }
+    /// ```
+    pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
-        Ok(self)
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -178,6 +189,12 @@ where
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.concurrency, "concurrency")
+            .and_then(|()| self.breaker.validate())
+            .map_err(|e| e.in_stage("CircuitBreaker", &self.name))
+    }
+
     fn process(self, input: Flow<In>) -> Flow<Out> {
         let CircuitBreaker {
             breaker,
@@ -192,7 +209,6 @@ where
             return AsyncMapper::new(f)
                 .named(name)
                 .with_concurrency(concurrency)
-                .expect("the concurrency was checked when set")
                 .spawn_guarded(input, Lane::new(breaker));
         }
         // Waiting for a permit needs a future per call.
@@ -209,7 +225,6 @@ where
         AsyncMapper::new(guarded)
             .named(name)
             .with_concurrency(concurrency)
-            .expect("the concurrency was checked when set")
             .process(input)
     }
 }
@@ -231,6 +246,10 @@ impl CircuitBreaker<()> {
     /// wrong permits.) Refused items cannot wait here: the policy is
     /// always [`OpenPolicy::Reject`].
     ///
+    /// When piped, the breaker's configuration is checked (fields under
+    /// `breaker.`, refused as the `CircuitBreaker` stage), then `inner`'s
+    /// own settings (refused as `inner` names itself).
+    ///
     /// Admission runs ahead of the outcomes by what `inner` holds: a whole
     /// chunk is admitted before the first of its outcomes is known. Small
     /// chunks on this part of the pipeline ([`EdgeConfig`](crate::EdgeConfig))
@@ -241,13 +260,13 @@ impl CircuitBreaker<()> {
     /// use streamz::breaker::{Breaker, BreakerConfig, BreakerState, CircuitBreaker};
     /// use streamz::{EdgeConfig, ErrorKind, Pipeline, Stage, TryMap};
     ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), streamz::ConfigError> {
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let mut config = BreakerConfig::default();
     /// config.consecutive_failures = NonZeroU32::new(2);
-    /// let breaker = Breaker::new("parser", config)?;
+    /// let breaker = Breaker::new("parser", config);
     /// let parse = Stage::new("parse", TryMap::new(|s: &String| s.parse::<u32>()));
     /// // One item per chunk, so outcomes follow admissions closely.
-    /// let pipeline = Pipeline::with_edge(EdgeConfig::try_new(1, 1)?);
+    /// let pipeline = Pipeline::with_edge(EdgeConfig::new(1, 1));
     /// let out = pipeline
     ///     .iter((0..20).map(|_| String::from("not a number")))
     ///     .pipe(CircuitBreaker::around(breaker.clone(), parse))
@@ -256,7 +275,7 @@ impl CircuitBreaker<()> {
     /// let refused = out.iter().filter(|r| r.as_ref().unwrap_err().kind() == ErrorKind::CircuitOpen).count();
     /// assert!(refused > 10, "{refused}");
     /// assert_eq!(breaker.state(), BreakerState::Open);
-    /// # Ok(()) }
+    /// # }
     /// ```
     pub fn around<P>(breaker: Breaker, inner: P) -> Guarded<P> {
         Guarded {
@@ -381,6 +400,14 @@ where
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        // An error of `inner` names `inner` already (`in_stage` keeps it).
+        self.breaker
+            .validate()
+            .and_then(|()| self.inner.validate())
+            .map_err(|e| e.in_stage("CircuitBreaker", &self.name))
+    }
+
     fn process(self, input: Flow<In>) -> Flow<Out> {
         let slots = Slots::default();
         let settle = format!("{}.settle", self.name);
@@ -394,5 +421,68 @@ where
             )
             .pipe(self.inner)
             .step(settle, Settle { slots })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::breaker::BreakerConfig;
+
+    type Refusal = (Option<&'static str>, Option<String>, &'static str);
+
+    fn refused<P: Processor<u32, u32>>(p: P) -> Refusal {
+        let err = crate::iter([1u32]).try_pipe(p).map(drop).unwrap_err();
+        (err.operator(), err.stage().map(str::to_owned), err.field())
+    }
+
+    fn call(n: &u32) -> std::future::Ready<Result<u32, std::io::Error>> {
+        std::future::ready(Ok(*n))
+    }
+
+    fn breaker(config: BreakerConfig) -> Breaker {
+        Breaker::new("ledger", config)
+    }
+
+    #[test]
+    fn a_zero_concurrency_or_a_bad_breaker_is_refused_when_piped() {
+        let at = |field| (Some("CircuitBreaker"), Some("post".to_owned()), field);
+        let ok = CircuitBreaker::new(breaker(BreakerConfig::default()), call).named("post");
+        assert_eq!(Processor::<u32, u32>::validate(&ok), Ok(()));
+        assert_eq!(refused(ok.with_concurrency(0)), at("concurrency"));
+        let config = BreakerConfig {
+            failure_rate: 2.0,
+            ..BreakerConfig::default()
+        };
+        let stage = CircuitBreaker::new(breaker(config), call).named("post");
+        assert_eq!(refused(stage), at("breaker.failure_rate"));
+        let stage = CircuitBreaker::new(breaker(config), call)
+            .with_open_policy(OpenPolicy::Wait)
+            .named("post");
+        assert_eq!(refused(stage), at("breaker.failure_rate"));
+    }
+
+    #[test]
+    fn a_guarded_stage_checks_its_breaker_then_its_inner_processor() {
+        let config = BreakerConfig {
+            open_for: Duration::ZERO,
+            ..BreakerConfig::default()
+        };
+        let inner = AsyncMapper::new(call).named("inner");
+        let guarded = CircuitBreaker::around(breaker(config), inner).named("guard");
+        assert_eq!(
+            refused(guarded),
+            (
+                Some("CircuitBreaker"),
+                Some("guard".to_owned()),
+                "breaker.open_for"
+            )
+        );
+        let inner = AsyncMapper::new(call).with_concurrency(0).named("inner");
+        let guarded = CircuitBreaker::around(breaker(BreakerConfig::default()), inner);
+        assert_eq!(
+            refused(guarded),
+            (Some("AsyncMapper"), Some("inner".to_owned()), "concurrency")
+        );
     }
 }

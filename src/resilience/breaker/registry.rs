@@ -122,23 +122,30 @@ impl BreakerRegistry {
 
     /// A registry without a file: every breaker gets `defaults`.
     ///
-    /// # Errors
+    /// `defaults` is checked ([`BreakerConfig::validate`]) each time
+    /// [`get`](BreakerRegistry::get) would create a breaker with it: an
+    /// invalid configuration makes `get` fail with
+    /// [`RegistryError::Invalid`] naming the breaker asked for, and no
+    /// breaker is created.
     ///
-    /// [`RegistryError::Invalid`] if `defaults` is out of range.
-    pub fn new(defaults: BreakerConfig, max_breakers: usize) -> Result<Self, RegistryError> {
-        defaults
-            .validate()
-            .map_err(|source| RegistryError::Invalid {
-                breaker: "defaults".into(),
-                source,
-            })?;
+    /// ```
+    /// use streamz::breaker::{BreakerConfig, BreakerRegistry, RegistryError};
+    ///
+    /// let mut defaults = BreakerConfig::default();
+    /// defaults.failure_rate = 0.0;
+    /// let registry = BreakerRegistry::new(defaults, 10);
+    /// let err = registry.get("pgmq").unwrap_err();
+    /// assert!(matches!(&err, RegistryError::Invalid { breaker, source } if breaker == "pgmq" && source.field() == "failure_rate"));
+    /// assert!(registry.breakers().is_empty());
+    /// ```
+    pub fn new(defaults: BreakerConfig, max_breakers: usize) -> Self {
         let defaults = toml::Table::try_from(defaults).expect("a config serialises to a table");
-        Ok(BreakerRegistry {
+        BreakerRegistry {
             defaults,
             overrides: HashMap::new(),
             max: max_breakers,
             breakers: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Breaker>> {
@@ -170,7 +177,8 @@ impl BreakerRegistry {
     /// # Errors
     ///
     /// [`RegistryError::LimitReached`] when creating it would pass the
-    /// limit.
+    /// limit; [`RegistryError::Invalid`] when its configuration (the
+    /// defaults given to [`new`](BreakerRegistry::new)) is out of range.
     pub fn get(&self, name: &str) -> Result<Breaker, RegistryError> {
         let mut breakers = self.lock();
         if let Some(b) = breakers.iter().find(|b| b.name() == name) {
@@ -183,10 +191,7 @@ impl BreakerRegistry {
             });
         }
         let config = self.config_for(name, self.overrides.get(name))?;
-        let breaker = Breaker::new(name, config).map_err(|source| RegistryError::Invalid {
-            breaker: name.to_owned(),
-            source,
-        })?;
+        let breaker = Breaker::new(name, config);
         breakers.push(breaker.clone());
         Ok(breaker)
     }

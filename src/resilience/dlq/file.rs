@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::{BoxError, PanicError};
 use crate::resilience::dlq::{DeadLetter, DeadLetterSink, DlqError, Unwritten};
 
@@ -59,7 +59,7 @@ pub enum Fsync {
 ///
 /// The records hold failed payloads, so a file the sink creates gets mode
 /// `0o600` (owner read and write only) unless
-/// [`FileSinkOptions::mode`] says otherwise. The mode is applied exactly,
+/// [`FileSinkOptions::with_mode`] says otherwise. The mode is applied exactly,
 /// whatever the process's umask, to every file the sink creates, the new
 /// file after a rotation included; a rotated segment is renamed, so it
 /// keeps its mode. A file that already exists keeps its permissions. On
@@ -75,6 +75,16 @@ pub enum Fsync {
 /// [`Replay::open_rotated`](crate::resilience::dlq::Replay::open_rotated) reads them
 /// all in order.
 ///
+/// # Validation
+///
+/// The setters never fail; the settings are checked
+/// ([`validate`](FileSink::validate)) when the
+/// [`DeadLetterQueue`](crate::DeadLetterQueue) writing to the sink is
+/// piped, which refuses to start with a [`ConfigError`] naming the field:
+/// `sink.fsync.every_n`, `sink.fsync.interval`, `sink.rotation` or
+/// `sink.retention`. ([`FileSinkOptions::create`] checks its settings
+/// before it creates the file.)
+///
 /// # Examples
 ///
 /// ```
@@ -85,7 +95,7 @@ pub enum Fsync {
 /// let dir = tempfile::tempdir()?;
 /// let sink = FileSink::<u32>::create(dir.path().join("failed.jsonl"))
 ///     .await?
-///     .with_fsync(Fsync::EveryN(100))?;
+///     .with_fsync(Fsync::EveryN(100));
 /// let stats = sink.stats();
 /// let out = streamz::try_stream(futures::stream::iter([
 ///     Ok(1),
@@ -173,35 +183,36 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
 
     /// Sets the sync policy ([`Fsync::EveryRecord`] by default).
     /// `Fsync::Interval(Duration::MAX)` is accepted and means "never by
-    /// time" (see [`Fsync::Interval`]).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for `EveryN(0)` or a zero interval.
+    /// time" (see [`Fsync::Interval`]). `EveryN(0)` and a zero interval
+    /// are refused when the dead-letter queue writing to the sink is piped
+    /// ([`ConfigError`], field `sink.fsync.every_n` or
+    /// `sink.fsync.interval`).
     ///
     /// ```
     /// use std::time::Duration;
     /// use streamz::dlq::{FileSink, Fsync};
+    /// use streamz::DeadLetterQueue;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dir = tempfile::tempdir()?;
     /// let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl")).await?;
-    /// let sink = sink.with_fsync(Fsync::Interval(Duration::from_secs(1)))?;
-    /// assert!(sink.with_fsync(Fsync::EveryN(0)).is_err());
+    /// let sink = sink.with_fsync(Fsync::Interval(Duration::from_secs(1)));
+    /// assert!(sink.validate().is_ok());
+    ///
+    /// let sink = sink.with_fsync(Fsync::EveryN(0));
+    /// let err = streamz::iter([1u32]).try_pipe(DeadLetterQueue::new(sink)).unwrap_err();
+    /// assert_eq!(err.to_string(), "DeadLetterQueue `dlq`: `sink.fsync.every_n` must be greater than zero");
     /// # Ok(()) }
     /// ```
-    pub fn with_fsync(mut self, fsync: Fsync) -> Result<Self, ConfigError> {
-        check_fsync(fsync)?;
+    pub fn with_fsync(mut self, fsync: Fsync) -> Self {
         self.fsync = fsync;
-        Ok(self)
+        self
     }
 
     /// Starts a new file when a record would take the current one past
     /// `max_bytes` (a record larger than that gets a file of its own).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `max_bytes` is zero.
+    /// Zero is refused when the dead-letter queue writing to the sink is
+    /// piped ([`ConfigError`], field `sink.rotation`).
     ///
     /// ```
     /// use streamz::dlq::FileSink;
@@ -210,18 +221,13 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
     /// let dir = tempfile::tempdir()?;
     /// let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl"))
     ///     .await?
-    ///     .with_rotation(64 << 20)?; // 64 MiB per file
+    ///     .with_rotation(64 << 20); // 64 MiB per file
     /// # drop(sink);
     /// # Ok(()) }
     /// ```
-    pub fn with_rotation(mut self, max_bytes: u64) -> Result<Self, ConfigError> {
-        if max_bytes == 0 {
-            return Err(ConfigError::Zero {
-                field: "rotation size",
-            });
-        }
+    pub fn with_rotation(mut self, max_bytes: u64) -> Self {
         self.max_bytes = Some(max_bytes);
-        Ok(self)
+        self
     }
 
     /// Keeps at most `segments` rotated files: after each rotation the
@@ -236,10 +242,9 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
     /// [`with_rotation`](FileSink::with_rotation); failures to delete are
     /// logged and retried at the next rotation.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `segments` is zero (that would delete each
-    /// segment as it is rotated out).
+    /// Zero (which would delete each segment as it is rotated out) is
+    /// refused when the dead-letter queue writing to the sink is piped
+    /// ([`ConfigError`], field `sink.retention`).
     ///
     /// ```
     /// use streamz::dlq::FileSink;
@@ -248,46 +253,61 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
     /// let dir = tempfile::tempdir()?;
     /// let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl"))
     ///     .await?
-    ///     .with_rotation(64 << 20)?
-    ///     .with_retention(10)?; // at most 10 × 64 MiB of old records
+    ///     .with_rotation(64 << 20)
+    ///     .with_retention(10); // at most 10 × 64 MiB of old records
     /// # drop(sink);
     /// # Ok(()) }
     /// ```
-    pub fn with_retention(mut self, segments: usize) -> Result<Self, ConfigError> {
-        if segments == 0 {
-            return Err(ConfigError::Zero {
-                field: "retained segments",
-            });
-        }
+    pub fn with_retention(mut self, segments: usize) -> Self {
         self.keep = Some(segments);
-        Ok(self)
+        self
     }
 }
 
-fn check_fsync(fsync: Fsync) -> Result<(), ConfigError> {
-    match fsync {
-        Fsync::EveryN(0) => Err(ConfigError::Zero {
-            field: "fsync every",
-        }),
-        Fsync::Interval(d) if d.is_zero() => Err(ConfigError::Zero {
-            field: "fsync interval",
-        }),
-        _ => Ok(()),
+impl<T> FileSink<T> {
+    /// Checks the settings; the [`DeadLetterQueue`](crate::DeadLetterQueue)
+    /// writing to the sink calls it when it is piped.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for the field `sink.fsync.every_n` (`EveryN(0)`),
+    /// `sink.fsync.interval` (a zero interval), `sink.rotation` (a zero
+    /// size) or `sink.retention` (zero segments).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(self.fsync, self.max_bytes, self.keep)
     }
+}
+
+/// The checks of [`FileSink::validate`].
+fn check(fsync: Fsync, max_bytes: Option<u64>, keep: Option<usize>) -> Result<(), ConfigError> {
+    match fsync {
+        Fsync::EveryN(n) => nonzero(n, "sink.fsync.every_n")?,
+        Fsync::Interval(d) => nonzero(d, "sink.fsync.interval")?,
+        Fsync::EveryRecord | Fsync::Never => {}
+    }
+    if let Some(max_bytes) = max_bytes {
+        nonzero(max_bytes, "sink.rotation")?;
+    }
+    if let Some(keep) = keep {
+        nonzero(keep, "sink.retention")?;
+    }
+    Ok(())
 }
 
 /// How to create a [`FileSink`]: the mode of the files it creates, its
 /// sync policy, rotation and retention. Setters cannot fail;
-/// [`create`](FileSinkOptions::create) checks the values.
+/// [`create`](FileSinkOptions::create), which opens the file and so
+/// returns a `Result` anyway, checks the values before it creates
+/// anything (as [`FileSink::validate`] does when the queue is piped).
 ///
 /// # Default
 ///
 /// | setting | default |
 /// |---|---|
-/// | [`mode`](FileSinkOptions::mode) | `0o600` (Unix; ignored elsewhere) |
-/// | [`fsync`](FileSinkOptions::fsync) | [`Fsync::EveryRecord`] |
-/// | [`rotation`](FileSinkOptions::rotation) | none: one file that grows |
-/// | [`retention`](FileSinkOptions::retention) | none: every rotated segment is kept |
+/// | [`mode`](FileSinkOptions::with_mode) | `0o600` (Unix; ignored elsewhere) |
+/// | [`fsync`](FileSinkOptions::with_fsync) | [`Fsync::EveryRecord`] |
+/// | [`rotation`](FileSinkOptions::with_rotation) | none: one file that grows |
+/// | [`retention`](FileSinkOptions::with_retention) | none: every rotated segment is kept |
 ///
 /// # Examples
 ///
@@ -297,10 +317,10 @@ fn check_fsync(fsync: Fsync) -> Result<(), ConfigError> {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
 /// let sink = FileSinkOptions::new()
-///     .mode(0o640) // the group may read the failed payloads too
-///     .fsync(Fsync::EveryN(100))
-///     .rotation(64 << 20)
-///     .retention(8)
+///     .with_mode(0o640) // the group may read the failed payloads too
+///     .with_fsync(Fsync::EveryN(100))
+///     .with_rotation(64 << 20)
+///     .with_retention(8)
 ///     .create::<u32>(dir.path().join("dlq.jsonl"))
 ///     .await?;
 /// assert_eq!(sink.path(), dir.path().join("dlq.jsonl"));
@@ -349,7 +369,7 @@ impl FileSinkOptions {
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dir = tempfile::tempdir()?;
     /// let sink: FileSink<u32> = FileSinkOptions::new()
-    ///     .mode(0o640)
+    ///     .with_mode(0o640)
     ///     .create(dir.path().join("dlq.jsonl"))
     ///     .await?;
     /// # #[cfg(unix)] {
@@ -359,7 +379,7 @@ impl FileSinkOptions {
     /// # }
     /// # Ok(()) }
     /// ```
-    pub const fn mode(mut self, mode: u32) -> Self {
+    pub const fn with_mode(mut self, mode: u32) -> Self {
         self.mode = mode & 0o777;
         self
     }
@@ -369,10 +389,10 @@ impl FileSinkOptions {
     /// ```
     /// use streamz::dlq::{FileSinkOptions, Fsync};
     ///
-    /// let options = FileSinkOptions::new().fsync(Fsync::Never);
+    /// let options = FileSinkOptions::new().with_fsync(Fsync::Never);
     /// # drop(options);
     /// ```
-    pub const fn fsync(mut self, fsync: Fsync) -> Self {
+    pub const fn with_fsync(mut self, fsync: Fsync) -> Self {
         self.fsync = fsync;
         self
     }
@@ -382,10 +402,10 @@ impl FileSinkOptions {
     /// ```
     /// use streamz::dlq::FileSinkOptions;
     ///
-    /// let options = FileSinkOptions::new().rotation(1 << 30);
+    /// let options = FileSinkOptions::new().with_rotation(1 << 30);
     /// # drop(options);
     /// ```
-    pub const fn rotation(mut self, max_bytes: u64) -> Self {
+    pub const fn with_rotation(mut self, max_bytes: u64) -> Self {
         self.max_bytes = Some(max_bytes);
         self
     }
@@ -395,10 +415,10 @@ impl FileSinkOptions {
     /// ```
     /// use streamz::dlq::FileSinkOptions;
     ///
-    /// let options = FileSinkOptions::new().rotation(1 << 30).retention(4);
+    /// let options = FileSinkOptions::new().with_rotation(1 << 30).with_retention(4);
     /// # drop(options);
     /// ```
-    pub const fn retention(mut self, segments: usize) -> Self {
+    pub const fn with_retention(mut self, segments: usize) -> Self {
         self.keep = Some(segments);
         self
     }
@@ -408,9 +428,10 @@ impl FileSinkOptions {
     ///
     /// # Errors
     ///
-    /// [`DlqError::Config`] for a zero size, count or interval (nothing is
-    /// created then); [`DlqError::Open`] if the file cannot be opened for
-    /// appending, with the path and the operating system's reason.
+    /// [`DlqError::Config`] for a zero size, count or interval, naming the
+    /// field as [`FileSink::validate`] does (nothing is created then);
+    /// [`DlqError::Open`] if the file cannot be opened for appending, with
+    /// the path and the operating system's reason.
     ///
     /// ```
     /// use streamz::dlq::{DlqError, FileSinkOptions};
@@ -418,11 +439,11 @@ impl FileSinkOptions {
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dir = tempfile::tempdir()?;
     /// let err = FileSinkOptions::new()
-    ///     .rotation(0)
+    ///     .with_rotation(0)
     ///     .create::<u32>(dir.path().join("dlq.jsonl"))
     ///     .await
     ///     .unwrap_err();
-    /// assert!(matches!(err, DlqError::Config(_)));
+    /// assert!(matches!(&err, DlqError::Config(e) if e.field() == "sink.rotation"));
     /// assert!(!dir.path().join("dlq.jsonl").exists());
     /// # Ok(()) }
     /// ```
@@ -430,19 +451,7 @@ impl FileSinkOptions {
         &self,
         path: impl AsRef<Path>,
     ) -> Result<FileSink<T>, DlqError> {
-        check_fsync(self.fsync)?;
-        if self.max_bytes == Some(0) {
-            return Err(ConfigError::Zero {
-                field: "rotation size",
-            }
-            .into());
-        }
-        if self.keep == Some(0) {
-            return Err(ConfigError::Zero {
-                field: "retained segments",
-            }
-            .into());
-        }
+        check(self.fsync, self.max_bytes, self.keep)?;
         let path = path.as_ref().to_path_buf();
         let mode = self.mode;
         let opened = {
@@ -521,6 +530,10 @@ impl<T> FileSink<T> {
 }
 
 impl<T: Serialize + Send + 'static> DeadLetterSink<T> for FileSink<T> {
+    fn validate(&self) -> Result<(), ConfigError> {
+        FileSink::validate(self)
+    }
+
     async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
         let n = records.len() as u64;
         let (fsync, stats) = (self.fsync, self.stats.clone());
@@ -925,5 +938,59 @@ impl FileSinkStats {
     /// ([`FileSink::with_retention`]).
     pub fn segments_deleted(&self) -> u64 {
         self.inner.deleted.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeadLetterQueue;
+
+    #[test]
+    fn each_setting_is_checked_under_its_name() {
+        assert_eq!(check(Fsync::EveryRecord, None, None), Ok(()));
+        assert_eq!(
+            check(Fsync::Interval(Duration::MAX), Some(1), Some(1)),
+            Ok(())
+        );
+        let field = |f, m, k| check(f, m, k).unwrap_err().field();
+        assert_eq!(field(Fsync::EveryN(0), None, None), "sink.fsync.every_n");
+        assert_eq!(
+            field(Fsync::Interval(Duration::ZERO), None, None),
+            "sink.fsync.interval"
+        );
+        assert_eq!(field(Fsync::Never, Some(0), None), "sink.rotation");
+        assert_eq!(field(Fsync::Never, None, Some(0)), "sink.retention");
+    }
+
+    #[tokio::test]
+    async fn the_queue_refuses_a_sink_with_a_zero_setting_when_piped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::<u32>::create(dir.path().join("dlq.jsonl"))
+            .await
+            .unwrap()
+            .with_rotation(1 << 20)
+            .with_retention(0);
+        let dlq = DeadLetterQueue::new(sink).named("failed");
+        let err = crate::iter([1u32]).try_pipe(dlq).map(drop).unwrap_err();
+        assert_eq!(
+            (err.operator(), err.stage(), err.field()),
+            (Some("DeadLetterQueue"), Some("failed"), "sink.retention")
+        );
+    }
+
+    #[tokio::test]
+    async fn options_are_checked_before_the_file_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let err = FileSinkOptions::new()
+            .with_fsync(Fsync::EveryN(0))
+            .create::<u32>(&path)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DlqError::Config(e) if *e == ConfigError::zero("sink.fsync.every_n"))
+        );
+        assert!(!path.exists());
     }
 }

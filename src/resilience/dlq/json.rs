@@ -57,7 +57,7 @@ impl JsonItems {
 
     /// Records items of type `I`; their records name the type with its
     /// Rust type name, which is not stable across compiler versions (see
-    /// [`tagged`](JsonItems::tagged) for a name a program can rely on).
+    /// [`tagged`](JsonItems::with_tag) for a name a program can rely on).
     pub fn of<I: Serialize + 'static>(mut self) -> Self {
         self.types.push((type_name::<I>(), None, convert::<I>));
         self
@@ -67,7 +67,7 @@ impl JsonItems {
     /// records' [`item_type`](crate::dlq::DeadLetter::item_type) is the tag,
     /// stable for as long as you keep it, which says what to read the item
     /// back as ([`DeadLetter::item_as`](crate::dlq::DeadLetter::item_as)).
-    pub fn tagged<I: Serialize + 'static>(mut self, tag: impl Into<Arc<str>>) -> Self {
+    pub fn with_tag<I: Serialize + 'static>(mut self, tag: impl Into<Arc<str>>) -> Self {
         self.types
             .push((type_name::<I>(), Some(tag.into()), convert::<I>));
         self

@@ -40,7 +40,8 @@ pub use queue::DeadLetterQueue;
 pub use record::DeadLetter;
 pub use replay::{DEFAULT_MAX_LINE, Replay, ReplayStats};
 pub use sink::{
-    ChannelSink, DeadLetterReceiver, DeadLetterSink, FnSink, Unwritten, channel, sink_fn,
+    ChannelSink, DeadLetterReceiver, DeadLetterSink, FnSink, MAX_CHANNEL_CAPACITY, Unwritten,
+    channel, sink_fn,
 };
 
 use std::path::PathBuf;

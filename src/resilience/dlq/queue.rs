@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 
 use super::router::Router;
 use super::{DeadLetterSink, JsonItems, Overflow, TakeItem, not_recorded, writer};
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
 use crate::flow::Flow;
 use crate::flow::driver;
@@ -39,6 +39,14 @@ use crate::flow::processor::Processor;
 /// [`Overflow::Block`], a buffer of 256 records, named `dlq`, output edge
 /// from the pipeline's [`EdgeConfig`].
 ///
+/// # Validation
+///
+/// Checked when the stage is piped: a zero `buffer`, an explicit edge
+/// with a zero (`edge.capacity`, `edge.max_chunk`), or a sink whose own
+/// settings are invalid ([`DeadLetterSink::validate`]: `sink.capacity`,
+/// `sink.fsync.every_n`, ...) is refused with a [`ConfigError`] naming
+/// `DeadLetterQueue`, the stage and the field.
+///
 /// # Counters
 ///
 /// `emitted` counts values passed on, `dead_lettered` records the sink
@@ -56,7 +64,7 @@ use crate::flow::processor::Processor;
 /// use streamz::DeadLetterQueue;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let (sink, letters) = streamz::dlq::channel::<String>(64)?;
+/// let (sink, letters) = streamz::dlq::channel::<String>(64);
 /// // Read the dead letters while the pipeline runs.
 /// let reader = tokio::spawn(async move {
 ///     let mut all = Vec::new();
@@ -113,7 +121,7 @@ impl<T, R: Send + 'static, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     /// use streamz::{DeadLetterQueue, StreamError};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, letters) = streamz::dlq::channel::<String>(16)?;
+    /// let (sink, letters) = streamz::dlq::channel::<String>(16);
     /// let out = streamz::iter(["7", "x"].map(String::from))
     ///     .try_map(|s: &String| s.parse::<u32>()) // a flow of u32, failing on Strings
     ///     .pipe(DeadLetterQueue::new(sink))
@@ -138,14 +146,14 @@ impl<T, R: Send + 'static, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     /// each record's [`item_type`](crate::dlq::DeadLetter::item_type),
     /// instead of the Rust type name, which is not stable across compiler
     /// versions. For a queue of several item types, tag each in
-    /// [`JsonItems::tagged`](crate::dlq::JsonItems::tagged) instead: this
+    /// [`JsonItems::with_tag`](crate::dlq::JsonItems::with_tag) instead: this
     /// tag would name them all.
     ///
     /// ```
     /// use streamz::DeadLetterQueue;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, letters) = streamz::dlq::channel::<String>(16)?;
+    /// let (sink, letters) = streamz::dlq::channel::<String>(16);
     /// streamz::iter(["x"].map(String::from))
     ///     .try_map(|s: &String| s.parse::<u32>())
     ///     .pipe(DeadLetterQueue::new(sink).with_item_tag("line"))
@@ -174,7 +182,7 @@ impl<T, S: DeadLetterSink<serde_json::Value>> DeadLetterQueue<T, serde_json::Val
     /// use streamz::DeadLetterQueue;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, letters) = streamz::dlq::channel(16)?;
+    /// let (sink, letters) = streamz::dlq::channel(16);
     /// let out = streamz::iter(["4", "x", "-3"].map(String::from))
     ///     .try_map(|s: &String| s.parse::<i64>())          // fails on a String
     ///     .try_map(|n: &i64| u32::try_from(*n))            // fails on an i64
@@ -211,13 +219,11 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     /// use streamz::dlq::Overflow;
     /// use streamz::DeadLetterQueue;
     ///
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
-    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink).on_overflow(Overflow::Fail);
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16);
+    /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink).with_overflow(Overflow::Fail);
     /// # drop(dlq);
-    /// # Ok(()) }
     /// ```
-    pub fn on_overflow(mut self, overflow: Overflow) -> Self {
+    pub fn with_overflow(mut self, overflow: Overflow) -> Self {
         self.overflow = overflow;
         self
     }
@@ -234,29 +240,32 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     /// items from its input edge, and upstream holds what its own edges
     /// allow.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `records` is zero.
+    /// Zero, and more than `usize::MAX / 8` (the count of a tokio
+    /// semaphore, which holds the buffer's room; nothing is allocated up
+    /// front), are refused when the stage is piped ([`ConfigError`], field
+    /// `buffer`).
     ///
     /// ```
     /// use streamz::dlq::Overflow;
     /// use streamz::DeadLetterQueue;
     ///
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16)?;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16);
     /// // At most 1,000 records wait for the sink; then drop and count.
     /// let dlq = DeadLetterQueue::<u32, _, _>::new(sink)
-    ///     .with_buffer(1_000)?
-    ///     .on_overflow(Overflow::DropAndCount);
+    ///     .with_buffer(1_000)
+    ///     .with_overflow(Overflow::DropAndCount);
     /// # drop(dlq);
-    /// # Ok(()) }
+    ///
+    /// let (sink, _letters) = streamz::dlq::channel::<u32>(16);
+    /// let dlq = DeadLetterQueue::new(sink).with_buffer(0).named("failed-orders");
+    /// let err = streamz::iter([1u32]).try_pipe(dlq).unwrap_err();
+    /// assert_eq!(err.to_string(), "DeadLetterQueue `failed-orders`: `buffer` must be greater than zero");
+    /// # }
     /// ```
-    pub fn with_buffer(mut self, records: usize) -> Result<Self, ConfigError> {
-        if records == 0 {
-            return Err(ConfigError::Zero { field: "buffer" });
-        }
+    pub fn with_buffer(mut self, records: usize) -> Self {
         self.buffer = records;
-        Ok(self)
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -265,7 +274,8 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
         self
     }
 
-    /// Sets the stage's output edge.
+    /// Sets the stage's output edge, checked when the stage is piped
+    /// ([`EdgeConfig::validate`]).
     pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
         self.edge = Some(edge);
         self
@@ -282,6 +292,21 @@ where
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.buffer, "buffer")
+            .and_then(|()| {
+                // The buffer's room is a tokio semaphore's permits.
+                if self.buffer > tokio::sync::Semaphore::MAX_PERMITS {
+                    Err(ConfigError::new("buffer", "must be at most usize::MAX / 8"))
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| self.edge.map_or(Ok(()), |e| e.validate()))
+            .and_then(|()| self.sink.validate())
+            .map_err(|e| e.in_stage("DeadLetterQueue", &self.name))
+    }
+
     fn process(self, input: Flow<T>) -> Flow<T> {
         let DeadLetterQueue {
             name,
@@ -296,5 +321,42 @@ where
             let link = writer::spawn(pipeline, counters, sink, buffer);
             Router::new(link, items, overflow, buffer, counters.clone())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::dlq::channel;
+
+    fn refused(
+        dlq: DeadLetterQueue<u32, u32, crate::resilience::dlq::ChannelSink<u32>>,
+    ) -> (Option<&'static str>, Option<String>, &'static str) {
+        let err = crate::iter([1u32]).try_pipe(dlq).map(drop).unwrap_err();
+        (err.operator(), err.stage().map(str::to_owned), err.field())
+    }
+
+    #[test]
+    fn zero_settings_and_a_bad_sink_are_refused_when_piped() {
+        let dlq = |capacity| DeadLetterQueue::new(channel::<u32>(capacity).0).named("failed");
+        assert_eq!(Processor::<u32, u32>::validate(&dlq(1)), Ok(()));
+        let at = |field| (Some("DeadLetterQueue"), Some("failed".to_owned()), field);
+        assert_eq!(refused(dlq(1).with_buffer(0)), at("buffer"));
+        assert_eq!(
+            refused(dlq(1).with_edge(EdgeConfig::new(0, 0))),
+            at("edge.capacity")
+        );
+        assert_eq!(refused(dlq(0)), at("sink.capacity"));
+    }
+
+    #[test]
+    fn a_zero_capacity_channel_still_holds_a_record() {
+        // The receiver exists before the queue is piped and refused.
+        let (sink, letters) = channel::<u32>(0);
+        assert_eq!(letters.capacity(), Some(1));
+        assert_eq!(
+            sink.validate().unwrap_err(),
+            ConfigError::zero("sink.capacity")
+        );
     }
 }

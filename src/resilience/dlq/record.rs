@@ -70,7 +70,7 @@ pub struct DeadLetter<T> {
     pub last_failure: SystemTime,
     /// The type of the item the error carried, if any: the tag chosen for
     /// it ([`DeadLetterQueue::with_item_tag`](crate::DeadLetterQueue::with_item_tag),
-    /// [`JsonItems::tagged`](crate::dlq::JsonItems::tagged)), else its Rust
+    /// [`JsonItems::with_tag`](crate::dlq::JsonItems::with_tag)), else its Rust
     /// type name, which is fine for reading in a log but not stable across
     /// compiler versions: give a tag to what a program reads back.
     pub item_type: Option<String>,
@@ -110,8 +110,8 @@ impl DeadLetter<serde_json::Value> {
     /// struct Order { id: u32 }
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let (sink, letters) = streamz::dlq::channel(16)?;
-    /// let items = JsonItems::new().tagged::<Order>("order.v1").tagged::<String>("line");
+    /// let (sink, letters) = streamz::dlq::channel(16);
+    /// let items = JsonItems::new().with_tag::<Order>("order.v1").with_tag::<String>("line");
     /// let failures = vec![
     ///     Err(StreamError::failed("parse", "not json").with_item(String::from("{oops"))),
     ///     Err(StreamError::failed("price", "no price").with_item(Order { id: 7 })),

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
-use crate::base::config::ConfigError;
+use crate::base::config::nonzero;
 use crate::base::error::{ErrorKind, Result, StreamError};
 use crate::flow::Flow;
 use crate::resilience::dlq::{DeadLetter, DlqError};
@@ -260,9 +260,11 @@ impl<T> Replay<T> {
     /// [`DlqError::LineTooLong`]; memory for a line stays within the
     /// limit. Takes effect from the next line read.
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] if `bytes` is zero.
+    /// Zero is refused when reading starts (there is no operator to pipe):
+    /// the replay then yields one error item of kind
+    /// [`Config`](ErrorKind::Config), stage `replay`, whose source is a
+    /// [`ConfigError`](crate::ConfigError) for the field `max_line`, and ends without reading
+    /// a line.
     ///
     /// ```
     /// use streamz::dlq::{DlqError, Replay};
@@ -271,21 +273,25 @@ impl<T> Replay<T> {
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("dlq.jsonl");
     /// std::fs::write(&path, format!("{}\n", "x".repeat(100)))?;
-    /// let replay = Replay::<u32>::open(&path).await?.with_max_line(64)?;
+    /// let replay = Replay::<u32>::open(&path).await?.with_max_line(64);
     /// let stats = replay.stats();
     /// let out = replay.into_flow().collect().await;
     /// let err = out[0].as_ref().unwrap_err();
     /// let source = err.cause().unwrap().downcast_ref::<DlqError>().unwrap();
     /// assert!(matches!(source, DlqError::LineTooLong { line: 1, max: 64, .. }));
     /// assert_eq!(stats.too_long(), 1);
+    ///
+    /// // Zero: one error item, and nothing read.
+    /// let out = Replay::<u32>::open(&path).await?.with_max_line(0).into_flow().collect().await;
+    /// let err = out[0].as_ref().unwrap_err();
+    /// let config = err.cause().unwrap().downcast_ref::<streamz::ConfigError>().unwrap();
+    /// assert_eq!(config.to_string(), "Replay `replay`: `max_line` must be greater than zero");
+    /// assert_eq!(out.len(), 1);
     /// # Ok(()) }
     /// ```
-    pub fn with_max_line(self, bytes: usize) -> std::result::Result<Self, ConfigError> {
-        if bytes == 0 {
-            return Err(ConfigError::Zero { field: "max line" });
-        }
+    pub fn with_max_line(self, bytes: usize) -> Self {
         self.max_line.store(bytes, Relaxed);
-        Ok(self)
+        self
     }
 }
 
@@ -441,6 +447,18 @@ impl Reader {
     }
 
     fn next<T: DeserializeOwned>(&mut self) -> Option<Result<DeadLetter<T>>> {
+        if self.current.is_none() && self.files.is_empty() {
+            return None;
+        }
+        if let Err(e) = nonzero(self.max_line.load(Relaxed), "max_line") {
+            // Refused before another line is read: the replay ends here.
+            self.current = None;
+            self.files.clear();
+            let e = e.in_stage("Replay", STAGE);
+            return Some(Err(
+                StreamError::new(ErrorKind::Config, STAGE).with_source(e)
+            ));
+        }
         loop {
             if self.current.is_none() {
                 // One file open at a time: the next is opened only now.
@@ -562,6 +580,7 @@ impl ReplayStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::ConfigError;
     use std::io::Read;
 
     #[test]
@@ -581,6 +600,34 @@ mod tests {
         assert!(second.complete && !second.too_long);
         assert_eq!(line, b"{\"ok\":1}\n");
         assert!(read_line(&mut reader, &mut line, max).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_zero_limit_ends_the_replay_with_one_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        std::fs::write(&path, "x\n").unwrap();
+        let mut reader = Reader {
+            files: VecDeque::new(),
+            current: Some(Current::new(
+                path.clone(),
+                std::fs::File::open(&path).unwrap(),
+            )),
+            line: Vec::new(),
+            max_line: Arc::new(AtomicUsize::new(0)),
+            stats: ReplayStats::default(),
+        };
+        let err = reader.next::<u32>().unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let config = err.cause().unwrap().downcast_ref::<ConfigError>().unwrap();
+        assert_eq!(
+            (config.operator(), config.stage(), config.field()),
+            (Some("Replay"), Some(STAGE), "max_line")
+        );
+        assert!(
+            reader.next::<u32>().is_none(),
+            "nothing read after the error"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::{BoxError, PanicError};
 use crate::resilience::dlq::DeadLetter;
 
@@ -61,6 +61,18 @@ pub trait DeadLetterSink<T>: Send + 'static {
     /// (the default) for never.
     fn flush_at(&self) -> Option<tokio::time::Instant> {
         None
+    }
+
+    /// Checks the sink's settings (a channel's capacity, a file's sync
+    /// policy). The [`DeadLetterQueue`](crate::DeadLetterQueue) calls it
+    /// when it is piped and refuses to start on an error, which it names
+    /// as its own. The default accepts everything.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field under `sink.` (`sink.capacity`).
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
     }
 
     /// Makes written records durable. The default does nothing.
@@ -127,6 +139,8 @@ impl<T> fmt::Debug for Unwritten<T> {
 #[derive(Debug)]
 pub struct ChannelSink<T> {
     tx: async_channel::Sender<DeadLetter<T>>,
+    /// The capacity asked for (the channel holds at least one record).
+    capacity: usize,
 }
 
 /// The reading end of a dead-letter [`channel`]: an
@@ -149,9 +163,11 @@ pub type DeadLetterReceiver<T> = async_channel::Receiver<DeadLetter<T>>;
 /// [`Overflow::Block`](crate::resilience::dlq::Overflow::Block)). The example reads
 /// afterwards only because its channel holds every record.
 ///
-/// # Errors
-///
-/// [`ConfigError::Zero`] if `capacity` is zero.
+/// The channel allocates its `capacity` up front, so it is at most
+/// [`MAX_CHANNEL_CAPACITY`] (a million records). Zero, or more than that,
+/// is refused when the dead-letter queue writing to the sink is piped
+/// ([`ConfigError`], field `sink.capacity`); until then the channel holds
+/// one record, or that maximum.
 ///
 /// # Examples
 ///
@@ -159,7 +175,7 @@ pub type DeadLetterReceiver<T> = async_channel::Receiver<DeadLetter<T>>;
 /// use streamz::{DeadLetterQueue, StreamError};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let (sink, letters) = streamz::dlq::channel::<i32>(16)?;
+/// let (sink, letters) = streamz::dlq::channel::<i32>(16);
 /// let out = streamz::iter([1, -2, 3])
 ///     .try_map(|x: &i32| if *x < 0 { Err("negative") } else { Ok(*x) })
 ///     .pipe(DeadLetterQueue::new(sink))
@@ -168,19 +184,34 @@ pub type DeadLetterReceiver<T> = async_channel::Receiver<DeadLetter<T>>;
 /// assert_eq!(out.len(), 2); // the values
 /// let letter = letters.recv().await.unwrap();
 /// assert_eq!((letter.item, letter.message.as_str()), (Some(-2), "negative"));
+///
+/// let (sink, _letters) = streamz::dlq::channel::<i32>(0);
+/// let err = streamz::iter([1]).try_pipe(DeadLetterQueue::new(sink)).unwrap_err();
+/// assert_eq!((err.operator(), err.stage(), err.field()), (Some("DeadLetterQueue"), Some("dlq"), "sink.capacity"));
 /// # Ok(()) }
 /// ```
-pub fn channel<T: Send + 'static>(
-    capacity: usize,
-) -> Result<(ChannelSink<T>, DeadLetterReceiver<T>), ConfigError> {
-    if capacity == 0 {
-        return Err(ConfigError::Zero { field: "capacity" });
-    }
-    let (tx, rx) = async_channel::bounded(capacity);
-    Ok((ChannelSink { tx }, rx))
+pub fn channel<T: Send + 'static>(capacity: usize) -> (ChannelSink<T>, DeadLetterReceiver<T>) {
+    // A channel cannot be empty, and allocates its slots up front: both
+    // ends of the range are refused when the queue is piped.
+    let (tx, rx) = async_channel::bounded(capacity.clamp(1, MAX_CHANNEL_CAPACITY));
+    (ChannelSink { tx, capacity }, rx)
 }
 
+/// The largest capacity of a [`channel`] sink: 2^20 records.
+pub const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
+
 impl<T: Send + 'static> DeadLetterSink<T> for ChannelSink<T> {
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.capacity, "sink.capacity")?;
+        if self.capacity > MAX_CHANNEL_CAPACITY {
+            return Err(ConfigError::new(
+                "sink.capacity",
+                "must be at most 1,048,576 (the channel allocates its capacity up front)",
+            ));
+        }
+        Ok(())
+    }
+
     async fn write(&mut self, records: Vec<DeadLetter<T>>) -> Result<(), Vec<Unwritten<T>>> {
         let mut records = records.into_iter();
         while let Some(record) = records.next() {

@@ -6,6 +6,8 @@ use std::future::Future;
 
 use tokio::sync::watch;
 
+use crate::base::config::ConfigError;
+
 /// The answer of one health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -71,6 +73,19 @@ impl From<bool> for Health {
 /// }
 /// ```
 pub trait HealthCheck: Send + 'static {
+    /// Checks the check's own settings (a probe's URL, a breaker's
+    /// configuration). The [`HealthGate`](crate::HealthGate) calls it when
+    /// it is piped and refuses to start on an error, which it names as its
+    /// own. The default accepts everything.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field, under a prefix that says whose
+    /// it is (`probe.timeout`).
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
     /// Asks once.
     fn check(&mut self) -> impl Future<Output = Health> + Send;
 

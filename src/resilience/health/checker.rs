@@ -92,7 +92,7 @@ impl<C: HealthCheck> Checker<C> {
             Health::Healthy => {
                 *healthy_run = healthy_run.saturating_add(1);
                 *unhealthy_run = 0;
-                if state == GateState::Closed && *healthy_run >= self.config.open_after.get() {
+                if state == GateState::Closed && *healthy_run >= self.config.open_after {
                     tracing::info!(stage = %self.stage, "health gate opens");
                     self.status.send_replace(GateStatus {
                         state: GateState::Open,
@@ -105,7 +105,7 @@ impl<C: HealthCheck> Checker<C> {
                 self.stats.unhealthy.fetch_add(1, Relaxed);
                 *unhealthy_run = unhealthy_run.saturating_add(1);
                 *healthy_run = 0;
-                if state == GateState::Open && *unhealthy_run >= self.config.close_after.get() {
+                if state == GateState::Open && *unhealthy_run >= self.config.close_after {
                     tracing::warn!(stage = %self.stage, %reason, "health gate closes");
                     self.stats.closings.fetch_add(1, Relaxed);
                     self.status.send_replace(GateStatus {

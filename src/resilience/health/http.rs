@@ -2,22 +2,23 @@
 
 use std::time::Duration;
 
-use crate::base::config::ConfigError;
+use crate::base::config::{ConfigError, nonzero};
 use crate::resilience::health::{Health, HealthCheck};
 
 /// A health check that sends `GET url`: any 2xx answer is healthy; another
 /// status (a 3xx included), a connection error or no answer within the
 /// timeout is unhealthy, with the reason.
 ///
-/// Built on reqwest without TLS, so it takes only `http://` URLs and
-/// refuses any other scheme when it is built (an `https://` endpoint could
-/// never be checked). Probes go straight to the endpoint, never through a
-/// proxy from the environment.
+/// Built on reqwest without TLS, so it takes only `http://` URLs: any
+/// other scheme (an `https://` endpoint could never be checked) is refused
+/// when the [`HealthGate`](crate::HealthGate) using the probe is piped.
+/// Probes go straight to the endpoint, never through a proxy from the
+/// environment.
 ///
 /// Redirects are not followed by default: a health endpoint that redirects
 /// is usually misconfigured, and following one could make the gate depend
 /// on another service. A 3xx answer is unhealthy, and its reason names the
-/// redirect's target. [`follow_redirects`](HttpProbe::follow_redirects)
+/// redirect's target. [`with_max_redirects`](HttpProbe::with_max_redirects)
 /// follows a bounded number of them, to `http://` URLs only.
 ///
 /// # Default
@@ -26,25 +27,38 @@ use crate::resilience::health::{Health, HealthCheck};
 /// limits each check, 5 s by default; the shorter limit wins.) No
 /// redirects followed.
 ///
+/// # Validation
+///
+/// The constructor and setters never fail. The settings are checked
+/// ([`validate`](HttpProbe::validate)) when the gate using the probe is
+/// piped, which refuses to start with a [`ConfigError`] naming
+/// `HealthGate`, its stage and the field: `probe.url` for a URL that does
+/// not parse or is not `http://`, `probe.timeout` for a zero timeout,
+/// `probe.client` if the HTTP client could not be built. A probe used by
+/// hand without that check answers unhealthy with the reason.
+///
 /// # Examples
 ///
 /// ```
 /// use std::time::Duration;
 /// use streamz::{HealthGate, HttpProbe};
 ///
-/// # fn main() -> Result<(), streamz::ConfigError> {
-/// let probe = HttpProbe::new("http://127.0.0.1:8080/health")?.with_timeout(Duration::from_millis(500))?;
-/// let gate = HealthGate::new(probe).with_interval(Duration::from_secs(2))?;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let probe = HttpProbe::new("http://127.0.0.1:8080/health").with_timeout(Duration::from_millis(500));
+/// let gate = HealthGate::new(probe).with_interval(Duration::from_secs(2));
 ///
-/// assert!(HttpProbe::new("not a url").is_err());
 /// // Only plain HTTP: the probe is built without TLS.
-/// assert!(HttpProbe::new("https://127.0.0.1:8443/health").is_err());
-/// # Ok(()) }
+/// let probe = HttpProbe::new("https://127.0.0.1:8443/health");
+/// let err = streamz::iter([1u32]).try_pipe(HealthGate::new(probe).named("ingress")).unwrap_err();
+/// assert_eq!((err.operator(), err.stage(), err.field()), (Some("HealthGate"), Some("ingress"), "probe.url"));
+/// # }
 /// ```
 #[derive(Clone)]
 pub struct HttpProbe {
-    client: reqwest::Client,
-    url: reqwest::Url,
+    /// The client, or why it could not be built.
+    client: Result<reqwest::Client, ConfigError>,
+    /// The URL, or why it is refused.
+    url: Result<reqwest::Url, ConfigError>,
     /// The URL as it may be shown: credentials and query values redacted.
     shown: String,
     timeout: Duration,
@@ -87,6 +101,13 @@ fn redact(url: &reqwest::Url) -> String {
 const NOT_HTTP: &str =
     "must be an http:// URL: the probe is built without TLS and speaks only plain HTTP";
 
+/// Why a URL that does not parse is refused.
+const NOT_A_URL: &str = "must be an absolute URL such as http://127.0.0.1:8080/health";
+
+/// What a probe shows of a URL that does not parse (it may hold
+/// credentials that cannot be told apart to redact them).
+const UNPARSED: &str = "(not a URL)";
+
 /// The client, following at most `max_redirects` redirects, each to an
 /// `http://` URL; a redirect it does not follow comes back as the 3xx answer.
 fn client(max_redirects: usize) -> Result<reqwest::Client, ConfigError> {
@@ -107,50 +128,48 @@ fn client(max_redirects: usize) -> Result<reqwest::Client, ConfigError> {
         .no_proxy()
         .redirect(policy)
         .build()
-        .map_err(|_| ConfigError::Invalid {
-            field: "client",
-            reason: "the HTTP client could not be built",
-        })
+        .map_err(|_| ConfigError::new("probe.client", "could not be built"))
 }
 
 impl HttpProbe {
-    /// A probe of `url`, which must be an absolute `http://` URL.
+    /// A probe of `url`, which must be an absolute `http://` URL. A URL
+    /// that does not parse, or whose scheme is not `http` (`https`, `ftp`,
+    /// ...: this probe has no TLS and speaks only HTTP), is refused when
+    /// the gate using the probe is piped ([`ConfigError`], field
+    /// `probe.url`; see [`validate`](HttpProbe::validate)).
     ///
     /// ```
-    /// use streamz::{ConfigError, HttpProbe};
+    /// use streamz::HttpProbe;
     ///
-    /// let probe = HttpProbe::new("http://127.0.0.1:8080/health").unwrap();
+    /// let probe = HttpProbe::new("http://127.0.0.1:8080/health");
     /// assert_eq!(probe.url(), "http://127.0.0.1:8080/health");
-    /// assert!(matches!(
-    ///     HttpProbe::new("ftp://127.0.0.1/health"),
-    ///     Err(ConfigError::Invalid { field: "url", .. })
-    /// ));
+    /// assert!(probe.validate().is_ok());
+    /// let err = HttpProbe::new("ftp://127.0.0.1/health").validate().unwrap_err();
+    /// assert_eq!(err.field(), "probe.url");
     /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Invalid`] for the field `url` if it does not parse as
-    /// an absolute URL or its scheme is not `http` (`https`, `ftp`, ...: this
-    /// probe has no TLS and speaks only HTTP); for the field `client` if the
-    /// HTTP client cannot be built.
-    pub fn new(url: &str) -> Result<Self, ConfigError> {
-        let url = reqwest::Url::parse(url).map_err(|_| ConfigError::Invalid {
-            field: "url",
-            reason: "must be an absolute URL such as http://127.0.0.1:8080/health",
-        })?;
-        if url.scheme() != "http" {
-            return Err(ConfigError::Invalid {
-                field: "url",
-                reason: NOT_HTTP,
-            });
-        }
-        Ok(HttpProbe {
-            shown: redact(&url),
-            client: client(0)?,
+    pub fn new(url: &str) -> Self {
+        let (url, shown) = match reqwest::Url::parse(url) {
+            Ok(url) => {
+                let shown = redact(&url);
+                let url = if url.scheme() == "http" {
+                    Ok(url)
+                } else {
+                    Err(ConfigError::new("probe.url", NOT_HTTP))
+                };
+                (url, shown)
+            }
+            Err(_) => (
+                Err(ConfigError::new("probe.url", NOT_A_URL)),
+                UNPARSED.to_owned(),
+            ),
+        };
+        HttpProbe {
+            shown,
+            client: client(0),
             url,
             timeout: Duration::from_secs(2),
             max_redirects: 0,
-        })
+        }
     }
 
     /// Follows up to `max` redirects, each to an `http://` URL, and judges
@@ -161,49 +180,64 @@ impl HttpProbe {
     /// ```
     /// use streamz::HttpProbe;
     ///
-    /// # fn main() -> Result<(), streamz::ConfigError> {
     /// // The endpoint answers 308 to the same path with a trailing slash.
-    /// let probe = HttpProbe::new("http://127.0.0.1:8080/health")?.follow_redirects(1)?;
+    /// let probe = HttpProbe::new("http://127.0.0.1:8080/health").with_max_redirects(1);
     /// assert_eq!(probe.url(), "http://127.0.0.1:8080/health");
-    /// # Ok(()) }
     /// ```
     ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Invalid`] for the field `client` if the HTTP client
-    /// cannot be built.
-    pub fn follow_redirects(mut self, max: usize) -> Result<Self, ConfigError> {
-        self.client = client(max)?;
+    /// The HTTP client is built here; if it cannot be, the gate using the
+    /// probe is refused when piped ([`ConfigError`], field `probe.client`).
+    pub fn with_max_redirects(mut self, max: usize) -> Self {
+        self.client = client(max);
         self.max_redirects = max;
-        Ok(self)
+        self
     }
 
     /// How long a request may take (2 s by default); `Duration::MAX` for no
-    /// time limit (the gate's own check timeout still applies).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero timeout.
-    pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout.is_zero() {
-            return Err(ConfigError::Zero { field: "timeout" });
-        }
+    /// time limit (the gate's own check timeout still applies). Zero is
+    /// refused when the gate using the probe is piped ([`ConfigError`],
+    /// field `probe.timeout`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
-        Ok(self)
+        self
     }
 
     /// The probed URL as the probe shows it: a user name, a password and
-    /// query values are replaced by `***` (the request uses them).
+    /// query values are replaced by `***` (the request uses them). A URL
+    /// that does not parse shows as `(not a URL)`.
     ///
     /// ```
-    /// # fn main() -> Result<(), streamz::ConfigError> {
-    /// let probe = streamz::HttpProbe::new("http://ops:s3cret@127.0.0.1:8080/health?token=abc")?;
+    /// let probe = streamz::HttpProbe::new("http://ops:s3cret@127.0.0.1:8080/health?token=abc");
     /// assert_eq!(probe.url(), "http://***:***@127.0.0.1:8080/health?token=***");
     /// assert!(!format!("{probe:?}").contains("s3cret"));
-    /// # Ok(()) }
     /// ```
     pub fn url(&self) -> &str {
         &self.shown
+    }
+
+    /// Checks the settings; the [`HealthGate`](crate::HealthGate) using
+    /// the probe calls it when it is piped.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for the field `probe.url` if the URL does not
+    /// parse as an absolute URL or its scheme is not `http`,
+    /// `probe.timeout` if the timeout is zero, `probe.client` if the HTTP
+    /// client could not be built.
+    ///
+    /// ```
+    /// let err = streamz::HttpProbe::new("https://127.0.0.1:8443/health").validate().unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "`probe.url` must be an http:// URL: the probe is built without TLS and speaks only plain HTTP"
+    /// );
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = &self.url {
+            return Err(e.clone());
+        }
+        nonzero(self.timeout, "probe.timeout")?;
+        self.client.as_ref().map(drop).map_err(Clone::clone)
     }
 }
 
@@ -213,7 +247,7 @@ impl HttpProbe {
     fn redirect_reason(&self, answer: &reqwest::Response) -> String {
         let at = answer.url();
         let mut reason = format!("GET {} answered {}", self.shown, answer.status());
-        if *at != self.url {
+        if self.url.as_ref().ok() != Some(at) {
             reason.push_str(&format!(" at {}", redact(at)));
         }
         let target = answer
@@ -237,11 +271,22 @@ impl HttpProbe {
 }
 
 impl HealthCheck for HttpProbe {
+    /// [`HttpProbe::validate`].
+    fn validate(&self) -> Result<(), ConfigError> {
+        HttpProbe::validate(self)
+    }
+
     async fn check(&mut self) -> Health {
         let url = &self.shown;
-        match self
-            .client
-            .get(self.url.clone())
+        // Only without the gate's check: an invalid setting says why.
+        let (client, target) = match (&self.client, &self.url) {
+            (Ok(client), Ok(target)) => (client, target),
+            (Err(e), _) | (_, Err(e)) => {
+                return Health::unhealthy(format!("cannot probe {url}: {e}"));
+            }
+        };
+        match client
+            .get(target.clone())
             .timeout(self.timeout)
             .send()
             .await
@@ -276,7 +321,7 @@ mod tests {
     use super::*;
 
     fn refused(url: &str) -> ConfigError {
-        HttpProbe::new(url).expect_err(url)
+        HttpProbe::new(url).validate().expect_err(url)
     }
 
     #[test]
@@ -290,38 +335,71 @@ mod tests {
         ] {
             assert_eq!(
                 refused(url),
-                ConfigError::Invalid {
-                    field: "url",
-                    reason: NOT_HTTP
-                },
+                ConfigError::new("probe.url", NOT_HTTP),
                 "{url}"
             );
         }
         assert_eq!(
             refused("https://127.0.0.1/").to_string(),
-            "`url` must be an http:// URL: the probe is built without TLS and speaks only plain HTTP"
+            "`probe.url` must be an http:// URL: the probe is built without TLS and speaks only plain HTTP"
         );
         // The scheme is case-insensitive.
-        let probe = HttpProbe::new("HTTP://127.0.0.1:8080/health").unwrap();
+        let probe = HttpProbe::new("HTTP://127.0.0.1:8080/health");
+        assert_eq!(probe.validate(), Ok(()));
         assert_eq!(probe.url(), "http://127.0.0.1:8080/health");
     }
 
     #[test]
     fn a_url_that_does_not_parse_is_refused_with_its_own_reason() {
         for url in ["not a url", "127.0.0.1:8080/health", ""] {
-            let ConfigError::Invalid { field, reason } = refused(url) else {
-                panic!("{url}: not Invalid");
-            };
-            assert_eq!(field, "url");
-            assert_ne!(reason, NOT_HTTP, "{url}");
+            let err = refused(url);
+            assert_eq!(err.field(), "probe.url");
+            assert_eq!(err.reason(), NOT_A_URL, "{url}");
+            assert_eq!(HttpProbe::new(url).url(), UNPARSED);
         }
+        // Credentials in a URL that does not parse are never shown.
+        let probe = HttpProbe::new("http://ops:s3cret@127.0.0.1:port/health");
+        assert!(!format!("{probe:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused() {
+        let err = HttpProbe::new("http://127.0.0.1:8080/")
+            .with_timeout(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::zero("probe.timeout"));
+    }
+
+    #[test]
+    fn the_gate_refuses_a_bad_probe_as_its_own_setting() {
+        use crate::flow::processor::Processor;
+        let gate = crate::HealthGate::new(HttpProbe::new("https://127.0.0.1/")).named("ingress");
+        let err = Processor::<u8, u8>::validate(&gate).unwrap_err();
+        assert_eq!(
+            (err.operator(), err.stage(), err.field()),
+            (Some("HealthGate"), Some("ingress"), "probe.url")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unchecked_bad_probe_answers_unhealthy_with_the_reason() {
+        let mut probe = HttpProbe::new("ftp://127.0.0.1/health");
+        let Health::Unhealthy(reason) = probe.check().await else {
+            panic!("healthy");
+        };
+        assert!(
+            reason.contains("`probe.url` must be an http:// URL"),
+            "{reason}"
+        );
     }
 
     #[test]
     fn redirects_are_off_by_default_and_bounded_when_on() {
-        let probe = HttpProbe::new("http://127.0.0.1:8080/").unwrap();
+        let probe = HttpProbe::new("http://127.0.0.1:8080/");
         assert_eq!(probe.max_redirects, 0);
-        let probe = probe.follow_redirects(3).unwrap();
+        let probe = probe.with_max_redirects(3);
         assert_eq!(probe.max_redirects, 3);
+        assert_eq!(probe.validate(), Ok(()));
     }
 }

@@ -20,7 +20,6 @@ pub use http::HttpProbe;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -29,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::base::config::{ConfigError, EdgeConfig};
+use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::flow::Flow;
 use crate::flow::driver;
 use crate::flow::processor::Processor;
@@ -61,7 +60,7 @@ pub struct GateStatus {
 }
 
 /// What a [`HealthGate`] does when it has been closed longer than the
-/// limit set with [`HealthGate::when_closed_longer_than`].
+/// limit set with [`HealthGate::with_closed_limit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ClosedPolicy {
@@ -109,8 +108,8 @@ pub enum GateError {
 /// check that panics or takes longer than its time limit counts as
 /// unhealthy.
 ///
-/// - `close_after` consecutive unhealthy answers close an open gate;
-///   `open_after` consecutive healthy ones open a closed gate.
+/// - `failures_to_close` consecutive unhealthy answers close an open gate;
+///   `successes_to_open` consecutive healthy ones open a closed gate.
 /// - While closed, the gate stops pulling from upstream: the producer
 ///   waits, nothing is dropped. An optional limit with a [`ClosedPolicy`]
 ///   decides what happens when it stays closed too long.
@@ -123,6 +122,30 @@ pub enum GateError {
 /// answers, open after 1 healthy answer, start closed (the first check
 /// runs at once and opens the gate if the dependency is up), no limit on
 /// how long the gate stays closed, named `health_gate`.
+///
+/// # Validation
+///
+/// The setters never fail; the settings are checked when the gate is
+/// piped. A zero `interval`, `check_timeout`, `failures_to_close`, `successes_to_open`
+/// or `closed_limit`, an explicit edge with a zero (`edge.capacity`,
+/// `edge.max_chunk`), or a check whose own settings are invalid
+/// ([`HealthCheck::validate`]: an `HttpProbe`'s `probe.url`, a circuit
+/// breaker's `breaker.*`) is refused then with a [`ConfigError`] naming
+/// `HealthGate`, the stage and the field.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamz::{Health, HealthGate};
+/// use tokio::sync::watch;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let (_health, signal) = watch::channel(Health::Healthy);
+/// let gate = HealthGate::new(signal).with_failures_to_close(0).named("ingress");
+/// let err = streamz::iter([1u32]).try_pipe(gate).unwrap_err();
+/// assert_eq!((err.operator(), err.stage(), err.field()), (Some("HealthGate"), Some("ingress"), "failures_to_close"));
+/// assert_eq!(err.to_string(), "HealthGate `ingress`: `failures_to_close` must be greater than zero");
+/// # }
+/// ```
 ///
 /// # Counters
 ///
@@ -137,9 +160,9 @@ pub enum GateError {
 /// use streamz::{GateState, Health, HealthGate};
 /// use tokio::sync::watch;
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), streamz::ConfigError> {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let (health, signal) = watch::channel(Health::unhealthy("starting"));
-/// let gate = HealthGate::new(signal).with_interval(Duration::from_millis(100))?;
+/// let gate = HealthGate::new(signal).with_interval(Duration::from_millis(100));
 /// let handle = gate.handle();
 ///
 /// let (tx, flow) = streamz::channel::<u32>();
@@ -152,7 +175,7 @@ pub enum GateError {
 /// drop(tx);
 /// assert_eq!(out.await.unwrap().len(), 1);
 /// assert_eq!(handle.state(), GateState::Open);
-/// # Ok(()) }
+/// # }
 /// ```
 pub struct HealthGate<C> {
     name: Cow<'static, str>,
@@ -167,8 +190,8 @@ pub struct HealthGate<C> {
 struct GateConfig {
     interval: Duration,
     check_timeout: Duration,
-    close_after: NonZeroU32,
-    open_after: NonZeroU32,
+    close_after: u32,
+    open_after: u32,
     limit: Option<(Duration, ClosedPolicy)>,
 }
 
@@ -182,16 +205,17 @@ impl<C> fmt::Debug for HealthGate<C> {
     }
 }
 
-fn positive(d: Duration, field: &'static str) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::Zero { field })
-    } else {
-        Ok(d)
+impl GateConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(self.interval, "interval")?;
+        nonzero(self.check_timeout, "check_timeout")?;
+        nonzero(self.close_after, "failures_to_close")?;
+        nonzero(self.open_after, "successes_to_open")?;
+        match self.limit {
+            Some((limit, _)) => nonzero(limit, "closed_limit"),
+            None => Ok(()),
+        }
     }
-}
-
-fn nonzero(n: u32, field: &'static str) -> Result<NonZeroU32, ConfigError> {
-    NonZeroU32::new(n).ok_or(ConfigError::Zero { field })
 }
 
 impl<C: HealthCheck> HealthGate<C> {
@@ -208,8 +232,8 @@ impl<C: HealthCheck> HealthGate<C> {
             config: GateConfig {
                 interval: Duration::from_secs(1),
                 check_timeout: Duration::from_secs(5),
-                close_after: NonZeroU32::new(3).expect("3 is not zero"),
-                open_after: NonZeroU32::MIN,
+                close_after: 3,
+                open_after: 1,
                 limit: None,
             },
             status,
@@ -218,47 +242,35 @@ impl<C: HealthCheck> HealthGate<C> {
         }
     }
 
-    /// How often to check (1 s by default).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero interval.
-    pub fn with_interval(mut self, interval: Duration) -> Result<Self, ConfigError> {
-        self.config.interval = positive(interval, "interval")?;
-        Ok(self)
+    /// How often to check (1 s by default). Zero is refused when the gate
+    /// is piped ([`ConfigError`], field `interval`).
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.config.interval = interval;
+        self
     }
 
     /// How long one check may take before it counts as unhealthy (5 s by
-    /// default); `Duration::MAX` for no limit.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero timeout.
-    pub fn with_check_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        self.config.check_timeout = positive(timeout, "check timeout")?;
-        Ok(self)
+    /// default); `Duration::MAX` for no limit. Zero is refused when the
+    /// gate is piped ([`ConfigError`], field `check_timeout`).
+    pub fn with_check_timeout(mut self, timeout: Duration) -> Self {
+        self.config.check_timeout = timeout;
+        self
     }
 
     /// Closes an open gate after `n` consecutive unhealthy answers (3 by
-    /// default).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn close_after(mut self, n: u32) -> Result<Self, ConfigError> {
-        self.config.close_after = nonzero(n, "close after")?;
-        Ok(self)
+    /// default). Zero is refused when the gate is piped ([`ConfigError`],
+    /// field `failures_to_close`).
+    pub fn with_failures_to_close(mut self, n: u32) -> Self {
+        self.config.close_after = n;
+        self
     }
 
     /// Opens a closed gate after `n` consecutive healthy answers (1 by
-    /// default).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for zero.
-    pub fn open_after(mut self, n: u32) -> Result<Self, ConfigError> {
-        self.config.open_after = nonzero(n, "open after")?;
-        Ok(self)
+    /// default). Zero is refused when the gate is piped ([`ConfigError`],
+    /// field `successes_to_open`).
+    pub fn with_successes_to_open(mut self, n: u32) -> Self {
+        self.config.open_after = n;
+        self
     }
 
     /// Starts open instead of closed: items pass before the first check.
@@ -268,17 +280,11 @@ impl<C: HealthCheck> HealthGate<C> {
     }
 
     /// What to do once the gate has been closed for longer than `limit`.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] for a zero limit.
-    pub fn when_closed_longer_than(
-        mut self,
-        limit: Duration,
-        policy: ClosedPolicy,
-    ) -> Result<Self, ConfigError> {
-        self.config.limit = Some((positive(limit, "closed limit")?, policy));
-        Ok(self)
+    /// A zero limit is refused when the gate is piped ([`ConfigError`],
+    /// field `closed_limit`).
+    pub fn with_closed_limit(mut self, limit: Duration, policy: ClosedPolicy) -> Self {
+        self.config.limit = Some((limit, policy));
+        self
     }
 
     /// Names the stage (for counters, spans and errors).
@@ -287,7 +293,8 @@ impl<C: HealthCheck> HealthGate<C> {
         self
     }
 
-    /// Sets the stage's output edge.
+    /// Sets the stage's output edge, checked when the gate is piped
+    /// ([`EdgeConfig::validate`]).
     pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
         self.edge = Some(edge);
         self
@@ -358,6 +365,14 @@ where
         &self.name
     }
 
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.config
+            .validate()
+            .and_then(|()| self.edge.map_or(Ok(()), |e| e.validate()))
+            .and_then(|()| self.check.validate())
+            .map_err(|e| e.in_stage("HealthGate", &self.name))
+    }
+
     fn process(self, input: Flow<T>) -> Flow<T> {
         let pipeline = input.pipeline().clone();
         self.status.send_modify(|s| s.since = Instant::now());
@@ -379,5 +394,78 @@ where
             stop.drop_guard(),
         );
         driver::spawn(input, &self.name, self.edge, gate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Signal = watch::Receiver<Health>;
+
+    fn gate() -> HealthGate<Signal> {
+        let (_tx, rx) = watch::channel(Health::Healthy);
+        HealthGate::new(rx).named("ingress")
+    }
+
+    fn refused(gate: HealthGate<Signal>) -> (Option<&'static str>, Option<String>, &'static str) {
+        let err = crate::iter([1u8]).try_pipe(gate).map(drop).unwrap_err();
+        (err.operator(), err.stage().map(str::to_owned), err.field())
+    }
+
+    #[test]
+    fn zero_settings_are_refused_when_piped() {
+        assert_eq!(Processor::<u8, u8>::validate(&gate()), Ok(()));
+        let at = |field| (Some("HealthGate"), Some("ingress".to_owned()), field);
+        assert_eq!(
+            refused(gate().with_interval(Duration::ZERO)),
+            at("interval")
+        );
+        assert_eq!(
+            refused(gate().with_check_timeout(Duration::ZERO)),
+            at("check_timeout")
+        );
+        assert_eq!(
+            refused(gate().with_failures_to_close(0)),
+            at("failures_to_close")
+        );
+        assert_eq!(
+            refused(gate().with_successes_to_open(0)),
+            at("successes_to_open")
+        );
+        assert_eq!(
+            refused(gate().with_closed_limit(Duration::ZERO, ClosedPolicy::Fail)),
+            at("closed_limit")
+        );
+        assert_eq!(
+            refused(gate().with_edge(EdgeConfig::new(8, 0))),
+            at("edge.max_chunk")
+        );
+    }
+
+    /// A check with a setting of its own.
+    struct Picky;
+
+    impl HealthCheck for Picky {
+        fn validate(&self) -> Result<(), ConfigError> {
+            Err(ConfigError::new("probe.url", "must be reachable"))
+        }
+
+        async fn check(&mut self) -> Health {
+            Health::Healthy
+        }
+    }
+
+    #[test]
+    fn the_checks_own_settings_are_refused_as_the_gates() {
+        let err = Processor::<u8, u8>::validate(&HealthGate::new(Picky)).unwrap_err();
+        assert_eq!(
+            (err.operator(), err.stage(), err.field()),
+            (Some("HealthGate"), Some("health_gate"), "probe.url")
+        );
+        assert_eq!(
+            err.to_string(),
+            "HealthGate `health_gate`: `probe.url` must be reachable"
+        );
     }
 }
