@@ -83,7 +83,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .pipe(DeadLetterQueue::new(sink))
         .collect()
         .await;
-    let dlq = pipeline.stage_metrics("dlq").expect("the stage exists");
+    let dlq = pipeline
+        .stage_metrics("dead_letter_queue")
+        .expect("the stage exists");
     println!(
         "first run: {} posted, {} dead-lettered to {} ({} records, {} sync(s))",
         posted.len(),

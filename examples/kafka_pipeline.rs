@@ -124,7 +124,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     source.stopped().await;
 
     let stats = source.stats();
-    let letters = pipeline.stage_metrics("dlq").map_or(0, |m| m.dead_lettered);
+    let letters = pipeline
+        .stage_metrics("dead_letter_queue")
+        .map_or(0, |m| m.dead_lettered);
     println!(
         "group `{group}`: read {}, priced {written} into `{priced}`, {letters} malformed into `{dead}`, {} offset commits, {} unacknowledged",
         stats.read, stats.commits, stats.unacked

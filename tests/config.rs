@@ -278,11 +278,11 @@ async fn huge_sizes_are_refused_not_allocated() {
     for capacity in [usize::MAX, 1 << 40] {
         let (sink, _letters) = streamz::dlq::channel::<u64>(capacity);
         let e = support::refused::<u64, u64, _>(DeadLetterQueue::new(sink));
-        check(e, "DeadLetterQueue", "dlq", "sink.capacity");
+        check(e, "DeadLetterQueue", "dead_letter_queue", "sink.capacity");
     }
     let (sink, _letters) = streamz::dlq::channel::<u32>(16);
     let e = refused(DeadLetterQueue::new(sink).with_buffer(usize::MAX));
-    check(e, "DeadLetterQueue", "dlq", "buffer");
+    check(e, "DeadLetterQueue", "dead_letter_queue", "buffer");
 
     let e = streamz::iter(0..3u32)
         .try_partition(Partition::round_robin(usize::MAX))

@@ -172,7 +172,7 @@ async fn a_hundred_thousand_failures_make_a_hundred_thousand_records() {
     let pipeline = flow.pipeline().clone();
     assert!(flow.collect().await.is_empty());
 
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!((m.received, m.dead_lettered), (N, N));
     assert_dlq_conserved(&m);
     assert_eq!(stats.records(), N);
@@ -398,7 +398,10 @@ async fn a_full_disk_sends_records_downstream_and_counts_the_failure() {
     assert_eq!(values.len(), 5);
     assert_eq!(errors.len(), 5);
     for (n, mut e) in errors.into_iter().enumerate() {
-        assert_eq!((e.kind(), e.stage()), (ErrorKind::Failed, "dlq"));
+        assert_eq!(
+            (e.kind(), e.stage()),
+            (ErrorKind::Failed, "dead_letter_queue")
+        );
         let io = e.cause().unwrap().downcast_ref::<std::io::Error>().unwrap();
         assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
         let record = e.take_item::<DeadLetter<Order>>().unwrap();
@@ -406,7 +409,7 @@ async fn a_full_disk_sends_records_downstream_and_counts_the_failure() {
     }
     assert!(stats.write_failures() >= 1);
     assert_eq!(stats.records(), 0);
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!(
         (m.received, m.emitted, m.dead_lettered, m.failed),
         (10, 5, 0, 5)
@@ -427,7 +430,7 @@ async fn a_dropped_receiver_sends_records_downstream() {
         e.to_string()
             .contains("the dead-letter receiver was dropped")
     }));
-    assert_dlq_conserved(&stage(&pipeline, "dlq"));
+    assert_dlq_conserved(&stage(&pipeline, "dead_letter_queue"));
 }
 
 #[tokio::test]
@@ -542,7 +545,7 @@ async fn block_policy_holds_upstream_while_the_sink_stalls_and_loses_nothing() {
         "the producer felt no backpressure: {stalled_at}"
     );
     assert!(!producer.is_finished());
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!((m.dropped, m.dead_lettered), (0, 0));
 
     // The dependency recovers: everything arrives, in order.
@@ -551,7 +554,7 @@ async fn block_policy_holds_upstream_while_the_sink_stalls_and_loses_nothing() {
     let out = out.await.unwrap();
     assert!(out.is_empty());
     assert_eq!(*seen.lock().unwrap(), (1..=100).collect::<Vec<_>>());
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!((m.received, m.dead_lettered, m.dropped), (100, 100, 0));
     assert_dlq_conserved(&m);
 }
@@ -576,12 +579,12 @@ async fn drop_policy_counts_what_it_drops_and_keeps_values_flowing() {
     }
     assert_eq!(values, (0..50).map(|i| i * 2 + 1).collect::<Vec<_>>());
     settle().await;
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert!(m.dropped >= 40, "{m:?}");
 
     gate.add_permits(100);
     assert!(flow.next().await.is_none());
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     let seen = seen.lock().unwrap();
     assert_eq!(m.dead_lettered, seen.len() as u64);
     assert_eq!(m.dropped + m.dead_lettered, 50);
@@ -607,7 +610,10 @@ async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
     // The third does not fit: the stream fails with it.
     tx.send_result(fail(2)).await.unwrap();
     let mut err = flow.next().await.unwrap().unwrap_err();
-    assert_eq!((err.kind(), err.stage()), (ErrorKind::Failed, "dlq"));
+    assert_eq!(
+        (err.kind(), err.stage()),
+        (ErrorKind::Failed, "dead_letter_queue")
+    );
     assert!(matches!(
         err.cause().unwrap().downcast_ref::<DlqError>(),
         Some(DlqError::Overflow { buffered: 2 })
@@ -619,7 +625,7 @@ async fn fail_policy_ends_the_stream_with_the_record_that_did_not_fit() {
     gate.add_permits(10);
     assert!(flow.next().await.is_none());
     assert_eq!(*seen.lock().unwrap(), [1, 2]);
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!(
         (m.received, m.emitted, m.dead_lettered, m.failed),
         (4, 1, 2, 1)
@@ -641,7 +647,7 @@ async fn interval_policy_syncs_after_the_interval_without_new_records() {
     tx.send_result(Err(StreamError::failed("s", "e").with_item(1)))
         .await
         .unwrap();
-    until(|| stage(&pipeline, "dlq").dead_lettered == 1).await;
+    until(|| stage(&pipeline, "dead_letter_queue").dead_lettered == 1).await;
     assert_eq!(stats.syncs(), 0);
     tokio::time::advance(Duration::from_secs(4)).await;
     assert_eq!(stats.syncs(), 0);
@@ -670,7 +676,7 @@ async fn every_n_policy_syncs_every_n_records_and_at_close() {
         tx.send_result(Err(StreamError::failed("s", "e").with_item(i)))
             .await
             .unwrap();
-        until(|| stage(&pipeline, "dlq").dead_lettered == i + 1).await;
+        until(|| stage(&pipeline, "dead_letter_queue").dead_lettered == i + 1).await;
     }
     assert_eq!(stats.syncs(), 2);
     drop(tx);
@@ -772,7 +778,7 @@ async fn a_panicking_sink_turns_its_batch_into_error_items() {
     let husk = err.take_item::<DeadLetter<u64>>().unwrap();
     assert_eq!((husk.sequence, husk.item), (2, None));
     assert!(husk.note.unwrap().contains("panicked"));
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!((m.received, m.dead_lettered, m.failed), (3, 2, 1));
     assert_dlq_conserved(&m);
     pipeline.join().await.unwrap();
@@ -801,7 +807,7 @@ async fn abort_while_the_sink_stalls_counts_everything() {
     pipeline.join().await.unwrap();
     producer.await.unwrap();
     let out = out.await.unwrap();
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert!(m.aborted > 0, "{m:?}");
     assert_eq!(m.dead_lettered, 0);
     assert_dlq_conserved(&m);
@@ -895,7 +901,7 @@ async fn a_sink_that_panics_outside_its_future_still_accounts_for_every_record()
         errors.push(item.unwrap_err());
     }
     producer.await.unwrap();
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!(m.received, 50);
     assert_dlq_conserved(&m);
     assert_eq!(m.aborted, 0);
@@ -935,7 +941,7 @@ async fn a_record_whose_serialisation_panics_comes_back_and_the_file_keeps_worki
     assert_eq!(stats.records(), 5);
     let lines = std::fs::read_to_string(&path).unwrap();
     assert_eq!(lines.lines().count(), 5);
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!((m.dead_lettered, m.failed), (5, 1));
     assert_dlq_conserved(&m);
 }
@@ -1013,7 +1019,7 @@ async fn dropping_the_output_while_the_sink_stalls_stops_the_stage_and_the_sink_
     // The sink recovers: what was buffered is written, then all tasks end.
     gate.add_permits(100);
     pipeline.join().await.unwrap();
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert!(m.aborted > 0);
     assert_eq!(m.dead_lettered, seen.lock().unwrap().len() as u64);
     assert_dlq_conserved(&m);
@@ -1336,7 +1342,7 @@ async fn an_interval_of_duration_max_means_never_by_time() {
     tx.send_result(Err(StreamError::failed("s", "e").with_item(2)))
         .await
         .unwrap();
-    until(|| stage(&pipeline, "dlq").dead_lettered == 1).await;
+    until(|| stage(&pipeline, "dead_letter_queue").dead_lettered == 1).await;
     tokio::time::advance(Duration::from_secs(86_400 * 365 * 100)).await;
     assert_eq!(stats.syncs(), 0);
     assert_eq!(stats.records(), 2);
@@ -1392,7 +1398,7 @@ async fn the_buffer_bounds_every_record_between_the_router_and_the_sink() {
             }
         });
         settle().await;
-        let m = stage(&pipeline, "dlq");
+        let m = stage(&pipeline, "dead_letter_queue");
         // Queued or in the sink's unanswered write: at most `buffer`.
         let handed = handed.load(Ordering::SeqCst);
         assert!(handed >= 1 && handed <= buffer, "{buffer}: handed {handed}");
@@ -1415,7 +1421,7 @@ async fn the_buffer_bounds_every_record_between_the_router_and_the_sink() {
             .unwrap();
         producer.await.unwrap();
         out.await.unwrap();
-        assert_dlq_conserved(&stage(&pipeline, "dlq"));
+        assert_dlq_conserved(&stage(&pipeline, "dead_letter_queue"));
     }
 }
 
@@ -1445,7 +1451,7 @@ async fn fail_policy_emits_no_value_after_the_overflow_error() {
         .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(*seen.lock().unwrap(), [1, 2]);
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!(
         (m.received, m.emitted, m.dead_lettered, m.failed, m.aborted),
         (6, 1, 2, 1, 2)
@@ -1473,13 +1479,16 @@ async fn a_panic_while_making_a_record_is_reported_and_every_item_is_counted() {
     let out = flow.collect().await;
     // The stage's panic comes downstream as its last item and from `join`.
     let last = out.last().unwrap().as_ref().unwrap_err();
-    assert_eq!((last.kind(), last.stage()), (ErrorKind::Panicked, "dlq"));
+    assert_eq!(
+        (last.kind(), last.stage()),
+        (ErrorKind::Panicked, "dead_letter_queue")
+    );
     assert!(pipeline.join().await.is_err());
     let mut records = 0;
     while letters.recv().await.is_ok() {
         records += 1;
     }
-    let m = stage(&pipeline, "dlq");
+    let m = stage(&pipeline, "dead_letter_queue");
     assert_eq!(m.received, 6);
     assert!(m.aborted > 0, "{m:?}");
     assert_eq!(m.dead_lettered, records);

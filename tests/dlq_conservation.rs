@@ -156,7 +156,7 @@ async fn run(case: Case) -> Outcome {
     }
     drop(flow);
     pipeline.join().await.unwrap();
-    let dlq = pipeline.stage_metrics("dlq").unwrap();
+    let dlq = pipeline.stage_metrics("dead_letter_queue").unwrap();
     let accepted = accepted.lock().unwrap().clone();
     Outcome {
         dlq,
@@ -199,7 +199,7 @@ proptest! {
         prop_assert!(out.errors.len() as u64 <= m.failed);
         // Every error downstream is this stage's and carries its record.
         for e in &out.errors {
-            prop_assert_eq!(e.stage(), "dlq");
+            prop_assert_eq!(e.stage(), "dead_letter_queue");
             prop_assert!(e.item_type_name().unwrap().contains("DeadLetter"));
             prop_assert!(matches!(e.kind(), ErrorKind::Failed | ErrorKind::Panicked));
         }

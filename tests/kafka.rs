@@ -338,7 +338,9 @@ fn writes(pipeline: &Pipeline) -> u64 {
     let emitted = pipeline
         .stage_metrics("kafka_sink")
         .map_or(0, |m| m.emitted);
-    let dead = pipeline.stage_metrics("dlq").map_or(0, |m| m.dead_lettered);
+    let dead = pipeline
+        .stage_metrics("dead_letter_queue")
+        .map_or(0, |m| m.dead_lettered);
     emitted + dead
 }
 

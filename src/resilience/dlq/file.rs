@@ -201,7 +201,7 @@ impl<T: Serialize + Send + 'static> FileSink<T> {
     ///
     /// let sink = sink.with_fsync(Fsync::EveryN(0));
     /// let err = streamz::iter([1u32]).try_pipe(DeadLetterQueue::new(sink)).unwrap_err();
-    /// assert_eq!(err.to_string(), "DeadLetterQueue `dlq`: `sink.fsync.every_n` must be greater than zero");
+    /// assert_eq!(err.to_string(), "DeadLetterQueue `dead_letter_queue`: `sink.fsync.every_n` must be greater than zero");
     /// # Ok(()) }
     /// ```
     pub fn with_fsync(mut self, fsync: Fsync) -> Self {

@@ -36,7 +36,7 @@ use crate::flow::processor::Processor;
 ///
 /// # Default
 ///
-/// [`Overflow::Block`], a buffer of 256 records, named `dlq`, output edge
+/// [`Overflow::Block`], a buffer of 256 records, named `dead_letter_queue`, output edge
 /// from the pipeline's [`EdgeConfig`].
 ///
 /// # Validation
@@ -86,7 +86,7 @@ use crate::flow::processor::Processor;
 /// assert_eq!(letters[0].stage, "try_map");
 /// assert_eq!(letters[0].message, "invalid digit found in string");
 ///
-/// let m = pipeline.stage_metrics("dlq").unwrap();
+/// let m = pipeline.stage_metrics("dead_letter_queue").unwrap();
 /// assert_eq!((m.received, m.emitted, m.dead_lettered), (3, 2, 1));
 /// # Ok(()) }
 /// ```
@@ -202,7 +202,7 @@ impl<T, S: DeadLetterSink<serde_json::Value>> DeadLetterQueue<T, serde_json::Val
 impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     fn with_items(sink: S, items: TakeItem<R>) -> Self {
         DeadLetterQueue {
-            name: Cow::Borrowed("dlq"),
+            name: Cow::Borrowed("dead_letter_queue"),
             sink,
             items,
             overflow: Overflow::Block,

@@ -187,7 +187,7 @@ pub type DeadLetterReceiver<T> = async_channel::Receiver<DeadLetter<T>>;
 ///
 /// let (sink, _letters) = streamz::dlq::channel::<i32>(0);
 /// let err = streamz::iter([1]).try_pipe(DeadLetterQueue::new(sink)).unwrap_err();
-/// assert_eq!((err.operator(), err.stage(), err.field()), (Some("DeadLetterQueue"), Some("dlq"), "sink.capacity"));
+/// assert_eq!((err.operator(), err.stage(), err.field()), (Some("DeadLetterQueue"), Some("dead_letter_queue"), "sink.capacity"));
 /// # Ok(()) }
 /// ```
 pub fn channel<T: Send + 'static>(capacity: usize) -> (ChannelSink<T>, DeadLetterReceiver<T>) {
