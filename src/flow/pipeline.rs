@@ -312,7 +312,7 @@ impl Pipeline {
             Box::new(IterSource {
                 iter: Some(items.into_iter()),
                 max_chunk: self.inner.edge.max_chunk(),
-                shutdown: self.inner.shutdown.token().clone(),
+                shutdown: self.inner.shutdown.watch(),
                 counters: counters.clone(),
             }),
         )

@@ -70,8 +70,9 @@ impl Shutdown {
 pub(crate) struct IterSource<I> {
     pub(crate) iter: Option<I>,
     pub(crate) max_chunk: usize,
-    // Never pending, so a flag check is enough: no waker to register.
-    pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    // Never pending, so a flag check is enough: no waker to register. A
+    // `Watch` (no lock) rather than the token: this runs once per chunk.
+    pub(crate) shutdown: crate::base::signal::Watch,
     pub(crate) counters: Counters,
 }
 
@@ -81,7 +82,7 @@ where
     I::Item: Send,
 {
     fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Poll<Option<Chunk<I::Item>>> {
-        if self.shutdown.is_cancelled() {
+        if self.shutdown.is_raised() {
             self.iter = None;
         }
         let Some(iter) = &mut self.iter else {

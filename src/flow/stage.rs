@@ -7,7 +7,7 @@ use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::task::{Context, Poll};
 
-use tokio_util::sync::CancellationToken;
+use crate::base::signal::Watch;
 
 use crate::base::channel::{ChunkTx, chunk_channel};
 use crate::base::chunk::Chunk;
@@ -125,7 +125,7 @@ pub(crate) fn spawn_into<T: Send + 'static>(
     counters: Counters,
     max_chunk: usize,
 ) {
-    let abort = pipeline.abort_token();
+    let abort = pipeline.abort_signal().watch();
     let name = counters.name().clone();
     pipeline.spawn(name, drive(src, tx, abort, counters, max_chunk));
 }
@@ -135,7 +135,7 @@ pub(crate) fn spawn_into<T: Send + 'static>(
 async fn drive<T: Send + 'static>(
     mut src: BoxSource<T>,
     tx: ChunkTx<T>,
-    abort: CancellationToken,
+    abort: Watch,
     counters: Counters,
     max_chunk: usize,
 ) {
@@ -144,7 +144,7 @@ async fn drive<T: Send + 'static>(
         counters: counters.clone(),
     };
     // Created once and kept registered, so the hot loop never re-registers.
-    let mut aborted = pin!(abort.cancelled());
+    let mut aborted = pin!(abort.token().cancelled());
     let mut closed = pin!(tx.closed());
     loop {
         let stop = |cx: &mut Context<'_>| {
@@ -158,8 +158,9 @@ async fn drive<T: Send + 'static>(
                 return;
             }
         };
-        // An abort stops the stage even while its input keeps flowing.
-        if abort.is_cancelled() {
+        // An abort stops the stage even while its input keeps flowing (the
+        // flag, once per chunk: the token's own check takes a lock).
+        if abort.is_raised() {
             counters.add_undelivered(chunk.len() as u64);
             counters.add_drained(src.abandon());
             return;
