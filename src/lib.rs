@@ -150,6 +150,10 @@ struct CircuitBreakerDoctests;
 #[doc = include_str!("../docs/scaling.md")]
 struct ScalingDoctests;
 
+#[cfg(doctest)]
+#[doc = include_str!("../docs/recovery.md")]
+struct RecoveryDoctests;
+
 /// Without the `circuit-breaker` feature the crate has no breaker: neither
 /// the module
 ///

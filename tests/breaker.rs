@@ -758,3 +758,113 @@ async fn an_endless_minimum_interval_keeps_the_breaker_where_it_is() {
     // A waiting caller is not left sleeping on an overflowed deadline.
     assert!(tokio::time::timeout(MS, b.acquire()).await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restored_open_breaker_keeps_the_rest_of_its_open_time() {
+    let mut c = config();
+    c.open_for = Duration::from_secs(60);
+    let before = Breaker::new("b", c);
+    open(&before);
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let saved = serde_json::to_string(&before.snapshot()).unwrap();
+
+    // A restart: a new breaker from the same configuration.
+    let after = Breaker::new("b", c);
+    let transitions = Arc::new(Mutex::new(Vec::new()));
+    let seen = transitions.clone();
+    after.on_transition(move |t| seen.lock().unwrap().push((t.to, t.reason.clone())));
+    after.restore(&serde_json::from_str(&saved).unwrap());
+    assert_eq!(after.state(), BreakerState::Open);
+    assert!(after.try_acquire().is_err());
+    assert_eq!(
+        transitions.lock().unwrap().as_slice(),
+        [(BreakerState::Open, "restored from a snapshot".to_owned())]
+    );
+    // 40 s were left (less the few microseconds of wall clock this test
+    // took): still open at 39 s, half-open by 41 s.
+    tokio::time::advance(Duration::from_secs(39)).await;
+    assert_eq!(after.state(), BreakerState::Open);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(after.state(), BreakerState::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_time_that_ran_out_while_down_goes_half_open_at_once() {
+    let before = Breaker::new("b", config());
+    open(&before);
+    let mut snapshot = before.snapshot();
+    snapshot.open_until = Some(std::time::SystemTime::now() - Duration::from_secs(5));
+    let after = Breaker::new("b", config());
+    after.restore(&snapshot);
+    assert_eq!(after.state(), BreakerState::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_carries_over_a_restart() {
+    let mut c = config();
+    c.open_backoff = Some(OpenBackoff {
+        factor: 2.0,
+        max: Duration::from_secs(60),
+    });
+    let before = Breaker::new("b", c);
+    open(&before); // open 1 s
+    tokio::time::advance(Duration::from_secs(1)).await;
+    fail(&before); // a trial call fails: open 2 s
+    assert_eq!(before.state(), BreakerState::Open);
+    let snapshot = before.snapshot();
+    assert_eq!(snapshot.opens_in_a_row, 2);
+
+    let after = Breaker::new("b", c);
+    after.restore(&snapshot);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(after.state(), BreakerState::HalfOpen);
+    fail(&after); // the third opening in a row: 4 s, as without the restart
+    tokio::time::advance(Duration::from_millis(3_900)).await;
+    assert_eq!(after.state(), BreakerState::Open);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert_eq!(after.state(), BreakerState::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registry_saves_and_loads_every_breaker_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("breakers.json");
+    let toml = "[defaults]\nopen_for = \"1m\"\nminimum_calls = 2\nwindow = { count = 4 }";
+    let registry = BreakerRegistry::from_toml(toml).unwrap();
+    assert_eq!(registry.load(&path).await.unwrap(), 0, "the first start");
+    let payments = registry.get("payments").unwrap();
+    payments.try_acquire().unwrap().failure(MS);
+    payments.try_acquire().unwrap().failure(MS);
+    assert_eq!(payments.state(), BreakerState::Open);
+    registry.get("ledger").unwrap().force_open();
+    registry.get("search").unwrap();
+    registry.save(&path).await.unwrap();
+    registry.save(&path).await.unwrap(); // replaces, leaves no temporary
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    let restarted = BreakerRegistry::from_toml(toml).unwrap();
+    assert_eq!(restarted.load(&path).await.unwrap(), 3);
+    let state = |name: &str| restarted.get(name).unwrap().state();
+    assert_eq!(state("payments"), BreakerState::Open);
+    assert_eq!(state("ledger"), BreakerState::ForcedOpen);
+    assert_eq!(state("search"), BreakerState::Closed);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(state("payments"), BreakerState::HalfOpen);
+
+    // Not a state file: refused, nothing restored.
+    std::fs::write(&path, b"{\"version\": 1, \"breakers\": [{\"name\": 3}]}").unwrap();
+    let fresh = BreakerRegistry::from_toml(toml).unwrap();
+    let err = fresh.load(&path).await.unwrap_err();
+    assert!(matches!(err, RegistryError::State { .. }), "{err}");
+    assert!(fresh.breakers().is_empty());
+    std::fs::write(&path, b"{\"version\": 9, \"breakers\": []}").unwrap();
+    let err = fresh.load(&path).await.unwrap_err();
+    assert!(err.to_string().contains("version 9"), "{err}");
+    // A directory that does not exist: a typed error naming the file.
+    let err = registry
+        .save(dir.path().join("no/such/breakers.json"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("breakers.json"), "{err}");
+}

@@ -601,6 +601,39 @@ impl Machine {
         }
     }
 
+    /// What a restart keeps: the state, how much longer an open state
+    /// lasts (`None` when it is not open, or open until a manual
+    /// transition), and the openings since the breaker last closed (for
+    /// the backoff).
+    pub(crate) fn persisted(&self, now: Duration) -> (BreakerState, Option<Duration>, u32) {
+        let remaining = match self.state {
+            BreakerState::Open => self.open_until.map(|at| at.saturating_sub(now)),
+            _ => None,
+        };
+        (self.state, remaining, self.opens_in_a_row)
+    }
+
+    /// Enters a persisted state (see [`persisted`](Self::persisted)): a
+    /// transition if the state differs, with `reason`; an open state ends
+    /// `remaining` from now (`None`: at a manual transition).
+    pub(crate) fn restore(
+        &mut self,
+        state: BreakerState,
+        remaining: Option<Duration>,
+        opens_in_a_row: u32,
+        now: &mut Now<'_>,
+        reason: String,
+        out: &mut Vec<Transition>,
+    ) {
+        if self.state != state {
+            self.transition(state, now, reason, out);
+        }
+        if state == BreakerState::Open {
+            self.open_until = remaining.and_then(|r| now.get().checked_add(r));
+        }
+        self.opens_in_a_row = opens_in_a_row;
+    }
+
     /// The window's counts now.
     pub(crate) fn window(&mut self, now: &mut Now<'_>) -> Counts {
         self.outcomes.totals(now)

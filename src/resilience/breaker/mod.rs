@@ -125,6 +125,24 @@ pub struct Transition {
     pub at: SystemTime,
 }
 
+/// What a restart keeps of a breaker ([`Breaker::snapshot`],
+/// [`Breaker::restore`]); serde, so it can be stored anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BreakerSnapshot {
+    /// The breaker's name.
+    pub name: String,
+    /// Its state.
+    pub state: BreakerState,
+    /// For an open breaker, when it lets trial calls through, by the wall
+    /// clock; `None` otherwise, and while it is open until a manual
+    /// transition.
+    pub open_until: Option<SystemTime>,
+    /// Openings since it last closed (the backoff's exponent).
+    pub opens_in_a_row: u32,
+    /// When the snapshot was taken.
+    pub taken_at: SystemTime,
+}
+
 /// A snapshot of a breaker's state and counters.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -515,6 +533,71 @@ impl Breaker {
     /// `audit_capacity`).
     pub fn audit_trail(&self) -> Vec<Transition> {
         lock(&self.inner.audit).iter().cloned().collect()
+    }
+
+    /// What a restart needs to carry this breaker on where it was: its
+    /// state, when an open state ends (by the wall clock) and how many
+    /// times it opened since it last closed (for the backoff). Save it
+    /// with serde (or with [`BreakerRegistry::save`]) and give it to
+    /// [`restore`](Breaker::restore) after the restart.
+    ///
+    /// The window's counts are not kept: a restored closed breaker
+    /// judges its rates on calls made after the restart.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::breaker::{Breaker, BreakerConfig, BreakerState};
+    ///
+    /// let mut config = BreakerConfig::default();
+    /// config.open_for = Duration::from_secs(60);
+    /// let before = Breaker::new("payments", config);
+    /// before.force_open();
+    /// let saved = serde_json::to_string(&before.snapshot()).unwrap();
+    ///
+    /// // After a restart:
+    /// let after = Breaker::new("payments", config);
+    /// after.restore(&serde_json::from_str(&saved).unwrap());
+    /// assert_eq!(after.state(), BreakerState::ForcedOpen);
+    /// ```
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let now = self.now();
+        let (state, remaining, opens_in_a_row) = self.machine().persisted(now);
+        let taken_at = SystemTime::now();
+        BreakerSnapshot {
+            name: self.inner.name.clone(),
+            state,
+            open_until: remaining.and_then(|r| taken_at.checked_add(r)),
+            opens_in_a_row,
+            taken_at,
+        }
+    }
+
+    /// Puts the breaker in the state `snapshot` recorded (a transition
+    /// with the reason "restored from a snapshot", in the audit trail and
+    /// to listeners, if the state differs). An open breaker stays open
+    /// for what was left of its open time by the wall clock, so one whose
+    /// time ran out while the process was down goes half-open at its next
+    /// call; one open until a manual transition stays so. The name in the
+    /// snapshot is not checked: restore the snapshot of the same breaker.
+    pub fn restore(&self, snapshot: &BreakerSnapshot) {
+        let remaining = match (snapshot.state, snapshot.open_until) {
+            (BreakerState::Open, Some(until)) => Some(
+                until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            ),
+            _ => None,
+        };
+        self.with_machine(|m, now, out| {
+            m.restore(
+                snapshot.state,
+                remaining,
+                snapshot.opens_in_a_row,
+                now,
+                "restored from a snapshot".to_owned(),
+                out,
+            );
+        });
     }
 
     /// A snapshot of the state and counters.

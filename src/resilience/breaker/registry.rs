@@ -5,7 +5,10 @@ use std::fmt;
 use std::sync::Mutex;
 
 use crate::base::config::ConfigError;
-use crate::resilience::breaker::{Breaker, BreakerConfig, BreakerMetrics};
+use std::path::{Path, PathBuf};
+
+use crate::base::atomic_file;
+use crate::resilience::breaker::{Breaker, BreakerConfig, BreakerMetrics, BreakerSnapshot};
 
 /// Why a registry could not be built or could not give a breaker.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +33,33 @@ pub enum RegistryError {
         /// The breaker asked for.
         breaker: String,
     },
+    /// The state file could not be read or written.
+    #[error("circuit breaker state file {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+    /// The state file does not hold what [`BreakerRegistry::save`] writes.
+    #[error("circuit breaker state file {} does not parse: {source}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: serde_json::Error,
+    },
 }
+
+/// What [`BreakerRegistry::save`] writes: a versioned list of snapshots.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    breakers: Vec<BreakerSnapshot>,
+}
+
+const STATE_VERSION: u32 = 1;
 
 /// Named breakers built on demand from defaults and per-component
 /// overrides, with a limit on how many exist.
@@ -204,5 +233,120 @@ impl BreakerRegistry {
     /// A snapshot of every breaker created so far.
     pub fn metrics(&self) -> Vec<BreakerMetrics> {
         self.lock().iter().map(Breaker::metrics).collect()
+    }
+
+    /// What a restart needs of every breaker created so far
+    /// ([`Breaker::snapshot`]), for storage of your own.
+    pub fn snapshots(&self) -> Vec<BreakerSnapshot> {
+        self.lock().iter().map(Breaker::snapshot).collect()
+    }
+
+    /// Restores each snapshot into the breaker of its name, creating the
+    /// breaker from the configuration if it does not exist yet
+    /// ([`get`](BreakerRegistry::get)). Returns how many were restored.
+    ///
+    /// # Errors
+    ///
+    /// What [`get`](BreakerRegistry::get) finds for a breaker it must
+    /// create (the limit); the snapshots before it are restored.
+    pub fn restore(&self, snapshots: &[BreakerSnapshot]) -> Result<usize, RegistryError> {
+        for snapshot in snapshots {
+            self.get(&snapshot.name)?.restore(snapshot);
+        }
+        Ok(snapshots.len())
+    }
+
+    /// Writes every breaker's state to `path` (JSON), so that
+    /// [`load`](BreakerRegistry::load) after a restart carries each on
+    /// where it was: an open breaker stays open for the rest of its open
+    /// time. The file is replaced atomically (a temporary file beside it,
+    /// synced, renamed over it, the directory synced), so a crash while
+    /// saving leaves the previous state, never a torn one. Runs on
+    /// tokio's blocking pool.
+    ///
+    /// Save when it matters: on shutdown, and from a transition listener
+    /// ([`Breaker::on_transition`]) or a timer so that a crash keeps a
+    /// recent state.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::Io`] if the file cannot be written (its directory
+    /// must exist).
+    ///
+    /// ```
+    /// use streamz::breaker::{BreakerConfig, BreakerRegistry, BreakerState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("breakers.json");
+    ///
+    /// let registry = BreakerRegistry::new(BreakerConfig::default(), 10);
+    /// registry.get("payments")?.force_open();
+    /// registry.save(&path).await?;
+    ///
+    /// // After a restart: a new registry from the same configuration.
+    /// let registry = BreakerRegistry::new(BreakerConfig::default(), 10);
+    /// assert_eq!(registry.load(&path).await?, 1);
+    /// assert_eq!(registry.get("payments")?.state(), BreakerState::ForcedOpen);
+    /// # Ok(()) }
+    /// ```
+    pub async fn save(&self, path: impl AsRef<Path>) -> Result<(), RegistryError> {
+        let path = path.as_ref().to_path_buf();
+        let file = StateFile {
+            version: STATE_VERSION,
+            breakers: self.snapshots(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).expect("snapshots serialise to JSON");
+        let target = path.clone();
+        let written =
+            tokio::task::spawn_blocking(move || atomic_file::replace(&target, &bytes)).await;
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(RegistryError::Io { path, source }),
+            Err(join) => Err(RegistryError::Io {
+                path,
+                source: std::io::Error::other(join.to_string()),
+            }),
+        }
+    }
+
+    /// Reads the state [`save`](BreakerRegistry::save) wrote and restores
+    /// it ([`restore`](BreakerRegistry::restore)); returns how many
+    /// breakers it restored. A missing file restores nothing and is not an
+    /// error: the first start has no state. Runs on tokio's blocking pool.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::Io`] if the file exists but cannot be read,
+    /// [`RegistryError::State`] if it is not a state file (nothing is
+    /// restored then), and what [`restore`](BreakerRegistry::restore)
+    /// finds.
+    pub async fn load(&self, path: impl AsRef<Path>) -> Result<usize, RegistryError> {
+        let path = path.as_ref().to_path_buf();
+        let target = path.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read(target)).await;
+        let bytes = match read {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Ok(Err(source)) => return Err(RegistryError::Io { path, source }),
+            Err(join) => {
+                return Err(RegistryError::Io {
+                    path,
+                    source: std::io::Error::other(join.to_string()),
+                });
+            }
+        };
+        let file: StateFile = match serde_json::from_slice(&bytes) {
+            Ok(file) => file,
+            Err(source) => return Err(RegistryError::State { path, source }),
+        };
+        if file.version != STATE_VERSION {
+            let source = serde::de::Error::custom(format!(
+                "version {} is not {STATE_VERSION}, the one this streamz writes",
+                file.version
+            ));
+            return Err(RegistryError::State { path, source });
+        }
+        self.restore(&file.breakers)
     }
 }
