@@ -736,3 +736,149 @@ async fn a_partition_keeps_its_order_through_ordered_stages() {
     );
     assert_eq!(committed(b, "seq", "seq.in", 1), [400]);
 }
+
+/// The committed offsets' sum, polled until `done` says so (a bound for a
+/// broken run: two minutes, through `within`). The broker is a separate
+/// process, so there is no event to wait on.
+async fn committed_until(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    done: impl Fn(i64) -> bool,
+) -> i64 {
+    within("the committed offsets", async {
+        loop {
+            let sum: i64 = committed(brokers, group, topic, partitions)
+                .iter()
+                .map(|o| (*o).max(0))
+                .sum();
+            if done(sum) {
+                return sum;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
+/// A `Take` closes the source's flow once it has its count. The records it
+/// passed are written and acknowledged after that: the source waits for
+/// those acknowledgements before its last commit, so the next member of the
+/// group starts right after them (it used to commit at once and lose them,
+/// and the next member wrote about 2,000 records again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_take_lets_the_acknowledgements_in_flight_reach_the_commit() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "take.in", 3).await;
+    create_topic(b, "take.out", 3).await;
+    let keys: Vec<String> = (0..20_000).map(|i| i.to_string()).collect();
+    produce(b, "take.in", &keys, 3).await;
+
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = KafkaSource::new(b, "take")
+        .topics(["take.in"])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .with_commit_interval(Duration::from_secs(3600)) // only the count and the end
+        .start(&pipeline)
+        .unwrap();
+    let sink = KafkaSink::new(b, "take.out").unwrap();
+    let taken = std::sync::Arc::new(Mutex::new([0i64; 3]));
+    let count = taken.clone();
+    let written = records
+        .pipe(streamz::Take::new(5_000))
+        .tap(move |r: &KafkaRecord| count.lock().unwrap()[r.partition() as usize] += 1)
+        .map(|r: &KafkaRecord| ProducerRecord::from(r))
+        .pipe(sink)
+        .collect()
+        .await;
+    assert_eq!(written.len(), 5_000);
+    assert!(written.iter().all(Result::is_ok));
+    within("the source's stop", handle.stopped()).await;
+    within("join", pipeline.join()).await.unwrap();
+    // The taken records are a prefix of each partition (a partition is
+    // read in order), all written and acknowledged: the commit covers
+    // exactly them.
+    // (-1: nothing committed, for a partition nothing was taken from.)
+    let offsets: Vec<i64> = committed(b, "take", "take.in", 3)
+        .into_iter()
+        .map(|o| o.max(0))
+        .collect();
+    assert_eq!(offsets, *taken.lock().unwrap(), "{:?}", handle.stats());
+}
+
+/// Commits follow the acknowledged count, not only the clock, so what a
+/// crash makes the group read again is bounded by the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_committed_every_so_many_acknowledged_records() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "count.in", 2).await;
+    create_topic(b, "count.out", 2).await;
+    let keys: Vec<String> = (0..3_000).map(|i| i.to_string()).collect();
+    produce(b, "count.in", &keys, 2).await;
+
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = KafkaSource::new(b, "count")
+        .topics(["count.in"])
+        .with_commit_interval(Duration::from_secs(3600))
+        .with_commit_after(500)
+        .start(&pipeline)
+        .unwrap();
+    let sink = KafkaSink::new(b, "count.out").unwrap();
+    let out = records
+        .map(|r: &KafkaRecord| ProducerRecord::from(r))
+        .pipe(sink);
+    tokio::spawn(out.for_each(drop));
+    // With the interval an hour away, only the count commits while it runs.
+    let sum = committed_until(b, "count", "count.in", 2, |sum| sum >= 2_500).await;
+    assert!(sum >= 2_500, "{:?}", handle.stats());
+    pipeline.abort();
+    within("the stop", handle.stopped()).await;
+}
+
+/// A stage that drops records without acknowledging them stalls the
+/// source at `max_unacked`; the source's stats say so, and count what waits
+/// now, not as of the last commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_source_shows_in_its_stats() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "stall.in", 1).await;
+    let keys: Vec<String> = (0..500).map(|i| i.to_string()).collect();
+    produce(b, "stall.in", &keys, 1).await;
+
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = KafkaSource::new(b, "stall")
+        .topics(["stall.in"])
+        .with_commit_interval(Duration::from_millis(100))
+        .with_max_unacked(100)
+        .start(&pipeline)
+        .unwrap();
+    let (tx, mut seen) = watch::channel(0usize);
+    // Drops every record without acknowledging it: the bug this catches.
+    let out = records.filter(move |_: &KafkaRecord| {
+        tx.send_modify(|n| *n += 1);
+        false
+    });
+    tokio::spawn(out.for_each(drop));
+    within("a hundred records", seen.wait_for(|n| *n >= 100))
+        .await
+        .unwrap();
+    let stats = within("the stall", async {
+        loop {
+            let stats = handle.stats();
+            if stats.stalled {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!((stats.read, stats.unacked), (100, 100), "{stats:?}");
+    assert_eq!(*seen.borrow(), 100, "nothing more is read while stalled");
+    pipeline.abort();
+    within("the stop", handle.stopped()).await;
+}

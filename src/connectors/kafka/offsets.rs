@@ -80,13 +80,17 @@ impl Offsets {
     }
 
     /// Moves every watermark past its acknowledged prefix (to see how many
-    /// records still wait), without handing anything out.
-    pub(crate) fn advance_only(&mut self) {
+    /// records still wait), without handing anything out; returns how many
+    /// records the watermarks passed.
+    pub(crate) fn advance_only(&mut self) -> usize {
+        let mut passed = 0;
         for partitions in self.topics.values_mut() {
             for p in partitions.values_mut() {
-                self.outstanding -= p.advance();
+                passed += p.advance();
             }
         }
+        self.outstanding -= passed;
+        passed
     }
 
     /// Moves every watermark past its acknowledged prefix and returns the

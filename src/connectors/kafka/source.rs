@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ use crate::flow::source::Pusher;
 /// # How offsets are committed
 ///
 /// Every record read is tracked per partition, in offset order. A
-/// partition's offset is committed (every [`with_commit_interval`], and at the
+/// partition's offset is committed (every [`with_commit_interval`], as soon
+/// as the watermarks have passed [`with_commit_after`] records, and at the
 /// end) up to the first record that is not acknowledged: a record is
 /// acknowledged once its outcome is durable ([`KafkaRecord::ack`];
 /// [`KafkaSink`](super::KafkaSink) and [`KafkaDlq`](super::KafkaDlq) do
@@ -79,8 +80,15 @@ use crate::flow::source::Pusher;
 /// - A graceful [`Pipeline::shutdown`]: the source stops reading, waits up
 ///   to [`with_drain_timeout`] for the records in the chain to be acknowledged,
 ///   commits, and leaves the group.
-/// - The flow dropped (even while no record arrives), or the pipeline
-///   aborted: it commits what is acknowledged at once and leaves the group.
+/// - The flow stopped taking records (a [`Take`](crate::Take) that has its
+///   count, the flow dropped, even while no record arrives): the records
+///   already in the chain may still be written, so the source commits as
+///   their acknowledgements come, until none is left or none came for a
+///   quiet period (a commit interval, 1 to 10 s), at most
+///   [`with_drain_timeout`]; the records the chain refused are read again
+///   by the group. Then it leaves.
+/// - The pipeline aborted: it commits what is acknowledged at once and
+///   leaves the group.
 ///
 /// The last commit and leaving the group wait on the broker, so they run
 /// on a blocking thread; the task waits for them up to 30 s.
@@ -92,11 +100,13 @@ use crate::flow::source::Pusher;
 ///
 /// `enable.auto.commit=false` and `enable.auto.offset.store=false` (the
 /// source commits; setting either to `true` is refused),
-/// `auto.offset.reset=earliest`; commit every second, at most 10,000
-/// records unacknowledged, drain for 30 s. Any other librdkafka consumer
+/// `auto.offset.reset=earliest`; commit every second or every 5,000
+/// acknowledged records, at most 10,000 records unacknowledged, drain for
+/// 30 s. Any other librdkafka consumer
 /// property with [`set`](KafkaSource::set).
 ///
 /// [`with_commit_interval`]: KafkaSource::with_commit_interval
+/// [`with_commit_after`]: KafkaSource::with_commit_after
 /// [`max_unacked`]: KafkaSource::with_max_unacked
 /// [`with_drain_timeout`]: KafkaSource::with_drain_timeout
 ///
@@ -124,6 +134,7 @@ pub struct KafkaSource {
     config: ClientConfig,
     topics: Vec<String>,
     commit_every: Duration,
+    commit_after: usize,
     max_unacked: usize,
     drain_for: Duration,
     name: Cow<'static, str>,
@@ -144,6 +155,7 @@ impl KafkaSource {
             config,
             topics: Vec::new(),
             commit_every: Duration::from_secs(1),
+            commit_after: DEFAULT_COMMIT_AFTER,
             max_unacked: 10_000,
             drain_for: Duration::from_secs(30),
             name: Cow::Borrowed("kafka_source"),
@@ -170,6 +182,21 @@ impl KafkaSource {
     /// ([`KafkaError::Invalid`], field `commit_interval`).
     pub fn with_commit_interval(mut self, every: Duration) -> Self {
         self.commit_every = every;
+        self
+    }
+
+    /// Also commits as soon as the acknowledged watermarks have moved past
+    /// `records` records since the last commit (5,000 by default), so the
+    /// records a crash makes the group read again are bounded by this
+    /// plus what was in flight (at most [`with_max_unacked`]), not by what
+    /// a fast pipeline acknowledges in one commit interval.
+    /// `usize::MAX` commits on the interval only. Zero is refused when
+    /// the source is [started](KafkaSource::start) ([`KafkaError::Invalid`],
+    /// field `commit_after`).
+    ///
+    /// [`with_max_unacked`]: KafkaSource::with_max_unacked
+    pub fn with_commit_after(mut self, records: usize) -> Self {
+        self.commit_after = records;
         self
     }
 
@@ -214,6 +241,7 @@ impl KafkaSource {
     /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
         nonzero(self.commit_every, "commit_interval")
+            .and_then(|()| nonzero(self.commit_after, "commit_after"))
             .and_then(|()| nonzero(self.max_unacked, "max_unacked"))
             .map_err(|e| e.in_stage("KafkaSource", &self.name))
     }
@@ -267,11 +295,13 @@ impl KafkaSource {
             shutdown: pipeline.shutdown_token(),
             abort: pipeline.abort_token(),
             commit_every: self.commit_every,
+            commit_after: self.commit_after,
             max_unacked: self.max_unacked,
             drain_for: self.drain_for,
             name: self.name.to_string(),
             topic_names: HashMap::new(),
             ticks: AtomicU64::new(0),
+            reads: 0,
         };
         pipeline.spawn(Arc::from(&*self.name), async move {
             task.run().await;
@@ -291,11 +321,20 @@ struct Shared {
     released: AtomicU64,
     errors: AtomicU64,
     stalled: AtomicBool,
+    /// Records the watermarks passed since the last commit.
+    passed: AtomicUsize,
 }
 
 impl Shared {
     fn offsets(&self) -> MutexGuard<'_, Offsets> {
         self.offsets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the watermarks past what is acknowledged now, counting what
+    /// they passed toward the next commit.
+    fn advance(&self) {
+        let passed = self.offsets().advance_only();
+        self.passed.fetch_add(passed, Ordering::Relaxed);
     }
 }
 
@@ -308,6 +347,7 @@ impl Default for Shared {
             commits: AtomicU64::default(),
             released: AtomicU64::default(),
             errors: AtomicU64::default(),
+            passed: AtomicUsize::default(),
             stalled: AtomicBool::default(),
         }
     }
@@ -331,6 +371,11 @@ pub struct KafkaSourceStats {
     /// Errors the consumer reported (each also went down the flow as an
     /// error item).
     pub errors: u64,
+    /// Reading is paused because `max_unacked` records wait for their
+    /// acknowledgement, and has been for a while (a stage that drops
+    /// records without acknowledging them stalls a source this way; a
+    /// warning is logged once per stall).
+    pub stalled: bool,
 }
 
 /// Watches a running [`KafkaSource`].
@@ -356,8 +401,13 @@ impl KafkaSourceHandle {
             read: s.read.load(Ordering::Relaxed),
             commits: s.commits.load(Ordering::Relaxed),
             released: s.released.load(Ordering::Relaxed),
-            unacked: s.offsets().outstanding() as u64,
+            unacked: {
+                // Current, not as of the last commit: move the watermarks.
+                s.advance();
+                s.offsets().outstanding() as u64
+            },
             errors: s.errors.load(Ordering::Relaxed),
+            stalled: s.stalled.load(Ordering::Relaxed),
         }
     }
 
@@ -509,6 +559,7 @@ struct Reader {
     shutdown: CancellationToken,
     abort: CancellationToken,
     commit_every: Duration,
+    commit_after: usize,
     max_unacked: usize,
     drain_for: Duration,
     name: String,
@@ -516,12 +567,34 @@ struct Reader {
     topic_names: HashMap<String, Arc<str>>,
     /// Commit ticks so far.
     ticks: AtomicU64,
+    /// Records read since the watermarks were last moved.
+    reads: u32,
 }
+
+/// How many records the reader reads between looks at how far the
+/// watermarks moved (for [`KafkaSource::with_commit_after`]): one lock of
+/// the tracker per this many records.
+const LOOK_EVERY: u32 = 64;
+
+/// How often a source whose flow stopped taking records looks at the
+/// acknowledgements while they settle.
+const SETTLE_CHECK: Duration = Duration::from_millis(20);
+
+/// How often an idle reader looks whether the watermarks moved far enough
+/// to commit ([`KafkaSource::with_commit_after`]).
+const IDLE_LOOK: Duration = Duration::from_millis(100);
+
+/// The default of [`KafkaSource::with_commit_after`].
+const DEFAULT_COMMIT_AFTER: usize = 5_000;
 
 enum Stop {
     /// A graceful shutdown: let the chain finish what it holds.
     Drain,
-    /// The flow is gone or the pipeline aborted.
+    /// The flow stopped taking records (a `Take` that has its count, a
+    /// flow dropped): what is already in the chain may still be written
+    /// and acknowledged, so wait for the acknowledgements to settle.
+    Settle,
+    /// The pipeline aborted.
     Now,
 }
 
@@ -529,6 +602,10 @@ impl Reader {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(commit_period(self.commit_every));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While nothing arrives, acknowledgements still move the
+        // watermarks: look now and then, for `commit_after`.
+        let mut look = tokio::time::interval(IDLE_LOOK);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stalled_since: Option<tokio::time::Instant> = None;
         let stop = loop {
             if self.over_limit() {
@@ -542,7 +619,7 @@ impl Reader {
                     biased;
                     () = self.abort.cancelled() => break Stop::Now,
                     () = self.shutdown.cancelled() => break Stop::Drain,
-                    () = self.pusher.closed() => break Stop::Now,
+                    () = self.pusher.closed() => break Stop::Settle,
                     _ = tick.tick() => self.commit_acknowledged(),
                     () = tokio::time::sleep(STALL_CHECK) => {}
                 }
@@ -554,9 +631,13 @@ impl Reader {
                 biased;
                 () = self.abort.cancelled() => break Stop::Now,
                 () = self.shutdown.cancelled() => break Stop::Drain,
-                () = self.pusher.closed() => break Stop::Now,
+                () = self.pusher.closed() => break Stop::Settle,
                 _ = tick.tick() => {
                     self.commit_acknowledged();
+                    continue;
+                }
+                _ = look.tick() => {
+                    self.commit_if_moved();
                     continue;
                 }
                 m = self.consumer.recv() => m.map(|m| record_of(&mut self.topic_names, &m)),
@@ -589,7 +670,7 @@ impl Reader {
             match sent {
                 None => break Stop::Now,
                 Some(false) if self.shutdown.is_cancelled() => break Stop::Drain,
-                Some(false) => break Stop::Now,
+                Some(false) => break Stop::Settle,
                 Some(true) => {
                     // Tracked once it is in the chain: a record the flow
                     // refused is read again by whoever reads next, and is
@@ -601,6 +682,11 @@ impl Reader {
                             .offsets()
                             .track(&topic, partition, offset, progress);
                         self.shared.read.fetch_add(1, Ordering::Relaxed);
+                        self.reads += 1;
+                        if self.reads >= LOOK_EVERY {
+                            self.reads = 0;
+                            self.commit_if_moved();
+                        }
                     }
                     if fatal {
                         break Stop::Drain;
@@ -608,20 +694,79 @@ impl Reader {
                 }
             }
         };
-        if let Stop::Drain = stop {
-            self.drain(&mut tick).await;
+        match stop {
+            Stop::Drain => self.drain(&mut tick).await,
+            Stop::Settle => self.settle(&mut tick).await,
+            Stop::Now => {}
         }
         self.close().await;
     }
 
     /// Whether `max_unacked` records wait (after moving the watermarks).
     fn over_limit(&self) -> bool {
-        let mut offsets = self.shared.offsets();
-        if offsets.outstanding() < self.max_unacked {
-            return false;
+        let over = {
+            let mut offsets = self.shared.offsets();
+            if offsets.outstanding() < self.max_unacked {
+                return false;
+            }
+            let passed = offsets.advance_only();
+            self.shared.passed.fetch_add(passed, Ordering::Relaxed);
+            offsets.outstanding() >= self.max_unacked
+        };
+        self.commit_if_due();
+        over
+    }
+
+    /// Moves the watermarks and commits if they passed `commit_after`
+    /// records since the last commit.
+    fn commit_if_moved(&self) {
+        self.shared.advance();
+        self.commit_if_due();
+    }
+
+    fn commit_if_due(&self) {
+        if self.shared.passed.load(Ordering::Relaxed) >= self.commit_after {
+            self.commit_acknowledged();
         }
-        offsets.advance_only();
-        offsets.outstanding() >= self.max_unacked
+    }
+
+    /// The flow stopped taking records, but the chain may still write and
+    /// acknowledge the ones it holds: wait while acknowledgements keep
+    /// coming, committing as they do, until none is left, none came for a
+    /// quiet period (a commit interval, 1 to 10 s: the records left were
+    /// refused downstream, as a `Take` refuses what follows its count, and
+    /// will never be acknowledged), the drain period passes, or the
+    /// pipeline aborts. Without this, the acknowledgements still in flight
+    /// when the flow closed were lost and the group read those records
+    /// again.
+    async fn settle(&self, tick: &mut tokio::time::Interval) {
+        let quiet = self
+            .commit_every
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let deadline = time::after(tokio::time::Instant::now(), self.drain_for);
+        let mut last = usize::MAX;
+        let mut moved_at = tokio::time::Instant::now();
+        loop {
+            self.shared.advance();
+            let left = self.shared.offsets().outstanding();
+            if left == 0 {
+                return; // the last commit follows
+            }
+            if left != last {
+                last = left;
+                moved_at = tokio::time::Instant::now();
+                self.commit_acknowledged();
+            } else if moved_at.elapsed() >= quiet {
+                tracing::info!(source = %self.name, unacked = left, "the flow stopped taking records; the ones never acknowledged are read again by the group");
+                return;
+            }
+            tokio::select! {
+                () = self.abort.cancelled() => return,
+                () = time::sleep_until(deadline) => return,
+                _ = tick.tick() => {}
+                () = tokio::time::sleep(SETTLE_CHECK) => {}
+            }
+        }
     }
 
     /// Waits up to `drain_for` for every record in the chain to be
@@ -667,6 +812,7 @@ impl Reader {
     }
 
     fn commit_acknowledged(&self) {
+        self.shared.passed.store(0, Ordering::Relaxed);
         let all = (self.ticks.fetch_add(1, Ordering::Relaxed) + 1) % RECOMMIT_EVERY == 0;
         let commits = self.shared.offsets().advance(all);
         commit(
