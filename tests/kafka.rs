@@ -381,8 +381,12 @@ async fn a_pipeline_dropped_mid_stream_and_started_again_loses_nothing() {
     let read_second = second_handle.stats().read;
     assert_eq!(read_second, keys.len() as u64 - committed_first as u64);
     // Writes beyond one per record are duplicates: only records the first
-    // run read and had not committed past can be written twice.
-    let duplicates = writes(&first) + writes(&second) - keys.len() as u64;
+    // run read and had not committed past can be written twice. (The
+    // counted writes may fall short of the real ones: a write the broker
+    // confirmed while the first run was aborting is acknowledged, so
+    // committed, but its stage was stopped before it counted it. The
+    // topics themselves were checked above: nothing is lost.)
+    let duplicates = (writes(&first) + writes(&second)).saturating_sub(keys.len() as u64);
     let uncommitted = read_first - committed_first as u64;
     eprintln!(
         "restart: first run read {read_first} (committed {committed_first}), second {read_second}; {duplicates} duplicate writes"
