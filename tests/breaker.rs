@@ -556,8 +556,8 @@ async fn around_an_open_breaker_refuses_values_and_passes_errors() {
     assert_eq!(errors[1].stage(), "source");
     for i in [0, 2] {
         assert_eq!(
-            (errors[i].kind(), errors[i].stage()),
-            (ErrorKind::CircuitOpen, "circuit_breaker")
+            (errors[i].kind(), errors[i].stage(), errors[i].attempts()),
+            (ErrorKind::CircuitOpen, "circuit_breaker", 0)
         );
     }
     assert_eq!(errors[2].take_item::<u32>(), Some(2));

@@ -302,3 +302,16 @@ async fn huge_sizes_are_refused_not_allocated() {
     let day = Sliding::new(Duration::from_secs(86_400), Duration::from_secs(1));
     assert!(streamz::iter(0..3u32).try_pipe(day).is_ok());
 }
+
+#[tokio::test]
+async fn the_config_item_reads_as_one_sentence() {
+    let out = streamz::iter(0..3u32)
+        .pipe(Take::new(0).named("first"))
+        .collect()
+        .await;
+    let err = out[0].as_ref().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Take `first` not started: `n` must be greater than zero"
+    );
+}

@@ -291,6 +291,7 @@ async fn closed_too_long_reject_policy_passes_items_as_errors_until_it_opens() {
     assert!(values.is_empty());
     for (i, mut e) in errors.into_iter().enumerate() {
         assert_eq!(e.kind(), ErrorKind::GateClosed);
+        assert_eq!(e.attempts(), 0, "the gate held it: never tried");
         assert_eq!(e.take_item::<u32>(), Some(i as u32));
     }
     // Healthy again: values pass as values.

@@ -175,7 +175,9 @@ impl StreamError {
         self
     }
 
-    /// Sets how many attempts were made before giving up (1 by default).
+    /// Sets how many attempts were made before giving up (1 by default; 0
+    /// for an item refused before any attempt, as a closed
+    /// [`HealthGate`](crate::HealthGate) or an open circuit breaker does).
     pub fn with_attempts(mut self, attempts: u32) -> Self {
         self.inner.attempts = attempts;
         self
@@ -311,6 +313,25 @@ impl StreamError {
 
 impl fmt::Display for StreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A stage that did not start: its setting says it all, once
+        // ("stage `p` not started: Partition `p`: ..." said the stage twice).
+        if self.inner.kind == ErrorKind::Config {
+            if let Some(config) = self
+                .inner
+                .source
+                .as_deref()
+                .and_then(|s| s.downcast_ref::<crate::ConfigError>())
+            {
+                let operator = config.operator().unwrap_or("stage");
+                return write!(
+                    f,
+                    "{operator} `{}` not started: `{}` {}",
+                    self.inner.stage,
+                    config.field(),
+                    config.reason()
+                );
+            }
+        }
         write!(f, "stage `{}` {}", self.inner.stage, self.inner.kind)?;
         if let Some(source) = &self.inner.source {
             write!(f, ": {source}")?;

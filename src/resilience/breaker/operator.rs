@@ -344,7 +344,8 @@ impl<T: Send + 'static> Step<T, T> for Admit {
                 push_slot(&self.slots, None);
                 let err = StreamError::new(ErrorKind::CircuitOpen, out.stage().to_owned())
                     .with_source(open)
-                    .with_item(item.take());
+                    .with_item(item.take())
+                    .with_attempts(0); // refused before any call
                 out.error(err);
             }
         }

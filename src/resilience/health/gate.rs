@@ -89,7 +89,8 @@ impl<T: Send + 'static> Operator<T, T> for Gate {
                 Ok(value) => out.fail(
                     StreamError::new(ErrorKind::GateClosed, out.stage().to_string())
                         .with_source(error.clone())
-                        .with_item(value),
+                        .with_item(value)
+                        .with_attempts(0), // never tried: the gate held it
                 ),
                 Err(e) => out.pass(e),
             }
