@@ -425,7 +425,7 @@ impl<T: Send + 'static> futures::Sink<T> for Pusher<T> {
 /// A [`Pusher`] used as a [`Sink`](futures::Sink) found its flow closed: the
 /// flow was dropped, or the pipeline shut down or aborted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the flow no longer accepts items")]
+#[error("the flow no longer accepts items: it was dropped, or its pipeline is shutting down")]
 pub struct PusherClosed;
 
 impl<T> fmt::Debug for Pusher<T> {
@@ -439,7 +439,7 @@ impl<T> fmt::Debug for Pusher<T> {
 /// The flow no longer accepts items (it was dropped, or the pipeline is
 /// shutting down); the item is handed back.
 #[derive(PartialEq, Eq, Clone, Copy, thiserror::Error)]
-#[error("the flow is closed")]
+#[error("the flow no longer accepts items: it was dropped, or its pipeline is shutting down")]
 pub struct SendError<T>(pub T);
 
 impl<T> fmt::Debug for SendError<T> {
@@ -452,10 +452,10 @@ impl<T> fmt::Debug for SendError<T> {
 #[derive(PartialEq, Eq, Clone, Copy, thiserror::Error)]
 pub enum TrySendError<T> {
     /// The channel is full: the pipeline is applying backpressure.
-    #[error("the flow is full")]
+    #[error("the flow is full: the pipeline is applying backpressure")]
     Full(T),
     /// The flow no longer accepts items.
-    #[error("the flow is closed")]
+    #[error("the flow no longer accepts items: it was dropped, or its pipeline is shutting down")]
     Closed(T),
 }
 
