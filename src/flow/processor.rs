@@ -58,3 +58,27 @@ pub trait Processor<In, Out> {
     /// a task spawn it here, so this must be called inside a tokio runtime.
     fn process(self, input: Flow<In>) -> Flow<Out>;
 }
+
+/// The two setters every operator's builder has, written once: `named`
+/// and `with_edge`, for a builder with the fields
+/// `name: Cow<'static, str>` and `edge: Option<EdgeConfig>`. The argument
+/// is the first line of `with_edge`'s doc (what the edge is of).
+macro_rules! name_and_edge {
+    ($edge_doc:literal) => {
+        /// Names the stage (for counters, spans and errors).
+        pub fn named(mut self, name: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+            self.name = name.into();
+            self
+        }
+
+        #[doc = $edge_doc]
+        ///
+        /// Checked when the stage is piped
+        /// ([`EdgeConfig::validate`](crate::EdgeConfig::validate)).
+        pub fn with_edge(mut self, edge: crate::EdgeConfig) -> Self {
+            self.edge = Some(edge);
+            self
+        }
+    };
+}
+pub(crate) use name_and_edge;

@@ -144,17 +144,7 @@ impl Broadcast {
         }
     }
 
-    /// Names the stage.
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets every output's edge.
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets every output's edge.");
 }
 
 /// The operator: each value to the first open output (counted there) and a

@@ -62,17 +62,7 @@ impl Debounce {
         }
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge.
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge.");
 }
 
 impl<T: Send + 'static> Processor<T, T> for Debounce {

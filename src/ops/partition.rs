@@ -167,17 +167,9 @@ impl<T> Partition<T> {
         }
     }
 
-    /// Names the stage (`partition` by default).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the edge of every output (the pipeline's by default).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!(
+        "Sets the edge of every output (the pipeline's by default)."
+    );
 }
 
 fn key_hash<K: Hash + ?Sized>(key: &K) -> u64 {

@@ -81,17 +81,9 @@ impl<K, F> Switch<K, F> {
         }
     }
 
-    /// Names the stage (`switch` by default).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the edge of every route (the pipeline's by default).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!(
+        "Sets the edge of every route (the pipeline's by default)."
+    );
 
     /// Adds a route for values whose key is `key`.
     pub fn route(mut self, key: K) -> Self {

@@ -100,17 +100,7 @@ impl Tumbling {
         self
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge (in windows).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge (in windows).");
 }
 
 /// Overlapping windows of `size`, one starting every `slide`: a value is
@@ -196,17 +186,7 @@ impl Sliding {
         self
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge (in windows).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge (in windows).");
 }
 
 /// Session windows: a window stays open while values keep arriving less
@@ -267,17 +247,7 @@ impl Session {
         self
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge (in windows).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge (in windows).");
 }
 
 /// A window ready to leave, with what it completes in input items: the

@@ -360,18 +360,7 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
         self
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge, checked when the mapper is piped
-    /// ([`EdgeConfig::validate`]).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge.");
 
     /// Checks the settings, naming no operator: the concurrency, the
     /// timeout, the retry policy and an explicit edge.

@@ -268,18 +268,7 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
         self
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge, checked when the stage is piped
-    /// ([`EdgeConfig::validate`]).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge.");
 }
 
 impl<T, R, S> Processor<T, T> for DeadLetterQueue<T, R, S>

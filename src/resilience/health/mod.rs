@@ -287,18 +287,7 @@ impl<C: HealthCheck> HealthGate<C> {
         self
     }
 
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Sets the stage's output edge, checked when the gate is piped
-    /// ([`EdgeConfig::validate`]).
-    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
-        self.edge = Some(edge);
-        self
-    }
+    crate::flow::processor::name_and_edge!("Sets the stage's output edge.");
 
     /// A handle on the gate's state and counters, usable while it runs.
     pub fn handle(&self) -> GateHandle {
