@@ -244,6 +244,15 @@ async fn read_topic(brokers: &str, topic: &str, want: usize) -> Seen {
     seen
 }
 
+/// A source of group `group` on `topic`, with a short session (6 s, a
+/// heartbeat every 0.5 s) so that a member that stops is noticed soon.
+fn member_source(brokers: &str, group: &str, topic: &str) -> KafkaSource {
+    KafkaSource::new(brokers, group)
+        .topics([topic])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+}
+
 /// One member: source -> parse (fails on keys ending in `!`) -> DLQ to a
 /// topic -> sink to the output topic. Returns the pipeline, the source's
 /// handle and a watch of how many records it delivered.
@@ -254,10 +263,7 @@ fn member(
 ) -> (Pipeline, KafkaSourceHandle, watch::Receiver<u64>) {
     let (input, output, dead) = topics;
     let pipeline = Pipeline::new();
-    let (records, handle) = KafkaSource::new(brokers, group)
-        .topics([input])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
+    let (records, handle) = member_source(brokers, group, input)
         .with_commit_interval(Duration::from_millis(200))
         .with_drain_timeout(Duration::from_secs(20))
         .start(&pipeline)
@@ -543,10 +549,7 @@ async fn an_unacknowledged_record_holds_its_offset_and_is_read_again() {
     // A filter drops "5" without acknowledging it: a bug this catches.
     let run = |group: &'static str| {
         let pipeline = Pipeline::new();
-        let (records, handle) = KafkaSource::new(b, group)
-            .topics(["in"])
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500")
+        let (records, handle) = member_source(b, group, "in")
             .with_drain_timeout(Duration::from_millis(300))
             .start(&pipeline)
             .unwrap();
@@ -599,12 +602,7 @@ async fn a_record_the_sink_cannot_write_goes_to_the_dlq_topic_with_its_original_
     produce(b, "big.in", &keys, 1).await;
 
     let pipeline = Pipeline::new();
-    let (records, mut handle) = KafkaSource::new(b, "big")
-        .topics(["big.in"])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .start(&pipeline)
-        .unwrap();
+    let (records, mut handle) = member_source(b, "big", "big.in").start(&pipeline).unwrap();
     let mut small = ClientConfig::new();
     small
         .set("bootstrap.servers", b)
@@ -664,12 +662,7 @@ async fn a_source_leaves_the_group_when_its_flow_is_dropped_even_while_idle() {
     let b = broker.addr.as_str();
     create_topic(b, "quiet", 2).await;
     let pipeline = Pipeline::new();
-    let (records, mut handle) = KafkaSource::new(b, "quiet")
-        .topics(["quiet"])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .start(&pipeline)
-        .unwrap();
+    let (records, mut handle) = member_source(b, "quiet", "quiet").start(&pipeline).unwrap();
     let mut held = handle.watch_assignment();
     within("an assignment", held.wait_for(|h| h.len() == 2))
         .await
@@ -691,12 +684,7 @@ async fn a_partition_keeps_its_order_through_ordered_stages() {
     produce(b, "seq.in", &keys, 1).await;
 
     let pipeline = Pipeline::new();
-    let (records, mut handle) = KafkaSource::new(b, "seq")
-        .topics(["seq.in"])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .start(&pipeline)
-        .unwrap();
+    let (records, mut handle) = member_source(b, "seq", "seq.in").start(&pipeline).unwrap();
     // Calls that finish out of order (later ones sooner), eight at a time,
     // in an ordered mapper: the output keeps the partition's order.
     let call = streamz::AsyncMapper::new(|r: &KafkaRecord| {
@@ -781,10 +769,7 @@ async fn a_closing_take_lets_the_acknowledgements_in_flight_reach_the_commit() {
     produce(b, "take.in", &keys, 3).await;
 
     let pipeline = Pipeline::new();
-    let (records, mut handle) = KafkaSource::new(b, "take")
-        .topics(["take.in"])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
+    let (records, mut handle) = member_source(b, "take", "take.in")
         .with_commit_interval(Duration::from_secs(3600)) // only the count and the end
         .start(&pipeline)
         .unwrap();
@@ -974,10 +959,7 @@ async fn crash_child() {
         var("STREAMZ_CRASH_OUT"),
     );
     let pipeline = Pipeline::new();
-    let (records, _handle) = KafkaSource::new(&brokers, "crash")
-        .topics([input.as_str()])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
+    let (records, _handle) = member_source(&brokers, "crash", input.as_str())
         .with_commit_after(CRASH_COMMIT_AFTER)
         .with_max_unacked(CRASH_MAX_UNACKED)
         .start(&pipeline)
@@ -1059,10 +1041,7 @@ async fn a_member_killed_with_sigkill_loses_nothing() {
     // The group's session timeout lets the killed member go; the last run
     // reads on from the committed offsets and drains at the end.
     let pipeline = Pipeline::new();
-    let (records, mut handle) = KafkaSource::new(b, "crash")
-        .topics(["crash.in"])
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
+    let (records, mut handle) = member_source(b, "crash", "crash.in")
         .start(&pipeline)
         .unwrap();
     let sink = KafkaSink::new(b, "crash.out").unwrap();
