@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use crate::base::ack::Ack;
 use crate::base::error::{Result, StreamError};
 
 /// A batch of consecutive items: values and the errors between them.
@@ -37,6 +38,10 @@ pub struct Chunk<T> {
     pub(crate) values: Vec<T>,
     /// Each error with the number of values that come before it; sorted.
     pub(crate) errors: Vec<(usize, StreamError)>,
+    /// The values' acknowledgements, one per value, when any value has one
+    /// (an error carries its own); `None` for a chunk from a source without
+    /// acknowledgements, which then costs one branch per chunk.
+    pub(crate) acks: Option<Vec<Ack>>,
 }
 
 impl<T> fmt::Debug for Chunk<T> {
@@ -44,6 +49,7 @@ impl<T> fmt::Debug for Chunk<T> {
         f.debug_struct("Chunk")
             .field("values", &self.values.len())
             .field("errors", &self.errors)
+            .field("acks", &self.acks.is_some())
             .finish()
     }
 }
@@ -53,6 +59,7 @@ impl<T> Default for Chunk<T> {
         Chunk {
             values: Vec::new(),
             errors: Vec::new(),
+            acks: None,
         }
     }
 }
@@ -62,6 +69,7 @@ impl<T> Chunk<T> {
         Chunk {
             values: Vec::with_capacity(n),
             errors: Vec::new(),
+            acks: None,
         }
     }
 
@@ -69,6 +77,19 @@ impl<T> Chunk<T> {
         Chunk {
             values,
             errors: Vec::new(),
+            acks: None,
+        }
+    }
+
+    /// A chunk of values with their acknowledgements (`acks` parallel to
+    /// `values`).
+    #[allow(dead_code)] // the durable line source, next
+    pub(crate) fn from_acked(values: Vec<T>, acks: Vec<Ack>) -> Self {
+        debug_assert_eq!(values.len(), acks.len());
+        Chunk {
+            values,
+            errors: Vec::new(),
+            acks: Some(acks),
         }
     }
 
@@ -97,8 +118,87 @@ impl<T> Chunk<T> {
         !self.errors.is_empty()
     }
 
+    /// Whether any item of the chunk carries an acknowledgement.
+    pub fn has_acks(&self) -> bool {
+        self.acks.is_some() || self.errors.iter().any(|(_, e)| e.has_ack())
+    }
+
+    /// Takes the acknowledgements of every item, values and errors, out of
+    /// the chunk, for a reader that meets them once what it did with the
+    /// items is durable (see [`Ack`]). The items stay in the chunk.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut flow = streamz::iter(0..3);
+    /// let mut chunk = flow.next_chunk().await.unwrap();
+    /// // ... write chunk.values() somewhere durable, then:
+    /// chunk.take_acks().into_iter().for_each(streamz::Ack::ack);
+    /// # }
+    /// ```
+    pub fn take_acks(&mut self) -> Vec<Ack> {
+        let mut all = self.acks.take().unwrap_or_default();
+        for (_, e) in &mut self.errors {
+            let ack = e.take_ack();
+            if !ack.is_none() {
+                all.push(ack);
+            }
+        }
+        all
+    }
+
+    /// Meets every acknowledgement the chunk carries (its items were handed
+    /// over to a reader that owns their outcome from now on).
+    pub(crate) fn ack_all(&mut self) {
+        if let Some(acks) = self.acks.take() {
+            acks.into_iter().for_each(Ack::ack);
+        }
+        for (_, e) in &mut self.errors {
+            e.take_ack().ack();
+        }
+    }
+
+    /// Appends a value with its acknowledgement.
+    #[inline]
+    pub(crate) fn push_acked(&mut self, value: T, ack: Ack) {
+        match &mut self.acks {
+            Some(acks) => acks.push(ack),
+            None if ack.is_none() => {}
+            None => {
+                let mut acks = Vec::with_capacity(self.values.capacity().max(1));
+                acks.extend((0..self.values.len()).map(|_| Ack::none()));
+                acks.push(ack);
+                self.acks = Some(acks);
+            }
+        }
+        self.values.push(value);
+    }
+
+    /// Appends a value (with no acknowledgement of its own).
+    #[inline]
+    pub(crate) fn push_value(&mut self, value: T) {
+        if let Some(acks) = &mut self.acks {
+            acks.push(Ack::none());
+        }
+        self.values.push(value);
+    }
+
+    /// Iterates the items with the values' acknowledgements beside them
+    /// (an error keeps its own inside it; [`Ack::none`] beside it).
+    pub(crate) fn into_acked(self) -> IntoAcked<T> {
+        IntoAcked {
+            acks: self.acks.map(Vec::into_iter),
+            items: IntoIter {
+                values: self.values.into_iter(),
+                errors: self.errors.into_iter(),
+                taken: 0,
+            },
+        }
+    }
+
     /// Splits the chunk into its values and its errors (their relative
-    /// order is lost; iterate the chunk to keep it).
+    /// order is lost; iterate the chunk to keep it). The values'
+    /// acknowledgements are dropped unmet: take them first with
+    /// [`take_acks`](Chunk::take_acks) to meet them.
     pub fn into_parts(self) -> (Vec<T>, Vec<StreamError>) {
         (
             self.values,
@@ -109,7 +209,7 @@ impl<T> Chunk<T> {
     /// Appends an item after the ones already in the chunk.
     pub fn push(&mut self, item: Result<T>) {
         match item {
-            Ok(v) => self.values.push(v),
+            Ok(v) => self.push_value(v),
             Err(e) => self.push_error(e),
         }
     }
@@ -120,7 +220,16 @@ impl<T> Chunk<T> {
 
     /// Removes the items pushed after the chunk held `values` values and
     /// `errors` errors (the undo of a step's partial output).
-    pub(crate) fn truncate(&mut self, values: usize, errors: usize) -> Vec<Result<T>> {
+    /// Their acknowledgements go back to the caller (`undone_acks`).
+    pub(crate) fn truncate(
+        &mut self,
+        values: usize,
+        errors: usize,
+        undone_acks: &mut Vec<Ack>,
+    ) -> Vec<Result<T>> {
+        if let Some(acks) = &mut self.acks {
+            undone_acks.extend(acks.drain(values..));
+        }
         let mut undone: Vec<Result<T>> = self.values.drain(values..).map(Ok).collect();
         undone.extend(self.errors.drain(errors..).map(|(_, e)| Err(e)));
         undone
@@ -134,8 +243,11 @@ impl<T> Chunk<T> {
         } else {
             let mut pieces = Vec::new();
             let mut piece = Chunk::with_capacity(max);
-            for item in self {
-                piece.push(item);
+            for (item, ack) in self.into_acked() {
+                match item {
+                    Ok(v) => piece.push_acked(v, ack),
+                    Err(e) => piece.push_error(e),
+                }
                 if piece.len() == max {
                     pieces.push(std::mem::replace(&mut piece, Chunk::with_capacity(max)));
                 }
@@ -161,6 +273,8 @@ impl<T> IntoIterator for Chunk<T> {
     type Item = Result<T>;
     type IntoIter = IntoIter<T>;
 
+    /// Iterates the items; the values' acknowledgements are dropped unmet
+    /// (an error keeps its own).
     fn into_iter(self) -> IntoIter<T> {
         IntoIter {
             values: self.values.into_iter(),
@@ -213,6 +327,62 @@ impl<T> Iterator for IntoIter<T> {
 }
 
 impl<T> ExactSizeIterator for IntoIter<T> {}
+
+/// The items of a [`Chunk`] with the values' acknowledgements beside them.
+pub(crate) struct IntoAcked<T> {
+    acks: Option<std::vec::IntoIter<Ack>>,
+    items: IntoIter<T>,
+}
+
+impl<T> Default for IntoAcked<T> {
+    fn default() -> Self {
+        Chunk::default().into_acked()
+    }
+}
+
+impl<T> IntoAcked<T> {
+    /// Items left.
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The items left, as a chunk again.
+    pub(crate) fn into_chunk(self) -> Chunk<T> {
+        let mut chunk = Chunk::with_capacity(self.len());
+        for (item, ack) in self {
+            match item {
+                Ok(v) => chunk.push_acked(v, ack),
+                Err(e) => chunk.push_error(e),
+            }
+        }
+        chunk
+    }
+}
+
+impl<T> Iterator for IntoAcked<T> {
+    type Item = (Result<T>, Ack);
+
+    #[inline]
+    fn next(&mut self) -> Option<(Result<T>, Ack)> {
+        match self.items.next()? {
+            Ok(v) => {
+                let ack = self
+                    .acks
+                    .as_mut()
+                    .and_then(Iterator::next)
+                    .unwrap_or_default();
+                Some((Ok(v), ack))
+            }
+            Err(e) => Some((Err(e), Ack::none())),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.items.size_hint()
+    }
+}
+
+impl<T> ExactSizeIterator for IntoAcked<T> {}
 
 /// Rebuilds the error list of a one-in-one-out stage's output chunk.
 ///

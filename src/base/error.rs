@@ -8,6 +8,7 @@
 //! back with [`StreamError::take_item`]. Stages pass errors they did not
 //! produce through unchanged: no nesting, no re-stamping.
 
+use crate::base::ack::Ack;
 use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
@@ -123,6 +124,10 @@ struct Inner {
     /// When the first of several attempts failed; `None` means `at`.
     first_at: Option<SystemTime>,
     item: Option<Payload>,
+    /// The failed item's acknowledgement (see [`Ack`]): met where the error
+    /// item's outcome is decided (written to a dead-letter queue, handed to
+    /// a reader).
+    ack: Ack,
 }
 
 /// The failed item, type-erased. The mutex makes `StreamError: Sync`
@@ -146,6 +151,7 @@ impl StreamError {
                 at: SystemTime::now(),
                 first_at: None,
                 item: None,
+                ack: Ack::none(),
             }),
         }
     }
@@ -294,6 +300,40 @@ impl StreamError {
     }
 
     /// Moves the carried item out, with its type name, to attach elsewhere.
+    /// Attaches the failed item's acknowledgement (added to any it has).
+    pub(crate) fn with_ack(mut self, ack: Ack) -> Self {
+        self.add_ack(ack);
+        self
+    }
+
+    /// Adds an acknowledgement to the error's.
+    pub(crate) fn add_ack(&mut self, ack: Ack) {
+        if !ack.is_none() {
+            let had = std::mem::take(&mut self.inner.ack);
+            self.inner.ack = if had.is_none() {
+                ack
+            } else {
+                Ack::merge([had, ack])
+            };
+        }
+    }
+
+    /// Takes the failed item's acknowledgement out of the error.
+    pub(crate) fn take_ack(&mut self) -> Ack {
+        std::mem::take(&mut self.inner.ack)
+    }
+
+    /// A fork of the error's acknowledgement (another output for the same
+    /// item).
+    pub(crate) fn fork_ack(&self) -> Ack {
+        self.inner.ack.fork()
+    }
+
+    /// Whether the error carries an acknowledgement.
+    pub(crate) fn has_ack(&self) -> bool {
+        !self.inner.ack.is_none()
+    }
+
     pub(crate) fn take_payload(&mut self) -> Option<Payload> {
         self.inner.item.take()
     }

@@ -2,6 +2,7 @@
 //! configuration, counters, errors and overflow-safe time. Every other
 //! layer builds on it; it uses none of them.
 
+pub(crate) mod ack;
 #[cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
 pub(crate) mod atomic_file;
 pub(crate) mod channel;

@@ -44,6 +44,7 @@ use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
+use crate::base::ack::Ack;
 use crate::base::channel::{ChunkTx, TrySend, chunk_channel};
 use crate::base::chunk::Chunk;
 use crate::base::config::EdgeConfig;
@@ -207,17 +208,18 @@ impl<T> Out<T> {
         (&mut lane.open, &mut lane.units)
     }
 
-    /// Emits a value that stands for one input item.
+    /// Emits a value that stands for one input item, with that item's
+    /// acknowledgement.
     #[inline]
-    pub(crate) fn emit(&mut self, value: T) {
-        self.emit_for(value, 1);
+    pub(crate) fn emit(&mut self, value: T, ack: Ack) {
+        self.emit_for(value, 1, ack);
     }
 
     /// Emits a value on output `lane` (of an operator with several).
-    pub(crate) fn emit_to(&mut self, lane: usize, value: T) {
+    pub(crate) fn emit_to(&mut self, lane: usize, value: T, ack: Ack) {
         self.local.emitted += 1;
         let (piece, units) = self.room(lane);
-        piece.values.push(value);
+        piece.push_acked(value, ack);
         *units += 1;
     }
 
@@ -237,18 +239,20 @@ impl<T> Out<T> {
         *units += 1;
     }
 
-    /// Emits a value that stands for `inputs` input items (a batch).
+    /// Emits a value that stands for `inputs` input items (a batch), with
+    /// their acknowledgements ([`Ack::merge`]).
     #[inline]
-    pub(crate) fn emit_for(&mut self, value: T, inputs: u64) {
+    pub(crate) fn emit_for(&mut self, value: T, inputs: u64, ack: Ack) {
         self.local.emitted += inputs;
         let (piece, units) = self.room(0);
-        piece.values.push(value);
+        piece.push_acked(value, ack);
         *units += inputs;
     }
 
-    /// Emits values, one input item each, in bulk: a vector that fits an
-    /// empty output moves over without copying.
-    pub(crate) fn emit_all(&mut self, values: Vec<T>) {
+    /// Emits values, one input item each, in bulk, with their
+    /// acknowledgements (parallel to `values`, if any): a vector that fits
+    /// an empty output moves over without copying.
+    pub(crate) fn emit_all(&mut self, values: Vec<T>, acks: Option<Vec<Ack>>) {
         if values.is_empty() {
             return;
         }
@@ -256,12 +260,16 @@ impl<T> Out<T> {
         if self.queued == 0 && values.len() <= self.max_chunk {
             self.local.emitted += n;
             self.queued += values.len();
-            self.lanes[0]
-                .full
-                .push_back((Chunk::from_values(values), n));
+            let mut chunk = Chunk::from_values(values);
+            chunk.acks = acks;
+            self.lanes[0].full.push_back((chunk, n));
             return;
         }
-        values.into_iter().for_each(|v| self.emit(v));
+        let mut acks = acks.map(Vec::into_iter);
+        for v in values {
+            let ack = acks.as_mut().and_then(Iterator::next).unwrap_or_default();
+            self.emit(v, ack);
+        }
     }
 
     /// Forwards a chunk unchanged (values emitted, errors passed): a chunk
@@ -275,15 +283,18 @@ impl<T> Out<T> {
             self.lanes[0].full.push_back((chunk, n));
             return;
         }
-        chunk.into_iter().for_each(|item| self.push(item));
+        chunk
+            .into_acked()
+            .for_each(|(item, ack)| self.push(item, ack));
     }
 
-    /// Emits a value or passes an upstream error, in order.
+    /// Emits a value (with its acknowledgement) or passes an upstream
+    /// error (which carries its own), in order.
     #[inline]
-    pub(crate) fn push(&mut self, item: crate::Result<T>) {
+    pub(crate) fn push(&mut self, item: crate::Result<T>, ack: Ack) {
         match item {
-            Ok(v) => self.emit(v),
-            Err(e) => self.pass(e),
+            Ok(v) => self.emit(v, ack),
+            Err(e) => self.pass(e.with_ack(ack)),
         }
     }
 
@@ -306,10 +317,11 @@ impl<T> Out<T> {
         *units += inputs;
     }
 
-    /// Drops an item on purpose and counts it: the one place where an
-    /// operator's intentional drops are recorded.
-    pub(crate) fn drop<I>(&mut self, item: I) {
+    /// Drops an item on purpose, counts it and meets its acknowledgement:
+    /// the one place where an operator's intentional drops are recorded.
+    pub(crate) fn drop<I>(&mut self, item: I, ack: Ack) {
         drop(item);
+        ack.ack();
         self.local.dropped += 1;
     }
 
@@ -336,11 +348,11 @@ impl<T> Out<T> {
 
     /// Emits a value that stands for `values` input values and `errors`
     /// upstream errors it carries (a window).
-    pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64) {
+    pub(crate) fn emit_counted(&mut self, value: T, values: u64, errors: u64, ack: Ack) {
         self.local.emitted += values;
         self.local.errors_passed += errors;
         let (piece, units) = self.room(0);
-        piece.values.push(value);
+        piece.push_acked(value, ack);
         *units += values + errors;
     }
 
@@ -365,9 +377,9 @@ impl<T> Out<T> {
     /// Queues a copy of a value for output `lane` without counting it: the
     /// input item it stands for is counted by the one original sent
     /// elsewhere (broadcast).
-    pub(crate) fn copy_to(&mut self, lane: usize, value: T) {
+    pub(crate) fn copy_to(&mut self, lane: usize, value: T, ack: Ack) {
         let (piece, _) = self.room(lane);
-        piece.values.push(value);
+        piece.push_acked(value, ack);
     }
 
     /// Re-queues on output `lane` errors already counted when they were
@@ -874,7 +886,7 @@ mod tests {
                 assert!(v != 7, "operator bug");
                 self.held.push(v);
                 if self.held.len() == 3 {
-                    self.held.drain(..).for_each(|v| out.emit(v));
+                    self.held.drain(..).for_each(|v| out.emit(v, Ack::none()));
                 }
             }
         }
@@ -919,8 +931,8 @@ mod tests {
             fn on_chunk(&mut self, chunk: Chunk<u32>, out: &mut Out<u32>) {
                 // Five outputs per input, counted as the one input.
                 for v in chunk.values {
-                    out.emit(v);
-                    (0..4).for_each(|_| out.emit_for(v, 0));
+                    out.emit(v, Ack::none());
+                    (0..4).for_each(|_| out.emit_for(v, 0, Ack::none()));
                 }
             }
         }

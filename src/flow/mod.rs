@@ -19,7 +19,8 @@ use std::task::{Context, Poll};
 
 use futures::{Sink, SinkExt, Stream};
 
-use crate::base::chunk::{Chunk, IntoIter as ChunkIter};
+use crate::base::ack::Ack;
+use crate::base::chunk::{Chunk, IntoAcked};
 use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::Counters;
 use crate::base::error::{BoxError, ErrorKind, Result, StreamError};
@@ -63,7 +64,8 @@ use crate::ops::tap::Tap;
 /// ```
 pub struct Flow<T> {
     src: Option<BoxSource<T>>,
-    buf: ChunkIter<T>,
+    /// Items of a chunk being handed over one at a time (as a `Stream`).
+    buf: IntoAcked<T>,
     pipeline: Pipeline,
     /// The fused step or source that produces this flow, while it may
     /// still be renamed ([`Flow::named`]).
@@ -84,7 +86,7 @@ impl<T: Send + 'static> Flow<T> {
     pub(crate) fn from_source(pipeline: Pipeline, src: BoxSource<T>) -> Self {
         Flow {
             src: Some(src),
-            buf: ChunkIter::default(),
+            buf: IntoAcked::default(),
             pipeline,
             stage: None,
         }
@@ -139,7 +141,7 @@ impl<T: Send + 'static> Flow<T> {
     /// items already buffered by a reader in front.
     pub(crate) fn into_source(mut self) -> BoxSource<T> {
         let src = self.src.take().unwrap_or_else(|| Box::new(Ended));
-        let buffered: Chunk<T> = std::mem::take(&mut self.buf).collect();
+        let buffered: Chunk<T> = std::mem::take(&mut self.buf).into_chunk();
         if buffered.is_empty() {
             src
         } else {
@@ -228,10 +230,8 @@ impl<T: Send + 'static> Flow<T> {
             .map(|_| {
                 let item =
                     StreamError::new(ErrorKind::Config, stage.clone()).with_source(error.clone());
-                let first = Chunk {
-                    values: Vec::new(),
-                    errors: vec![(0, item)],
-                };
+                let mut first = Chunk::default();
+                first.push_error(item);
                 Flow::from_source(
                     pipeline.clone(),
                     Box::new(Prepend {
@@ -421,9 +421,37 @@ impl<T: Send + 'static> Flow<T> {
 
     /// The next chunk of items, as the stage before produced it; `None` at
     /// the end. For consumers that handle items in bulk.
+    ///
+    /// Reading hands the items over: their acknowledgements (see [`Ack`])
+    /// are met as the chunk is returned, like every way of reading a flow
+    /// except [`next_acked_chunk`](Flow::next_acked_chunk) and
+    /// [`for_each_acked`](Flow::for_each_acked), which leave that to the
+    /// reader.
     pub async fn next_chunk(&mut self) -> Option<Chunk<T>> {
+        let mut chunk = self.next_acked_chunk().await?;
+        chunk.ack_all();
+        Some(chunk)
+    }
+
+    /// The next chunk of items with their acknowledgements still in it, for
+    /// a reader that writes the items somewhere durable itself: take them
+    /// with [`Chunk::take_acks`] and meet them once the write is durable.
+    /// Acknowledgements dropped unmet leave their items to be read again
+    /// after a restart (by a source that replays).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut flow = streamz::iter(0..3);
+    /// while let Some(mut chunk) = flow.next_acked_chunk().await {
+    ///     let acks = chunk.take_acks();
+    ///     // ... write chunk.values() somewhere durable, then:
+    ///     acks.into_iter().for_each(streamz::Ack::ack);
+    /// }
+    /// # }
+    /// ```
+    pub async fn next_acked_chunk(&mut self) -> Option<Chunk<T>> {
         if self.buf.len() > 0 {
-            return Some(std::mem::take(&mut self.buf).collect());
+            return Some(std::mem::take(&mut self.buf).into_chunk());
         }
         let src = self.src.as_mut()?;
         let chunk = poll_fn(|cx| src.poll_chunk(cx)).await;
@@ -433,13 +461,68 @@ impl<T: Send + 'static> Flow<T> {
         chunk
     }
 
-    /// Collects every item, values and errors, in order.
+    /// Collects every item, values and errors, in order (handing them over:
+    /// see [`next_chunk`](Flow::next_chunk)).
     pub async fn collect(mut self) -> Vec<Result<T>> {
         let mut out = Vec::new();
         while let Some(chunk) = self.next_chunk().await {
             out.extend(chunk);
         }
         out
+    }
+
+    /// Calls `f` on every item, in order, and meets the item's
+    /// acknowledgement (see [`Ack`]) only when the future `f` returns
+    /// resolves to `Ok`: for a reader that writes each item somewhere
+    /// durable. The first `Err` ends the loop and is returned; that item's
+    /// acknowledgement and the rest's stay unmet, so a source that replays
+    /// (Kafka, or one of the application's own) offers
+    /// them again after a restart.
+    ///
+    /// # Errors
+    ///
+    /// The first error `f` returned.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut written = Vec::new();
+    /// streamz::iter(1..=3)
+    ///     .for_each_acked(|item| {
+    ///         written.push(item.unwrap());
+    ///         async { Ok::<(), std::io::Error>(()) }
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(written, [1, 2, 3]);
+    /// # }
+    /// ```
+    pub async fn for_each_acked<F, Fut, E>(mut self, mut f: F) -> std::result::Result<(), E>
+    where
+        F: FnMut(Result<T>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), E>>,
+    {
+        while let Some(chunk) = self.next_acked_chunk().await {
+            let mut items = chunk.into_acked();
+            while let Some((item, ack)) = items.next() {
+                // An error's acknowledgement is taken out of it, so that `f`
+                // may keep or drop the error as it likes.
+                let (item, ack) = match item {
+                    Ok(v) => (Ok(v), ack),
+                    Err(mut e) => {
+                        let own = e.take_ack();
+                        (Err(e), own)
+                    }
+                };
+                match f(item).await {
+                    Ok(()) => ack.ack(),
+                    Err(e) => {
+                        self.pipeline.add_discarded(items.len() as u64);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Calls `f` on every item, values and errors, in order.
@@ -460,7 +543,9 @@ impl<T: Send + 'static> Flow<T> {
         }
     }
 
-    /// Sends every item into `sink`, then closes it.
+    /// Sends every item into `sink`, then closes it. The items'
+    /// acknowledgements (see [`Ack`]) are met chunk by chunk, once the sink
+    /// has flushed them.
     ///
     /// # Errors
     ///
@@ -483,7 +568,9 @@ impl<T: Send + 'static> Flow<T> {
     where
         S: Sink<Result<T>> + Unpin,
     {
-        while let Some(chunk) = self.next_chunk().await {
+        while let Some(mut chunk) = self.next_acked_chunk().await {
+            // Met once the sink has flushed the chunk's items.
+            let acks = chunk.take_acks();
             let mut items = chunk.into_iter();
             while let Some(item) = items.next() {
                 if let Err(e) = sink.feed(item).await {
@@ -492,6 +579,7 @@ impl<T: Send + 'static> Flow<T> {
                 }
             }
             sink.flush().await?;
+            acks.into_iter().for_each(Ack::ack);
         }
         sink.close().await
     }
@@ -514,14 +602,19 @@ impl<T: Send + 'static> Stream for Flow<T> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<T>>> {
         let this = self.get_mut();
         loop {
-            if let Some(item) = this.buf.next() {
-                return Poll::Ready(Some(item));
+            if let Some((item, ack)) = this.buf.next() {
+                // Handed over: the reader owns the item's outcome now.
+                ack.ack();
+                return Poll::Ready(Some(item.map_err(|mut e| {
+                    e.take_ack().ack();
+                    e
+                })));
             }
             let Some(src) = this.src.as_mut() else {
                 return Poll::Ready(None);
             };
             match std::task::ready!(src.poll_chunk(cx)) {
-                Some(chunk) => this.buf = chunk.into_iter(),
+                Some(chunk) => this.buf = chunk.into_acked(),
                 None => {
                     this.src = None;
                     return Poll::Ready(None);

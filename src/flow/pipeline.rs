@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::base::ack::Ack;
 use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
@@ -333,6 +334,46 @@ impl Pipeline {
     pub fn try_stream<S, T>(&self, stream: S) -> Flow<T>
     where
         S: Stream<Item = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let counters = self.register("stream");
+        Flow::from_source(
+            self.clone(),
+            Box::new(StreamSource {
+                stream: Some(Box::pin(stream)),
+                max_chunk: self.inner.edge.max_chunk(),
+                shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
+                counters: counters.clone(),
+            }),
+        )
+        .produced_by(counters)
+    }
+
+    /// A source of items with their acknowledgements (see [`Ack`]): for a
+    /// source of the application's own that learns when each item's outcome
+    /// is durable (a queue with manual acknowledgement, a file read with a
+    /// checkpoint). Each item's [`Ack`] travels with it and is met where its
+    /// outcome is decided; make them with [`Ack::new`].
+    ///
+    /// ```
+    /// use streamz::{Ack, Pipeline};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (acks, receipts): (Vec<Ack>, Vec<_>) = (0..4).map(|_| Ack::new()).unzip();
+    /// let items = (0..4).zip(acks).map(|(v, ack)| (Ok(v), ack));
+    /// let evens = Pipeline::new()
+    ///     .acked_stream(futures::stream::iter(items))
+    ///     .filter(|v| v % 2 == 0)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(evens.len(), 2);
+    /// // Kept items were handed over, dropped ones dropped on purpose: all met.
+    /// assert!(receipts.iter().all(|r| r.is_acked()));
+    /// # }
+    /// ```
+    pub fn acked_stream<S, T>(&self, stream: S) -> Flow<T>
+    where
+        S: Stream<Item = (Result<T>, Ack)> + Send + 'static,
         T: Send + 'static,
     {
         let counters = self.register("stream");

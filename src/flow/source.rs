@@ -14,6 +14,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::base::ack::Ack;
 use crate::base::channel::ChunkRx;
 use crate::base::chunk::Chunk;
 use crate::base::counters::Counters;
@@ -111,9 +112,33 @@ pub(crate) struct StreamSource<S> {
     pub(crate) counters: Counters,
 }
 
+/// What a stream source's items can be: items, or items with their
+/// acknowledgements.
+pub(crate) trait SourceItem<T> {
+    fn push_into(self, chunk: &mut Chunk<T>);
+}
+
+impl<T> SourceItem<T> for Result<T> {
+    #[inline]
+    fn push_into(self, chunk: &mut Chunk<T>) {
+        chunk.push(self);
+    }
+}
+
+impl<T> SourceItem<T> for (Result<T>, Ack) {
+    #[inline]
+    fn push_into(self, chunk: &mut Chunk<T>) {
+        match self {
+            (Ok(v), ack) => chunk.push_acked(v, ack),
+            (Err(e), ack) => chunk.push_error(e.with_ack(ack)),
+        }
+    }
+}
+
 impl<S, T> ChunkSource<T> for StreamSource<S>
 where
-    S: Stream<Item = Result<T>> + Send,
+    S: Stream + Send,
+    S::Item: SourceItem<T>,
     T: Send,
 {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
@@ -127,7 +152,7 @@ where
         let mut ended = false;
         while chunk.len() < self.max_chunk {
             match stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(item)) => chunk.push(item),
+                Poll::Ready(Some(item)) => item.push_into(&mut chunk),
                 Poll::Ready(None) => {
                     ended = true;
                     break;

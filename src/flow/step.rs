@@ -13,10 +13,12 @@
 //! neither takes, fails nor emits anything for is counted as dropped:
 //! nothing vanishes uncounted.
 
+use std::cell::Cell;
 use std::ops::Deref;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use crate::base::ack::Ack;
 use crate::base::chunk::{Chunk, place_errors};
 use crate::base::counters::{Counters, Local};
 use crate::base::error::{BoxError, StreamError};
@@ -163,6 +165,7 @@ pub struct ChunkCtx<'a> {
 #[derive(Debug)]
 pub struct Item<'a, T> {
     slot: &'a mut Option<T>,
+    current: &'a Current,
 }
 
 impl<T> Item<'_, T> {
@@ -170,6 +173,87 @@ impl<T> Item<'_, T> {
     /// longer hand the item back; take it last.
     pub fn take(self) -> T {
         self.slot.take().expect("an Item always holds its value")
+    }
+
+    /// Takes the item with its acknowledgement (see [`Ack`]), for a step
+    /// that keeps items to emit later with [`Emit::emit_acked`]. A step
+    /// that only [`take`](Item::take)s an item and emits nothing for it
+    /// leaves its acknowledgement unmet (the item is its to account for).
+    ///
+    /// ```
+    /// use streamz::{Ack, Emit, Item, Step};
+    ///
+    /// /// Emits the values in reverse order at the end of the input.
+    /// struct Reverse(Vec<(u32, Ack)>);
+    ///
+    /// impl Step<u32, u32> for Reverse {
+    ///     fn on_item(&mut self, item: Item<'_, u32>, _out: &mut Emit<'_, u32>) {
+    ///         self.0.push(item.take_acked());
+    ///     }
+    ///     fn on_end(&mut self, out: &mut Emit<'_, u32>) {
+    ///         while let Some((v, ack)) = self.0.pop() {
+    ///             out.emit_acked(v, ack);
+    ///         }
+    ///     }
+    ///     fn held(&self) -> u64 {
+    ///         self.0.len() as u64
+    ///     }
+    /// }
+    /// # let _ = Reverse(Vec::new());
+    /// ```
+    pub fn take_acked(self) -> (T, Ack) {
+        let ack = self.current.take();
+        (self.take(), ack)
+    }
+}
+
+/// The acknowledgement of the item a step is handling: the first output
+/// for the item takes it, every further output a fork of it. Shared by the
+/// item's [`Item`] and the step's [`Emit`], hence cells.
+#[derive(Default)]
+pub(crate) struct Current {
+    ack: Cell<Ack>,
+    /// Where the first output for the item put the ack (a value's or an
+    /// error's index in the output chunk): further outputs fork it there.
+    first: Cell<Option<First>>,
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum First {
+    Value(usize),
+    Error(usize),
+}
+
+impl Current {
+    fn set(&self, ack: Ack) {
+        self.ack.set(ack);
+        self.first.set(None);
+    }
+
+    /// The ack to give away whole (a step taking it).
+    fn take(&self) -> Ack {
+        self.ack.take()
+    }
+
+    /// The ack for the next output for the item.
+    #[inline]
+    fn next<T>(&self, out: &Chunk<T>, first: First) -> Ack {
+        let ack = self.ack.take();
+        if !ack.is_none() {
+            self.first.set(Some(first));
+            return ack;
+        }
+        match self.first.get() {
+            None => Ack::none(),
+            Some(First::Value(i)) => out.acks.as_ref().map_or_else(Ack::none, |a| a[i].fork()),
+            Some(First::Error(i)) => out.errors[i].1.fork_ack(),
+        }
     }
 }
 
@@ -187,13 +271,27 @@ pub struct Emit<'a, T> {
     out: &'a mut Chunk<T>,
     local: &'a mut Local,
     stage: &'a Arc<str>,
+    current: &'a Current,
 }
 
 impl<T> Emit<'_, T> {
-    /// Sends a value downstream.
+    /// Sends a value downstream. It carries the acknowledgement of the item
+    /// being handled (the first output for an item takes it, each further
+    /// one a fork: see [`Ack`]).
+    #[inline]
     pub fn emit(&mut self, value: T) {
         self.local.emitted += 1;
-        self.out.values.push(value);
+        let ack = self
+            .current
+            .next(self.out, First::Value(self.out.values.len()));
+        self.out.push_acked(value, ack);
+    }
+
+    /// Sends a value downstream with the acknowledgement it was taken with
+    /// ([`Item::take_acked`]), instead of the current item's.
+    pub fn emit_acked(&mut self, value: T, ack: Ack) {
+        self.local.emitted += 1;
+        self.out.push_acked(value, ack);
     }
 
     /// Reports that `item` failed with `error`: an
@@ -213,7 +311,10 @@ impl<T> Emit<'_, T> {
     /// Sends an error of the step's own making downstream, counted as failed.
     pub fn error(&mut self, error: StreamError) {
         self.local.failed += 1;
-        self.out.push_error(error);
+        let ack = self
+            .current
+            .next(self.out, First::Error(self.out.errors.len()));
+        self.out.push_error(error.with_ack(ack));
     }
 
     /// Passes an upstream error on unchanged.
@@ -255,39 +356,58 @@ where
         ..Local::default()
     };
     let mut out = Chunk::with_capacity(chunk.values.len());
-    let mut items = chunk.into_iter();
+    let mut items = chunk.into_acked();
     let mut slot: Option<In> = None;
     let mut err_slot: Option<StreamError> = None;
+    let current = Current::default();
     // Output lengths and counts before the current item, to undo its
     // partial output if it panics.
     let mut mark = (0, 0);
     let mut saved = local;
     loop {
         let finished = catch_unwind(AssertUnwindSafe(|| {
-            for item in items.by_ref() {
+            for (item, ack) in items.by_ref() {
                 mark = (out.values.len(), out.errors.len());
                 saved = local;
-                let mut emit = Emit {
-                    out: &mut out,
-                    local: &mut local,
-                    stage,
-                };
                 match item {
                     Ok(value) => {
                         slot = Some(value);
-                        step.on_item(Item { slot: &mut slot }, &mut emit);
+                        current.set(ack);
+                        let mut emit = Emit {
+                            out: &mut out,
+                            local: &mut local,
+                            stage,
+                            current: &current,
+                        };
+                        step.on_item(
+                            Item {
+                                slot: &mut slot,
+                                current: &current,
+                            },
+                            &mut emit,
+                        );
                         // Untaken and nothing emitted: a deliberate drop
-                        // (a filter's reject). Untaken but emitted: a map
-                        // that borrowed the item; it is simply released.
+                        // (a filter's reject), acknowledged as such.
+                        // Untaken but emitted: a map that borrowed the
+                        // item; it is simply released.
                         if slot.take().is_some() && (out.values.len(), out.errors.len()) == mark {
                             local.dropped += 1;
+                            current.take().ack();
                         }
                     }
                     Err(error) => {
                         err_slot = Some(error);
+                        current.set(Ack::none());
+                        let mut emit = Emit {
+                            out: &mut out,
+                            local: &mut local,
+                            stage,
+                            current: &current,
+                        };
                         step.on_error(
                             Item {
                                 slot: &mut err_slot,
+                                current: &current,
                             },
                             &mut emit,
                         );
@@ -301,16 +421,20 @@ where
         }));
         let Err(payload) = finished else { break };
         // Undo the partial output of the item that panicked; an item the
-        // step had already put into a failure comes back from there.
+        // step had already put into a failure comes back from there, and
+        // every acknowledgement of that output goes into the error.
         local = saved;
+        let mut acks = vec![current.take()];
         let mut recovered = None;
-        for partial in out.truncate(mark.0, mark.1) {
+        for partial in out.truncate(mark.0, mark.1, &mut acks) {
             if let Err(mut e) = partial {
+                acks.push(e.take_ack());
                 if recovered.is_none() {
                     recovered = e.take_payload();
                 }
             }
         }
+        let ack = Ack::merge(acks);
         if let Some(error) = err_slot.take() {
             // An upstream error passes on unchanged; the panic is logged.
             tracing::error!(
@@ -319,11 +443,11 @@ where
                 "on_error panicked; the upstream error is passed on unchanged"
             );
             local.errors_passed += 1;
-            out.push_error(error);
+            out.push_error(error.with_ack(ack));
             continue;
         }
         local.failed += 1;
-        let mut err = StreamError::panicked(stage, payload);
+        let mut err = StreamError::panicked(stage, payload).with_ack(ack);
         if let Some(item) = slot.take() {
             err = err.with_item(item);
         } else if let Some(item) = recovered {
@@ -347,11 +471,13 @@ where
 {
     let stage = counters.name();
     let mut local = Local::default();
+    let current = Current::default();
     let result = catch_unwind(AssertUnwindSafe(|| {
         step.on_end(&mut Emit {
             out,
             local: &mut local,
             stage,
+            current: &current,
         })
     }));
     counters.add(&local);
@@ -417,7 +543,11 @@ where
     if std::any::TypeId::of::<In>() == std::any::TypeId::of::<Out>() {
         return map_in_place(chunk, counters, f);
     }
-    let Chunk { values, errors } = chunk;
+    let Chunk {
+        values,
+        errors,
+        acks,
+    } = chunk;
     let inputs = values.len();
     let mut out = Vec::with_capacity(inputs);
     let panicked = guarded(
@@ -429,17 +559,19 @@ where
     let at: Vec<usize> = panicked.iter().map(|(i, _)| *i).collect();
     let mut panicked = panicked.into_iter().peekable();
     let mut failures = Vec::with_capacity(at.len());
-    for (i, v) in values.into_iter().enumerate() {
-        if let Some((_, payload)) = panicked.next_if(|(p, _)| *p == i) {
-            failures.push((
-                i,
-                StreamError::panicked(counters.name(), payload).with_item(v),
-            ));
+    if !at.is_empty() {
+        for (i, v) in values.into_iter().enumerate() {
+            if let Some((_, payload)) = panicked.next_if(|(p, _)| *p == i) {
+                failures.push((
+                    i,
+                    StreamError::panicked(counters.name(), payload).with_item(v),
+                ));
+            }
         }
     }
-    finish(out, errors, failures, inputs, counters, |i| {
-        at.binary_search(&i).is_err()
-    })
+    let kept = |i: usize| at.binary_search(&i).is_err();
+    let acks = keep_acks(acks, &mut failures, kept);
+    finish(out, errors, acks, failures, inputs, counters, kept)
 }
 
 /// `T` as `U` when they are the same type (checked at run time through
@@ -465,7 +597,11 @@ where
     In: Send + 'static,
     Out: 'static,
 {
-    let Chunk { mut values, errors } = chunk;
+    let Chunk {
+        mut values,
+        errors,
+        mut acks,
+    } = chunk;
     let inputs = values.len();
     let mut failures: Vec<(usize, StreamError)> = Vec::new();
     let mut at = 0; // next value to map
@@ -483,7 +619,10 @@ where
         let item = values.remove(k);
         // Its index among the inputs: earlier failures were removed too.
         let index = k + failures.len();
-        let err = StreamError::panicked(counters.name(), payload).with_item(item);
+        let mut err = StreamError::panicked(counters.name(), payload).with_item(item);
+        if let Some(acks) = &mut acks {
+            err = err.with_ack(acks.remove(k));
+        }
         failures.push((index, err));
         at = k;
     }
@@ -492,7 +631,7 @@ where
         .take()
         .expect("just set");
     let failed: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
-    finish(values, errors, failures, inputs, counters, |i| {
+    finish(values, errors, acks, failures, inputs, counters, |i| {
         failed.binary_search(&i).is_err()
     })
 }
@@ -510,7 +649,11 @@ pub(crate) fn keep_values<T>(
 where
     T: Send + 'static,
 {
-    let Chunk { values, errors } = chunk;
+    let Chunk {
+        values,
+        errors,
+        acks,
+    } = chunk;
     let inputs = values.len();
     keep.clear();
     keep.reserve(inputs);
@@ -534,13 +677,41 @@ where
             ));
         }
     }
-    finish(out, errors, failures, inputs, counters, |i| keep[i])
+    let acks = keep_acks(acks, &mut failures, |i| keep[i]);
+    finish(out, errors, acks, failures, inputs, counters, |i| keep[i])
+}
+
+/// The acknowledgements of a one-in-one-out step's kept values; a failed
+/// value's goes into its error (`failures`, by input index), and a value
+/// dropped on purpose is acknowledged.
+fn keep_acks(
+    acks: Option<Vec<Ack>>,
+    failures: &mut [(usize, StreamError)],
+    kept: impl Fn(usize) -> bool,
+) -> Option<Vec<Ack>> {
+    let acks = acks?;
+    if failures.is_empty() && (0..acks.len()).all(&kept) {
+        return Some(acks);
+    }
+    let mut out = Vec::with_capacity(acks.len());
+    let mut failures = failures.iter_mut().peekable();
+    for (i, ack) in acks.into_iter().enumerate() {
+        if kept(i) {
+            out.push(ack);
+        } else if let Some((_, e)) = failures.next_if(|(f, _)| *f == i) {
+            e.add_ack(ack);
+        } else {
+            ack.ack();
+        }
+    }
+    Some(out)
 }
 
 /// Assembles the output chunk of a one-in-one-out step and adds its counts.
 fn finish<Out>(
     values: Vec<Out>,
     errors: Vec<(usize, StreamError)>,
+    acks: Option<Vec<Ack>>,
     failures: Vec<(usize, StreamError)>,
     inputs: usize,
     counters: &Counters,
@@ -563,5 +734,9 @@ fn finish<Out>(
     } else {
         place_errors(errors, failures, kept, inputs)
     };
-    Chunk { values, errors }
+    Chunk {
+        values,
+        errors,
+        acks,
+    }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
@@ -162,6 +163,7 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
         });
         let op = Batching {
             batch: Vec::new(),
+            acks: Vec::new(),
             weight: 0,
             max_size: self.max_size,
             max_latency: self.max_latency,
@@ -178,6 +180,8 @@ const MAX_RESERVE: usize = 4096;
 
 struct Batching<T> {
     batch: Vec<T>,
+    /// The acknowledgements of the batch's values, for input that has them.
+    acks: Vec<Ack>,
     weight: u64,
     max_size: usize,
     max_latency: Duration,
@@ -187,20 +191,29 @@ struct Batching<T> {
 }
 
 impl<T: Send + 'static> Batching<T> {
-    fn push(&mut self, value: T, now: &mut Option<Instant>) {
+    fn push(&mut self, value: T, ack: Ack, now: &mut Option<Instant>) {
         if self.batch.is_empty() {
             self.batch.reserve(self.max_size.min(MAX_RESERVE));
             let now = *now.get_or_insert_with(Instant::now);
             self.due = time::after(now, self.max_latency);
         }
         self.batch.push(value);
+        if !ack.is_none() {
+            self.acks.push(ack);
+        }
     }
 
     fn close(&mut self, out: &mut Out<Vec<T>>) {
         if !self.batch.is_empty() {
             self.weight = 0;
             let n = self.batch.len() as u64;
-            out.emit_for(std::mem::take(&mut self.batch), n);
+            // A batch carries its values' acknowledgements.
+            let ack = if self.acks.is_empty() {
+                Ack::none()
+            } else {
+                Ack::merge(self.acks.drain(..))
+            };
+            out.emit_for(std::mem::take(&mut self.batch), n, ack);
         }
     }
 
@@ -222,20 +235,25 @@ impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
         if self.limit.is_none() && !chunk.has_errors() {
             // The common case: only sizes to watch, values moved in bulk.
             let mut values = chunk.values.into_iter();
+            let mut acks = chunk.acks.map(Vec::into_iter);
             while values.len() > 0 {
                 if self.batch.is_empty() {
                     let first = values.next().expect("not empty");
-                    self.push(first, &mut now);
+                    let ack = acks.as_mut().and_then(Iterator::next).unwrap_or_default();
+                    self.push(first, ack, &mut now);
                 }
                 let room = self.max_size - self.batch.len();
                 self.batch.extend(values.by_ref().take(room));
+                if let Some(acks) = &mut acks {
+                    self.acks.extend(acks.by_ref().take(room));
+                }
                 if self.batch.len() >= self.max_size {
                     self.close(out);
                 }
             }
             return;
         }
-        for item in chunk {
+        for (item, ack) in chunk.into_acked() {
             let value = match item {
                 Ok(v) => v,
                 Err(e) => {
@@ -246,7 +264,7 @@ impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
             let (value, w) = match self.weigh(value, out.stage()) {
                 Ok(weighed) => weighed,
                 Err(e) => {
-                    out.fail(e);
+                    out.fail(e.with_ack(ack));
                     continue;
                 }
             };
@@ -256,7 +274,7 @@ impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
             if !self.batch.is_empty() && self.weight.saturating_add(w) > max_weight {
                 self.close(out);
             }
-            self.push(value, &mut now);
+            self.push(value, ack, &mut now);
             self.weight = self.weight.saturating_add(w);
             if self.batch.len() >= self.max_size || self.weight >= max_weight {
                 self.close(out);

@@ -158,13 +158,15 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
         // notices, output 0 takes the items and counts them undelivered.
         let first = (0..lanes).find(|&l| out.is_open(l)).unwrap_or(0);
         let others: Vec<usize> = (first + 1..lanes).filter(|&l| out.is_open(l)).collect();
-        for item in chunk {
+        for (item, ack) in chunk.into_acked() {
             match item {
                 Ok(value) => {
+                    // Each copy is an obligation of its own: the item is
+                    // acknowledged once every output's copy is.
                     for &lane in &others {
-                        out.copy_to(lane, value.clone());
+                        out.copy_to(lane, value.clone(), ack.fork());
                     }
-                    out.emit_to(first, value);
+                    out.emit_to(first, value, ack);
                 }
                 Err(error) => out.pass_to(first, error),
             }

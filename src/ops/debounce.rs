@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::time::{self, Deadline};
@@ -88,14 +89,15 @@ impl<T: Send + 'static> Processor<T, T> for Debounce {
 
 struct Debouncer<T> {
     quiet: Duration,
-    waiting: Option<T>,
+    /// The latest value, with its acknowledgement.
+    waiting: Option<(T, Ack)>,
     due: Deadline,
 }
 
 impl<T: Send + 'static> Debouncer<T> {
     fn release(&mut self, out: &mut Out<T>) {
-        if let Some(v) = self.waiting.take() {
-            out.emit(v);
+        if let Some((v, ack)) = self.waiting.take() {
+            out.emit(v, ack);
         }
     }
 }
@@ -103,12 +105,12 @@ impl<T: Send + 'static> Debouncer<T> {
 impl<T: Send + 'static> Operator<T, T> for Debouncer<T> {
     fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
         let mut got_value = false;
-        for item in chunk {
+        for (item, ack) in chunk.into_acked() {
             match item {
                 Ok(v) => {
                     got_value = true;
-                    if let Some(older) = self.waiting.replace(v) {
-                        out.drop(older);
+                    if let Some((older, ack)) = self.waiting.replace((v, ack)) {
+                        out.drop(older, ack);
                     }
                 }
                 Err(e) => out.pass(e),

@@ -48,7 +48,7 @@ where
     P: FnMut(&T) -> Pick + Send + 'static,
 {
     fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
-        for item in chunk {
+        for (item, ack) in chunk.into_acked() {
             let value = match item {
                 Ok(v) => v,
                 Err(e) => {
@@ -58,17 +58,17 @@ where
             };
             let error = match catch_unwind(AssertUnwindSafe(|| (self.pick)(&value))) {
                 Ok(Pick::To(i)) => {
-                    out.emit_to(i, value);
+                    out.emit_to(i, value, ack);
                     continue;
                 }
                 Ok(Pick::Unrouted) => {
-                    out.drop(value);
+                    out.drop(value, ack);
                     continue;
                 }
                 Ok(Pick::Failed(why)) => StreamError::failed(out.stage().to_string(), why),
                 Err(payload) => StreamError::panicked(out.stage(), payload),
             };
-            out.fail_to(self.errors_to, error.with_item(value));
+            out.fail_to(self.errors_to, error.with_item(value).with_ack(ack));
         }
     }
 }

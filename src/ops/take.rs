@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::flow::Flow;
@@ -72,12 +73,17 @@ struct Taking {
 
 impl<T: Send + 'static> Operator<T, T> for Taking {
     fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
-        for item in chunk {
+        for (item, ack) in chunk.into_acked() {
             match item {
-                // Past the count, the rest of the chunk is dropped, counted.
-                _ if self.left == 0 => out.drop(item),
+                // Past the count, the rest of the chunk is dropped, counted,
+                // and not acknowledged: it was never processed, so a source
+                // that replays offers it again (like what waits upstream).
+                _ if self.left == 0 => {
+                    drop(ack);
+                    out.drop(item, Ack::none());
+                }
                 Ok(v) => {
-                    out.emit(v);
+                    out.emit(v, ack);
                     self.left -= 1;
                 }
                 Err(e) => out.pass(e),

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::base::chunk::Chunk;
+use crate::base::ack::Ack;
+use crate::base::chunk::{Chunk, IntoAcked};
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
 use crate::base::time::{self, Deadline};
@@ -198,7 +199,7 @@ impl<T: Send + 'static> Processor<T, T> for Throttle<T> {
             error_cost: self.error_cost,
             mode: self.mode,
             head: None,
-            queue: Chunk::default().into_iter(),
+            queue: IntoAcked::default(),
             due: None,
             behind: false,
         };
@@ -310,8 +311,8 @@ struct Shaper<T> {
     cost: Option<CostFn<T>>,
     error_cost: u64,
     mode: Mode,
-    head: Option<(crate::Result<T>, u64)>,
-    queue: crate::ChunkIntoIter<T>,
+    head: Option<(crate::Result<T>, Ack, u64)>,
+    queue: IntoAcked<T>,
     /// When `head` may pass.
     due: Deadline,
     /// Items have had to wait for their turn: the schedule is kept across
@@ -345,35 +346,35 @@ impl<T: Send + 'static> Shaper<T> {
         let now = self.gcra.now(at);
         let behind = self.behind;
         loop {
-            let (item, cost) = match self.head.take() {
+            let (item, ack, cost) = match self.head.take() {
                 Some(head) => head,
                 None => match self.queue.next() {
                     None => break,
-                    Some(item) => match self.cost_of(item, out.stage()) {
-                        Ok(costed) => costed,
+                    Some((item, ack)) => match self.cost_of(item, out.stage()) {
+                        Ok((item, cost)) => (item, ack, cost),
                         Err(e) => {
-                            out.fail(e);
+                            out.fail(e.with_ack(ack));
                             continue;
                         }
                     },
                 },
             };
             if cost == 0 {
-                out.push(item);
+                out.push(item, ack);
                 continue;
             }
             let Err(allowed) = self.gcra.try_take(now, cost, behind) else {
-                out.push(item);
+                out.push(item, ack);
                 continue;
             };
             match (self.mode, item) {
                 (Mode::Shape, item) => {
-                    self.head = Some((item, cost));
+                    self.head = Some((item, ack, cost));
                     self.due = self.gcra.instant(allowed);
                     self.behind = true;
                     return;
                 }
-                (Mode::Drop, Ok(value)) => out.drop(value),
+                (Mode::Drop, Ok(value)) => out.drop(value, ack),
                 // Errors are never dropped: they pass without tokens.
                 (Mode::Drop, Err(e)) => out.pass(e),
             }
@@ -388,17 +389,21 @@ impl<T: Send + 'static> Operator<T, T> for Shaper<T> {
         if self.cost.is_none() && !chunk.has_errors() {
             // The common case: one token per value, no errors in the chunk.
             let mut values = chunk.values;
+            let mut acks = chunk.acks;
             let n = self
                 .gcra
                 .take_many(self.gcra.now(now), values.len(), self.behind);
             let rest = values.split_off(n);
-            out.emit_all(values);
+            let rest_acks = acks.as_mut().map(|a| a.split_off(n));
+            out.emit_all(values, acks);
             if rest.is_empty() {
                 return;
             }
-            self.queue = Chunk::from_values(rest).into_iter();
+            let mut rest = Chunk::from_values(rest);
+            rest.acks = rest_acks;
+            self.queue = rest.into_acked();
         } else {
-            self.queue = chunk.into_iter();
+            self.queue = chunk.into_acked();
         }
         self.release(now, out);
     }

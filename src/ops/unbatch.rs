@@ -56,7 +56,11 @@ impl<T: Send + 'static> Step<Vec<T>, T> for Unbatch<T> {
     }
 
     fn on_chunk(&mut self, chunk: Chunk<Vec<T>>, ctx: ChunkCtx<'_>) -> Chunk<T> {
-        let Chunk { values, errors } = chunk;
+        let Chunk {
+            values,
+            errors,
+            acks,
+        } = chunk;
         let batches = values.len();
         ctx.counters.add(&Local {
             received: (batches + errors.len()) as u64,
@@ -73,6 +77,15 @@ impl<T: Send + 'static> Step<Vec<T>, T> for Unbatch<T> {
         }
         starts.push(total);
         let errors = errors.into_iter().map(|(p, e)| (starts[p], e)).collect();
+        // A batch's acknowledgement goes to its values: one each when the
+        // batch still holds the items it was made of (see `Ack::split`).
+        let acks = acks.map(|acks| {
+            let mut split = Vec::with_capacity(total);
+            for (b, ack) in values.iter().zip(acks) {
+                split.extend(ack.split(b.len()));
+            }
+            split
+        });
         let mut flat = Vec::with_capacity(total);
         for b in values {
             flat.extend(b);
@@ -80,6 +93,7 @@ impl<T: Send + 'static> Step<Vec<T>, T> for Unbatch<T> {
         Chunk {
             values: flat,
             errors,
+            acks,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
@@ -257,13 +258,15 @@ struct Ready<T> {
     window: Window<T>,
     values: u64,
     errors: u64,
+    /// The acknowledgements of what the window carries, errors included.
+    ack: Ack,
 }
 
 /// How a window stage assigns arrivals to windows.
 trait Assigner<T>: Send + 'static {
     /// Takes in what arrived at `now`; a window it completes goes to
     /// `ready`.
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ready: &mut Vec<Ready<T>>);
+    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ack: Ack, ready: &mut Vec<Ready<T>>);
     /// When the next window closes, if one is open.
     fn next_close(&self) -> Option<Instant>;
     /// The next window that has closed by `now` (any open window at the
@@ -280,8 +283,10 @@ struct Slider<T> {
     origin: Instant,
     size: Duration,
     slide: Duration,
-    /// Values and errors by arrival, oldest first.
-    held: VecDeque<(Instant, crate::Result<T>)>,
+    /// Values and errors by arrival, oldest first, with the values'
+    /// acknowledgements. Each window a value is in takes a fork; the value's
+    /// own is met when it leaves (its windows' forks then hold it).
+    held: VecDeque<(Instant, crate::Result<T>, Ack)>,
     /// The next window to close (by index from the origin).
     next: u64,
     /// Tumbling only: a window that reaches this many values is cut and
@@ -318,7 +323,13 @@ impl<T> Slider<T> {
 }
 
 impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ready: &mut Vec<Ready<T>>) {
+    fn arrive(
+        &mut self,
+        now: Instant,
+        item: crate::Result<T>,
+        ack: Ack,
+        ready: &mut Vec<Ready<T>>,
+    ) {
         if self.held.is_empty() {
             let first = self.first_window(now);
             if first > self.next {
@@ -326,17 +337,21 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 self.resume = None;
             }
         }
-        self.held.push_back((now, item));
+        self.held.push_back((now, item, ack));
         if self.cut_at.is_some_and(|n| self.held.len() >= n) {
             // Tumbling at its limit: everything held is in the current
             // window; it leaves now, and the window's span goes on.
             let start = self.resume.unwrap_or_else(|| self.start_of(self.next));
-            let (mut items, mut errors) = (Vec::new(), Vec::new());
-            for (_, item) in self.held.drain(..) {
+            let (mut items, mut errors, mut acks) = (Vec::new(), Vec::new(), Vec::new());
+            for (_, item, ack) in self.held.drain(..) {
                 match item {
                     Ok(v) => items.push(v),
-                    Err(e) => errors.push(e),
+                    Err(mut e) => {
+                        acks.push(e.take_ack());
+                        errors.push(e);
+                    }
                 }
+                acks.push(ack);
             }
             self.resume = Some(now);
             let (values, errors_n) = (items.len() as u64, errors.len() as u64);
@@ -349,6 +364,7 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 },
                 values,
                 errors: errors_n,
+                ack: Ack::merge(acks),
             });
         }
     }
@@ -375,6 +391,7 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
             let start = self.resume.take().unwrap_or(start);
             let mut items = Vec::new();
             let mut errors = Vec::new();
+            let mut acks = Vec::new();
             let mut i = 0;
             while i < self.held.len() {
                 let at = self.held[i].0;
@@ -383,10 +400,14 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 }
                 if at >= start {
                     match &self.held[i].1 {
-                        Ok(v) => items.push(v.clone()),
+                        Ok(v) => {
+                            items.push(v.clone());
+                            acks.push(self.held[i].2.fork());
+                        }
                         Err(_) => {
                             // Errors are not cloned: this window takes it.
-                            if let Some((_, Err(e))) = self.held.remove(i) {
+                            if let Some((_, Err(mut e), _)) = self.held.remove(i) {
+                                acks.push(e.take_ack());
                                 errors.push(e);
                             }
                             continue;
@@ -396,11 +417,15 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 i += 1;
             }
             self.next += 1;
-            // Values before the next window's start are in no later window.
+            // Values before the next window's start are in no later window:
+            // their own acknowledgements are met, the forks of the windows
+            // they are in stand for them.
             let next_start = self.start_of(self.next);
             let mut done = 0;
-            while self.held.front().is_some_and(|(at, _)| *at < next_start) {
-                self.held.pop_front();
+            while self.held.front().is_some_and(|(at, _, _)| *at < next_start) {
+                if let Some((_, _, ack)) = self.held.pop_front() {
+                    ack.ack();
+                }
                 done += 1;
             }
             if items.is_empty() && errors.is_empty() {
@@ -416,6 +441,7 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 },
                 values: done,
                 errors: errors_n,
+                ack: Ack::merge(acks),
             });
         }
     }
@@ -430,6 +456,8 @@ struct Sessions<T> {
     gap: Duration,
     max_items: usize,
     open: Option<Window<T>>,
+    /// The acknowledgements of what the open session holds.
+    acks: Vec<Ack>,
     last: Instant,
 }
 
@@ -442,12 +470,20 @@ impl<T: Send + 'static> Sessions<T> {
             window: w,
             values,
             errors,
+            ack: Ack::merge(self.acks.drain(..)),
         })
     }
 }
 
 impl<T: Send + 'static> Assigner<T> for Sessions<T> {
-    fn arrive(&mut self, now: Instant, item: crate::Result<T>, ready: &mut Vec<Ready<T>>) {
+    fn arrive(
+        &mut self,
+        now: Instant,
+        item: crate::Result<T>,
+        ack: Ack,
+        ready: &mut Vec<Ready<T>>,
+    ) {
+        self.acks.push(ack);
         let w = self.open.get_or_insert_with(|| Window {
             start: now,
             end: now,
@@ -460,7 +496,10 @@ impl<T: Send + 'static> Assigner<T> for Sessions<T> {
                 self.last = now;
             }
             // An error joins the open session without extending it.
-            Err(e) => w.errors.push(e),
+            Err(mut e) => {
+                self.acks.push(e.take_ack());
+                w.errors.push(e);
+            }
         }
         if w.items.is_empty() {
             self.last = self.last.max(w.start);
@@ -600,6 +639,7 @@ impl<T: Send + 'static> Processor<T, Window<T>> for Session {
             gap: self.gap,
             max_items: self.max_items,
             open: None,
+            acks: Vec::new(),
             last: Instant::now(),
         };
         // A session closes itself at max_items, so input never waits.
@@ -623,7 +663,7 @@ impl<T: Send + 'static, A: Assigner<T>> Windowing<T, A> {
     fn send(r: Ready<T>, out: &mut Out<Window<T>>) {
         // Counted in input items: the values that left the stage with this
         // window, and the errors it carries.
-        out.emit_counted(r.window, r.values, r.errors);
+        out.emit_counted(r.window, r.values, r.errors, r.ack);
     }
 
     /// One step of an arrival: a window that closed before it, or, when
@@ -636,8 +676,8 @@ impl<T: Send + 'static, A: Assigner<T>> Windowing<T, A> {
             return Self::send(r, out);
         }
         let (now, chunk) = self.arriving.take().expect("checked above");
-        for item in chunk {
-            self.windows.arrive(now, item, &mut self.ready);
+        for (item, ack) in chunk.into_acked() {
+            self.windows.arrive(now, item, ack, &mut self.ready);
         }
         for r in self.ready.drain(..) {
             Self::send(r, out);

@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 
 use super::Guard;
 use super::slot::{Outcome, Phase, Policy, Slot};
-use crate::base::chunk::{Chunk, IntoIter as ChunkIter};
+use crate::base::ack::Ack;
+use crate::base::chunk::{Chunk, IntoAcked};
 use crate::base::error::{BoxError, Result};
 use crate::flow::driver::{Demand, Operator, Out};
 
@@ -31,7 +32,7 @@ pub(super) struct Machine<In, Out, E, F, Fut, G: Guard> {
     /// Unordered mode: how many slots are done.
     pub(super) finished: usize,
     /// The rest of the input chunk, waiting for free slots.
-    pub(super) pending: ChunkIter<In>,
+    pub(super) pending: IntoAcked<In>,
     /// Outputs gathered before the driver sends them: one chunk's worth.
     pub(super) max_chunk: usize,
 }
@@ -54,12 +55,13 @@ where
 
     /// Puts an input item into a free slot (the caller checked there is
     /// room), creating the slot if all existing ones are busy.
-    fn admit(&mut self, item: Result<In>) {
+    fn admit(&mut self, item: Result<In>, ack: Ack) {
         let i = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::new());
             self.slots.len() - 1
         });
         let slot = &mut self.slots[i];
+        slot.ack = ack;
         if self.ordered {
             self.order.push_back(i);
         }
@@ -122,11 +124,12 @@ where
 
     fn release(&mut self, i: usize, out: &mut Out<O>) {
         let phase = std::mem::replace(&mut self.slots[i].phase, Phase::Free);
+        let ack = std::mem::take(&mut self.slots[i].ack);
         self.finished -= 1;
         self.free.push(i);
         match phase {
-            Phase::Done(Outcome::Value(v)) => out.emit(v),
-            Phase::Done(Outcome::Failed(e)) => out.fail(e),
+            Phase::Done(Outcome::Value(v)) => out.emit(v, ack),
+            Phase::Done(Outcome::Failed(e)) => out.fail(e.with_ack(ack)),
             Phase::Done(Outcome::Passed(e)) => out.pass(e),
             Phase::Free | Phase::Running | Phase::Backoff => unreachable!("released a busy slot"),
         }
@@ -144,7 +147,7 @@ where
 {
     fn on_chunk(&mut self, chunk: Chunk<In>, _out: &mut Out<O>) {
         // Admitted (and started) from `poll_work`, as slots free up.
-        self.pending = chunk.into_iter();
+        self.pending = chunk.into_acked();
     }
 
     fn poll_work(&mut self, cx: &mut Context<'_>, out: &mut Out<O>) -> Poll<()> {
@@ -154,10 +157,10 @@ where
             self.poll_slots(cx);
             let mut progress = self.take_done(out);
             while budget > 0 && self.has_room() {
-                let Some(item) = self.pending.next() else {
+                let Some((item, ack)) = self.pending.next() else {
                     break;
                 };
-                self.admit(item);
+                self.admit(item, ack);
                 progress = true;
                 budget -= 1;
             }

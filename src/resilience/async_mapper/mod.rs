@@ -29,7 +29,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::base::chunk::IntoIter as ChunkIter;
+use crate::base::chunk::IntoAcked;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::BoxError;
 use crate::flow::Flow;
@@ -427,7 +427,7 @@ where
             order: VecDeque::new(),
             ordered: self.ordered,
             finished: 0,
-            pending: ChunkIter::default(),
+            pending: IntoAcked::default(),
             max_chunk: edge.max_chunk(),
         };
         driver::spawn(input, &self.name, Some(edge), machine)

@@ -2,6 +2,7 @@
 //! its timer, and the policies every slot shares (timeouts, retries, the
 //! guard).
 
+use crate::base::ack::Ack;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -38,6 +39,8 @@ pub(super) enum Outcome<Out> {
 /// One unit of concurrency, reused item after item.
 pub(super) struct Slot<In, Out, E, Fut, T> {
     pub(super) item: Option<In>,
+    /// The item's acknowledgement, given to what the item becomes.
+    pub(super) ack: Ack,
     /// While the slot waits its backoff: the failure it retries, which
     /// becomes the item's final error if shutdown ends the wait.
     pub(super) last: Option<Failure<E>>,
@@ -58,6 +61,7 @@ impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
     pub(super) fn new() -> Self {
         Slot {
             item: None,
+            ack: Ack::none(),
             last: None,
             token: None,
             fut: Box::pin(None),

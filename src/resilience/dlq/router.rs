@@ -17,6 +17,7 @@ use tokio_util::sync::PollSemaphore;
 
 use super::writer::{Link, Returned};
 use super::{DeadLetter, DlqError, Overflow, TakeItem};
+use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::counters::Counters;
 use crate::base::error::{ErrorKind, PanicError, StreamError};
@@ -25,6 +26,8 @@ use crate::flow::driver::{Demand, Operator, Out};
 /// What is left of the chunk being routed.
 struct Rest<T> {
     values: vec::IntoIter<T>,
+    /// The values' acknowledgements, if they have any.
+    acks: Option<vec::IntoIter<Ack>>,
     errors: vec::IntoIter<(usize, StreamError)>,
     /// Values of the chunk emitted so far.
     moved: usize,
@@ -34,13 +37,21 @@ impl<T> Rest<T> {
     fn len(&self) -> u64 {
         (self.values.len() + self.errors.len()) as u64
     }
+
+    /// The next value's acknowledgement.
+    fn ack(&mut self) -> Ack {
+        self.acks
+            .as_mut()
+            .and_then(Iterator::next)
+            .unwrap_or_default()
+    }
 }
 
 pub(super) struct Router<T, R> {
     items: TakeItem<R>,
     /// The writer's buffer; dropped at the end of the input, or when the
     /// stream fails, so that the writer drains it and closes the sink.
-    queue: Option<mpsc::UnboundedSender<DeadLetter<R>>>,
+    queue: Option<mpsc::UnboundedSender<(DeadLetter<R>, Ack)>>,
     returned: mpsc::UnboundedReceiver<Returned<R>>,
     /// The writer has finished: nothing more comes back.
     writer_done: bool,
@@ -55,7 +66,7 @@ pub(super) struct Router<T, R> {
     dropping: u64,
     /// Under [`Overflow::Block`]: the record waiting for room, and the
     /// rest of its chunk.
-    waiting: Option<(DeadLetter<R>, Rest<T>)>,
+    waiting: Option<(DeadLetter<R>, Ack, Rest<T>)>,
     /// [`Overflow::Fail`] ended the stream.
     failed: bool,
     /// For what the writer gives back after the stage has stopped.
@@ -100,7 +111,7 @@ impl<T, R> Drop for Router<T, R> {
         self.returned.close();
         while let Ok(r) = self.returned.try_recv() {
             self.counters.add_aborted(match r {
-                Returned::Unwritten(_) => 1,
+                Returned::Unwritten(..) => 1,
                 Returned::Lost(n, _) => n,
             });
         }
@@ -112,21 +123,29 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
     /// record for the buffer, until the chunk is done, a record must wait
     /// for room (kept in `waiting`), or the policy fails the stream.
     fn route(&mut self, mut rest: Rest<T>, out: &mut Out<T>) {
-        while let Some((position, error)) = rest.errors.next() {
-            for v in rest.values.by_ref().take(position - rest.moved) {
-                out.emit(v);
+        while let Some((position, mut error)) = rest.errors.next() {
+            for _ in rest.moved..position {
+                let v = rest
+                    .values
+                    .next()
+                    .expect("an error's position is among the values");
+                let ack = rest.ack();
+                out.emit(v, ack);
             }
             rest.moved = position;
             self.sequence += 1;
+            // The record carries the item's acknowledgement to the writer,
+            // which meets it once the sink has written the record.
+            let ack = error.take_ack();
             let record = DeadLetter::from_error_with(self.sequence, error, &self.items);
             // The writer hands the room back once the sink answered.
             let room = self.permits.try_acquire().map(|permit| permit.forget());
             match room {
-                Ok(()) => self.queue(record, out),
-                Err(TryAcquireError::Closed) => sink_stopped(record, out),
+                Ok(()) => self.queue(record, ack, out),
+                Err(TryAcquireError::Closed) => sink_stopped(record, ack, out),
                 Err(TryAcquireError::NoPermits) => match self.overflow {
                     Overflow::Block => {
-                        self.waiting = Some((record, rest));
+                        self.waiting = Some((record, ack, rest));
                         return;
                     }
                     Overflow::DropAndCount => {
@@ -138,19 +157,20 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
                             );
                         }
                         self.dropping += 1;
-                        out.drop(record);
+                        out.drop(record, ack);
                     }
-                    Overflow::Fail => return self.fail(record, rest, out),
+                    Overflow::Fail => return self.fail(record, ack, rest, out),
                 },
             }
         }
-        for v in rest.values {
-            out.emit(v);
+        while let Some(v) = rest.values.next() {
+            let ack = rest.ack();
+            out.emit(v, ack);
         }
     }
 
     /// Hands `record`, for which room was taken, to the writer.
-    fn queue(&mut self, record: DeadLetter<R>, out: &mut Out<T>) {
+    fn queue(&mut self, record: DeadLetter<R>, ack: Ack, out: &mut Out<T>) {
         if self.dropping > 0 {
             tracing::warn!(
                 dropped = self.dropping,
@@ -159,19 +179,19 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
             self.dropping = 0;
         }
         let sent = match &self.queue {
-            Some(queue) => queue.send(record).map_err(|e| e.0),
-            None => Err(record),
+            Some(queue) => queue.send((record, ack)).map_err(|e| e.0),
+            None => Err((record, ack)),
         };
         match sent {
             Ok(()) => out.hand_off(1),
-            Err(record) => sink_stopped(record, out),
+            Err((record, ack)) => sink_stopped(record, ack, out),
         }
     }
 
     /// [`Overflow::Fail`]: the record that did not fit ends the stream; the
     /// rest of its chunk is discarded (counted aborted, like what waits
     /// upstream, which the driver counts when it stops the input).
-    fn fail(&mut self, record: DeadLetter<R>, rest: Rest<T>, out: &mut Out<T>) {
+    fn fail(&mut self, record: DeadLetter<R>, ack: Ack, rest: Rest<T>, out: &mut Out<T>) {
         tracing::error!(
             sequence = record.sequence,
             "dead-letter sink is full; the stream fails"
@@ -181,8 +201,11 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
                 .with_source(DlqError::Overflow {
                     buffered: self.buffer,
                 })
-                .with_item(record),
+                .with_item(record)
+                .with_ack(ack),
         );
+        // Discarded unprocessed: not acknowledged (a replaying source
+        // offers them again).
         rest.values.for_each(|v| out.discard(v));
         rest.errors.for_each(|e| out.discard(e));
         self.failed = true;
@@ -192,18 +215,19 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
 }
 
 /// The writer task is gone: the record travels on as an error item.
-fn sink_stopped<T, R: Send + 'static>(record: DeadLetter<R>, out: &mut Out<T>) {
+fn sink_stopped<T, R: Send + 'static>(record: DeadLetter<R>, ack: Ack, out: &mut Out<T>) {
     out.fail(
         StreamError::new(ErrorKind::Failed, out.stage().to_string())
             .with_source(DlqError::SinkStopped)
-            .with_item(record),
+            .with_item(record)
+            .with_ack(ack),
     );
 }
 
 /// What the writer gave back goes downstream as error items of this stage.
 fn give_out<T, R: Send + 'static>(returned: Returned<R>, out: &mut Out<T>) {
     match returned {
-        Returned::Unwritten(u) => {
+        Returned::Unwritten(u, ack) => {
             let (record, reason) = u.into_parts();
             let kind = if reason.is::<PanicError>() {
                 ErrorKind::Panicked
@@ -214,7 +238,8 @@ fn give_out<T, R: Send + 'static>(returned: Returned<R>, out: &mut Out<T>) {
             out.fail(
                 StreamError::new(kind, out.stage().to_string())
                     .with_source(reason)
-                    .with_item(record),
+                    .with_item(record)
+                    .with_ack(ack),
             );
         }
         Returned::Lost(n, panic) => {
@@ -236,6 +261,7 @@ impl<T: Send + 'static, R: Send + 'static> Operator<T, T> for Router<T, R> {
         }
         let rest = Rest {
             values: chunk.values.into_iter(),
+            acks: chunk.acks.map(Vec::into_iter),
             errors: chunk.errors.into_iter(),
             moved: 0,
         };
@@ -256,13 +282,13 @@ impl<T: Send + 'static, R: Send + 'static> Operator<T, T> for Router<T, R> {
         }
         if self.waiting.is_some() {
             if let Poll::Ready(permit) = self.room.poll_acquire(cx) {
-                let (record, rest) = self.waiting.take().expect("a record waits");
+                let (record, ack, rest) = self.waiting.take().expect("a record waits");
                 match permit {
                     Some(permit) => {
                         permit.forget();
-                        self.queue(record, out);
+                        self.queue(record, ack, out);
                     }
-                    None => sink_stopped(record, out),
+                    None => sink_stopped(record, ack, out),
                 }
                 self.route(rest, out);
                 progress = true;
@@ -296,6 +322,8 @@ impl<T: Send + 'static, R: Send + 'static> Operator<T, T> for Router<T, R> {
     }
 
     fn held(&self) -> u64 {
-        self.waiting.as_ref().map_or(0, |(_, rest)| 1 + rest.len())
+        self.waiting
+            .as_ref()
+            .map_or(0, |(_, _, rest)| 1 + rest.len())
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{DeadLetter, DeadLetterSink, Unwritten};
+use crate::base::ack::Ack;
 use crate::base::counters::Counters;
 use crate::base::error::PanicError;
 use crate::flow::pipeline::Pipeline;
@@ -32,7 +33,7 @@ const CLOSE_AFTER_ABORT: Duration = Duration::from_secs(5);
 pub(super) struct Link<R> {
     /// The buffer; the writer drains it and closes the sink once this is
     /// dropped.
-    pub(super) queue: mpsc::UnboundedSender<DeadLetter<R>>,
+    pub(super) queue: mpsc::UnboundedSender<(DeadLetter<R>, Ack)>,
     /// What the sink did not take; closed when the writer has finished.
     pub(super) returned: mpsc::UnboundedReceiver<Returned<R>>,
     /// Room in the buffer, one permit per record: taken by the router for
@@ -78,8 +79,8 @@ where
 
 /// What the writer task sends back to the stage.
 pub(super) enum Returned<R> {
-    /// A record the sink did not take.
-    Unwritten(Unwritten<R>),
+    /// A record the sink did not take, with its item's acknowledgement.
+    Unwritten(Unwritten<R>, Ack),
     /// The sink panicked while holding this many records.
     Lost(u64, PanicError),
 }
@@ -88,7 +89,7 @@ pub(super) enum Returned<R> {
 /// hands them to the sink.
 struct Writer<T, S> {
     sink: S,
-    records: mpsc::UnboundedReceiver<DeadLetter<T>>,
+    records: mpsc::UnboundedReceiver<(DeadLetter<T>, Ack)>,
     returns: mpsc::UnboundedSender<Returned<T>>,
     /// Given back once the sink has returned from a write.
     permits: Arc<Semaphore>,
@@ -147,8 +148,18 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
             if n == 0 {
                 break; // the stage is done and the buffer is empty
             }
-            let records = std::mem::replace(&mut batch, Vec::with_capacity(self.batch));
-            let n = records.len() as u64;
+            let taken = std::mem::replace(&mut batch, Vec::with_capacity(self.batch));
+            let n = taken.len() as u64;
+            // The items' acknowledgements stay here, met once the sink has
+            // written their records (by sequence: a refused record's goes
+            // back with it).
+            let (records, acks): (Vec<_>, Vec<_>) = taken
+                .into_iter()
+                .map(|(record, ack)| {
+                    let sequence = record.sequence;
+                    (record, (sequence, ack))
+                })
+                .unzip();
             self.in_hand = n;
             let sink = &mut self.sink;
             // Inside the guard: the call itself, not only its future, is
@@ -164,14 +175,27 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
             // The sink has answered for the batch: its room is free again.
             self.permits.add_permits(n as usize);
             match result {
-                Ok(Ok(())) => self.counters.add_dead_lettered(n),
+                Ok(Ok(())) => {
+                    self.counters.add_dead_lettered(n);
+                    acks.into_iter().for_each(|(_, ack)| ack.ack());
+                }
                 Ok(Err(unwritten)) => {
                     let refused = unwritten.len() as u64;
                     self.counters.add_dead_lettered(n.saturating_sub(refused));
+                    let mut acks: Vec<(u64, Option<Ack>)> =
+                        acks.into_iter().map(|(s, a)| (s, Some(a))).collect();
                     for u in unwritten {
                         tracing::warn!(sequence = u.record().sequence, reason = %u.reason(), "dead-letter sink refused a record; it goes downstream as an error item");
-                        self.give_back(Returned::Unwritten(u), 1);
+                        let sequence = u.record().sequence;
+                        let ack = acks
+                            .iter_mut()
+                            .find(|(s, a)| *s == sequence && a.is_some())
+                            .and_then(|(_, a)| a.take())
+                            .unwrap_or_default();
+                        self.give_back(Returned::Unwritten(u, ack), 1);
                     }
+                    // The rest were written.
+                    acks.into_iter().filter_map(|(_, a)| a).for_each(Ack::ack);
                 }
                 Err(payload) => {
                     let panic = PanicError::from_payload(payload);
