@@ -67,12 +67,12 @@
 // (calls with timeouts and retries, dead letters, health gates, the
 // breaker); connectors to external systems.
 mod base;
-#[cfg(feature = "kafka")]
 mod connectors;
 mod flow;
 mod ops;
 mod resilience;
 
+pub use connectors::file;
 #[cfg(feature = "kafka")]
 pub use connectors::kafka;
 #[cfg(feature = "circuit-breaker")]

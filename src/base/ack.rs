@@ -241,7 +241,6 @@ impl fmt::Debug for Ack {
 /// record) with the position to resume from once the group and every group
 /// before it in its lane are acknowledged.
 #[derive(Debug)]
-#[allow(dead_code)] // the durable line source, next
 pub(crate) struct Watermarks<L, P> {
     lanes: HashMap<L, Lane<P>>,
     /// Items in groups not yet behind their watermark.
@@ -249,15 +248,12 @@ pub(crate) struct Watermarks<L, P> {
 }
 
 #[derive(Debug)]
-#[allow(dead_code)]
 struct Lane<P> {
     /// Groups not yet behind the watermark, oldest first: the position
     /// after the group, its size and its progress.
     pending: VecDeque<(P, usize, Arc<Progress>)>,
     /// The position after the contiguous acknowledged prefix.
     next: Option<P>,
-    /// The watermark last handed out.
-    handed_out: Option<P>,
 }
 
 impl<P> Default for Lane<P> {
@@ -265,7 +261,6 @@ impl<P> Default for Lane<P> {
         Lane {
             pending: VecDeque::new(),
             next: None,
-            handed_out: None,
         }
     }
 }
@@ -279,7 +274,6 @@ impl<L: Eq + Hash + Clone, P: Copy + PartialEq> Default for Watermarks<L, P> {
     }
 }
 
-#[allow(dead_code)]
 impl<L: Eq + Hash + Clone, P: Copy + PartialEq> Watermarks<L, P> {
     /// A group of `n` items of `lane` was read; once all are acknowledged
     /// (and every group before them), the lane may resume from `next`.
@@ -318,41 +312,10 @@ impl<L: Eq + Hash + Clone, P: Copy + PartialEq> Watermarks<L, P> {
         passed
     }
 
-    /// The watermarks that moved since they were last handed out (every
-    /// one with `all`), after moving them.
-    pub(crate) fn moved(&mut self, all: bool) -> Vec<(L, P)> {
-        self.advance();
-        let mut out = Vec::new();
-        for (lane, l) in &mut self.lanes {
-            if let Some(next) = l.next {
-                if all || l.handed_out != Some(next) {
-                    l.handed_out = Some(next);
-                    out.push((lane.clone(), next));
-                }
-            }
-        }
-        out
-    }
-
-    /// The lane's watermark (after moving it), if any group of it was
-    /// acknowledged.
-    pub(crate) fn watermark(&mut self, lane: &L) -> Option<P> {
-        self.advance();
+    /// The lane's watermark as last moved by [`advance`](Self::advance),
+    /// if any group of it was acknowledged.
+    pub(crate) fn watermark(&self, lane: &L) -> Option<P> {
         self.lanes.get(lane).and_then(|l| l.next)
-    }
-
-    /// Whether every item handed out is acknowledged.
-    pub(crate) fn settled(&mut self) -> bool {
-        self.advance();
-        self.outstanding == 0
-    }
-
-    /// Forgets a lane (its items are no longer this reader's).
-    #[allow(dead_code)]
-    pub(crate) fn release(&mut self, lane: &L) {
-        if let Some(l) = self.lanes.remove(lane) {
-            self.outstanding -= l.pending.iter().map(|(_, n, _)| n).sum::<usize>();
-        }
     }
 }
 
@@ -421,15 +384,15 @@ mod tests {
         let g2 = w.track(&"a", 20, 1);
         let g3 = w.track(&"a", 30, 1);
         Ack::of(&g2).ack();
+        assert_eq!(w.advance(), 0);
         assert_eq!(w.watermark(&"a"), None);
         Ack::of(&g1).ack();
+        assert_eq!(w.advance(), 2);
         assert_eq!(w.watermark(&"a"), Some(20));
-        assert_eq!(w.moved(false), [("a", 20)]);
-        assert!(w.moved(false).is_empty());
         assert_eq!(w.outstanding(), 1);
-        assert!(!w.settled());
         Ack::of(&g3).ack();
-        assert!(w.settled());
-        assert_eq!(w.moved(false), [("a", 30)]);
+        assert_eq!(w.advance(), 1);
+        assert_eq!(w.watermark(&"a"), Some(30));
+        assert_eq!(w.outstanding(), 0);
     }
 }

@@ -81,18 +81,6 @@ impl<T> Chunk<T> {
         }
     }
 
-    /// A chunk of values with their acknowledgements (`acks` parallel to
-    /// `values`).
-    #[allow(dead_code)] // the durable line source, next
-    pub(crate) fn from_acked(values: Vec<T>, acks: Vec<Ack>) -> Self {
-        debug_assert_eq!(values.len(), acks.len());
-        Chunk {
-            values,
-            errors: Vec::new(),
-            acks: Some(acks),
-        }
-    }
-
     /// How many items (values and errors) the chunk holds.
     pub fn len(&self) -> usize {
         self.values.len() + self.errors.len()

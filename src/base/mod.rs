@@ -3,7 +3,6 @@
 //! layer builds on it; it uses none of them.
 
 pub(crate) mod ack;
-#[cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
 pub(crate) mod atomic_file;
 pub(crate) mod channel;
 pub(crate) mod chunk;
