@@ -17,7 +17,7 @@ use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
 use crate::base::signal::Signal;
 use crate::flow::Flow;
-use crate::flow::source::{IterSource, PushSource, Pusher, Shutdown, StreamSource};
+use crate::flow::source::{AckedPusher, IterSource, PushSource, Pusher, Shutdown, StreamSource};
 
 /// A handle on one pipeline: its sources, stage tasks and counters.
 ///
@@ -414,6 +414,32 @@ impl Pipeline {
         )
         .produced_by(counters);
         (Pusher::new(tx, self.inner.shutdown.token().clone()), flow)
+    }
+
+    /// [`channel_named`](Self::channel_named) for items with their
+    /// acknowledgements (a connector's source).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn acked_channel_named<T: Send + 'static>(
+        &self,
+        name: impl Into<Arc<str>>,
+    ) -> (AckedPusher<T>, Flow<T>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(self.inner.edge.capacity());
+        let counters = self.register(name);
+        let flow = Flow::from_source(
+            self.clone(),
+            Box::new(PushSource {
+                rx,
+                max_chunk: self.inner.edge.max_chunk(),
+                shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
+                closing: false,
+                counters: counters.clone(),
+            }),
+        )
+        .produced_by(counters);
+        (
+            AckedPusher::new(tx, self.inner.shutdown.token().clone()),
+            flow,
+        )
     }
 
     /// This pipeline and every pipeline linked to it by a merge, directly or

@@ -182,15 +182,15 @@ where
 
 /// The receiving end of [`channel`](crate::channel): items an application
 /// pushed one at a time, taken out up to `max_chunk` at once.
-pub(crate) struct PushSource<T> {
-    pub(crate) rx: mpsc::Receiver<Result<T>>,
+pub(crate) struct PushSource<I> {
+    pub(crate) rx: mpsc::Receiver<I>,
     pub(crate) max_chunk: usize,
     pub(crate) shutdown: Shutdown,
     pub(crate) closing: bool,
     pub(crate) counters: Counters,
 }
 
-impl<T: Send> ChunkSource<T> for PushSource<T> {
+impl<T: Send, I: SourceItem<T> + Send> ChunkSource<T> for PushSource<I> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         if !self.closing && self.shutdown.poll(cx) {
             // Refuse new pushes; what was already accepted still drains.
@@ -201,7 +201,10 @@ impl<T: Send> ChunkSource<T> for PushSource<T> {
         match self.rx.poll_recv_many(cx, &mut items, self.max_chunk) {
             Poll::Ready(0) => Poll::Ready(None),
             Poll::Ready(_) => {
-                let chunk: Chunk<T> = items.into_iter().collect();
+                let mut chunk = Chunk::with_capacity(items.len());
+                items
+                    .into_iter()
+                    .for_each(|item| item.push_into(&mut chunk));
                 self.counters.add_produced(&chunk);
                 Poll::Ready(Some(chunk))
             }
@@ -213,7 +216,7 @@ impl<T: Send> ChunkSource<T> for PushSource<T> {
         self.rx.close();
         let mut left = Chunk::default();
         while let Ok(item) = self.rx.try_recv() {
-            left.push(item);
+            item.push_into(&mut left);
         }
         // Accepted from the producer, so produced by this source: the
         // stage that abandons them counts them as received and aborted.
@@ -620,6 +623,57 @@ impl<T> Pusher<T> {
     ///
     /// Cancel safe.
     pub async fn closed(&self) {
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            () = self.tx.closed() => {}
+        }
+    }
+}
+
+/// The pushing end of a source whose items carry acknowledgements (a
+/// connector's): like [`Pusher`], with an [`Ack`] beside each item.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+pub(crate) struct AckedPusher<T> {
+    tx: mpsc::Sender<(Result<T>, Ack)>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+impl<T> AckedPusher<T> {
+    pub(crate) fn new(
+        tx: mpsc::Sender<(Result<T>, Ack)>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        AckedPusher { tx, shutdown }
+    }
+
+    /// Sends an item with its acknowledgement, waiting for room; hands
+    /// them back once the flow no longer accepts items (shutdown wins over
+    /// room, as for [`Pusher`]).
+    pub(crate) async fn send(
+        &self,
+        item: Result<T>,
+        ack: Ack,
+    ) -> std::result::Result<(), (Result<T>, Ack)> {
+        if self.shutdown.is_cancelled() {
+            return Err((item, ack));
+        }
+        let permit = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => None,
+            permit = self.tx.reserve() => permit.ok(),
+        };
+        match permit {
+            Some(permit) => {
+                permit.send((item, ack));
+                Ok(())
+            }
+            None => Err((item, ack)),
+        }
+    }
+
+    /// Resolves once the flow no longer accepts items.
+    pub(crate) async fn closed(&self) {
         tokio::select! {
             () = self.shutdown.cancelled() => {}
             () = self.tx.closed() => {}

@@ -30,9 +30,10 @@ use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 /// A dead letter whose item has no acknowledgement (an upstream error
 /// without an item, an item not from Kafka) is written with headers only.
 ///
-/// Once the broker confirms a dead letter, the original record is
-/// acknowledged, so its offset can be committed: a failed record counts as
-/// handled once it is safely in the DLQ topic. A dead letter the broker
+/// Once the broker confirms a dead letter, the dead-letter queue meets the
+/// failed item's acknowledgement ([`crate::Ack`]), so the original
+/// record's offset can be committed: a failed record counts as handled
+/// once it is safely in the DLQ topic. A dead letter the broker
 /// refuses comes back as [`Unwritten`] (the queue sends it downstream as an
 /// error item; its offset is not committed past).
 ///
@@ -173,13 +174,10 @@ impl<T: Acknowledge + Send + 'static> DeadLetterSink<T> for KafkaDlq {
                 },
                 Err(e) => Err(KafkaError::Client(e)),
             };
-            match outcome {
-                Ok(()) => {
-                    if let Some(ack) = letter.item.as_ref().and_then(|i| i.acknowledgement()) {
-                        ack.ack();
-                    }
-                }
-                Err(e) => unwritten.push(Unwritten::new(letter, e)),
+            // A written letter's record is acknowledged by the queue once
+            // this returns (see `crate::Ack`); a refused one comes back.
+            if let Err(e) = outcome {
+                unwritten.push(Unwritten::new(letter, e));
             }
         }
         if unwritten.is_empty() {

@@ -3,15 +3,17 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How far a record's outcome is: shared by the record, its [`Ack`]s and
 /// the source's offset tracker (which keeps only this and the offset, not
-/// the payload).
+/// the payload). The obligation itself is the core acknowledgement that
+/// travels beside the record ([`crate::Ack`]); this adds whether the
+/// record's partition was taken away.
 #[derive(Debug)]
 pub(crate) struct Progress {
-    /// Obligations not yet met: the record's own, plus one per fork.
-    pending: AtomicUsize,
+    /// The record's obligations (its core `Ack` and the forks of it).
+    pub(crate) core: Arc<crate::base::ack::Progress>,
     /// The record's partition was taken away from this member.
     released: AtomicBool,
 }
@@ -19,14 +21,14 @@ pub(crate) struct Progress {
 impl Progress {
     pub(crate) fn new() -> Self {
         Progress {
-            pending: AtomicUsize::new(1),
+            core: crate::base::ack::Progress::new(1),
             released: AtomicBool::new(false),
         }
     }
 
     /// Every obligation is met.
     pub(crate) fn done(&self) -> bool {
-        self.pending.load(Ordering::Acquire) == 0
+        self.core.done()
     }
 
     pub(crate) fn release(&self) {
@@ -44,30 +46,26 @@ pub(crate) struct Entry {
     pub(crate) headers: Vec<(String, Option<Vec<u8>>)>,
     pub(crate) timestamp: Option<i64>,
     pub(crate) progress: Arc<Progress>,
-    /// The record's own obligation is met.
-    pub(crate) own: AtomicBool,
 }
 
 /// A record read by a [`KafkaSource`](super::KafkaSource): its topic,
-/// partition and offset, key, value, headers and timestamp, and its
-/// acknowledgement.
+/// partition and offset, key, value, headers and timestamp.
 ///
-/// The source commits a partition's offset only past records that were
-/// acknowledged ([`ack`](KafkaRecord::ack)), all of them, in offset order:
-/// acknowledge a record once its outcome is durable. [`KafkaSink`] and
-/// [`KafkaDlq`] do it when the broker confirms their write; a stage that
-/// drops a record on purpose (a filter) acknowledges it itself. A record
-/// dropped without an acknowledgement (an abort, a crash) holds its
-/// partition's offset back, so it is read again: at least once.
+/// The source commits a partition's offset only past records whose outcome
+/// is decided, all of them, in offset order. That is tracked by the
+/// record's acknowledgement ([`crate::Ack`]), which travels beside it
+/// through every stage and is met where its outcome is decided: when
+/// [`KafkaSink`] (its delivery, read downstream) or [`KafkaDlq`] has it
+/// written, when a stage drops it on purpose (a filter, a `Sample`, a
+/// `Dedupe` duplicate), when the flow's reader is handed it. Nothing to do
+/// in the chain: a `map` to another type keeps it. A record dropped
+/// without a decision (an abort, a crash, what a `Take` did not take)
+/// holds its partition's offset back, so it is read again: at least once.
 ///
-/// A record is one obligation; carry it through stages that change the
-/// item's type with [`acker`](KafkaRecord::acker) (an [`Ack`] for the same
-/// obligation) or [`Acked`]. A record whose outcome is written to several
-/// places (a fan-out to a topic and a database) needs one obligation per
-/// place: [`fork`](KafkaRecord::fork) adds one, and the record counts as
-/// acknowledged when all are met. That is also why it is not `Clone`: a
-/// copy sharing the obligation would let the first write acknowledge the
-/// others.
+/// [`acker`](KafkaRecord::acker) gives a handle on the original record
+/// ([`Ack::record`]) to carry in an item of another type, for a
+/// [`KafkaDlq`] that writes the original key and value. It is not `Clone`:
+/// one record is one outcome.
 ///
 /// [`KafkaSink`]: super::KafkaSink
 /// [`KafkaDlq`]: super::KafkaDlq
@@ -80,7 +78,6 @@ impl KafkaRecord {
         KafkaRecord {
             ack: Ack {
                 entry: Arc::new(entry),
-                fork: None,
             },
         }
     }
@@ -129,40 +126,29 @@ impl KafkaRecord {
         self.entry().timestamp
     }
 
-    /// Meets the record's own obligation: its outcome is durable. Its
-    /// offset may be committed once its forks are acknowledged too and
-    /// every earlier record of its partition is done. Idempotent.
-    pub fn ack(&self) {
-        self.ack.ack();
-    }
+    /// Does nothing: a record is acknowledged where its outcome is decided,
+    /// by the core acknowledgement that travels beside it ([`crate::Ack`]).
+    #[deprecated(note = "acknowledgement is automatic: see `streamz::Ack`")]
+    pub fn ack(&self) {}
 
-    /// Whether its own obligation is met.
+    /// Whether the record's outcome is decided (every obligation met).
     pub fn is_acked(&self) -> bool {
         self.ack.is_acked()
     }
 
-    /// A handle on the record's own obligation (the one
-    /// [`ack`](KafkaRecord::ack) meets), to carry in an item of another
-    /// type. It also gives the original record back, for a dead letter
+    /// A handle on the record, to carry in an item of another type: it
+    /// gives the original record back ([`Ack::record`]), for a dead letter
     /// that keeps the original key and value.
     pub fn acker(&self) -> Ack {
         self.ack.share()
     }
 
-    /// A new obligation for one more place the record's outcome goes to;
-    /// the record counts as acknowledged when every obligation is met.
-    /// Fork before acknowledging the record.
-    ///
-    /// ```
-    /// # use streamz::kafka::{Ack, KafkaRecord};
-    /// // Two outputs per record: to a topic and to a database.
-    /// fn split(record: &KafkaRecord) -> (Ack, Ack) {
-    ///     (record.acker(), record.fork())
-    /// }
-    /// # let _ = split;
-    /// ```
+    /// The same as [`acker`](KafkaRecord::acker): a record written to
+    /// several places is acknowledged once every copy's outcome is decided,
+    /// by the core acknowledgement's forks (a broadcast makes them).
+    #[deprecated(note = "acknowledgement is automatic: see `streamz::Ack`")]
     pub fn fork(&self) -> Ack {
-        self.ack.fork()
+        self.ack.share()
     }
 
     /// Whether the record's partition was taken away from this member: its
@@ -186,69 +172,51 @@ impl fmt::Debug for KafkaRecord {
     }
 }
 
-/// One obligation of a [`KafkaRecord`] (its own, or a
-/// [`fork`](KafkaRecord::fork)), carried by an item derived from it. It
-/// also gives the original record back ([`record`](Ack::record)), for a
-/// dead letter that keeps the original key and value.
+/// A handle on a [`KafkaRecord`], carried by an item derived from it: it
+/// gives the original record back ([`record`](Ack::record)), for a
+/// [`KafkaDlq`](super::KafkaDlq) that keeps the original key and value, and
+/// tells whether the record's partition was taken away.
 ///
-/// Dropping it meets nothing: the record is read again. It is not `Clone`
-/// for the reason [`KafkaRecord`] is not; [`fork`](Ack::fork) adds an
-/// obligation.
+/// The record's acknowledgement itself is the core [`crate::Ack`], which
+/// travels beside the item and is met where its outcome is decided;
+/// [`ack`](Ack::ack) is kept only for code written before, and does
+/// nothing.
 ///
 /// ```
 /// use streamz::kafka::{Ack, KafkaRecord};
 ///
-/// struct Order { id: u64, ack: Ack }
+/// struct Order { id: u64, source: Ack }
 ///
 /// fn parse(record: &KafkaRecord) -> Result<Order, std::num::ParseIntError> {
 ///     let text = std::str::from_utf8(record.value().unwrap_or_default()).unwrap_or("");
-///     Ok(Order { id: text.parse()?, ack: record.acker() })
+///     Ok(Order { id: text.parse()?, source: record.acker() })
 /// }
 /// # let _ = parse;
 /// ```
 pub struct Ack {
     entry: Arc<Entry>,
-    /// A fork's own flag; `None` for the record's own obligation.
-    fork: Option<Arc<AtomicBool>>,
 }
 
 impl Ack {
-    fn flag(&self) -> &AtomicBool {
-        self.fork.as_deref().unwrap_or(&self.entry.own)
-    }
+    /// Does nothing (see the type's documentation).
+    #[deprecated(note = "acknowledgement is automatic: see `streamz::Ack`")]
+    pub fn ack(&self) {}
 
-    /// Meets this obligation. Idempotent.
-    pub fn ack(&self) {
-        if !self.flag().swap(true, Ordering::AcqRel) {
-            self.entry.progress.pending.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Whether this obligation is met.
+    /// Whether the record's outcome is decided (every obligation met).
     pub fn is_acked(&self) -> bool {
-        self.flag().load(Ordering::Acquire)
+        self.entry.progress.done()
     }
 
-    /// A new obligation of the same record (see [`KafkaRecord::fork`]).
-    /// Forking a met obligation gives a met one (the record may already
-    /// be committed past).
+    /// Another handle on the same record.
+    #[deprecated(note = "acknowledgement is automatic: see `streamz::Ack`")]
     pub fn fork(&self) -> Ack {
-        let met = self.is_acked();
-        if !met {
-            self.entry.progress.pending.fetch_add(1, Ordering::AcqRel);
-        }
-        Ack {
-            entry: self.entry.clone(),
-            fork: Some(Arc::new(AtomicBool::new(met))),
-        }
+        self.share()
     }
 
-    /// Another handle on this same obligation (for the sink's future and
-    /// its slot, which hold one item between them).
+    /// Another handle on the same record.
     pub(crate) fn share(&self) -> Ack {
         Ack {
             entry: self.entry.clone(),
-            fork: self.fork.clone(),
         }
     }
 
@@ -257,14 +225,9 @@ impl Ack {
         self.entry.progress.released.load(Ordering::Acquire)
     }
 
-    /// The record this acknowledges (a handle on its own obligation).
+    /// The record this is a handle on.
     pub fn record(&self) -> KafkaRecord {
-        KafkaRecord {
-            ack: Ack {
-                entry: self.entry.clone(),
-                fork: None,
-            },
-        }
+        KafkaRecord { ack: self.share() }
     }
 }
 
@@ -274,14 +237,14 @@ impl fmt::Debug for Ack {
             .field("topic", &self.entry.topic)
             .field("partition", &self.entry.partition)
             .field("offset", &self.entry.offset)
-            .field("fork", &self.fork.is_some())
             .field("acked", &self.is_acked())
             .finish()
     }
 }
 
-/// A value with the acknowledgement of the record it came from: the
-/// simplest way to carry an [`Ack`] through stages that change the value.
+/// A value with a handle on the record it came from ([`Ack`]), for a
+/// [`KafkaDlq`](super::KafkaDlq) that writes the original record when the
+/// value fails.
 ///
 /// ```
 /// use streamz::kafka::{Acked, KafkaRecord};
@@ -295,12 +258,12 @@ impl fmt::Debug for Ack {
 pub struct Acked<T> {
     /// The value.
     pub value: T,
-    /// The acknowledgement of its record.
+    /// A handle on its record.
     pub ack: Ack,
 }
 
 impl<T> Acked<T> {
-    /// `value`, acknowledging `record` when acknowledged.
+    /// `value`, with a handle on `record`.
     pub fn of(record: &KafkaRecord, value: T) -> Self {
         Acked {
             value,
@@ -308,7 +271,7 @@ impl<T> Acked<T> {
         }
     }
 
-    /// The same acknowledgement around a new value.
+    /// The same record around a new value.
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Acked<U> {
         Acked {
             value: f(self.value),
@@ -317,10 +280,9 @@ impl<T> Acked<T> {
     }
 }
 
-/// An item that carries the acknowledgement of the Kafka record it came
-/// from. [`KafkaSink`](super::KafkaSink) and
-/// [`KafkaDlq`](super::KafkaDlq) use it to acknowledge a record once its
-/// outcome is written, and the DLQ to find the original record.
+/// An item that carries a handle on the Kafka record it came from:
+/// [`KafkaDlq`](super::KafkaDlq) uses it to write the original record's
+/// key and value.
 pub trait Acknowledge {
     /// The acknowledgement, if the item has one.
     fn acknowledgement(&self) -> Option<&Ack>;

@@ -35,7 +35,10 @@ pub struct ProducerRecord {
     pub value: Option<Vec<u8>>,
     /// Headers, in order.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// Acknowledged when the broker confirms the write.
+    /// A handle on the record it came from, for a
+    /// [`KafkaDlq`](super::KafkaDlq) that writes the original when this
+    /// record cannot be produced. (The acknowledgement itself travels
+    /// beside the item: see [`crate::Ack`].)
     pub ack: Option<Ack>,
 }
 
@@ -66,7 +69,8 @@ impl ProducerRecord {
         self
     }
 
-    /// Acknowledges `ack` once written.
+    /// Keeps a handle on the record it came from (see the `ack` field).
+    /// Not needed for the acknowledgement, which is automatic.
     pub fn acking(mut self, ack: Ack) -> Self {
         self.ack = Some(ack);
         self
@@ -117,17 +121,23 @@ pub struct Delivered {
 }
 
 /// Produces each [`ProducerRecord`] and emits a [`Delivered`] once the
-/// broker confirms it, acknowledging the record's source record then.
+/// broker confirms it. The item's acknowledgement ([`crate::Ack`]) goes
+/// with the `Delivered`, so the source record is decided when the
+/// `Delivered` is read (or dropped on purpose) downstream: after the
+/// broker confirmed the write.
 ///
 /// Runs like an ordered [`AsyncMapper`]: records are handed to the
 /// producer in input order (so a partition receives them in that order)
 /// with up to `concurrency` awaiting confirmation, and [`Delivered`]s
 /// leave in input order. A record the producer refuses or cannot deliver
 /// (after librdkafka's own retries, within its `delivery.timeout.ms`)
-/// becomes a `failed` error item carrying the record, acknowledgement
-/// included: route it to a [`DeadLetterQueue`](crate::resilience::dlq::DeadLetterQueue)
+/// becomes a `failed` error item carrying the record and its
+/// acknowledgement: route it to a [`DeadLetterQueue`](crate::resilience::dlq::DeadLetterQueue)
 /// with a [`KafkaDlq`](super::KafkaDlq) so it is written and acknowledged
-/// there; otherwise its offset is not committed past.
+/// there. An error item handed to the flow's reader counts as decided
+/// (the reader owns it); read with
+/// [`Flow::for_each_acked`](crate::Flow::for_each_acked) to decide
+/// otherwise.
 ///
 /// # Defaults
 ///
@@ -308,16 +318,14 @@ impl Processor<ProducerRecord, Delivered> for KafkaSink {
             }
             // Handed to the producer now, in input order.
             let sent = producer.send_result(record).map_err(|(e, _)| e);
-            let ack = r.ack.as_ref().map(Ack::share);
+            // The item's acknowledgement (`crate::Ack`) goes with the
+            // `Delivered` this makes once the broker confirmed the write.
             async move {
                 let delivery = sent?.await.map_err(|_| KafkaError::Canceled)?;
                 let (partition, offset) = match delivery {
                     Ok(d) => (d.partition, d.offset),
                     Err((e, _)) => return Err(KafkaError::Client(e)),
                 };
-                if let Some(ack) = ack {
-                    ack.ack();
-                }
                 Ok(Delivered {
                     topic,
                     partition,

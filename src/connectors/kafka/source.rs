@@ -25,7 +25,7 @@ use crate::base::error::StreamError;
 use crate::base::time;
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
-use crate::flow::source::Pusher;
+use crate::flow::source::AckedPusher;
 
 /// Joins a Kafka consumer group and reads its share of the topics' partitions
 /// as a flow of [`KafkaRecord`]s, committing offsets only past acknowledged
@@ -286,7 +286,7 @@ impl KafkaSource {
         let consumer: StreamConsumer<SourceContext> = self.config.create_with_context(context)?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let (pusher, flow) = pipeline.channel_named(self.name.to_string());
+        let (pusher, flow) = pipeline.acked_channel_named(self.name.to_string());
         let (stopped_tx, stopped) = watch::channel(false);
         let task = Reader {
             consumer,
@@ -555,7 +555,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(30);
 struct Reader {
     consumer: StreamConsumer<SourceContext>,
     shared: Arc<Shared>,
-    pusher: Pusher<KafkaRecord>,
+    pusher: AckedPusher<KafkaRecord>,
     shutdown: CancellationToken,
     abort: CancellationToken,
     commit_every: Duration,
@@ -642,8 +642,8 @@ impl Reader {
                 }
                 m = self.consumer.recv() => m.map(|m| record_of(&mut self.topic_names, &m)),
             };
-            let (item, tracked) = match received {
-                Ok((record, tracked)) => (Ok(record), Some(tracked)),
+            let (item, ack, tracked) = match received {
+                Ok((record, ack, tracked)) => (Ok(record), ack, Some(tracked)),
                 Err(e) => {
                     self.shared.errors.fetch_add(1, Ordering::Relaxed);
                     if self.consumer.client().fatal_error().is_none() {
@@ -654,11 +654,11 @@ impl Reader {
                     }
                     tracing::error!(source = %self.name, error = %e, "the consumer failed for good");
                     let err = StreamError::failed(self.name.clone(), KafkaError::Client(e));
-                    (Err(err), None)
+                    (Err(err), crate::Ack::none(), None)
                 }
             };
             let fatal = tracked.is_none();
-            let mut send = pin!(self.pusher.send_result(item));
+            let mut send = pin!(self.pusher.send(item, ack));
             let sent = loop {
                 tokio::select! {
                     biased;
@@ -872,7 +872,7 @@ async fn drain_until(
 fn record_of(
     topic_names: &mut HashMap<String, Arc<str>>,
     m: &BorrowedMessage<'_>,
-) -> (KafkaRecord, Tracked) {
+) -> (KafkaRecord, crate::Ack, Tracked) {
     let topic = match topic_names.get(m.topic()) {
         Some(t) => t.clone(),
         None => {
@@ -899,9 +899,10 @@ fn record_of(
         headers,
         timestamp: m.timestamp().to_millis(),
         progress: progress.clone(),
-        own: AtomicBool::new(false),
     });
-    (record, (topic, m.partition(), m.offset(), progress))
+    // The record's acknowledgement travels beside it (see `crate::Ack`).
+    let ack = crate::Ack::of(&progress.core);
+    (record, ack, (topic, m.partition(), m.offset(), progress))
 }
 
 /// A record's place for the tracker: topic, partition, offset, progress.
