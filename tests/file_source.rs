@@ -208,8 +208,9 @@ async fn bad_lines_become_error_items_carrying_the_line() {
         "{long}"
     );
     assert_eq!(long.take_item::<Line>().unwrap().text.len(), 50);
-    // Error items handed over are decided too: the checkpoint is at the end.
-    assert_eq!(handle.checkpoint().unwrap().lines, 4);
+    // Error items handed over are decided too: the checkpoint is past
+    // them, at the start of the last line, which has no end yet.
+    assert_eq!(handle.checkpoint().unwrap().lines, 3);
 }
 
 #[tokio::test]
@@ -461,5 +462,108 @@ async fn a_pipeline_killed_with_sigkill_loses_nothing() {
     assert!(
         duplicates <= bound,
         "{duplicates} duplicates, bound {bound}"
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_for_another_file_or_an_unwritable_place_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("a.txt");
+    std::fs::write(&input, "x\n").unwrap();
+    let checkpoint = dir.path().join("cp");
+    std::fs::write(
+        &checkpoint,
+        r#"{"version":1,"file":"b.txt","offset":0,"lines":3}"#,
+    )
+    .unwrap();
+    let e = LineSource::new(&input, &checkpoint)
+        .start(&Pipeline::new())
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("it is for b.txt, not for the input a.txt"),
+        "{e}"
+    );
+
+    let nowhere = dir.path().join("no/such/dir/cp");
+    let e = LineSource::new(&input, &nowhere)
+        .start(&Pipeline::new())
+        .unwrap_err();
+    assert!(matches!(e, FileSourceError::Checkpoint { .. }), "{e}");
+    assert!(e.to_string().contains("cannot be written"), "{e}");
+}
+
+#[tokio::test]
+async fn line_numbers_saturate_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("a.txt");
+    std::fs::write(&input, "1\n2\n3\n").unwrap();
+    let checkpoint = dir.path().join("cp");
+    let max = format!(
+        r#"{{"version":1,"file":"a.txt","offset":2,"lines":{}}}"#,
+        u64::MAX - 1
+    );
+    std::fs::write(&checkpoint, max).unwrap();
+    let pipeline = Pipeline::new();
+    let (lines, _) = LineSource::new(&input, &checkpoint)
+        .start(&pipeline)
+        .unwrap();
+    let lines = support::values(within("reading", lines.collect()).await);
+    within("the join", pipeline.join()).await.unwrap();
+    let numbers: Vec<u64> = lines.iter().map(|l| l.number).collect();
+    assert_eq!(numbers, [u64::MAX, u64::MAX]);
+}
+
+#[tokio::test]
+async fn a_last_line_without_its_end_is_read_again_once_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("a.txt");
+    std::fs::write(&input, "b1\nb2-partial").unwrap();
+    let checkpoint = dir.path().join("cp");
+    let read = |input: PathBuf, checkpoint: PathBuf| async move {
+        let pipeline = Pipeline::new();
+        let (lines, _) = LineSource::new(input, checkpoint).start(&pipeline).unwrap();
+        let lines = support::values(within("reading", lines.collect()).await);
+        within("the join", pipeline.join()).await.unwrap();
+        lines.into_iter().map(|l| l.text).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        read(input.clone(), checkpoint.clone()).await,
+        ["b1", "b2-partial"]
+    );
+    // The checkpoint stayed at the start of the unfinished line.
+    let c: Checkpoint = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
+    assert_eq!((c.offset, c.lines), (3, 1));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .unwrap();
+    f.write_all(b"-completed\nb3\n").unwrap();
+    assert_eq!(
+        read(input, checkpoint).await,
+        ["b2-partial-completed", "b3"]
+    );
+}
+
+#[tokio::test]
+async fn a_file_gone_before_it_is_read_is_reported_and_the_rest_is_read() {
+    let (s, _) = setup(3, 3_000);
+    let pipeline = Pipeline::new();
+    let (mut lines, _) = LineSource::new(&s.input, &s.checkpoint)
+        .start(&pipeline)
+        .unwrap();
+    // The reader waits for room after a few chunks of the first file.
+    let first = within("a chunk", lines.next_chunk()).await.unwrap();
+    std::fs::remove_file(s.input.join("part-001.txt")).unwrap();
+    let rest = within("reading", lines.collect()).await;
+    within("the join", pipeline.join()).await.unwrap();
+    let (values, errors) = support::split(rest);
+    assert_eq!(first.len() + values.len(), 6_000);
+    assert_eq!(values.last().map(|l| id_of(&l.text)), Some(8_999));
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].to_string().contains("part-001.txt"),
+        "{}",
+        errors[0]
     );
 }

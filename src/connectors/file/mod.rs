@@ -43,7 +43,7 @@ use crate::base::time;
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::source::ChunkSource;
-use reader::{Batch, Reader};
+use reader::{Batch, Failure, Reader};
 
 /// One line of a [`LineSource`]: its text (without the line end), the
 /// file it came from and where.
@@ -321,8 +321,17 @@ impl LineSource {
             })?;
         let (start, base) = match &saved {
             None => ((0, 0), 0),
-            Some(c) => (resume_at(&files, c, &self.checkpoint)?, c.lines),
+            Some(c) => {
+                if self.input.is_file() && *files[0].0 != *c.file {
+                    return Err(FileSourceError::Checkpoint {
+                        path: self.checkpoint.clone(),
+                        reason: format!("it is for {}, not for the input {}", c.file, files[0].0),
+                    });
+                }
+                (resume_at(&files, c, &self.checkpoint)?, c.lines)
+            }
         };
+        writable(&self.checkpoint)?;
         let counters = pipeline.register(self.name.clone());
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -339,6 +348,7 @@ impl LineSource {
             last: Mutex::new(saved),
         });
         let (tx, rx) = mpsc::channel(2);
+        let tx_for_panic = tx.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let names: Vec<Arc<str>> = files.iter().map(|(n, _)| n.clone()).collect();
         let reader = Reader {
@@ -350,13 +360,24 @@ impl LineSource {
             tx,
             stop: stop.clone(),
         };
-        tokio::task::spawn_blocking(move || reader.run());
+        let panic_tx = tx_for_panic;
+        tokio::task::spawn_blocking(move || {
+            // A panic on the reader thread must not look like the end of
+            // the input.
+            if let Err(payload) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.run()))
+            {
+                let why = crate::base::error::PanicError::from_payload(payload);
+                let _ = panic_tx.blocking_send(Err(Failure::Stopped(io::Error::other(format!(
+                    "the reader panicked: {why}"
+                )))));
+            }
+        });
         let keeper = Keeper {
             shared: shared.clone(),
             path: self.checkpoint.clone(),
             names,
-            written: start,
-            base,
+            written: (start.0, start.1, base),
             passed_written: 0,
             after: self.checkpoint_after,
             every: self.checkpoint_every,
@@ -426,6 +447,31 @@ fn list(input: &Path, checkpoint: &Path) -> Result<Vec<(Arc<str>, PathBuf)>, Fil
     Ok(files)
 }
 
+/// Refuses a checkpoint that could never be written (its directory is
+/// missing or read-only), instead of finding out at the first write: the
+/// way checkpoints are written (a temporary file beside it) is tried now.
+fn writable(checkpoint: &Path) -> Result<(), FileSourceError> {
+    let dir = match checkpoint.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = checkpoint
+        .file_name()
+        .ok_or_else(|| FileSourceError::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            reason: "the path names no file".into(),
+        })?;
+    let mut probe = name.to_os_string();
+    probe.push(format!(".tmp-{}", std::process::id()));
+    let probe = dir.join(probe);
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| FileSourceError::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            reason: format!("it cannot be written in {}: {e}", dir.display()),
+        })
+}
+
 /// Where a checkpoint says to resume, checked against the files.
 fn resume_at(
     files: &[(Arc<str>, PathBuf)],
@@ -471,8 +517,9 @@ fn resume_at(
     Ok((index, c.offset))
 }
 
-/// A position the checkpoint can name: a file's index and an offset.
-type Pos = (usize, u64);
+/// A position the checkpoint can name: a file's index, an offset in it,
+/// and the lines behind it since the source first started.
+type Pos = (usize, u64, u64);
 
 /// What the source, its checkpoint keeper and the handle share.
 struct Shared {
@@ -518,7 +565,7 @@ impl Shared {
 
 /// The source as the first stage pulls it.
 struct Lines {
-    rx: mpsc::Receiver<io::Result<Batch>>,
+    rx: mpsc::Receiver<Result<Batch, Failure>>,
     shared: Arc<Shared>,
     stage: Arc<str>,
     counters: Counters,
@@ -538,11 +585,11 @@ impl Lines {
 
     fn chunk(&self, batch: Batch) -> Chunk<Line> {
         let n = batch.lines.len();
-        let progress = self
-            .shared
-            .state()
-            .marks
-            .track(&(), (batch.file, batch.end), n);
+        let progress =
+            self.shared
+                .state()
+                .marks
+                .track(&(), (batch.file, batch.end, batch.behind), n);
         let mut chunk = Chunk::with_capacity(n);
         for line in batch.lines {
             let ack = Ack::of(&progress);
@@ -582,11 +629,21 @@ impl ChunkSource<Line> for Lines {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(batch))) => Poll::Ready(Some(self.chunk(batch))),
-            Poll::Ready(Some(Err(e))) => {
-                // The reading ends here; the checkpoint stays before the
-                // line that could not be read, so a restart tries again.
-                tracing::error!(source = %self.stage, error = %e, "reading the input failed");
-                self.finish();
+            Poll::Ready(Some(Err(failure))) => {
+                let e = match failure {
+                    Failure::Skipped(e) => {
+                        tracing::warn!(source = %self.stage, error = %e, "a file went away before it was read; the others are read");
+                        e
+                    }
+                    Failure::Stopped(e) => {
+                        // The reading ends here; the checkpoint stays
+                        // before what could not be read, so a restart
+                        // tries again.
+                        tracing::error!(source = %self.stage, error = %e, "reading the input failed");
+                        self.finish();
+                        e
+                    }
+                };
                 let mut chunk = Chunk::default();
                 chunk.push_error(StreamError::failed(self.stage.to_string(), e));
                 self.counters.add_produced(&chunk);
@@ -619,8 +676,6 @@ struct Keeper {
     names: Vec<Arc<str>>,
     /// The position last written (or resumed from).
     written: Pos,
-    /// Lines behind the position resumed from.
-    base: u64,
     /// Lines the watermark had passed at the last write.
     passed_written: u64,
     after: u64,
@@ -730,7 +785,7 @@ impl Keeper {
             version: Checkpoint::VERSION,
             file: self.names[at.0].to_string(),
             offset: at.1,
-            lines: self.base + passed,
+            lines: at.2,
         };
         let path = self.path.clone();
         let to_save = checkpoint.clone();

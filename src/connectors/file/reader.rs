@@ -17,9 +17,20 @@ use super::{Line, LineError};
 pub(super) struct Batch {
     /// The file's index in the source's list.
     pub(super) file: usize,
-    /// The offset just past the batch's last line.
+    /// The offset just past the batch's last complete line.
     pub(super) end: u64,
+    /// The number of that line: lines behind `end` since the source first
+    /// started.
+    pub(super) behind: u64,
     pub(super) lines: Vec<Result<Line, (LineError, Line)>>,
+}
+
+/// A file the reader could not read.
+pub(super) enum Failure {
+    /// It is gone; the reader went on with the next file.
+    Skipped(io::Error),
+    /// Reading stopped here.
+    Stopped(io::Error),
 }
 
 /// What the reader thread needs.
@@ -32,7 +43,7 @@ pub(super) struct Reader {
     pub(super) first_number: u64,
     pub(super) batch: usize,
     pub(super) max_line: usize,
-    pub(super) tx: mpsc::Sender<Result<Batch, io::Error>>,
+    pub(super) tx: mpsc::Sender<Result<Batch, Failure>>,
     pub(super) stop: Arc<AtomicBool>,
 }
 
@@ -51,9 +62,17 @@ impl Reader {
             match self.read_file(index, name, path, from, &mut number) {
                 Ok(true) => {}
                 Ok(false) => return,
+                // Gone since the source listed it: reported, and the
+                // other files are still read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let e = io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+                    if self.tx.blocking_send(Err(Failure::Skipped(e))).is_err() {
+                        return;
+                    }
+                }
                 Err(e) => {
                     let e = io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-                    let _ = self.tx.blocking_send(Err(e));
+                    let _ = self.tx.blocking_send(Err(Failure::Stopped(e)));
                     return;
                 }
             }
@@ -75,6 +94,7 @@ impl Reader {
         }
         let mut input = BufReader::with_capacity(READ_BUFFER, file);
         let mut at = from;
+        let mut behind = *number;
         let mut lines = Vec::with_capacity(self.batch);
         let mut buf = Vec::new();
         loop {
@@ -82,18 +102,24 @@ impl Reader {
                 return Ok(false);
             }
             let start = at;
-            let (len, too_long) = read_line(&mut input, &mut buf, self.max_line)?;
+            let (len, too_long, ended) = read_line(&mut input, &mut buf, self.max_line)?;
             if len == 0 {
                 break;
             }
-            at += len as u64;
-            *number += 1;
+            *number = number.saturating_add(1);
             // The line without its end ("\n" or "\r\n").
             if buf.last() == Some(&b'\n') {
                 buf.pop();
                 if buf.last() == Some(&b'\r') {
                     buf.pop();
                 }
+            }
+            // A last line without its end is handed over, but the
+            // checkpoint stays at its start: a writer may still be
+            // appending to it, and the next run reads it again, whole.
+            if ended {
+                at += len as u64;
+                behind = *number;
             }
             let bytes = std::mem::take(&mut buf);
             let line = |text: String| Line {
@@ -122,28 +148,43 @@ impl Reader {
             });
             if lines.len() >= self.batch {
                 let full = std::mem::replace(&mut lines, Vec::with_capacity(self.batch));
-                if !self.send(index, at, full) {
+                if !self.send(index, (at, behind), full) {
                     return Ok(false);
                 }
             }
         }
-        if !lines.is_empty() && !self.send(index, at, lines) {
+        if !lines.is_empty() && !self.send(index, (at, behind), lines) {
             return Ok(false);
         }
         Ok(true)
     }
 
-    fn send(&self, file: usize, end: u64, lines: Vec<Result<Line, (LineError, Line)>>) -> bool {
+    fn send(
+        &self,
+        file: usize,
+        (end, behind): (u64, u64),
+        lines: Vec<Result<Line, (LineError, Line)>>,
+    ) -> bool {
         self.tx
-            .blocking_send(Ok(Batch { file, end, lines }))
+            .blocking_send(Ok(Batch {
+                file,
+                end,
+                behind,
+                lines,
+            }))
             .is_ok()
     }
 }
 
 /// Reads one line, keeping at most `max` bytes of it: returns the bytes
-/// the line took in the file (0 at the end) and whether it was longer than
-/// `max` (then `buf` holds its first `max` bytes and the rest was skipped).
-fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> io::Result<(usize, bool)> {
+/// the line took in the file (0 at the end), whether it was longer than
+/// `max` (then `buf` holds its first `max` bytes and the rest was skipped)
+/// and whether it ended with a newline (not: the file ended first).
+fn read_line(
+    input: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<(usize, bool, bool)> {
     let mut len = 0;
     let mut too_long = false;
     loop {
@@ -153,7 +194,7 @@ fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> io::Res
             Err(e) => return Err(e),
         };
         if available.is_empty() {
-            return Ok((len, too_long));
+            return Ok((len, too_long, false));
         }
         let (take, done) = match available.iter().position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
@@ -174,7 +215,7 @@ fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> io::Res
         input.consume(take);
         len += take;
         if done {
-            return Ok((len, too_long));
+            return Ok((len, too_long, true));
         }
     }
 }
@@ -188,10 +229,19 @@ mod tests {
         let mut out = Vec::new();
         loop {
             let mut buf = Vec::new();
-            let (len, long) = read_line(&mut input, &mut buf, max).unwrap();
+            let (len, long, ended) = read_line(&mut input, &mut buf, max).unwrap();
             if len == 0 {
                 return out;
             }
+            assert_eq!(
+                ended,
+                text[..len
+                    + out
+                        .iter()
+                        .map(|l: &(usize, bool, Vec<u8>)| l.0)
+                        .sum::<usize>()]
+                    .ends_with(b"\n")
+            );
             out.push((len, long, buf));
         }
     }
