@@ -36,10 +36,13 @@ fn price(record: &KafkaRecord) -> Result<ProducerRecord, String> {
     };
     let quantity: u64 = quantity.parse().map_err(|e| format!("quantity: {e}"))?;
     let cents: u64 = cents.parse().map_err(|e| format!("price: {e}"))?;
+    // The order's acknowledgement travels beside its output by itself
+    // (`streamz::Ack`): the order counts as done once the broker has the
+    // priced order and its `Delivered` is read below. `acking` keeps a
+    // handle on the order, so a priced order the sink cannot write reaches
+    // the dead-letter topic with the order's own key and value.
     Ok(ProducerRecord::new(format!("{id},{}", quantity * cents))
         .key(id.as_bytes())
-        // The order's acknowledgement goes with its output: the sink
-        // acknowledges it once the broker has the priced order.
         .acking(record.acker()))
 }
 

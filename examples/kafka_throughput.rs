@@ -100,9 +100,9 @@ async fn streamz(
     let sink = KafkaSink::new(brokers, output)?;
     let mut delivered = flow
         .map(|r: &KafkaRecord| {
-            // The record's acknowledgement goes with its output.
-            let out =
-                ProducerRecord::new(transform(r.value().unwrap_or_default())).acking(r.acker());
+            // The record's acknowledgement travels beside its output by
+            // itself (`streamz::Ack`).
+            let out = ProducerRecord::new(transform(r.value().unwrap_or_default()));
             match r.key() {
                 Some(key) => out.key(key),
                 None => out,

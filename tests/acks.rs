@@ -16,6 +16,7 @@ use streamz::{
     Pipeline, Receipt, Retry, Sample, Session, Skip, Sliding, Stage, Switch, Take, Throttle,
     Tumbling, Unbatch,
 };
+use streamz::{ClosedPolicy, HealthGate};
 
 const N: u32 = 600;
 
@@ -191,6 +192,17 @@ fn cases() -> Vec<Case> {
                 chain.collect().await;
                 reader.await.unwrap();
             })
+        }),
+        ("an open health gate", |f| {
+            let up = streamz::health_fn(|| async { streamz::Health::Healthy });
+            read(f.pipe(HealthGate::new(up).with_interval(Duration::from_millis(10))))
+        }),
+        ("a gate closed too long, rejecting", |f| {
+            let down = streamz::health_fn(|| async { streamz::Health::unhealthy("down") });
+            let gate = HealthGate::new(down)
+                .with_interval(Duration::from_millis(10))
+                .with_closed_limit(Duration::from_millis(50), ClosedPolicy::Reject);
+            read(f.pipe(gate))
         }),
         ("merge", |f| {
             let [a, b] = f.broadcast::<2>();

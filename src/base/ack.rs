@@ -35,9 +35,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// How far a group of items' outcomes are: the obligations not yet met.
 /// Shared by their [`Ack`]s and the source's [`Watermarks`], which keeps
 /// only this and a position, not the items.
+///
+/// A batch's acknowledgement is a node of its own whose `members` are its
+/// items' progresses (never nested): meeting it meets each member.
 #[derive(Debug)]
 pub(crate) struct Progress {
     pending: AtomicUsize,
+    /// For a batch's node: its members; empty for an item's progress.
+    members: Vec<Arc<Progress>>,
 }
 
 impl Progress {
@@ -46,6 +51,7 @@ impl Progress {
     pub(crate) fn new(n: usize) -> Arc<Progress> {
         Arc::new(Progress {
             pending: AtomicUsize::new(n),
+            members: Vec::new(),
         })
     }
 
@@ -55,11 +61,19 @@ impl Progress {
     }
 
     fn meet(&self) {
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        if self.members.is_empty() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.members.iter().for_each(|m| m.meet());
+        }
     }
 
     fn add(&self) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.members.is_empty() {
+            self.pending.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.members.iter().for_each(|m| m.add());
+        }
     }
 }
 
@@ -71,11 +85,28 @@ impl Progress {
 /// source without acknowledgements carry [`Ack::none`], which costs
 /// nothing and does nothing.
 ///
-/// Most code never sees an `Ack`: the operators carry them, and
-/// [`Flow::for_each_acked`](crate::Flow::for_each_acked) or the sinks meet
-/// them. A hand-written sink reading chunks takes them with
+/// Most code never sees an `Ack`: the operators carry them, and meet them
+/// where an item's outcome is decided:
+///
+/// - handed to the flow's reader (`next`, `collect`, `for_each`,
+///   [`next_chunk`](crate::Flow::next_chunk)), an error item included: the
+///   reader owns it from then on;
+/// - [`Flow::forward`](crate::Flow::forward): once the sink flushed it;
+///   [`Flow::for_each_acked`](crate::Flow::for_each_acked): once the
+///   reader's future returned `Ok`;
+/// - written by a [`DeadLetterQueue`](crate::DeadLetterQueue)'s sink;
+/// - dropped on purpose and counted: a filter's reject, a `Sample`, a
+///   `Dedupe` duplicate, `Skip`, `Debounce`, `Throttle::dropping`, an
+///   unrouted `Switch` value, the DLQ's `Overflow::DropAndCount`.
+///
+/// Never met: what an abort or a crash leaves in the pipeline, what a
+/// `Take` did not take, what a reader dropped with its flow, an item a
+/// [`Step`](crate::Step) `take`s without emitting anything (see
+/// [`Item::take_acked`](crate::Item::take_acked)). A hand-written sink
+/// reading chunks takes them with
+/// [`Flow::next_acked_chunk`](crate::Flow::next_acked_chunk) and
 /// [`Chunk::take_acks`](crate::Chunk::take_acks) and meets them once its
-/// write is durable.
+/// write is durable. docs/recovery.md has the whole picture.
 ///
 /// # Examples
 ///
@@ -87,19 +118,13 @@ impl Progress {
 /// none.ack(); // does nothing
 /// ```
 #[must_use = "an Ack that is dropped without ack() leaves its item unacknowledged"]
-pub struct Ack(Inner);
-
-enum Inner {
-    None,
-    One(Arc<Progress>),
-    Many(Vec<Arc<Progress>>),
-}
+pub struct Ack(Option<Arc<Progress>>);
 
 impl Ack {
     /// The acknowledgement of an item that needs none.
     #[inline]
     pub const fn none() -> Ack {
-        Ack(Inner::None)
+        Ack(None)
     }
 
     /// A new acknowledgement and the [`Receipt`] that tells when it (and
@@ -121,29 +146,24 @@ impl Ack {
     }
 
     /// One of the obligations `progress` was created with.
+    #[inline]
     pub(crate) fn of(progress: &Arc<Progress>) -> Ack {
-        Ack(Inner::One(progress.clone()))
+        Ack(Some(progress.clone()))
     }
 
     /// Whether this acknowledges nothing (an item of a source without
     /// acknowledgements).
     #[inline]
     pub fn is_none(&self) -> bool {
-        match &self.0 {
-            Inner::None => true,
-            Inner::One(_) => false,
-            Inner::Many(all) => all.is_empty(),
-        }
+        self.0.is_none()
     }
 
     /// Meets the obligation: the item's outcome is durable, or it was
     /// dropped on purpose.
     #[inline]
     pub fn ack(self) {
-        match self.0 {
-            Inner::None => {}
-            Inner::One(p) => p.meet(),
-            Inner::Many(all) => all.iter().for_each(|p| p.meet()),
+        if let Some(p) = self.0 {
+            p.meet();
         }
     }
 
@@ -151,32 +171,33 @@ impl Ack {
     /// once this and every other fork are met.
     pub fn fork(&self) -> Ack {
         match &self.0 {
-            Inner::None => Ack::none(),
-            Inner::One(p) => {
+            None => Ack::none(),
+            Some(p) => {
                 p.add();
-                Ack(Inner::One(p.clone()))
-            }
-            Inner::Many(all) => {
-                all.iter().for_each(|p| p.add());
-                Ack(Inner::Many(all.clone()))
+                Ack(Some(p.clone()))
             }
         }
     }
 
     /// One acknowledgement standing for all of `acks` (a batch's).
     pub fn merge(acks: impl IntoIterator<Item = Ack>) -> Ack {
-        let mut all = Vec::new();
+        let mut members = Vec::new();
         for ack in acks {
-            match ack.0 {
-                Inner::None => {}
-                Inner::One(p) => all.push(p),
-                Inner::Many(more) => all.extend(more),
+            if let Some(p) = ack.0 {
+                if p.members.is_empty() {
+                    members.push(p);
+                } else {
+                    members.extend(p.members.iter().cloned());
+                }
             }
         }
-        if all.is_empty() {
+        if members.is_empty() {
             Ack::none()
         } else {
-            Ack(Inner::Many(all))
+            Ack(Some(Arc::new(Progress {
+                pending: AtomicUsize::new(0),
+                members,
+            })))
         }
     }
 
@@ -185,24 +206,22 @@ impl Ack {
     /// it had acks, otherwise a fork of the whole for each (every value
     /// must then be acknowledged before any member is).
     pub(crate) fn split(self, n: usize) -> Vec<Ack> {
-        match self.0 {
-            Inner::None => (0..n).map(|_| Ack::none()).collect(),
-            Inner::Many(all) if all.len() == n => {
-                all.into_iter().map(|p| Ack(Inner::One(p))).collect()
-            }
-            inner => {
-                let whole = Ack(inner);
-                if n == 0 {
-                    // No value left to carry it: the batch was emptied on
-                    // purpose, which is a drop.
-                    whole.ack();
-                    return Vec::new();
-                }
-                let mut parts: Vec<Ack> = (1..n).map(|_| whole.fork()).collect();
-                parts.push(whole);
-                parts
-            }
+        let Some(p) = self.0 else {
+            return (0..n).map(|_| Ack::none()).collect();
+        };
+        if p.members.len() == n {
+            return p.members.iter().map(|m| Ack(Some(m.clone()))).collect();
         }
+        let whole = Ack(Some(p));
+        if n == 0 {
+            // No value left to carry it: the batch was emptied on purpose,
+            // which is a drop.
+            whole.ack();
+            return Vec::new();
+        }
+        let mut parts: Vec<Ack> = (1..n).map(|_| whole.fork()).collect();
+        parts.push(whole);
+        parts
     }
 }
 
@@ -227,9 +246,9 @@ impl Default for Ack {
 impl fmt::Debug for Ack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Inner::None => f.write_str("Ack(none)"),
-            Inner::One(_) => f.write_str("Ack(1)"),
-            Inner::Many(all) => write!(f, "Ack({})", all.len()),
+            None => f.write_str("Ack(none)"),
+            Some(p) if p.members.is_empty() => f.write_str("Ack(1)"),
+            Some(p) => write!(f, "Ack({})", p.members.len()),
         }
     }
 }

@@ -148,9 +148,19 @@ impl<T> Chunk<T> {
     /// Appends a value with its acknowledgement.
     #[inline]
     pub(crate) fn push_acked(&mut self, value: T, ack: Ack) {
+        if self.acks.is_some() || !ack.is_none() {
+            self.push_ack(ack);
+        }
+        self.values.push(value);
+    }
+
+    /// The acknowledgement of the value about to be pushed, for a chunk
+    /// that has (or now gets) acknowledgements: out of the common path.
+    #[cold]
+    #[inline(never)]
+    fn push_ack(&mut self, ack: Ack) {
         match &mut self.acks {
             Some(acks) => acks.push(ack),
-            None if ack.is_none() => {}
             None => {
                 let mut acks = Vec::with_capacity(self.values.capacity().max(1));
                 acks.extend((0..self.values.len()).map(|_| Ack::none()));
@@ -158,7 +168,6 @@ impl<T> Chunk<T> {
                 self.acks = Some(acks);
             }
         }
-        self.values.push(value);
     }
 
     /// Appends a value (with no acknowledgement of its own).
@@ -354,11 +363,10 @@ impl<T> Iterator for IntoAcked<T> {
     fn next(&mut self) -> Option<(Result<T>, Ack)> {
         match self.items.next()? {
             Ok(v) => {
-                let ack = self
-                    .acks
-                    .as_mut()
-                    .and_then(Iterator::next)
-                    .unwrap_or_default();
+                let ack = match &mut self.acks {
+                    None => Ack::none(),
+                    Some(acks) => acks.next().unwrap_or_default(),
+                };
                 Some((Ok(v), ack))
             }
             Err(e) => Some((Err(e), Ack::none())),

@@ -20,6 +20,13 @@ impl<T: Clone + Send + 'static> Flow<T> {
     ///   dead-letter queue on that branch sees each failure once.
     /// - **A dropped output** stops receiving copies; the others go on. When
     ///   every output is dropped, the stages upstream stop.
+    /// - **Acknowledgements** ([`Ack`](crate::Ack)): each output's copy
+    ///   carries a fork, and the item is decided once every copy is. Copies
+    ///   a dropped output had not read are never decided, so a replaying
+    ///   source (Kafka, [`LineSource`](crate::file::LineSource)) reads
+    ///   them again after a restart, and meanwhile stops at its
+    ///   `max_unacked` and says so: the safe failure, since the branch may
+    ///   have gone because its writer failed. Read every output to its end.
     ///
     /// Counters (stage `broadcast`) count input items, as every stage's
     /// do: `received`; `emitted`, values sent on (once each, however many

@@ -145,12 +145,25 @@ pub enum FileSourceError {
 /// plus one chunk).
 ///
 /// Lines are read on a blocking thread, in chunks of the pipeline's
-/// `max_chunk` that never span two files. Reading pauses while
-/// `max_unacked` lines wait for their acknowledgement
-/// ([`LineSourceStats::stalled`]). The source ends at the end of the last
-/// file; then, or at a graceful shutdown, it waits for the lines still in
-/// the chain to be decided (up to [`with_drain_timeout`]) and writes the
-/// last checkpoint. An abort writes what is decided and stops.
+/// `max_chunk` that never span two files; **the checkpoint moves by
+/// chunks**: past a chunk once all its lines, and every line before, are
+/// decided (a `Take(3)` at the head of a chunk leaves it where it was). A
+/// last line without a newline is handed over, but the checkpoint stays at
+/// its start, so a file still being written is read on whole next time.
+///
+/// Reading pauses while `max_unacked` lines wait for their acknowledgement
+/// ([`LineSourceStats::stalled`]): **leave room for what the chain holds**
+/// (a `Batcher`'s batch, a window's lines), or it waits for lines that
+/// never come. The source ends at the end of the last file; then, or at a
+/// graceful shutdown, or when its flow is no longer read, it waits for the
+/// lines still in the chain to be decided (up to [`with_drain_timeout`],
+/// or until none was decided for a quiet period) and writes the last
+/// checkpoint. An abort writes what is decided and stops.
+///
+/// A directory's files are read in byte order of their names; hidden
+/// files, subdirectories and symlinks are skipped, and a file whose name
+/// is not UTF-8 is refused at start. A file that goes away before it is
+/// read is reported as an error item; the others are still read.
 ///
 /// A line longer than [`with_max_line`](LineSource::with_max_line) (1 MiB)
 /// or not UTF-8 becomes an error item ([`LineError`]) carrying the line.
@@ -237,7 +250,9 @@ impl LineSource {
 
     /// At most this many lines wait for their acknowledgement before
     /// reading pauses (default 10,000): with the checkpoint settings, it
-    /// bounds what is read again after a crash.
+    /// bounds what is read again after a crash. It must exceed what the
+    /// chain's stages hold at once (batches, windows). Zero is refused by
+    /// [`start`](LineSource::start).
     pub fn with_max_unacked(mut self, n: usize) -> Self {
         self.max_unacked = n;
         self
@@ -245,7 +260,7 @@ impl LineSource {
 
     /// Writes the checkpoint once this many more lines are decided (default
     /// 5,000), besides every [`with_checkpoint_interval`]: the bound on
-    /// lines decided but read again after a crash.
+    /// lines decided but read again after a crash. Zero is refused.
     ///
     /// [`with_checkpoint_interval`]: LineSource::with_checkpoint_interval
     pub fn with_checkpoint_after(mut self, lines: u64) -> Self {
@@ -255,7 +270,8 @@ impl LineSource {
 
     /// Writes the checkpoint at least this often while lines are being
     /// decided (default 1 s; `Duration::MAX`: only by count and at the
-    /// end).
+    /// end; zero is refused). The keeper looks every 100 ms, so a shorter
+    /// interval acts as 100 ms.
     pub fn with_checkpoint_interval(mut self, every: Duration) -> Self {
         self.checkpoint_every = every;
         self
@@ -264,14 +280,19 @@ impl LineSource {
     /// How long the source waits, after its last line or at a graceful
     /// shutdown, for the lines in the chain to be decided before it writes
     /// the last checkpoint (default 30 s; `Duration::MAX`: until they are,
-    /// or until no acknowledgement came for a while).
+    /// or until none was decided for a quiet period of the checkpoint
+    /// interval, 1 to 10 s). It bounds only the source's own wait: the
+    /// chain's stages finish on their own, and `Pipeline::join` waits for
+    /// them.
     pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_for = timeout;
         self
     }
 
     /// The longest line kept whole, in bytes (default 1 MiB, at most 1
-    /// GiB): a longer one becomes an error item carrying its start.
+    /// GiB; zero is refused): a longer one becomes an error item carrying
+    /// its first `bytes` bytes (made valid UTF-8, so a character cut in
+    /// half becomes U+FFFD).
     pub fn with_max_line(mut self, bytes: usize) -> Self {
         self.max_line = bytes;
         self

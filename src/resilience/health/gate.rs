@@ -84,12 +84,13 @@ impl<T: Send + 'static> Operator<T, T> for Gate {
             return out.forward(chunk);
         }
         let error = self.rejection();
-        for item in chunk {
+        for (item, ack) in chunk.into_acked() {
             match item {
                 Ok(value) => out.fail(
                     StreamError::new(ErrorKind::GateClosed, out.stage().to_string())
                         .with_source(error.clone())
                         .with_item(value)
+                        .with_ack(ack)
                         .with_attempts(0), // never tried: the gate held it
                 ),
                 Err(e) => out.pass(e),
