@@ -17,7 +17,9 @@ use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
 use crate::base::signal::Signal;
 use crate::flow::Flow;
-use crate::flow::source::{AckedPusher, IterSource, PushSource, Pusher, Shutdown, StreamSource};
+use crate::flow::source::{
+    AckedPusher, IterSource, PushSource, Pusher, Shutdown, SourceItem, StreamSource,
+};
 
 /// A handle on one pipeline: its sources, stage tasks and counters.
 ///
@@ -400,19 +402,7 @@ impl Pipeline {
         &self,
         name: impl Into<Arc<str>>,
     ) -> (Pusher<T>, Flow<T>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(self.inner.edge.capacity());
-        let counters = self.register(name);
-        let flow = Flow::from_source(
-            self.clone(),
-            Box::new(PushSource {
-                rx,
-                max_chunk: self.inner.edge.max_chunk(),
-                shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
-                closing: false,
-                counters: counters.clone(),
-            }),
-        )
-        .produced_by(counters);
+        let (tx, flow) = self.push_channel(name);
         (Pusher::new(tx, self.inner.shutdown.token().clone()), flow)
     }
 
@@ -423,6 +413,23 @@ impl Pipeline {
         &self,
         name: impl Into<Arc<str>>,
     ) -> (AckedPusher<T>, Flow<T>) {
+        let (tx, flow) = self.push_channel(name);
+        (
+            AckedPusher::new(tx, self.inner.shutdown.token().clone()),
+            flow,
+        )
+    }
+
+    /// A bounded channel of `I` (items, or items with their acks) on the
+    /// pipeline's edge, and the flow reading it as a source named `name`.
+    fn push_channel<T, I>(
+        &self,
+        name: impl Into<Arc<str>>,
+    ) -> (tokio::sync::mpsc::Sender<I>, Flow<T>)
+    where
+        T: Send + 'static,
+        I: SourceItem<T> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::mpsc::channel(self.inner.edge.capacity());
         let counters = self.register(name);
         let flow = Flow::from_source(
@@ -436,10 +443,7 @@ impl Pipeline {
             }),
         )
         .produced_by(counters);
-        (
-            AckedPusher::new(tx, self.inner.shutdown.token().clone()),
-            flow,
-        )
+        (tx, flow)
     }
 
     /// This pipeline and every pipeline linked to it by a merge, directly or
