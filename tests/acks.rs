@@ -122,6 +122,19 @@ fn cases() -> Vec<Case> {
                     .step("unbatch", Unbatch::new()),
             )
         }),
+        ("unbatch with emptied batches", |f| {
+            read(
+                f.pipe(Batcher::new(7, Duration::from_millis(5)))
+                    .map(|b| if b[0] % 2 == 0 { Vec::new() } else { b.clone() })
+                    .step("unbatch", Unbatch::new()),
+            )
+        }),
+        ("a step that recovers errors", |f| {
+            read(
+                f.try_map(|v| if v % 3 == 0 { Err(boom(v)) } else { Ok(*v) })
+                    .step("recover", Recover),
+            )
+        }),
         ("throttle", |f| {
             read(f.pipe(Throttle::new(1000, Duration::from_secs(1))))
         }),
@@ -223,6 +236,42 @@ async fn every_operator_meets_the_acks_of_what_it_hands_over_or_drops() {
         assert!(unmet.is_empty(), "{name}: unacknowledged items {unmet:?}");
         pipeline.join().await.ok();
     }
+}
+
+/// Turns every error into the value 0 (taking the error).
+struct Recover;
+
+impl streamz::Step<u32, u32> for Recover {
+    fn on_item(&mut self, item: streamz::Item<'_, u32>, out: &mut streamz::Emit<'_, u32>) {
+        out.emit(*item);
+    }
+
+    fn on_error(
+        &mut self,
+        error: streamz::Item<'_, streamz::StreamError>,
+        out: &mut streamz::Emit<'_, u32>,
+    ) {
+        drop(error.take());
+        out.emit(0);
+    }
+}
+
+/// A batch reordered before it is unbatched: the values no longer line up
+/// with the items they came from, so no item is acknowledged until every
+/// value of its batch is decided.
+#[tokio::test(start_paused = true)]
+async fn a_reordered_batch_acknowledges_no_item_before_its_whole_batch() {
+    let pipeline = Pipeline::new();
+    let (flow, receipts) = acked(&pipeline, 10, |i| i);
+    let out = flow
+        .pipe(Batcher::new(10, Duration::from_millis(5)))
+        .map(|b| b.iter().rev().copied().collect::<Vec<u32>>())
+        .step("unbatch", Unbatch::new())
+        .pipe(Take::new(1))
+        .collect()
+        .await;
+    assert_eq!(support::values(out), [9]);
+    assert_eq!(unmet(&receipts), (0..10).collect::<Vec<_>>());
 }
 
 #[tokio::test(start_paused = true)]

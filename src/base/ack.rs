@@ -36,12 +36,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Shared by their [`Ack`]s and the source's [`Watermarks`], which keeps
 /// only this and a position, not the items.
 ///
-/// A batch's acknowledgement is a node of its own whose `members` are its
-/// items' progresses (never nested): meeting it meets each member.
+/// A batch's acknowledgement is a node of its own: its `pending` counts the
+/// acks that refer to it (one, and one more per fork or split part), and
+/// when the last is met it meets one obligation of each of its `members`
+/// (item progresses, or other batches' nodes).
 #[derive(Debug)]
 pub(crate) struct Progress {
     pending: AtomicUsize,
-    /// For a batch's node: its members; empty for an item's progress.
+    /// For a batch's node: the obligations it stands for; empty for an
+    /// item's progress.
     members: Vec<Arc<Progress>>,
 }
 
@@ -61,19 +64,14 @@ impl Progress {
     }
 
     fn meet(&self) {
-        if self.members.is_empty() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-        } else {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last reference to a batch's node: its members are met.
             self.members.iter().for_each(|m| m.meet());
         }
     }
 
     fn add(&self) {
-        if self.members.is_empty() {
-            self.pending.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.members.iter().for_each(|m| m.add());
-        }
+        self.pending.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -181,46 +179,30 @@ impl Ack {
 
     /// One acknowledgement standing for all of `acks` (a batch's).
     pub fn merge(acks: impl IntoIterator<Item = Ack>) -> Ack {
-        let mut members = Vec::new();
-        for ack in acks {
-            if let Some(p) = ack.0 {
-                if p.members.is_empty() {
-                    members.push(p);
-                } else {
-                    members.extend(p.members.iter().cloned());
-                }
-            }
-        }
-        if members.is_empty() {
-            Ack::none()
-        } else {
-            Ack(Some(Arc::new(Progress {
-                pending: AtomicUsize::new(0),
+        let members: Vec<Arc<Progress>> = acks.into_iter().filter_map(|a| a.0).collect();
+        match members.len() {
+            0 => Ack::none(),
+            1 => Ack(members.into_iter().next()),
+            _ => Ack(Some(Arc::new(Progress {
+                pending: AtomicUsize::new(1),
                 members,
-            })))
+            }))),
         }
     }
 
-    /// Splits the acknowledgement of a batch of `n` values into one per
-    /// value: the members' own when the batch still has as many values as
-    /// it had acks, otherwise a fork of the whole for each (every value
-    /// must then be acknowledged before any member is).
+    /// Splits the acknowledgement of a batch into one per value of the
+    /// `n` values it was unbatched into: each a part of the whole, whose
+    /// members are met once every part is (the values may have been
+    /// reordered, filtered or replaced since the batch was made, so which
+    /// value stands for which member is not known). A batch emptied on
+    /// purpose (`n` zero) is a drop: met at once.
     pub(crate) fn split(self, n: usize) -> Vec<Ack> {
-        let Some(p) = self.0 else {
-            return (0..n).map(|_| Ack::none()).collect();
-        };
-        if p.members.len() == n {
-            return p.members.iter().map(|m| Ack(Some(m.clone()))).collect();
-        }
-        let whole = Ack(Some(p));
         if n == 0 {
-            // No value left to carry it: the batch was emptied on purpose,
-            // which is a drop.
-            whole.ack();
+            self.ack();
             return Vec::new();
         }
-        let mut parts: Vec<Ack> = (1..n).map(|_| whole.fork()).collect();
-        parts.push(whole);
+        let mut parts: Vec<Ack> = (1..n).map(|_| self.fork()).collect();
+        parts.push(self);
         parts
     }
 }
@@ -367,16 +349,35 @@ mod tests {
     }
 
     #[test]
-    fn a_merged_batch_splits_back_one_each() {
-        let p = Progress::new(3);
-        let batch = Ack::merge(acks(&p, 3));
+    fn a_split_batch_is_met_when_every_part_is() {
+        // Three items, batched, unbatched: meeting two parts meets nothing
+        // (they may be any two of the three values).
+        let items: Vec<_> = (0..3).map(|_| Progress::new(1)).collect();
+        let batch = Ack::merge(items.iter().map(Ack::of));
         let mut parts = batch.split(3);
         assert_eq!(parts.len(), 3);
         parts.pop().unwrap().ack();
         parts.pop().unwrap().ack();
-        assert!(!p.done());
+        assert!(items.iter().all(|p| !p.done()));
         parts.pop().unwrap().ack();
-        assert!(p.done());
+        assert!(items.iter().all(|p| p.done()));
+    }
+
+    #[test]
+    fn batches_of_batches_and_their_forks_meet_each_member_once() {
+        let items: Vec<_> = (0..4).map(|_| Progress::new(1)).collect();
+        let a = Ack::merge(items[..2].iter().map(Ack::of));
+        let b = Ack::merge(items[2..].iter().map(Ack::of));
+        let both = Ack::merge([a, b]);
+        let copy = both.fork();
+        both.ack();
+        assert!(items.iter().all(|p| !p.done()));
+        copy.ack();
+        assert!(items.iter().all(|p| p.done()));
+        // A single-item batch is the item's own ack.
+        let one = Progress::new(1);
+        Ack::merge([Ack::of(&one)]).ack();
+        assert!(one.done());
     }
 
     #[test]

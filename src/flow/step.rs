@@ -395,9 +395,12 @@ where
                             current.take().ack();
                         }
                     }
-                    Err(error) => {
+                    Err(mut error) => {
+                        // The error's acknowledgement goes with what the
+                        // step makes of it (a recovered value), or back
+                        // into the error if it passes on.
+                        current.set(error.take_ack());
                         err_slot = Some(error);
-                        current.set(Ack::none());
                         let mut emit = Emit {
                             out: &mut out,
                             local: &mut local,
@@ -413,7 +416,7 @@ where
                         );
                         if let Some(error) = err_slot.take() {
                             local.errors_passed += 1;
-                            out.push_error(error);
+                            out.push_error(error.with_ack(current.take()));
                         }
                     }
                 }

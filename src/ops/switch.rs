@@ -26,7 +26,11 @@ use crate::ops::route::{Pick, spawn_router};
 /// `Routes` is dropped) has its values counted as `undelivered`. A route's
 /// flow that is kept but not read holds the other routes back, as any flow
 /// nobody reads holds back its producer: take every route you need, then
-/// drop the `Routes`.
+/// drop the `Routes`. With a source that replays (its items carry an
+/// [`Ack`](crate::Ack)), values counted `undelivered` are never decided:
+/// the source reads them again after a restart and meanwhile stops at its
+/// `max_unacked` (docs/recovery.md, "Known gaps"); give every route a
+/// reader there.
 ///
 /// # Examples
 ///

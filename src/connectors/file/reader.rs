@@ -117,10 +117,13 @@ impl Reader {
             // A last line without its end is handed over, but the
             // checkpoint stays at its start: a writer may still be
             // appending to it, and the next run reads it again, whole.
+            // Reading this file stops there, so what is appended now is
+            // not taken for a line of its own.
             if ended {
                 at += len as u64;
                 behind = *number;
             }
+            let unfinished = !ended;
             let bytes = std::mem::take(&mut buf);
             let line = |text: String| Line {
                 file: name.clone(),
@@ -146,6 +149,9 @@ impl Reader {
                     }
                 }
             });
+            if unfinished {
+                break;
+            }
             if lines.len() >= self.batch {
                 let full = std::mem::replace(&mut lines, Vec::with_capacity(self.batch));
                 if !self.send(index, (at, behind), full) {

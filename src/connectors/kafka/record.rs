@@ -128,7 +128,13 @@ impl KafkaRecord {
 
     /// Does nothing: a record is acknowledged where its outcome is decided,
     /// by the core acknowledgement that travels beside it ([`crate::Ack`]).
-    #[deprecated(note = "acknowledgement is automatic: see `streamz::Ack`")]
+    /// Reading a flow hands its records over, which decides them: a reader
+    /// that writes records somewhere itself and used to call `ack` after
+    /// its write must read with
+    /// [`Flow::for_each_acked`](crate::Flow::for_each_acked) instead.
+    #[deprecated(
+        note = "acknowledgement is automatic (see `streamz::Ack`); a reader that writes records itself must use `Flow::for_each_acked`"
+    )]
     pub fn ack(&self) {}
 
     /// Whether the record's outcome is decided (every obligation met).
@@ -198,8 +204,11 @@ pub struct Ack {
 }
 
 impl Ack {
-    /// Does nothing (see the type's documentation).
-    #[deprecated(note = "acknowledgement is automatic: see `streamz::Ack`")]
+    /// Does nothing (see the type's documentation and
+    /// [`KafkaRecord::ack`]).
+    #[deprecated(
+        note = "acknowledgement is automatic (see `streamz::Ack`); a reader that writes records itself must use `Flow::for_each_acked`"
+    )]
     pub fn ack(&self) {}
 
     /// Whether the record's outcome is decided (every obligation met).
