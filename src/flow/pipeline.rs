@@ -338,17 +338,7 @@ impl Pipeline {
         S: Stream<Item = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let counters = self.register("stream");
-        Flow::from_source(
-            self.clone(),
-            Box::new(StreamSource {
-                stream: Some(Box::pin(stream)),
-                max_chunk: self.inner.edge.max_chunk(),
-                shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
-                counters: counters.clone(),
-            }),
-        )
-        .produced_by(counters)
+        self.stream_source(stream)
     }
 
     /// A source of items with their acknowledgements (see [`Ack`]): for a
@@ -376,6 +366,17 @@ impl Pipeline {
     pub fn acked_stream<S, T>(&self, stream: S) -> Flow<T>
     where
         S: Stream<Item = (Result<T>, Ack)> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.stream_source(stream)
+    }
+
+    /// The source of `try_stream` and `acked_stream`: items, or items with
+    /// their acknowledgements, polled from a stream.
+    fn stream_source<S, T>(&self, stream: S) -> Flow<T>
+    where
+        S: Stream + Send + 'static,
+        S::Item: SourceItem<T>,
         T: Send + 'static,
     {
         let counters = self.register("stream");
