@@ -262,6 +262,16 @@ struct Ready<T> {
     ack: Ack,
 }
 
+/// Keeps an acknowledgement for a window: none is kept for items without
+/// one (the common case), so a window of a source without
+/// acknowledgements builds no list.
+#[inline]
+fn keep(acks: &mut Vec<Ack>, ack: Ack) {
+    if !ack.is_none() {
+        acks.push(ack);
+    }
+}
+
 /// How a window stage assigns arrivals to windows.
 trait Assigner<T>: Send + 'static {
     /// Takes in what arrived at `now`; a window it completes goes to
@@ -347,11 +357,11 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 match item {
                     Ok(v) => items.push(v),
                     Err(mut e) => {
-                        acks.push(e.take_ack());
+                        keep(&mut acks, e.take_ack());
                         errors.push(e);
                     }
                 }
-                acks.push(ack);
+                keep(&mut acks, ack);
             }
             self.resume = Some(now);
             let (values, errors_n) = (items.len() as u64, errors.len() as u64);
@@ -402,12 +412,12 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                     match &self.held[i].1 {
                         Ok(v) => {
                             items.push(v.clone());
-                            acks.push(self.held[i].2.fork());
+                            keep(&mut acks, self.held[i].2.fork());
                         }
                         Err(_) => {
                             // Errors are not cloned: this window takes it.
                             if let Some((_, Err(mut e), _)) = self.held.remove(i) {
-                                acks.push(e.take_ack());
+                                keep(&mut acks, e.take_ack());
                                 errors.push(e);
                             }
                             continue;
@@ -483,7 +493,7 @@ impl<T: Send + 'static> Assigner<T> for Sessions<T> {
         ack: Ack,
         ready: &mut Vec<Ready<T>>,
     ) {
-        self.acks.push(ack);
+        keep(&mut self.acks, ack);
         let w = self.open.get_or_insert_with(|| Window {
             start: now,
             end: now,
@@ -497,7 +507,7 @@ impl<T: Send + 'static> Assigner<T> for Sessions<T> {
             }
             // An error joins the open session without extending it.
             Err(mut e) => {
-                self.acks.push(e.take_ack());
+                keep(&mut self.acks, e.take_ack());
                 w.errors.push(e);
             }
         }
