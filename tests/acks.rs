@@ -399,3 +399,14 @@ async fn items_of_an_ordinary_source_carry_no_acks() {
     let chunk = flow.next_acked_chunk().await.unwrap();
     assert!(!chunk.has_acks());
 }
+
+/// `for_each` decides an item once its closure returned: a panic in the
+/// closure leaves that item and the rest of its chunk undecided.
+#[tokio::test]
+async fn for_each_that_panics_leaves_the_rest_unacknowledged() {
+    let pipeline = Pipeline::new();
+    let (flow, receipts) = acked(&pipeline, 10, |i| i);
+    let run = tokio::spawn(flow.for_each(|item| assert!(item.unwrap() != 4, "four")));
+    assert!(run.await.unwrap_err().is_panic());
+    assert_eq!(unmet(&receipts), (4..10).collect::<Vec<_>>());
+}

@@ -525,7 +525,8 @@ impl<T: Send + 'static> Flow<T> {
         Ok(())
     }
 
-    /// Calls `f` on every item, values and errors, in order.
+    /// Calls `f` on every item, values and errors, in order. An item's
+    /// acknowledgement (see [`Ack`]) is met once `f` returned for it.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -538,8 +539,24 @@ impl<T: Send + 'static> Flow<T> {
     where
         F: FnMut(Result<T>),
     {
-        while let Some(chunk) = self.next_chunk().await {
-            chunk.into_iter().for_each(&mut f);
+        // Each item is decided once `f` returned for it: if `f` panics, the
+        // rest of its chunk is not acknowledged.
+        while let Some(chunk) = self.next_acked_chunk().await {
+            for (item, ack) in chunk.into_acked() {
+                // An error's acknowledgement is inside it (none beside it).
+                let ack = match item {
+                    Ok(v) => {
+                        f(Ok(v));
+                        ack
+                    }
+                    Err(mut e) => {
+                        let own = e.take_ack();
+                        f(Err(e));
+                        own
+                    }
+                };
+                ack.ack();
+            }
         }
     }
 
