@@ -107,7 +107,7 @@ pub use ops::tap::Tap;
 pub use ops::throttle::Throttle;
 pub use ops::unbatch::Unbatch;
 pub use ops::window::{Session, Sliding, Tumbling, Window};
-pub use resilience::async_mapper::{AsyncMapper, TimeoutError};
+pub use resilience::async_mapper::{AsyncMapper, DependencyDown, DependencySignal, TimeoutError};
 pub use resilience::dlq::{DeadLetter, DeadLetterQueue};
 #[cfg(feature = "http")]
 pub use resilience::health::HttpProbe;

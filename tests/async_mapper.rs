@@ -879,3 +879,167 @@ async fn a_huge_concurrency_allocates_nothing_up_front() {
     let out = streamz::iter(0..1000u32).pipe(mapper).collect().await;
     assert_eq!(out.len(), 1000);
 }
+
+// ---- Holding calls while the dependency is down (`hold_while_down`) ----
+
+/// A call that fails while `up` is false and counts every attempt.
+fn dependency(
+    up: &Arc<std::sync::atomic::AtomicBool>,
+    calls: &Arc<AtomicU32>,
+) -> impl Fn(&u32) -> std::future::Ready<Result<u32, io::Error>> + use<> {
+    let (up, calls) = (up.clone(), calls.clone());
+    move |n: &u32| {
+        calls.fetch_add(1, SeqCst);
+        std::future::ready(if up.load(SeqCst) {
+            Ok(*n)
+        } else {
+            Err(boom("connection refused"))
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_items_spend_no_attempt_while_down_and_all_arrive_in_order_once_up() {
+    for ordered in [true, false] {
+        let pipeline = Pipeline::new();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let calls = Arc::new(AtomicU32::new(0));
+        let (health, signal) = tokio::sync::watch::channel(streamz::Health::Healthy);
+        let mut mapper = AsyncMapper::new(dependency(&up, &calls))
+            .with_concurrency(4)
+            .with_retry(fixed_retry(2))
+            .hold_while_down(signal);
+        if !ordered {
+            mapper = mapper.unordered();
+        }
+        let (tx, flow) = pipeline.channel::<u32>();
+        let reader = tokio::spawn(flow.pipe(mapper).collect());
+        // The dependency goes down; the first item fails once (its retry
+        // is due in 100 ms) before the signal says so.
+        up.store(false, SeqCst);
+        tx.send(0).await.unwrap();
+        settle_briefly().await;
+        assert_eq!(calls.load(SeqCst), 1);
+        health.send(streamz::Health::unhealthy("db down")).unwrap();
+        for i in 1..4 {
+            tx.send(i).await.unwrap();
+        }
+        // A minute down: the retry and the new items wait, no attempt.
+        sleep(Duration::from_secs(60)).await;
+        assert_eq!(calls.load(SeqCst), 1, "no attempt while down");
+        up.store(true, SeqCst);
+        health.send(streamz::Health::Healthy).unwrap();
+        drop(tx);
+        let out = within(Duration::from_secs(1), reader).await.unwrap();
+        let mut got = values(out);
+        if !ordered {
+            got.sort_unstable();
+        }
+        assert_eq!(got, [0, 1, 2, 3], "every item, none dead-lettered");
+        assert_eq!(calls.load(SeqCst), 5, "one failed attempt, then one each");
+        let m = stage(&pipeline, "async_mapper");
+        assert_eq!((m.emitted, m.failed, m.retries), (4, 0, 1));
+        assert_conserved(&m);
+    }
+}
+
+/// Lets the pipeline's tasks run without moving the paused clock.
+async fn settle_briefly() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_held_items_with_their_last_error_or_gate_closed_carrying_them() {
+    let pipeline = Pipeline::new();
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(AtomicU32::new(0));
+    let (health, signal) = tokio::sync::watch::channel(streamz::Health::Healthy);
+    let mapper = AsyncMapper::new(dependency(&up, &calls))
+        .with_concurrency(4)
+        .with_retry(fixed_retry(u32::MAX))
+        .hold_while_down(signal);
+    let (tx, flow) = pipeline.channel::<u32>();
+    let reader = tokio::spawn(flow.pipe(mapper).collect());
+    tx.send(7).await.unwrap();
+    settle_briefly().await;
+    health.send(streamz::Health::unhealthy("db down")).unwrap();
+    tx.send(8).await.unwrap();
+    sleep(Duration::from_secs(10)).await;
+    assert_eq!(calls.load(SeqCst), 1);
+    pipeline.shutdown();
+    let out = within(MS, reader).await.unwrap();
+    let (oks, errs) = split(out);
+    assert!(oks.is_empty());
+    let mut errs = errs.into_iter();
+    let mut retried = errs.next().unwrap();
+    assert_eq!((retried.kind(), retried.attempts()), (ErrorKind::Failed, 1));
+    assert_eq!(retried.cause().unwrap().to_string(), "connection refused");
+    assert_eq!(retried.take_item::<u32>(), Some(7));
+    let mut never = errs.next().unwrap();
+    assert_eq!((never.kind(), never.attempts()), (ErrorKind::GateClosed, 1));
+    let down = never
+        .cause()
+        .unwrap()
+        .downcast_ref::<streamz::DependencyDown>()
+        .unwrap();
+    assert_eq!(down.reason(), "db down");
+    assert_eq!(never.take_item::<u32>(), Some(8));
+    assert_eq!(calls.load(SeqCst), 1, "no call after shutdown");
+    assert_conserved(&stage(&pipeline, "async_mapper"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_handle_holds_the_items_past_the_gate_even_after_the_gate_ended() {
+    let pipeline = Pipeline::new();
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(AtomicU32::new(0));
+    let (health, check) = tokio::sync::watch::channel(streamz::Health::unhealthy("down"));
+    let gate = streamz::HealthGate::new(check)
+        .starting_open()
+        .with_interval(100 * MS)
+        .with_failures_to_close(1);
+    let handle = gate.handle();
+    let mapper = AsyncMapper::new(dependency(&up, &calls))
+        .with_concurrency(8)
+        .with_retry(fixed_retry(3))
+        .hold_while_down(&handle);
+    let out = tokio::spawn(pipeline.iter(0..8u32).pipe(gate).pipe(mapper).collect());
+    // The items that passed the open gate fail once; their retries (100
+    // ms later) find the gate closed and wait, long after the gate itself
+    // has ended (its input did).
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.state(), streamz::GateState::Closed);
+    let during = calls.load(SeqCst);
+    assert!(during <= 8, "at most one attempt per item: {during}");
+    sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        calls.load(SeqCst),
+        during,
+        "no attempt while the gate is closed"
+    );
+    up.store(true, SeqCst);
+    health.send(streamz::Health::Healthy).unwrap();
+    let got = values(within(Duration::from_secs(5), out).await.unwrap());
+    assert_eq!(
+        got,
+        (0..8).collect::<Vec<_>>(),
+        "nothing failed for the outage"
+    );
+    assert_eq!(calls.load(SeqCst) - during, 8, "one attempt each once up");
+    assert_conserved(&stage(&pipeline, "async_mapper"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_signal_whose_sender_is_gone_lets_the_calls_go_ahead() {
+    let (health, signal) = tokio::sync::watch::channel(streamz::Health::unhealthy("down"));
+    let mapper = AsyncMapper::new(|n: &u32| std::future::ready(Ok::<_, io::Error>(*n)))
+        .hold_while_down(signal);
+    let out = tokio::spawn(streamz::iter(0..3u32).pipe(mapper).collect());
+    sleep(Duration::from_secs(1)).await;
+    assert!(!out.is_finished(), "held while down");
+    drop(health);
+    let got = values(within(MS, out).await.unwrap());
+    assert_eq!(got, [0, 1, 2]);
+}

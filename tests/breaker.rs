@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use streamz::breaker::{
-    Breaker, BreakerConfig, BreakerRegistry, BreakerState, CircuitBreaker, CircuitOpen,
-    OpenBackoff, OpenPolicy, RegistryError, SlowCall, Window,
+    Breaker, BreakerConfig, BreakerRegistry, BreakerState, CallOutcome, CircuitBreaker,
+    CircuitOpen, OpenBackoff, OpenPolicy, RegistryError, SlowCall, Window,
 };
 use streamz::{ErrorKind, GateState, HealthGate, Pipeline};
 use support::{assert_conserved, split, stage};
@@ -72,12 +72,12 @@ async fn a_rate_below_the_threshold_keeps_it_closed_and_the_count_window_slides(
     }
     assert_eq!(b.state(), BreakerState::Closed);
     assert_eq!(b.metrics().window_calls, 10);
-    assert!((b.metrics().failure_rate - 0.4).abs() < 1e-9);
+    assert!((b.metrics().failure_rate.unwrap() - 0.4).abs() < 1e-9);
     // The oldest calls slide out: 10 successes bring the rate to 0.
     for _ in 0..10 {
         ok(&b);
     }
-    assert_eq!(b.metrics().failure_rate, 0.0);
+    assert_eq!(b.metrics().failure_rate, Some(0.0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -657,15 +657,214 @@ async fn around_matches_outputs_by_position_not_by_stage_name() {
     assert_eq!(b.state(), BreakerState::Closed);
 }
 
-#[test]
-fn a_count_window_smaller_than_the_minimum_calls_is_rejected() {
+#[tokio::test(start_paused = true)]
+async fn minimum_calls_above_a_count_window_is_allowed_and_never_judges_the_rate() {
     let mut c = config();
     c.window = Window::Count(n(5));
     c.minimum_calls = n(10);
+    let b = Breaker::new("b", c);
+    assert_eq!(b.validate(), Ok(()));
+    for _ in 0..50 {
+        fail(&b);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    let m = b.metrics();
+    assert_eq!((m.window_calls, m.window_failures), (5, 5));
+    assert_eq!(m.failure_rate, None, "never evaluated");
+    // Failures in a row still open it.
+    c.consecutive_failures = Some(n(3));
+    let b = Breaker::new("b", c);
+    for _ in 0..3 {
+        fail(&b);
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rates_are_not_evaluated_below_the_minimum_calls() {
+    let mut c = config();
+    c.slow_call = Some(SlowCall {
+        duration: Duration::from_secs(1),
+        rate: 1.0,
+    });
+    let b = Breaker::new("b", c);
+    let m = b.metrics();
+    assert_eq!((m.failure_rate, m.slow_call_rate), (None, None));
+    fail(&b);
+    b.try_acquire().unwrap().success(Duration::from_secs(2)); // slow
+    ok(&b);
+    let m = b.metrics();
     assert_eq!(
-        Breaker::new("b", c).validate().unwrap_err().to_string(),
-        "`breaker.minimum_calls` must not exceed the count window's size"
+        (m.window_calls, m.window_failures, m.window_slow_calls),
+        (3, 1, 1)
     );
+    assert_eq!((m.failure_rate, m.slow_call_rate), (None, None));
+    ok(&b); // the fourth call: judged from now on
+    let m = b.metrics();
+    assert_eq!((m.failure_rate, m.slow_call_rate), (Some(0.25), Some(0.25)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_leaves_a_time_window_exactly_its_length_after_it_was_recorded() {
+    let mut c = config();
+    c.window = Window::Time(Duration::from_secs(10));
+    let b = Breaker::new("b", c);
+    tokio::time::advance(Duration::from_secs(3)).await;
+    fail(&b); // recorded at t = 3 s
+    tokio::time::advance(Duration::from_secs(10) - Duration::from_nanos(1)).await;
+    assert_eq!(b.metrics().window_calls, 1, "still in at t + 10 s - 1 ns");
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    assert_eq!(b.metrics().window_calls, 0, "gone at t + 10 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_call_stays_in_a_time_window_longer_than_the_window() {
+    // Calls at every 100 ms over 30 s of a 10 s window (and of a 2.5 s
+    // one, whose buckets are a tenth of it): each one is counted at most
+    // the window's length after it was made, and at least the length less
+    // one bucket.
+    for (span, bucket) in [(10_000u64, 1_000u64), (2_500, 250)] {
+        let mut c = config();
+        c.window = Window::Time(Duration::from_millis(span));
+        c.minimum_calls = n(1_000_000); // never opens: only counting
+        let b = Breaker::new("b", c);
+        let start = tokio::time::Instant::now();
+        let mut made: Vec<u64> = Vec::new();
+        for _ in 0..300 {
+            let now = start.elapsed().as_millis() as u64;
+            made.push(now);
+            ok(&b);
+            let in_window = made.iter().filter(|&&t| now < t + span).count() as u64;
+            let at_least = made.iter().filter(|&&t| now < t + span - bucket).count() as u64;
+            let counted = b.metrics().window_calls;
+            assert!(
+                (at_least..=in_window).contains(&counted),
+                "span {span} at {now} ms: {counted} counted, {at_least}..={in_window} allowed"
+            );
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ignored_call_leaves_every_count_unchanged() {
+    let b = Breaker::new("b", config());
+    fail(&b);
+    ok(&b);
+    let before = b.metrics();
+    b.try_acquire().unwrap().ignore();
+    b.try_acquire().unwrap().report(CallOutcome::Ignored);
+    let after = b.metrics();
+    assert_eq!(after.ignored, 2);
+    assert_eq!(
+        (
+            after.successes,
+            after.failures,
+            after.window_calls,
+            after.window_failures,
+            after.failure_rate
+        ),
+        (
+            before.successes,
+            before.failures,
+            before.window_calls,
+            before.window_failures,
+            before.failure_rate
+        )
+    );
+    // An ignored trial frees its slot: half-open does not get stuck.
+    b.transition_to(BreakerState::HalfOpen, "test", "try it");
+    b.try_acquire().unwrap().ignore();
+    b.try_acquire().unwrap().ignore();
+    ok(&b);
+    ok(&b);
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_transitions_reach_every_state_from_every_state() {
+    use BreakerState::*;
+    let states = [Closed, Open, HalfOpen, ForcedOpen, Disabled];
+    for from in states {
+        for to in states {
+            let b = Breaker::new("b", config());
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let listened = seen.clone();
+            b.on_transition(move |t| listened.lock().unwrap().push(t.clone()));
+            b.transition_to(from, "setup", "from");
+            assert_eq!(b.state(), from);
+            let before = b.audit_trail().len();
+            b.transition_to(to, "alice", format!("{from:?} to {to:?}"));
+            assert_eq!(b.state(), to, "{from:?} -> {to:?}");
+            let trail = b.audit_trail();
+            if from == to {
+                assert_eq!(trail.len(), before, "no transition to the same state");
+                continue;
+            }
+            let t = trail.last().unwrap();
+            assert_eq!((t.from, t.to), (from, to));
+            assert_eq!(t.by.as_deref(), Some("alice"));
+            assert_eq!(t.reason, format!("{from:?} to {to:?}"));
+            assert_eq!(seen.lock().unwrap().last(), Some(t), "listeners see it too");
+            // What each state does afterwards.
+            match to {
+                Closed | Disabled | HalfOpen => assert!(b.try_acquire().is_ok()),
+                Open | ForcedOpen => assert!(b.try_acquire().is_err()),
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn opened_by_hand_it_recovers_normally_and_forced_open_it_does_not() {
+    let b = Breaker::new("b", config()); // open for 1 s
+    b.transition_to(BreakerState::Open, "on-call", "maintenance");
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert_eq!(b.state(), BreakerState::Open);
+    tokio::time::advance(MS).await;
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    let t = b.audit_trail().last().unwrap().clone();
+    assert_eq!(
+        (t.by, t.reason.as_str()),
+        (None, "the open duration passed")
+    );
+    ok(&b);
+    ok(&b);
+    assert_eq!(b.state(), BreakerState::Closed);
+
+    b.transition_to(BreakerState::ForcedOpen, "on-call", "hold it");
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(b.state(), BreakerState::ForcedOpen);
+    // Half-open by hand: "try it now".
+    b.transition_to(BreakerState::HalfOpen, "on-call", "try it");
+    fail(&b);
+    assert_eq!(b.state(), BreakerState::Open, "a failed trial reopens it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_transition_ignores_the_minimum_interval() {
+    let mut c = config();
+    c.min_transition_interval = Duration::from_secs(60);
+    let b = Breaker::new("b", c);
+    b.transition_to(BreakerState::Open, "a", "1");
+    b.transition_to(BreakerState::Closed, "a", "2");
+    b.transition_to(BreakerState::HalfOpen, "a", "3");
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    assert_eq!(b.audit_trail().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejections_are_counted_per_state() {
+    let b = Breaker::new("b", config());
+    b.force_open();
+    for _ in 0..3 {
+        assert!(b.try_acquire().is_err());
+    }
+    assert_eq!(b.metrics().rejected_in_state, 3);
+    b.transition_to(BreakerState::Open, "a", "b");
+    assert!(b.try_acquire().is_err());
+    let m = b.metrics();
+    assert_eq!((m.rejected, m.rejected_in_state), (4, 1));
 }
 
 const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
@@ -867,4 +1066,145 @@ async fn a_registry_saves_and_loads_every_breaker_atomically() {
         .unwrap_err();
     assert!(matches!(err, RegistryError::Io { .. }), "{err}");
     assert!(err.to_string().contains("breakers.json"), "{err}");
+}
+
+// ---- Composition with the mapper's timeout, retries and order ----
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_call_is_a_failure_of_the_breakers_call() {
+    let mut c = config();
+    c.consecutive_failures = Some(n(2));
+    let b = Breaker::new("b", c);
+    let stage = CircuitBreaker::new(b.clone(), |_: &u32| {
+        std::future::pending::<Result<u32, std::io::Error>>()
+    })
+    .with_timeout(100 * MS);
+    let out = streamz::iter(0..4u32).pipe(stage).collect().await;
+    let kinds: Vec<ErrorKind> = out.iter().map(|r| r.as_ref().unwrap_err().kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            ErrorKind::TimedOut,
+            ErrorKind::TimedOut,
+            ErrorKind::CircuitOpen,
+            ErrorKind::CircuitOpen
+        ]
+    );
+    let m = b.metrics();
+    assert_eq!((m.failures, m.cancelled, m.rejected), (2, 0, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_wait_the_timeout_measures_the_call_not_the_wait_for_a_permit() {
+    let b = Breaker::new("b", config()); // open for 1 s
+    b.transition_to(BreakerState::Open, "test", "down for a second");
+    let stage = CircuitBreaker::new(b.clone(), |n: &u32| {
+        let n = *n;
+        async move {
+            tokio::time::sleep(50 * MS).await;
+            Ok::<_, std::io::Error>(n)
+        }
+    })
+    .with_open_policy(OpenPolicy::Wait)
+    .with_timeout(100 * MS);
+    let start = tokio::time::Instant::now();
+    let out = streamz::iter(0..2u32).pipe(stage).collect().await;
+    assert_eq!(
+        support::values(out),
+        [0, 1],
+        "waited 1 s for a permit, then 50 ms calls"
+    );
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    let m = b.metrics();
+    assert_eq!((m.rejected, m.successes), (0, 2), "a wait is not a refusal");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_retry_asks_the_breaker_and_a_refused_retry_ends_the_item() {
+    let mut c = config();
+    c.consecutive_failures = Some(n(3));
+    let b = Breaker::new("b", c);
+    let stage = CircuitBreaker::new(b.clone(), |_: &u32| {
+        std::future::ready(Err::<u32, _>(std::io::Error::other("down")))
+    })
+    .with_retry(
+        streamz::Retry::attempts(5)
+            .with_backoff(10 * MS, 10 * MS)
+            .with_jitter(streamz::Jitter::None),
+    );
+    let mut out = streamz::iter([1u32]).pipe(stage).collect().await;
+    let mut err = out.pop().unwrap().unwrap_err();
+    // Three failed attempts open the breaker; the fourth is refused.
+    assert_eq!((err.kind(), err.attempts()), (ErrorKind::CircuitOpen, 4));
+    assert_eq!(err.take_item::<u32>(), Some(1));
+    let m = b.metrics();
+    assert_eq!((m.permitted, m.failures, m.rejected), (3, 3, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_classified_as_a_failure_opens_the_breaker_and_still_passes() {
+    let mut c = config();
+    c.consecutive_failures = Some(n(2));
+    let b = Breaker::new("b", c);
+    // A "200 with an error body": the value passes, the breaker counts a failure.
+    let stage = CircuitBreaker::new(b.clone(), |n: &i32| {
+        std::future::ready(Ok::<_, std::io::Error>(-*n))
+    })
+    .classify(|r: Result<&i32, &std::io::Error>| match r {
+        Ok(v) if *v < 0 => CallOutcome::Failure,
+        Ok(_) => CallOutcome::Success,
+        Err(_) => CallOutcome::Failure,
+    })
+    .unordered()
+    .with_concurrency(1);
+    let out = streamz::iter([1, 2, 3]).pipe(stage).collect().await;
+    assert_eq!(out[0].as_ref().unwrap(), &-1);
+    assert_eq!(out[1].as_ref().unwrap(), &-2);
+    assert_eq!(out[2].as_ref().unwrap_err().kind(), ErrorKind::CircuitOpen);
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_classifier_that_panics_fails_the_item_and_counts_a_failure() {
+    let b = Breaker::new("b", config());
+    let stage = CircuitBreaker::new(b.clone(), |n: &u32| {
+        std::future::ready(Ok::<_, std::io::Error>(*n))
+    })
+    .classify(|_: Result<&u32, &std::io::Error>| -> CallOutcome { panic!("bad classifier") });
+    let pipeline = Pipeline::new();
+    let out = pipeline.iter([5u32]).pipe(stage).collect().await;
+    let mut err = out.into_iter().next().unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Panicked);
+    assert_eq!(err.take_item::<u32>(), Some(5));
+    assert_eq!(b.metrics().failures, 1);
+    assert_conserved(&stage_metrics(&pipeline));
+}
+
+fn stage_metrics(pipeline: &Pipeline) -> streamz::StageMetrics {
+    stage(pipeline, "circuit_breaker")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mapper_holding_on_a_breaker_waits_through_the_open_period() {
+    let mut c = config();
+    c.consecutive_failures = Some(n(1));
+    let b = Breaker::new("b", c);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    // A plain mapper (not guarded) that holds while the breaker is open.
+    let mapper = streamz::AsyncMapper::new(move |n: &u32| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok::<_, std::io::Error>(*n))
+    })
+    .hold_while_down(b.clone());
+    fail(&b); // open for 1 s
+    let start = tokio::time::Instant::now();
+    let out = streamz::iter(0..3u32).pipe(mapper).collect().await;
+    assert_eq!(support::values(out), [0, 1, 2]);
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(1),
+        "held until half-open"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
 }

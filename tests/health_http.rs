@@ -269,3 +269,139 @@ async fn a_redirect_to_https_is_not_followed() {
     assert_eq!(asked(&requests), ["/away"]);
     server.abort();
 }
+
+/// A service on `addr`: `/health` answers 200, `/work/<n>` answers 200
+/// with `n` as the body and records `n`. Aborting the task closes the
+/// port (the service is down: connections are refused).
+async fn serve_work(
+    addr: SocketAddr,
+    served: Arc<std::sync::Mutex<Vec<u32>>>,
+) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let served = served.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&request);
+                let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
+                let body = match path.strip_prefix("/work/").map(str::parse::<u32>) {
+                    Some(Ok(n)) => {
+                        served.lock().unwrap().push(n);
+                        n.to_string()
+                    }
+                    _ => "ok".to_owned(),
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A real client and a real service that is down for 2 s in the middle of
+/// a stream: the gate at the ingress notices, and the mapper past it holds
+/// its calls and retries on the gate's state instead of spending them.
+/// No attempt starts while the gate is closed, nothing is dead-lettered
+/// for the outage, and every item arrives, in order, once the service is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_held_by_the_gate_lose_nothing_to_a_two_second_outage() {
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (addr, server) = serve_work("127.0.0.1:0".parse().unwrap(), served.clone()).await;
+    let probe =
+        HttpProbe::new(&format!("http://{addr}/health")).with_timeout(Duration::from_millis(200));
+    let gate = HealthGate::new(probe)
+        .with_interval(Duration::from_millis(20))
+        .with_failures_to_close(2);
+    let handle = gate.handle();
+    let mut status = handle.subscribe();
+
+    let client = reqwest::Client::new();
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = attempts.clone();
+    let call = move |n: &u32| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let request = client.get(format!("http://{addr}/work/{n}")).send();
+        async move {
+            let body = request.await?.error_for_status()?.text().await?;
+            Ok::<u32, streamz::BoxError>(body.parse()?)
+        }
+    };
+    let lookup = streamz::AsyncMapper::new(call)
+        .with_concurrency(4)
+        .with_retry(
+            streamz::Retry::attempts(3)
+                .with_backoff(Duration::from_millis(300), Duration::from_secs(1))
+                .with_jitter(streamz::Jitter::None),
+        )
+        .hold_while_down(&handle);
+    let (dead, letters) = streamz::dlq::channel::<u32>(1024);
+    let pipeline = Pipeline::new();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let out = tokio::spawn(
+        flow.pipe(gate)
+            .pipe(lookup)
+            .pipe(streamz::DeadLetterQueue::new(dead))
+            .collect(),
+    );
+    reached(&mut status, GateState::Open).await;
+
+    // One item every 5 ms: 400 items over 2 s, the outage in the middle.
+    let producer = tokio::spawn(async move {
+        for i in 0..400u32 {
+            tx.send(i).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.abort();
+    let _ = server.await;
+    reached(&mut status, GateState::Closed).await;
+    // (A call may start on another worker in the instant the gate closes.)
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let closed_at = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        attempts.load(std::sync::atomic::Ordering::SeqCst),
+        closed_at,
+        "no attempt while the service is down and the gate knows it"
+    );
+    let (_, server) = serve_work(addr, served.clone()).await;
+
+    tokio::time::timeout(Duration::from_secs(30), producer)
+        .await
+        .expect("the producer got through")
+        .unwrap();
+    let got: Vec<u32> = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("the pipeline ended")
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, (0..400).collect::<Vec<_>>(), "every item, in order");
+    assert!(letters.try_recv().is_err(), "nothing dead-lettered");
+    assert!(handle.closings() >= 1);
+    let mut seen = served.lock().unwrap().clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 400, "the service answered every item");
+    let m = stage(&pipeline, "async_mapper");
+    assert_eq!((m.emitted, m.failed), (400, 0));
+    assert_conserved(&m);
+    server.abort();
+}

@@ -40,7 +40,8 @@ pub(super) struct Machine<In, Out, E, F, Fut, G: Guard> {
 impl<In, O, E, F, Fut, G: Guard> Machine<In, O, E, F, Fut, G>
 where
     In: Send + 'static,
-    E: Into<BoxError>,
+    O: 'static,
+    E: Into<BoxError> + 'static,
     F: Fn(&In) -> Fut,
     Fut: Future<Output = std::result::Result<O, E>>,
 {
@@ -55,7 +56,7 @@ where
 
     /// Puts an input item into a free slot (the caller checked there is
     /// room), creating the slot if all existing ones are busy.
-    fn admit(&mut self, item: Result<In>, ack: Ack) {
+    fn admit(&mut self, item: Result<In>, ack: Ack, cx: &mut Context<'_>) {
         let i = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::new());
             self.slots.len() - 1
@@ -71,7 +72,7 @@ where
                 slot.attempts = 0;
                 slot.first_start = None;
                 slot.first_failure = None;
-                self.policy.start(slot);
+                self.policy.start(slot, cx);
                 if matches!(slot.phase, Phase::Done(_)) {
                     self.finished += 1;
                 }
@@ -131,7 +132,9 @@ where
             Phase::Done(Outcome::Value(v)) => out.emit(v, ack),
             Phase::Done(Outcome::Failed(e)) => out.fail(e.with_ack(ack)),
             Phase::Done(Outcome::Passed(e)) => out.pass(e),
-            Phase::Free | Phase::Running | Phase::Backoff => unreachable!("released a busy slot"),
+            Phase::Free | Phase::Running | Phase::Backoff | Phase::Waiting => {
+                unreachable!("released a busy slot")
+            }
         }
     }
 }
@@ -160,7 +163,7 @@ where
                 let Some((item, ack)) = self.pending.next() else {
                     break;
                 };
-                self.admit(item, ack);
+                self.admit(item, ack, cx);
                 progress = true;
                 budget -= 1;
             }

@@ -18,15 +18,21 @@
 //! wake-up polls every busy slot, which is cheap for the small
 //! concurrencies async I/O calls use (tens, not thousands).
 
+mod hold;
 mod machine;
 mod slot;
 
+pub use hold::DependencySignal;
+pub use slot::DependencyDown;
+
+use std::any::Any;
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::base::chunk::IntoAcked;
@@ -185,6 +191,12 @@ pub struct AsyncMapper<In, Out, E, F> {
     retry: Retry,
     retryable: Option<Predicate<E>>,
     edge: Option<EdgeConfig>,
+    hold: Option<DependencySignal>,
+    #[cfg(feature = "circuit-breaker")]
+    pub(crate) breaker: crate::resilience::breaker::BreakerSettings<Out, E>,
+    /// The operator named in configuration errors (`CircuitBreaker` for a
+    /// mapper made by [`CircuitBreaker::new`](crate::breaker::CircuitBreaker::new)).
+    pub(crate) operator: &'static str,
     _types: Types<In, Out, E>,
 }
 
@@ -197,6 +209,7 @@ impl<In, Out, E, F> fmt::Debug for AsyncMapper<In, Out, E, F> {
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
             .field("edge", &self.edge)
+            .field("hold", &self.hold)
             .finish_non_exhaustive()
     }
 }
@@ -217,6 +230,10 @@ where
             retry: Retry::default(),
             retryable: None,
             edge: None,
+            hold: None,
+            #[cfg(feature = "circuit-breaker")]
+            breaker: Default::default(),
+            operator: "AsyncMapper",
             _types: PhantomData,
         }
     }
@@ -360,17 +377,71 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
         self
     }
 
+    /// Holds calls and retries while `signal` says the dependency is down,
+    /// instead of spending attempts on it: an item that arrives, or whose
+    /// backoff ends, while it is down keeps its slot (and its place, when
+    /// ordered) and starts its attempt once the signal says up. Attempts
+    /// already running go on. The slots fill, and upstream feels
+    /// backpressure, so nothing piles up.
+    ///
+    /// The signal is a [`GateHandle`](crate::GateHandle) (the gate at the
+    /// ingress already probes the dependency: with this, the items past it
+    /// wait too), a `watch` channel of [`Health`](crate::Health) or `bool`,
+    /// a [`Breaker`](crate::breaker::Breaker), or any stream of health
+    /// answers ([`DependencySignal`]).
+    ///
+    /// A retry deadline ([`Retry::with_deadline`]) keeps running while an
+    /// item is held; the attempt count does not grow. On a graceful
+    /// [`shutdown`](crate::Pipeline::shutdown) a held item ends at once: a
+    /// held retry with the failure it was retrying, an item never tried
+    /// with a `gate_closed` error whose source is a [`DependencyDown`];
+    /// both carry the item, so a dead-letter queue keeps it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::{AsyncMapper, Health, Retry};
+    /// use tokio::sync::watch;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let (health, signal) = watch::channel(Health::unhealthy("failover"));
+    /// let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    /// let counted = calls.clone();
+    /// let lookup = AsyncMapper::new(move |id: &u32| {
+    ///     counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ///     std::future::ready(Ok::<_, std::io::Error>(*id))
+    /// })
+    /// .with_retry(Retry::attempts(3))
+    /// .hold_while_down(signal);
+    /// let mut out = streamz::iter(1..=3u32).pipe(lookup);
+    /// tokio::time::sleep(Duration::from_secs(5)).await;
+    /// assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 0); // held, no attempt spent
+    /// health.send(Health::Healthy).unwrap();
+    /// let out: Vec<u32> = out.collect().await.into_iter().map(Result::unwrap).collect();
+    /// assert_eq!(out, [1, 2, 3]);
+    /// # }
+    /// ```
+    pub fn hold_while_down(mut self, signal: impl Into<DependencySignal>) -> Self {
+        self.hold = Some(signal.into());
+        self
+    }
+
     crate::flow::processor::name_and_edge!("Sets the stage's output edge.");
 
     /// Checks the settings, naming no operator: the concurrency, the
-    /// timeout, the retry policy and an explicit edge.
-    fn check(&self) -> Result<(), ConfigError> {
+    /// timeout, the retry policy, an explicit edge and a breaker's
+    /// configuration.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
         nonzero(self.concurrency, "concurrency")?;
         if let Some(timeout) = self.timeout {
             nonzero(timeout, "timeout")?;
         }
         self.retry.validate()?;
-        self.edge.map_or(Ok(()), |e| e.validate())
+        self.edge.map_or(Ok(()), |e| e.validate())?;
+        #[cfg(feature = "circuit-breaker")]
+        if let Some(breaker) = &self.breaker.breaker {
+            breaker.validate()?;
+        }
+        Ok(())
     }
 }
 
@@ -388,10 +459,15 @@ where
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.check()
-            .map_err(|e| e.in_stage("AsyncMapper", &self.name))
+            .map_err(|e| e.in_stage(self.operator, &self.name))
     }
 
-    fn process(self, input: Flow<In>) -> Flow<Out> {
+    #[cfg_attr(not(feature = "circuit-breaker"), allow(unused_mut))]
+    fn process(mut self, input: Flow<In>) -> Flow<Out> {
+        #[cfg(feature = "circuit-breaker")]
+        if let Some(breaker) = self.breaker.breaker.take() {
+            return crate::resilience::breaker::spawn(self, breaker, input);
+        }
         self.spawn_guarded(input, Unguarded)
     }
 }
@@ -405,7 +481,7 @@ where
     Fut: Future<Output = std::result::Result<Out, E>> + Send + 'static,
 {
     /// Runs the mapper with `guard` asked before every attempt.
-    pub(crate) fn spawn_guarded<G: Guard>(self, input: Flow<In>, guard: G) -> Flow<Out> {
+    pub(crate) fn spawn_guarded<G: Guard>(mut self, input: Flow<In>, guard: G) -> Flow<Out> {
         let c = self.concurrency.max(1);
         let edge = self.edge.unwrap_or(input.pipeline().edge());
         let machine = Machine {
@@ -414,6 +490,7 @@ where
                 rng: self.retry.rng(),
                 f: self.f,
                 guard,
+                hold: self.hold.take(),
                 timeout: self.timeout,
                 retry: self.retry,
                 retryable: self.retryable,
@@ -445,17 +522,46 @@ pub(crate) trait Guard: Send + 'static {
     /// a token moved out through a return value costs a stall per item).
     /// A refusal fails the item without calling the function (and without
     /// retries); its kind comes from the error's type as for the
-    /// function's own errors.
-    fn admit(&mut self, token: &mut Option<Self::Token>) -> std::result::Result<(), BoxError>;
+    /// function's own errors. `Pending` holds the attempt back (the item
+    /// keeps its slot) until `cx` is woken; while `stopping` (a graceful
+    /// shutdown) a guard refuses instead of holding.
+    fn poll_admit(
+        &mut self,
+        cx: &mut Context<'_>,
+        token: &mut Option<Self::Token>,
+        stopping: bool,
+    ) -> Poll<std::result::Result<(), BoxError>>;
 
-    /// The attempt ended with a value (`ok`) or an error (or a panic).
-    fn settle(&mut self, token: Self::Token, ok: bool);
+    /// How an attempt's result counts: a value is a success and an error
+    /// a failure unless the guard says otherwise (a breaker's classifier).
+    /// The result's types are the mapper's output and error types.
+    fn judge(&self, result: std::result::Result<&dyn Any, &dyn Any>) -> Verdict {
+        match result {
+            Ok(_) => Verdict::Success,
+            Err(_) => Verdict::Failure,
+        }
+    }
 
-    /// The attempt ended without an outcome: a timeout, an abort.
+    /// The attempt ended: with a value, an error, a panic or a timeout (a
+    /// failure), as judged.
+    fn settle(&mut self, token: Self::Token, verdict: Verdict);
+
+    /// The attempt ended without an outcome: an abort, a panic before the
+    /// call.
     fn cancel(&mut self, token: Self::Token);
 
     /// The task is about to wait or end: report anything kept back.
     fn flush(&mut self);
+}
+
+/// How an attempt's end counts for a [`Guard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Success,
+    Failure,
+    /// Neither (a breaker's ignored outcome).
+    #[cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
+    Ignored,
 }
 
 /// No guard: every attempt starts.
@@ -464,12 +570,17 @@ pub(crate) struct Unguarded;
 impl Guard for Unguarded {
     type Token = ();
 
-    fn admit(&mut self, token: &mut Option<()>) -> std::result::Result<(), BoxError> {
+    fn poll_admit(
+        &mut self,
+        _cx: &mut Context<'_>,
+        token: &mut Option<()>,
+        _stopping: bool,
+    ) -> Poll<std::result::Result<(), BoxError>> {
         *token = Some(());
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
-    fn settle(&mut self, (): (), _ok: bool) {}
+    fn settle(&mut self, (): (), _verdict: Verdict) {}
 
     fn cancel(&mut self, (): ()) {}
 

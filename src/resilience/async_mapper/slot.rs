@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{Guard, Predicate, TimeoutError};
+use super::{DependencySignal, Guard, Predicate, TimeoutError, Verdict};
 use crate::base::error::{BoxError, ErrorKind, StreamError};
 use crate::base::time;
 use crate::resilience::retry::Retry;
@@ -24,6 +24,9 @@ pub(super) enum Phase<Out> {
     Running,
     /// Waiting for the backoff timer before the next attempt.
     Backoff,
+    /// The next attempt is held back: the dependency is down, or the
+    /// guard (a breaker that waits) has no permit yet.
+    Waiting,
     /// The outcome, waiting to be emitted.
     Done(Outcome<Out>),
 }
@@ -74,7 +77,7 @@ impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
     }
 
     pub(super) fn busy(&self) -> bool {
-        matches!(self.phase, Phase::Running | Phase::Backoff)
+        matches!(self.phase, Phase::Running | Phase::Backoff | Phase::Waiting)
     }
 }
 
@@ -83,6 +86,8 @@ impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
 pub(super) struct Policy<F, E, G> {
     pub(super) f: F,
     pub(super) guard: G,
+    /// Whether the dependency is up: attempts wait while it is down.
+    pub(super) hold: Option<DependencySignal>,
     /// A graceful shutdown started: a waiting retry ends at once with its
     /// last error, and no retry is scheduled any more.
     pub(super) shutting_down: bool,
@@ -107,19 +112,54 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         self.stage.to_string()
     }
 
-    /// Starts the next attempt of the slot's item.
-    pub(super) fn start<In, Out, Fut>(&mut self, slot: &mut Slot<In, Out, E, Fut, G::Token>)
-    where
+    /// Starts the next attempt of the slot's item, or holds it back
+    /// ([`Phase::Waiting`]) while the dependency is down or the guard
+    /// says wait; after a shutdown a held attempt ends the item instead.
+    pub(super) fn start<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        cx: &mut Context<'_>,
+    ) where
         In: Send + 'static,
+        E: Into<BoxError>,
         F: Fn(&In) -> Fut,
     {
-        let item = slot.item.as_ref().expect("a started slot holds its item");
+        let down = self.hold.as_mut().is_some_and(|hold| !hold.poll_up(cx));
+        let admitted = if down {
+            Poll::Pending
+        } else {
+            self.guard
+                .poll_admit(cx, &mut slot.token, self.shutting_down)
+        };
+        let refused = match admitted {
+            Poll::Ready(Ok(())) => None,
+            Poll::Ready(Err(refused)) => Some(refused),
+            Poll::Pending if !self.shutting_down => {
+                slot.phase = Phase::Waiting;
+                return;
+            }
+            Poll::Pending => {
+                let reason = self.hold.as_ref().map_or("down", |h| h.reason()).to_owned();
+                Some(Box::new(DependencyDown { reason }) as BoxError)
+            }
+        };
+        // A retry held at shutdown ends with the failure it was retrying.
+        if self.shutting_down && refused.is_some() {
+            if let Some(last) = slot.last.take() {
+                return self.give_up(slot, last);
+            }
+        }
+        if slot.attempts > 0 {
+            self.retries += 1;
+        }
         slot.attempts += 1;
-        if let Err(refused) = self.guard.admit(&mut slot.token) {
+        slot.last = None;
+        if let Some(refused) = refused {
             let err = StreamError::new(kind_of(&*refused), self.stage()).with_source(refused);
             self.fail(slot, err);
             return;
         }
+        let item = slot.item.as_ref().expect("a started slot holds its item");
         match catch_unwind(AssertUnwindSafe(|| (self.f)(item))) {
             Ok(fut) => slot.fut.as_mut().set(Some(fut)),
             Err(payload) => {
@@ -243,7 +283,8 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     ) -> bool
     where
         In: Send + 'static,
-        E: Into<BoxError>,
+        Out: 'static,
+        E: Into<BoxError> + 'static,
         F: Fn(&In) -> Fut,
         Fut: Future<Output = std::result::Result<Out, E>>,
     {
@@ -262,25 +303,31 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                                 return false;
                             };
                             slot.fut.as_mut().set(None);
-                            self.end_attempt(slot, None);
+                            // A timed-out call is a failed call to a guard.
+                            self.end_attempt(slot, Some(Verdict::Failure));
                             self.timeouts += 1;
                             let failure = self.timeout_cause(slot, limit);
                             self.failed(slot, Failure::TimedOut(failure));
                         }
                         Ok(Poll::Ready(Ok(value))) => {
                             slot.fut.as_mut().set(None);
-                            self.end_attempt(slot, Some(true));
+                            if let Err(panicked) = self.settle(slot, Ok(&value)) {
+                                self.fail(slot, panicked);
+                                continue;
+                            }
                             slot.item = None;
                             slot.phase = Phase::Done(Outcome::Value(value));
                         }
                         Ok(Poll::Ready(Err(e))) => {
                             slot.fut.as_mut().set(None);
-                            self.end_attempt(slot, Some(false));
-                            self.failed(slot, Failure::Error(e));
+                            match self.settle(slot, Err(&e)) {
+                                Ok(()) => self.failed(slot, Failure::Error(e)),
+                                Err(panicked) => self.fail(slot, panicked),
+                            }
                         }
                         Err(payload) => {
                             slot.fut.as_mut().set(None);
-                            self.end_attempt(slot, Some(false));
+                            self.end_attempt(slot, Some(Verdict::Failure));
                             let err = StreamError::panicked(&self.stage, payload);
                             self.fail(slot, err);
                         }
@@ -298,9 +345,13 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                     if slot.timer.poll_due(cx).is_pending() {
                         return false;
                     }
-                    slot.last = None;
-                    self.retries += 1;
-                    self.start(slot);
+                    self.start(slot, cx);
+                }
+                Phase::Waiting => {
+                    self.start(slot, cx);
+                    if matches!(slot.phase, Phase::Waiting) {
+                        return false;
+                    }
                 }
                 Phase::Done(_) => return true,
                 Phase::Free => return false,
@@ -308,18 +359,46 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         }
     }
 
-    /// Tells the guard how the slot's attempt ended: a value (`Some(true)`),
-    /// an error or a panic (`Some(false)`), or no outcome (`None`: a
-    /// timeout, a panic before the call).
+    /// Tells the guard how the slot's attempt ended: as judged
+    /// (`Some`), or with no outcome (`None`: a panic before the call).
     pub(super) fn end_attempt<In, Out, Fut>(
         &mut self,
         slot: &mut Slot<In, Out, E, Fut, G::Token>,
-        ok: Option<bool>,
+        verdict: Option<Verdict>,
     ) {
         if let Some(token) = slot.token.take() {
-            match ok {
-                Some(ok) => self.guard.settle(token, ok),
+            match verdict {
+                Some(verdict) => self.guard.settle(token, verdict),
                 None => self.guard.cancel(token),
+            }
+        }
+    }
+
+    /// Ends the slot's attempt with `result`, judged by the guard. A
+    /// judgement that panics counts as a failed call and fails the item
+    /// as `panicked` (returned).
+    fn settle<In, Out: 'static, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        result: std::result::Result<&Out, &E>,
+    ) -> Result<(), StreamError>
+    where
+        E: 'static,
+    {
+        if slot.token.is_none() {
+            return Ok(());
+        }
+        let result = result
+            .map(|v| v as &dyn std::any::Any)
+            .map_err(|e| e as &dyn std::any::Any);
+        match catch_unwind(AssertUnwindSafe(|| self.guard.judge(result))) {
+            Ok(verdict) => {
+                self.end_attempt(slot, Some(verdict));
+                Ok(())
+            }
+            Err(payload) => {
+                self.end_attempt(slot, Some(Verdict::Failure));
+                Err(StreamError::panicked(&self.stage, payload))
             }
         }
     }
@@ -342,9 +421,29 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     }
 }
 
+/// Why an item held for its dependency ended without a call: a graceful
+/// shutdown came while the dependency was down
+/// ([`AsyncMapper::hold_while_down`](super::AsyncMapper::hold_while_down)).
+/// The source of the item's `gate_closed` error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the dependency was down ({reason}) when the pipeline shut down; the call was not made")]
+pub struct DependencyDown {
+    reason: String,
+}
+
+impl DependencyDown {
+    /// The dependency signal's last reason.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
 /// The kind of an item's final error: `circuit_open` when a circuit
 /// breaker refused the call, `failed` otherwise.
 pub(super) fn kind_of(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
+    if error.is::<DependencyDown>() {
+        return ErrorKind::GateClosed;
+    }
     #[cfg(feature = "circuit-breaker")]
     if error.is::<crate::resilience::breaker::CircuitOpen>() {
         return ErrorKind::CircuitOpen;

@@ -14,9 +14,10 @@ use crate::base::config::{ConfigError, nonzero};
 pub enum Window {
     /// The last `n` calls.
     Count(NonZeroU32),
-    /// The calls of the last duration, counted in tenths of it: a call
-    /// stays in the window for at least the duration and at most a tenth
-    /// longer.
+    /// The calls of the last duration, counted in buckets of a second (a
+    /// tenth of a window shorter than 10 s, a thousandth of one longer
+    /// than 1,000 s): a call leaves the window no later than the duration
+    /// after it was recorded, and at most one bucket earlier.
     #[serde(with = "humantime_serde")]
     Time(Duration),
 }
@@ -82,7 +83,9 @@ pub struct BreakerConfig {
     pub consecutive_failures: Option<NonZeroU32>,
     /// The slow-call threshold, if slow calls count.
     pub slow_call: Option<SlowCall>,
-    /// Rates are not judged before the window holds this many calls.
+    /// Rates are not judged before the window holds this many calls. It
+    /// may exceed a count window's size, as in Resilience4j; the rates are
+    /// then never judged (only `consecutive_failures` opens the breaker).
     pub minimum_calls: NonZeroU32,
     /// Trial calls permitted in half-open.
     pub half_open_calls: NonZeroU32,
@@ -163,8 +166,7 @@ impl BreakerConfig {
     ///
     /// [`ConfigError`] naming the field (as in the configuration file): a
     /// rate outside (0, 1], a zero window or open duration, more successes
-    /// to close than trial calls, a backoff factor below 1, a minimum
-    /// number of calls larger than a count window.
+    /// to close than trial calls, a backoff factor below 1.
     ///
     /// ```
     /// use streamz::breaker::BreakerConfig;
@@ -187,16 +189,8 @@ impl BreakerConfig {
             rate(slow.rate, field!(prefixed, "slow_call.rate"))?;
             nonzero(slow.duration, field!(prefixed, "slow_call.duration"))?;
         }
-        match self.window {
-            Window::Time(d) => nonzero(d, field!(prefixed, "window"))?,
-            Window::Count(size) if self.minimum_calls > size => {
-                // The window could never hold enough calls to judge a rate.
-                return Err(ConfigError::new(
-                    field!(prefixed, "minimum_calls"),
-                    "must not exceed the count window's size",
-                ));
-            }
-            Window::Count(_) => {}
+        if let Window::Time(d) = self.window {
+            nonzero(d, field!(prefixed, "window"))?;
         }
         nonzero(self.open_for, field!(prefixed, "open_for"))?;
         if self.successes_to_close > self.half_open_calls {
@@ -240,7 +234,8 @@ mod tests {
             window: Window::Count(NonZeroU32::new(5).unwrap()),
             ..BreakerConfig::default()
         };
-        assert_eq!(config.validate().unwrap_err().field(), "minimum_calls");
+        // More calls to judge than the window holds: allowed, never judged.
+        assert_eq!(config.validate(), Ok(()));
         config.window = Window::Time(Duration::ZERO);
         assert_eq!(config.check(true).unwrap_err().field(), "breaker.window");
         let config = BreakerConfig {

@@ -31,10 +31,20 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use super::machine::Ticket;
-use super::{Breaker, OwnedPermit};
+use super::{Breaker, CallOutcome, OpenPolicy, OwnedPermit};
 use crate::base::error::BoxError;
-use crate::resilience::async_mapper::Guard;
+use crate::base::time;
+use crate::resilience::async_mapper::{Guard, Verdict};
+
+/// A classifier of results, over the mapper's output and error types
+/// (erased: the mapper's guard does not know them).
+pub(crate) type Classify = Box<dyn Fn(Result<&dyn Any, &dyn Any>) -> CallOutcome + Send>;
 
 /// The per-task side of the fast lane (a [`Guard`] of the mapper).
 pub(crate) struct Lane {
@@ -48,6 +58,15 @@ pub(crate) struct Lane {
     /// Quick successes kept back: the generation they belong to and how
     /// many.
     quick: Option<(u64, u64)>,
+    /// How results count, if not a value for a success and an error for a
+    /// failure.
+    classify: Option<Classify>,
+    /// What a refused attempt does.
+    policy: OpenPolicy,
+    /// While attempts wait for a permit ([`OpenPolicy::Wait`]): woken by
+    /// the breaker's next change, and at the end of its open period.
+    waiter: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    timer: time::Timer,
 }
 
 /// A call's hold on the breaker while it runs.
@@ -66,7 +85,7 @@ pub(crate) enum Token {
 }
 
 impl Lane {
-    pub(crate) fn new(breaker: Breaker) -> Self {
+    pub(crate) fn new(breaker: Breaker, classify: Option<Classify>, policy: OpenPolicy) -> Self {
         let slow_after = breaker.config().slow_call.map(|s| s.duration);
         Lane {
             breaker,
@@ -74,6 +93,10 @@ impl Lane {
             permitted: 0,
             cancelled: 0,
             quick: None,
+            classify,
+            policy,
+            waiter: None,
+            timer: time::Timer::new(),
         }
     }
 
@@ -98,21 +121,45 @@ impl Guard for Lane {
     type Token = Token;
 
     #[inline]
-    fn admit(&mut self, token: &mut Option<Token>) -> Result<(), BoxError> {
+    fn poll_admit(
+        &mut self,
+        cx: &mut Context<'_>,
+        token: &mut Option<Token>,
+        stopping: bool,
+    ) -> Poll<Result<(), BoxError>> {
         if let Some(generation) = self.breaker.lane() {
             self.permitted += 1;
             *token = Some(match self.breaker.start() {
                 None => Token::Lane(generation),
                 start => Token::Call { generation, start },
             });
-            return Ok(());
+            return Poll::Ready(Ok(()));
         }
-        *token = Some(self.admit_locked()?);
-        Ok(())
+        if self.policy == OpenPolicy::Reject || stopping {
+            *token = Some(self.admit_locked()?);
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_permit(cx, token)
+    }
+
+    fn judge(&self, result: Result<&dyn Any, &dyn Any>) -> Verdict {
+        let ok = result.is_ok();
+        match self.classify.as_ref().map(|classify| classify(result)) {
+            None if ok => Verdict::Success,
+            None => Verdict::Failure,
+            Some(CallOutcome::Success) => Verdict::Success,
+            Some(CallOutcome::Failure) => Verdict::Failure,
+            Some(CallOutcome::Ignored) => Verdict::Ignored,
+        }
     }
 
     #[inline]
-    fn settle(&mut self, token: Token, ok: bool) {
+    fn settle(&mut self, token: Token, verdict: Verdict) {
+        let ok = match verdict {
+            Verdict::Success => true,
+            Verdict::Failure => false,
+            Verdict::Ignored => return self.ignore(token),
+        };
         if let Token::Lane(generation) = token {
             if ok && self.breaker.lane() == Some(generation) {
                 if let Some((g, n)) = &mut self.quick {
@@ -143,15 +190,55 @@ impl Guard for Lane {
 }
 
 impl Lane {
-    /// Admission when the lane is shut: under the breaker's lock.
+    /// [`OpenPolicy::Wait`]: a permit, or `Pending` until the breaker
+    /// changes (a transition, a freed trial slot) or its open period ends.
     #[cold]
-    #[inline(never)]
-    fn admit_locked(&mut self) -> Result<Token, BoxError> {
-        // What was kept back goes first, in order.
-        self.flush_now();
-        let ticket = self.breaker.acquire_ticket()?;
+    fn poll_permit(
+        &mut self,
+        cx: &mut Context<'_>,
+        token: &mut Option<Token>,
+    ) -> Poll<Result<(), BoxError>> {
+        loop {
+            // Registered before asking, so a change in between wakes us.
+            let waiter = self.waiter.get_or_insert_with(|| {
+                let inner = self.breaker.inner.clone();
+                Box::pin(async move { inner.changed.notified().await })
+            });
+            if waiter.as_mut().poll(cx).is_ready() {
+                self.waiter = None;
+                continue;
+            }
+            self.flush_now();
+            let acquired = self.breaker.with_machine(|m, now, out| {
+                m.acquire(now, out).map_err(|refusal| {
+                    // A call that waits is not refused.
+                    m.uncount_rejection();
+                    refusal.retry_at.or(m.next_tick())
+                })
+            });
+            match acquired {
+                Ok(ticket) => {
+                    self.waiter = None;
+                    *token = Some(self.token(ticket));
+                    return Poll::Ready(Ok(()));
+                }
+                Err(retry) => {
+                    let at = retry.and_then(|at| {
+                        time::after(Instant::now(), at.saturating_sub(self.breaker.now()))
+                    });
+                    self.timer.set(at);
+                    if self.timer.poll_due(cx).is_ready() {
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn token(&self, ticket: Ticket) -> Token {
         let start = self.breaker.start();
-        Ok(if ticket.half_open {
+        if ticket.half_open {
             Token::Trial(Box::new(OwnedPermit {
                 breaker: self.breaker.clone(),
                 ticket,
@@ -163,7 +250,34 @@ impl Lane {
                 generation: ticket.generation,
                 start,
             }
-        })
+        }
+    }
+
+    /// A call whose outcome is ignored: released uncounted, after what was
+    /// kept back.
+    #[cold]
+    fn ignore(&mut self, token: Token) {
+        self.flush_now();
+        match token {
+            Token::Trial(permit) => permit.report(CallOutcome::Ignored),
+            Token::Lane(generation) | Token::Call { generation, .. } => {
+                let ticket = Ticket {
+                    generation,
+                    half_open: false,
+                };
+                self.breaker.release(ticket, true);
+            }
+        }
+    }
+
+    /// Admission when the lane is shut: under the breaker's lock.
+    #[cold]
+    #[inline(never)]
+    fn admit_locked(&mut self) -> Result<Token, BoxError> {
+        // What was kept back goes first, in order.
+        self.flush_now();
+        let ticket = self.breaker.acquire_ticket()?;
+        Ok(self.token(ticket))
     }
 
     /// Everything [`settle`](Guard::settle)'s inline path does not cover:

@@ -49,7 +49,8 @@ impl Counts {
 }
 
 /// The sliding window: the last `n` calls, or the calls of the last
-/// duration in ten buckets. Its memory is bounded either way.
+/// duration in buckets of at most a second (see [`bucket_width`]). Its
+/// memory is bounded either way.
 #[derive(Debug)]
 enum Outcomes {
     Count {
@@ -58,6 +59,8 @@ enum Outcomes {
         totals: Counts,
     },
     Time {
+        /// The window's length.
+        span: Duration,
         bucket: Duration,
         /// Each bucket's number (time / bucket) and counts; oldest first.
         buckets: VecDeque<(u64, Counts)>,
@@ -65,7 +68,24 @@ enum Outcomes {
     },
 }
 
-const BUCKETS: u32 = 10;
+/// The most buckets a time window keeps (a window longer than this many
+/// seconds gets buckets longer than a second).
+const MAX_BUCKETS: u128 = 1000;
+
+/// A time window's bucket: a second, as Resilience4j's, for windows of 10
+/// s to 1,000 s; a tenth of shorter windows; a thousandth of longer ones.
+/// A call leaves the window when its bucket's start is `span` in the
+/// past: never later than `span` after it was recorded, and at most one
+/// bucket earlier.
+fn bucket_width(span: Duration) -> Duration {
+    let nanos = span.as_nanos();
+    let second = Duration::from_secs(1).as_nanos();
+    let width = (nanos / 10)
+        .min(second)
+        .max(nanos.div_ceil(MAX_BUCKETS))
+        .max(1);
+    Duration::from_nanos(u64::try_from(width).unwrap_or(u64::MAX))
+}
 
 impl Outcomes {
     fn new(window: Window) -> Self {
@@ -76,8 +96,9 @@ impl Outcomes {
                 totals: Counts::default(),
             },
             Window::Time(span) => Outcomes::Time {
-                bucket: (span / BUCKETS).max(Duration::from_nanos(1)),
-                buckets: VecDeque::with_capacity(BUCKETS as usize + 1),
+                span,
+                bucket: bucket_width(span),
+                buckets: VecDeque::new(),
                 totals: Counts::default(),
             },
         }
@@ -105,6 +126,7 @@ impl Outcomes {
                 bucket,
                 buckets,
                 totals,
+                ..
             } => {
                 let n = bucket_of(now.get(), *bucket);
                 match buckets.back_mut() {
@@ -153,16 +175,19 @@ impl Outcomes {
 
     fn expire(&mut self, now: &mut Now<'_>) {
         if let Outcomes::Time {
+            span,
             bucket,
             buckets,
             totals,
         } = self
         {
-            let current = bucket_of(now.get(), *bucket);
+            let now = now.get();
             while let Some(&(b, counts)) = buckets.front() {
-                // Keep the current bucket and the ten before it: the
-                // window covers at least its span (and up to a tenth more).
-                if b + u64::from(BUCKETS) >= current {
+                // A bucket leaves once its start is a whole window ago, so
+                // no call stays longer than the window.
+                let start = u128::from(b) * bucket.as_nanos();
+                let start = Duration::from_nanos(u64::try_from(start).unwrap_or(u64::MAX));
+                if start.saturating_add(*span) > now {
                     break;
                 }
                 totals.sub(counts);
@@ -233,6 +258,8 @@ pub(crate) struct Machine {
     half_open_done: u32,
     half_open_successes: u32,
     pub(crate) generation: u64,
+    /// Calls refused since the current state began.
+    pub(crate) rejected_in_state: u64,
     /// A transition decided but held back by the minimum interval.
     pending: Option<(BreakerState, String)>,
     pub(crate) stats: Stats,
@@ -247,6 +274,8 @@ pub(crate) struct Stats {
     pub(crate) failures: u64,
     pub(crate) slow: u64,
     pub(crate) cancelled: u64,
+    /// Permitted calls whose outcome the caller chose to ignore.
+    pub(crate) ignored: u64,
     pub(crate) transitions: u64,
 }
 
@@ -264,6 +293,7 @@ impl Machine {
             half_open_done: 0,
             half_open_successes: 0,
             generation: 0,
+            rejected_in_state: 0,
             pending: None,
             stats: Stats::default(),
         }
@@ -300,6 +330,7 @@ impl Machine {
             }
             None => {
                 self.stats.rejected += 1;
+                self.rejected_in_state += 1;
                 Err(Refusal {
                     state: self.state,
                     retry_at: if self.state == BreakerState::Open {
@@ -310,6 +341,13 @@ impl Machine {
                 })
             }
         }
+    }
+
+    /// Takes back the rejection [`acquire`](Self::acquire) just counted:
+    /// a call that waits for a permit is not refused.
+    pub(crate) fn uncount_rejection(&mut self) {
+        self.stats.rejected -= 1;
+        self.rejected_in_state -= 1;
     }
 
     /// The outcome of a permitted call.
@@ -376,8 +414,6 @@ impl Machine {
         self.apply_pending(now, out);
     }
 
-    /// A permitted call that ended without an outcome (it was cancelled):
-    /// its half-open slot is freed, so half-open can never get stuck.
     /// Records `n` quick successes (not slow) of calls permitted in
     /// `generation`, in one step when the result is the same as `n` calls
     /// of [`record`](Self::record).
@@ -433,8 +469,21 @@ impl Machine {
         }
     }
 
-    pub(crate) fn release(&mut self, ticket: Ticket, now: &mut Now<'_>, out: &mut Vec<Transition>) {
-        self.stats.cancelled += 1;
+    /// A permitted call that ended without an outcome the breaker counts:
+    /// cancelled, or `ignored` by the caller's choice. A half-open trial's
+    /// slot is freed, so half-open can never get stuck.
+    pub(crate) fn release(
+        &mut self,
+        ticket: Ticket,
+        ignored: bool,
+        now: &mut Now<'_>,
+        out: &mut Vec<Transition>,
+    ) {
+        if ignored {
+            self.stats.ignored += 1;
+        } else {
+            self.stats.cancelled += 1;
+        }
         if ticket.half_open && ticket.generation == self.generation {
             self.half_open_in_flight -= 1;
         }
@@ -539,6 +588,19 @@ impl Machine {
             .and_then(|_| self.since.checked_add(self.config.min_transition_interval))
     }
 
+    /// When time alone moves the breaker next (the end of an open period,
+    /// a transition waiting for the minimum interval), if it will.
+    pub(crate) fn next_tick(&self) -> Option<Duration> {
+        let open_ends = match self.state {
+            BreakerState::Open => self.open_until,
+            _ => None,
+        };
+        match (open_ends, self.pending_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Enters `to`, resetting what the new state counts.
     pub(crate) fn transition(
         &mut self,
@@ -553,6 +615,7 @@ impl Machine {
         self.state = to;
         self.since = now;
         self.generation += 1;
+        self.rejected_in_state = 0;
         self.stats.transitions += 1;
         self.half_open_in_flight = 0;
         self.half_open_done = 0;
@@ -580,8 +643,29 @@ impl Machine {
             from,
             to,
             reason,
+            by: None,
             at: std::time::SystemTime::now(),
         });
+    }
+
+    /// A transition by hand, by `by`: always at once (no minimum
+    /// interval), and none if the breaker is already in `to`. An opening
+    /// by hand lasts the open duration (with the backoff) and then goes
+    /// half-open as any other.
+    pub(crate) fn manual(
+        &mut self,
+        to: BreakerState,
+        by: String,
+        why: String,
+        now: &mut Now<'_>,
+        out: &mut Vec<Transition>,
+    ) {
+        if self.state != to {
+            self.transition(to, now, why, out);
+            if let Some(t) = out.last_mut() {
+                t.by = Some(by);
+            }
+        }
     }
 
     /// How long the next opening lasts: the open duration, times the

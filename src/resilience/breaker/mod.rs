@@ -49,9 +49,12 @@
 //!                                      └──────────────────────▶ Open (longer, with backoff)
 //! ```
 //!
-//! Manual control: [`Breaker::reset`] (to closed), [`Breaker::force_open`]
-//! (stays open until reset), [`Breaker::disable`] (always permits, never
-//! opens). See `docs/circuit-breaker.md`.
+//! Manual control: [`Breaker::transition_to`] any state, by someone, for a
+//! reason (open now and recover normally, half-open now to try it, ...),
+//! and the shorthands [`Breaker::reset`] (to closed),
+//! [`Breaker::force_open`] (stays open until the next transition by hand)
+//! and [`Breaker::disable`] (always permits, never opens). See
+//! `docs/circuit-breaker.md`.
 
 mod config;
 mod lane;
@@ -60,6 +63,7 @@ mod operator;
 mod registry;
 
 pub use config::{BreakerConfig, OpenBackoff, SlowCall, Window};
+pub(crate) use operator::{BreakerSettings, spawn};
 pub use operator::{CircuitBreaker, CircuitOpen, Guarded, OpenPolicy};
 pub use registry::{BreakerRegistry, RegistryError};
 
@@ -121,6 +125,11 @@ pub struct Transition {
     pub to: BreakerState,
     /// Why, in words (for alerts and the audit trail).
     pub reason: String,
+    /// Who moved it by hand ([`Breaker::transition_to`]; `"hand"` for
+    /// [`reset`](Breaker::reset), [`force_open`](Breaker::force_open) and
+    /// [`disable`](Breaker::disable)), `None` when the breaker moved
+    /// itself (rates, failures in a row, the open duration, trial calls).
+    pub by: Option<String>,
     /// When, by the wall clock.
     pub at: SystemTime,
 }
@@ -143,7 +152,8 @@ pub struct BreakerSnapshot {
     pub taken_at: SystemTime,
 }
 
-/// A snapshot of a breaker's state and counters.
+/// A snapshot of a breaker's state and counters: totals over its life,
+/// and, as Resilience4j's metrics, what its window holds now.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BreakerMetrics {
@@ -151,9 +161,9 @@ pub struct BreakerMetrics {
     pub name: String,
     /// Its state.
     pub state: BreakerState,
-    /// Calls permitted.
+    /// Calls permitted, over the breaker's life.
     pub permitted: u64,
-    /// Calls refused.
+    /// Calls refused, over the breaker's life.
     pub rejected: u64,
     /// Permitted calls that succeeded.
     pub successes: u64,
@@ -163,17 +173,48 @@ pub struct BreakerMetrics {
     pub slow_calls: u64,
     /// Permitted calls that ended without an outcome (cancelled).
     pub cancelled: u64,
+    /// Permitted calls whose outcome was ignored
+    /// ([`CallOutcome::Ignored`]): neither a success nor a failure.
+    pub ignored: u64,
     /// Trial calls in flight in half-open (never more than
     /// `half_open_calls`).
     pub trials_in_flight: u32,
     /// State changes.
     pub transitions: u64,
-    /// Calls in the current window (closed state).
+    /// Calls in the window now (R4J's buffered calls). Only a closed
+    /// breaker counts calls into its window; any transition to closed
+    /// empties it.
     pub window_calls: u64,
-    /// The failure rate over the window (0 when it is empty).
-    pub failure_rate: f64,
-    /// The slow-call rate over the window.
-    pub slow_call_rate: f64,
+    /// Failed calls in the window now.
+    pub window_failures: u64,
+    /// Slow calls in the window now.
+    pub window_slow_calls: u64,
+    /// Calls refused since the breaker entered its current state (R4J's
+    /// not-permitted calls).
+    pub rejected_in_state: u64,
+    /// The failure rate over the window, `None` while the window holds
+    /// fewer than `minimum_calls` (R4J's -1, "not evaluated").
+    pub failure_rate: Option<f64>,
+    /// The slow-call rate over the window, `None` while the window holds
+    /// fewer than `minimum_calls`.
+    pub slow_call_rate: Option<f64>,
+}
+
+/// How a call counts for a breaker: reported on a [`Permit`]
+/// ([`Permit::report`]) or decided per result by
+/// [`CircuitBreaker::classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallOutcome {
+    /// A success (slow if it took the slow-call duration or longer).
+    Success,
+    /// A failure.
+    Failure,
+    /// Neither: the call is forgotten, as if it was never permitted,
+    /// except that [`BreakerMetrics::ignored`] counts it. A half-open trial
+    /// slot it held is freed. Resilience4j's `ignoreExceptions`: a 404, a
+    /// validation error, anything that says nothing about the
+    /// dependency's health.
+    Ignored,
 }
 
 type Listener = dyn Fn(&Transition) + Send + Sync;
@@ -494,27 +535,60 @@ impl Breaker {
     }
 
     /// Closes the breaker by hand: counters of the window are cleared.
+    /// ([`transition_to`](Breaker::transition_to) `Closed`, by `"hand"`.)
     pub fn reset(&self) {
-        self.manual(BreakerState::Closed, "reset by hand");
+        self.transition_to(BreakerState::Closed, "hand", "reset by hand");
     }
 
-    /// Opens the breaker by hand until [`reset`](Breaker::reset).
+    /// Opens the breaker by hand until [`reset`](Breaker::reset) (or
+    /// another transition by hand).
     pub fn force_open(&self) {
-        self.manual(BreakerState::ForcedOpen, "forced open by hand");
+        self.transition_to(BreakerState::ForcedOpen, "hand", "forced open by hand");
     }
 
     /// Switches the breaker off by hand: every call passes and nothing
     /// opens it, until [`reset`](Breaker::reset).
     pub fn disable(&self) {
-        self.manual(BreakerState::Disabled, "disabled by hand");
+        self.transition_to(BreakerState::Disabled, "hand", "disabled by hand");
     }
 
-    fn manual(&self, to: BreakerState, why: &str) {
-        self.with_machine(|m, now, out| {
-            if m.state != to {
-                m.transition(to, now, why.to_owned(), out);
-            }
-        });
+    /// Moves the breaker to `to` by hand, now, whatever its state and the
+    /// minimum interval between transitions; `by` (who: an operator, a
+    /// runbook, a deploy) and `why` go into the [`Transition`] the audit
+    /// trail and the listeners see. Resilience4j's
+    /// `transitionTo{Closed,Open,HalfOpen,ForcedOpen,Disabled}State`:
+    ///
+    /// | `to` | the breaker then |
+    /// |---|---|
+    /// | `Closed` | counts afresh: the window is emptied |
+    /// | `Open` | stays open for `open_for` (with the backoff), then goes half-open by itself: "open now, recover normally" |
+    /// | `HalfOpen` | lets `half_open_calls` trial calls through; they decide as usual |
+    /// | `ForcedOpen` | refuses every call until the next transition by hand |
+    /// | `Disabled` | permits every call and never opens, until the next transition by hand |
+    ///
+    /// Moving to the state the breaker is in does nothing. Outcomes of
+    /// calls permitted before the transition no longer move it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::breaker::{Breaker, BreakerConfig, BreakerState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let mut config = BreakerConfig::default();
+    /// config.open_for = Duration::from_secs(10);
+    /// let breaker = Breaker::new("payments", config);
+    /// breaker.transition_to(BreakerState::Open, "on-call", "the database is being failed over");
+    /// assert!(breaker.try_acquire().is_err());
+    /// tokio::time::advance(Duration::from_secs(10)).await;
+    /// assert_eq!(breaker.state(), BreakerState::HalfOpen); // recovers as usual
+    /// let opened = &breaker.audit_trail()[0];
+    /// assert_eq!((opened.by.as_deref(), opened.reason.as_str()), (Some("on-call"), "the database is being failed over"));
+    /// assert_eq!(breaker.audit_trail()[1].by, None); // the breaker moved itself
+    /// # }
+    /// ```
+    pub fn transition_to(&self, to: BreakerState, by: impl Into<String>, why: impl Into<String>) {
+        let (by, why) = (by.into(), why.into());
+        self.with_machine(|m, now, out| m.manual(to, by, why, now, out));
     }
 
     /// Calls `listener` on every transition (an alert, a metric). It runs
@@ -606,13 +680,8 @@ impl Breaker {
         let mut now = Now::new(&read);
         let mut m = self.machine();
         let window = m.window(&mut now);
-        let rate = |n: u64| {
-            if window.calls == 0 {
-                0.0
-            } else {
-                n as f64 / window.calls as f64
-            }
-        };
+        let judged = window.calls > 0 && window.calls >= u64::from(m.config.minimum_calls.get());
+        let rate = |n: u64| judged.then(|| n as f64 / window.calls as f64);
         BreakerMetrics {
             name: self.inner.name.clone(),
             state: m.state,
@@ -622,12 +691,55 @@ impl Breaker {
             failures: m.stats.failures,
             slow_calls: m.stats.slow,
             cancelled: m.stats.cancelled,
+            ignored: m.stats.ignored,
             trials_in_flight: m.half_open_in_flight(),
             transitions: m.stats.transitions,
             window_calls: window.calls,
+            window_failures: window.failures,
+            window_slow_calls: window.slow,
+            rejected_in_state: m.rejected_in_state,
             failure_rate: rate(window.failures),
             slow_call_rate: rate(window.slow),
         }
+    }
+}
+
+impl Breaker {
+    /// Whether the breaker permits calls, as health answers: the current
+    /// one first, then one per change (transitions, and the end of an
+    /// open period, which only time decides).
+    pub(crate) fn health_updates(self) -> impl futures::Stream<Item = Health> + Send {
+        futures::stream::unfold((self, None::<bool>), |(breaker, last)| async move {
+            loop {
+                let inner = breaker.inner.clone();
+                let notified = inner.changed.notified();
+                let mut notified = std::pin::pin!(notified);
+                // Registered before the state is read: no change is missed.
+                notified.as_mut().enable();
+                let state = breaker.state();
+                let up = state.permits_calls();
+                if last != Some(up) {
+                    let health = if up {
+                        Health::Healthy
+                    } else {
+                        Health::unhealthy(format!(
+                            "circuit breaker `{}` is {state:?}",
+                            breaker.name()
+                        ))
+                    };
+                    return Some((health, (breaker, Some(up))));
+                }
+                let wake_at = breaker
+                    .machine()
+                    .next_tick()
+                    .map(|at| at.saturating_sub(breaker.now()))
+                    .and_then(|wait| crate::base::time::after(Instant::now(), wait));
+                tokio::select! {
+                    () = notified => {}
+                    () = crate::base::time::sleep_until(wake_at) => {}
+                }
+            }
+        })
     }
 }
 
@@ -733,6 +845,34 @@ impl Permit<'_> {
         self.finish(!ok, took);
     }
 
+    /// The call ended in a way that says nothing about the dependency (a
+    /// 404, a validation error): the breaker counts it as neither a
+    /// success nor a failure ([`CallOutcome::Ignored`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamz::breaker::{Breaker, BreakerConfig};
+    ///
+    /// let breaker = Breaker::new("catalogue", BreakerConfig::default());
+    /// breaker.try_acquire().unwrap().ignore();
+    /// let m = breaker.metrics();
+    /// assert_eq!((m.ignored, m.successes, m.failures, m.window_calls), (1, 0, 0, 0));
+    /// ```
+    pub fn ignore(mut self) {
+        self.done = true;
+        self.breaker.release(self.ticket, true);
+    }
+
+    /// Reports the call's outcome as a [`CallOutcome`], taking the time
+    /// since the permit was given as [`record`](Permit::record) does.
+    pub fn report(self, outcome: CallOutcome) {
+        match outcome {
+            CallOutcome::Success => self.record(true),
+            CallOutcome::Failure => self.record(false),
+            CallOutcome::Ignored => self.ignore(),
+        }
+    }
+
     fn finish(mut self, failed: bool, took: Duration) {
         self.done = true;
         self.breaker.finish(self.ticket, failed, took);
@@ -754,7 +894,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker.release(self.ticket);
+            self.breaker.release(self.ticket, false);
         }
     }
 }
@@ -775,12 +915,24 @@ impl OwnedPermit {
         let took = self.start.map_or(Duration::ZERO, |s| s.elapsed());
         self.breaker.finish(self.ticket, !ok, took);
     }
+
+    /// [`Permit::report`].
+    pub(crate) fn report(mut self, outcome: CallOutcome) {
+        match outcome {
+            CallOutcome::Success => self.record(true),
+            CallOutcome::Failure => self.record(false),
+            CallOutcome::Ignored => {
+                self.done = true;
+                self.breaker.release(self.ticket, true);
+            }
+        }
+    }
 }
 
 impl Drop for OwnedPermit {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker.release(self.ticket);
+            self.breaker.release(self.ticket, false);
         }
     }
 }
@@ -793,8 +945,9 @@ impl Breaker {
         }
     }
 
-    fn release(&self, ticket: Ticket) {
-        self.with_machine(|m, now, out| m.release(ticket, now, out));
+    /// A permitted call ends uncounted: cancelled, or `ignored`.
+    fn release(&self, ticket: Ticket, ignored: bool) {
+        self.with_machine(|m, now, out| m.release(ticket, ignored, now, out));
         if ticket.half_open {
             self.inner.changed.notify_waiters();
         }

@@ -7,14 +7,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::base::config::{ConfigError, nonzero};
+use crate::base::config::ConfigError;
 use crate::base::error::{BoxError, ErrorKind, StreamError};
 use crate::flow::Flow;
 use crate::flow::processor::Processor;
 use crate::flow::step::{Emit, Item, Step};
 use crate::resilience::async_mapper::AsyncMapper;
-use crate::resilience::breaker::lane::Lane;
-use crate::resilience::breaker::{Breaker, BreakerState, OwnedPermit};
+use crate::resilience::breaker::lane::{Classify, Lane};
+use crate::resilience::breaker::{Breaker, BreakerState, CallOutcome, OwnedPermit};
 
 /// Why a call was not made: the breaker refused it. The source of a
 /// `circuit_open` error item.
@@ -64,13 +64,28 @@ pub enum OpenPolicy {
 ///
 /// Read the warnings in [the module docs](crate::resilience::breaker) first.
 ///
-/// Runs like an [`AsyncMapper`]: `concurrency` calls at a time, in order.
-/// With [`OpenPolicy::Reject`] the mapper asks the breaker before it builds
-/// an item's future, so a refused item costs no call at all; with
-/// [`OpenPolicy::Wait`] the future is built with `&item` and polled once a
-/// permit is given. A call that panics counts as a failure; a call
-/// cancelled by an abort releases its permit, so a half-open breaker is
-/// never left waiting for it.
+/// [`CircuitBreaker::new`] is an [`AsyncMapper`] with a breaker
+/// ([`AsyncMapper::with_breaker`]), concurrency 1 and the name
+/// `circuit_breaker`: every setting of the mapper applies, and composes
+/// with the breaker (see below). With [`OpenPolicy::Reject`] the mapper
+/// asks the breaker before it builds an item's future, so a refused item
+/// costs no call at all; with [`OpenPolicy::Wait`] the future is built
+/// with `&item` and polled once a permit is given. A call that panics
+/// counts as a failure; a call cancelled by an abort releases its permit,
+/// so a half-open breaker is never left waiting for it.
+///
+/// # With the mapper's timeout, retries and order
+///
+/// - [`with_timeout`](AsyncMapper::with_timeout): a call cut off by the
+///   timeout is a `timed_out` error item and a **failure** of the
+///   breaker's call.
+/// - [`with_retry`](AsyncMapper::with_retry): every attempt asks the
+///   breaker and reports to it. An attempt the breaker refuses ends the
+///   item as `circuit_open`, with its attempts so far.
+/// - [`unordered`](AsyncMapper::unordered): items leave as their calls
+///   end.
+/// - [`classify`](AsyncMapper::classify): which results count as
+///   successes, failures, or neither.
 ///
 /// While the breaker is closed (count window, enough calls seen) the stage
 /// asks it without taking its lock, and reports quick successes in one
@@ -81,14 +96,15 @@ pub enum OpenPolicy {
 ///
 /// # Default
 ///
-/// [`OpenPolicy::Reject`], concurrency 1, named `circuit_breaker`.
+/// [`OpenPolicy::Reject`], concurrency 1, ordered, no timeout, no retries,
+/// named `circuit_breaker`.
 ///
 /// # Validation
 ///
-/// Checked when the stage is piped: a zero concurrency (field
-/// `concurrency`) or an invalid breaker configuration (fields under
-/// `breaker.`, see [`Breaker::validate`]) is refused with a
-/// [`ConfigError`] naming `CircuitBreaker` and the stage.
+/// Checked when the stage is piped: the mapper's settings (a zero
+/// concurrency is refused with field `concurrency`) and the breaker's
+/// configuration (fields under `breaker.`, see [`Breaker::validate`]),
+/// refused with a [`ConfigError`] naming `CircuitBreaker` and the stage.
 ///
 /// # Examples
 ///
@@ -114,122 +130,163 @@ pub enum OpenPolicy {
 /// assert_eq!(breaker.metrics().rejected, 2);
 /// # }
 /// ```
-pub struct CircuitBreaker<F> {
-    breaker: Breaker,
-    f: F,
-    policy: OpenPolicy,
-    concurrency: usize,
-    name: Cow<'static, str>,
-}
+///
+/// With a timeout and retries, unordered:
+///
+/// ```
+/// use std::time::Duration;
+/// use streamz::breaker::{Breaker, BreakerConfig, CircuitBreaker};
+/// use streamz::{ErrorKind, Retry};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let breaker = Breaker::new("ledger", BreakerConfig::default());
+/// // A ledger that hangs: every attempt times out.
+/// let stage = CircuitBreaker::new(breaker.clone(), |_: &u32| std::future::pending::<Result<u32, std::io::Error>>())
+///     .with_timeout(Duration::from_millis(100))
+///     .with_retry(Retry::attempts(2).with_timeouts_retried(true))
+///     .with_concurrency(4)
+///     .unordered();
+/// let out = streamz::iter(0..3u32).pipe(stage).collect().await;
+/// assert!(out.iter().all(|r| r.as_ref().unwrap_err().kind() == ErrorKind::TimedOut));
+/// assert_eq!(breaker.metrics().failures, 6); // every attempt failed the breaker's call
+/// # }
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct CircuitBreaker;
 
-impl<F> fmt::Debug for CircuitBreaker<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitBreaker")
-            .field("breaker", &self.breaker)
-            .field("policy", &self.policy)
-            .field("concurrency", &self.concurrency)
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+impl CircuitBreaker {
+    /// Calls `f` for each item through `breaker`: an [`AsyncMapper`]
+    /// named `circuit_breaker` with concurrency 1 and
+    /// [`with_breaker(breaker)`](AsyncMapper::with_breaker).
+    // A mapper, so that every setting of the mapper applies to the stage.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new<In, Out, E, F, Fut>(breaker: Breaker, f: F) -> AsyncMapper<In, Out, E, F>
+    where
+        F: Fn(&In) -> Fut,
+        Fut: Future<Output = Result<Out, E>>,
+    {
+        let mut mapper = AsyncMapper::new(f)
+            .named("circuit_breaker")
+            .with_concurrency(1)
+            .with_breaker(breaker);
+        mapper.operator = "CircuitBreaker";
+        mapper
     }
 }
 
-impl<F> CircuitBreaker<F> {
-    /// Calls `f` for each item through `breaker`.
-    pub fn new(breaker: Breaker, f: F) -> Self {
-        CircuitBreaker {
-            breaker,
-            f,
+/// How results count for the breaker, over the mapper's types.
+pub(crate) type Classifier<Out, E> = Arc<dyn Fn(Result<&Out, &E>) -> CallOutcome + Send + Sync>;
+
+/// A mapper's breaker settings ([`AsyncMapper::with_breaker`]).
+pub(crate) struct BreakerSettings<Out, E> {
+    pub(crate) breaker: Option<Breaker>,
+    pub(crate) policy: OpenPolicy,
+    pub(crate) classify: Option<Classifier<Out, E>>,
+}
+
+impl<Out, E> Default for BreakerSettings<Out, E> {
+    fn default() -> Self {
+        BreakerSettings {
+            breaker: None,
             policy: OpenPolicy::Reject,
-            concurrency: 1,
-            name: Cow::Borrowed("circuit_breaker"),
+            classify: None,
         }
     }
+}
 
-    /// Sets what happens to items while the breaker refuses calls.
-    pub fn with_open_policy(mut self, policy: OpenPolicy) -> Self {
-        self.policy = policy;
+impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
+    /// Guards every attempt with `breaker` (feature `circuit-breaker`):
+    /// see [`CircuitBreaker`] for how it composes with the mapper's
+    /// timeout, retries and order. The breaker's configuration is checked
+    /// when the mapper is piped (fields under `breaker.`).
+    pub fn with_breaker(mut self, breaker: Breaker) -> Self {
+        self.breaker.breaker = Some(breaker);
         self
     }
 
-    /// How many calls may run at once (1 by default). Zero is refused
-    /// when the stage is piped ([`ConfigError`], field `concurrency`).
+    /// Sets what happens to items while the breaker refuses calls
+    /// ([`OpenPolicy::Reject`] by default). Without a breaker it does
+    /// nothing.
+    pub fn with_open_policy(mut self, policy: OpenPolicy) -> Self {
+        self.breaker.policy = policy;
+        self
+    }
+
+    /// Decides how each call's result counts for the breaker: a success,
+    /// a failure or neither ([`CallOutcome::Ignored`]); by default a value
+    /// is a success and an error a failure. Resilience4j's
+    /// `recordExceptions`/`ignoreExceptions` (on errors) and
+    /// `recordResult` (on values). Only the breaker's count changes: the
+    /// item still becomes its value or its error (retried as usual). A
+    /// classifier that panics counts the call as failed and fails the item
+    /// as `panicked`. Without a breaker it does nothing.
     ///
     /// ```
-    /// use streamz::breaker::{Breaker, BreakerConfig, CircuitBreaker};
+    /// use std::num::NonZeroU32;
+    /// use streamz::breaker::{Breaker, BreakerConfig, BreakerState, CallOutcome, CircuitBreaker};
+    ///
+    /// #[derive(Debug)]
+    /// enum Http { NotFound, Unavailable }
+    /// impl std::fmt::Display for Http {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { write!(f, "{self:?}") }
+    /// }
+    /// impl std::error::Error for Http {}
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let breaker = Breaker::new("ledger", BreakerConfig::default());
-    /// let stage = CircuitBreaker::new(breaker, |n: &u32| std::future::ready(Ok::<_, std::io::Error>(*n)))
-    ///     .with_concurrency(0);
-    /// let err = streamz::iter([1u32]).try_pipe(stage).unwrap_err();
-    /// assert_eq!((err.operator(), err.stage(), err.field()), (Some("CircuitBreaker"), Some("circuit_breaker"), "concurrency"));
+    /// let mut config = BreakerConfig::default();
+    /// config.consecutive_failures = NonZeroU32::new(3);
+    /// let breaker = Breaker::new("catalogue", config);
+    /// // Every lookup is a 404: the items fail, the service is fine.
+    /// let stage = CircuitBreaker::new(breaker.clone(), |_: &u32| async { Err::<u32, _>(Http::NotFound) })
+    ///     .classify(|result: Result<&u32, &Http>| match result {
+    ///         Err(Http::NotFound) => CallOutcome::Ignored,
+    ///         Err(Http::Unavailable) => CallOutcome::Failure,
+    ///         Ok(_) => CallOutcome::Success,
+    ///     });
+    /// let out = streamz::iter(0..10u32).pipe(stage).collect().await;
+    /// assert!(out.iter().all(Result::is_err));
+    /// assert_eq!(breaker.state(), BreakerState::Closed);
+    /// assert_eq!((breaker.metrics().ignored, breaker.metrics().failures), (10, 0));
     /// # }
     /// ```
-    pub fn with_concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n;
-        self
-    }
-
-    /// Names the stage (for counters, spans and errors).
-    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
+    pub fn classify<C>(mut self, classify: C) -> Self
+    where
+        C: Fn(Result<&Out, &E>) -> CallOutcome + Send + Sync + 'static,
+    {
+        self.breaker.classify = Some(Arc::new(classify));
         self
     }
 }
 
-impl<In, Out, E, F, Fut> Processor<In, Out> for CircuitBreaker<F>
+/// Runs a mapper that has a breaker.
+pub(crate) fn spawn<In, Out, E, F, Fut>(
+    mut mapper: AsyncMapper<In, Out, E, F>,
+    breaker: Breaker,
+    input: Flow<In>,
+) -> Flow<Out>
 where
     In: Send + 'static,
     Out: Send + 'static,
     E: Into<BoxError> + Send + 'static,
-    F: Fn(&In) -> Fut + Send + Sync + 'static,
+    F: Fn(&In) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Out, E>> + Send + 'static,
 {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        nonzero(self.concurrency, "concurrency")
-            .and_then(|()| self.breaker.validate())
-            .map_err(|e| e.in_stage("CircuitBreaker", &self.name))
-    }
-
-    fn process(self, input: Flow<In>) -> Flow<Out> {
-        let CircuitBreaker {
-            breaker,
-            f,
-            policy,
-            concurrency,
-            name,
-        } = self;
-        if policy == OpenPolicy::Reject {
-            // The mapper asks the breaker before it builds each call, on
-            // the breaker's lock-free lane while it is closed (lane.rs).
-            return AsyncMapper::new(f)
-                .named(name)
-                .with_concurrency(concurrency)
-                .spawn_guarded(input, Lane::new(breaker));
-        }
-        // Waiting for a permit needs a future per call.
-        let guarded = move |item: &In| {
-            let call = f(item);
-            let breaker = breaker.clone();
-            async move {
-                let permit = breaker.acquire().await;
-                let result = call.await;
-                permit.record(result.is_ok());
-                result.map_err(Into::into)
-            }
-        };
-        AsyncMapper::new(guarded)
-            .named(name)
-            .with_concurrency(concurrency)
-            .process(input)
-    }
+    let settings = std::mem::take(&mut mapper.breaker);
+    let classify = settings.classify.map(|c| -> Classify {
+        Box::new(move |result| match result {
+            Ok(v) => c(Ok(v
+                .downcast_ref::<Out>()
+                .expect("the mapper's output type"))),
+            Err(e) => c(Err(e.downcast_ref::<E>().expect("the mapper's error type"))),
+        })
+    });
+    // The mapper asks the breaker before it builds each call, on the
+    // breaker's lock-free lane while it is closed (lane.rs).
+    mapper.spawn_guarded(input, Lane::new(breaker, classify, settings.policy))
 }
 
-impl CircuitBreaker<()> {
+impl CircuitBreaker {
     /// Guards a whole inner processor instead of a call: each value asks
     /// `breaker` for a permit before it enters `inner`, and the item
     /// `inner` emits in its place reports the outcome (a value is a

@@ -40,7 +40,25 @@ fn next_tick(prev: Instant, interval: std::time::Duration, now: Instant) -> Dead
 }
 
 impl<C: HealthCheck> Checker<C> {
+    /// Resolves once `stop` is cancelled (the gate ended) and no mapper
+    /// holds its calls on the gate's state any more.
+    async fn stopped(stats: &Stats, stop: &CancellationToken) {
+        stop.cancelled().await;
+        loop {
+            let released = stats.released.notified();
+            let mut released = std::pin::pin!(released);
+            released.as_mut().enable();
+            if stats.holders.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            released.await;
+        }
+    }
+
     pub(super) async fn run(mut self, stop: CancellationToken) {
+        let stats = self.stats.clone();
+        let stopped = Self::stopped(&stats, &stop);
+        let mut stopped = std::pin::pin!(stopped);
         let (mut healthy_run, mut unhealthy_run) = (0u32, 0u32);
         // The first check runs at once; the schedule counts from it.
         let mut tick = Instant::now();
@@ -59,7 +77,7 @@ impl<C: HealthCheck> Checker<C> {
             };
             let scheduled = tokio::select! {
                 biased;
-                () = stop.cancelled() => return,
+                () = &mut stopped => return,
                 () = time::sleep_until(next) => true,
                 result = changed => {
                     if let Err(payload) = result {
@@ -72,7 +90,7 @@ impl<C: HealthCheck> Checker<C> {
             };
             let health = tokio::select! {
                 biased;
-                () = stop.cancelled() => return,
+                () = &mut stopped => return,
                 health = self.ask() => health,
             };
             if scheduled {

@@ -310,6 +310,26 @@ struct Stats {
     checks: AtomicU64,
     unhealthy: AtomicU64,
     closings: AtomicU64,
+    /// Mappers holding their calls on the gate's state
+    /// ([`DependencySignal`](crate::DependencySignal)): the checker goes
+    /// on after the gate ends while any is left.
+    holders: std::sync::atomic::AtomicUsize,
+    /// Woken when a holder lets go.
+    released: tokio::sync::Notify,
+}
+
+/// A mapper's hold on a gate's checker: keeps it checking after the gate
+/// itself has ended, until the mapper lets go.
+#[derive(Debug)]
+pub(crate) struct Holder(Arc<Stats>);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.0
+            .holders
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.released.notify_waiters();
+    }
 }
 
 impl GateHandle {
@@ -343,6 +363,15 @@ impl GateHandle {
     pub fn closings(&self) -> u64 {
         self.stats.closings.load(Relaxed)
     }
+
+    /// Keeps the gate's checker running after the gate ends, while the
+    /// returned value lives.
+    pub(crate) fn hold(&self) -> Holder {
+        self.stats
+            .holders
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Holder(self.stats.clone())
+    }
 }
 
 impl<T, C> Processor<T, T> for HealthGate<C>
@@ -365,8 +394,9 @@ where
     fn process(self, input: Flow<T>) -> Flow<T> {
         let pipeline = input.pipeline().clone();
         self.status.send_modify(|s| s.since = Instant::now());
-        // The checker runs as long as the gate's task: the gate holds the
-        // guard that stops it.
+        // The checker runs as long as the gate's task (the gate holds the
+        // guard that stops it), and after it while mappers hold their calls
+        // on its state.
         let stop = CancellationToken::new();
         let checker = Checker {
             check: self.check,

@@ -1,0 +1,135 @@
+//! [`DependencySignal`]: whether a mapper's dependency is up, so that its
+//! calls and retries wait while it is down instead of spending attempts
+//! ([`AsyncMapper::hold_while_down`](super::AsyncMapper::hold_while_down)).
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+
+use crate::resilience::health::{GateHandle, GateState, Health, Holder};
+
+/// Whether a dependency is up, as an [`AsyncMapper`](super::AsyncMapper)
+/// holding its calls sees it
+/// ([`hold_while_down`](super::AsyncMapper::hold_while_down)).
+///
+/// Made from what already watches the dependency:
+///
+/// | from | up while |
+/// |---|---|
+/// | a [`GateHandle`] | the [`HealthGate`](crate::HealthGate) is open (its checker keeps checking after the gate's input ends, as long as the mapper runs) |
+/// | a `watch::Receiver<Health>` | the value is [`Health::Healthy`] |
+/// | a `watch::Receiver<bool>` | the value is `true` |
+/// | a [`Breaker`](crate::breaker::Breaker) (feature `circuit-breaker`) | it permits calls (closed, half-open, disabled) |
+/// | [`from_stream`](DependencySignal::from_stream) | the last [`Health`] the stream gave is healthy |
+///
+/// A signal whose source ends (its sender dropped, the stream over) is up
+/// from then on: nothing could ever say the dependency is back, and a
+/// mapper must not hold its items forever on a signal nobody sends.
+///
+/// ```
+/// use streamz::{AsyncMapper, DependencySignal, Health};
+/// use tokio::sync::watch;
+///
+/// let (health, signal) = watch::channel(Health::Healthy);
+/// let lookup = AsyncMapper::new(|id: &u32| std::future::ready(Ok::<_, std::io::Error>(*id)))
+///     .hold_while_down(signal);
+/// // Elsewhere: health.send(Health::unhealthy("database failover"))
+/// # drop(health);
+/// ```
+pub struct DependencySignal {
+    updates: Option<Pin<Box<dyn Stream<Item = Health> + Send>>>,
+    /// The last answer: `None` while up, the reason while down.
+    down: Option<String>,
+    /// A gate's checker kept running for this signal.
+    _holder: Option<Holder>,
+}
+
+impl fmt::Debug for DependencySignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DependencySignal")
+            .field("down", &self.down)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DependencySignal {
+    /// A signal following `updates`: down after an unhealthy answer, up
+    /// after a healthy one (up until the first answer).
+    pub fn from_stream(updates: impl Stream<Item = Health> + Send + 'static) -> Self {
+        DependencySignal {
+            updates: Some(Box::pin(updates)),
+            down: None,
+            _holder: None,
+        }
+    }
+
+    /// Takes every update that arrived and says whether the dependency is
+    /// up now; while it is down, `cx` is woken at the next update.
+    pub(crate) fn poll_up(&mut self, cx: &mut Context<'_>) -> bool {
+        while let Some(updates) = &mut self.updates {
+            match updates.poll_next_unpin(cx) {
+                Poll::Ready(Some(Health::Healthy)) => self.down = None,
+                Poll::Ready(Some(Health::Unhealthy(reason))) => self.down = Some(reason),
+                Poll::Ready(None) => {
+                    if self.down.is_some() {
+                        tracing::warn!("a dependency signal ended while down: calls go ahead");
+                    }
+                    self.updates = None;
+                    self.down = None;
+                }
+                Poll::Pending => break,
+            }
+        }
+        self.down.is_none()
+    }
+
+    /// Why the dependency is down (its last unhealthy answer).
+    pub(crate) fn reason(&self) -> &str {
+        self.down.as_deref().unwrap_or("down")
+    }
+}
+
+impl From<watch::Receiver<Health>> for DependencySignal {
+    fn from(rx: watch::Receiver<Health>) -> Self {
+        DependencySignal::from_stream(WatchStream::new(rx))
+    }
+}
+
+impl From<watch::Receiver<bool>> for DependencySignal {
+    fn from(rx: watch::Receiver<bool>) -> Self {
+        DependencySignal::from_stream(WatchStream::new(rx).map(Health::from))
+    }
+}
+
+impl From<GateHandle> for DependencySignal {
+    fn from(gate: GateHandle) -> Self {
+        DependencySignal::from(&gate)
+    }
+}
+
+impl From<&GateHandle> for DependencySignal {
+    fn from(gate: &GateHandle) -> Self {
+        let updates = WatchStream::new(gate.subscribe()).map(|status| match status.state {
+            GateState::Open => Health::Healthy,
+            GateState::Closed => Health::Unhealthy(format!(
+                "the health gate is closed: {}",
+                status.reason.as_deref().unwrap_or("not yet healthy")
+            )),
+        });
+        DependencySignal {
+            _holder: Some(gate.hold()),
+            ..DependencySignal::from_stream(updates)
+        }
+    }
+}
+
+#[cfg(feature = "circuit-breaker")]
+impl From<crate::breaker::Breaker> for DependencySignal {
+    fn from(breaker: crate::breaker::Breaker) -> Self {
+        DependencySignal::from_stream(breaker.health_updates())
+    }
+}
