@@ -79,7 +79,7 @@ pub use connectors::kafka;
 pub use resilience::breaker;
 pub use resilience::dlq;
 
-pub use base::ack::{Ack, Receipt};
+pub use base::ack::{Ack, Receipt, SourcePosition};
 pub use base::chunk::{Chunk, IntoIter as ChunkIntoIter};
 pub use base::config::{ConfigError, EdgeConfig};
 pub use base::counters::StageMetrics;

@@ -1566,3 +1566,99 @@ async fn an_item_that_cannot_be_json_is_noted_with_its_tag() {
         "{note}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_record_names_its_pipeline_the_items_source_position_and_its_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.dlq.jsonl");
+    let pipeline = Pipeline::builder().with_name("billing").build();
+    // An application source that numbers its items (its own offsets).
+    let (acks, _receipts): (Vec<streamz::Ack>, Vec<_>) = (0..6u64)
+        .map(|i| streamz::Ack::at(streamz::SourcePosition::Sequence { sequence: 100 + i }))
+        .unzip();
+    let items = (0..6u64).map(order).zip(acks).map(|(o, a)| (Ok(o), a));
+    let fails_twice = AsyncMapper::new(|o: &Order| {
+        let id = o.id;
+        std::future::ready(if id % 3 == 1 {
+            Err(std::io::Error::other("price service refused"))
+        } else {
+            Ok(id)
+        })
+    })
+    .with_retry(
+        Retry::attempts(2).with_backoff(Duration::from_millis(10), Duration::from_millis(10)),
+    );
+    let out = pipeline
+        .acked_stream(futures::stream::iter(items))
+        .map(|o: &Order| o.clone()) // what fails is no longer the source's item: the position follows the ack
+        .pipe(fails_twice)
+        .pipe(
+            DeadLetterQueue::new(FileSink::<Order>::create(&path).await.unwrap())
+                .with_item_tag("order.v1"),
+        )
+        .collect()
+        .await;
+    assert_eq!(out.len(), 4);
+
+    let records: Vec<DeadLetter<Order>> = Replay::<Order>::open(&path)
+        .await
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    let ids: Vec<u64> = records
+        .iter()
+        .map(|r| r.item.as_ref().unwrap().id)
+        .collect();
+    assert_eq!(ids, [1, 4]);
+    for r in &records {
+        let id = r.item.as_ref().unwrap().id;
+        assert_eq!(r.pipeline.as_deref(), Some("billing"));
+        assert_eq!(
+            r.source,
+            Some(streamz::SourcePosition::Sequence { sequence: 100 + id })
+        );
+        assert_eq!(r.item_type.as_deref(), Some("order.v1"));
+        assert_eq!(r.attempts, 2);
+        assert!(r.last_failure >= r.first_failure);
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .contains(r#""pipeline":"billing","source":{"kind":"sequence","sequence":101}"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn replay_reads_records_written_before_pipeline_and_source_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.dlq.jsonl");
+    // A record as the file sink wrote it before the two fields.
+    let old = r#"{"sequence":1,"stage":"parse","kind":"failed","message":"bad digit","causes":[],"attempts":1,"first_failure":"2026-11-30T16:00:00.5Z","last_failure":"2026-11-30T16:00:00.5Z","item_type":"u32","item":7,"note":null}"#;
+    let new = r#"{"sequence":2,"pipeline":"p","source":{"kind":"kafka","topic":"orders","partition":3,"offset":1207},"stage":"parse","kind":"failed","message":"bad digit","causes":[],"attempts":1,"first_failure":"2026-11-30T16:00:00.5Z","last_failure":"2026-11-30T16:00:00.5Z","item_type":"u32","item":8,"note":null}"#;
+    std::fs::write(&path, format!("{old}\n{new}\n")).unwrap();
+    let replay = Replay::<u32>::open(&path).await.unwrap();
+    let stats = replay.stats();
+    let records: Vec<DeadLetter<u32>> = replay.map(|r| r.unwrap()).collect().await;
+    assert_eq!(
+        (
+            records[0].item,
+            records[0].pipeline.as_deref(),
+            &records[0].source
+        ),
+        (Some(7), None, &None)
+    );
+    assert_eq!(records[1].pipeline.as_deref(), Some("p"));
+    assert_eq!(
+        records[1].source,
+        Some(streamz::SourcePosition::Kafka {
+            topic: "orders".into(),
+            partition: 3,
+            offset: 1207
+        })
+    );
+    assert_eq!((stats.records(), stats.corrupt()), (2, 0));
+}

@@ -280,7 +280,7 @@ fn member(
     topics: (&str, &str, &str),
 ) -> (Pipeline, KafkaSourceHandle, watch::Receiver<u64>) {
     let (input, output, dead) = topics;
-    let pipeline = Pipeline::new();
+    let pipeline = Pipeline::builder().with_name("doubler").build();
     let (records, handle) = member_source(brokers, group, input)
         .with_commit_interval(Duration::from_millis(200))
         .with_drain_timeout(Duration::from_secs(20))
@@ -349,6 +349,11 @@ async fn assert_nothing_lost(brokers: &str, keys: &[String], out: &str, dead: &s
             );
             assert!(headers.contains_key("streamz.errors.offset"));
             assert!(headers.contains_key("streamz.errors.partition"));
+            assert_eq!(headers["streamz.errors.pipeline"], "doubler");
+            assert!(
+                headers["streamz.errors.item.type"].ends_with("KafkaRecord"),
+                "{headers:?}"
+            );
         } else {
             assert!(written.contains_key(k), "{k} is missing from the output");
         }
@@ -1170,4 +1175,80 @@ async fn a_member_killed_with_sigkill_loses_nothing() {
         duplicates <= bound,
         "{duplicates} duplicates, bound {bound}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_names_the_record_it_came_from_after_maps_changed_the_item() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "pos.in", 2).await;
+    let keys: Vec<String> = (0..40)
+        .map(|i| {
+            if i % 10 == 3 {
+                format!("{i}!")
+            } else {
+                i.to_string()
+            }
+        })
+        .collect();
+    produce(b, "pos.in", &keys, 2).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pos.dlq.jsonl");
+    let pipeline = Pipeline::builder().with_name("positions").build();
+    let (records, mut handle) = member_source(b, "pos", "pos.in").start(&pipeline).unwrap();
+    // Where each key was read, as the source saw it.
+    let read_at = std::sync::Arc::new(Mutex::new(BTreeMap::<String, (i32, i64)>::new()));
+    let seen = read_at.clone();
+    let out = records
+        .tap(move |r: &KafkaRecord| {
+            let key = String::from_utf8_lossy(r.key().unwrap_or_default()).into_owned();
+            seen.lock()
+                .unwrap()
+                .insert(key, (r.partition(), r.offset()));
+        })
+        // From here on the item is a String, not a record.
+        .map(|r: &KafkaRecord| String::from_utf8_lossy(r.value().unwrap_or_default()).into_owned())
+        .try_map(|s: &String| s.parse::<u64>())
+        .pipe(DeadLetterQueue::new(
+            streamz::dlq::FileSink::<String>::create(&path)
+                .await
+                .unwrap(),
+        ));
+    let (count_tx, mut count) = watch::channel(0usize);
+    tokio::spawn(out.for_each(move |_| count_tx.send_modify(|n| *n += 1)));
+    within("the good records", count.wait_for(|n| *n == 36))
+        .await
+        .unwrap();
+    // The dead letters are written (and acknowledged) once the commit
+    // reaches every record.
+    committed_until(b, "pos", "pos.in", 2, |sum| sum == keys.len() as i64).await;
+    pipeline.shutdown();
+    within("the stop", handle.stopped()).await;
+
+    let letters: Vec<streamz::DeadLetter<String>> = streamz::dlq::Replay::<String>::open(&path)
+        .await
+        .unwrap()
+        .into_flow()
+        .collect()
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(letters.len(), 4);
+    let read_at = read_at.lock().unwrap();
+    for letter in letters {
+        let key = letter.item.clone().unwrap();
+        let (partition, offset) = read_at[&key];
+        assert_eq!(
+            letter.source,
+            Some(streamz::SourcePosition::Kafka {
+                topic: "pos.in".into(),
+                partition,
+                offset
+            }),
+            "{key}"
+        );
+        assert_eq!(letter.pipeline.as_deref(), Some("positions"));
+    }
 }

@@ -46,15 +46,23 @@ pub(crate) struct Progress {
     /// For a batch's node: the obligations it stands for; empty for an
     /// item's progress.
     members: Vec<Arc<Progress>>,
+    /// Where the item was read, if its source says (one item's progress).
+    origin: Option<SourcePosition>,
 }
 
 impl Progress {
     /// A group of `n` obligations; hand out exactly `n` acks with
     /// [`Ack::of`].
     pub(crate) fn new(n: usize) -> Arc<Progress> {
+        Self::at(n, None)
+    }
+
+    /// [`new`](Self::new), for one item read at `origin`.
+    pub(crate) fn at(n: usize, origin: Option<SourcePosition>) -> Arc<Progress> {
         Arc::new(Progress {
             pending: AtomicUsize::new(n),
             members: Vec::new(),
+            origin,
         })
     }
 
@@ -149,6 +157,32 @@ impl Ack {
         Ack(Some(progress.clone()))
     }
 
+    /// A new acknowledgement, as [`new`](Ack::new), for an item read at
+    /// `position`: the position travels with the ack (and its forks), so a
+    /// dead-letter record of the item, or of what it became, says where
+    /// it came from ([`StreamError::source_position`](crate::StreamError::source_position)).
+    ///
+    /// ```
+    /// use streamz::{Ack, SourcePosition};
+    ///
+    /// let (ack, _receipt) = Ack::at(SourcePosition::Sequence { sequence: 41 });
+    /// assert_eq!(ack.position(), Some(&SourcePosition::Sequence { sequence: 41 }));
+    /// assert_eq!(ack.fork().position(), ack.position());
+    /// # ack.ack();
+    /// ```
+    pub fn at(position: SourcePosition) -> (Ack, Receipt) {
+        let progress = Progress::at(1, Some(position));
+        (Ack::of(&progress), Receipt(progress))
+    }
+
+    /// Where the item was read, if its source said: a Kafka record's
+    /// topic, partition and offset, an application source's sequence
+    /// ([`Ack::at`]). `None` for a batch's acknowledgement (it stands for
+    /// several items) and for sources that give no position.
+    pub fn position(&self) -> Option<&SourcePosition> {
+        self.0.as_ref().and_then(|p| p.origin.as_ref())
+    }
+
     /// Whether this acknowledges nothing (an item of a source without
     /// acknowledgements).
     #[inline]
@@ -186,6 +220,7 @@ impl Ack {
             _ => Ack(Some(Arc::new(Progress {
                 pending: AtomicUsize::new(1),
                 members,
+                origin: None,
             }))),
         }
     }
@@ -205,6 +240,33 @@ impl Ack {
         parts.push(self);
         parts
     }
+}
+
+/// Where an item was read, as its source tells it: carried by the item's
+/// [`Ack`] through every stage, and written into its dead-letter record
+/// ([`DeadLetter::source`](crate::DeadLetter::source)), as Kafka Connect's
+/// DLQ headers name the original record.
+///
+/// In JSON: `{"kind":"kafka","topic":"orders","partition":3,"offset":1207}`,
+/// `{"kind":"sequence","sequence":41}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SourcePosition {
+    /// A record of a Kafka topic.
+    Kafka {
+        /// The topic.
+        topic: Arc<str>,
+        /// The partition.
+        partition: i32,
+        /// The record's offset in the partition.
+        offset: i64,
+    },
+    /// The item's number in an application's own source ([`Ack::at`]).
+    Sequence {
+        /// The number the source gave it.
+        sequence: u64,
+    },
 }
 
 /// Tells whether an [`Ack`] made with [`Ack::new`], and every fork of it,

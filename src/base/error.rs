@@ -228,6 +228,16 @@ impl StreamError {
         self.inner.attempts
     }
 
+    /// Where the failed item was read, if its source said (a Kafka
+    /// record's topic, partition and offset; see
+    /// [`SourcePosition`](crate::SourcePosition)). It comes with the item's
+    /// acknowledgement, so it survives the maps and steps between the
+    /// source and the failing stage; `None` for an item of a source
+    /// without positions, and for a batch (several items).
+    pub fn source_position(&self) -> Option<&crate::SourcePosition> {
+        self.inner.ack.position()
+    }
+
     /// When the (last) failure happened, by the wall clock.
     pub fn time(&self) -> SystemTime {
         self.inner.at

@@ -8,6 +8,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use super::KafkaError;
 use super::record::{Acknowledge, KafkaRecord};
 use super::sink::{brokers_at, durable_producer, headers};
+use crate::base::ack::SourcePosition;
 use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 
 /// A [`DeadLetterSink`] writing each dead letter to a Kafka topic, in the
@@ -18,7 +19,9 @@ use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 ///
 /// | header | value |
 /// |---|---|
-/// | `streamz.errors.topic`, `.partition`, `.offset` | where the original record was read |
+/// | `streamz.errors.topic`, `.partition`, `.offset` | where the original record was read: from the failed record itself, or from the position its acknowledgement carried ([`DeadLetter::source`]) when maps turned it into something else |
+/// | `streamz.errors.pipeline` | the pipeline's name, if it has one |
+/// | `streamz.errors.item.type` | the item's type tag ([`DeadLetterQueue::with_item_tag`](crate::DeadLetterQueue::with_item_tag)), or its Rust type name |
 /// | `streamz.errors.stage` | the stage that failed the item |
 /// | `streamz.errors.kind` | `failed`, `timed_out`, `panicked`... |
 /// | `streamz.errors.message` | the error's message |
@@ -99,14 +102,32 @@ fn context<T>(
     letter: &DeadLetter<T>,
     origin: Option<&KafkaRecord>,
 ) -> Vec<(&'static str, Vec<u8>)> {
-    let mut h: Vec<(&'static str, Vec<u8>)> = Vec::with_capacity(11);
-    if let Some(o) = origin {
-        h.push(("streamz.errors.topic", o.topic().as_bytes().to_vec()));
+    let mut h: Vec<(&'static str, Vec<u8>)> = Vec::with_capacity(13);
+    let read_at = match (origin, &letter.source) {
+        (Some(o), _) => Some((o.topic(), o.partition(), o.offset())),
+        (
+            None,
+            Some(SourcePosition::Kafka {
+                topic,
+                partition,
+                offset,
+            }),
+        ) => Some((&**topic, *partition, *offset)),
+        _ => None,
+    };
+    if let Some((topic, partition, offset)) = read_at {
+        h.push(("streamz.errors.topic", topic.as_bytes().to_vec()));
         h.push((
             "streamz.errors.partition",
-            o.partition().to_string().into_bytes(),
+            partition.to_string().into_bytes(),
         ));
-        h.push(("streamz.errors.offset", o.offset().to_string().into_bytes()));
+        h.push(("streamz.errors.offset", offset.to_string().into_bytes()));
+    }
+    if let Some(pipeline) = &letter.pipeline {
+        h.push(("streamz.errors.pipeline", pipeline.clone().into_bytes()));
+    }
+    if let Some(item_type) = &letter.item_type {
+        h.push(("streamz.errors.item.type", item_type.clone().into_bytes()));
     }
     let kind = serde_json::to_value(letter.kind)
         .ok()

@@ -173,7 +173,7 @@ mod tests {
             value: None,
             headers: Vec::new(),
             timestamp: None,
-            progress: Arc::new(Progress::new()),
+            progress: Arc::new(Progress::new(None)),
         })
     }
 

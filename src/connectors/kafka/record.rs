@@ -19,9 +19,11 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn new() -> Self {
+    /// The progress of one record, read at `origin` (carried by its core
+    /// ack to dead-letter records).
+    pub(crate) fn new(origin: Option<crate::base::ack::SourcePosition>) -> Self {
         Progress {
-            core: crate::base::ack::Progress::new(1),
+            core: crate::base::ack::Progress::at(1, origin),
             released: AtomicBool::new(false),
         }
     }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::KafkaError;
 use super::offsets::{Commit, Offsets};
 use super::record::{Entry, KafkaRecord, Progress};
+use crate::base::ack::SourcePosition;
 use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::StreamError;
 use crate::base::time;
@@ -889,7 +890,11 @@ fn record_of(
                 .collect()
         })
         .unwrap_or_default();
-    let progress = Arc::new(Progress::new());
+    let progress = Arc::new(Progress::new(Some(SourcePosition::Kafka {
+        topic: topic.clone(),
+        partition: m.partition(),
+        offset: m.offset(),
+    })));
     let record = KafkaRecord::new(Entry {
         topic: topic.clone(),
         partition: m.partition(),

@@ -308,7 +308,8 @@ where
         } = self;
         driver::spawn_with(input, &name, edge, |pipeline, counters| {
             let link = writer::spawn(pipeline, counters, sink, buffer);
-            Router::new(link, items, overflow, buffer, counters.clone())
+            let name = pipeline.name().map(str::to_owned);
+            Router::new(link, items, overflow, buffer, counters.clone(), name)
         })
     }
 }

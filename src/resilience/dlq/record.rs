@@ -18,12 +18,16 @@ use crate::base::error::{ErrorKind, StreamError};
 /// With `serde_json`, a record of a `u32` item reads:
 ///
 /// ```text
-/// {"sequence":1,"stage":"parse","kind":"failed","message":"bad digit",
-///  "causes":[],"attempts":1,"first_failure":"2026-11-30T16:00:00.5Z",
-///  "last_failure":"2026-11-30T16:00:00.5Z","item_type":"u32","item":7,"note":null}
+/// {"sequence":1,"pipeline":"orders","source":{"kind":"kafka","topic":"orders",
+///  "partition":3,"offset":1207},"stage":"parse","kind":"failed",
+///  "message":"bad digit","causes":[],"attempts":1,
+///  "first_failure":"2026-11-30T16:00:00.5Z","last_failure":"2026-11-30T16:00:00.5Z",
+///  "item_type":"u32","item":7,"note":null}
 /// ```
 ///
-/// Times are RFC 3339 in UTC; `kind` is [`ErrorKind::as_str`].
+/// Times are RFC 3339 in UTC; `kind` is [`ErrorKind::as_str`]. `pipeline`
+/// and `source` are `null` when unknown, and may be missing altogether
+/// from records written before they existed (read as `None`).
 ///
 /// # Examples
 ///
@@ -51,6 +55,16 @@ pub struct DeadLetter<T> {
     /// received in this run, from 1. A gap means records were dropped by
     /// the [`Overflow::DropAndCount`](crate::resilience::dlq::Overflow) policy.
     pub sequence: u64,
+    /// The name of the pipeline the dead-letter queue ran in
+    /// ([`PipelineBuilder::with_name`](crate::PipelineBuilder::with_name)),
+    /// if it has one.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    /// Where the failed item was read, if its source said
+    /// ([`StreamError::source_position`]): for a Kafka record its topic,
+    /// partition and offset, also after maps turned it into something else.
+    #[serde(default)]
+    pub source: Option<crate::SourcePosition>,
     /// The stage that produced the error.
     pub stage: String,
     /// What went wrong.
@@ -171,6 +185,8 @@ impl<T> DeadLetter<T> {
         };
         DeadLetter {
             sequence,
+            pipeline: None,
+            source: error.source_position().cloned(),
             stage: error.stage().to_owned(),
             kind: error.kind(),
             message,
@@ -188,6 +204,8 @@ impl<T> DeadLetter<T> {
     pub(crate) fn without_item(&self, note: &str) -> Self {
         DeadLetter {
             sequence: self.sequence,
+            pipeline: self.pipeline.clone(),
+            source: self.source.clone(),
             stage: self.stage.clone(),
             kind: self.kind,
             message: self.message.clone(),

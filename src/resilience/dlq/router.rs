@@ -62,6 +62,8 @@ pub(super) struct Router<T, R> {
     overflow: Overflow,
     buffer: usize,
     sequence: u64,
+    /// The pipeline's name, for every record.
+    pipeline: Option<String>,
     /// Records dropped since the buffer was last found with room.
     dropping: u64,
     /// Under [`Overflow::Block`]: the record waiting for room, and the
@@ -80,6 +82,7 @@ impl<T, R> Router<T, R> {
         overflow: Overflow,
         buffer: usize,
         counters: Counters,
+        pipeline: Option<String>,
     ) -> Self {
         let Link {
             queue,
@@ -96,6 +99,7 @@ impl<T, R> Router<T, R> {
             overflow,
             buffer,
             sequence: 0,
+            pipeline,
             dropping: 0,
             waiting: None,
             failed: false,
@@ -136,8 +140,11 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
             self.sequence += 1;
             // The record carries the item's acknowledgement to the writer,
             // which meets it once the sink has written the record.
+            let source = error.source_position().cloned();
             let ack = error.take_ack();
-            let record = DeadLetter::from_error_with(self.sequence, error, &self.items);
+            let mut record = DeadLetter::from_error_with(self.sequence, error, &self.items);
+            record.pipeline.clone_from(&self.pipeline);
+            record.source = source;
             // The writer hands the room back once the sink answered.
             let room = self.permits.try_acquire().map(|permit| permit.forget());
             match room {

@@ -80,7 +80,8 @@ where
 /// What the writer task sends back to the stage.
 pub(super) enum Returned<R> {
     /// A record the sink did not take, with its item's acknowledgement.
-    Unwritten(Unwritten<R>, Ack),
+    /// (Boxed: a record is large, and rarely given back.)
+    Unwritten(Box<Unwritten<R>>, Ack),
     /// The sink panicked while holding this many records.
     Lost(u64, PanicError),
 }
@@ -192,7 +193,7 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
                             .find(|(s, a)| *s == sequence && a.is_some())
                             .and_then(|(_, a)| a.take())
                             .unwrap_or_default();
-                        self.give_back(Returned::Unwritten(u, ack), 1);
+                        self.give_back(Returned::Unwritten(Box::new(u), ack), 1);
                     }
                     // The rest were written.
                     acks.into_iter().filter_map(|(_, a)| a).for_each(Ack::ack);
