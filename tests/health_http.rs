@@ -9,23 +9,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use streamz::{
-    EdgeConfig, GateState, GateStatus, HealthCheck, HealthGate, HttpProbe, Pipeline, TrySendError,
-};
-use support::{assert_conserved, stage};
+use streamz::{EdgeConfig, GateState, HealthCheck, HealthGate, HttpProbe, Pipeline, TrySendError};
+use support::{assert_conserved, reached, stage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// A minimal HTTP/1.1 server: answers every request with `status` and
-/// closes the connection. Dropping (aborting) the task closes the port.
-async fn serve(addr: SocketAddr, status: &'static str) -> (SocketAddr, JoinHandle<()>) {
+/// A minimal HTTP/1.1 server on `addr`: answers each request with what
+/// `answer` gives for its path (status line with headers, and body), and
+/// closes the connection. Aborting the task closes the port.
+async fn serve_with(
+    addr: SocketAddr,
+    answer: impl Fn(SocketAddr, &str) -> (String, String) + Send + Sync + 'static,
+) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
     let task = tokio::spawn(async move {
         loop {
             let (mut conn, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -35,14 +38,23 @@ async fn serve(addr: SocketAddr, status: &'static str) -> (SocketAddr, JoinHandl
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = format!(
-                    "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                let request = String::from_utf8_lossy(&request);
+                let path = request.split(' ').nth(1).unwrap_or("/");
+                let (head, body) = answer(addr, path);
+                let reply = format!(
+                    "HTTP/1.1 {head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
                 );
-                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.write_all(reply.as_bytes()).await;
             });
         }
     });
     (addr, task)
+}
+
+/// A server answering every request with `status`.
+async fn serve(addr: SocketAddr, status: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    serve_with(addr, move |_, _| (status.to_owned(), "ok".to_owned())).await
 }
 
 #[tokio::test]
@@ -54,18 +66,6 @@ async fn a_probe_without_a_time_limit_takes_duration_max() {
         .expect("hung");
     assert_eq!(health, streamz::Health::Healthy);
     server.abort();
-}
-
-/// Waits for the gate to reach `state`, failing the test after 10 s.
-async fn reached(status: &mut watch::Receiver<GateStatus>, state: GateState) -> GateStatus {
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.state == state),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the gate did not become {state:?}"))
-    .unwrap()
-    .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,45 +162,25 @@ async fn non_2xx_and_silence_are_unhealthy_with_a_reason() {
 /// (a set: the HTTP client may send a request again on a connection the
 /// server closed, which a loaded machine makes likely).
 async fn serve_redirects() -> (SocketAddr, Asked, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let requests = Asked::default();
-    let count = requests.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let request = String::from_utf8_lossy(&request);
-                let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
-                count.lock().unwrap().insert(path.clone());
-                let (status, location) = if path == "/ok" {
-                    ("200 OK", None)
-                } else if let Some(rest) = path.strip_prefix("/to") {
-                    ("302 Found", Some(rest.to_owned()))
-                } else if path == "/away" {
-                    ("302 Found", Some(format!("https://{addr}/ok")))
-                } else {
-                    ("404 Not Found", None)
-                };
-                let location = location
-                    .map(|l| format!("location: {l}\r\n"))
-                    .unwrap_or_default();
-                let answer = format!(
-                    "HTTP/1.1 {status}\r\n{location}content-length: 2\r\nconnection: close\r\n\r\nok"
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
+    let asked = requests.clone();
+    let (addr, task) = serve_with("127.0.0.1:0".parse().unwrap(), move |addr, path| {
+        asked.lock().unwrap().insert(path.to_owned());
+        let (status, location) = if path == "/ok" {
+            ("200 OK", None)
+        } else if let Some(rest) = path.strip_prefix("/to") {
+            ("302 Found", Some(rest.to_owned()))
+        } else if path == "/away" {
+            ("302 Found", Some(format!("https://{addr}/ok")))
+        } else {
+            ("404 Not Found", None)
+        };
+        let location = location
+            .map(|l| format!("\r\nlocation: {l}"))
+            .unwrap_or_default();
+        (format!("{status}{location}"), "ok".to_owned())
+    })
+    .await;
     (addr, requests, task)
 }
 
@@ -277,39 +257,17 @@ async fn serve_work(
     addr: SocketAddr,
     served: Arc<std::sync::Mutex<Vec<u32>>>,
 ) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let served = served.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let request = String::from_utf8_lossy(&request);
-                let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
-                let body = match path.strip_prefix("/work/").map(str::parse::<u32>) {
-                    Some(Ok(n)) => {
-                        served.lock().unwrap().push(n);
-                        n.to_string()
-                    }
-                    _ => "ok".to_owned(),
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    (addr, task)
+    serve_with(addr, move |_, path| {
+        let body = match path.strip_prefix("/work/").map(str::parse::<u32>) {
+            Some(Ok(n)) => {
+                served.lock().unwrap().push(n);
+                n.to_string()
+            }
+            _ => "ok".to_owned(),
+        };
+        ("200 OK".to_owned(), body)
+    })
+    .await
 }
 
 /// A real client and a real service that is down for 2 s in the middle of

@@ -4,24 +4,14 @@
 //! the same callsites first (tracing caches callsite interest per process).
 #![cfg(feature = "http")]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use streamz::{GateState, GateStatus, HealthGate, HttpProbe};
+use streamz::{GateState, HealthGate, HttpProbe};
+use support::reached;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-
-/// Waits for the gate to reach `state`, failing the test after 10 s.
-async fn reached(status: &mut watch::Receiver<GateStatus>, state: GateState) -> GateStatus {
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.state == state),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the gate did not become {state:?}"))
-    .unwrap()
-    .clone()
-}
 
 /// Captures what tracing prints, to check nothing secret reaches a log.
 #[derive(Clone, Default)]

@@ -82,3 +82,19 @@ where
         Err(e) => e,
     }
 }
+
+/// Waits for a health gate to reach `state`, failing the test after 10 s
+/// (a bound for a broken run, on the real clock).
+pub async fn reached(
+    status: &mut tokio::sync::watch::Receiver<streamz::GateStatus>,
+    state: streamz::GateState,
+) -> streamz::GateStatus {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        status.wait_for(|s| s.state == state),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the gate did not become {state:?}"))
+    .unwrap()
+    .clone()
+}
