@@ -978,7 +978,11 @@ async fn shutdown_ends_held_items_with_their_last_error_or_gate_closed_carrying_
     assert_eq!(retried.cause().unwrap().to_string(), "connection refused");
     assert_eq!(retried.take_item::<u32>(), Some(7));
     let mut never = errs.next().unwrap();
-    assert_eq!((never.kind(), never.attempts()), (ErrorKind::GateClosed, 1));
+    assert_eq!(
+        (never.kind(), never.attempts()),
+        (ErrorKind::GateClosed, 0),
+        "never tried"
+    );
     let down = never
         .cause()
         .unwrap()
@@ -1042,4 +1046,109 @@ async fn a_signal_whose_sender_is_gone_lets_the_calls_go_ahead() {
     drop(health);
     let got = values(within(MS, out).await.unwrap());
     assert_eq!(got, [0, 1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_held_past_its_deadline_ends_with_its_failure_and_no_late_call() {
+    let pipeline = Pipeline::new();
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(AtomicU32::new(0));
+    let (health, signal) = tokio::sync::watch::channel(streamz::Health::Healthy);
+    let mapper = AsyncMapper::new(dependency(&up, &calls))
+        .with_retry(fixed_retry(10).with_deadline(Duration::from_millis(300)))
+        .hold_while_down(signal);
+    let out = tokio::spawn(pipeline.iter([5u32]).pipe(mapper).collect());
+    settle_briefly().await; // the first attempt fails; a retry is due in 100 ms
+    health.send(streamz::Health::unhealthy("db down")).unwrap();
+    let start = Instant::now();
+    let out = within(Duration::from_secs(1), out).await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(300),
+        "ended at its deadline"
+    );
+    let mut err = out.into_iter().next().unwrap().unwrap_err();
+    assert_eq!((err.kind(), err.attempts()), (ErrorKind::Failed, 1));
+    assert_eq!(err.cause().unwrap().to_string(), "connection refused");
+    assert_eq!(err.take_item::<u32>(), Some(5));
+    // The mapper has ended: no late call, whatever the signal says now.
+    drop(health);
+    up.store(true, SeqCst);
+    settle().await;
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_conserved(&stage(&pipeline, "async_mapper"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_signal_that_always_has_an_update_does_not_take_the_task() {
+    let signal =
+        streamz::DependencySignal::from_stream(futures::stream::repeat(streamz::Health::Healthy));
+    let mapper = AsyncMapper::new(|n: &u32| std::future::ready(Ok::<_, io::Error>(*n)))
+        .with_concurrency(4)
+        .hold_while_down(signal);
+    let out = within(
+        Duration::from_secs(1),
+        streamz::iter(0..100u32).pipe(mapper).collect(),
+    )
+    .await;
+    assert_eq!(values(out), (0..100).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_kept_checking_for_another_pipeline_does_not_hold_up_its_own() {
+    let (_health, check) = tokio::sync::watch::channel(streamz::Health::Healthy);
+    let gate = streamz::HealthGate::new(check).with_interval(100 * MS);
+    let handle = gate.handle();
+    let a = Pipeline::new();
+    let a_out = tokio::spawn(a.iter(0..3u32).pipe(gate).collect());
+    // Another pipeline's mapper holds its calls on the gate.
+    let b = Pipeline::new();
+    let (tx, flow) = b.channel::<u32>();
+    let mapper = AsyncMapper::new(|n: &u32| std::future::ready(Ok::<_, io::Error>(*n)))
+        .hold_while_down(&handle);
+    let b_out = tokio::spawn(flow.pipe(mapper).collect());
+    assert_eq!(
+        values(within(Duration::from_secs(1), a_out).await.unwrap()).len(),
+        3
+    );
+    within(Duration::from_secs(1), a.join()).await.unwrap();
+    // The gate has ended; its checker goes on for the mapper.
+    let checks = handle.checks();
+    sleep(Duration::from_secs(1)).await;
+    assert!(
+        handle.checks() >= checks + 9,
+        "{} -> {}",
+        checks,
+        handle.checks()
+    );
+    tx.send(1).await.unwrap();
+    drop(tx);
+    assert_eq!(
+        values(within(Duration::from_secs(1), b_out).await.unwrap()),
+        [1]
+    );
+    within(Duration::from_secs(1), b.join()).await.unwrap();
+    // The mapper let go: the checker stops.
+    settle().await;
+    let stopped = handle.checks();
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.checks(), stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_stops_a_gate_checker_kept_for_a_mapper() {
+    let (_health, check) = tokio::sync::watch::channel(streamz::Health::Healthy);
+    let gate = streamz::HealthGate::new(check).with_interval(100 * MS);
+    let handle = gate.handle();
+    let _held: streamz::DependencySignal = (&handle).into();
+    let a = Pipeline::new();
+    let (_tx, flow) = a.channel::<u32>();
+    let _out = tokio::spawn(flow.pipe(gate).collect());
+    settle_briefly().await;
+    a.abort();
+    let _ = within(Duration::from_secs(1), a.join()).await;
+    settle().await;
+    let stopped = handle.checks();
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.checks(), stopped, "no more checks after the abort");
 }

@@ -20,11 +20,18 @@ use crate::resilience::health::{GateHandle, GateState, Health, Holder};
 ///
 /// | from | up while |
 /// |---|---|
-/// | a [`GateHandle`] | the [`HealthGate`](crate::HealthGate) is open (its checker keeps checking after the gate's input ends, as long as the mapper runs) |
+/// | a [`GateHandle`] | the [`HealthGate`](crate::HealthGate) is open (its checker keeps checking after the gate's input ends, for as long as the signal lives, in a task the gate's pipeline does not wait for; an abort of that pipeline stops it) |
 /// | a `watch::Receiver<Health>` | the value is [`Health::Healthy`] |
 /// | a `watch::Receiver<bool>` | the value is `true` |
 /// | a [`Breaker`](crate::breaker::Breaker) (feature `circuit-breaker`) | it permits calls (closed, half-open, disabled) |
 /// | [`from_stream`](DependencySignal::from_stream) | the last [`Health`] the stream gave is healthy |
+///
+/// A mapper that holds on the same [`Breaker`](crate::breaker::Breaker)
+/// that guards its calls wants [`OpenPolicy::Wait`](crate::breaker::OpenPolicy::Wait):
+/// half-open counts as up, so every held item is released then, and only
+/// the trial calls get a permit; with the default `Reject` the others
+/// become `circuit_open` errors at that moment, with `Wait` they wait for
+/// their permit.
 ///
 /// A signal whose source ends (its sender dropped, the stream over) is up
 /// from then on: nothing could ever say the dependency is back, and a
@@ -56,6 +63,9 @@ impl fmt::Debug for DependencySignal {
     }
 }
 
+/// Updates taken per poll before the mapper's task yields.
+const UPDATES_PER_POLL: usize = 64;
+
 impl DependencySignal {
     /// A signal following `updates`: down after an unhealthy answer, up
     /// after a healthy one (up until the first answer).
@@ -70,7 +80,14 @@ impl DependencySignal {
     /// Takes every update that arrived and says whether the dependency is
     /// up now; while it is down, `cx` is woken at the next update.
     pub(crate) fn poll_up(&mut self, cx: &mut Context<'_>) -> bool {
+        // A stream that always has another update must not keep the task.
+        let mut budget = UPDATES_PER_POLL;
         while let Some(updates) = &mut self.updates {
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            budget -= 1;
             match updates.poll_next_unpin(cx) {
                 Poll::Ready(Some(Health::Healthy)) => self.down = None,
                 Poll::Ready(Some(Health::Unhealthy(reason))) => self.down = Some(reason),

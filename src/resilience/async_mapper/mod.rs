@@ -391,11 +391,14 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// answers ([`DependencySignal`]).
     ///
     /// A retry deadline ([`Retry::with_deadline`]) keeps running while an
-    /// item is held; the attempt count does not grow. On a graceful
+    /// item is held: a held retry ends at its deadline with the failure it
+    /// was retrying, and no call is made after it. The attempt count does
+    /// not grow while held. On a graceful
     /// [`shutdown`](crate::Pipeline::shutdown) a held item ends at once: a
     /// held retry with the failure it was retrying, an item never tried
-    /// with a `gate_closed` error whose source is a [`DependencyDown`];
-    /// both carry the item, so a dead-letter queue keeps it.
+    /// with a `gate_closed` error whose source is a [`DependencyDown`] (and
+    /// no attempt counted); both carry the item, so a dead-letter queue
+    /// keeps it.
     ///
     /// ```
     /// use std::time::Duration;

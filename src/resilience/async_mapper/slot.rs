@@ -124,6 +124,13 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         E: Into<BoxError>,
         F: Fn(&In) -> Fut,
     {
+        // A retry held past the item's deadline ends with the failure it
+        // was retrying: no call is made after the deadline.
+        let deadline = self.deadline(slot);
+        if slot.last.is_some() && deadline.is_some_and(|end| Instant::now() >= end) {
+            let last = slot.last.take().expect("checked");
+            return self.give_up(slot, last);
+        }
         let down = self.hold.as_mut().is_some_and(|hold| !hold.poll_up(cx));
         let admitted = if down {
             Poll::Pending
@@ -135,15 +142,24 @@ impl<F, E, G: Guard> Policy<F, E, G> {
             Poll::Ready(Ok(())) => None,
             Poll::Ready(Err(refused)) => Some(refused),
             Poll::Pending if !self.shutting_down => {
+                // Held: woken by the signal or the guard, or at the deadline.
                 slot.phase = Phase::Waiting;
+                slot.timer.set(deadline);
                 return;
             }
             Poll::Pending => {
+                // Shutdown while held: the failure it was retrying, or,
+                // never tried, `gate_closed` (no attempt counted).
+                if let Some(last) = slot.last.take() {
+                    return self.give_up(slot, last);
+                }
                 let reason = self.hold.as_ref().map_or("down", |h| h.reason()).to_owned();
-                Some(Box::new(DependencyDown { reason }) as BoxError)
+                let err = StreamError::new(ErrorKind::GateClosed, self.stage())
+                    .with_source(DependencyDown { reason });
+                return self.fail(slot, err);
             }
         };
-        // A retry held at shutdown ends with the failure it was retrying.
+        // A retry refused at shutdown ends with the failure it was retrying.
         if self.shutting_down && refused.is_some() {
             if let Some(last) = slot.last.take() {
                 return self.give_up(slot, last);
@@ -180,6 +196,14 @@ impl<F, E, G: Guard> Policy<F, E, G> {
             self.timeout.and_then(|t| time::after(now, t)),
             self.retry.deadline.and_then(|d| time::after(first, d)),
         ));
+    }
+
+    /// When the item's retry deadline ends, if it has one and has started.
+    fn deadline<In, Out, Fut>(&self, slot: &Slot<In, Out, E, Fut, G::Token>) -> Option<Instant> {
+        match (self.retry.deadline, slot.first_start) {
+            (Some(d), Some(first)) => time::after(first, d),
+            _ => None,
+        }
     }
 
     /// Ends the item with a failure of this stage.
@@ -348,6 +372,8 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                     self.start(slot, cx);
                 }
                 Phase::Waiting => {
+                    // Its deadline passed while held (`start` ends it).
+                    let _ = slot.timer.poll_due(cx);
                     self.start(slot, cx);
                     if matches!(slot.phase, Phase::Waiting) {
                         return false;

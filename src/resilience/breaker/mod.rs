@@ -202,7 +202,7 @@ pub struct BreakerMetrics {
 
 /// How a call counts for a breaker: reported on a [`Permit`]
 /// ([`Permit::report`]) or decided per result by
-/// [`CircuitBreaker::classify`].
+/// [`AsyncMapper::classify`](crate::AsyncMapper::classify).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallOutcome {
     /// A success (slow if it took the slow-call duration or longer).

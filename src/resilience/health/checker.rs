@@ -39,11 +39,34 @@ fn next_tick(prev: Instant, interval: std::time::Duration, now: Instant) -> Dead
     time::after(next, std::time::Duration::from_nanos(ahead))
 }
 
+/// Where the checker is in its schedule and its runs of answers.
+struct Schedule {
+    healthy_run: u32,
+    unhealthy_run: u32,
+    /// The last scheduled check.
+    tick: Instant,
+    next: Deadline,
+    /// A `changed` that panics is not asked again: the gate polls.
+    watch_changes: bool,
+}
+
+impl Schedule {
+    fn new() -> Self {
+        // The first check runs at once; the schedule counts from it.
+        let tick = Instant::now();
+        Schedule {
+            healthy_run: 0,
+            unhealthy_run: 0,
+            tick,
+            next: Some(tick),
+            watch_changes: true,
+        }
+    }
+}
+
 impl<C: HealthCheck> Checker<C> {
-    /// Resolves once `stop` is cancelled (the gate ended) and no mapper
-    /// holds its calls on the gate's state any more.
-    async fn stopped(stats: &Stats, stop: &CancellationToken) {
-        stop.cancelled().await;
+    /// Resolves once no mapper holds its calls on the gate's state.
+    async fn released(stats: &Stats) {
         loop {
             let released = stats.released.notified();
             let mut released = std::pin::pin!(released);
@@ -55,18 +78,43 @@ impl<C: HealthCheck> Checker<C> {
         }
     }
 
-    pub(super) async fn run(mut self, stop: CancellationToken) {
-        let stats = self.stats.clone();
-        let stopped = Self::stopped(&stats, &stop);
-        let mut stopped = std::pin::pin!(stopped);
-        let (mut healthy_run, mut unhealthy_run) = (0u32, 0u32);
-        // The first check runs at once; the schedule counts from it.
-        let mut tick = Instant::now();
-        let mut next: Deadline = Some(tick);
-        // A `changed` that panics is not asked again: the gate polls.
-        let mut watch_changes = true;
+    /// Checks until the gate ends (`stop`); then, while mappers still hold
+    /// their calls on the gate's state ([`DependencySignal`](crate::DependencySignal)),
+    /// goes on for them in a task of its own, which the pipeline's `join`
+    /// does not wait for, until they let go or the pipeline aborts.
+    pub(super) async fn run(mut self, stop: CancellationToken, abort: CancellationToken) {
+        let mut schedule = Schedule::new();
+        self.check_until(&mut schedule, std::pin::pin!(stop.cancelled()))
+            .await;
+        let holders = self
+            .stats
+            .holders
+            .load(std::sync::atomic::Ordering::Acquire);
+        if holders == 0 || abort.is_cancelled() {
+            return;
+        }
+        tokio::spawn(async move {
+            let stats = self.stats.clone();
+            let until = async {
+                tokio::select! {
+                    () = abort.cancelled() => {}
+                    () = Self::released(&stats) => {}
+                }
+            };
+            self.check_until(&mut schedule, std::pin::pin!(until)).await;
+        });
+    }
+
+    /// Checks on the schedule (and on the check's own change signal) until
+    /// `until` resolves.
+    async fn check_until(
+        &mut self,
+        schedule: &mut Schedule,
+        mut until: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) {
         loop {
             let check = &mut self.check;
+            let watch_changes = schedule.watch_changes;
             let changed = async {
                 if !watch_changes {
                     return std::future::pending().await;
@@ -77,30 +125,34 @@ impl<C: HealthCheck> Checker<C> {
             };
             let scheduled = tokio::select! {
                 biased;
-                () = &mut stopped => return,
-                () = time::sleep_until(next) => true,
+                () = &mut until => return,
+                () = time::sleep_until(schedule.next) => true,
                 result = changed => {
                     if let Err(payload) = result {
                         let panic = PanicError::from_payload(payload);
                         tracing::error!(stage = %self.stage, %panic, "the health check's change signal panicked; polling only");
-                        watch_changes = false;
+                        schedule.watch_changes = false;
                     }
                     false
                 }
             };
             let health = tokio::select! {
                 biased;
-                () = &mut stopped => return,
+                () = &mut until => return,
                 health = self.ask() => health,
             };
             if scheduled {
                 // `next` was the tick that just ran; a check that a change
                 // signal triggered leaves the schedule alone.
-                tick = next.unwrap_or(tick);
-                next = next_tick(tick, self.config.interval, Instant::now());
+                schedule.tick = schedule.next.unwrap_or(schedule.tick);
+                schedule.next = next_tick(schedule.tick, self.config.interval, Instant::now());
             }
             self.stats.checks.fetch_add(1, Relaxed);
-            self.record(health, &mut healthy_run, &mut unhealthy_run);
+            self.record(
+                health,
+                &mut schedule.healthy_run,
+                &mut schedule.unhealthy_run,
+            );
         }
     }
 

@@ -395,8 +395,8 @@ where
         let pipeline = input.pipeline().clone();
         self.status.send_modify(|s| s.since = Instant::now());
         // The checker runs as long as the gate's task (the gate holds the
-        // guard that stops it), and after it while mappers hold their calls
-        // on its state.
+        // guard that stops it), and after it, untracked, while mappers hold
+        // their calls on its state (until they let go or an abort).
         let stop = CancellationToken::new();
         let checker = Checker {
             check: self.check,
@@ -406,7 +406,7 @@ where
             stage: Arc::from(self.name.as_ref()),
         };
         let name: Arc<str> = format!("{}.check", self.name).into();
-        pipeline.spawn(name, checker.run(stop.clone()));
+        pipeline.spawn(name, checker.run(stop.clone(), pipeline.abort_token()));
         let gate = Gate::new(
             self.status.subscribe(),
             self.config.limit,
