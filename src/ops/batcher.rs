@@ -168,7 +168,7 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
             max_size: self.max_size,
             max_latency: self.max_latency,
             limit: self.weight,
-            due: None,
+            started: None,
         };
         driver::spawn(input, &self.name, Some(edge), op)
     }
@@ -186,16 +186,18 @@ struct Batching<T> {
     max_size: usize,
     max_latency: Duration,
     limit: Option<(u64, WeightFn<T>)>,
-    /// When the current batch is due (set by its first value).
-    due: Deadline,
+    /// When the current batch's first value arrived.
+    started: Option<Instant>,
 }
 
 impl<T: Send + 'static> Batching<T> {
     fn push(&mut self, value: T, ack: Ack, now: &mut Option<Instant>) {
         if self.batch.is_empty() {
-            self.batch.reserve(self.max_size.min(MAX_RESERVE));
-            let now = *now.get_or_insert_with(Instant::now);
-            self.due = time::after(now, self.max_latency);
+            // A new buffer (the last batch left with the old one), allocated
+            // directly: `reserve` on an empty vector takes the slower
+            // growth path.
+            self.batch = Vec::with_capacity(self.max_size.min(MAX_RESERVE));
+            self.started = Some(*now.get_or_insert_with(Instant::now));
         }
         self.batch.push(value);
         if !ack.is_none() {
@@ -283,10 +285,10 @@ impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
     }
 
     fn deadline(&self) -> Deadline {
-        if self.batch.is_empty() {
-            None
-        } else {
-            self.due
+        // Worked out when asked (once per wait), not for every batch.
+        match self.started {
+            Some(t) if !self.batch.is_empty() => time::after(t, self.max_latency),
+            _ => None,
         }
     }
 
