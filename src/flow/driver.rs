@@ -192,18 +192,8 @@ impl<T> Out<T> {
         self.queued += 1;
         let max = self.max_chunk;
         let lane = &mut self.lanes[lane];
-        if lane.open.len() >= max {
-            let full = std::mem::take(&mut lane.open);
-            lane.full.push_back((full, std::mem::take(&mut lane.units)));
-        }
-        if lane.open.values.capacity() == 0 {
-            // Room up front for as many as the last piece held (a full
-            // chunk's worth for a stage that fills its chunks, a few for
-            // a batcher; bounded for a huge `max_chunk`): a piece then
-            // fills without reallocating, and a sparse one does not pay
-            // for a chunk's worth.
-            let hint = lane.last.clamp(MIN_RESERVE, MAX_RESERVE);
-            lane.open.values.reserve(max.min(hint));
+        if lane.open.len() >= max || lane.open.values.capacity() == 0 {
+            lane.next_piece(max);
         }
         (&mut lane.open, &mut lane.units)
     }
@@ -458,6 +448,29 @@ struct Lane<T> {
     reading: bool,
     /// The values of the piece delivered last: what the next one reserves.
     last: usize,
+}
+
+impl<T> Lane<T> {
+    /// Queues the open piece once it holds `max` items and gives the open
+    /// piece room for values: once per piece, so out of the per-item path
+    /// of [`Out::room`].
+    #[inline(never)]
+    fn next_piece(&mut self, max: usize) {
+        if self.open.len() >= max {
+            let full = std::mem::take(&mut self.open);
+            self.full.push_back((full, std::mem::take(&mut self.units)));
+        }
+        if self.open.values.capacity() == 0 {
+            // Room up front for as many as the last piece held (a full
+            // chunk's worth for a stage that fills its chunks, a few for
+            // a batcher; bounded for a huge `max_chunk`): a piece then
+            // fills without reallocating, and a sparse one does not pay
+            // for a chunk's worth. Allocated directly: `reserve` on an
+            // empty vector takes the slower growth path.
+            let hint = self.last.clamp(MIN_RESERVE, MAX_RESERVE);
+            self.open.values = Vec::with_capacity(max.min(hint));
+        }
+    }
 }
 
 impl<T> Default for Lane<T> {
