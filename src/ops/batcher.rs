@@ -191,13 +191,19 @@ struct Batching<T> {
 }
 
 impl<T: Send + 'static> Batching<T> {
+    /// Starts a new batch: its buffer (the last batch took the old one)
+    /// and the time of its first value.
+    #[inline]
+    fn start(&mut self, now: &mut Option<Instant>) {
+        // Allocated directly: `reserve` on an empty vector takes the
+        // slower growth path.
+        self.batch = Vec::with_capacity(self.max_size.min(MAX_RESERVE));
+        self.started = Some(*now.get_or_insert_with(Instant::now));
+    }
+
     fn push(&mut self, value: T, ack: Ack, now: &mut Option<Instant>) {
         if self.batch.is_empty() {
-            // A new buffer (the last batch left with the old one), allocated
-            // directly: `reserve` on an empty vector takes the slower
-            // growth path.
-            self.batch = Vec::with_capacity(self.max_size.min(MAX_RESERVE));
-            self.started = Some(*now.get_or_insert_with(Instant::now));
+            self.start(now);
         }
         self.batch.push(value);
         if !ack.is_none() {
@@ -240,9 +246,7 @@ impl<T: Send + 'static> Operator<T, Vec<T>> for Batching<T> {
             let mut acks = chunk.acks.map(Vec::into_iter);
             while values.len() > 0 {
                 if self.batch.is_empty() {
-                    let first = values.next().expect("not empty");
-                    let ack = acks.as_mut().and_then(Iterator::next).unwrap_or_default();
-                    self.push(first, ack, &mut now);
+                    self.start(&mut now);
                 }
                 let room = self.max_size - self.batch.len();
                 self.batch.extend(values.by_ref().take(room));
