@@ -136,7 +136,15 @@ impl<T> Chunk<T> {
 
     /// Meets every acknowledgement the chunk carries (its items were handed
     /// over to a reader that owns their outcome from now on).
+    #[inline]
     pub(crate) fn ack_all(&mut self) {
+        // Most chunks carry none: two checks, no call.
+        if self.acks.is_some() || !self.errors.is_empty() {
+            self.ack_each();
+        }
+    }
+
+    fn ack_each(&mut self) {
         if let Some(acks) = self.acks.take() {
             acks.into_iter().for_each(Ack::ack);
         }
