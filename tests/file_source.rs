@@ -567,3 +567,59 @@ async fn a_file_gone_before_it_is_read_is_reported_and_the_rest_is_read() {
         errors[0]
     );
 }
+
+#[tokio::test]
+async fn a_dead_letter_names_the_file_line_and_offset_its_item_was_read_at() {
+    let (s, n) = setup(2, 50);
+    let dlq_path = s.checkpoint.with_extension("dlq.jsonl");
+    let pipeline = Pipeline::new();
+    let (lines, _handle) = LineSource::new(&s.input, &s.checkpoint)
+        .with_positions(true)
+        .start(&pipeline)
+        .unwrap();
+    let out = lines
+        // From here on the item is a number, not a line.
+        .map(|l: &Line| id_of(&l.text))
+        .try_map(|id: &usize| {
+            if id % 20 == 7 {
+                Err(format!("no price for {id}"))
+            } else {
+                Ok(*id)
+            }
+        })
+        .pipe(DeadLetterQueue::new(
+            FileSink::<usize>::create(&dlq_path).await.unwrap(),
+        ))
+        .collect();
+    let out = within("reading", out).await;
+    assert_eq!(out.len(), n - 5);
+    let letters: Vec<streamz::DeadLetter<usize>> = Replay::<usize>::open(&dlq_path)
+        .await
+        .unwrap()
+        .into_flow()
+        .collect()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let places: Vec<(usize, Option<streamz::SourcePosition>)> = letters
+        .into_iter()
+        .map(|l| (l.item.unwrap(), l.source))
+        .collect();
+    let expected: Vec<(usize, Option<streamz::SourcePosition>)> = [7usize, 27, 47, 67, 87]
+        .into_iter()
+        .map(|id| {
+            let (file, index) = (id / 50, id % 50);
+            let at = streamz::SourcePosition::Line {
+                file: format!("part-{file:03}.txt").into(),
+                line: id as u64 + 1,
+                // Lines "id:0".."id:9" take 5 bytes, "id:10".."id:99" 6.
+                offset: (0..index)
+                    .map(|i| format!("id:{}\n", file * 50 + i).len() as u64)
+                    .sum(),
+            };
+            (id, Some(at))
+        })
+        .collect();
+    assert_eq!(places, expected);
+}

@@ -46,6 +46,9 @@ pub(crate) struct Progress {
     /// For a batch's node: the obligations it stands for; empty for an
     /// item's progress.
     members: Vec<Arc<Progress>>,
+    /// For one item's node within a group (a line of a chunk): the group's
+    /// progress, one of whose obligations this node stands for.
+    parent: Option<Arc<Progress>>,
     /// Where the item was read, if its source says (one item's progress).
     origin: Option<SourcePosition>,
 }
@@ -62,6 +65,7 @@ impl Progress {
         Arc::new(Progress {
             pending: AtomicUsize::new(n),
             members: Vec::new(),
+            parent: None,
             origin,
         })
     }
@@ -75,6 +79,9 @@ impl Progress {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last reference to a batch's node: its members are met.
             self.members.iter().for_each(|m| m.meet());
+            if let Some(parent) = &self.parent {
+                parent.meet();
+            }
         }
     }
 
@@ -157,6 +164,18 @@ impl Ack {
         Ack(Some(progress.clone()))
     }
 
+    /// One of the obligations of `group` (a chunk's), for an item read at
+    /// `origin`: a node of its own that carries the position and meets
+    /// its obligation of the group when met.
+    pub(crate) fn of_at(group: &Arc<Progress>, origin: SourcePosition) -> Ack {
+        Ack(Some(Arc::new(Progress {
+            pending: AtomicUsize::new(1),
+            members: Vec::new(),
+            parent: Some(group.clone()),
+            origin: Some(origin),
+        })))
+    }
+
     /// A new acknowledgement, as [`new`](Ack::new), for an item read at
     /// `position`: the position travels with the ack (and its forks), so a
     /// dead-letter record of the item, or of what it became, says where
@@ -220,6 +239,7 @@ impl Ack {
             _ => Ack(Some(Arc::new(Progress {
                 pending: AtomicUsize::new(1),
                 members,
+                parent: None,
                 origin: None,
             }))),
         }
@@ -248,6 +268,7 @@ impl Ack {
 /// DLQ headers name the original record.
 ///
 /// In JSON: `{"kind":"kafka","topic":"orders","partition":3,"offset":1207}`,
+/// `{"kind":"line","file":"orders-01.jsonl","line":88,"offset":4410}`,
 /// `{"kind":"sequence","sequence":41}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -261,6 +282,17 @@ pub enum SourcePosition {
         partition: i32,
         /// The record's offset in the partition.
         offset: i64,
+    },
+    /// A line of a file read by the durable line source
+    /// ([`LineSource`](crate::file::LineSource)).
+    Line {
+        /// The file's name (within the source's directory).
+        file: Arc<str>,
+        /// The line's number, from 1, over every file since the source
+        /// first started ([`Line::number`](crate::file::Line::number)).
+        line: u64,
+        /// The byte offset of the line's start in its file.
+        offset: u64,
     },
     /// The item's number in an application's own source ([`Ack::at`]).
     Sequence {
