@@ -111,6 +111,10 @@ pub use resilience::async_mapper::{AsyncMapper, DependencyDown, DependencySignal
 pub use resilience::dlq::{DeadLetter, DeadLetterQueue};
 #[cfg(feature = "http")]
 pub use resilience::health::HttpProbe;
+/// The gate's model-test hooks (only with `--cfg streamz_loom`).
+#[cfg(streamz_loom)]
+#[doc(hidden)]
+pub use resilience::health::loom_hooks as gate_loom_hooks;
 pub use resilience::health::{
     ClosedPolicy, GateError, GateHandle, GateState, GateStatus, Health, HealthCheck, HealthFn,
     HealthGate, health_fn,

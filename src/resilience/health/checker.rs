@@ -64,20 +64,22 @@ impl Schedule {
     }
 }
 
-impl<C: HealthCheck> Checker<C> {
-    /// Resolves once no mapper holds its calls on the gate's state.
-    async fn released(stats: &Stats) {
-        loop {
-            let released = stats.released.notified();
-            let mut released = std::pin::pin!(released);
-            released.as_mut().enable();
-            if stats.holders.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                return;
-            }
-            released.await;
+/// Resolves once no mapper holds its calls on the gate's state. Registered
+/// for the release signal before the count is read, so the last holder
+/// letting go in between still wakes it (tests/loom_gate.rs).
+pub(super) async fn released(stats: &Stats) {
+    loop {
+        let released = stats.released.notified();
+        let mut released = std::pin::pin!(released);
+        released.as_mut().enable();
+        if stats.holders.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
         }
+        released.await;
     }
+}
 
+impl<C: HealthCheck> Checker<C> {
     /// Checks until the gate ends (`stop`); then, while mappers still hold
     /// their calls on the gate's state ([`DependencySignal`](crate::DependencySignal)),
     /// goes on for them in a task of its own, which the pipeline's `join`
@@ -98,7 +100,7 @@ impl<C: HealthCheck> Checker<C> {
             let until = async {
                 tokio::select! {
                     () = abort.cancelled() => {}
-                    () = Self::released(&stats) => {}
+                    () = released(&stats) => {}
                 }
             };
             self.check_until(&mut schedule, std::pin::pin!(until)).await;
