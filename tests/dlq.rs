@@ -1639,7 +1639,12 @@ async fn replay_reads_records_written_before_pipeline_and_source_existed() {
     // A record as the file sink wrote it before the two fields.
     let old = r#"{"sequence":1,"stage":"parse","kind":"failed","message":"bad digit","causes":[],"attempts":1,"first_failure":"2026-11-30T16:00:00.5Z","last_failure":"2026-11-30T16:00:00.5Z","item_type":"u32","item":7,"note":null}"#;
     let new = r#"{"sequence":2,"pipeline":"p","source":{"kind":"kafka","topic":"orders","partition":3,"offset":1207},"stage":"parse","kind":"failed","message":"bad digit","causes":[],"attempts":1,"first_failure":"2026-11-30T16:00:00.5Z","last_failure":"2026-11-30T16:00:00.5Z","item_type":"u32","item":8,"note":null}"#;
-    std::fs::write(&path, format!("{old}\n{new}\n")).unwrap();
+    // And one with a kind of position this version does not know.
+    let later = new.replace(
+        r#"{"kind":"kafka","topic":"orders","partition":3,"offset":1207}"#,
+        r#"{"kind":"shard","shard":3}"#,
+    );
+    std::fs::write(&path, format!("{old}\n{new}\n{later}\n")).unwrap();
     let replay = Replay::<u32>::open(&path).await.unwrap();
     let stats = replay.stats();
     let records: Vec<DeadLetter<u32>> = replay.map(|r| r.unwrap()).collect().await;
@@ -1660,5 +1665,38 @@ async fn replay_reads_records_written_before_pipeline_and_source_existed() {
             offset: 1207
         })
     );
-    assert_eq!((stats.records(), stats.corrupt()), (2, 0));
+    assert_eq!(records[2].source, Some(streamz::SourcePosition::Unknown));
+    assert_eq!(records[2].item, Some(8));
+    assert_eq!((stats.records(), stats.corrupt()), (3, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn values_of_a_batch_are_not_given_the_position_of_its_one_acked_item() {
+    // Items 0, 4, 8 come with a position; the others with no ack at all.
+    let items = (0..12u64).map(|i| {
+        let ack = if i % 4 == 0 {
+            streamz::Ack::at(streamz::SourcePosition::Sequence { sequence: i }).0
+        } else {
+            streamz::Ack::none()
+        };
+        (Ok(i), ack)
+    });
+    let (sink, letters) = dlq::channel::<u64>(64);
+    let out = Pipeline::new()
+        .acked_stream(futures::stream::iter(items))
+        .pipe(streamz::Batcher::new(4, Duration::from_secs(60)))
+        .step("unbatch", streamz::Unbatch::new())
+        .try_map(|i: &u64| if i % 2 == 1 { Err(format!("odd {i}")) } else { Ok(*i) })
+        .pipe(DeadLetterQueue::new(sink))
+        .collect()
+        .await;
+    assert_eq!(out.len(), 6);
+    let mut positions = Vec::new();
+    while let Ok(letter) = letters.try_recv() {
+        positions.push((letter.item.unwrap(), letter.source));
+    }
+    // The odd items had no position; their batch's one acked item's must
+    // not be put on them.
+    assert_eq!(positions.len(), 6);
+    assert!(positions.iter().all(|(_, p)| p.is_none()), "{positions:?}");
 }

@@ -195,9 +195,10 @@ impl Ack {
     }
 
     /// Where the item was read, if its source said: a Kafka record's
-    /// topic, partition and offset, an application source's sequence
-    /// ([`Ack::at`]). `None` for a batch's acknowledgement (it stands for
-    /// several items) and for sources that give no position.
+    /// topic, partition and offset, a file line, an application source's
+    /// sequence ([`Ack::at`]). `None` for a batch's acknowledgement when
+    /// the batch holds more than one item (a batch of one keeps its
+    /// item's), and for sources that give no position.
     pub fn position(&self) -> Option<&SourcePosition> {
         self.0.as_ref().and_then(|p| p.origin.as_ref())
     }
@@ -230,18 +231,40 @@ impl Ack {
         }
     }
 
-    /// One acknowledgement standing for all of `acks` (a batch's).
+    /// One acknowledgement standing for all of `acks` (a batch's). It
+    /// keeps a [`position`](Ack::position) only if every ack is (a fork of)
+    /// the same item's.
     pub fn merge(acks: impl IntoIterator<Item = Ack>) -> Ack {
-        let members: Vec<Arc<Progress>> = acks.into_iter().filter_map(|a| a.0).collect();
+        Self::merged(acks.into_iter().filter_map(|a| a.0).collect(), None)
+    }
+
+    /// [`merge`](Ack::merge) for a batch or window of `items` items, some
+    /// of which may have no acknowledgement: a batch holding more items
+    /// than acks is not one item's, whatever its one ack says, so it has
+    /// no position.
+    pub(crate) fn merge_batch(acks: impl IntoIterator<Item = Ack>, items: usize) -> Ack {
+        Self::merged(acks.into_iter().filter_map(|a| a.0).collect(), Some(items))
+    }
+
+    fn merged(members: Vec<Arc<Progress>>, items: Option<usize>) -> Ack {
+        let one_item = members.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1]))
+            && items.is_none_or(|n| n <= members.len());
         match members.len() {
             0 => Ack::none(),
-            1 => Ack(members.into_iter().next()),
-            _ => Ack(Some(Arc::new(Progress {
-                pending: AtomicUsize::new(1),
-                members,
-                parent: None,
-                origin: None,
-            }))),
+            1 if one_item => Ack(members.into_iter().next()),
+            _ => {
+                let origin = if one_item {
+                    members[0].origin.clone()
+                } else {
+                    None
+                };
+                Ack(Some(Arc::new(Progress {
+                    pending: AtomicUsize::new(1),
+                    members,
+                    parent: None,
+                    origin,
+                })))
+            }
         }
     }
 
@@ -299,6 +322,10 @@ pub enum SourcePosition {
         /// The number the source gave it.
         sequence: u64,
     },
+    /// A kind this version does not know (written by a later one): read
+    /// so that the rest of the record still is.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Tells whether an [`Ack`] made with [`Ack::new`], and every fork of it,
@@ -508,5 +535,59 @@ mod tests {
         assert_eq!(w.advance(), 1);
         assert_eq!(w.watermark(&"a"), Some(30));
         assert_eq!(w.outstanding(), 0);
+    }
+
+    fn at(n: u64) -> (Ack, Receipt) {
+        Ack::at(SourcePosition::Sequence { sequence: n })
+    }
+
+    #[test]
+    fn a_merge_keeps_a_position_only_when_it_is_one_items() {
+        // An item's ack and its forks (a step that emitted twice, then
+        // panicked): still that item.
+        let (ack, receipt) = at(7);
+        let fork = ack.fork();
+        let merged = Ack::merge([ack, fork]);
+        assert_eq!(
+            merged.position(),
+            Some(&SourcePosition::Sequence { sequence: 7 })
+        );
+        merged.ack();
+        assert!(receipt.is_acked());
+        // Two items: no position.
+        let ((a, ra), (b, rb)) = (at(1), at(2));
+        let merged = Ack::merge([a, b]);
+        assert_eq!(merged.position(), None);
+        merged.ack();
+        assert!(ra.is_acked() && rb.is_acked());
+    }
+
+    #[test]
+    fn a_batch_with_items_without_acks_is_not_its_one_acked_items() {
+        // A batch of three, only one of which has an ack: the batch's ack
+        // must not name that item's position (Unbatch would give it to all
+        // three), and still meets it.
+        let (ack, receipt) = at(4);
+        let batch = Ack::merge_batch([ack, Ack::none(), Ack::none()], 3);
+        assert_eq!(batch.position(), None);
+        let parts = batch.split(3);
+        assert!(parts.iter().all(|p| p.position().is_none()));
+        parts.into_iter().for_each(Ack::ack);
+        assert!(receipt.is_acked());
+        // A batch of one keeps it.
+        let (ack, _receipt) = at(5);
+        let batch = Ack::merge_batch([ack], 1);
+        assert_eq!(
+            batch.position(),
+            Some(&SourcePosition::Sequence { sequence: 5 })
+        );
+        batch.ack();
+    }
+
+    #[test]
+    fn a_position_of_an_unknown_kind_reads_as_unknown() {
+        let read: SourcePosition =
+            serde_json::from_str(r#"{"kind":"shard","shard":3,"cursor":"x"}"#).unwrap();
+        assert_eq!(read, SourcePosition::Unknown);
     }
 }

@@ -219,7 +219,7 @@ impl<T: Send + 'static> Batching<T> {
             let ack = if self.acks.is_empty() {
                 Ack::none()
             } else {
-                Ack::merge(self.acks.drain(..))
+                Ack::merge_batch(self.acks.drain(..), self.batch.len())
             };
             out.emit_for(std::mem::take(&mut self.batch), n, ack);
         }

@@ -374,7 +374,7 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 },
                 values,
                 errors: errors_n,
-                ack: Ack::merge(acks),
+                ack: Ack::merge_batch(acks, (values + errors_n) as usize),
             });
         }
     }
@@ -442,6 +442,7 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 continue; // nothing in it, and nothing left it (done is 0)
             }
             let errors_n = errors.len() as u64;
+            let held = items.len() + errors.len();
             return Some(Ready {
                 window: Window {
                     start,
@@ -451,7 +452,7 @@ impl<T: Clone + Send + 'static> Assigner<T> for Slider<T> {
                 },
                 values: done,
                 errors: errors_n,
-                ack: Ack::merge(acks),
+                ack: Ack::merge_batch(acks, held),
             });
         }
     }
@@ -480,7 +481,7 @@ impl<T: Send + 'static> Sessions<T> {
             window: w,
             values,
             errors,
-            ack: Ack::merge(self.acks.drain(..)),
+            ack: Ack::merge_batch(self.acks.drain(..), (values + errors) as usize),
         })
     }
 }

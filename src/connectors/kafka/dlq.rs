@@ -20,6 +20,7 @@ use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 /// | header | value |
 /// |---|---|
 /// | `streamz.errors.topic`, `.partition`, `.offset` | where the original record was read: from the failed record itself, or from the position its acknowledgement carried ([`DeadLetter::source`]) when maps turned it into something else |
+/// | `streamz.errors.source` | the failed item's position at its source as JSON ([`SourcePosition`]: a Kafka record, a file line, a sequence), if known |
 /// | `streamz.errors.pipeline` | the pipeline's name, if it has one |
 /// | `streamz.errors.item.type` | the item's type tag ([`DeadLetterQueue::with_item_tag`](crate::DeadLetterQueue::with_item_tag)), or its Rust type name |
 /// | `streamz.errors.stage` | the stage that failed the item |
@@ -122,6 +123,13 @@ fn context<T>(
             partition.to_string().into_bytes(),
         ));
         h.push(("streamz.errors.offset", offset.to_string().into_bytes()));
+    }
+    if let Some(source) = &letter.source {
+        // Any kind of position (a file line, a sequence), as in the file
+        // sink's records.
+        if let Ok(json) = serde_json::to_vec(source) {
+            h.push(("streamz.errors.source", json));
+        }
     }
     if let Some(pipeline) = &letter.pipeline {
         h.push(("streamz.errors.pipeline", pipeline.clone().into_bytes()));

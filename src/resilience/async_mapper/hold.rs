@@ -33,6 +33,10 @@ use crate::resilience::health::{GateHandle, GateState, Health, Holder};
 /// become `circuit_open` errors at that moment, with `Wait` they wait for
 /// their permit.
 ///
+/// Make a gate's signal while its pipeline runs (as when the pipeline is
+/// built): one made after the gate and its checker have ended follows
+/// nothing, and is up.
+///
 /// A signal whose source ends (its sender dropped, the stream over) is up
 /// from then on: nothing could ever say the dependency is back, and a
 /// mapper must not hold its items forever on a signal nobody sends.

@@ -392,7 +392,9 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     ///
     /// A retry deadline ([`Retry::with_deadline`]) keeps running while an
     /// item is held: a held retry ends at its deadline with the failure it
-    /// was retrying, and no call is made after it. The attempt count does
+    /// was retrying, and no call is made after it. (The deadline counts
+    /// from the first attempt: an item held before its first has none
+    /// yet.) The attempt count does
     /// not grow while held. On a graceful
     /// [`shutdown`](crate::Pipeline::shutdown) a held item ends at once: a
     /// held retry with the failure it was retrying, an item never tried
