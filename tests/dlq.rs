@@ -1686,7 +1686,13 @@ async fn values_of_a_batch_are_not_given_the_position_of_its_one_acked_item() {
         .acked_stream(futures::stream::iter(items))
         .pipe(streamz::Batcher::new(4, Duration::from_secs(60)))
         .step("unbatch", streamz::Unbatch::new())
-        .try_map(|i: &u64| if i % 2 == 1 { Err(format!("odd {i}")) } else { Ok(*i) })
+        .try_map(|i: &u64| {
+            if i % 2 == 1 {
+                Err(format!("odd {i}"))
+            } else {
+                Ok(*i)
+            }
+        })
         .pipe(DeadLetterQueue::new(sink))
         .collect()
         .await;

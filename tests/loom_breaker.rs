@@ -168,3 +168,33 @@ fn a_reset_racing_a_failed_trial_leaves_a_consistent_breaker_and_an_ordered_trai
         assert_eq!(heard[..], trail[trail.len() - heard.len()..], "{trail:?}");
     });
 }
+
+/// A mapper holding its calls on a breaker waits for the breaker's next
+/// change; a transition on another thread, at any point of that wait's
+/// setting up, reaches it (a lost wake-up would hold the mapper's items
+/// until some later transition).
+#[test]
+fn a_transition_always_reaches_a_mapper_holding_on_the_breaker() {
+    use futures::StreamExt;
+    use streamz::Health;
+    use streamz::breaker::loom_hooks;
+
+    model(|| {
+        let b = Breaker::new("m", config());
+        let watched = b.clone();
+        let watcher = loom::thread::spawn(move || {
+            loom::future::block_on(async move {
+                let mut updates = std::pin::pin!(loom_hooks::health_updates(watched));
+                // Healthy first if it looked before the transition; then
+                // (or at once) the opening.
+                let mut next = updates.next().await;
+                if next == Some(Health::Healthy) {
+                    next = updates.next().await;
+                }
+                assert!(matches!(next, Some(Health::Unhealthy(_))), "{next:?}");
+            });
+        });
+        b.force_open();
+        watcher.join().unwrap();
+    });
+}

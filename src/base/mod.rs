@@ -9,5 +9,7 @@ pub(crate) mod chunk;
 pub(crate) mod config;
 pub(crate) mod counters;
 pub(crate) mod error;
+#[cfg(streamz_loom)]
+pub(crate) mod loom_notify;
 pub(crate) mod signal;
 pub(crate) mod time;

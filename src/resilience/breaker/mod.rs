@@ -72,6 +72,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+#[cfg(streamz_loom)]
+use crate::base::loom_notify::Notify;
+#[cfg(not(streamz_loom))]
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -773,6 +776,21 @@ impl Clock {
 
     fn since(self, origin: Clock) -> Duration {
         self.0.saturating_sub(origin.0)
+    }
+}
+
+/// What the model tests drive of a breaker beyond its public API (only
+/// with `--cfg streamz_loom`).
+#[cfg(streamz_loom)]
+#[doc(hidden)]
+pub mod loom_hooks {
+    use super::Breaker;
+    use crate::resilience::health::Health;
+
+    /// The breaker's health as a mapper holding on it sees it: the
+    /// current answer, then one per change.
+    pub fn health_updates(breaker: Breaker) -> impl futures::Stream<Item = Health> + Send {
+        breaker.health_updates()
     }
 }
 

@@ -31,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 // The holders' count and its release signal: loom's (and a model of
 // tokio's `Notify`) under the model tests (tests/loom_gate.rs).
 #[cfg(streamz_loom)]
-use loom::sync::atomic::AtomicUsize;
+use crate::base::loom_notify::Notify;
 #[cfg(streamz_loom)]
-use loom_notify::Notify;
+use loom::sync::atomic::AtomicUsize;
 #[cfg(not(streamz_loom))]
 use std::sync::atomic::AtomicUsize;
 #[cfg(not(streamz_loom))]
@@ -382,72 +382,6 @@ impl GateHandle {
             .holders
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Holder(self.stats.clone())
-    }
-}
-
-/// tokio's `Notify` as far as the gate uses it, on loom's lock, so that
-/// the model sees every step of a wake-up: a `Notified` receives every
-/// `notify_waiters` made after it was created (tokio's documented
-/// guarantee), polled or not.
-#[cfg(streamz_loom)]
-mod loom_notify {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll, Waker};
-
-    use loom::sync::Mutex;
-
-    #[derive(Debug)]
-    pub(super) struct Notify {
-        /// Calls of `notify_waiters` so far, and the wakers waiting.
-        state: Mutex<(u64, Vec<Waker>)>,
-    }
-
-    impl Default for Notify {
-        fn default() -> Self {
-            Notify {
-                state: Mutex::new((0, Vec::new())),
-            }
-        }
-    }
-
-    impl Notify {
-        pub(super) fn notified(&self) -> Notified<'_> {
-            let seen = self.state.lock().unwrap().0;
-            Notified { notify: self, seen }
-        }
-
-        pub(super) fn notify_waiters(&self) {
-            let wakers = {
-                let mut state = self.state.lock().unwrap();
-                state.0 += 1;
-                std::mem::take(&mut state.1)
-            };
-            wakers.into_iter().for_each(Waker::wake);
-        }
-    }
-
-    pub(super) struct Notified<'a> {
-        notify: &'a Notify,
-        seen: u64,
-    }
-
-    impl Notified<'_> {
-        /// Nothing to do: created is enough to receive `notify_waiters`.
-        pub(super) fn enable(self: Pin<&mut Self>) {}
-    }
-
-    impl Future for Notified<'_> {
-        type Output = ();
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            let mut state = self.notify.state.lock().unwrap();
-            if state.0 != self.seen {
-                return Poll::Ready(());
-            }
-            state.1.push(cx.waker().clone());
-            Poll::Pending
-        }
     }
 }
 
