@@ -593,15 +593,7 @@ async fn a_dead_letter_names_the_file_line_and_offset_its_item_was_read_at() {
         .collect();
     let out = within("reading", out).await;
     assert_eq!(out.len(), n - 5);
-    let letters: Vec<streamz::DeadLetter<usize>> = Replay::<usize>::open(&dlq_path)
-        .await
-        .unwrap()
-        .into_flow()
-        .collect()
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let letters = support::dead_letters::<usize>(&dlq_path).await;
     let places: Vec<(usize, Option<streamz::SourcePosition>)> = letters
         .into_iter()
         .map(|l| (l.item.unwrap(), l.source))

@@ -4,6 +4,8 @@
 //! stopped by its process id when the test ends.
 #![cfg(feature = "kafka")]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -1226,15 +1228,7 @@ async fn a_dead_letter_names_the_record_it_came_from_after_maps_changed_the_item
     pipeline.shutdown();
     within("the stop", handle.stopped()).await;
 
-    let letters: Vec<streamz::DeadLetter<String>> = streamz::dlq::Replay::<String>::open(&path)
-        .await
-        .unwrap()
-        .into_flow()
-        .collect()
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let letters = support::dead_letters::<String>(&path).await;
     assert_eq!(letters.len(), 4);
     let read_at = read_at.lock().unwrap();
     for letter in letters {

@@ -98,3 +98,20 @@ pub async fn reached(
     .unwrap()
     .clone()
 }
+
+/// Every record of the dead-letter file at `path`, read with `Replay`,
+/// panicking on a line that is not one.
+pub async fn dead_letters<T>(path: &std::path::Path) -> Vec<streamz::DeadLetter<T>>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    streamz::dlq::Replay::<T>::open(path)
+        .await
+        .unwrap()
+        .into_flow()
+        .collect()
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+}
