@@ -5,6 +5,7 @@
 #
 # Usage: scripts/bench-compare.sh <commit> <bench>... [-- <criterion filter>]
 # Example: scripts/bench-compare.sh b7d2dfe batcher async_mapper throttle pipeline chain
+#          FEATURES=circuit-breaker scripts/bench-compare.sh 2943071 breaker
 #
 # The earlier commit is checked out as a worktree under $TMPDIR and built
 # with its own target directory, so the working tree's build is untouched.
@@ -35,6 +36,8 @@ trap 'git -C "$root" worktree remove --force "$old" 2>/dev/null || true' EXIT
 
 bench_args=()
 for b in "${benches[@]}"; do bench_args+=(--bench "$b"); done
+# Benches that need a cargo feature (breaker): FEATURES=circuit-breaker.
+[[ -n ${FEATURES:-} ]] && bench_args+=(--features "$FEATURES")
 (cd "$old" && CARGO_TARGET_DIR=$old_target cargo bench --no-run "${bench_args[@]}" 2>/dev/null)
 (cd "$root" && cargo bench --no-run "${bench_args[@]}" 2>/dev/null)
 

@@ -9,7 +9,8 @@
 #
 # Usage: scripts/instruction-counts.sh <commit>... [-- workload...]
 # Workloads: mapper_c2 mapper_c8_unordered pipeline stages fused batcher
-# (all by default). Needs valgrind.
+# (all by default), and `breaker` with FEATURES=circuit-breaker. Needs
+# valgrind.
 set -euo pipefail
 commits=()
 while (($#)) && [[ $1 != -- ]]; do commits+=("$1"); shift; done
@@ -21,7 +22,8 @@ tmp=${TMPDIR:-/tmp}/streamz-instructions
 mkdir -p "$tmp"
 build() { # dir target -> binary
     cp "$root/scripts/instructions.rs" "$1/examples/zz_instructions.rs"
-    (cd "$1" && CARGO_TARGET_DIR=$2 cargo build --quiet --release --example zz_instructions)
+    (cd "$1" && CARGO_TARGET_DIR=$2 cargo build --quiet --release --example zz_instructions \
+        ${FEATURES:+--features "$FEATURES"})
     rm "$1/examples/zz_instructions.rs"
     echo "$2/release/examples/zz_instructions"
 }

@@ -48,6 +48,14 @@ async fn work(which: &str) -> u64 {
             while let Some(c) = flow.next_chunk().await { n += c.values().iter().map(|b| b.len() as u64).sum::<u64>(); }
             n
         }
+        // Needs the `circuit-breaker` feature: FEATURES=circuit-breaker.
+        #[cfg(feature = "circuit-breaker")]
+        "breaker" => {
+            use streamz::breaker::{Breaker, BreakerConfig, CircuitBreaker};
+            let b = Breaker::new("b", BreakerConfig::default());
+            let m = CircuitBreaker::new(b, |x: &u64| ready(Ok::<u64, Infallible>(x + 1))).with_concurrency(4);
+            sum(streamz::iter(0..N).pipe(m)).await
+        }
         _ => panic!("which?"),
     }
 }

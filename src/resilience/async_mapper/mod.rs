@@ -537,6 +537,14 @@ pub(crate) trait Guard: Send + 'static {
         stopping: bool,
     ) -> Poll<std::result::Result<(), BoxError>>;
 
+    /// Whether [`judge`](Guard::judge) has anything to say (a classifier):
+    /// if not, the mapper settles a value as a success and an error as a
+    /// failure without asking.
+    #[inline]
+    fn judges(&self) -> bool {
+        false
+    }
+
     /// How an attempt's result counts: a value is a success and an error
     /// a failure unless the guard says otherwise (a breaker's classifier).
     /// The result's types are the mapper's output and error types.

@@ -414,6 +414,15 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         if slot.token.is_none() {
             return Ok(());
         }
+        if !self.guard.judges() {
+            let verdict = if result.is_ok() {
+                Verdict::Success
+            } else {
+                Verdict::Failure
+            };
+            self.end_attempt(slot, Some(verdict));
+            return Ok(());
+        }
         let result = result
             .map(|v| v as &dyn std::any::Any)
             .map_err(|e| e as &dyn std::any::Any);

@@ -120,7 +120,10 @@ impl Lane {
 impl Guard for Lane {
     type Token = Token;
 
-    #[inline]
+    // Always inlined into the mapper's `start`: the lane's fast path is a
+    // few instructions, a call costs as many again (the slow paths are
+    // out of line: `admit_locked`, `poll_permit`).
+    #[inline(always)]
     fn poll_admit(
         &mut self,
         cx: &mut Context<'_>,
@@ -140,6 +143,11 @@ impl Guard for Lane {
             return Poll::Ready(Ok(()));
         }
         self.poll_permit(cx, token)
+    }
+
+    #[inline]
+    fn judges(&self) -> bool {
+        self.classify.is_some()
     }
 
     fn judge(&self, result: Result<&dyn Any, &dyn Any>) -> Verdict {
