@@ -490,3 +490,47 @@ async fn duration_max_settings_mean_never() {
     // One check at the start, none scheduled after it.
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// The gate opening in the same instant as a graceful shutdown, in both
+/// orders: whichever the gate sees first, every item leaves once, as a
+/// value or as a `gate_closed` error carrying it, and the pipeline ends.
+/// (The loom models cover the checker's own lifecycle; this race is the
+/// gate task's, decided in one task by the order it sees the two events.)
+#[tokio::test(start_paused = true)]
+async fn a_gate_opening_as_the_pipeline_shuts_down_loses_nothing() {
+    for open_first in [true, false] {
+        let pipeline = Pipeline::new();
+        let (health, check) = watch::channel(Health::unhealthy("down"));
+        let gate = HealthGate::new(check).with_interval(TICK);
+        let (tx, flow) = pipeline.channel::<u32>();
+        let out = tokio::spawn(flow.pipe(gate).collect());
+        for i in 0..5 {
+            tx.send(i).await.unwrap();
+        }
+        settle().await;
+        assert!(!out.is_finished(), "closed: nothing passes");
+        // Both events before the gate's task runs again.
+        if open_first {
+            health.send(Health::Healthy).unwrap();
+            pipeline.shutdown();
+        } else {
+            pipeline.shutdown();
+            health.send(Health::Healthy).unwrap();
+        }
+        let out = tokio::time::timeout(Duration::from_secs(3600), out)
+            .await
+            .expect("the pipeline ends")
+            .unwrap();
+        let (values, errors) = split(out);
+        let mut seen: Vec<u32> = values;
+        for mut e in errors {
+            assert_eq!(e.kind(), ErrorKind::GateClosed);
+            seen.push(e.take_item::<u32>().expect("the item rides along"));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 1, 2, 3, 4], "open_first {open_first}");
+        let m = stage(&pipeline, "health_gate");
+        assert_eq!(m.received, 5);
+        assert_conserved(&m);
+    }
+}
