@@ -191,10 +191,10 @@ impl<F, E, G: Guard> Policy<F, E, G> {
             return;
         }
         let now = Instant::now();
-        let first = *slot.first_start.get_or_insert(now);
+        slot.first_start.get_or_insert(now);
         slot.timer.set(time::earliest(
             self.timeout.and_then(|t| time::after(now, t)),
-            self.retry.deadline.and_then(|d| time::after(first, d)),
+            self.deadline(slot),
         ));
     }
 
@@ -270,12 +270,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
     ) -> Option<Instant> {
         let delay = self.retry.delay(slot.attempts, &mut self.rng);
         let at = time::after(Instant::now(), delay)?;
-        match (self.retry.deadline, slot.first_start) {
-            (Some(d), Some(first)) => time::after(first, d)
-                .is_none_or(|end| at < end)
-                .then_some(at),
-            _ => Some(at),
-        }
+        self.deadline(slot).is_none_or(|end| at < end).then_some(at)
     }
 
     /// Ends the item with `failure` as its final error.
@@ -445,10 +440,8 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         slot: &Slot<In, Out, E, Fut, G::Token>,
         at: Instant,
     ) -> TimeoutError {
-        match (self.retry.deadline, slot.first_start) {
-            (Some(limit), Some(first)) if time::after(first, limit) == Some(at) => {
-                TimeoutError::Deadline { limit }
-            }
+        match self.retry.deadline {
+            Some(limit) if self.deadline(slot) == Some(at) => TimeoutError::Deadline { limit },
             _ => TimeoutError::Attempt {
                 limit: self.timeout.unwrap_or_default(),
             },
