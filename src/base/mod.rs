@@ -11,5 +11,14 @@ pub(crate) mod counters;
 pub(crate) mod error;
 #[cfg(streamz_loom)]
 pub(crate) mod loom_notify;
+#[cfg(streamz_loom)]
+pub(crate) mod loom_watch;
 pub(crate) mod signal;
 pub(crate) mod time;
+
+/// The health gate's state channel: tokio's `watch`, or under the model
+/// tests (`--cfg streamz_loom`) its model on loom's lock.
+#[cfg(streamz_loom)]
+pub(crate) use loom_watch as watch;
+#[cfg(not(streamz_loom))]
+pub(crate) use tokio::sync::watch;

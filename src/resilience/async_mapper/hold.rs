@@ -126,6 +126,18 @@ impl From<watch::Receiver<bool>> for DependencySignal {
     }
 }
 
+/// The gate's status, then each change.
+#[cfg(not(streamz_loom))]
+fn gate_updates(gate: &GateHandle) -> WatchStream<crate::GateStatus> {
+    WatchStream::new(gate.subscribe())
+}
+
+/// The gate's status, then each change, through the model of `watch`.
+#[cfg(streamz_loom)]
+fn gate_updates(gate: &GateHandle) -> impl Stream<Item = crate::GateStatus> + Send + use<> {
+    crate::base::loom_watch::stream(gate.subscribe())
+}
+
 impl From<GateHandle> for DependencySignal {
     fn from(gate: GateHandle) -> Self {
         DependencySignal::from(&gate)
@@ -134,7 +146,7 @@ impl From<GateHandle> for DependencySignal {
 
 impl From<&GateHandle> for DependencySignal {
     fn from(gate: &GateHandle) -> Self {
-        let updates = WatchStream::new(gate.subscribe()).map(|status| match status.state {
+        let updates = gate_updates(gate).map(|status| match status.state {
             GateState::Open => Health::Healthy,
             GateState::Closed => Health::Unhealthy(format!(
                 "the health gate is closed: {}",

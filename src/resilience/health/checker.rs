@@ -5,8 +5,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::base::watch;
 use futures::FutureExt;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -158,7 +158,12 @@ impl<C: HealthCheck> Checker<C> {
         }
     }
 
-    fn record(&mut self, health: Health, healthy_run: &mut u32, unhealthy_run: &mut u32) {
+    pub(super) fn record(
+        &mut self,
+        health: Health,
+        healthy_run: &mut u32,
+        unhealthy_run: &mut u32,
+    ) {
         let state = self.status.borrow().state;
         match health {
             Health::Healthy => {

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use crate::base::watch;
 use tokio::time::Instant;
 use tokio_util::sync::DropGuard;
 
@@ -99,18 +99,7 @@ impl<T: Send + 'static> Operator<T, T> for Gate {
     }
 
     fn poll_work(&mut self, cx: &mut Context<'_>, _out: &mut Out<T>) -> Poll<()> {
-        let Some(changed) = &mut self.changed else {
-            return Poll::Pending;
-        };
-        let Poll::Ready(next) = changed.as_mut().poll(cx) else {
-            return Poll::Pending;
-        };
-        self.changed = next.map(|mut status| {
-            self.status = status.borrow_and_update().clone();
-            self.overdue = false;
-            next_change(status)
-        });
-        Poll::Ready(())
+        self.poll_status(cx)
     }
 
     fn deadline(&self) -> Deadline {
@@ -144,10 +133,51 @@ impl<T: Send + 'static> Operator<T, T> for Gate {
     }
 
     fn on_shutdown(&mut self, _out: &mut Out<T>) {
-        self.shutting_down = true;
+        self.shut_down();
     }
 
     fn demand(&self) -> Demand {
+        self.wants()
+    }
+}
+
+impl Gate {
+    /// Takes the checker's latest status once it changes (ready then).
+    pub(super) fn poll_status(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(changed) = &mut self.changed else {
+            return Poll::Pending;
+        };
+        let Poll::Ready(next) = changed.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        self.changed = next.map(|mut status| {
+            self.status = status.borrow_and_update().clone();
+            self.overdue = false;
+            next_change(status)
+        });
+        Poll::Ready(())
+    }
+
+    /// A graceful shutdown started.
+    pub(super) fn shut_down(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// Whether the checker's status is still followed (until the checker
+    /// is gone).
+    #[cfg(streamz_loom)]
+    pub(super) fn follows_the_checker(&self) -> bool {
+        self.changed.is_some()
+    }
+
+    /// The state as the gate's task last saw it.
+    #[cfg(streamz_loom)]
+    pub(super) fn state(&self) -> GateState {
+        self.status.state
+    }
+
+    /// What the gate wants of its input now.
+    pub(super) fn wants(&self) -> Demand {
         if self.failed {
             Demand::Done
         } else if self.status.state == GateState::Open || self.overdue || self.shutting_down {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use crate::base::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -390,12 +390,106 @@ impl GateHandle {
 #[cfg(streamz_loom)]
 #[doc(hidden)]
 pub mod loom_hooks {
-    use super::GateHandle;
+    use std::task::{Context, Poll};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::checker::Checker;
+    use super::gate::Gate;
+    use super::{GateHandle, GateState, Health, HealthCheck, HealthGate};
+    use crate::flow::driver::Demand;
+    use crate::resilience::async_mapper::DependencySignal;
 
     /// The lingering checker's stop condition: resolves once no mapper
     /// holds its calls on the gate's state.
     pub async fn released(handle: &GateHandle) {
         super::checker::released(&handle.stats).await;
+    }
+
+    /// A gate's two sides as `process` makes them, without a pipeline or
+    /// a clock: the checker (fed answers by hand) and the gate's operator.
+    pub fn parts<C: HealthCheck>(gate: HealthGate<C>) -> (ModelChecker<C>, ModelGate) {
+        let operator = Gate::new(
+            gate.status.subscribe(),
+            gate.config.limit,
+            CancellationToken::new().drop_guard(),
+        );
+        let checker = Checker {
+            check: gate.check,
+            config: gate.config,
+            status: gate.status,
+            stats: gate.stats,
+            stage: "model".into(),
+        };
+        let checker = ModelChecker {
+            checker,
+            runs: (0, 0),
+        };
+        (checker, ModelGate(operator))
+    }
+
+    /// The checker's side: records answers as its schedule would; dropping
+    /// it is the checker ending.
+    pub struct ModelChecker<C> {
+        checker: Checker<C>,
+        runs: (u32, u32),
+    }
+
+    impl<C: HealthCheck> ModelChecker<C> {
+        /// Records one answer of the health check.
+        pub fn answer(&mut self, health: Health) {
+            let (healthy, unhealthy) = &mut self.runs;
+            self.checker.record(health, healthy, unhealthy);
+        }
+    }
+
+    impl<C> std::fmt::Debug for ModelChecker<C> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ModelChecker").finish_non_exhaustive()
+        }
+    }
+
+    /// The gate operator's side, as its driver sees it.
+    pub struct ModelGate(Gate);
+
+    impl std::fmt::Debug for ModelGate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_tuple("ModelGate").field(&self.0.state()).finish()
+        }
+    }
+
+    impl ModelGate {
+        /// Takes the checker's latest status once it changed (the driver's
+        /// `poll_work`).
+        pub fn poll_status(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+            self.0.poll_status(cx)
+        }
+
+        /// A graceful shutdown reached the gate.
+        pub fn shut_down(&mut self) {
+            self.0.shut_down();
+        }
+
+        /// Whether the driver would feed the gate input now.
+        pub fn takes_input(&self) -> bool {
+            self.0.wants() == Demand::Input
+        }
+
+        /// The state the gate's task last saw.
+        pub fn state(&self) -> GateState {
+            self.0.state()
+        }
+
+        /// Whether the gate still follows its checker (until it ends).
+        pub fn follows_the_checker(&self) -> bool {
+            self.0.follows_the_checker()
+        }
+    }
+
+    /// Whether a mapper holding its calls on `signal` may call now; while
+    /// not, `cx` is woken at the next update.
+    pub fn poll_up(signal: &mut DependencySignal, cx: &mut Context<'_>) -> bool {
+        signal.poll_up(cx)
     }
 }
 
