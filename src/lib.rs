@@ -90,6 +90,7 @@ pub use flow::processor::Processor;
 pub use flow::source::{Pusher, PusherClosed, SendError, TrySendError};
 pub use flow::stage::Stage;
 pub use flow::step::{Emit, Item, Step};
+pub use flow::topology::{EdgeQueue, StageKind, Topology, TopologyEdge, TopologyStage};
 pub use ops::batcher::Batcher;
 pub use ops::broadcast::Broadcast;
 pub use ops::buffer::Buffer;

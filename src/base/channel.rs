@@ -121,6 +121,23 @@ pub(crate) enum TrySend<T> {
     Closed(Chunk<T>),
 }
 
+/// A view of an edge channel's fill, for the pipeline's topology.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeFill {
+    permits: Arc<Semaphore>,
+    cap: usize,
+}
+
+impl EdgeFill {
+    /// Items in the channel now (and its capacity).
+    pub(crate) fn held(&self) -> (usize, usize) {
+        (
+            self.cap.saturating_sub(self.permits.available_permits()),
+            self.cap,
+        )
+    }
+}
+
 pub(crate) struct ChunkRx<T> {
     rx: mpsc::UnboundedReceiver<Chunk<T>>,
     permits: Arc<Semaphore>,
@@ -128,6 +145,14 @@ pub(crate) struct ChunkRx<T> {
 }
 
 impl<T> ChunkRx<T> {
+    /// A view of how full the channel is.
+    pub(crate) fn fill(&self) -> EdgeFill {
+        EdgeFill {
+            permits: self.permits.clone(),
+            cap: self.cap,
+        }
+    }
+
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         let chunk = std::task::ready!(self.rx.poll_recv(cx));
         if let Some(chunk) = &chunk {

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::flow::topology::StageKind;
+
 /// A snapshot of one stage's counters.
 ///
 /// The conservation law of a one-in-one-out stage (map, filter, tap) holds
@@ -121,6 +123,8 @@ struct Shared {
     name: Arc<str>,
     /// The name given later by `Flow::named`, once, before the stage runs.
     renamed: std::sync::OnceLock<Arc<str>>,
+    /// How the stage runs, once known (a fused step until marked).
+    kind: std::sync::OnceLock<StageKind>,
     received: AtomicU64,
     emitted: AtomicU64,
     failed: AtomicU64,
@@ -139,6 +143,7 @@ impl Counters {
             inner: Arc::new(Shared {
                 name,
                 renamed: std::sync::OnceLock::new(),
+                kind: std::sync::OnceLock::new(),
                 received: AtomicU64::new(0),
                 emitted: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
@@ -156,6 +161,16 @@ impl Counters {
     /// Gives the stage its final name; false if it already had one.
     pub(crate) fn rename(&self, name: Arc<str>) -> bool {
         self.inner.renamed.set(name).is_ok()
+    }
+
+    /// Records how the stage runs (once: a fused step given a task of its
+    /// own by `async_boundary` is marked when the task starts).
+    pub(crate) fn mark(&self, kind: StageKind) {
+        let _ = self.inner.kind.set(kind);
+    }
+
+    pub(crate) fn kind(&self) -> StageKind {
+        self.inner.kind.get().copied().unwrap_or(StageKind::Fused)
     }
 
     pub(crate) fn same(&self, other: &Counters) -> bool {

@@ -55,6 +55,7 @@ use crate::base::time::{Deadline, Timer};
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::source::BoxSource;
+use crate::flow::topology::StageKind;
 
 /// The fewest and the most items a new output piece reserves room for.
 const MIN_RESERVE: usize = 8;
@@ -555,6 +556,8 @@ where
     let pipeline = input.pipeline().clone();
     let edge = edge.unwrap_or(pipeline.edge());
     let counters = pipeline.register(name);
+    counters.mark(StageKind::Task);
+    input.connect(&counters);
     let op = make(&pipeline, &counters);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..outputs).map(|_| chunk_channel(edge)).unzip();
     let io = Io {
@@ -567,7 +570,10 @@ where
     };
     pipeline.spawn(counters.name().clone(), run(op, io));
     rxs.into_iter()
-        .map(|rx| Flow::from_source(pipeline.clone(), Box::new(rx)))
+        .map(|rx| {
+            let fill = rx.fill();
+            Flow::from_source(pipeline.clone(), Box::new(rx)).output_of(counters.clone(), fill)
+        })
         .collect()
 }
 

@@ -9,6 +9,7 @@ pub(crate) mod processor;
 pub(crate) mod source;
 pub(crate) mod stage;
 pub(crate) mod step;
+pub(crate) mod topology;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -20,6 +21,7 @@ use std::task::{Context, Poll};
 use futures::{Sink, SinkExt, Stream};
 
 use crate::base::ack::Ack;
+use crate::base::channel::EdgeFill;
 use crate::base::chunk::{Chunk, IntoAcked};
 use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::Counters;
@@ -70,6 +72,9 @@ pub struct Flow<T> {
     /// The fused step or source that produces this flow, while it may
     /// still be renamed ([`Flow::named`]).
     stage: Option<Counters>,
+    /// The stage whose output this flow is, and the channel in between
+    /// when that stage has a task of its own (the pipeline's topology).
+    upstream: Option<(Counters, Option<EdgeFill>)>,
 }
 
 impl<T> fmt::Debug for Flow<T> {
@@ -89,12 +94,29 @@ impl<T: Send + 'static> Flow<T> {
             buf: IntoAcked::default(),
             pipeline,
             stage: None,
+            upstream: None,
+        }
+    }
+
+    /// Marks this flow as the output of the task stage `counters`, read
+    /// through a channel that `fill` shows.
+    pub(crate) fn output_of(mut self, counters: Counters, fill: EdgeFill) -> Self {
+        self.upstream = Some((counters, Some(fill)));
+        self
+    }
+
+    /// Records in the pipeline's topology that the stage `to` reads this
+    /// flow.
+    pub(crate) fn connect(&self, to: &Counters) {
+        if let Some((from, fill)) = &self.upstream {
+            self.pipeline.add_edge(from, to, fill.clone());
         }
     }
 
     /// Marks `counters` as the stage producing this flow, one that runs in
     /// the reader's task and so may still be renamed.
     pub(crate) fn produced_by(mut self, counters: Counters) -> Self {
+        self.upstream = Some((counters.clone(), None));
         self.stage = Some(counters);
         self
     }
@@ -325,6 +347,7 @@ impl<T: Send + 'static> Flow<T> {
         let name: Cow<'static, str> = name.into();
         let pipeline = self.pipeline.clone();
         let counters = pipeline.register(name.as_ref());
+        self.connect(&counters);
         let src = Box::new(FusedSource {
             inner: self.into_source(),
             step,

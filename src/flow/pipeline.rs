@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::base::ack::Ack;
+use crate::base::channel::EdgeFill;
 use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
@@ -20,6 +21,7 @@ use crate::flow::Flow;
 use crate::flow::source::{
     AckedPusher, IterSource, PushSource, Pusher, Shutdown, SourceItem, StreamSource,
 };
+use crate::flow::topology::{EdgeQueue, StageKind, Topology, TopologyEdge, TopologyStage};
 
 /// A handle on one pipeline: its sources, stage tasks and counters.
 ///
@@ -81,6 +83,9 @@ struct Inner {
     shutdown: Signal,
     abort: Signal,
     stages: Mutex<Vec<Counters>>,
+    /// Which stage reads which (the topology), recorded as consumers are
+    /// created.
+    edges: Mutex<Vec<Edge>>,
     tasks: Mutex<Vec<(Arc<str>, JoinHandle<()>)>>,
     /// Pipelines that follow this one's lifecycle (merged into it). Each is
     /// in this pipeline's group, which keeps it alive while any handle on a
@@ -90,6 +95,14 @@ struct Inner {
     /// Stage tasks found panicked by a join: kept here, so that a join
     /// dropped part-way (`shutdown_within`'s timeout) loses none of them.
     panicked: Mutex<Vec<StagePanic>>,
+}
+
+/// An edge of the topology: `to` reads `from`'s output.
+#[derive(Clone)]
+struct Edge {
+    from: Counters,
+    to: Counters,
+    fill: Option<EdgeFill>,
 }
 
 /// The owner of the state of pipelines joined by links, in either
@@ -272,6 +285,7 @@ impl Pipeline {
             shutdown: Signal::new(shutdown),
             abort: Signal::new(CancellationToken::new()),
             stages: Mutex::new(Vec::new()),
+            edges: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
             linked: Mutex::new(Vec::new()),
             discarded: AtomicU64::new(0),
@@ -309,7 +323,7 @@ impl Pipeline {
         I::IntoIter: Send + 'static,
         I::Item: Send + 'static,
     {
-        let counters = self.register("iter");
+        let counters = self.register_source("iter");
         Flow::from_source(
             self.clone(),
             Box::new(IterSource {
@@ -379,7 +393,7 @@ impl Pipeline {
         S::Item: SourceItem<T>,
         T: Send + 'static,
     {
-        let counters = self.register("stream");
+        let counters = self.register_source("stream");
         Flow::from_source(
             self.clone(),
             Box::new(StreamSource {
@@ -432,7 +446,7 @@ impl Pipeline {
         I: SourceItem<T> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::mpsc::channel(self.inner.edge.capacity());
-        let counters = self.register(name);
+        let counters = self.register_source(name);
         let flow = Flow::from_source(
             self.clone(),
             Box::new(PushSource {
@@ -511,6 +525,44 @@ impl Pipeline {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// The pipeline's shape: its stages (in the order they were created,
+    /// then those of pipelines merged into it) with their counters, and
+    /// which stage reads which, with what each channel in between holds.
+    /// See [`Topology`] for an example and its Mermaid and DOT pictures.
+    pub fn topology(&self) -> Topology {
+        let reachable = self.reachable();
+        let counters: Vec<Counters> = reachable
+            .iter()
+            .flat_map(|p| lock(&p.stages).clone())
+            .collect();
+        let index = |c: &Counters| counters.iter().position(|k| k.same(c));
+        let mut edges: Vec<TopologyEdge> = reachable
+            .iter()
+            .flat_map(|p| lock(&p.edges).clone())
+            .filter_map(|edge| {
+                let queue = edge.fill.map(|fill| {
+                    let (held, capacity) = fill.held();
+                    EdgeQueue { held, capacity }
+                });
+                Some(TopologyEdge {
+                    from: index(&edge.from)?,
+                    to: index(&edge.to)?,
+                    queue,
+                })
+            })
+            .collect();
+        edges.sort_by_key(|e| e.to);
+        let stages = counters
+            .iter()
+            .map(|c| TopologyStage {
+                name: c.name().to_string(),
+                kind: c.kind(),
+                metrics: c.snapshot(),
+            })
+            .collect();
+        Topology { stages, edges }
     }
 
     /// The counters of the stage named `name`. Names are unique within a
@@ -682,6 +734,23 @@ impl Pipeline {
         let counters = Counters::new(unique(&stages, None, name.into()));
         stages.push(counters.clone());
         counters
+    }
+
+    /// [`register`](Self::register) for a source stage.
+    pub(crate) fn register_source(&self, name: impl Into<Arc<str>>) -> Counters {
+        let counters = self.register(name);
+        counters.mark(StageKind::Source);
+        counters
+    }
+
+    /// Records that the stage `to` reads the output of `from` (through a
+    /// channel that `fill` shows, if `from` has a task).
+    pub(crate) fn add_edge(&self, from: &Counters, to: &Counters, fill: Option<EdgeFill>) {
+        lock(&self.inner.edges).push(Edge {
+            from: from.clone(),
+            to: to.clone(),
+            fill,
+        });
     }
 
     /// Gives a registered stage that has not run yet its final name (made

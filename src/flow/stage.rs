@@ -19,6 +19,7 @@ use crate::flow::pipeline::Pipeline;
 use crate::flow::processor::Processor;
 use crate::flow::source::BoxSource;
 use crate::flow::step::{ChunkCtx, Emit, Item, Step};
+use crate::flow::topology::StageKind;
 
 /// A [`Step`] run on its own task, with a channel to the next stage.
 ///
@@ -112,8 +113,10 @@ pub(crate) fn spawn_stage<T: Send + 'static>(
     edge: EdgeConfig,
 ) -> Flow<T> {
     let (tx, rx) = chunk_channel(edge);
-    spawn_into(pipeline, src, tx, counters, edge.max_chunk());
-    Flow::from_source(pipeline.clone(), Box::new(rx))
+    counters.mark(StageKind::Task);
+    let fill = rx.fill();
+    spawn_into(pipeline, src, tx, counters.clone(), edge.max_chunk());
+    Flow::from_source(pipeline.clone(), Box::new(rx)).output_of(counters, fill)
 }
 
 /// Spawns the task that drives `src` into an existing channel (a merge has

@@ -8,6 +8,7 @@ use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::source::FusedSource;
 use crate::flow::stage::{Pass, spawn_into};
+use crate::flow::topology::StageKind;
 
 /// Merges `flows` into one flow, interleaving chunks as they become ready.
 ///
@@ -125,9 +126,12 @@ where
     }
     let edge = settings.edge.unwrap_or(pipeline.edge());
     let counters = pipeline.register(name);
+    counters.mark(StageKind::Task);
     let (tx, rx) = chunk_channel(edge);
+    let fill = rx.fill();
     for flow in flows {
         pipeline.link(flow.pipeline().clone());
+        flow.connect(&counters);
         let src = FusedSource {
             inner: flow.into_source(),
             step: Pass,
@@ -143,7 +147,7 @@ where
             edge.max_chunk(),
         );
     }
-    Flow::from_source(pipeline, Box::new(rx))
+    Flow::from_source(pipeline, Box::new(rx)).output_of(counters, fill)
 }
 
 impl<T: Send + 'static> Flow<T> {

@@ -376,7 +376,7 @@ impl LineSource {
             }
         };
         writable(&self.checkpoint)?;
-        let counters = pipeline.register(self.name.clone());
+        let counters = pipeline.register_source(self.name.clone());
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 marks: Watermarks::default(),

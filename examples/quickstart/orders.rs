@@ -1,28 +1,21 @@
-//! A small streamz pipeline: parse order lines, validate them, price them,
-//! enrich them from a flaky service (timeout and retry), throttle them and
-//! write them in batches. Failures arrive as values carrying their stage
-//! and item, and a dead-letter queue at the end writes them to a file,
-//! which is read back at the end.
-//!
-//! Run: `cargo run --example quickstart`
+//! The quickstart's pipeline, shared with `tests/topology.rs` (which
+//! checks the picture of it that the quickstart prints).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use serde::Serialize;
-use streamz::dlq::{FileSink, JsonItems, Replay};
+use streamz::dlq::{FileSink, JsonItems};
 use streamz::{
-    AsyncMapper, Batcher, DeadLetter, DeadLetterQueue, Emit, Item, Map, Pipeline, Retry, Stage,
-    Step, Throttle,
+    AsyncMapper, Batcher, DeadLetterQueue, Emit, Item, Map, Pipeline, Retry, Stage, Step, Throttle,
 };
 
 #[derive(Debug, Clone, Serialize)]
-struct Order {
-    id: u32,
-    cents: i64,
+pub struct Order {
+    pub id: u32,
+    pub cents: i64,
 }
 
 /// Parses `id,cents` lines.
@@ -52,7 +45,7 @@ impl Step<Order, Order> for Validate {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Tier {
+pub enum Tier {
     Standard,
     Gold,
 }
@@ -80,21 +73,29 @@ async fn customer_tier(order: u32, calls: Arc<AtomicU32>) -> Result<Tier, Servic
 }
 
 type Priced = (u32, i64);
-type Enriched = (u32, i64, Tier);
+pub type Enriched = (u32, i64, Tier);
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let lines = [
-        "1, 1250",
-        "2, 399",
-        "three, 100",
-        "4, -50",
-        "5, 10000",
-        "no comma",
-        "7, 42",
-        "8, 777",
-        "9, 5",
-    ];
+/// The order lines the quickstart reads: good ones, and ones that fail in
+/// each way.
+pub const LINES: [&str; 9] = [
+    "1, 1250",
+    "2, 399",
+    "three, 100",
+    "4, -50",
+    "5, 10000",
+    "no comma",
+    "7, 42",
+    "8, 777",
+    "9, 5",
+];
+
+/// Runs the quickstart's pipeline over [`LINES`], writing its failures to
+/// the dead-letter file `dlq_path` (made afresh), and returns the pipeline
+/// (for its counters and picture) with the batches that reached the end.
+pub async fn run(
+    dlq_path: &Path,
+) -> Result<(Pipeline, Vec<streamz::Result<Vec<Enriched>>>), Box<dyn std::error::Error>> {
+    let lines = LINES;
 
     // The async call: 4 at a time, 100 ms per attempt, 3 attempts with
     // exponential backoff, and only "unavailable" is worth retrying.
@@ -117,12 +118,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Failures of every stage go to one dead-letter file, their items kept
     // as JSON: lines that did not parse, orders that did not validate,
     // priced orders the service could not enrich.
-    // The file is kept after the run for you to read; each run starts it
-    // afresh.
-    let dlq_path = std::env::temp_dir().join("streamz-quickstart.dlq.jsonl");
-    let _ = std::fs::remove_file(&dlq_path);
+    let _ = std::fs::remove_file(dlq_path);
     let dead_letters = DeadLetterQueue::json(
-        FileSink::create(&dlq_path).await?,
+        FileSink::create(dlq_path).await?,
         JsonItems::new().of::<String>().of::<Order>().of::<Priced>(),
     );
 
@@ -143,57 +141,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .pipe(dead_letters)
         .collect()
         .await;
-
-    println!("batches written:");
-    for batch in batches {
-        // Failures went to the dead-letter file; only values arrive here.
-        let batch = batch?;
-        println!("  batch of {}:", batch.len());
-        for (id, cents, tier) in batch {
-            println!("    order {id}: {cents} cents incl. tax, {tier:?} customer");
-        }
-    }
-
-    let records: Vec<DeadLetter<serde_json::Value>> = Replay::open(&dlq_path)
-        .await?
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-    println!(
-        "\n{} failures in the dead-letter file {}:",
-        records.len(),
-        dlq_path.display()
-    );
-    for r in &records {
-        println!(
-            "  #{} [{}] stage `{}` after {} attempt(s): {}\n     item: {}",
-            r.sequence,
-            r.kind,
-            r.stage,
-            r.attempts,
-            r.message,
-            r.item
-                .as_ref()
-                .map_or_else(|| "none".to_owned(), |v| v.to_string())
-        );
-    }
-
-    println!("\nstage counters:");
-    for m in pipeline.metrics() {
-        println!(
-            "  {:<9} received {:>2}  emitted {:>2}  failed {:>2}  errors passed {:>2}  \
-             retries {:>2}  timeouts {:>2}  dead-lettered {:>2}",
-            m.name,
-            m.received,
-            m.emitted,
-            m.failed,
-            m.errors_passed,
-            m.retries,
-            m.timeouts,
-            m.dead_lettered
-        );
-    }
-    pipeline.join().await?;
-    Ok(())
+    Ok((pipeline, batches))
 }
