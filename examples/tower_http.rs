@@ -102,12 +102,16 @@ async fn main() -> Result<(), BoxError> {
 }
 
 /// A price service on 127.0.0.1: `/price/<id>` answers `id * 3`; ids that
-/// are multiples of 10 get a 503, id 77 never gets an answer, and every
-/// seventh request of the others is a passing 503 (a retry succeeds).
+/// are multiples of 10 get a 503, id 77 never gets an answer, and the
+/// first request for an id that leaves 3 divided by 7 is a passing 503 (its
+/// retry succeeds). Passing failures are counted per id, so which ids fail
+/// for good does not depend on how requests interleave.
 async fn serve() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let requests = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(
+        std::collections::HashMap::<u32, u32>::new(),
+    ));
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let requests = requests.clone();
@@ -126,7 +130,13 @@ async fn serve() -> std::io::Result<SocketAddr> {
                     .nth(1)
                     .and_then(|path| path.strip_prefix("/price/"))
                     .and_then(|id| id.parse().ok());
-                let n = requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The how-manyth request for this id (0 for the first).
+                let n = id.map_or(0, |id| {
+                    let mut seen = requests.lock().unwrap();
+                    let n = seen.entry(id).or_insert(0);
+                    *n += 1;
+                    *n - 1
+                });
                 let (status, body) = match id {
                     None => ("404 Not Found", String::new()),
                     Some(77) => {
@@ -134,7 +144,7 @@ async fn serve() -> std::io::Result<SocketAddr> {
                         unreachable!()
                     }
                     Some(id) if id % 10 == 0 => ("503 Service Unavailable", String::new()),
-                    Some(_) if n % 7 == 6 => ("503 Service Unavailable", String::new()),
+                    Some(id) if id % 7 == 3 && n == 0 => ("503 Service Unavailable", String::new()),
                     Some(id) => ("200 OK", (u64::from(id) * 3).to_string()),
                 };
                 let answer = format!(
