@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::base::telemetry;
 use crate::flow::topology::StageKind;
 
 /// A snapshot of one stage's counters.
@@ -125,6 +126,12 @@ struct Shared {
     renamed: std::sync::OnceLock<Arc<str>>,
     /// How the stage runs, once known (a fused step until marked).
     kind: std::sync::OnceLock<StageKind>,
+    /// The pipeline's name (a label of the exported series).
+    pipeline: Option<Arc<str>>,
+    /// The exported series, taken when the stage first counts (its name
+    /// is final by then).
+    #[cfg(feature = "metrics")]
+    series: std::sync::OnceLock<telemetry::ItemSeries>,
     received: AtomicU64,
     emitted: AtomicU64,
     failed: AtomicU64,
@@ -138,12 +145,15 @@ struct Shared {
 }
 
 impl Counters {
-    pub(crate) fn new(name: Arc<str>) -> Self {
+    pub(crate) fn new(name: Arc<str>, pipeline: Option<Arc<str>>) -> Self {
         Counters {
             inner: Arc::new(Shared {
                 name,
                 renamed: std::sync::OnceLock::new(),
                 kind: std::sync::OnceLock::new(),
+                pipeline,
+                #[cfg(feature = "metrics")]
+                series: std::sync::OnceLock::new(),
                 received: AtomicU64::new(0),
                 emitted: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
@@ -173,6 +183,18 @@ impl Counters {
         self.inner.kind.get().copied().unwrap_or(StageKind::Fused)
     }
 
+    /// The labels of the stage's exported series.
+    pub(crate) fn labels(&self) -> telemetry::StageLabels {
+        telemetry::StageLabels::new(self.inner.pipeline.as_ref(), self.name())
+    }
+
+    #[cfg(feature = "metrics")]
+    fn series(&self) -> &telemetry::ItemSeries {
+        self.inner
+            .series
+            .get_or_init(|| telemetry::ItemSeries::new(&self.labels()))
+    }
+
     pub(crate) fn same(&self, other: &Counters) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
@@ -198,12 +220,31 @@ impl Counters {
                 counter.fetch_add(n, Relaxed);
             }
         }
+        #[cfg(feature = "metrics")]
+        {
+            let series = self.series();
+            for (counter, n) in [
+                (&series.received, local.received),
+                (&series.emitted, local.emitted),
+                (&series.failed, local.failed),
+                (&series.errors_passed, local.errors_passed),
+                (&series.dropped, local.dropped),
+                (&series.retries, local.retries),
+                (&series.timeouts, local.timeouts),
+            ] {
+                if n != 0 {
+                    counter.increment(n);
+                }
+            }
+        }
     }
 
     /// Records the dead-letter sink confirmed.
     pub(crate) fn add_dead_lettered(&self, n: u64) {
         if n != 0 {
             self.inner.dead_lettered.fetch_add(n, Relaxed);
+            #[cfg(feature = "metrics")]
+            self.series().dead_lettered.increment(n);
         }
     }
 
@@ -214,11 +255,15 @@ impl Counters {
         let errors = chunk.errors.len() as u64;
         if errors != 0 {
             self.inner.errors_passed.fetch_add(errors, Relaxed);
+            #[cfg(feature = "metrics")]
+            self.series().errors_passed.increment(errors);
         }
     }
 
     pub(crate) fn add_emitted(&self, n: u64) {
         self.inner.emitted.fetch_add(n, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.series().emitted.increment(n);
     }
 
     /// Items received but discarded unprocessed (counted as both).
@@ -226,6 +271,11 @@ impl Counters {
         if n != 0 {
             self.inner.received.fetch_add(n, Relaxed);
             self.inner.aborted.fetch_add(n, Relaxed);
+            #[cfg(feature = "metrics")]
+            {
+                self.series().received.increment(n);
+                self.series().aborted.increment(n);
+            }
         }
     }
 
@@ -233,6 +283,8 @@ impl Counters {
     pub(crate) fn add_aborted(&self, n: u64) {
         if n != 0 {
             self.inner.aborted.fetch_add(n, Relaxed);
+            #[cfg(feature = "metrics")]
+            self.series().aborted.increment(n);
         }
     }
 
@@ -240,6 +292,8 @@ impl Counters {
     pub(crate) fn add_undelivered(&self, n: u64) {
         if n != 0 {
             self.inner.undelivered.fetch_add(n, Relaxed);
+            #[cfg(feature = "metrics")]
+            self.series().undelivered.increment(n);
         }
     }
 

@@ -14,6 +14,7 @@ pub(crate) mod loom_notify;
 #[cfg(streamz_loom)]
 pub(crate) mod loom_watch;
 pub(crate) mod signal;
+pub(crate) mod telemetry;
 pub(crate) mod time;
 
 /// The health gate's state channel: tokio's `watch`, or under the model

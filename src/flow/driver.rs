@@ -570,7 +570,9 @@ where
     };
     pipeline.spawn(counters.name().clone(), run(op, io));
     rxs.into_iter()
-        .map(|rx| {
+        .enumerate()
+        .map(|(output, rx)| {
+            rx.export(&counters.labels(), output);
             let fill = rx.fill();
             Flow::from_source(pipeline.clone(), Box::new(rx)).output_of(counters.clone(), fill)
         })

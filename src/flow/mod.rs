@@ -354,6 +354,7 @@ impl<T: Send + 'static> Flow<T> {
             counters: counters.clone(),
             ended: false,
             abort: pipeline.abort_token(),
+            span: None,
         });
         let flow = Flow::from_source(pipeline, src).produced_by(counters.clone());
         (flow, counters)

@@ -17,6 +17,7 @@ use crate::base::config::{ConfigError, EdgeConfig};
 use crate::base::counters::{Counters, StageMetrics};
 use crate::base::error::Result;
 use crate::base::signal::Signal;
+use crate::base::telemetry::UNNAMED;
 use crate::flow::Flow;
 use crate::flow::source::{
     AckedPusher, IterSource, PushSource, Pusher, Shutdown, SourceItem, StreamSource,
@@ -731,7 +732,7 @@ impl Pipeline {
     /// pipeline: a second `map` becomes `map#2`, a third `map#3`.
     pub(crate) fn register(&self, name: impl Into<Arc<str>>) -> Counters {
         let mut stages = lock(&self.inner.stages);
-        let counters = Counters::new(unique(&stages, None, name.into()));
+        let counters = Counters::new(unique(&stages, None, name.into()), self.inner.name.clone());
         stages.push(counters.clone());
         counters
     }
@@ -826,7 +827,8 @@ impl Pipeline {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let span = tracing::debug_span!("stage", name = %stage);
+        let pipeline = self.inner.name.as_deref().unwrap_or(UNNAMED);
+        let span = tracing::debug_span!("stage", pipeline = %pipeline, name = %stage);
         let handle = tokio::spawn(fut.instrument(span));
         lock(&self.inner.tasks).push((stage, handle));
     }

@@ -233,6 +233,9 @@ pub(crate) struct FusedSource<In, S> {
     pub(crate) ended: bool,
     /// An abort ends the input too; then `on_end` is not called.
     pub(crate) abort: tokio_util::sync::CancellationToken,
+    /// The step's span, made at its first chunk (its name is final by
+    /// then), inside the span of the task it runs in.
+    pub(crate) span: Option<tracing::Span>,
 }
 
 impl<In, S> FusedSource<In, S> {
@@ -268,6 +271,18 @@ where
                     let ctx = ChunkCtx {
                         counters: &self.counters,
                     };
+                    let counters = &self.counters;
+                    let _span = self
+                        .span
+                        .get_or_insert_with(|| {
+                            let labels = counters.labels();
+                            tracing::debug_span!(
+                                "step",
+                                pipeline = %labels.pipeline(),
+                                name = %labels.stage()
+                            )
+                        })
+                        .enter();
                     let out = self.step.on_chunk(chunk, ctx);
                     if !out.is_empty() {
                         return Poll::Ready(Some(out));

@@ -24,6 +24,7 @@ use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
+use crate::base::telemetry::{self, Histogram};
 use crate::base::time::{self, Deadline};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Operator, Out};
@@ -169,8 +170,12 @@ impl<T: Send + 'static> Processor<T, Vec<T>> for Batcher<T> {
             max_latency: self.max_latency,
             limit: self.weight,
             started: None,
+            sizes: Histogram::noop(),
         };
-        driver::spawn(input, &self.name, Some(edge), op)
+        driver::spawn_with(input, &self.name, Some(edge), |_, counters| Batching {
+            sizes: counters.labels().histogram(telemetry::BATCH_SIZE),
+            ..op
+        })
     }
 }
 
@@ -188,6 +193,8 @@ struct Batching<T> {
     limit: Option<(u64, WeightFn<T>)>,
     /// When the current batch's first value arrived.
     started: Option<Instant>,
+    /// Exported batch sizes (feature `metrics`).
+    sizes: Histogram,
 }
 
 impl<T: Send + 'static> Batching<T> {
@@ -221,6 +228,7 @@ impl<T: Send + 'static> Batching<T> {
             } else {
                 Ack::merge_batch(self.acks.drain(..), self.batch.len())
             };
+            self.sizes.record(n as f64);
             out.emit_for(std::mem::take(&mut self.batch), n, ack);
         }
     }

@@ -129,6 +129,7 @@ where
     counters.mark(StageKind::Task);
     let (tx, rx) = chunk_channel(edge);
     let fill = rx.fill();
+    rx.export(&counters.labels(), 0);
     for flow in flows {
         pipeline.link(flow.pipeline().clone());
         flow.connect(&counters);
@@ -138,6 +139,7 @@ where
             counters: counters.clone(),
             ended: false,
             abort: pipeline.abort_token(),
+            span: None,
         };
         spawn_into(
             &pipeline,

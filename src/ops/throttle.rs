@@ -24,6 +24,7 @@ use crate::base::ack::Ack;
 use crate::base::chunk::{Chunk, IntoAcked};
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
+use crate::base::telemetry::{self, Histogram, Stopwatch};
 use crate::base::time::{self, Deadline};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Demand, Operator, Out};
@@ -202,8 +203,17 @@ impl<T: Send + 'static> Processor<T, T> for Throttle<T> {
             queue: IntoAcked::default(),
             due: None,
             behind: false,
+            waits: (Histogram::noop(), Stopwatch::default()),
         };
-        driver::spawn(input, &self.name, self.edge, op)
+        driver::spawn_with(input, &self.name, self.edge, |_, counters| Shaper {
+            waits: (
+                counters
+                    .labels()
+                    .histogram(telemetry::THROTTLE_DELAY_SECONDS),
+                Stopwatch::default(),
+            ),
+            ..op
+        })
     }
 }
 
@@ -318,6 +328,8 @@ struct Shaper<T> {
     /// Items have had to wait for their turn: the schedule is kept across
     /// late wake-ups (see [`CATCH_UP`]).
     behind: bool,
+    /// Exported: how long each wait for tokens lasted (feature `metrics`).
+    waits: (Histogram, Stopwatch),
 }
 
 impl<T: Send + 'static> Shaper<T> {
@@ -364,11 +376,15 @@ impl<T: Send + 'static> Shaper<T> {
                 continue;
             }
             let Err(allowed) = self.gcra.try_take(now, cost, behind) else {
+                // The wait for tokens, if there was one, ends.
+                self.waits.1.record(&self.waits.0);
                 out.push(item, ack);
                 continue;
             };
             match (self.mode, item) {
                 (Mode::Shape, item) => {
+                    // A head that must wait again keeps its wait's start.
+                    self.waits.1.start_if_idle();
                     self.head = Some((item, ack, cost));
                     self.due = self.gcra.instant(allowed);
                     self.behind = true;

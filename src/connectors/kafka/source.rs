@@ -23,6 +23,7 @@ use super::record::{Entry, KafkaRecord, Progress};
 use crate::base::ack::SourcePosition;
 use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::StreamError;
+use crate::base::telemetry::{self, Counter, StageLabels};
 use crate::base::time;
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
@@ -279,12 +280,23 @@ impl KafkaSource {
                 });
             }
         }
-        let shared = Arc::new(Shared::default());
+        let labels = StageLabels::of(pipeline.name(), &self.name);
+        let shared = Arc::new(Shared {
+            exported_commits: labels.counter(telemetry::KAFKA_COMMITS, &[]),
+            ..Shared::default()
+        });
         let context = SourceContext {
             shared: shared.clone(),
             name: self.name.to_string(),
+            labels,
         };
-        let consumer: StreamConsumer<SourceContext> = self.config.create_with_context(context)?;
+        let mut config = self.config.clone();
+        // Consumer lag comes from librdkafka's statistics: on by default
+        // with the `metrics` feature, every 5 s, unless set.
+        if cfg!(feature = "metrics") && config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", "5000");
+        }
+        let consumer: StreamConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let (pusher, flow) = pipeline.acked_channel_named(self.name.to_string());
@@ -324,6 +336,8 @@ struct Shared {
     stalled: AtomicBool,
     /// Records the watermarks passed since the last commit.
     passed: AtomicUsize,
+    /// Commits, exported (feature `metrics`).
+    exported_commits: Counter,
 }
 
 impl Shared {
@@ -350,6 +364,7 @@ impl Default for Shared {
             errors: AtomicU64::default(),
             passed: AtomicUsize::default(),
             stalled: AtomicBool::default(),
+            exported_commits: Counter::noop(),
         }
     }
 }
@@ -433,9 +448,33 @@ impl KafkaSourceHandle {
 struct SourceContext {
     shared: Arc<Shared>,
     name: String,
+    /// The labels of the source's exported series.
+    labels: StageLabels,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): exports
+    /// each assigned partition's consumer lag (feature `metrics`).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                // -1: librdkafka's internal unassigned partition, or a lag
+                // not known yet.
+                if partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.labels.set_gauge(
+                    telemetry::KAFKA_LAG,
+                    &[
+                        ("topic", topic.clone()),
+                        ("partition", partition.to_string()),
+                    ],
+                    p.consumer_lag as f64,
+                );
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -532,6 +571,7 @@ fn commit<C: Consumer<X>, X: ConsumerContext>(
     match consumer.commit(&tpl, mode) {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
+            shared.exported_commits.increment(1);
         }
         Err(e) => {
             tracing::warn!(source = %name, error = %e, "offset commit failed; a later one covers it");

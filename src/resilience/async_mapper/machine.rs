@@ -183,6 +183,7 @@ where
         // What the guard kept back (a breaker's outcomes) is reported
         // before the task waits.
         self.policy.guard.flush();
+        self.policy.series.in_flight.set(self.occupied() as f64);
         if moved {
             Poll::Ready(())
         } else {

@@ -38,6 +38,7 @@ use std::time::Duration;
 use crate::base::chunk::IntoAcked;
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::BoxError;
+use crate::base::telemetry::MapperSeries;
 use crate::flow::Flow;
 use crate::flow::driver;
 use crate::flow::processor::Processor;
@@ -502,6 +503,7 @@ where
                 stage: Arc::from(self.name.as_ref()),
                 retries: 0,
                 timeouts: 0,
+                series: MapperSeries::default(),
             },
             slots: Vec::new(),
             free: Vec::new(),
@@ -512,7 +514,11 @@ where
             pending: IntoAcked::default(),
             max_chunk: edge.max_chunk(),
         };
-        driver::spawn(input, &self.name, Some(edge), machine)
+        driver::spawn_with(input, &self.name, Some(edge), |_, counters| {
+            let mut machine = machine;
+            machine.policy.series = MapperSeries::new(&counters.labels());
+            machine
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{DependencySignal, Guard, Predicate, TimeoutError, Verdict};
 use crate::base::error::{BoxError, ErrorKind, StreamError};
+use crate::base::telemetry::{MapperSeries, Stopwatch};
 use crate::base::time;
 use crate::resilience::retry::Retry;
 
@@ -54,6 +55,8 @@ pub(super) struct Slot<In, Out, E, Fut, T> {
     pub(super) timer: time::Timer,
     pub(super) attempts: u32,
     pub(super) first_start: Option<Instant>,
+    /// Times the running attempt (feature `metrics`).
+    pub(super) clock: Stopwatch,
     /// When the item's first attempt failed, by the wall clock (for the
     /// error's record when a retry does not save it).
     pub(super) first_failure: Option<SystemTime>,
@@ -71,6 +74,7 @@ impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
             timer: time::Timer::new(),
             attempts: 0,
             first_start: None,
+            clock: Stopwatch::default(),
             first_failure: None,
             phase: Phase::Free,
         }
@@ -99,6 +103,8 @@ pub(super) struct Policy<F, E, G> {
     /// Attempts retried and timed out since the driver last took them.
     pub(super) retries: u64,
     pub(super) timeouts: u64,
+    /// Exported series (feature `metrics`).
+    pub(super) series: MapperSeries,
 }
 
 /// Why an attempt failed.
@@ -177,7 +183,10 @@ impl<F, E, G: Guard> Policy<F, E, G> {
         }
         let item = slot.item.as_ref().expect("a started slot holds its item");
         match catch_unwind(AssertUnwindSafe(|| (self.f)(item))) {
-            Ok(fut) => slot.fut.as_mut().set(Some(fut)),
+            Ok(fut) => {
+                slot.fut.as_mut().set(Some(fut));
+                slot.clock = Stopwatch::start();
+            }
             Err(payload) => {
                 self.end_attempt(slot, None);
                 let err = StreamError::panicked(&self.stage, payload);
@@ -322,6 +331,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                                 return false;
                             };
                             slot.fut.as_mut().set(None);
+                            slot.clock.record(&self.series.calls);
                             // A timed-out call is a failed call to a guard.
                             self.end_attempt(slot, Some(Verdict::Failure));
                             self.timeouts += 1;
@@ -330,6 +340,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                         }
                         Ok(Poll::Ready(Ok(value))) => {
                             slot.fut.as_mut().set(None);
+                            slot.clock.record(&self.series.calls);
                             if let Err(panicked) = self.settle(slot, Ok(&value)) {
                                 self.fail(slot, panicked);
                                 continue;
@@ -339,6 +350,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                         }
                         Ok(Poll::Ready(Err(e))) => {
                             slot.fut.as_mut().set(None);
+                            slot.clock.record(&self.series.calls);
                             match self.settle(slot, Err(&e)) {
                                 Ok(()) => self.failed(slot, Failure::Error(e)),
                                 Err(panicked) => self.fail(slot, panicked),
@@ -346,6 +358,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                         }
                         Err(payload) => {
                             slot.fut.as_mut().set(None);
+                            slot.clock.record(&self.series.calls);
                             self.end_attempt(slot, Some(Verdict::Failure));
                             let err = StreamError::panicked(&self.stage, payload);
                             self.fail(slot, err);

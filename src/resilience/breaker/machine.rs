@@ -263,6 +263,9 @@ pub(crate) struct Machine {
     /// A transition decided but held back by the minimum interval.
     pending: Option<(BreakerState, String)>,
     pub(crate) stats: Stats,
+    /// `stats` as last exported (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(crate) published: Stats,
 }
 
 /// Counters over the breaker's life.
@@ -296,6 +299,8 @@ impl Machine {
             rejected_in_state: 0,
             pending: None,
             stats: Stats::default(),
+            #[cfg(feature = "metrics")]
+            published: Stats::default(),
         }
     }
 

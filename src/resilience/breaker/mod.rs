@@ -110,6 +110,29 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// Every state, in the order of [`as_str`](Self::as_str)'s table.
+    #[cfg(feature = "metrics")]
+    const ALL: [BreakerState; 5] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+        BreakerState::ForcedOpen,
+        BreakerState::Disabled,
+    ];
+
+    /// The state's name in snake case: `closed`, `open`, `half_open`,
+    /// `forced_open`, `disabled` (the `state` label of the exported
+    /// series).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::ForcedOpen => "forced_open",
+            BreakerState::Disabled => "disabled",
+        }
+    }
+
     /// Whether calls may pass (some, in half-open).
     pub fn permits_calls(self) -> bool {
         matches!(
@@ -240,6 +263,9 @@ struct Inner {
     listeners: RwLock<Vec<Arc<Listener>>>,
     /// Woken on every transition and every freed half-open slot.
     changed: Notify,
+    /// Exported series (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    series: series::BreakerSeries,
 }
 
 /// A circuit breaker's shared state: create one, clone it into every
@@ -320,6 +346,8 @@ impl Breaker {
             tracing::error!(breaker = %name, %error, "invalid breaker configuration: stages using it will not start");
         }
         let machine = Machine::new(config);
+        #[cfg(feature = "metrics")]
+        let name_for_series = name.clone();
         Breaker {
             inner: Arc::new(Inner {
                 name,
@@ -332,6 +360,8 @@ impl Breaker {
                 delivering: Mutex::new(()),
                 listeners: RwLock::new(Vec::new()),
                 changed: Notify::new(),
+                #[cfg(feature = "metrics")]
+                series: series::BreakerSeries::new(&name_for_series),
             }),
         }
     }
@@ -392,6 +422,8 @@ impl Breaker {
             let mut machine = self.machine();
             let r = f(&mut machine, &mut now, &mut transitions);
             self.inner.lane.store(machine.lane(), Ordering::Release);
+            #[cfg(feature = "metrics")]
+            self.inner.series.publish(&mut machine, &transitions);
             if !transitions.is_empty() {
                 let capacity = machine.config.audit_capacity;
                 let mut audit = lock(&self.inner.audit);
@@ -743,6 +775,97 @@ impl Breaker {
                 }
             }
         })
+    }
+}
+
+/// A breaker's exported series (feature `metrics`), labelled with its
+/// name: the state as one gauge per state (1 for the current one), calls
+/// by outcome and transitions by the state entered. Published under the
+/// machine's lock after each change, from the counts the machine keeps.
+#[cfg(feature = "metrics")]
+mod series {
+    use super::BreakerState;
+    use super::Transition;
+    use super::machine::{Machine, Stats};
+    use crate::base::telemetry::{self, Counter, Gauge};
+
+    pub(super) struct BreakerSeries {
+        states: [Gauge; 5],
+        transitions: [Counter; 5],
+        /// permitted, rejected, successes, failures, slow, cancelled, ignored
+        calls: [Counter; 7],
+    }
+
+    impl BreakerSeries {
+        pub(super) fn new(name: &str) -> Self {
+            let label = |key, value: &str| (key, value.to_owned());
+            let states = BreakerState::ALL.map(|s| {
+                telemetry::gauge(
+                    telemetry::BREAKER_STATE,
+                    &[label("breaker", name), label("state", s.as_str())],
+                )
+            });
+            states[0].set(1.0);
+            BreakerSeries {
+                states,
+                transitions: BreakerState::ALL.map(|s| {
+                    telemetry::counter(
+                        telemetry::BREAKER_TRANSITIONS,
+                        &[label("breaker", name), label("to", s.as_str())],
+                    )
+                }),
+                calls: [
+                    "permitted",
+                    "rejected",
+                    "success",
+                    "failure",
+                    "slow",
+                    "cancelled",
+                    "ignored",
+                ]
+                .map(|outcome| {
+                    telemetry::counter(
+                        telemetry::BREAKER_CALLS,
+                        &[label("breaker", name), label("outcome", outcome)],
+                    )
+                }),
+            }
+        }
+
+        fn counts(s: &Stats) -> [u64; 7] {
+            [
+                s.permitted,
+                s.rejected,
+                s.successes,
+                s.failures,
+                s.slow,
+                s.cancelled,
+                s.ignored,
+            ]
+        }
+
+        pub(super) fn publish(&self, machine: &mut Machine, transitions: &[Transition]) {
+            let now = Self::counts(&machine.stats);
+            let before = Self::counts(&machine.published);
+            for ((counter, now), before) in self.calls.iter().zip(now).zip(before) {
+                if now > before {
+                    counter.increment(now - before);
+                }
+            }
+            machine.published = machine.stats;
+            for t in transitions {
+                let i = BreakerState::ALL
+                    .iter()
+                    .position(|&s| s == t.to)
+                    .unwrap_or(0);
+                self.transitions[i].increment(1);
+            }
+            if !transitions.is_empty() {
+                for (gauge, state) in self.states.iter().zip(BreakerState::ALL) {
+                    gauge.set(if state == machine.state { 1.0 } else { 0.0 });
+                }
+            }
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::base::config::{ConfigError, nonzero};
 use crate::base::error::{BoxError, PanicError};
+use crate::base::telemetry::{self, Counter};
 use crate::resilience::dlq::{DeadLetter, DeadLetterSink, DlqError, Unwritten};
 
 /// When a [`FileSink`] forces its writes to disk (`fsync`).
@@ -471,12 +472,12 @@ impl FileSinkOptions {
         };
         Ok(FileSink {
             state: Arc::new(Mutex::new(state)),
+            stats: FileSinkStats::for_file(&path),
             path,
             fsync: self.fsync,
             max_bytes: self.max_bytes,
             keep: self.keep,
             unsynced_since: None,
-            stats: FileSinkStats::default(),
             _items: PhantomData,
         })
     }
@@ -663,6 +664,7 @@ impl State {
         let mut unwritten: Vec<(usize, usize, DeadLetter<T>)> = lines.split_off(run_start);
         if let Some(e) = error {
             stats.inner.write_failures.fetch_add(1, Relaxed);
+            stats.inner.exported.write_failed.increment(1);
             tracing::error!(path = %self.path.display(), error = %e, records = unwritten.len(), "cannot append to the dead-letter file");
             failed.extend(
                 unwritten.drain(..).map(|(_, _, r)| {
@@ -735,10 +737,12 @@ impl State {
             Ok(()) => {
                 self.unsynced = 0;
                 stats.inner.syncs.fetch_add(1, Relaxed);
+                stats.inner.exported.synced.increment(1);
                 Ok(())
             }
             Err(e) => {
                 stats.inner.sync_failures.fetch_add(1, Relaxed);
+                stats.inner.exported.sync_failed.increment(1);
                 tracing::error!(path = %self.path.display(), error = %e, "cannot sync the dead-letter file");
                 Err(e)
             }
@@ -766,6 +770,7 @@ impl State {
         // Make the rename, the new file's name and deletions durable too.
         if let Err(e) = sync_dir(&self.path) {
             stats.inner.sync_failures.fetch_add(1, Relaxed);
+            stats.inner.exported.sync_failed.increment(1);
             tracing::error!(path = %self.path.display(), error = %e, "cannot sync the dead-letter file's directory");
         }
         Ok(())
@@ -905,9 +910,53 @@ struct StatsInner {
     write_failures: AtomicU64,
     rotations: AtomicU64,
     deleted: AtomicU64,
+    /// Exported (feature `metrics`): fsyncs by result, failed appends.
+    exported: FileSeries,
+}
+
+/// A dead-letter file's exported series, labelled with its path.
+#[derive(Debug)]
+struct FileSeries {
+    synced: Counter,
+    sync_failed: Counter,
+    write_failed: Counter,
+}
+
+impl Default for FileSeries {
+    fn default() -> Self {
+        FileSeries {
+            synced: Counter::noop(),
+            sync_failed: Counter::noop(),
+            write_failed: Counter::noop(),
+        }
+    }
 }
 
 impl FileSinkStats {
+    /// Stats whose series are exported with the file's path as a label.
+    fn for_file(path: &Path) -> Self {
+        let file = path.display().to_string();
+        let fsyncs = |result| {
+            telemetry::counter(
+                telemetry::DLQ_FSYNCS,
+                &[("file", file.clone()), ("result", String::from(result))],
+            )
+        };
+        FileSinkStats {
+            inner: Arc::new(StatsInner {
+                exported: FileSeries {
+                    synced: fsyncs("ok"),
+                    sync_failed: fsyncs("failed"),
+                    write_failed: telemetry::counter(
+                        telemetry::DLQ_WRITE_FAILURES,
+                        &[("file", file.clone())],
+                    ),
+                },
+                ..StatsInner::default()
+            }),
+        }
+    }
+
     /// Records appended to the file.
     pub fn records(&self) -> u64 {
         self.inner.records.load(Relaxed)

@@ -19,6 +19,7 @@ use super::{DeadLetter, DeadLetterSink, Unwritten};
 use crate::base::ack::Ack;
 use crate::base::counters::Counters;
 use crate::base::error::PanicError;
+use crate::base::telemetry::{self, Counter};
 use crate::flow::pipeline::Pipeline;
 
 /// Records the stage hands its sink at most per write (fewer with a
@@ -67,6 +68,12 @@ where
         abort: pipeline.abort_token(),
         counters: counters.clone(),
         in_hand: 0,
+        written: counters
+            .labels()
+            .counter(telemetry::DLQ_RECORDS, &[("result", "written")]),
+        refused: counters
+            .labels()
+            .counter(telemetry::DLQ_RECORDS, &[("result", "refused")]),
     };
     let name: Arc<str> = format!("{}.sink", counters.name()).into();
     pipeline.spawn(name, writer.run());
@@ -100,6 +107,9 @@ struct Writer<T, S> {
     counters: Counters,
     /// Records of the batch being written, unconfirmed.
     in_hand: u64,
+    /// Exported: records the sink wrote and refused (feature `metrics`).
+    written: Counter,
+    refused: Counter,
 }
 
 impl<T, S> Drop for Writer<T, S> {
@@ -178,11 +188,14 @@ impl<T: Send + 'static, S: DeadLetterSink<T>> Writer<T, S> {
             match result {
                 Ok(Ok(())) => {
                     self.counters.add_dead_lettered(n);
+                    self.written.increment(n);
                     acks.into_iter().for_each(|(_, ack)| ack.ack());
                 }
                 Ok(Err(unwritten)) => {
                     let refused = unwritten.len() as u64;
                     self.counters.add_dead_lettered(n.saturating_sub(refused));
+                    self.written.increment(n.saturating_sub(refused));
+                    self.refused.increment(refused);
                     let mut acks: Vec<(u64, Option<Ack>)> =
                         acks.into_iter().map(|(s, a)| (s, Some(a))).collect();
                     for u in unwritten {

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{GateConfig, GateState, GateStatus, Health, HealthCheck, Stats};
 use crate::base::error::PanicError;
+use crate::base::telemetry::GateSeries;
 use crate::base::time::{self, Deadline};
 
 pub(super) struct Checker<C> {
@@ -20,6 +21,8 @@ pub(super) struct Checker<C> {
     pub(super) status: watch::Sender<GateStatus>,
     pub(super) stats: Arc<Stats>,
     pub(super) stage: Arc<str>,
+    /// Exported series (feature `metrics`).
+    pub(super) series: GateSeries,
 }
 
 /// The first scheduled check after `now`: checks start every `interval`
@@ -85,6 +88,8 @@ impl<C: HealthCheck> Checker<C> {
     /// goes on for them in a task of its own, which the pipeline's `join`
     /// does not wait for, until they let go or the pipeline aborts.
     pub(super) async fn run(mut self, stop: CancellationToken, abort: CancellationToken) {
+        let open = self.status.borrow().state == GateState::Open;
+        self.series.open.set(if open { 1.0 } else { 0.0 });
         let mut schedule = Schedule::new();
         self.check_until(&mut schedule, std::pin::pin!(stop.cancelled()))
             .await;
@@ -164,13 +169,19 @@ impl<C: HealthCheck> Checker<C> {
         healthy_run: &mut u32,
         unhealthy_run: &mut u32,
     ) {
-        let state = self.status.borrow().state;
+        let (state, since) = {
+            let status = self.status.borrow();
+            (status.state, status.since)
+        };
         match health {
             Health::Healthy => {
+                self.series.healthy.increment(1);
                 *healthy_run = healthy_run.saturating_add(1);
                 *unhealthy_run = 0;
                 if state == GateState::Closed && *healthy_run >= self.config.open_after {
                     tracing::info!(stage = %self.stage, "health gate opens");
+                    self.series.open.set(1.0);
+                    self.series.closed.record(since.elapsed().as_secs_f64());
                     self.status.send_replace(GateStatus {
                         state: GateState::Open,
                         reason: None,
@@ -179,11 +190,13 @@ impl<C: HealthCheck> Checker<C> {
                 }
             }
             Health::Unhealthy(reason) => {
+                self.series.unhealthy.increment(1);
                 self.stats.unhealthy.fetch_add(1, Relaxed);
                 *unhealthy_run = unhealthy_run.saturating_add(1);
                 *healthy_run = 0;
                 if state == GateState::Open && *unhealthy_run >= self.config.close_after {
                     tracing::warn!(stage = %self.stage, %reason, "health gate closes");
+                    self.series.open.set(0.0);
                     self.stats.closings.fetch_add(1, Relaxed);
                     self.status.send_replace(GateStatus {
                         state: GateState::Closed,

@@ -40,6 +40,7 @@ use std::sync::atomic::AtomicUsize;
 use tokio::sync::Notify;
 
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
+use crate::base::telemetry::GateSeries;
 use crate::flow::Flow;
 use crate::flow::driver;
 use crate::flow::processor::Processor;
@@ -420,6 +421,10 @@ pub mod loom_hooks {
             status: gate.status,
             stats: gate.stats,
             stage: "model".into(),
+            series: super::GateSeries::new(&crate::base::telemetry::StageLabels::new(
+                None,
+                &"model".into(),
+            )),
         };
         let checker = ModelChecker {
             checker,
@@ -511,27 +516,31 @@ where
     }
 
     fn process(self, input: Flow<T>) -> Flow<T> {
-        let pipeline = input.pipeline().clone();
         self.status.send_modify(|s| s.since = Instant::now());
-        // The checker runs as long as the gate's task (the gate holds the
-        // guard that stops it), and after it, untracked, while mappers hold
-        // their calls on its state (until they let go or an abort).
-        let stop = CancellationToken::new();
-        let checker = Checker {
-            check: self.check,
-            config: self.config,
-            status: self.status.clone(),
-            stats: self.stats,
-            stage: Arc::from(self.name.as_ref()),
-        };
-        let name: Arc<str> = format!("{}.check", self.name).into();
-        pipeline.spawn(name, checker.run(stop.clone(), pipeline.abort_token()));
-        let gate = Gate::new(
-            self.status.subscribe(),
-            self.config.limit,
-            stop.drop_guard(),
-        );
-        driver::spawn(input, &self.name, self.edge, gate)
+        let edge = self.edge;
+        let name = self.name.clone();
+        driver::spawn_with(input, &name, edge, move |pipeline, counters| {
+            // The checker runs as long as the gate's task (the gate holds
+            // the guard that stops it), and after it, untracked, while
+            // mappers hold their calls on its state (until they let go or
+            // an abort).
+            let stop = CancellationToken::new();
+            let checker = Checker {
+                check: self.check,
+                config: self.config,
+                status: self.status.clone(),
+                stats: self.stats,
+                stage: Arc::from(self.name.as_ref()),
+                series: GateSeries::new(&counters.labels()),
+            };
+            let task: Arc<str> = format!("{}.check", counters.name()).into();
+            pipeline.spawn(task, checker.run(stop.clone(), pipeline.abort_token()));
+            Gate::new(
+                self.status.subscribe(),
+                self.config.limit,
+                stop.drop_guard(),
+            )
+        })
     }
 }
 

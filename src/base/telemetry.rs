@@ -1,0 +1,440 @@
+//! Metrics export through the `metrics` facade (feature `metrics`).
+//!
+//! Stages take handles on their series once, when they are built (or, for
+//! a stage that may still be renamed, when it first counts), and update
+//! them where they already count: per chunk for the item counters, per
+//! call, batch, delay or transition for the rest. With no recorder
+//! installed a handle is a no-op; without the feature the handles below
+//! are empty types whose methods compile to nothing, so call sites need no
+//! `cfg`. docs/observability.md lists every series.
+
+#![cfg_attr(not(feature = "metrics"), allow(dead_code))]
+
+use std::sync::Arc;
+
+#[cfg(feature = "metrics")]
+pub(crate) use metrics::{Counter, Gauge, Histogram};
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) use off::{Counter, Gauge, Histogram};
+
+/// The labels every stage series carries: the pipeline's and the stage's
+/// names.
+#[derive(Debug, Clone)]
+pub(crate) struct StageLabels {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pipeline: Arc<str>,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    stage: Arc<str>,
+}
+
+/// The pipeline label of a pipeline without a name.
+pub(crate) const UNNAMED: &str = "unnamed";
+
+impl StageLabels {
+    pub(crate) fn new(pipeline: Option<&Arc<str>>, stage: &Arc<str>) -> Self {
+        StageLabels {
+            pipeline: pipeline.cloned().unwrap_or_else(|| Arc::from(UNNAMED)),
+            stage: stage.clone(),
+        }
+    }
+
+    /// The pipeline's name (`unnamed` without one).
+    pub(crate) fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// The stage's name.
+    pub(crate) fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    /// Labels for a stage named outside the pipeline's registry (a
+    /// connector's own task).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn of(pipeline: Option<&str>, stage: &str) -> Self {
+        StageLabels {
+            pipeline: Arc::from(pipeline.unwrap_or(UNNAMED)),
+            stage: Arc::from(stage),
+        }
+    }
+
+    /// Sets the gauge `name` of this stage with labels known only now
+    /// (a Kafka partition's), registering it on the way.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn set_gauge(
+        &self,
+        name: &'static str,
+        extra: &[(&'static str, String)],
+        value: f64,
+    ) {
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            let mut labels = self.labels(&[]);
+            labels.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
+            );
+            metrics::gauge!(name, labels).set(value);
+        }
+    }
+
+    #[cfg(feature = "metrics")]
+    fn labels(&self, extra: &[(&'static str, &'static str)]) -> Vec<metrics::Label> {
+        let mut labels = vec![
+            metrics::Label::new("pipeline", self.pipeline.to_string()),
+            metrics::Label::new("stage", self.stage.to_string()),
+        ];
+        labels.extend(extra.iter().map(|&(k, v)| metrics::Label::new(k, v)));
+        labels
+    }
+
+    /// The counter `name` of this stage, with `extra` labels.
+    pub(crate) fn counter(
+        &self,
+        name: &'static str,
+        extra: &[(&'static str, &'static str)],
+    ) -> Counter {
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            metrics::counter!(name, self.labels(extra))
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = (name, extra);
+            Counter
+        }
+    }
+
+    /// The gauge `name` of this stage, with `extra` labels.
+    pub(crate) fn gauge(
+        &self,
+        name: &'static str,
+        extra: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            metrics::gauge!(name, self.labels(extra))
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = (name, extra);
+            Gauge
+        }
+    }
+
+    /// The histogram `name` of this stage.
+    pub(crate) fn histogram(&self, name: &'static str) -> Histogram {
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            metrics::histogram!(name, self.labels(&[]))
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = name;
+            Histogram
+        }
+    }
+}
+
+/// The counter `name` with `labels` that are not a stage's (a dead-letter
+/// file's path).
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn counter(name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+    #[cfg(feature = "metrics")]
+    {
+        describe();
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+            .collect();
+        metrics::counter!(name, labels)
+    }
+    #[cfg(not(feature = "metrics"))]
+    Counter
+}
+
+/// The gauge `name` with `labels` that are not a stage's (a breaker's
+/// name).
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+#[cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
+pub(crate) fn gauge(name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
+    #[cfg(feature = "metrics")]
+    {
+        describe();
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+            .collect();
+        metrics::gauge!(name, labels)
+    }
+    #[cfg(not(feature = "metrics"))]
+    Gauge
+}
+
+/// The item counters of a stage, by outcome.
+#[derive(Debug, Clone)]
+pub(crate) struct ItemSeries {
+    pub(crate) received: Counter,
+    pub(crate) emitted: Counter,
+    pub(crate) failed: Counter,
+    pub(crate) errors_passed: Counter,
+    pub(crate) dropped: Counter,
+    pub(crate) aborted: Counter,
+    pub(crate) undelivered: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) timeouts: Counter,
+}
+
+impl ItemSeries {
+    pub(crate) fn new(labels: &StageLabels) -> Self {
+        let items = |outcome| labels.counter(ITEMS, &[("outcome", outcome)]);
+        ItemSeries {
+            received: items("received"),
+            emitted: items("emitted"),
+            failed: items("failed"),
+            errors_passed: items("errors_passed"),
+            dropped: items("dropped"),
+            aborted: items("aborted"),
+            undelivered: items("undelivered"),
+            dead_lettered: items("dead_lettered"),
+            retries: labels.counter(RETRIES, &[]),
+            timeouts: labels.counter(TIMEOUTS, &[]),
+        }
+    }
+}
+
+/// How full a stage's output channel is, set as chunks go in and out.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EdgeGauge {
+    #[cfg(feature = "metrics")]
+    gauge: Arc<std::sync::OnceLock<Gauge>>,
+}
+
+impl EdgeGauge {
+    /// Starts reporting the channel as `stage`'s output number `output`,
+    /// `capacity` items at most.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn export(&self, labels: &StageLabels, output: usize, capacity: usize) {
+        #[cfg(feature = "metrics")]
+        {
+            const OUTPUTS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+            let output = OUTPUTS.get(output).copied().unwrap_or("8+");
+            labels
+                .gauge(EDGE_CAPACITY, &[("output", output)])
+                .set(capacity as f64);
+            let _ = self
+                .gauge
+                .set(labels.gauge(EDGE_ITEMS, &[("output", output)]));
+        }
+    }
+
+    /// The channel holds `held` items now.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn set(&self, held: impl FnOnce() -> usize) {
+        #[cfg(feature = "metrics")]
+        if let Some(gauge) = self.gauge.get() {
+            gauge.set(held() as f64);
+        }
+    }
+}
+
+/// Measures a call for a histogram (feature `metrics`; nothing without).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Stopwatch {
+    #[cfg(feature = "metrics")]
+    start: Option<tokio::time::Instant>,
+}
+
+impl Stopwatch {
+    #[inline]
+    pub(crate) fn start() -> Self {
+        Stopwatch {
+            #[cfg(feature = "metrics")]
+            start: Some(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Starts measuring unless already measuring.
+    #[inline]
+    pub(crate) fn start_if_idle(&mut self) {
+        #[cfg(feature = "metrics")]
+        if self.start.is_none() {
+            *self = Stopwatch::start();
+        }
+    }
+
+    /// Records the time since `start` in `histogram`, once.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn record(&mut self, histogram: &Histogram) {
+        #[cfg(feature = "metrics")]
+        if let Some(start) = self.start.take() {
+            histogram.record(start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// A health gate's series.
+#[derive(Debug, Clone)]
+pub(crate) struct GateSeries {
+    pub(crate) open: Gauge,
+    pub(crate) closed: Histogram,
+    pub(crate) healthy: Counter,
+    pub(crate) unhealthy: Counter,
+}
+
+impl GateSeries {
+    pub(crate) fn new(labels: &StageLabels) -> Self {
+        GateSeries {
+            open: labels.gauge(GATE_OPEN, &[]),
+            closed: labels.histogram(GATE_CLOSED_SECONDS),
+            healthy: labels.counter(GATE_CHECKS, &[("result", "healthy")]),
+            unhealthy: labels.counter(GATE_CHECKS, &[("result", "unhealthy")]),
+        }
+    }
+}
+
+/// An [`AsyncMapper`](crate::AsyncMapper)'s series.
+#[derive(Debug, Clone)]
+pub(crate) struct MapperSeries {
+    pub(crate) in_flight: Gauge,
+    pub(crate) calls: Histogram,
+}
+
+impl Default for MapperSeries {
+    /// Reports nowhere (until the stage is registered).
+    fn default() -> Self {
+        MapperSeries {
+            in_flight: Gauge::noop(),
+            calls: Histogram::noop(),
+        }
+    }
+}
+
+impl MapperSeries {
+    pub(crate) fn new(labels: &StageLabels) -> Self {
+        MapperSeries {
+            in_flight: labels.gauge(MAPPER_IN_FLIGHT, &[]),
+            calls: labels.histogram(MAPPER_CALL_SECONDS),
+        }
+    }
+}
+
+// The series' names, described once for the recorder (Prometheus HELP).
+pub(crate) const ITEMS: &str = "streamz_stage_items_total";
+pub(crate) const RETRIES: &str = "streamz_stage_retries_total";
+pub(crate) const TIMEOUTS: &str = "streamz_stage_timeouts_total";
+pub(crate) const EDGE_ITEMS: &str = "streamz_edge_items";
+pub(crate) const EDGE_CAPACITY: &str = "streamz_edge_capacity_items";
+pub(crate) const MAPPER_IN_FLIGHT: &str = "streamz_async_mapper_in_flight";
+pub(crate) const MAPPER_CALL_SECONDS: &str = "streamz_async_mapper_call_duration_seconds";
+pub(crate) const THROTTLE_DELAY_SECONDS: &str = "streamz_throttle_delay_seconds";
+pub(crate) const BATCH_SIZE: &str = "streamz_batcher_batch_size_items";
+pub(crate) const GATE_OPEN: &str = "streamz_gate_open";
+pub(crate) const GATE_CLOSED_SECONDS: &str = "streamz_gate_closed_duration_seconds";
+pub(crate) const GATE_CHECKS: &str = "streamz_gate_checks_total";
+pub(crate) const DLQ_RECORDS: &str = "streamz_dlq_records_total";
+pub(crate) const DLQ_FSYNCS: &str = "streamz_dlq_fsyncs_total";
+pub(crate) const DLQ_WRITE_FAILURES: &str = "streamz_dlq_write_failures_total";
+pub(crate) const BREAKER_STATE: &str = "streamz_breaker_state";
+pub(crate) const BREAKER_CALLS: &str = "streamz_breaker_calls_total";
+pub(crate) const BREAKER_TRANSITIONS: &str = "streamz_breaker_transitions_total";
+pub(crate) const KAFKA_COMMITS: &str = "streamz_kafka_commits_total";
+pub(crate) const KAFKA_LAG: &str = "streamz_kafka_consumer_lag_records";
+
+/// Describes every series to the recorder, once per process.
+#[cfg(feature = "metrics")]
+fn describe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use metrics::Unit;
+        let counters = [
+            (ITEMS, Unit::Count, "Items a stage took or produced, by outcome"),
+            (RETRIES, Unit::Count, "Attempts made again after a retryable failure"),
+            (TIMEOUTS, Unit::Count, "Attempts that ran out of time"),
+            (GATE_CHECKS, Unit::Count, "Health checks a gate made, by result"),
+            (DLQ_RECORDS, Unit::Count, "Dead letters a sink answered for, by result (written, or refused and passed downstream)"),
+            (DLQ_FSYNCS, Unit::Count, "fsyncs of a dead-letter file, by result"),
+            (DLQ_WRITE_FAILURES, Unit::Count, "Failed appends to a dead-letter file"),
+            (BREAKER_CALLS, Unit::Count, "Calls through a circuit breaker, by outcome"),
+            (BREAKER_TRANSITIONS, Unit::Count, "Circuit breaker state changes, by the state entered"),
+            (KAFKA_COMMITS, Unit::Count, "Offset commits a Kafka source made"),
+        ];
+        for (name, unit, help) in counters {
+            metrics::describe_counter!(name, unit, help);
+        }
+        let gauges = [
+            (EDGE_ITEMS, Unit::Count, "Items in a stage's output channel"),
+            (EDGE_CAPACITY, Unit::Count, "Items a stage's output channel holds at most"),
+            (MAPPER_IN_FLIGHT, Unit::Count, "Items an AsyncMapper is working on"),
+            (GATE_OPEN, Unit::Count, "1 while a health gate is open, 0 while closed"),
+            (BREAKER_STATE, Unit::Count, "1 for a circuit breaker's current state, 0 for the others"),
+            (KAFKA_LAG, Unit::Count, "Records between a partition's committed offset and its end"),
+        ];
+        for (name, unit, help) in gauges {
+            metrics::describe_gauge!(name, unit, help);
+        }
+        let histograms = [
+            (MAPPER_CALL_SECONDS, Unit::Seconds, "Duration of each AsyncMapper attempt"),
+            (THROTTLE_DELAY_SECONDS, Unit::Seconds, "How long a Throttle held an item back"),
+            (BATCH_SIZE, Unit::Count, "Items per batch a Batcher emitted"),
+            (GATE_CLOSED_SECONDS, Unit::Seconds, "How long each closed period of a health gate lasted, recorded when it opens"),
+        ];
+        for (name, unit, help) in histograms {
+            metrics::describe_histogram!(name, unit, help);
+        }
+    });
+}
+
+/// Handles that do nothing: the types without the `metrics` feature.
+#[cfg(not(feature = "metrics"))]
+mod off {
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Counter;
+
+    impl Counter {
+        #[inline(always)]
+        pub(crate) fn noop() -> Self {
+            Counter
+        }
+        #[inline(always)]
+        pub(crate) fn increment(&self, _: u64) {}
+    }
+
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Gauge;
+
+    impl Gauge {
+        #[inline(always)]
+        pub(crate) fn noop() -> Self {
+            Gauge
+        }
+        #[inline(always)]
+        pub(crate) fn set(&self, _: f64) {}
+        #[inline(always)]
+        pub(crate) fn increment(&self, _: f64) {}
+        #[inline(always)]
+        pub(crate) fn decrement(&self, _: f64) {}
+    }
+
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Histogram;
+
+    impl Histogram {
+        #[inline(always)]
+        pub(crate) fn noop() -> Self {
+            Histogram
+        }
+        #[inline(always)]
+        pub(crate) fn record(&self, _: f64) {}
+    }
+}

@@ -1,0 +1,233 @@
+//! Feature `metrics`: a known run, exported through the `metrics` facade to
+//! a Prometheus recorder serving text over HTTP on 127.0.0.1, scraped with a
+//! real HTTP client. The series must hold the run's values: the stage
+//! counters equal `Pipeline::metrics()`, and the operators' own series
+//! (mapper latency and in-flight, throttle delay, batch sizes, edge fill,
+//! gate state and checks, dead-letter records and fsyncs, breaker state,
+//! calls and transitions) show what the run did.
+#![cfg(all(feature = "metrics", feature = "http"))]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use streamz::dlq::FileSink;
+use streamz::{AsyncMapper, Batcher, DeadLetterQueue, HealthGate, Pipeline, Retry, Throttle};
+
+/// The series of a Prometheus text page: `name{labels}` to value.
+fn parse(page: &str) -> HashMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn get(series: &HashMap<String, f64>, key: &str) -> f64 {
+    *series
+        .get(key)
+        .unwrap_or_else(|| panic!("no series {key} in the scrape"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_shows_every_series_of_a_known_run() {
+    tokio::time::timeout(Duration::from_secs(60), run())
+        .await
+        .expect("the run and the scrape finish");
+}
+
+async fn run() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&[0.001, 0.01, 0.1, 1.0, 10.0])
+        .unwrap()
+        .install()
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let dlq_path = dir.path().join("dlq.jsonl");
+    let sink = FileSink::<u32>::create(&dlq_path).await.unwrap();
+    let (_health, check) = tokio::sync::watch::channel(true);
+    let failed_once = Arc::new(AtomicBool::new(false));
+
+    let pipeline = Pipeline::builder().with_name("scrape").build();
+    let out = pipeline
+        .iter(1..=20u32)
+        .pipe(
+            HealthGate::new(check)
+                .named("gate")
+                .with_interval(Duration::from_millis(10)),
+        )
+        // 5, 10, 15 and 20 are dropped.
+        .filter(|n: &u32| n % 5 != 0)
+        // 7 fails.
+        .try_map(|n: &u32| if *n == 7 { Err("seven") } else { Ok(*n) })
+        .named("parse")
+        // 3 fails once (a retry saves it); 11 never answers in time.
+        .pipe(
+            AsyncMapper::new(move |n: &u32| {
+                let n = *n;
+                let failed_once = failed_once.clone();
+                async move {
+                    if n == 3 && !failed_once.swap(true, Ordering::Relaxed) {
+                        return Err(std::io::Error::other("busy"));
+                    }
+                    if n == 11 {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                    Ok(n)
+                }
+            })
+            .named("call")
+            .with_timeout(Duration::from_millis(50))
+            .with_retry(
+                Retry::attempts(2).with_backoff(Duration::from_millis(1), Duration::from_millis(1)),
+            ),
+        )
+        // 200 a second, one at a time: the values wait for tokens.
+        .pipe(Throttle::new(200, Duration::from_secs(1)).named("throttle"))
+        .pipe(Batcher::new(5, Duration::from_secs(1)).named("batch"))
+        .pipe(DeadLetterQueue::new(sink).named("dlq"))
+        .collect()
+        .await;
+    assert!(out.iter().all(Result::is_ok), "failures went to the file");
+    pipeline.join().await.unwrap();
+
+    #[cfg(feature = "circuit-breaker")]
+    let breaker = {
+        use streamz::breaker::{Breaker, BreakerConfig, BreakerState};
+        let breaker = Breaker::new("scrape_breaker", BreakerConfig::default());
+        for _ in 0..3 {
+            breaker.try_acquire().unwrap().success(Duration::ZERO);
+        }
+        breaker.transition_to(BreakerState::Open, "test", "a known run");
+        breaker
+    };
+
+    let url = format!("http://{addr}/metrics");
+    let page = reqwest::get(&url)
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = parse(&page);
+    let stage = |name: &str, outcome: &str| {
+        get(
+            &series,
+            &format!(
+                r#"streamz_stage_items_total{{pipeline="scrape",stage="{name}",outcome="{outcome}"}}"#
+            ),
+        )
+    };
+
+    // Every stage counter equals the pipeline's own snapshot.
+    for m in pipeline.metrics() {
+        for (outcome, n) in [
+            ("received", m.received),
+            ("emitted", m.emitted),
+            ("failed", m.failed),
+            ("errors_passed", m.errors_passed),
+            ("dropped", m.dropped),
+            ("aborted", m.aborted),
+            ("undelivered", m.undelivered),
+            ("dead_lettered", m.dead_lettered),
+        ] {
+            assert_eq!(
+                stage(&m.name, outcome),
+                n as f64,
+                "{} {outcome}\n{page}",
+                m.name
+            );
+        }
+        let of = |name: &str| {
+            get(
+                &series,
+                &format!(r#"{name}{{pipeline="scrape",stage="{}"}}"#, m.name),
+            )
+        };
+        assert_eq!(of("streamz_stage_retries_total"), m.retries as f64);
+        assert_eq!(of("streamz_stage_timeouts_total"), m.timeouts as f64);
+    }
+    // ... and holds what the run did.
+    assert_eq!(stage("iter", "emitted"), 20.0);
+    assert_eq!(stage("filter", "dropped"), 4.0);
+    assert_eq!(stage("parse", "failed"), 1.0);
+    assert_eq!(stage("call", "failed"), 1.0);
+    assert_eq!(stage("dlq", "dead_lettered"), 2.0);
+    let call = pipeline.stage_metrics("call").unwrap();
+    assert_eq!((call.retries, call.timeouts), (2, 2), "3 once, 11 twice");
+
+    let one = |key: &str| get(&series, key);
+    // Each attempt is timed: 15 values, 2 of them tried again.
+    assert_eq!(
+        one(r#"streamz_async_mapper_call_duration_seconds_count{pipeline="scrape",stage="call"}"#),
+        17.0
+    );
+    assert_eq!(
+        one(r#"streamz_async_mapper_in_flight{pipeline="scrape",stage="call"}"#),
+        0.0
+    );
+    assert!(
+        one(r#"streamz_throttle_delay_seconds_count{pipeline="scrape",stage="throttle"}"#) >= 1.0
+    );
+    assert_eq!(
+        one(r#"streamz_batcher_batch_size_items_sum{pipeline="scrape",stage="batch"}"#),
+        14.0
+    );
+    assert_eq!(
+        one(r#"streamz_edge_capacity_items{pipeline="scrape",stage="gate",output="0"}"#),
+        1024.0
+    );
+    assert_eq!(
+        one(r#"streamz_edge_items{pipeline="scrape",stage="gate",output="0"}"#),
+        0.0
+    );
+    assert_eq!(
+        one(r#"streamz_gate_open{pipeline="scrape",stage="gate"}"#),
+        1.0
+    );
+    assert!(
+        one(r#"streamz_gate_checks_total{pipeline="scrape",stage="gate",result="healthy"}"#) >= 1.0
+    );
+    assert_eq!(
+        one(r#"streamz_dlq_records_total{pipeline="scrape",stage="dlq",result="written"}"#),
+        2.0
+    );
+    let file = dlq_path.display();
+    assert!(
+        one(&format!(
+            r#"streamz_dlq_fsyncs_total{{file="{file}",result="ok"}}"#
+        )) >= 1.0
+    );
+
+    #[cfg(feature = "circuit-breaker")]
+    {
+        let b = |rest: &str| one(&format!("streamz_breaker_{rest}"));
+        assert_eq!(b(r#"state{breaker="scrape_breaker",state="open"}"#), 1.0);
+        assert_eq!(b(r#"state{breaker="scrape_breaker",state="closed"}"#), 0.0);
+        assert_eq!(
+            b(r#"transitions_total{breaker="scrape_breaker",to="open"}"#),
+            1.0
+        );
+        assert_eq!(
+            b(r#"calls_total{breaker="scrape_breaker",outcome="success"}"#),
+            3.0
+        );
+        assert_eq!(
+            b(r#"calls_total{breaker="scrape_breaker",outcome="permitted"}"#),
+            3.0
+        );
+        drop(breaker);
+    }
+}
