@@ -9,9 +9,9 @@
 #
 # Usage: scripts/instruction-counts.sh <commit>... [-- workload...]
 # Workloads: mapper_c2 mapper_c8_unordered pipeline stages fused batcher
-# (all by default), `breaker` with FEATURES=circuit-breaker, and
-# `stages_recorded`, `pipeline_recorded` (a Prometheus recorder installed)
-# with FEATURES=metrics. Needs valgrind.
+# (all by default), and `breaker` with FEATURES=circuit-breaker. With
+# FEATURES=metrics the workloads run with the feature on and no recorder.
+# Needs valgrind.
 set -euo pipefail
 commits=()
 while (($#)) && [[ $1 != -- ]]; do commits+=("$1"); shift; done

@@ -56,13 +56,6 @@ async fn work(which: &str) -> u64 {
             let m = CircuitBreaker::new(b, |x: &u64| ready(Ok::<u64, Infallible>(x + 1))).with_concurrency(4);
             sum(streamz::iter(0..N).pipe(m)).await
         }
-        // The same with a Prometheus recorder installed: FEATURES=metrics.
-        #[cfg(feature = "metrics")]
-        w @ ("stages_recorded" | "pipeline_recorded") => {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-            metrics::set_global_recorder(recorder).unwrap();
-            Box::pin(work(w.trim_end_matches("_recorded"))).await
-        }
         _ => panic!("which?"),
     }
 }

@@ -186,11 +186,11 @@ async fn run() {
         14.0
     );
     assert_eq!(
-        one(r#"streamz_edge_capacity_items{pipeline="scrape",stage="gate",output="0"}"#),
+        one(r#"streamz_edge_capacity_items{pipeline="scrape",stage="gate",to="filter"}"#),
         1024.0
     );
     assert_eq!(
-        one(r#"streamz_edge_items{pipeline="scrape",stage="gate",output="0"}"#),
+        one(r#"streamz_edge_items{pipeline="scrape",stage="gate",to="filter"}"#),
         0.0
     );
     assert_eq!(

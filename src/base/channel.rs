@@ -14,7 +14,6 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::base::chunk::Chunk;
 use crate::base::config::EdgeConfig;
-use crate::base::telemetry::{EdgeGauge, StageLabels};
 
 pub(crate) fn chunk_channel<T>(edge: EdgeConfig) -> (ChunkTx<T>, ChunkRx<T>) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -22,20 +21,13 @@ pub(crate) fn chunk_channel<T>(edge: EdgeConfig) -> (ChunkTx<T>, ChunkRx<T>) {
     // a larger capacity is unbounded in practice and is held to that.
     let cap = edge.capacity().min(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(cap));
-    let gauge = EdgeGauge::default();
     (
         ChunkTx {
             tx,
             permits: permits.clone(),
             cap,
-            gauge: gauge.clone(),
         },
-        ChunkRx {
-            rx,
-            permits,
-            cap,
-            gauge,
-        },
+        ChunkRx { rx, permits, cap },
     )
 }
 
@@ -43,8 +35,6 @@ pub(crate) struct ChunkTx<T> {
     tx: mpsc::UnboundedSender<Chunk<T>>,
     permits: Arc<Semaphore>,
     cap: usize,
-    /// The channel's fill, exported (feature `metrics`).
-    gauge: EdgeGauge,
 }
 
 impl<T> Clone for ChunkTx<T> {
@@ -53,17 +43,11 @@ impl<T> Clone for ChunkTx<T> {
             tx: self.tx.clone(),
             permits: self.permits.clone(),
             cap: self.cap,
-            gauge: self.gauge.clone(),
         }
     }
 }
 
 impl<T> ChunkTx<T> {
-    /// Items in the channel now.
-    fn held(&self) -> usize {
-        self.cap.saturating_sub(self.permits.available_permits())
-    }
-
     fn cost(&self, len: usize) -> u32 {
         // `cap` came from a usize; tokio's semaphore allows at most
         // `usize::MAX >> 3` permits, far above any sane capacity.
@@ -89,7 +73,6 @@ impl<T> ChunkTx<T> {
             Ok(permit) => permit.forget(),
             Err(_) => return Err(chunk),
         }
-        self.gauge.set(|| self.held());
         self.tx.send(chunk).map_err(|e| e.0)
     }
 
@@ -105,7 +88,6 @@ impl<T> ChunkTx<T> {
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySend::Full(chunk)),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySend::Closed(chunk)),
         }
-        self.gauge.set(|| self.held());
         self.tx.send(chunk).map_err(|e| TrySend::Closed(e.0))
     }
 
@@ -160,16 +142,9 @@ pub(crate) struct ChunkRx<T> {
     rx: mpsc::UnboundedReceiver<Chunk<T>>,
     permits: Arc<Semaphore>,
     cap: usize,
-    gauge: EdgeGauge,
 }
 
 impl<T> ChunkRx<T> {
-    /// Exports the channel's fill as `labels`' stage's output `output`
-    /// (feature `metrics`).
-    pub(crate) fn export(&self, labels: &StageLabels, output: usize) {
-        self.gauge.export(labels, output, self.cap);
-    }
-
     /// A view of how full the channel is.
     pub(crate) fn fill(&self) -> EdgeFill {
         EdgeFill {
@@ -182,8 +157,6 @@ impl<T> ChunkRx<T> {
         let chunk = std::task::ready!(self.rx.poll_recv(cx));
         if let Some(chunk) = &chunk {
             self.permits.add_permits(chunk.len().min(self.cap));
-            self.gauge
-                .set(|| self.cap.saturating_sub(self.permits.available_permits()));
         }
         Poll::Ready(chunk)
     }

@@ -128,8 +128,8 @@ struct Shared {
     kind: std::sync::OnceLock<StageKind>,
     /// The pipeline's name (a label of the exported series).
     pipeline: Option<Arc<str>>,
-    /// The exported series, taken when the stage first counts (its name
-    /// is final by then).
+    /// The exported series, taken at the first publication (the stage's
+    /// name is final by then).
     #[cfg(feature = "metrics")]
     series: std::sync::OnceLock<telemetry::ItemSeries>,
     received: AtomicU64,
@@ -188,11 +188,16 @@ impl Counters {
         telemetry::StageLabels::new(self.inner.pipeline.as_ref(), self.name())
     }
 
+    /// Sets the stage's exported series to its counters (feature
+    /// `metrics`): called by the pipeline's publisher, not on the item
+    /// path. The series are taken at the first call, when the stage's
+    /// name is final.
     #[cfg(feature = "metrics")]
-    fn series(&self) -> &telemetry::ItemSeries {
+    pub(crate) fn publish(&self) {
         self.inner
             .series
             .get_or_init(|| telemetry::ItemSeries::new(&self.labels()))
+            .publish(&self.snapshot());
     }
 
     pub(crate) fn same(&self, other: &Counters) -> bool {
@@ -220,31 +225,12 @@ impl Counters {
                 counter.fetch_add(n, Relaxed);
             }
         }
-        #[cfg(feature = "metrics")]
-        {
-            let series = self.series();
-            for (counter, n) in [
-                (&series.received, local.received),
-                (&series.emitted, local.emitted),
-                (&series.failed, local.failed),
-                (&series.errors_passed, local.errors_passed),
-                (&series.dropped, local.dropped),
-                (&series.retries, local.retries),
-                (&series.timeouts, local.timeouts),
-            ] {
-                if n != 0 {
-                    counter.increment(n);
-                }
-            }
-        }
     }
 
     /// Records the dead-letter sink confirmed.
     pub(crate) fn add_dead_lettered(&self, n: u64) {
         if n != 0 {
             self.inner.dead_lettered.fetch_add(n, Relaxed);
-            #[cfg(feature = "metrics")]
-            self.series().dead_lettered.increment(n);
         }
     }
 
@@ -255,15 +241,11 @@ impl Counters {
         let errors = chunk.errors.len() as u64;
         if errors != 0 {
             self.inner.errors_passed.fetch_add(errors, Relaxed);
-            #[cfg(feature = "metrics")]
-            self.series().errors_passed.increment(errors);
         }
     }
 
     pub(crate) fn add_emitted(&self, n: u64) {
         self.inner.emitted.fetch_add(n, Relaxed);
-        #[cfg(feature = "metrics")]
-        self.series().emitted.increment(n);
     }
 
     /// Items received but discarded unprocessed (counted as both).
@@ -271,11 +253,6 @@ impl Counters {
         if n != 0 {
             self.inner.received.fetch_add(n, Relaxed);
             self.inner.aborted.fetch_add(n, Relaxed);
-            #[cfg(feature = "metrics")]
-            {
-                self.series().received.increment(n);
-                self.series().aborted.increment(n);
-            }
         }
     }
 
@@ -283,8 +260,6 @@ impl Counters {
     pub(crate) fn add_aborted(&self, n: u64) {
         if n != 0 {
             self.inner.aborted.fetch_add(n, Relaxed);
-            #[cfg(feature = "metrics")]
-            self.series().aborted.increment(n);
         }
     }
 
@@ -292,8 +267,6 @@ impl Counters {
     pub(crate) fn add_undelivered(&self, n: u64) {
         if n != 0 {
             self.inner.undelivered.fetch_add(n, Relaxed);
-            #[cfg(feature = "metrics")]
-            self.series().undelivered.increment(n);
         }
     }
 

@@ -1,12 +1,19 @@
 //! Metrics export through the `metrics` facade (feature `metrics`).
 //!
-//! Stages take handles on their series once, when they are built (or, for
-//! a stage that may still be renamed, when it first counts), and update
-//! them where they already count: per chunk for the item counters, per
-//! call, batch, delay or transition for the rest. With no recorder
-//! installed a handle is a no-op; without the feature the handles below
-//! are empty types whose methods compile to nothing, so call sites need no
-//! `cfg`. docs/observability.md lists every series.
+//! Two ways in, so that the item path pays nothing:
+//!
+//! - The stage counters and the edges' fill are not touched on the item
+//!   path: each pipeline's publisher sets their series from the counters
+//!   the stages keep anyway, every second and when the pipeline is joined
+//!   (`Pipeline::publish_metrics`).
+//! - The operators' own series (a mapper's attempt durations, a throttle's
+//!   waits, batch sizes, gate and breaker transitions, dead-letter writes)
+//!   are events, recorded where they happen, per call, batch, wait or
+//!   transition.
+//!
+//! With no recorder installed a handle is a no-op; without the feature the
+//! handles below are empty types whose methods compile to nothing, so call
+//! sites need no `cfg`. docs/observability.md lists every series.
 
 #![cfg_attr(not(feature = "metrics"), allow(dead_code))]
 
@@ -194,6 +201,24 @@ pub(crate) struct ItemSeries {
 }
 
 impl ItemSeries {
+    /// Sets every series to the stage's counters.
+    pub(crate) fn publish(&self, m: &crate::base::counters::StageMetrics) {
+        for (counter, n) in [
+            (&self.received, m.received),
+            (&self.emitted, m.emitted),
+            (&self.failed, m.failed),
+            (&self.errors_passed, m.errors_passed),
+            (&self.dropped, m.dropped),
+            (&self.aborted, m.aborted),
+            (&self.undelivered, m.undelivered),
+            (&self.dead_lettered, m.dead_lettered),
+            (&self.retries, m.retries),
+            (&self.timeouts, m.timeouts),
+        ] {
+            counter.absolute(n);
+        }
+    }
+
     pub(crate) fn new(labels: &StageLabels) -> Self {
         let items = |outcome| labels.counter(ITEMS, &[("outcome", outcome)]);
         ItemSeries {
@@ -211,39 +236,38 @@ impl ItemSeries {
     }
 }
 
-/// How full a stage's output channel is, set as chunks go in and out.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct EdgeGauge {
-    #[cfg(feature = "metrics")]
-    gauge: Arc<std::sync::OnceLock<Gauge>>,
+/// An edge's series: what its channel holds now, and at most.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeSeries {
+    held: Gauge,
+    capacity: Gauge,
 }
 
-impl EdgeGauge {
-    /// Starts reporting the channel as `stage`'s output number `output`,
-    /// `capacity` items at most.
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn export(&self, labels: &StageLabels, output: usize, capacity: usize) {
+impl EdgeSeries {
+    /// The series of the edge from `from` to the stage named `to`.
+    pub(crate) fn new(from: &StageLabels, to: &str) -> Self {
         #[cfg(feature = "metrics")]
-        {
-            const OUTPUTS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
-            let output = OUTPUTS.get(output).copied().unwrap_or("8+");
-            labels
-                .gauge(EDGE_CAPACITY, &[("output", output)])
-                .set(capacity as f64);
-            let _ = self
-                .gauge
-                .set(labels.gauge(EDGE_ITEMS, &[("output", output)]));
+        let gauge = |name| {
+            describe();
+            let mut labels = from.labels(&[]);
+            // `stage` is the producer; `to` the stage reading it.
+            labels.push(metrics::Label::new("to", to.to_owned()));
+            metrics::gauge!(name, labels)
+        };
+        #[cfg(not(feature = "metrics"))]
+        let gauge = |_| {
+            let _ = (from, to);
+            Gauge
+        };
+        EdgeSeries {
+            held: gauge(EDGE_ITEMS),
+            capacity: gauge(EDGE_CAPACITY),
         }
     }
 
-    /// The channel holds `held` items now.
-    #[inline]
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn set(&self, held: impl FnOnce() -> usize) {
-        #[cfg(feature = "metrics")]
-        if let Some(gauge) = self.gauge.get() {
-            gauge.set(held() as f64);
-        }
+    pub(crate) fn publish(&self, held: usize, capacity: usize) {
+        self.held.set(held as f64);
+        self.capacity.set(capacity as f64);
     }
 }
 
@@ -373,8 +397,8 @@ fn describe() {
             metrics::describe_counter!(name, unit, help);
         }
         let gauges = [
-            (EDGE_ITEMS, Unit::Count, "Items in a stage's output channel"),
-            (EDGE_CAPACITY, Unit::Count, "Items a stage's output channel holds at most"),
+            (EDGE_ITEMS, Unit::Count, "Items in the channel from a stage to the next"),
+            (EDGE_CAPACITY, Unit::Count, "Items the channel from a stage to the next holds at most"),
             (MAPPER_IN_FLIGHT, Unit::Count, "Items an AsyncMapper is working on"),
             (GATE_OPEN, Unit::Count, "1 while a health gate is open, 0 while closed"),
             (BREAKER_STATE, Unit::Count, "1 for a circuit breaker's current state, 0 for the others"),
@@ -408,6 +432,8 @@ mod off {
         }
         #[inline(always)]
         pub(crate) fn increment(&self, _: u64) {}
+        #[inline(always)]
+        pub(crate) fn absolute(&self, _: u64) {}
     }
 
     #[derive(Debug, Clone, Default)]

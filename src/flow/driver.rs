@@ -570,9 +570,7 @@ where
     };
     pipeline.spawn(counters.name().clone(), run(op, io));
     rxs.into_iter()
-        .enumerate()
-        .map(|(output, rx)| {
-            rx.export(&counters.labels(), output);
+        .map(|rx| {
             let fill = rx.fill();
             Flow::from_source(pipeline.clone(), Box::new(rx)).output_of(counters.clone(), fill)
         })

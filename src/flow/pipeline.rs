@@ -87,6 +87,9 @@ struct Inner {
     /// Which stage reads which (the topology), recorded as consumers are
     /// created.
     edges: Mutex<Vec<Edge>>,
+    /// Its metrics publisher has started (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    publishing: std::sync::atomic::AtomicBool,
     tasks: Mutex<Vec<(Arc<str>, JoinHandle<()>)>>,
     /// Pipelines that follow this one's lifecycle (merged into it). Each is
     /// in this pipeline's group, which keeps it alive while any handle on a
@@ -98,12 +101,69 @@ struct Inner {
     panicked: Mutex<Vec<StagePanic>>,
 }
 
+/// How often the publisher sets the pipelines' series (feature `metrics`).
+#[cfg(feature = "metrics")]
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// The pipelines the publisher thread serves; the thread starts with the
+/// first.
+#[cfg(feature = "metrics")]
+fn publisher() -> MutexGuard<'static, Vec<Weak<Inner>>> {
+    static PIPELINES: std::sync::OnceLock<Mutex<Vec<Weak<Inner>>>> = std::sync::OnceLock::new();
+    let pipelines = PIPELINES.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("streamz-metrics".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(PUBLISH_EVERY);
+                    let live: Vec<Arc<Inner>> = {
+                        let mut list = publisher();
+                        list.retain(|p| p.strong_count() > 0);
+                        list.iter().filter_map(Weak::upgrade).collect()
+                    };
+                    for p in live {
+                        p.publish();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the metrics publisher; series are set only by join and publish_metrics");
+        }
+        Mutex::new(Vec::new())
+    });
+    lock(pipelines)
+}
+
+#[cfg(feature = "metrics")]
+impl Inner {
+    /// Sets this pipeline's stage and edge series (not those of pipelines
+    /// merged into it: each has its own publisher).
+    fn publish(&self) {
+        for stage in lock(&self.stages).iter() {
+            stage.publish();
+        }
+        for edge in lock(&self.edges).iter() {
+            if let Some(fill) = &edge.fill {
+                let (held, capacity) = fill.held();
+                edge.series
+                    .get_or_init(|| {
+                        crate::base::telemetry::EdgeSeries::new(&edge.from.labels(), edge.to.name())
+                    })
+                    .publish(held, capacity);
+            }
+        }
+    }
+}
+
 /// An edge of the topology: `to` reads `from`'s output.
 #[derive(Clone)]
 struct Edge {
     from: Counters,
     to: Counters,
     fill: Option<EdgeFill>,
+    /// The channel's exported series, taken at the first publication.
+    #[cfg(feature = "metrics")]
+    series: Arc<std::sync::OnceLock<crate::base::telemetry::EdgeSeries>>,
 }
 
 /// The owner of the state of pipelines joined by links, in either
@@ -287,6 +347,8 @@ impl Pipeline {
             abort: Signal::new(CancellationToken::new()),
             stages: Mutex::new(Vec::new()),
             edges: Mutex::new(Vec::new()),
+            #[cfg(feature = "metrics")]
+            publishing: std::sync::atomic::AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             linked: Mutex::new(Vec::new()),
             discarded: AtomicU64::new(0),
@@ -645,6 +707,11 @@ impl Pipeline {
                 }
             }
         }
+        // Everything has ended: the exported series get their last values.
+        #[cfg(feature = "metrics")]
+        for p in &pipelines {
+            p.publish();
+        }
         let config = pipelines
             .iter()
             .find_map(|p| lock(&p.config_errors).first().cloned());
@@ -731,10 +798,49 @@ impl Pipeline {
     /// Registers a stage's counters under `name`, made unique in the
     /// pipeline: a second `map` becomes `map#2`, a third `map#3`.
     pub(crate) fn register(&self, name: impl Into<Arc<str>>) -> Counters {
+        #[cfg(feature = "metrics")]
+        self.start_publisher();
         let mut stages = lock(&self.inner.stages);
         let counters = Counters::new(unique(&stages, None, name.into()), self.inner.name.clone());
         stages.push(counters.clone());
         counters
+    }
+
+    /// Hands this pipeline to the metrics publisher (once): a thread of
+    /// its own, shared by every pipeline of the process, that sets their
+    /// stage counters and edge fill in the `metrics` recorder every
+    /// [`PUBLISH_EVERY`] of real time. A thread, not a task: a periodic
+    /// timer on the runtime would make a paused test clock advance second
+    /// by second. It holds pipelines weakly and forgets them when they go.
+    #[cfg(feature = "metrics")]
+    fn start_publisher(&self) {
+        if self.inner.publishing.swap(true, Relaxed) {
+            return;
+        }
+        publisher().push(Arc::downgrade(&self.inner));
+    }
+
+    /// Publishes the stage counters and edge fill of this pipeline and
+    /// those merged into it to the `metrics` recorder now (feature
+    /// `metrics`). A publisher does it every second while the pipeline
+    /// lives, and [`join`](Self::join) once everything has ended, so the
+    /// last values are exact; call it to publish at another moment (just
+    /// before a process exits, say).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let flow = streamz::iter(1..=3).map(|x: &i32| x * 2);
+    /// let pipeline = flow.pipeline().clone();
+    /// flow.collect().await;
+    /// // Every stage's `streamz_stage_items_total` now holds its counts.
+    /// pipeline.publish_metrics();
+    /// # }
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn publish_metrics(&self) {
+        for p in self.reachable() {
+            p.publish();
+        }
     }
 
     /// [`register`](Self::register) for a source stage.
@@ -751,6 +857,8 @@ impl Pipeline {
             from: from.clone(),
             to: to.clone(),
             fill,
+            #[cfg(feature = "metrics")]
+            series: Arc::default(),
         });
     }
 

@@ -115,7 +115,6 @@ pub(crate) fn spawn_stage<T: Send + 'static>(
     let (tx, rx) = chunk_channel(edge);
     counters.mark(StageKind::Task);
     let fill = rx.fill();
-    rx.export(&counters.labels(), 0);
     spawn_into(pipeline, src, tx, counters.clone(), edge.max_chunk());
     Flow::from_source(pipeline.clone(), Box::new(rx)).output_of(counters, fill)
 }

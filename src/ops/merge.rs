@@ -129,7 +129,6 @@ where
     counters.mark(StageKind::Task);
     let (tx, rx) = chunk_channel(edge);
     let fill = rx.fill();
-    rx.export(&counters.labels(), 0);
     for flow in flows {
         pipeline.link(flow.pipeline().clone());
         flow.connect(&counters);

@@ -31,6 +31,8 @@ pub(super) struct Machine<In, Out, E, F, Fut, G: Guard> {
     pub(super) ordered: bool,
     /// Unordered mode: how many slots are done.
     pub(super) finished: usize,
+    /// The in-flight count last exported (feature `metrics`).
+    pub(super) exported_busy: usize,
     /// The rest of the input chunk, waiting for free slots.
     pub(super) pending: IntoAcked<In>,
     /// Outputs gathered before the driver sends them: one chunk's worth.
@@ -183,7 +185,11 @@ where
         // What the guard kept back (a breaker's outcomes) is reported
         // before the task waits.
         self.policy.guard.flush();
-        self.policy.series.in_flight.set(self.occupied() as f64);
+        let busy = self.occupied();
+        if busy != self.exported_busy {
+            self.exported_busy = busy;
+            self.policy.series.in_flight.set(busy as f64);
+        }
         if moved {
             Poll::Ready(())
         } else {

@@ -511,6 +511,7 @@ where
             order: VecDeque::new(),
             ordered: self.ordered,
             finished: 0,
+            exported_busy: 0,
             pending: IntoAcked::default(),
             max_chunk: edge.max_chunk(),
         };
