@@ -1,10 +1,15 @@
-//! Each stage task runs inside a tracing span named after the stage.
+//! Every stage runs in a `tracing` span carrying the pipeline's and the
+//! stage's names: a task stage in a `stage` span around its task, a fused
+//! step in a `step` span around its work, inside its task's span. An
+//! event a user's function logs carries both.
 
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use streamz::{Map, Stage};
+use streamz::{Map, Pipeline, Stage};
 use tracing::span;
 use tracing_subscriber::Registry;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
 /// Records the `name` field of every `stage` span that is entered.
@@ -65,4 +70,82 @@ fn stage_tasks_run_in_spans_named_after_their_stage() {
     let names = entered.0.lock().unwrap().clone();
     assert!(names.iter().any(|n| n == "parse"), "{names:?}");
     assert!(names.iter().any(|n| n == "enrich"), "{names:?}");
+}
+
+/// Collects what the subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[test]
+fn events_in_user_code_carry_the_pipeline_and_the_stage() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let pipeline = Pipeline::builder().with_name("orders").build();
+            let out = pipeline
+                .iter([1u32, 2])
+                .map(|n: &u32| {
+                    tracing::info!(n, "parsing");
+                    *n
+                })
+                .named("parse")
+                .pipe(Stage::new(
+                    "price",
+                    Map::new(|n: &u32| {
+                        tracing::info!(n, "pricing");
+                        n * 10
+                    }),
+                ))
+                .collect()
+                .await;
+            assert_eq!(out.len(), 2);
+            pipeline.join().await.unwrap();
+        });
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // `parse` is fused into `price`'s task: its events are in both spans.
+    let parsing: Vec<&str> = text.lines().filter(|l| l.contains("parsing")).collect();
+    assert_eq!(parsing.len(), 2, "{text}");
+    for line in parsing {
+        assert!(
+            line.contains("stage{pipeline=orders name=price}:step{pipeline=orders name=parse}"),
+            "{line}"
+        );
+    }
+    let pricing: Vec<&str> = text.lines().filter(|l| l.contains("pricing")).collect();
+    assert_eq!(pricing.len(), 2, "{text}");
+    for line in pricing {
+        assert!(
+            line.contains("stage{pipeline=orders name=price}:step{pipeline=orders name=price}"),
+            "{line}"
+        );
+    }
 }
