@@ -1246,3 +1246,57 @@ async fn a_dead_letter_names_the_record_it_came_from_after_maps_changed_the_item
         assert_eq!(letter.pipeline.as_deref(), Some("positions"));
     }
 }
+
+/// Feature `metrics`: a source exports its commits and, from librdkafka's
+/// statistics, each partition's consumer lag, which falls to 0 once every
+/// record is read and committed.
+#[cfg(feature = "metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_exports_its_commits_and_its_consumer_lag() {
+    // The only test of this binary that installs a recorder (the others
+    // then export too, which changes nothing for them).
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "lag.in", 1).await;
+    let keys: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    produce(b, "lag.in", &keys, 1).await;
+
+    let pipeline = Pipeline::builder().with_name("lagtest").build();
+    let (records, mut handle) = KafkaSource::new(b, "lag")
+        .topics(["lag.in"])
+        .set("statistics.interval.ms", "100")
+        .with_commit_interval(Duration::from_millis(100))
+        .start(&pipeline)
+        .unwrap();
+    tokio::spawn(records.for_each(drop));
+    committed_until(b, "lag", "lag.in", 1, |sum| sum >= 200).await;
+
+    // The statistics come every 100 ms from librdkafka's thread: look at
+    // the recorder until the lag reads 0 (two minutes at most).
+    let series = |page: &str, prefix: &str| -> Option<f64> {
+        page.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    let lag = r#"streamz_kafka_consumer_lag_records{pipeline="lagtest",stage="kafka_source",topic="lag.in",partition="0"}"#;
+    let page = within("a lag of 0", async {
+        loop {
+            let page = prometheus.render();
+            if series(&page, lag) == Some(0.0) {
+                return page;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let commits = r#"streamz_kafka_commits_total{pipeline="lagtest",stage="kafka_source"}"#;
+    let made = series(&page, commits).expect("the commits series");
+    assert!(made >= 1.0, "{page}");
+    assert!(made <= handle.stats().commits as f64, "{page}");
+    pipeline.shutdown();
+    within("the stop", handle.stopped()).await;
+}
