@@ -95,7 +95,19 @@ impl std::fmt::Display for StageMetrics {
             "{}: received {}, emitted {}",
             self.name, self.received, self.emitted
         )?;
-        for (label, n) in [
+        for (label, n) in self.others_not_zero() {
+            write!(f, ", {label} {n}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StageMetrics {
+    /// The counters other than `received` and `emitted` that are not zero,
+    /// with their names for people (for `Display` and the topology's
+    /// pictures).
+    pub(crate) fn others_not_zero(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
             ("failed", self.failed),
             ("errors passed", self.errors_passed),
             ("dropped", self.dropped),
@@ -104,12 +116,9 @@ impl std::fmt::Display for StageMetrics {
             ("retries", self.retries),
             ("timeouts", self.timeouts),
             ("dead-lettered", self.dead_lettered),
-        ] {
-            if n != 0 {
-                write!(f, ", {label} {n}")?;
-            }
-        }
-        Ok(())
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n != 0)
     }
 }
 

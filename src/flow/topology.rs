@@ -119,19 +119,7 @@ fn counts(stage: &TopologyStage) -> Vec<String> {
         StageKind::Source => vec![format!("out {}", m.emitted)],
         _ => vec![format!("in {} · out {}", m.received, m.emitted)],
     };
-    for (label, n) in [
-        ("failed", m.failed),
-        ("errors passed", m.errors_passed),
-        ("dropped", m.dropped),
-        ("aborted", m.aborted),
-        ("retries", m.retries),
-        ("timeouts", m.timeouts),
-        ("dead-lettered", m.dead_lettered),
-    ] {
-        if n != 0 {
-            parts.push(format!("{label} {n}"));
-        }
-    }
+    parts.extend(m.others_not_zero().map(|(label, n)| format!("{label} {n}")));
     parts
 }
 
