@@ -40,17 +40,61 @@ async fn a_scrape_shows_every_series_of_a_known_run() {
         .expect("the run and the scrape finish");
 }
 
+/// The recorder, installed once for the tests of this binary, serving on
+/// 127.0.0.1 at the address returned.
+fn recorder() -> std::net::SocketAddr {
+    static ADDR: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets(&[0.001, 0.01, 0.1, 1.0, 10.0])
+            .unwrap()
+            .install()
+            .unwrap();
+        addr
+    })
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> (String, HashMap<String, f64>) {
+    let page = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = parse(&page);
+    (page, series)
+}
+
+/// Two pipelines with the same name (one built again after a restart, say)
+/// add up in one series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_that_share_names_add_up() {
+    let addr = recorder();
+    for _ in 0..2 {
+        let pipeline = Pipeline::builder().with_name("again").build();
+        let out = pipeline
+            .iter(0..5u32)
+            .map(|n: &u32| n + 1)
+            .named("inc")
+            .collect()
+            .await;
+        assert_eq!(out.len(), 5);
+        pipeline.join().await.unwrap();
+    }
+    let (page, series) = scrape(addr).await;
+    let key = r#"streamz_stage_items_total{pipeline="again",stage="inc",outcome="emitted"}"#;
+    assert_eq!(get(&series, key), 10.0, "{page}");
+}
+
 async fn run() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets(&[0.001, 0.01, 0.1, 1.0, 10.0])
-        .unwrap()
-        .install()
-        .unwrap();
+    let addr = recorder();
 
     let dir = tempfile::tempdir().unwrap();
     let dlq_path = dir.path().join("dlq.jsonl");
@@ -112,16 +156,7 @@ async fn run() {
         breaker
     };
 
-    let url = format!("http://{addr}/metrics");
-    let page = reqwest::get(&url)
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = parse(&page);
+    let (page, series) = scrape(addr).await;
     let stage = |name: &str, outcome: &str| {
         get(
             &series,

@@ -186,7 +186,7 @@ pub(crate) fn gauge(name: &'static str, labels: &[(&'static str, String)]) -> Ga
 }
 
 /// The item counters of a stage, by outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct ItemSeries {
     pub(crate) received: Counter,
     pub(crate) emitted: Counter,
@@ -198,24 +198,47 @@ pub(crate) struct ItemSeries {
     pub(crate) dead_lettered: Counter,
     pub(crate) retries: Counter,
     pub(crate) timeouts: Counter,
+    /// The counts last published, in the order of `publish`.
+    published: std::sync::Mutex<[u64; 10]>,
 }
 
 impl ItemSeries {
-    /// Sets every series to the stage's counters.
+    /// Adds to every series what the stage counted since the last call.
+    /// Deltas, not absolute values: pipelines that share names (one built
+    /// again after a restart, say) add up in one series, which only grows.
     pub(crate) fn publish(&self, m: &crate::base::counters::StageMetrics) {
-        for (counter, n) in [
-            (&self.received, m.received),
-            (&self.emitted, m.emitted),
-            (&self.failed, m.failed),
-            (&self.errors_passed, m.errors_passed),
-            (&self.dropped, m.dropped),
-            (&self.aborted, m.aborted),
-            (&self.undelivered, m.undelivered),
-            (&self.dead_lettered, m.dead_lettered),
-            (&self.retries, m.retries),
-            (&self.timeouts, m.timeouts),
-        ] {
-            counter.absolute(n);
+        let now = [
+            m.received,
+            m.emitted,
+            m.failed,
+            m.errors_passed,
+            m.dropped,
+            m.aborted,
+            m.undelivered,
+            m.dead_lettered,
+            m.retries,
+            m.timeouts,
+        ];
+        let counters = [
+            &self.received,
+            &self.emitted,
+            &self.failed,
+            &self.errors_passed,
+            &self.dropped,
+            &self.aborted,
+            &self.undelivered,
+            &self.dead_lettered,
+            &self.retries,
+            &self.timeouts,
+        ];
+        // Held while adding, so two publications (the thread's and a
+        // join's) never add the same counts twice.
+        let mut last = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        for ((counter, now), last) in counters.into_iter().zip(now).zip(last.iter_mut()) {
+            if now > *last {
+                counter.increment(now - *last);
+                *last = now;
+            }
         }
     }
 
@@ -232,6 +255,7 @@ impl ItemSeries {
             dead_lettered: items("dead_lettered"),
             retries: labels.counter(RETRIES, &[]),
             timeouts: labels.counter(TIMEOUTS, &[]),
+            published: std::sync::Mutex::new([0; 10]),
         }
     }
 }
@@ -432,8 +456,6 @@ mod off {
         }
         #[inline(always)]
         pub(crate) fn increment(&self, _: u64) {}
-        #[inline(always)]
-        pub(crate) fn absolute(&self, _: u64) {}
     }
 
     #[derive(Debug, Clone, Default)]
