@@ -156,17 +156,26 @@ async fn fan_out_and_fan_in_draw_every_branch() {
 
 #[tokio::test(start_paused = true)]
 async fn names_cannot_break_out_of_their_labels() {
-    let flow = streamz::iter([1])
-        .named(r#"say "hi" \ bye"#)
-        .map(|x: &i32| *x);
+    let name = r#"`say "hi" \ #35; <b>x</b> &quot;"#;
+    let flow = streamz::iter([1]).named(name).map(|x: &i32| *x);
     let pipeline = flow.pipeline().clone();
     flow.collect().await;
     let topology: Topology = pipeline.topology();
+    // Mermaid: every character it would read as markup is an entity code.
     let mermaid = topology.to_mermaid();
-    assert!(
-        mermaid.contains("say #quot;hi#quot; \\ bye<br/>"),
-        "{mermaid}"
+    let expected = "#96;say #quot;hi#quot; \\ #35;35; #lt;b#gt;x#lt;/b#gt; #38;quot;<br/>";
+    assert!(mermaid.contains(expected), "{mermaid}");
+    let label = mermaid.lines().nth(1).unwrap();
+    assert_eq!(
+        label.matches('"').count(),
+        2,
+        "only the label's own quotes: {label}"
     );
+    for markup in ['`', '<', '>', '&'] {
+        assert!(!label.replace("<br/>", "").contains(markup), "{label}");
+    }
+    // DOT: quotes and backslashes escaped, `&` as an entity.
     let dot = topology.to_dot();
-    assert!(dot.contains(r#"label="say \"hi\" \\ bye\n"#), "{dot}");
+    let expected = r#"label="`say \"hi\" \\ #35; <b>x</b> &amp;quot;\n"#;
+    assert!(dot.contains(expected), "{dot}");
 }

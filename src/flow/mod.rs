@@ -203,6 +203,13 @@ impl<T: Send + 'static> Flow<T> {
     /// [`PipelineError::Config`](crate::PipelineError::Config). Use
     /// [`try_pipe`](Flow::try_pipe) to handle it where the pipeline is
     /// built.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, for a processor that starts a task (every
+    /// operator and [`Stage`](crate::Stage)). A pipeline's sources and
+    /// fused steps may be built anywhere; pipe its stages inside the
+    /// runtime that will run them.
     pub fn pipe<U, P>(self, processor: P) -> Flow<U>
     where
         U: Send + 'static,

@@ -123,14 +123,33 @@ fn counts(stage: &TopologyStage) -> Vec<String> {
     parts
 }
 
-/// Text safe inside a quoted Mermaid label.
+/// Text safe inside a quoted Mermaid label: what Mermaid would read as
+/// markup (`"`, an entity's `#` or `&`, HTML's `<` and `>`, a markdown
+/// string's backtick) becomes an entity code, so a name shows as written
+/// and cannot end its label.
 fn mermaid_text(s: &str) -> String {
-    s.replace('"', "#quot;")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("#quot;"),
+            '#' => out.push_str("#35;"),
+            '<' => out.push_str("#lt;"),
+            '>' => out.push_str("#gt;"),
+            '`' => out.push_str("#96;"),
+            '&' => out.push_str("#38;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
-/// Text safe inside a quoted DOT string.
+/// Text safe inside a quoted DOT string: `\` and `"` escaped for DOT,
+/// and `&` written as an entity so Graphviz shows `&quot;` in a name as
+/// written instead of as `"`.
 fn dot_text(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('&', "&amp;")
 }
 
 impl Topology {
