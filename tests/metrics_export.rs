@@ -49,12 +49,19 @@ fn recorder() -> std::net::SocketAddr {
             .unwrap()
             .local_addr()
             .unwrap();
-        PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .set_buckets(&[0.001, 0.01, 0.1, 1.0, 10.0])
-            .unwrap()
-            .install()
-            .unwrap();
+        // Installed from a thread outside any runtime, so the exporter
+        // serves from a runtime of its own: one of a test would end with
+        // that test, and the others' scrapes would be refused.
+        std::thread::spawn(move || {
+            PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .set_buckets(&[0.001, 0.01, 0.1, 1.0, 10.0])
+                .unwrap()
+                .install()
+                .unwrap();
+        })
+        .join()
+        .unwrap();
         addr
     })
 }
@@ -265,4 +272,59 @@ async fn run() {
         );
         drop(breaker);
     }
+}
+
+/// A stage named after the publisher has looked at its pipeline (before it
+/// runs) reports under its name; after an abort the gauges fall to 0 (the
+/// mapper's in-flight count, and the fill of a channel whose receiver
+/// drained it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_names_and_aborts_leave_no_stale_series() {
+    let addr = recorder();
+    let pipeline = Pipeline::builder().with_name("late").build();
+    let flow = pipeline.iter(0..5_000u32).map(|n: &u32| *n);
+    // The publisher runs on its own clock: it may look before the name.
+    pipeline.publish_metrics();
+    let flow = flow
+        .named("renamed")
+        .pipe(streamz::Stage::new(
+            "double",
+            streamz::Map::new(|n: &u32| n * 2),
+        ))
+        .pipe(
+            AsyncMapper::new(|_: &u32| std::future::pending::<Result<u32, std::io::Error>>())
+                .named("stuck")
+                .with_concurrency(4),
+        );
+    let reader = tokio::spawn(flow.collect());
+    let key = |rest: &str| rest.replace("P", r#"pipeline="late""#);
+    let in_flight = key(r#"streamz_async_mapper_in_flight{P,stage="stuck"}"#);
+    let held = key(r#"streamz_edge_items{P,stage="double",to="stuck"}"#);
+    // Polls the page until the mapper holds its 4 calls and items wait in
+    // the channel into it (a bound of 30 s for a broken run).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        pipeline.publish_metrics();
+        let (_, series) = scrape(addr).await;
+        if series.get(&in_flight) == Some(&4.0) && series.get(&held).is_some_and(|&n| n > 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mapper never held 4 calls with items waiting in its input"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pipeline.abort();
+    pipeline.join().await.unwrap();
+    let _ = reader.await;
+    let (page, series) = scrape(addr).await;
+    assert_eq!(get(&series, &in_flight), 0.0, "{page}");
+    let renamed = key(r#"streamz_stage_items_total{P,stage="renamed",outcome="received"}"#);
+    assert!(get(&series, &renamed) > 0.0, "{page}");
+    assert!(
+        !page.contains(r#"pipeline="late",stage="map""#),
+        "no series under the name it had before: {page}"
+    );
+    assert_eq!(get(&series, &held), 0.0, "the channel was drained: {page}");
 }

@@ -129,8 +129,13 @@ pub(crate) struct EdgeFill {
 }
 
 impl EdgeFill {
-    /// Items in the channel now (and its capacity).
+    /// Items in the channel now (and its capacity): none once its
+    /// receiver is gone or drained it (the permits of what was discarded
+    /// are not handed back).
     pub(crate) fn held(&self) -> (usize, usize) {
+        if self.permits.is_closed() {
+            return (0, self.cap);
+        }
         (
             self.cap.saturating_sub(self.permits.available_permits()),
             self.cap,

@@ -137,10 +137,10 @@ struct Shared {
     kind: std::sync::OnceLock<StageKind>,
     /// The pipeline's name (a label of the exported series).
     pipeline: Option<Arc<str>>,
-    /// The exported series, taken at the first publication (the stage's
-    /// name is final by then).
+    /// The exported series, taken at the first publication after the stage
+    /// counted something (see `publish`).
     #[cfg(feature = "metrics")]
-    series: std::sync::OnceLock<telemetry::ItemSeries>,
+    series: std::sync::Mutex<Option<telemetry::ItemSeries>>,
     received: AtomicU64,
     emitted: AtomicU64,
     failed: AtomicU64,
@@ -162,7 +162,7 @@ impl Counters {
                 kind: std::sync::OnceLock::new(),
                 pipeline,
                 #[cfg(feature = "metrics")]
-                series: std::sync::OnceLock::new(),
+                series: std::sync::Mutex::new(None),
                 received: AtomicU64::new(0),
                 emitted: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
@@ -197,16 +197,30 @@ impl Counters {
         telemetry::StageLabels::new(self.inner.pipeline.as_ref(), self.name())
     }
 
-    /// Sets the stage's exported series to its counters (feature
-    /// `metrics`): called by the pipeline's publisher, not on the item
-    /// path. The series are taken at the first call, when the stage's
-    /// name is final.
+    /// Adds to the stage's exported series what it counted since the last
+    /// call (feature `metrics`); the pipeline's publisher calls it, never
+    /// the item path. A stage that has counted nothing yet is skipped, so
+    /// its series are taken once it runs, under its final name; a stage
+    /// renamed later (a merge making names unique) gets new series holding
+    /// all its counts. Returns whether the stage has series.
     #[cfg(feature = "metrics")]
-    pub(crate) fn publish(&self) {
-        self.inner
-            .series
-            .get_or_init(|| telemetry::ItemSeries::new(&self.labels()))
-            .publish(&self.snapshot());
+    pub(crate) fn publish(&self) -> bool {
+        let snapshot = self.snapshot();
+        let mut series = self.inner.series.lock().unwrap_or_else(|p| p.into_inner());
+        let name = self.name();
+        if series.as_ref().is_none_or(|s| !Arc::ptr_eq(s.name(), name)) {
+            let counted = snapshot.received != 0
+                || snapshot.emitted != 0
+                || snapshot.others_not_zero().next().is_some();
+            if series.is_none() && !counted {
+                return false;
+            }
+            *series = Some(telemetry::ItemSeries::new(&self.labels(), name.clone()));
+        }
+        if let Some(series) = series.as_ref() {
+            series.publish(&snapshot);
+        }
+        true
     }
 
     pub(crate) fn same(&self, other: &Counters) -> bool {

@@ -56,16 +56,6 @@ impl StageLabels {
         &self.stage
     }
 
-    /// Labels for a stage named outside the pipeline's registry (a
-    /// connector's own task).
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn of(pipeline: Option<&str>, stage: &str) -> Self {
-        StageLabels {
-            pipeline: Arc::from(pipeline.unwrap_or(UNNAMED)),
-            stage: Arc::from(stage),
-        }
-    }
-
     /// Sets the gauge `name` of this stage with labels known only now
     /// (a Kafka partition's), registering it on the way.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
@@ -200,6 +190,8 @@ pub(crate) struct ItemSeries {
     pub(crate) timeouts: Counter,
     /// The counts last published, in the order of `publish`.
     published: std::sync::Mutex<[u64; 10]>,
+    /// The stage name the series carry.
+    name: Arc<str>,
 }
 
 impl ItemSeries {
@@ -242,7 +234,12 @@ impl ItemSeries {
         }
     }
 
-    pub(crate) fn new(labels: &StageLabels) -> Self {
+    /// The stage name the series carry.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub(crate) fn new(labels: &StageLabels, name: Arc<str>) -> Self {
         let items = |outcome| labels.counter(ITEMS, &[("outcome", outcome)]);
         ItemSeries {
             received: items("received"),
@@ -256,6 +253,7 @@ impl ItemSeries {
             retries: labels.counter(RETRIES, &[]),
             timeouts: labels.counter(TIMEOUTS, &[]),
             published: std::sync::Mutex::new([0; 10]),
+            name,
         }
     }
 }
@@ -351,11 +349,18 @@ impl GateSeries {
     }
 }
 
-/// An [`AsyncMapper`](crate::AsyncMapper)'s series.
-#[derive(Debug, Clone)]
+/// An [`AsyncMapper`](crate::AsyncMapper)'s series. The in-flight gauge
+/// falls to 0 when the mapper ends (also by an abort).
+#[derive(Debug)]
 pub(crate) struct MapperSeries {
     pub(crate) in_flight: Gauge,
     pub(crate) calls: Histogram,
+}
+
+impl Drop for MapperSeries {
+    fn drop(&mut self) {
+        self.in_flight.set(0.0);
+    }
 }
 
 impl Default for MapperSeries {
@@ -399,48 +404,121 @@ pub(crate) const BREAKER_TRANSITIONS: &str = "streamz_breaker_transitions_total"
 pub(crate) const KAFKA_COMMITS: &str = "streamz_kafka_commits_total";
 pub(crate) const KAFKA_LAG: &str = "streamz_kafka_consumer_lag_records";
 
-/// Describes every series to the recorder, once per process.
+/// Describes every series to the recorder. Done with every registration
+/// (a stage's start, not the item path), so a recorder installed after
+/// the first stage still gets the descriptions.
 #[cfg(feature = "metrics")]
 fn describe() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
+    {
         use metrics::Unit;
         let counters = [
-            (ITEMS, Unit::Count, "Items a stage took or produced, by outcome"),
-            (RETRIES, Unit::Count, "Attempts made again after a retryable failure"),
+            (
+                ITEMS,
+                Unit::Count,
+                "Items a stage took or produced, by outcome",
+            ),
+            (
+                RETRIES,
+                Unit::Count,
+                "Attempts made again after a retryable failure",
+            ),
             (TIMEOUTS, Unit::Count, "Attempts that ran out of time"),
-            (GATE_CHECKS, Unit::Count, "Health checks a gate made, by result"),
-            (DLQ_RECORDS, Unit::Count, "Dead letters a sink answered for, by result (written, or refused and passed downstream)"),
-            (DLQ_FSYNCS, Unit::Count, "fsyncs of a dead-letter file, by result"),
-            (DLQ_WRITE_FAILURES, Unit::Count, "Failed appends to a dead-letter file"),
-            (BREAKER_CALLS, Unit::Count, "Calls through a circuit breaker, by outcome"),
-            (BREAKER_TRANSITIONS, Unit::Count, "Circuit breaker state changes, by the state entered"),
-            (KAFKA_COMMITS, Unit::Count, "Offset commits a Kafka source made"),
+            (
+                GATE_CHECKS,
+                Unit::Count,
+                "Health checks a gate made, by result",
+            ),
+            (
+                DLQ_RECORDS,
+                Unit::Count,
+                "Dead letters a sink answered for, by result (written, or refused and passed downstream)",
+            ),
+            (
+                DLQ_FSYNCS,
+                Unit::Count,
+                "fsyncs of a dead-letter file, by result",
+            ),
+            (
+                DLQ_WRITE_FAILURES,
+                Unit::Count,
+                "Failed appends to a dead-letter file",
+            ),
+            (
+                BREAKER_CALLS,
+                Unit::Count,
+                "Calls through a circuit breaker, by outcome",
+            ),
+            (
+                BREAKER_TRANSITIONS,
+                Unit::Count,
+                "Circuit breaker state changes, by the state entered",
+            ),
+            (
+                KAFKA_COMMITS,
+                Unit::Count,
+                "Offset commits a Kafka source made",
+            ),
         ];
         for (name, unit, help) in counters {
             metrics::describe_counter!(name, unit, help);
         }
         let gauges = [
-            (EDGE_ITEMS, Unit::Count, "Items in the channel from a stage to the next"),
-            (EDGE_CAPACITY, Unit::Count, "Items the channel from a stage to the next holds at most"),
-            (MAPPER_IN_FLIGHT, Unit::Count, "Items an AsyncMapper is working on"),
-            (GATE_OPEN, Unit::Count, "1 while a health gate is open, 0 while closed"),
-            (BREAKER_STATE, Unit::Count, "1 for a circuit breaker's current state, 0 for the others"),
-            (KAFKA_LAG, Unit::Count, "Records between a partition's committed offset and its end"),
+            (
+                EDGE_ITEMS,
+                Unit::Count,
+                "Items in the channel from a stage to the next",
+            ),
+            (
+                EDGE_CAPACITY,
+                Unit::Count,
+                "Items the channel from a stage to the next holds at most",
+            ),
+            (
+                MAPPER_IN_FLIGHT,
+                Unit::Count,
+                "Items an AsyncMapper is working on",
+            ),
+            (
+                GATE_OPEN,
+                Unit::Count,
+                "1 while a health gate is open, 0 while closed",
+            ),
+            (
+                BREAKER_STATE,
+                Unit::Count,
+                "1 for a circuit breaker's current state, 0 for the others",
+            ),
+            (
+                KAFKA_LAG,
+                Unit::Count,
+                "Records between a partition's committed offset and its end",
+            ),
         ];
         for (name, unit, help) in gauges {
             metrics::describe_gauge!(name, unit, help);
         }
         let histograms = [
-            (MAPPER_CALL_SECONDS, Unit::Seconds, "Duration of each AsyncMapper attempt"),
-            (THROTTLE_DELAY_SECONDS, Unit::Seconds, "How long a Throttle held an item back"),
+            (
+                MAPPER_CALL_SECONDS,
+                Unit::Seconds,
+                "Duration of each AsyncMapper attempt",
+            ),
+            (
+                THROTTLE_DELAY_SECONDS,
+                Unit::Seconds,
+                "How long a Throttle held an item back",
+            ),
             (BATCH_SIZE, Unit::Count, "Items per batch a Batcher emitted"),
-            (GATE_CLOSED_SECONDS, Unit::Seconds, "How long each closed period of a health gate lasted, recorded when it opens"),
+            (
+                GATE_CLOSED_SECONDS,
+                Unit::Seconds,
+                "How long each closed period of a health gate lasted, recorded when it opens",
+            ),
         ];
         for (name, unit, help) in histograms {
             metrics::describe_histogram!(name, unit, help);
         }
-    });
+    }
 }
 
 /// Handles that do nothing: the types without the `metrics` feature.

@@ -105,6 +105,12 @@ impl<T: Send + 'static> Flow<T> {
         self
     }
 
+    /// The stage whose output this flow is.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn upstream(&self) -> Option<&Counters> {
+        self.upstream.as_ref().map(|(counters, _)| counters)
+    }
+
     /// Records in the pipeline's topology that the stage `to` reads this
     /// flow.
     pub(crate) fn connect(&self, to: &Counters) {

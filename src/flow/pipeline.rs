@@ -106,10 +106,12 @@ struct Inner {
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// The pipelines the publisher thread serves; the thread starts with the
-/// first.
+/// first. `None` if it could not start (logged once): the series are then
+/// set only by `join` and `publish_metrics`.
 #[cfg(feature = "metrics")]
-fn publisher() -> MutexGuard<'static, Vec<Weak<Inner>>> {
-    static PIPELINES: std::sync::OnceLock<Mutex<Vec<Weak<Inner>>>> = std::sync::OnceLock::new();
+fn publisher() -> Option<MutexGuard<'static, Vec<Weak<Inner>>>> {
+    static PIPELINES: std::sync::OnceLock<Option<Mutex<Vec<Weak<Inner>>>>> =
+        std::sync::OnceLock::new();
     let pipelines = PIPELINES.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("streamz-metrics".into())
@@ -117,21 +119,31 @@ fn publisher() -> MutexGuard<'static, Vec<Weak<Inner>>> {
                 loop {
                     std::thread::sleep(PUBLISH_EVERY);
                     let live: Vec<Arc<Inner>> = {
-                        let mut list = publisher();
+                        let Some(mut list) = publisher() else { return };
                         list.retain(|p| p.strong_count() > 0);
                         list.iter().filter_map(Weak::upgrade).collect()
                     };
                     for p in live {
-                        p.publish();
+                        // A recorder that panics must not end publishing
+                        // for every pipeline.
+                        let published =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.publish()));
+                        if let Err(payload) = published {
+                            let panic = crate::base::error::PanicError::from_payload(payload);
+                            tracing::error!(%panic, "publishing a pipeline's metrics panicked");
+                        }
                     }
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the metrics publisher; series are set only by join and publish_metrics");
+        match spawned {
+            Ok(_) => Some(Mutex::new(Vec::new())),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the metrics publisher; series are set only by join and publish_metrics");
+                None
+            }
         }
-        Mutex::new(Vec::new())
     });
-    lock(pipelines)
+    pipelines.as_ref().map(lock)
 }
 
 #[cfg(feature = "metrics")]
@@ -139,10 +151,17 @@ impl Inner {
     /// Sets this pipeline's stage and edge series (not those of pipelines
     /// merged into it: each has its own publisher).
     fn publish(&self) {
-        for stage in lock(&self.stages).iter() {
-            stage.publish();
-        }
+        let running: Vec<Counters> = lock(&self.stages)
+            .iter()
+            .filter(|stage| stage.publish())
+            .cloned()
+            .collect();
         for edge in lock(&self.edges).iter() {
+            // Like its stage's, an edge's series wait for the stage to run
+            // (under its final name).
+            if !running.iter().any(|c| c.same(&edge.from)) {
+                continue;
+            }
             if let Some(fill) = &edge.fill {
                 let (held, capacity) = fill.held();
                 edge.series
@@ -817,7 +836,9 @@ impl Pipeline {
         if self.inner.publishing.swap(true, Relaxed) {
             return;
         }
-        publisher().push(Arc::downgrade(&self.inner));
+        if let Some(mut pipelines) = publisher() {
+            pipelines.push(Arc::downgrade(&self.inner));
+        }
     }
 
     /// Publishes the stage counters and edge fill of this pipeline and

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -22,8 +22,9 @@ use super::offsets::{Commit, Offsets};
 use super::record::{Entry, KafkaRecord, Progress};
 use crate::base::ack::SourcePosition;
 use crate::base::config::{ConfigError, nonzero};
+use crate::base::counters::Counters;
 use crate::base::error::StreamError;
-use crate::base::telemetry::{self, Counter, StageLabels};
+use crate::base::telemetry::{self, Counter};
 use crate::base::time;
 use crate::flow::Flow;
 use crate::flow::pipeline::Pipeline;
@@ -280,15 +281,10 @@ impl KafkaSource {
                 });
             }
         }
-        let labels = StageLabels::of(pipeline.name(), &self.name);
-        let shared = Arc::new(Shared {
-            exported_commits: labels.counter(telemetry::KAFKA_COMMITS, &[]),
-            ..Shared::default()
-        });
+        let shared = Arc::new(Shared::default());
         let context = SourceContext {
             shared: shared.clone(),
             name: self.name.to_string(),
-            labels,
         };
         let mut config = self.config.clone();
         // Consumer lag comes from librdkafka's statistics: on by default
@@ -300,6 +296,10 @@ impl KafkaSource {
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let (pusher, flow) = pipeline.acked_channel_named(self.name.to_string());
+        if let Some(stage) = flow.upstream() {
+            // The exported series carry the stage's registered name.
+            let _ = shared.stage.set(stage.clone());
+        }
         let (stopped_tx, stopped) = watch::channel(false);
         let task = Reader {
             consumer,
@@ -336,8 +336,11 @@ struct Shared {
     stalled: AtomicBool,
     /// Records the watermarks passed since the last commit.
     passed: AtomicUsize,
+    /// The source's stage, for the labels of its exported series (taken
+    /// when first used: the stage's name is final once it runs).
+    stage: OnceLock<Counters>,
     /// Commits, exported (feature `metrics`).
-    exported_commits: Counter,
+    exported_commits: OnceLock<Counter>,
 }
 
 impl Shared {
@@ -347,6 +350,15 @@ impl Shared {
 
     /// Moves the watermarks past what is acknowledged now, counting what
     /// they passed toward the next commit.
+    /// The exported commit counter.
+    fn exported_commits(&self) -> &Counter {
+        self.exported_commits
+            .get_or_init(|| match self.stage.get() {
+                Some(stage) => stage.labels().counter(telemetry::KAFKA_COMMITS, &[]),
+                None => Counter::noop(),
+            })
+    }
+
     fn advance(&self) {
         let passed = self.offsets().advance_only();
         self.passed.fetch_add(passed, Ordering::Relaxed);
@@ -364,7 +376,8 @@ impl Default for Shared {
             errors: AtomicU64::default(),
             passed: AtomicUsize::default(),
             stalled: AtomicBool::default(),
-            exported_commits: Counter::noop(),
+            stage: OnceLock::new(),
+            exported_commits: OnceLock::new(),
         }
     }
 }
@@ -448,14 +461,16 @@ impl KafkaSourceHandle {
 struct SourceContext {
     shared: Arc<Shared>,
     name: String,
-    /// The labels of the source's exported series.
-    labels: StageLabels,
 }
 
 impl ClientContext for SourceContext {
     /// librdkafka's statistics (every `statistics.interval.ms`): exports
     /// each assigned partition's consumer lag (feature `metrics`).
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(stage) = self.shared.stage.get() else {
+            return;
+        };
+        let labels = stage.labels();
         for (topic, t) in &statistics.topics {
             for (&partition, p) in &t.partitions {
                 // -1: librdkafka's internal unassigned partition, or a lag
@@ -463,7 +478,7 @@ impl ClientContext for SourceContext {
                 if partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                self.labels.set_gauge(
+                labels.set_gauge(
                     telemetry::KAFKA_LAG,
                     &[
                         ("topic", topic.clone()),
@@ -501,6 +516,21 @@ impl ConsumerContext for SourceContext {
         self.shared
             .released
             .fetch_add(released as u64, Ordering::Relaxed);
+        // A partition taken away is another member's to report: its lag
+        // here reads 0 rather than its last value for good.
+        if let Some(stage) = self.shared.stage.get() {
+            let labels = stage.labels();
+            for e in tpl.elements() {
+                labels.set_gauge(
+                    telemetry::KAFKA_LAG,
+                    &[
+                        ("topic", e.topic().to_owned()),
+                        ("partition", e.partition().to_string()),
+                    ],
+                    0.0,
+                );
+            }
+        }
         if released > 0 {
             tracing::info!(source = %self.name, released, "partitions taken away; their records not yet committed past will be read again by the next owner");
         }
@@ -571,7 +601,7 @@ fn commit<C: Consumer<X>, X: ConsumerContext>(
     match consumer.commit(&tpl, mode) {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
-            shared.exported_commits.increment(1);
+            shared.exported_commits().increment(1);
         }
         Err(e) => {
             tracing::warn!(source = %name, error = %e, "offset commit failed; a later one covers it");
