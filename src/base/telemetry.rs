@@ -404,119 +404,149 @@ pub(crate) const BREAKER_TRANSITIONS: &str = "streamz_breaker_transitions_total"
 pub(crate) const KAFKA_COMMITS: &str = "streamz_kafka_commits_total";
 pub(crate) const KAFKA_LAG: &str = "streamz_kafka_consumer_lag_records";
 
+/// What a series is, for its description.
+#[cfg(feature = "metrics")]
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every series: its name, kind, unit and help text (Prometheus HELP).
+#[cfg(feature = "metrics")]
+const DESCRIPTIONS: &[(&str, Kind, metrics::Unit, &str)] = {
+    use Kind::{Counter, Gauge, Histogram};
+    use metrics::Unit::{Count, Seconds};
+    &[
+        (
+            ITEMS,
+            Counter,
+            Count,
+            "Items a stage took or produced, by outcome",
+        ),
+        (
+            RETRIES,
+            Counter,
+            Count,
+            "Attempts made again after a retryable failure",
+        ),
+        (TIMEOUTS, Counter, Count, "Attempts that ran out of time"),
+        (
+            EDGE_ITEMS,
+            Gauge,
+            Count,
+            "Items in the channel from a stage to the next",
+        ),
+        (
+            EDGE_CAPACITY,
+            Gauge,
+            Count,
+            "Items the channel from a stage to the next holds at most",
+        ),
+        (
+            MAPPER_IN_FLIGHT,
+            Gauge,
+            Count,
+            "Items an AsyncMapper is working on",
+        ),
+        (
+            MAPPER_CALL_SECONDS,
+            Histogram,
+            Seconds,
+            "Duration of each AsyncMapper attempt",
+        ),
+        (
+            THROTTLE_DELAY_SECONDS,
+            Histogram,
+            Seconds,
+            "How long a Throttle held an item back",
+        ),
+        (
+            BATCH_SIZE,
+            Histogram,
+            Count,
+            "Items per batch a Batcher emitted",
+        ),
+        (
+            GATE_OPEN,
+            Gauge,
+            Count,
+            "1 while a health gate is open, 0 while closed",
+        ),
+        (
+            GATE_CLOSED_SECONDS,
+            Histogram,
+            Seconds,
+            "How long each closed period of a health gate lasted, recorded when it opens",
+        ),
+        (
+            GATE_CHECKS,
+            Counter,
+            Count,
+            "Health checks a gate made, by result",
+        ),
+        (
+            DLQ_RECORDS,
+            Counter,
+            Count,
+            "Dead letters a sink answered for, by result (written, or refused and passed downstream)",
+        ),
+        (
+            DLQ_FSYNCS,
+            Counter,
+            Count,
+            "fsyncs of a dead-letter file, by result",
+        ),
+        (
+            DLQ_WRITE_FAILURES,
+            Counter,
+            Count,
+            "Failed appends to a dead-letter file",
+        ),
+        (
+            BREAKER_STATE,
+            Gauge,
+            Count,
+            "1 for a circuit breaker's current state, 0 for the others",
+        ),
+        (
+            BREAKER_CALLS,
+            Counter,
+            Count,
+            "Calls through a circuit breaker, by outcome",
+        ),
+        (
+            BREAKER_TRANSITIONS,
+            Counter,
+            Count,
+            "Circuit breaker state changes, by the state entered",
+        ),
+        (
+            KAFKA_COMMITS,
+            Counter,
+            Count,
+            "Offset commits a Kafka source made",
+        ),
+        (
+            KAFKA_LAG,
+            Gauge,
+            Count,
+            "Records between a partition's committed offset and its end",
+        ),
+    ]
+};
+
 /// Describes every series to the recorder. Done with every registration
 /// (a stage's start, not the item path), so a recorder installed after
 /// the first stage still gets the descriptions.
 #[cfg(feature = "metrics")]
 fn describe() {
-    {
-        use metrics::Unit;
-        let counters = [
-            (
-                ITEMS,
-                Unit::Count,
-                "Items a stage took or produced, by outcome",
-            ),
-            (
-                RETRIES,
-                Unit::Count,
-                "Attempts made again after a retryable failure",
-            ),
-            (TIMEOUTS, Unit::Count, "Attempts that ran out of time"),
-            (
-                GATE_CHECKS,
-                Unit::Count,
-                "Health checks a gate made, by result",
-            ),
-            (
-                DLQ_RECORDS,
-                Unit::Count,
-                "Dead letters a sink answered for, by result (written, or refused and passed downstream)",
-            ),
-            (
-                DLQ_FSYNCS,
-                Unit::Count,
-                "fsyncs of a dead-letter file, by result",
-            ),
-            (
-                DLQ_WRITE_FAILURES,
-                Unit::Count,
-                "Failed appends to a dead-letter file",
-            ),
-            (
-                BREAKER_CALLS,
-                Unit::Count,
-                "Calls through a circuit breaker, by outcome",
-            ),
-            (
-                BREAKER_TRANSITIONS,
-                Unit::Count,
-                "Circuit breaker state changes, by the state entered",
-            ),
-            (
-                KAFKA_COMMITS,
-                Unit::Count,
-                "Offset commits a Kafka source made",
-            ),
-        ];
-        for (name, unit, help) in counters {
-            metrics::describe_counter!(name, unit, help);
-        }
-        let gauges = [
-            (
-                EDGE_ITEMS,
-                Unit::Count,
-                "Items in the channel from a stage to the next",
-            ),
-            (
-                EDGE_CAPACITY,
-                Unit::Count,
-                "Items the channel from a stage to the next holds at most",
-            ),
-            (
-                MAPPER_IN_FLIGHT,
-                Unit::Count,
-                "Items an AsyncMapper is working on",
-            ),
-            (
-                GATE_OPEN,
-                Unit::Count,
-                "1 while a health gate is open, 0 while closed",
-            ),
-            (
-                BREAKER_STATE,
-                Unit::Count,
-                "1 for a circuit breaker's current state, 0 for the others",
-            ),
-            (
-                KAFKA_LAG,
-                Unit::Count,
-                "Records between a partition's committed offset and its end",
-            ),
-        ];
-        for (name, unit, help) in gauges {
-            metrics::describe_gauge!(name, unit, help);
-        }
-        let histograms = [
-            (
-                MAPPER_CALL_SECONDS,
-                Unit::Seconds,
-                "Duration of each AsyncMapper attempt",
-            ),
-            (
-                THROTTLE_DELAY_SECONDS,
-                Unit::Seconds,
-                "How long a Throttle held an item back",
-            ),
-            (BATCH_SIZE, Unit::Count, "Items per batch a Batcher emitted"),
-            (
-                GATE_CLOSED_SECONDS,
-                Unit::Seconds,
-                "How long each closed period of a health gate lasted, recorded when it opens",
-            ),
-        ];
-        for (name, unit, help) in histograms {
-            metrics::describe_histogram!(name, unit, help);
+    for &(name, kind, unit, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, unit, help),
+            Kind::Gauge => metrics::describe_gauge!(name, unit, help),
+            Kind::Histogram => metrics::describe_histogram!(name, unit, help),
         }
     }
 }
