@@ -99,6 +99,7 @@ pub use ops::dedupe::Dedupe;
 pub use ops::filter::Filter;
 pub use ops::map::{Map, TryMap};
 pub use ops::merge::{Merge, merge};
+pub use ops::par_map::{INLINE_BELOW, ParMap};
 pub use ops::partition::Partition;
 pub use ops::sample::Sample;
 pub use ops::skip::Skip;

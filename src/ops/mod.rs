@@ -11,6 +11,7 @@ pub(crate) mod dedupe;
 pub(crate) mod filter;
 pub(crate) mod map;
 pub(crate) mod merge;
+pub(crate) mod par_map;
 pub(crate) mod partition;
 pub(crate) mod route;
 pub(crate) mod sample;
