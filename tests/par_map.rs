@@ -179,3 +179,17 @@ async fn a_shutdown_finishes_the_pieces_in_hand() {
     let expected: Vec<u64> = (0..m.emitted).map(|n| digest(&n)).collect();
     assert_eq!(support::values(out), expected);
 }
+
+/// A worker count far above the cores is only a limit: pieces queue on
+/// the pool, and nothing overflows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_worker_count_is_only_a_limit() {
+    let out = within(
+        streamz::iter(0..300u64)
+            .pipe(ParMap::new(digest).with_workers(usize::MAX))
+            .collect(),
+    )
+    .await;
+    let expected: Vec<u64> = (0..300u64).map(|n| digest(&n)).collect();
+    assert_eq!(support::values(out), expected);
+}

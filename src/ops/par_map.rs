@@ -398,7 +398,7 @@ where
             .iter()
             .filter(|p| matches!(p, Piece::Running { .. }))
             .count();
-        if running < self.workers && self.pieces.len() < 2 * self.workers {
+        if running < self.workers && self.pieces.len() < self.workers.saturating_mul(2) {
             Demand::Input
         } else {
             Demand::Hold
