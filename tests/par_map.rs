@@ -181,15 +181,51 @@ async fn a_shutdown_finishes_the_pieces_in_hand() {
 }
 
 /// A worker count far above the cores is only a limit: pieces queue on
-/// the pool, and nothing overflows.
+/// the pool. Above 1,024 it is refused: each worker may hold a piece, so
+/// the bound keeps what is in hand bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_huge_worker_count_is_only_a_limit() {
+async fn many_workers_are_only_a_limit_and_too_many_are_refused() {
     let out = within(
         streamz::iter(0..300u64)
-            .pipe(ParMap::new(digest).with_workers(usize::MAX))
+            .pipe(ParMap::new(digest).with_workers(1024))
             .collect(),
     )
     .await;
     let expected: Vec<u64> = (0..300u64).map(|n| digest(&n)).collect();
     assert_eq!(support::values(out), expected);
+    let err = support::refused::<u64, u64, _>(ParMap::new(digest).with_workers(usize::MAX));
+    assert_eq!(err.field(), "workers");
+}
+
+/// The first chunk is measured one call at a time: slow calls go to the
+/// workers from the second call on, and run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_calls_leave_the_stage_task_after_the_first() {
+    let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = threads.clone();
+    let out = within(
+        streamz::iter(0..6u64)
+            .pipe(
+                ParMap::new(move |n: &u64| {
+                    seen.lock()
+                        .unwrap()
+                        .push(std::thread::current().name().map(str::to_owned));
+                    std::thread::sleep(Duration::from_millis(100));
+                    *n
+                })
+                .with_workers(2),
+            )
+            .collect(),
+    )
+    .await;
+    assert_eq!(support::values(out), (0..6).collect::<Vec<u64>>());
+    let threads = threads.lock().unwrap();
+    let in_task = threads
+        .iter()
+        .filter(|name| name.as_deref().is_some_and(|n| n.starts_with("tokio")))
+        .count();
+    assert_eq!(
+        in_task, 1,
+        "only the measuring call runs in the stage's task: {threads:?}"
+    );
 }

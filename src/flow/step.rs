@@ -495,7 +495,7 @@ where
     }
 }
 
-type PanicPayload = Box<dyn std::any::Any + Send>;
+pub(crate) type PanicPayload = Box<dyn std::any::Any + Send>;
 
 /// Runs `run` over borrowed values with panic protection.
 ///
@@ -505,7 +505,7 @@ type PanicPayload = Box<dyn std::any::Any + Send>;
 /// and processing resumes after it. The values stay in their vector while
 /// borrowed, so the happy path needs no per-item bookkeeping.
 #[inline]
-fn guarded<B>(
+pub(crate) fn guarded<B>(
     len: usize,
     buf: &mut Vec<B>,
     mut run: impl FnMut(&mut Vec<B>, usize),

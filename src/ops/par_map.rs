@@ -17,6 +17,7 @@ use crate::base::error::{ErrorKind, StreamError};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Demand, Operator, Out};
 use crate::flow::processor::Processor;
+use crate::flow::step::guarded;
 
 /// Applies a CPU-bound function to each value on `workers` threads at once
 /// (parsing, hashing, compression: work that keeps a core busy), where
@@ -31,17 +32,28 @@ use crate::flow::processor::Processor;
 /// "ParMap"): 1.95x against 1.33x the serial stage on 2 cores.
 ///
 /// A cheap function gains nothing from other threads: handing a piece over
-/// costs some microseconds. The stage times each piece, and runs a piece
-/// that should take less than [`INLINE_BELOW`] in its own task instead.
-/// So a trivial function costs about what a [`Stage`](crate::Stage) map
-/// costs, and a heavy one uses every worker.
+/// costs some microseconds. So the stage times its work, and a chunk
+/// expected to take less than [`INLINE_BELOW`] runs in the stage's own
+/// task. The first chunk runs there until it has been measured: one call,
+/// then two, four..., and as soon as `INLINE_BELOW` has passed, the rest
+/// goes to the workers. So a trivial function costs about what a
+/// [`Stage`](crate::Stage) map costs, and a heavy one uses every worker.
+/// The estimate is the last chunk's: a function that turns slow after a
+/// run of cheap calls runs one chunk in the stage's task before the next
+/// goes to the workers.
+/// One call always runs where it started: a call that blocks for a second
+/// blocks that thread for a second, the stage's task included the first
+/// time. Keep blocking I/O out of the function (it also takes a pool
+/// thread from every other `ParMap`); use an
+/// [`AsyncMapper`](crate::AsyncMapper) for it.
 ///
 /// Guarantees, as every stage: a panic in the function becomes a `panicked`
 /// error item carrying its input; upstream errors pass in their place;
-/// input is taken only while fewer than `workers` pieces are in hand
-/// (backpressure); a shutdown lets the pieces in hand finish; an abort
-/// counts what they hold as aborted (a piece already running finishes on
-/// its thread and its results are dropped).
+/// input is taken only while fewer than `workers` pieces run and fewer
+/// than twice that many are in hand (backpressure; a bound in items, so
+/// size the edge for large items); a shutdown lets the pieces in hand
+/// finish; an abort counts what they hold as aborted (a piece already
+/// running finishes on its thread and its results are dropped).
 ///
 /// # Examples
 ///
@@ -66,6 +78,10 @@ pub struct ParMap<F> {
     ordered: bool,
     edge: Option<EdgeConfig>,
 }
+
+/// The most workers a `ParMap` takes: each may hold a piece, so the
+/// bound keeps what is in hand bounded.
+const MAX_WORKERS: usize = 1024;
 
 /// A piece whose expected duration is below this runs in the stage's own
 /// task rather than on another thread (see [`ParMap`]).
@@ -97,8 +113,10 @@ impl<F> ParMap<F> {
         }
     }
 
-    /// How many pieces run at once. Zero is refused when the stage is
-    /// piped ([`ConfigError`], field `workers`).
+    /// How many pieces run at once. The pieces share rayon's pool, one
+    /// thread per core for the whole process, so more workers than cores
+    /// queue rather than run. Zero, and more than 1,024, are refused when
+    /// the stage is piped ([`ConfigError`], field `workers`).
     pub fn with_workers(mut self, workers: usize) -> Self {
         self.workers = workers;
         self
@@ -124,7 +142,13 @@ where
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let at_most = if self.workers > MAX_WORKERS {
+            Err(ConfigError::new("workers", "must be at most 1024"))
+        } else {
+            Ok(())
+        };
         nonzero(self.workers, "workers")
+            .and(at_most)
             .and(self.edge.map_or(Ok(()), |e| e.validate()))
             .map_err(|e| e.in_stage("ParMap", &self.name))
     }
@@ -219,39 +243,38 @@ where
         return (Results::Mixed(done), started.elapsed());
     }
     let Chunk { values, acks, .. } = piece;
+    // One catch_unwind around the whole loop (resumed after a panic), so
+    // the loop is a plain `extend` the compiler can vectorise.
     let mut outs = Vec::with_capacity(values.len());
-    let mut panicked = None;
-    for value in &values {
-        match catch_unwind(AssertUnwindSafe(|| f(value))) {
-            Ok(out) => outs.push(out),
-            Err(payload) => {
-                panicked = Some(payload);
-                break;
-            }
-        }
-    }
-    let Some(payload) = panicked else {
+    let panicked = guarded(
+        values.len(),
+        &mut outs,
+        |outs, at| outs.extend(values[at..].iter().map(f)),
+        |_| {},
+    );
+    if panicked.is_empty() {
         return (Results::Values(outs, acks), started.elapsed());
-    };
-    // A call panicked: the values before it are done, it fails carrying
-    // its item, and the rest go one by one.
+    }
+    // Calls panicked: each fails carrying its item, in its place.
     let mut acks = acks.map(Vec::into_iter);
     let mut next_ack = move || acks.as_mut().and_then(Iterator::next).unwrap_or_default();
-    let mut values = values.into_iter();
-    let mut done: Vec<Done<Out>> = Vec::with_capacity(values.len());
-    for out in outs {
-        drop(values.next());
-        done.push(Done::Value(out, next_ack()));
-    }
-    if let Some(value) = values.next() {
-        let error = StreamError::panicked(stage, payload)
-            .with_item(value)
-            .with_ack(next_ack());
-        done.push(Done::Failed(error));
-    }
-    for value in values {
-        done.push(one(f, stage, Ok(value), next_ack()));
-    }
+    let mut outs = outs.into_iter();
+    let mut panicked = panicked.into_iter().peekable();
+    let done = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| match panicked.next_if(|(at, _)| *at == i) {
+            Some((_, payload)) => Done::Failed(
+                StreamError::panicked(stage, payload)
+                    .with_item(value)
+                    .with_ack(next_ack()),
+            ),
+            None => Done::Value(
+                outs.next().expect("one output per call that returned"),
+                next_ack(),
+            ),
+        })
+        .collect();
     (Results::Mixed(done), started.elapsed())
 }
 
@@ -266,12 +289,91 @@ struct Par<F, Out> {
     per_item: Option<Duration>,
 }
 
+/// Measures a function not measured yet: runs a chunk without errors here,
+/// in the stage's task, until [`INLINE_BELOW`] has passed. Returns the
+/// results of the items done, how many, how long they took, and the items
+/// left (for the workers). The clock is read after 1, 2, 4, 8... calls,
+/// so one slow call is enough to send the rest to the workers.
+fn work_inline<In, Out, F>(
+    f: &F,
+    stage: &str,
+    chunk: Chunk<In>,
+) -> (Results<Out>, usize, Duration, Option<Chunk<In>>)
+where
+    In: Send + 'static,
+    F: Fn(&In) -> Out,
+{
+    let started = Instant::now();
+    let Chunk {
+        mut values, acks, ..
+    } = chunk;
+    let mut outs = Vec::with_capacity(values.len());
+    let mut check = 1usize;
+    let mut stop = values.len();
+    let mut panicked = None;
+    for (i, value) in values.iter().enumerate() {
+        match catch_unwind(AssertUnwindSafe(|| f(value))) {
+            Ok(out) => outs.push(out),
+            Err(payload) => {
+                panicked = Some(payload);
+                stop = i + 1;
+                break;
+            }
+        }
+        if i + 1 == check {
+            check = check.saturating_mul(2);
+            if started.elapsed() >= INLINE_BELOW {
+                stop = i + 1;
+                break;
+            }
+        }
+    }
+    // What is left goes to the workers, with its acknowledgements.
+    let mut acks = acks;
+    let rest_values = values.split_off(stop);
+    let rest_acks = acks.as_mut().map(|a| a.split_off(stop));
+    let rest = (!rest_values.is_empty()).then(|| {
+        let mut rest = Chunk::from_values(rest_values);
+        rest.acks = rest_acks;
+        rest
+    });
+    let results = match panicked {
+        None => Results::Values(outs, acks),
+        Some(payload) => {
+            // The last item done panicked: it fails carrying its item.
+            let mut acks = acks.map(Vec::into_iter);
+            let mut next_ack = move || acks.as_mut().and_then(Iterator::next).unwrap_or_default();
+            let mut done: Vec<Done<Out>> = outs
+                .into_iter()
+                .map(|out| Done::Value(out, next_ack()))
+                .collect();
+            if let Some(value) = values.pop() {
+                let error = StreamError::panicked(stage, payload)
+                    .with_item(value)
+                    .with_ack(next_ack());
+                done.push(Done::Failed(error));
+            }
+            Results::Mixed(done)
+        }
+    };
+    (results, stop, started.elapsed(), rest)
+}
+
 impl<F, O> Par<F, O> {
     fn learn(&mut self, items: usize, took: Duration) {
         if let Ok(items) = u32::try_from(items) {
             if items > 0 {
                 self.per_item = Some(took / items);
             }
+        }
+    }
+
+    /// Results made here: out at once if no piece is ahead of them.
+    fn finished(&mut self, results: Results<O>, out: &mut Out<O>) {
+        if self.pieces.is_empty() {
+            emit(results, out);
+        } else {
+            self.pieces.push_back(Piece::Done(results));
         }
     }
 
@@ -334,25 +436,33 @@ where
     F: Fn(&In) -> O + Send + Sync + 'static,
 {
     fn on_chunk(&mut self, chunk: Chunk<In>, out: &mut Out<O>) {
-        // Cheap work (or work not measured yet) runs here, the whole chunk
-        // at once: its result is known at once, and goes out at once if no
-        // piece is ahead of it. Heavier work is cut into one piece per
-        // worker, each on a worker thread.
+        // Work known to be cheap runs here, in the stage's task: handing it
+        // to another thread would cost more. Work not measured yet runs
+        // here one call at first, to measure it, and stops once
+        // INLINE_BELOW has passed. What is left, like work known to be
+        // heavy, is cut into one piece per worker.
         let n = chunk.len();
-        let inline = self
+        let small = self
             .per_item
-            .is_none_or(|t| u32::try_from(n).is_ok_and(|n| t.saturating_mul(n) < INLINE_BELOW));
-        if inline {
+            .is_some_and(|t| u32::try_from(n).is_ok_and(|n| t.saturating_mul(n) < INLINE_BELOW));
+        let rest = if small {
             let (results, took) = work(&*self.f, &self.stage, chunk);
             self.learn(n, took);
-            if self.pieces.is_empty() {
-                emit(results, out);
-            } else {
-                self.pieces.push_back(Piece::Done(results));
-            }
+            self.finished(results, out);
             return;
-        }
-        for piece in chunk.split(n.div_ceil(self.workers).max(1)) {
+        } else if self.per_item.is_none() && !chunk.has_errors() {
+            let (results, done, took, rest) = work_inline(&*self.f, &self.stage, chunk);
+            self.learn(done, took);
+            self.finished(results, out);
+            match rest {
+                Some(rest) => rest,
+                None => return,
+            }
+        } else {
+            chunk
+        };
+        let n = rest.len();
+        for piece in rest.split(n.div_ceil(self.workers).max(1)) {
             let f = self.f.clone();
             let stage = self.stage.clone();
             let items = piece.len() as u64;
