@@ -109,7 +109,9 @@ pub use ops::tap::Tap;
 pub use ops::throttle::Throttle;
 pub use ops::unbatch::Unbatch;
 pub use ops::window::{Session, Sliding, Tumbling, Window};
-pub use resilience::async_mapper::{AsyncMapper, DependencyDown, DependencySignal, TimeoutError};
+pub use resilience::async_mapper::{
+    AsyncMapper, ConcurrencyLimit, DependencyDown, DependencySignal, TimeoutError,
+};
 pub use resilience::dlq::{DeadLetter, DeadLetterQueue};
 #[cfg(feature = "http")]
 pub use resilience::health::HttpProbe;

@@ -109,6 +109,28 @@ async fn run() {
     let (_health, check) = tokio::sync::watch::channel(true);
     let failed_once = Arc::new(AtomicBool::new(false));
 
+    // 3 fails once (a retry saves it); 11 never answers in time.
+    let call = AsyncMapper::new(move |n: &u32| {
+        let n = *n;
+        let failed_once = failed_once.clone();
+        async move {
+            if n == 3 && !failed_once.swap(true, Ordering::Relaxed) {
+                return Err(std::io::Error::other("busy"));
+            }
+            if n == 11 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Ok(n)
+        }
+    })
+    .named("call")
+    .with_concurrency(4)
+    .with_timeout(Duration::from_millis(50))
+    .with_retry(
+        Retry::attempts(2).with_backoff(Duration::from_millis(1), Duration::from_millis(1)),
+    );
+    let call_limit = call.concurrency_limit();
+
     let pipeline = Pipeline::builder().with_name("scrape").build();
     let out = pipeline
         .iter(1..=20u32)
@@ -122,27 +144,7 @@ async fn run() {
         // 7 fails.
         .try_map(|n: &u32| if *n == 7 { Err("seven") } else { Ok(*n) })
         .named("parse")
-        // 3 fails once (a retry saves it); 11 never answers in time.
-        .pipe(
-            AsyncMapper::new(move |n: &u32| {
-                let n = *n;
-                let failed_once = failed_once.clone();
-                async move {
-                    if n == 3 && !failed_once.swap(true, Ordering::Relaxed) {
-                        return Err(std::io::Error::other("busy"));
-                    }
-                    if n == 11 {
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                    Ok(n)
-                }
-            })
-            .named("call")
-            .with_timeout(Duration::from_millis(50))
-            .with_retry(
-                Retry::attempts(2).with_backoff(Duration::from_millis(1), Duration::from_millis(1)),
-            ),
-        )
+        .pipe(call)
         // 200 a second, one at a time: the values wait for tokens.
         .pipe(Throttle::new(200, Duration::from_secs(1)).named("throttle"))
         .pipe(Batcher::new(5, Duration::from_secs(1)).named("batch"))
@@ -220,6 +222,11 @@ async fn run() {
         one(r#"streamz_async_mapper_in_flight{pipeline="scrape",stage="call"}"#),
         0.0
     );
+    assert_eq!(
+        one(r#"streamz_async_mapper_concurrency_limit{pipeline="scrape",stage="call"}"#),
+        4.0
+    );
+    assert_eq!(call_limit.get(), 4);
     assert!(
         one(r#"streamz_throttle_delay_seconds_count{pipeline="scrape",stage="throttle"}"#) >= 1.0
     );
@@ -272,6 +279,44 @@ async fn run() {
         );
         drop(breaker);
     }
+}
+
+/// An adaptive limit's gauge follows the limit as it moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_limit_is_exported() {
+    let addr = recorder();
+    // On a paused clock of its own (the recorder is process-wide), a
+    // dependency of 10 ms whatever the load: the limit climbs from 1 to 6.
+    let limit = std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let m = AsyncMapper::new(|n: &u32| {
+                let n = *n;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok::<_, std::io::Error>(n)
+                }
+            })
+            .with_adaptive_concurrency(1, 6)
+            .named("adaptive");
+            let limit = m.concurrency_limit();
+            let pipeline = Pipeline::builder().with_name("adaptive").build();
+            let out = pipeline.iter(0..500u32).pipe(m).collect().await;
+            assert_eq!(out.len(), 500);
+            pipeline.join().await.unwrap();
+            limit.get()
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(limit, 6);
+    let (page, series) = scrape(addr).await;
+    let key = r#"streamz_async_mapper_concurrency_limit{pipeline="adaptive",stage="adaptive"}"#;
+    assert_eq!(get(&series, key), 6.0, "{page}");
 }
 
 /// A stage named after the publisher has looked at its pipeline (before it

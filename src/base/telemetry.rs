@@ -354,6 +354,7 @@ impl GateSeries {
 #[derive(Debug)]
 pub(crate) struct MapperSeries {
     pub(crate) in_flight: Gauge,
+    pub(crate) limit: Gauge,
     pub(crate) calls: Histogram,
 }
 
@@ -368,6 +369,7 @@ impl Default for MapperSeries {
     fn default() -> Self {
         MapperSeries {
             in_flight: Gauge::noop(),
+            limit: Gauge::noop(),
             calls: Histogram::noop(),
         }
     }
@@ -377,6 +379,7 @@ impl MapperSeries {
     pub(crate) fn new(labels: &StageLabels) -> Self {
         MapperSeries {
             in_flight: labels.gauge(MAPPER_IN_FLIGHT, &[]),
+            limit: labels.gauge(MAPPER_LIMIT, &[]),
             calls: labels.histogram(MAPPER_CALL_SECONDS),
         }
     }
@@ -389,6 +392,7 @@ pub(crate) const TIMEOUTS: &str = "streamz_stage_timeouts_total";
 pub(crate) const EDGE_ITEMS: &str = "streamz_edge_items";
 pub(crate) const EDGE_CAPACITY: &str = "streamz_edge_capacity_items";
 pub(crate) const MAPPER_IN_FLIGHT: &str = "streamz_async_mapper_in_flight";
+pub(crate) const MAPPER_LIMIT: &str = "streamz_async_mapper_concurrency_limit";
 pub(crate) const MAPPER_CALL_SECONDS: &str = "streamz_async_mapper_call_duration_seconds";
 pub(crate) const THROTTLE_DELAY_SECONDS: &str = "streamz_throttle_delay_seconds";
 pub(crate) const BATCH_SIZE: &str = "streamz_batcher_batch_size_items";
@@ -449,6 +453,12 @@ const DESCRIPTIONS: &[(&str, Kind, metrics::Unit, &str)] = {
             Gauge,
             Count,
             "Items an AsyncMapper is working on",
+        ),
+        (
+            MAPPER_LIMIT,
+            Gauge,
+            Count,
+            "Items an AsyncMapper may hold at once: its fixed or adaptive concurrency limit",
         ),
         (
             MAPPER_CALL_SECONDS,

@@ -51,9 +51,19 @@ where
         self.slots.len() - self.free.len()
     }
 
-    /// Whether another item can be admitted now.
+    /// How many items may be held now: the fixed concurrency, or the
+    /// adaptive limit where it stands.
+    fn limit(&self) -> usize {
+        self.policy
+            .adaptive
+            .as_ref()
+            .map_or(self.limit, |a| a.limit())
+    }
+
+    /// Whether another item can be admitted now. (An adaptive limit may
+    /// fall below the slots already made: the extra ones stay free.)
     fn has_room(&self) -> bool {
-        !self.free.is_empty() || self.slots.len() < self.limit
+        self.occupied() < self.limit()
     }
 
     /// Puts an input item into a free slot (the caller checked there is
@@ -166,6 +176,10 @@ where
                     break;
                 };
                 self.admit(item, ack, cx);
+                let held = self.occupied();
+                if let Some(adaptive) = &mut self.policy.adaptive {
+                    adaptive.held(held);
+                }
                 progress = true;
                 budget -= 1;
             }

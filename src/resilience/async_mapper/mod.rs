@@ -18,10 +18,12 @@
 //! wake-up polls every busy slot, which is cheap for the small
 //! concurrencies async I/O calls use (tens, not thousands).
 
+mod adaptive;
 mod hold;
 mod machine;
 mod slot;
 
+pub use adaptive::ConcurrencyLimit;
 pub use hold::DependencySignal;
 pub use slot::DependencyDown;
 
@@ -31,7 +33,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -187,6 +190,11 @@ pub struct AsyncMapper<In, Out, E, F> {
     name: Cow<'static, str>,
     f: F,
     concurrency: usize,
+    /// Adaptive concurrency's bounds (`min`, `max`), if on.
+    adaptive: Option<(usize, usize)>,
+    overload: Option<Predicate<E>>,
+    /// What [`ConcurrencyLimit`] handles read, made when one is asked for.
+    limit_handle: OnceLock<Arc<AtomicUsize>>,
     ordered: bool,
     timeout: Option<Duration>,
     retry: Retry,
@@ -206,6 +214,7 @@ impl<In, Out, E, F> fmt::Debug for AsyncMapper<In, Out, E, F> {
         f.debug_struct("AsyncMapper")
             .field("name", &self.name)
             .field("concurrency", &self.concurrency)
+            .field("adaptive", &self.adaptive)
             .field("ordered", &self.ordered)
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
@@ -226,6 +235,9 @@ where
             name: Cow::Borrowed("async_mapper"),
             f,
             concurrency: DEFAULT_CONCURRENCY,
+            adaptive: None,
+            overload: None,
+            limit_handle: OnceLock::new(),
             ordered: true,
             timeout: None,
             retry: Retry::default(),
@@ -318,9 +330,129 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// assert_eq!(err.to_string(), "AsyncMapper `lookup`: `concurrency` must be greater than zero");
     /// # }
     /// ```
+    ///
+    /// A fixed limit: it replaces an earlier
+    /// [`with_adaptive_concurrency`](AsyncMapper::with_adaptive_concurrency).
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
+        self.adaptive = None;
         self
+    }
+
+    /// A limit that finds the dependency's capacity by itself, between
+    /// `min` and `max` items at once, instead of a fixed concurrency. For
+    /// a dependency that slows down as it is loaded, or sheds load with
+    /// errors, and whose capacity is unknown or changes.
+    ///
+    /// The limit starts at `min`. The mapper cuts time into windows of one
+    /// typical call and, at the end of each (additive increase,
+    /// multiplicative decrease, as TCP does and as Vector's adaptive
+    /// request concurrency and Netflix's concurrency-limits do):
+    ///
+    /// - cuts the limit to 90 % (at least by one, never below `min`) if a
+    ///   call in the window was an overload, or if the window's successful
+    ///   calls were slower on average than the baseline (a moving average
+    ///   of past windows) by more than 2.5 of its deviations: the
+    ///   dependency is queueing;
+    /// - raises it by one (up to `max`) if the window filled the limit,
+    ///   had no overload and was no slower than the baseline: there was
+    ///   demand for more, and more did not hurt;
+    /// - keeps it otherwise.
+    ///
+    /// An overload is a timeout ([`with_timeout`](AsyncMapper::with_timeout))
+    /// or an error [`overload_if`](AsyncMapper::overload_if) marks (an
+    /// HTTP 429 or 503, say). Other errors say nothing either way; only
+    /// successful calls' latencies are compared. So the limit climbs by
+    /// about one per call time while the dependency keeps up, and settles
+    /// near the knee where its latency starts to grow.
+    ///
+    /// The limit bounds what the mapper holds, as a fixed concurrency
+    /// does: calls, backoffs, held items and, when ordered, finished items
+    /// waiting for their turn. When it falls, no item is cancelled: new
+    /// ones wait until enough have left. Read it with
+    /// [`concurrency_limit`](AsyncMapper::concurrency_limit), or as the
+    /// gauge `streamz_async_mapper_concurrency_limit` (feature `metrics`).
+    ///
+    /// `min` must be at least 1 and `max` at least `min`, checked when the
+    /// mapper is piped ([`ConfigError`], fields `adaptive_concurrency.min`
+    /// and `adaptive_concurrency.max`). A later
+    /// [`with_concurrency`](AsyncMapper::with_concurrency) makes the limit
+    /// fixed again.
+    ///
+    /// # Examples
+    ///
+    /// A dependency that answers 503 when more than 8 calls reach it: the
+    /// limit climbs, meets the 503s, and stays near 8.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::time::Duration;
+    /// use streamz::{AsyncMapper, Retry};
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("HTTP {0}")]
+    /// struct Status(u16);
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let active = calls.clone();
+    /// let mapper = AsyncMapper::new(move |id: &u32| {
+    ///     let active = active.clone();
+    ///     let id = *id;
+    ///     async move {
+    ///         let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+    ///         tokio::time::sleep(Duration::from_millis(10)).await;
+    ///         active.fetch_sub(1, Ordering::SeqCst);
+    ///         if now > 8 { Err(Status(503)) } else { Ok(id) }
+    ///     }
+    /// })
+    /// .with_adaptive_concurrency(1, 64)
+    /// .overload_if(|e: &Status| matches!(e.0, 429 | 503))
+    /// .with_retry(Retry::attempts(10));
+    /// let limit = mapper.concurrency_limit();
+    /// let out = streamz::iter(0..2_000u32).pipe(mapper).collect().await;
+    /// assert!(out.iter().all(Result::is_ok));
+    /// assert!((4..=9).contains(&limit.get()), "{}", limit.get());
+    /// # }
+    /// ```
+    pub fn with_adaptive_concurrency(mut self, min: usize, max: usize) -> Self {
+        self.adaptive = Some((min, max));
+        self.concurrency = max;
+        self
+    }
+
+    /// Marks the errors that mean the dependency is overloaded (an HTTP
+    /// 429 or 503, a "too many connections"): each cuts an adaptive limit
+    /// ([`with_adaptive_concurrency`](AsyncMapper::with_adaptive_concurrency)),
+    /// as a timeout does. Without it, no error is an overload. The
+    /// predicate is asked only with an adaptive limit; one that panics
+    /// fails the item as [`Panicked`](crate::ErrorKind::Panicked).
+    pub fn overload_if<P>(mut self, overload: P) -> Self
+    where
+        P: Fn(&E) -> bool + Send + Sync + 'static,
+    {
+        self.overload = Some(Arc::new(overload));
+        self
+    }
+
+    /// A handle on the mapper's concurrency limit, to read while it runs:
+    /// the fixed concurrency, or where an adaptive limit stands.
+    ///
+    /// ```
+    /// use streamz::AsyncMapper;
+    ///
+    /// let mapper = AsyncMapper::new(|x: &u32| std::future::ready(Ok::<_, std::io::Error>(*x)))
+    ///     .with_concurrency(8);
+    /// assert_eq!(mapper.concurrency_limit().get(), 8);
+    /// ```
+    pub fn concurrency_limit(&self) -> ConcurrencyLimit {
+        let start = self.adaptive.map_or(self.concurrency, |(min, _)| min);
+        let handle = self
+            .limit_handle
+            .get_or_init(|| Arc::new(AtomicUsize::new(start)));
+        handle.store(start, Ordering::Relaxed);
+        ConcurrencyLimit(handle.clone())
     }
 
     /// Emits each item as soon as it finishes instead of in input order.
@@ -437,7 +569,18 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// timeout, the retry policy, an explicit edge and a breaker's
     /// configuration.
     pub(crate) fn check(&self) -> Result<(), ConfigError> {
-        nonzero(self.concurrency, "concurrency")?;
+        match self.adaptive {
+            None => nonzero(self.concurrency, "concurrency")?,
+            Some((min, max)) => {
+                nonzero(min, "adaptive_concurrency.min")?;
+                if max < min {
+                    return Err(ConfigError::new(
+                        "adaptive_concurrency.max",
+                        format!("must be at least `min` ({min}), is {max}"),
+                    ));
+                }
+            }
+        }
         if let Some(timeout) = self.timeout {
             nonzero(timeout, "timeout")?;
         }
@@ -490,6 +633,17 @@ where
     pub(crate) fn spawn_guarded<G: Guard>(mut self, input: Flow<In>, guard: G) -> Flow<Out> {
         let c = self.concurrency.max(1);
         let edge = self.edge.unwrap_or(input.pipeline().edge());
+        let shared = self
+            .limit_handle
+            .take()
+            .unwrap_or_else(|| Arc::new(AtomicUsize::new(c)));
+        let adaptive = match self.adaptive {
+            Some((min, max)) => Some(adaptive::Controller::new(min, max, shared)),
+            None => {
+                shared.store(c, Ordering::Relaxed);
+                None
+            }
+        };
         let machine = Machine {
             policy: Policy {
                 shutting_down: false,
@@ -500,6 +654,8 @@ where
                 timeout: self.timeout,
                 retry: self.retry,
                 retryable: self.retryable,
+                adaptive,
+                overload: self.overload,
                 stage: Arc::from(self.name.as_ref()),
                 retries: 0,
                 timeouts: 0,
@@ -518,6 +674,11 @@ where
         driver::spawn_with(input, &self.name, Some(edge), |_, counters| {
             let mut machine = machine;
             machine.policy.series = MapperSeries::new(&counters.labels());
+            let gauge = machine.policy.series.limit.clone();
+            match &mut machine.policy.adaptive {
+                Some(adaptive) => adaptive.export(gauge),
+                None => gauge.set(machine.limit as f64),
+            }
             machine
         })
     }

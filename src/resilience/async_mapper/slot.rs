@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::adaptive::{Controller, Outcome as Observed};
 use super::{DependencySignal, Guard, Predicate, TimeoutError, Verdict};
 use crate::base::error::{BoxError, ErrorKind, StreamError};
 use crate::base::telemetry::{MapperSeries, Stopwatch};
@@ -57,6 +58,8 @@ pub(super) struct Slot<In, Out, E, Fut, T> {
     pub(super) first_start: Option<Instant>,
     /// Times the running attempt (feature `metrics`).
     pub(super) clock: Stopwatch,
+    /// When the running attempt started, for adaptive concurrency.
+    pub(super) began: Option<Instant>,
     /// When the item's first attempt failed, by the wall clock (for the
     /// error's record when a retry does not save it).
     pub(super) first_failure: Option<SystemTime>,
@@ -75,6 +78,7 @@ impl<In, Out, E, Fut, T> Slot<In, Out, E, Fut, T> {
             attempts: 0,
             first_start: None,
             clock: Stopwatch::default(),
+            began: None,
             first_failure: None,
             phase: Phase::Free,
         }
@@ -98,6 +102,10 @@ pub(super) struct Policy<F, E, G> {
     pub(super) timeout: Option<Duration>,
     pub(super) retry: Retry,
     pub(super) retryable: Option<Predicate<E>>,
+    /// Adaptive concurrency: the limit's controller, and which errors
+    /// say the dependency is overloaded.
+    pub(super) adaptive: Option<Controller>,
+    pub(super) overload: Option<Predicate<E>>,
     pub(super) rng: fastrand::Rng,
     pub(super) stage: Arc<str>,
     /// Attempts retried and timed out since the driver last took them.
@@ -186,6 +194,9 @@ impl<F, E, G: Guard> Policy<F, E, G> {
             Ok(fut) => {
                 slot.fut.as_mut().set(Some(fut));
                 slot.clock = Stopwatch::start();
+                if self.adaptive.is_some() {
+                    slot.began = Some(Instant::now());
+                }
             }
             Err(payload) => {
                 self.end_attempt(slot, None);
@@ -332,6 +343,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                             };
                             slot.fut.as_mut().set(None);
                             slot.clock.record(&self.series.calls);
+                            self.observe(slot, Observed::Overload);
                             // A timed-out call is a failed call to a guard.
                             self.end_attempt(slot, Some(Verdict::Failure));
                             self.timeouts += 1;
@@ -341,6 +353,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                         Ok(Poll::Ready(Ok(value))) => {
                             slot.fut.as_mut().set(None);
                             slot.clock.record(&self.series.calls);
+                            self.observe(slot, Observed::Success);
                             if let Err(panicked) = self.settle(slot, Ok(&value)) {
                                 self.fail(slot, panicked);
                                 continue;
@@ -351,6 +364,11 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                         Ok(Poll::Ready(Err(e))) => {
                             slot.fut.as_mut().set(None);
                             slot.clock.record(&self.series.calls);
+                            if let Err(panicked) = self.observe_error(slot, &e) {
+                                self.end_attempt(slot, Some(Verdict::Failure));
+                                self.fail(slot, panicked);
+                                continue;
+                            }
                             match self.settle(slot, Err(&e)) {
                                 Ok(()) => self.failed(slot, Failure::Error(e)),
                                 Err(panicked) => self.fail(slot, panicked),
@@ -359,6 +377,7 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                         Err(payload) => {
                             slot.fut.as_mut().set(None);
                             slot.clock.record(&self.series.calls);
+                            self.observe(slot, Observed::Neither);
                             self.end_attempt(slot, Some(Verdict::Failure));
                             let err = StreamError::panicked(&self.stage, payload);
                             self.fail(slot, err);
@@ -391,6 +410,48 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                 Phase::Free => return false,
             }
         }
+    }
+
+    /// Tells the adaptive limit, if any, how the slot's attempt ended.
+    fn observe<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        observed: Observed,
+    ) {
+        let (Some(adaptive), Some(began)) = (&mut self.adaptive, slot.began.take()) else {
+            return;
+        };
+        adaptive.ended(Instant::now(), began, observed);
+    }
+
+    /// Tells the adaptive limit, if any, of an error: an overload if the
+    /// user's predicate says so. A predicate that panics fails the item
+    /// as `panicked` (returned).
+    fn observe_error<In, Out, Fut>(
+        &mut self,
+        slot: &mut Slot<In, Out, E, Fut, G::Token>,
+        error: &E,
+    ) -> Result<(), StreamError> {
+        if self.adaptive.is_none() {
+            return Ok(());
+        }
+        let overload = match &self.overload {
+            None => false,
+            Some(p) => match catch_unwind(AssertUnwindSafe(|| p(error))) {
+                Ok(overload) => overload,
+                Err(payload) => {
+                    self.observe(slot, Observed::Neither);
+                    return Err(StreamError::panicked(&self.stage, payload));
+                }
+            },
+        };
+        let observed = if overload {
+            Observed::Overload
+        } else {
+            Observed::Neither
+        };
+        self.observe(slot, observed);
+        Ok(())
     }
 
     /// Tells the guard how the slot's attempt ended: as judged

@@ -1,0 +1,298 @@
+//! Adaptive concurrency (`AsyncMapper::with_adaptive_concurrency`) against
+//! a simulated dependency, on a paused clock: the limit finds the knee of a
+//! dependency whose latency grows beyond it, and backs off when the
+//! dependency sheds load with overload errors.
+
+#[path = "sim/knee.rs"]
+mod sim;
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sim::{Knee, Overloaded};
+use streamz::{AsyncMapper, ConcurrencyLimit, ErrorKind, Retry};
+use tokio::time::Instant;
+
+const BASE: Duration = Duration::from_millis(10);
+/// Every test ends well within this much simulated time.
+const LIMIT: Duration = Duration::from_secs(3600);
+
+/// The limit, sampled: time since the start, and the limit then.
+type Samples = Arc<Mutex<Vec<(Duration, usize)>>>;
+
+/// Samples `limit` every 10 ms of the (paused) clock until `done`.
+fn sample(limit: ConcurrencyLimit) -> (Samples, tokio::task::JoinHandle<()>) {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let out = samples.clone();
+    let task = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tick.tick().await;
+            out.lock().unwrap().push((start.elapsed(), limit.get()));
+        }
+    });
+    (samples, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_settles_near_the_knee() {
+    let knee = Knee::new(16, BASE);
+    let dependency = knee.clone();
+    let mapper = AsyncMapper::new(move |_: &u32| dependency.clone().call())
+        .with_adaptive_concurrency(1, 200)
+        .named("lookup");
+    let limit = mapper.concurrency_limit();
+    assert_eq!(limit.get(), 1);
+    let (samples, sampler) = sample(limit.clone());
+    // About 10 s at the knee's 1,600 calls/s.
+    let out = streamz::iter(0..16_000u32).pipe(mapper);
+    let pipeline = out.pipeline().clone();
+    let results = tokio::time::timeout(LIMIT, out.collect())
+        .await
+        .expect("ended");
+    sampler.abort();
+    assert_eq!(results.len(), 16_000);
+    assert!(results.iter().all(Result::is_ok));
+    support::assert_conserved(&support::stage(&pipeline, "lookup"));
+
+    let samples = samples.lock().unwrap().clone();
+    let reached = samples.iter().find(|(_, l)| *l >= 16).map(|(t, _)| *t);
+    assert!(
+        reached.is_some_and(|t| t < Duration::from_secs(1)),
+        "the limit climbs to the knee within a second: {reached:?}"
+    );
+    // From 2 s on, within 25 % of the knee (12..=20), and on average close.
+    let settled: Vec<usize> = samples
+        .iter()
+        .filter(|(t, _)| *t >= Duration::from_secs(2))
+        .map(|(_, l)| *l)
+        .collect();
+    assert!(settled.len() > 500, "{} samples", settled.len());
+    let (lo, hi) = (settled.iter().min().unwrap(), settled.iter().max().unwrap());
+    assert!(*lo >= 12 && *hi <= 20, "settled between {lo} and {hi}");
+    let mean = settled.iter().sum::<usize>() as f64 / settled.len() as f64;
+    println!("settled between {lo} and {hi}, mean {mean:.2}");
+    assert!((14.0..=18.0).contains(&mean), "mean limit {mean:.1}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_backs_off_on_overload_errors() {
+    // No knee in latency: the limit climbs to its max, until the
+    // dependency starts refusing calls beyond 8 in flight.
+    let knee = Knee::new(usize::MAX, BASE);
+    let dependency = knee.clone();
+    let mapper = AsyncMapper::new(move |_: &u32| dependency.clone().call())
+        .with_adaptive_concurrency(2, 48)
+        .overload_if(|_: &Overloaded| true)
+        .with_retry(Retry::attempts(1_000).with_backoff(BASE, BASE))
+        .named("lookup");
+    let limit = mapper.concurrency_limit();
+    let (samples, sampler) = sample(limit.clone());
+    let shed = knee.clone();
+    let shedder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        shed.shed_above(8);
+    });
+    let out = streamz::iter(0..40_000u32).pipe(mapper);
+    let pipeline = out.pipeline().clone();
+    let results = tokio::time::timeout(LIMIT, out.collect())
+        .await
+        .expect("ended");
+    sampler.abort();
+    shedder.await.unwrap();
+    assert_eq!(results.len(), 40_000);
+    assert!(
+        results.iter().all(Result::is_ok),
+        "every item got through on a retry"
+    );
+    let m = support::stage(&pipeline, "lookup");
+    support::assert_conserved(&m);
+    assert!(m.retries > 0, "calls were refused and retried");
+
+    let samples = samples.lock().unwrap().clone();
+    let before: Vec<usize> = samples
+        .iter()
+        .filter(|(t, _)| *t < Duration::from_secs(2))
+        .map(|(_, l)| *l)
+        .collect();
+    assert_eq!(
+        before.iter().max(),
+        Some(&48),
+        "climbed to max while nothing failed"
+    );
+    let after: Vec<usize> = samples
+        .iter()
+        .filter(|(t, _)| *t >= Duration::from_millis(2_500))
+        .map(|(_, l)| *l)
+        .collect();
+    assert!(after.len() > 100, "{} samples", after.len());
+    let hi = *after.iter().max().unwrap();
+    assert!(
+        hi <= 10,
+        "backed off to the shedding point (8): at most {hi}"
+    );
+    assert!(after.iter().all(|l| *l >= 2), "never below min");
+}
+
+/// Leaves the in-flight count when a call ends or is cancelled (timed out).
+struct Leave(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_count_as_overload() {
+    // A dependency whose answers take 10 ms whatever the load, but which
+    // never answers a call beyond 4 in flight: only the mapper's timeout
+    // tells, and the limit comes back down toward 4.
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hung = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (a, h) = (active.clone(), hung.clone());
+    let mapper = AsyncMapper::new(move |_: &u32| {
+        let (a, h) = (a.clone(), h.clone());
+        async move {
+            let n = a.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let _leave = Leave(a);
+            if n > 4 {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(BASE).await;
+            Ok::<_, Overloaded>(())
+        }
+    })
+    .with_adaptive_concurrency(1, 32)
+    .with_timeout(Duration::from_millis(50))
+    .with_retry(
+        Retry::attempts(1_000)
+            .with_backoff(BASE, BASE)
+            .with_timeouts_retried(true),
+    )
+    .named("lookup");
+    let limit = mapper.concurrency_limit();
+    let (samples, sampler) = sample(limit.clone());
+    let out = streamz::iter(0..5_000u32).pipe(mapper);
+    let pipeline = out.pipeline().clone();
+    let results = tokio::time::timeout(LIMIT, out.collect())
+        .await
+        .expect("ended");
+    sampler.abort();
+    assert!(results.iter().all(Result::is_ok));
+    let m = support::stage(&pipeline, "lookup");
+    support::assert_conserved(&m);
+    assert!(m.timeouts > 0 && hung.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let samples = samples.lock().unwrap().clone();
+    let late: Vec<usize> = samples
+        .iter()
+        .filter(|(t, _)| *t >= Duration::from_secs(2))
+        .map(|(_, l)| *l)
+        .collect();
+    assert!(late.len() > 100, "{} samples", late.len());
+    let hi = *late.iter().max().unwrap();
+    let mean = late.iter().sum::<usize>() as f64 / late.len() as f64;
+    println!(
+        "timeouts: between {} and {hi}, mean {mean:.2}",
+        late.iter().min().unwrap()
+    );
+    // A timeout tells 50 ms (five calls' time) after the call began, while
+    // the limit keeps climbing on the answered calls: it rises past 4 by a
+    // few before each cut.
+    assert!(
+        hi <= 10,
+        "the limit stays near the 4 calls the dependency answers: {hi}"
+    );
+    assert!((3.0..=8.0).contains(&mean), "mean limit {mean:.2}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_overload_predicate_fails_the_item_and_keeps_the_count() {
+    let mapper = AsyncMapper::new(|x: &u32| {
+        let x = *x;
+        async move { if x % 2 == 0 { Err(Overloaded) } else { Ok(x) } }
+    })
+    .with_adaptive_concurrency(1, 4)
+    .overload_if(|_: &Overloaded| panic!("predicate bug"))
+    .named("lookup");
+    let out = streamz::iter(0..10u32).pipe(mapper);
+    let pipeline = out.pipeline().clone();
+    let results = tokio::time::timeout(LIMIT, out.collect())
+        .await
+        .expect("ended");
+    let (values, errors) = support::split(results);
+    assert_eq!(values, [1, 3, 5, 7, 9]);
+    assert_eq!(errors.len(), 5);
+    for mut e in errors {
+        assert_eq!(e.kind(), ErrorKind::Panicked);
+        assert!(e.take_item::<u32>().is_some_and(|x| x % 2 == 0));
+    }
+    support::assert_conserved(&support::stage(&pipeline, "lookup"));
+}
+
+#[tokio::test]
+async fn bad_bounds_are_refused() {
+    let f = |x: &u32| std::future::ready(Ok::<_, Overloaded>(*x));
+    let e = support::refused(
+        AsyncMapper::new(f)
+            .with_adaptive_concurrency(0, 4)
+            .named("m"),
+    );
+    assert_eq!(e.field(), "adaptive_concurrency.min");
+    assert!(e.is_zero());
+    let e = support::refused(
+        AsyncMapper::new(f)
+            .with_adaptive_concurrency(5, 4)
+            .named("m"),
+    );
+    assert_eq!(e.field(), "adaptive_concurrency.max");
+    assert_eq!(
+        e.to_string(),
+        "AsyncMapper `m`: `adaptive_concurrency.max` must be at least `min` (5), is 4"
+    );
+    // Huge bounds are fine: slots are made as items need them.
+    let out = streamz::iter(0..100u32)
+        .pipe(AsyncMapper::new(f).with_adaptive_concurrency(usize::MAX, usize::MAX))
+        .collect()
+        .await;
+    assert_eq!(out.len(), 100);
+    // A later fixed concurrency wins.
+    let m = AsyncMapper::new(f)
+        .with_adaptive_concurrency(0, 4)
+        .with_concurrency(3);
+    assert_eq!(m.concurrency_limit().get(), 3);
+    let out = streamz::iter(0..10u32).pipe(m).collect().await;
+    assert_eq!(out.len(), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_never_leaves_its_bounds_and_holds_no_more_items_than_it() {
+    // A dependency whose latency does not depend on load: the limit climbs
+    // to max and stays; the calls in flight never exceed the limit.
+    let knee = Knee::new(usize::MAX, BASE);
+    let dependency = knee.clone();
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (p, a) = (peak.clone(), active.clone());
+    let mapper = AsyncMapper::new(move |_: &u32| {
+        let (p, a, d) = (p.clone(), a.clone(), dependency.clone());
+        async move {
+            let n = a.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            p.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+            let r = d.call().await;
+            a.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            r
+        }
+    })
+    .with_adaptive_concurrency(3, 7);
+    let limit = mapper.concurrency_limit();
+    let out = tokio::time::timeout(LIMIT, streamz::iter(0..2_000u32).pipe(mapper).collect())
+        .await
+        .expect("ended");
+    assert_eq!(out.len(), 2_000);
+    assert_eq!(limit.get(), 7);
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 7);
+}
