@@ -92,7 +92,7 @@ pub use flow::stage::Stage;
 pub use flow::step::{Emit, Item, Step};
 pub use flow::topology::{EdgeQueue, StageKind, Topology, TopologyEdge, TopologyStage};
 pub use ops::batcher::Batcher;
-pub use ops::broadcast::Broadcast;
+pub use ops::broadcast::{BranchPolicy, BranchStats, Broadcast};
 pub use ops::buffer::Buffer;
 pub use ops::debounce::Debounce;
 pub use ops::dedupe::Dedupe;

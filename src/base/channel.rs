@@ -103,6 +103,15 @@ impl<T> ChunkTx<T> {
         self.tx.send(chunk).map_err(|e| e.0)
     }
 
+    /// Ends the stream for the receiver before this sender is dropped: it
+    /// reads what the channel holds, then the end. Nothing can be sent
+    /// after (a send finds the channel closed). An empty chunk is the
+    /// marker: no other send queues one.
+    pub(crate) fn end(&self) {
+        self.permits.close();
+        let _ = self.tx.send(Chunk::default());
+    }
+
     /// Resolves when the receiver is gone.
     pub(crate) async fn closed(&self) {
         self.tx.closed().await
@@ -160,8 +169,14 @@ impl<T> ChunkRx<T> {
 
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
         let chunk = std::task::ready!(self.rx.poll_recv(cx));
-        if let Some(chunk) = &chunk {
-            self.permits.add_permits(chunk.len().min(self.cap));
+        match &chunk {
+            // The sender ended the stream ([`ChunkTx::end`]).
+            Some(chunk) if chunk.is_empty() => {
+                self.rx.close();
+                return Poll::Ready(None);
+            }
+            Some(chunk) => self.permits.add_permits(chunk.len().min(self.cap)),
+            None => {}
         }
         Poll::Ready(chunk)
     }
@@ -224,6 +239,24 @@ mod tests {
         tokio::task::yield_now().await;
         drop(rx);
         assert_eq!(waiting.await.unwrap().unwrap_err().values(), [2]);
+        assert!(tx.is_closed());
+    }
+
+    #[tokio::test]
+    async fn an_ended_channel_gives_what_it_holds_then_the_end() {
+        let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::new(4, 4));
+        tx.send(Chunk::from_values(vec![1, 2])).await.unwrap();
+        tx.end();
+        assert!(tx.send(Chunk::from_values(vec![3])).await.is_err());
+        assert!(matches!(
+            tx.try_send(Chunk::from_values(vec![3])),
+            Err(TrySend::Closed(_))
+        ));
+        let recv =
+            |rx: &mut ChunkRx<u32>| std::future::poll_fn(|cx| rx.poll_recv(cx)).now_or_never();
+        assert_eq!(recv(&mut rx).unwrap().unwrap().values(), [1, 2]);
+        assert!(recv(&mut rx).unwrap().is_none());
+        assert!(recv(&mut rx).unwrap().is_none(), "and stays ended");
         assert!(tx.is_closed());
     }
 

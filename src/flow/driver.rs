@@ -73,6 +73,18 @@ pub(crate) enum Demand {
     Done,
 }
 
+/// What [`Operator::on_full`] decided for a piece whose output is full.
+pub(crate) enum Full<O> {
+    /// Wait for room: the piece, handed back.
+    Wait(Chunk<O>),
+    /// The operator dropped the piece (and counted it).
+    Shed,
+    /// The operator dropped the piece; the output is detached: it gets
+    /// nothing more, its flow ends after what its channel holds, and its
+    /// other pending pieces go to [`Operator::on_refused`].
+    Detach,
+}
+
 /// A stage's logic as a state machine; [`run`] drives it.
 ///
 /// Every count is in input items: an output that stands for several inputs
@@ -130,6 +142,16 @@ pub(crate) trait Operator<In, O>: Send + 'static {
     fn on_refused(&mut self, lane: usize, chunk: Chunk<O>, units: u64, out: &mut Out<O>) -> u64 {
         let _ = (lane, chunk, out);
         units
+    }
+
+    /// A piece meant for output `lane` found that output's channel full.
+    /// The default waits for room (backpressure); a fan-out whose branch
+    /// may shed (broadcast's [`BranchPolicy`](crate::BranchPolicy)) can
+    /// drop the piece instead, or detach the branch. Whatever it does not
+    /// hand back, it accounts for itself.
+    fn on_full(&mut self, lane: usize, chunk: Chunk<O>, units: u64, out: &mut Out<O>) -> Full<O> {
+        let _ = (lane, units, out);
+        Full::Wait(chunk)
     }
 
     /// How many received items the operator holds (not yet emitted, failed,
@@ -447,6 +469,8 @@ struct Lane<T> {
     units: u64,
     /// Whether the output was still read when the driver last looked.
     reading: bool,
+    /// The operator detached the output ([`Full::Detach`]): never read again.
+    detached: bool,
     /// The values of the piece delivered last: what the next one reserves.
     last: usize,
 }
@@ -481,6 +505,7 @@ impl<T> Default for Lane<T> {
             open: Chunk::default(),
             units: 0,
             reading: true,
+            detached: false,
             last: MAX_RESERVE,
         }
     }
@@ -734,7 +759,7 @@ where
                 }
                 if txs.len() > 1 {
                     for (lane, tx) in out.lanes.iter_mut().zip(&txs) {
-                        lane.reading = !tx.is_closed();
+                        lane.reading = !lane.detached && !tx.is_closed();
                     }
                 }
                 let n = chunk.len() as u64;
@@ -824,7 +849,18 @@ where
                     refused(op, out, lane, chunk, units, counters)?;
                     continue;
                 }
-                Err(TrySend::Full(chunk)) => chunk,
+                Err(TrySend::Full(chunk)) => {
+                    let mut full = Full::Shed;
+                    guarded(|| full = op.on_full(lane, chunk, units, out))?;
+                    match full {
+                        Full::Wait(chunk) => chunk,
+                        Full::Shed => continue,
+                        Full::Detach => {
+                            detach(op, out, tx, lane, counters)?;
+                            continue;
+                        }
+                    }
+                }
             };
             let mut send = pin!(tx.send(chunk));
             let mut panic = None;
@@ -865,6 +901,27 @@ where
         }
     }
     Ok(true)
+}
+
+/// The operator detached output `lane`: it is never read again, its
+/// channel ends after what it holds, and its pending pieces are refused.
+fn detach<In, O, Op>(
+    op: &mut Op,
+    out: &mut Out<O>,
+    tx: &ChunkTx<O>,
+    lane: usize,
+    counters: &Counters,
+) -> Result<(), Box<dyn std::any::Any + Send>>
+where
+    Op: Operator<In, O>,
+{
+    out.lanes[lane].detached = true;
+    out.lanes[lane].reading = false;
+    tx.end();
+    while let Some((chunk, units)) = out.pop(lane) {
+        refused(op, out, lane, chunk, units, counters)?;
+    }
+    Ok(())
 }
 
 /// A piece for `lane` found its output gone: the operator may place its

@@ -1,11 +1,13 @@
 //! Fan-out: every value to every output.
 
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::base::chunk::Chunk;
-use crate::base::config::{EdgeConfig, outputs};
+use crate::base::config::{ConfigError, EdgeConfig, outputs};
 use crate::flow::Flow;
-use crate::flow::driver::{self, Operator, Out};
+use crate::flow::driver::{self, Full, Operator, Out};
 
 impl<T: Clone + Send + 'static> Flow<T> {
     /// Sends every value to each of `N` outputs.
@@ -14,7 +16,8 @@ impl<T: Clone + Send + 'static> Flow<T> {
     ///   slowest consumer paces all of them; memory stays bounded by the
     ///   outputs' edges. Put a larger edge (an
     ///   [`async_boundary_with`](Flow::async_boundary_with)) on a branch that
-    ///   must absorb bursts.
+    ///   must absorb bursts, or let a branch that may fall behind shed
+    ///   instead ([`Broadcast::with_policy`], [`BranchPolicy`]).
     /// - **Errors** are not cloned: each error item goes to exactly one
     ///   output, the first whose flow is still open (output 0 normally), so a
     ///   dead-letter queue on that branch sees each failure once.
@@ -117,6 +120,7 @@ impl<T: Clone + Send + 'static> Flow<T> {
             .validate()
             .and(outputs(broadcast.outputs, "outputs"))
             .and(broadcast.edge.map_or(Ok(()), |e| e.validate()))
+            .and(broadcast.check_policies())
             .map_err(|e| e.in_stage("Broadcast", &broadcast.name));
         if let Err(error) = checked {
             let n = broadcast.outputs;
@@ -126,8 +130,102 @@ impl<T: Clone + Send + 'static> Flow<T> {
             outputs,
             name,
             edge,
+            policies,
+            stats,
         } = broadcast;
-        driver::spawn_fan_out(self, &name, outputs, edge, Copies)
+        let mut policy = vec![BranchPolicy::Wait; outputs];
+        for (output, p) in policies {
+            policy[output] = p;
+        }
+        let stats = stats.get_or_init(|| BranchStats::new(outputs)).clone();
+        driver::spawn_fan_out(
+            self,
+            &name,
+            outputs,
+            edge,
+            Copies {
+                policy,
+                stats,
+                stage: name.clone().into_owned(),
+            },
+        )
+    }
+}
+
+/// What a [`broadcast`](Flow::broadcast_with) output does when it falls
+/// behind: when its channel (its edge: [`Broadcast::with_edge`]) is full
+/// as the broadcast has a copy for it.
+///
+/// A branch that sheds gets only copies: each item's count and every
+/// error go to the first output that waits, so the conservation law of
+/// the broadcast stage holds whatever a shedding branch misses (and at
+/// least one output must wait). If every waiting output has gone, the
+/// first open one takes them, and waits for room whatever its policy.
+///
+/// What a branch missed is counted in [`BranchStats`], and its copies'
+/// acknowledgements are met: shedding is a decision, so a replaying
+/// source (Kafka) commits past what the branch missed rather than stall
+/// at its `max_unacked`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BranchPolicy {
+    /// Wait for room: the slowest branch paces the broadcast (the default).
+    #[default]
+    Wait,
+    /// Drop the copies that find the branch full, and count them
+    /// ([`BranchStats::dropped`]). The branch gets what fits.
+    DropNewest,
+    /// The first time the branch is full, detach it: it gets nothing more,
+    /// and its flow ends once it has read what its channel holds. Counted
+    /// in [`BranchStats::detached`]; every value it missed in
+    /// [`BranchStats::dropped`]. A warning is logged.
+    Detach,
+}
+
+/// Per output of a broadcast: the copies it missed by its
+/// [`BranchPolicy`], and whether it was detached. Taken from the
+/// [`Broadcast`] before it is applied ([`Broadcast::branch_stats`]).
+///
+/// ```
+/// use streamz::{Broadcast, BranchPolicy};
+///
+/// let tee = Broadcast::new(2).with_policy(1, BranchPolicy::DropNewest);
+/// let stats = tee.branch_stats();
+/// assert_eq!((stats.dropped(1), stats.detached(1)), (0, false));
+/// ```
+#[derive(Debug, Clone)]
+pub struct BranchStats(Arc<[Branch]>);
+
+#[derive(Debug, Default)]
+struct Branch {
+    dropped: AtomicU64,
+    detached: AtomicBool,
+}
+
+impl BranchStats {
+    fn new(outputs: usize) -> Self {
+        BranchStats((0..outputs).map(|_| Branch::default()).collect())
+    }
+
+    /// Values output `output` did not get because of its policy: copies
+    /// dropped, and for a detached output every value since (0 for an
+    /// output out of range).
+    pub fn dropped(&self, output: usize) -> u64 {
+        self.0
+            .get(output)
+            .map_or(0, |b| b.dropped.load(Ordering::Relaxed))
+    }
+
+    /// Whether output `output` was detached ([`BranchPolicy::Detach`]).
+    pub fn detached(&self, output: usize) -> bool {
+        self.0
+            .get(output)
+            .is_some_and(|b| b.detached.load(Ordering::Relaxed))
+    }
+
+    /// How many outputs the broadcast has.
+    pub fn outputs(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -139,6 +237,9 @@ pub struct Broadcast {
     outputs: usize,
     name: Cow<'static, str>,
     edge: Option<EdgeConfig>,
+    /// Outputs that do not wait, in the order set.
+    policies: Vec<(usize, BranchPolicy)>,
+    stats: std::sync::OnceLock<BranchStats>,
 }
 
 impl Broadcast {
@@ -148,23 +249,120 @@ impl Broadcast {
             outputs,
             name: Cow::Borrowed("broadcast"),
             edge: None,
+            policies: Vec::new(),
+            stats: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What output `output` (counted from 0) does when it falls behind by
+    /// more than its edge holds ([`BranchPolicy`]; every output waits by
+    /// default). Refused when applied ([`ConfigError`], field
+    /// `policy`): an output out of range, or no output left waiting.
+    ///
+    /// A metrics branch that must never stall the main path:
+    ///
+    /// ```
+    /// use streamz::{Broadcast, BranchPolicy, EdgeConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let tee = Broadcast::new(2)
+    ///     .with_policy(1, BranchPolicy::DropNewest)
+    ///     .with_edge(EdgeConfig::new(8, 8));
+    /// let stats = tee.branch_stats();
+    /// let [main, metrics]: [_; 2] = streamz::iter(0..1_000u32)
+    ///     .broadcast_with(tee)
+    ///     .try_into()
+    ///     .unwrap();
+    /// // The metrics branch is never read: the main path gets everything
+    /// // all the same, and the branch's misses are counted.
+    /// let main = main.collect().await;
+    /// assert_eq!(main.len(), 1_000);
+    /// assert_eq!(stats.dropped(1), 1_000 - 8);
+    /// # drop(metrics);
+    /// # }
+    /// ```
+    pub fn with_policy(mut self, output: usize, policy: BranchPolicy) -> Self {
+        self.policies.retain(|(o, _)| *o != output);
+        self.policies.push((output, policy));
+        self
+    }
+
+    /// A handle on the outputs' [`BranchStats`], to read while the
+    /// broadcast runs.
+    pub fn branch_stats(&self) -> BranchStats {
+        self.stats
+            .get_or_init(|| BranchStats::new(self.outputs.min(crate::base::config::MAX_OUTPUTS)))
+            .clone()
+    }
+
+    /// Checks the policies: each names an output, and one output waits.
+    fn check_policies(&self) -> Result<(), ConfigError> {
+        if let Some((output, _)) = self.policies.iter().find(|(o, _)| *o >= self.outputs) {
+            return Err(ConfigError::new(
+                "policy",
+                format!(
+                    "names output {output}, but the broadcast has {} (counted from 0)",
+                    self.outputs
+                ),
+            ));
+        }
+        let shedding = self
+            .policies
+            .iter()
+            .filter(|(_, p)| *p != BranchPolicy::Wait)
+            .count();
+        if self.outputs > 0 && shedding == self.outputs {
+            return Err(ConfigError::new(
+                "policy",
+                "must leave one output waiting: it carries each item's count and the errors",
+            ));
+        }
+        Ok(())
     }
 
     crate::flow::processor::name_and_edge!("Sets every output's edge.");
 }
 
-/// The operator: each value to the first open output (counted there) and a
-/// copy to every other open one; each error to the first open output.
-struct Copies;
+/// The operator: each value to the first open waiting output (counted
+/// there) and a copy to every other open one; each error to that first
+/// output. Outputs whose policy sheds get copies only.
+struct Copies {
+    policy: Vec<BranchPolicy>,
+    stats: BranchStats,
+    stage: String,
+}
+
+impl Copies {
+    /// Counts copies output `lane` missed and meets their acknowledgements
+    /// (a shed copy is decided: see [`BranchPolicy`]).
+    fn shed<T>(&self, lane: usize, chunk: Chunk<T>) {
+        let n = chunk.values.len() as u64;
+        for (_, ack) in chunk.into_acked() {
+            ack.ack();
+        }
+        self.stats.0[lane].dropped.fetch_add(n, Ordering::Relaxed);
+    }
+}
 
 impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
     fn on_chunk(&mut self, chunk: Chunk<T>, out: &mut Out<T>) {
         let lanes = out.lanes();
         // With every output gone the driver stops the stage; until it
         // notices, output 0 takes the items and counts them undelivered.
-        let first = (0..lanes).find(|&l| out.is_open(l)).unwrap_or(0);
-        let others: Vec<usize> = (first + 1..lanes).filter(|&l| out.is_open(l)).collect();
+        let first = (0..lanes)
+            .find(|&l| out.is_open(l) && self.policy[l] == BranchPolicy::Wait)
+            .or_else(|| (0..lanes).find(|&l| out.is_open(l)))
+            .unwrap_or(0);
+        let others: Vec<usize> = (0..lanes)
+            .filter(|&l| l != first && out.is_open(l))
+            .collect();
+        // A detached output misses every value from now on: counted.
+        let values = chunk.values.len() as u64;
+        for (lane, policy) in self.policy.iter().enumerate() {
+            if *policy == BranchPolicy::Detach && self.stats.detached(lane) {
+                self.stats.0[lane].dropped.fetch_add(values, Ordering::Relaxed);
+            }
+        }
         for (item, ack) in chunk.into_acked() {
             match item {
                 Ok(value) => {
@@ -180,15 +378,48 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
         }
     }
 
+    fn on_full(&mut self, lane: usize, chunk: Chunk<T>, units: u64, _out: &mut Out<T>) -> Full<T> {
+        // A piece that carries items' counts or errors (every waiting
+        // output is gone) waits, whatever the policy.
+        if units > 0 || !chunk.errors.is_empty() {
+            return Full::Wait(chunk);
+        }
+        match self.policy[lane] {
+            BranchPolicy::Wait => Full::Wait(chunk),
+            BranchPolicy::DropNewest => {
+                self.shed(lane, chunk);
+                Full::Shed
+            }
+            BranchPolicy::Detach => {
+                self.shed(lane, chunk);
+                self.stats.0[lane].detached.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    stage = %self.stage,
+                    output = lane,
+                    "broadcast output fell behind by more than its edge holds: detached"
+                );
+                Full::Detach
+            }
+        }
+    }
+
     fn on_refused(&mut self, lane: usize, chunk: Chunk<T>, units: u64, out: &mut Out<T>) -> u64 {
         if units == 0 {
-            // Copies only: their items are counted where the originals went.
+            // Copies only: their items are counted where the originals
+            // went. A detached output's are shed (counted, decided); those
+            // of an output whose reader went away stay undecided.
+            if self.stats.detached(lane) {
+                self.shed(lane, chunk);
+            }
             return 0;
         }
-        // The originals' output is gone. Their values reached every later
-        // open output as copies (those are delivered after this one); their
-        // errors went nowhere else, so they move on to the next open output.
-        let Some(next) = (lane + 1..out.lanes()).find(|&l| out.is_open(l)) else {
+        // The originals' output is gone. Their values reached every other
+        // open output as copies; their errors went nowhere else, so they
+        // move on to the next open output.
+        let Some(next) = (0..out.lanes())
+            .map(|i| (lane + 1 + i) % out.lanes())
+            .find(|&l| l != lane && out.is_open(l))
+        else {
             return units;
         };
         let (_, errors) = chunk.into_parts();
