@@ -319,6 +319,44 @@ async fn the_adaptive_limit_is_exported() {
     assert_eq!(get(&series, key), 6.0, "{page}");
 }
 
+/// A broadcast output that sheds exports what it missed, and whether it
+/// was detached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_outputs_that_shed_are_exported() {
+    use streamz::{BranchPolicy, Broadcast, EdgeConfig};
+    let addr = recorder();
+    let pipeline = Pipeline::builder().with_name("tee").build();
+    let tee = Broadcast::new(3)
+        .named("tee")
+        .with_policy(1, BranchPolicy::DropNewest)
+        .with_policy(2, BranchPolicy::Detach)
+        .with_edge(EdgeConfig::new(8, 8));
+    let stats = tee.branch_stats();
+    let [main, dropping, detached]: [_; 3] = pipeline
+        .iter(0..1_000u32)
+        .broadcast_with(tee)
+        .try_into()
+        .unwrap();
+    assert_eq!(main.collect().await.len(), 1_000);
+    drop((dropping, detached));
+    pipeline.join().await.unwrap();
+    assert_eq!((stats.dropped(1), stats.dropped(2)), (992, 992));
+    let (page, series) = scrape(addr).await;
+    let key = |name: &str, output: u32| {
+        format!(
+            r#"streamz_broadcast_output_{name}{{pipeline="tee",stage="tee",output="{output}"}}"#
+        )
+    };
+    assert_eq!(get(&series, &key("dropped_total", 1)), 992.0, "{page}");
+    assert_eq!(get(&series, &key("dropped_total", 2)), 992.0, "{page}");
+    assert_eq!(get(&series, &key("detached", 1)), 0.0, "{page}");
+    assert_eq!(get(&series, &key("detached", 2)), 1.0, "{page}");
+    assert!(
+        !series.contains_key(&key("dropped_total", 0)),
+        "a waiting output has no series"
+    );
+}
+
 /// A stage named after the publisher has looked at its pipeline (before it
 /// runs) reports under its name; after an abort the gauges fall to 0 (the
 /// mapper's in-flight count, and the fill of a channel whose receiver

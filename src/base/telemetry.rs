@@ -107,6 +107,52 @@ impl StageLabels {
         }
     }
 
+    /// The counter `name` of this stage, with `extra` labels whose values
+    /// are made at run time (a broadcast output's number).
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn counter_owned(
+        &self,
+        name: &'static str,
+        extra: &[(&'static str, String)],
+    ) -> Counter {
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            let mut labels = self.labels(&[]);
+            labels.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
+            );
+            metrics::counter!(name, labels)
+        }
+        #[cfg(not(feature = "metrics"))]
+        Counter
+    }
+
+    /// The gauge `name` of this stage, with `extra` labels whose values
+    /// are made at run time.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn gauge_owned(
+        &self,
+        name: &'static str,
+        extra: &[(&'static str, String)],
+    ) -> Gauge {
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            let mut labels = self.labels(&[]);
+            labels.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
+            );
+            metrics::gauge!(name, labels)
+        }
+        #[cfg(not(feature = "metrics"))]
+        Gauge
+    }
+
     /// The gauge `name` of this stage, with `extra` labels.
     pub(crate) fn gauge(
         &self,
@@ -395,6 +441,8 @@ pub(crate) const MAPPER_IN_FLIGHT: &str = "streamz_async_mapper_in_flight";
 pub(crate) const MAPPER_LIMIT: &str = "streamz_async_mapper_concurrency_limit";
 pub(crate) const MAPPER_CALL_SECONDS: &str = "streamz_async_mapper_call_duration_seconds";
 pub(crate) const THROTTLE_DELAY_SECONDS: &str = "streamz_throttle_delay_seconds";
+pub(crate) const BROADCAST_DROPPED: &str = "streamz_broadcast_output_dropped_total";
+pub(crate) const BROADCAST_DETACHED: &str = "streamz_broadcast_output_detached";
 pub(crate) const BATCH_SIZE: &str = "streamz_batcher_batch_size_items";
 pub(crate) const GATE_OPEN: &str = "streamz_gate_open";
 pub(crate) const GATE_CLOSED_SECONDS: &str = "streamz_gate_closed_duration_seconds";
@@ -471,6 +519,18 @@ const DESCRIPTIONS: &[(&str, Kind, metrics::Unit, &str)] = {
             Histogram,
             Seconds,
             "How long a Throttle held an item back",
+        ),
+        (
+            BROADCAST_DROPPED,
+            Counter,
+            Count,
+            "Values a broadcast output missed by its policy (dropped, or sent after it was detached)",
+        ),
+        (
+            BROADCAST_DETACHED,
+            Gauge,
+            Count,
+            "Whether a broadcast output was detached for falling behind (1) or not (0)",
         ),
         (
             BATCH_SIZE,

@@ -566,7 +566,9 @@ where
     spawn_fan_out_with(input, name, outputs, edge, |_, _| op)
 }
 
-fn spawn_fan_out_with<In, O, Op>(
+/// [`spawn_fan_out`] for an operator built once the stage is registered
+/// (as [`spawn_with`]).
+pub(crate) fn spawn_fan_out_with<In, O, Op>(
     input: Flow<In>,
     name: &str,
     outputs: usize,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::base::chunk::Chunk;
 use crate::base::config::{ConfigError, EdgeConfig, outputs};
+use crate::base::telemetry::{BROADCAST_DETACHED, BROADCAST_DROPPED, Counter, Gauge};
 use crate::flow::Flow;
 use crate::flow::driver::{self, Full, Operator, Out};
 
@@ -138,17 +139,30 @@ impl<T: Clone + Send + 'static> Flow<T> {
             policy[output] = p;
         }
         let stats = stats.get_or_init(|| BranchStats::new(outputs)).clone();
-        driver::spawn_fan_out(
-            self,
-            &name,
-            outputs,
-            edge,
+        let stage = name.clone().into_owned();
+        driver::spawn_fan_out_with(self, &name, outputs, edge, move |_, counters| {
+            // Series for the outputs that may shed only: a broadcast to
+            // thousands of waiting outputs exports nothing per output.
+            let labels = counters.labels();
+            let series = policy
+                .iter()
+                .enumerate()
+                .map(|(output, p)| {
+                    (*p != BranchPolicy::Wait).then(|| {
+                        let label = [("output", output.to_string())];
+                        let detached = labels.gauge_owned(BROADCAST_DETACHED, &label);
+                        detached.set(0.0);
+                        (labels.counter_owned(BROADCAST_DROPPED, &label), detached)
+                    })
+                })
+                .collect();
             Copies {
                 policy,
                 stats,
-                stage: name.clone().into_owned(),
-            },
-        )
+                stage,
+                series,
+            }
+        })
     }
 }
 
@@ -330,6 +344,9 @@ struct Copies {
     policy: Vec<BranchPolicy>,
     stats: BranchStats,
     stage: String,
+    /// Per shedding output: its exported drops and detached flag
+    /// (feature `metrics`).
+    series: Vec<Option<(Counter, Gauge)>>,
 }
 
 impl Copies {
@@ -340,7 +357,15 @@ impl Copies {
         for (_, ack) in chunk.into_acked() {
             ack.ack();
         }
+        self.missed(lane, n);
+    }
+
+    /// Output `lane` missed `n` values.
+    fn missed(&self, lane: usize, n: u64) {
         self.stats.0[lane].dropped.fetch_add(n, Ordering::Relaxed);
+        if let Some((dropped, _)) = &self.series[lane] {
+            dropped.increment(n);
+        }
     }
 }
 
@@ -360,7 +385,7 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
         let values = chunk.values.len() as u64;
         for (lane, policy) in self.policy.iter().enumerate() {
             if *policy == BranchPolicy::Detach && self.stats.detached(lane) {
-                self.stats.0[lane].dropped.fetch_add(values, Ordering::Relaxed);
+                self.missed(lane, values);
             }
         }
         for (item, ack) in chunk.into_acked() {
@@ -393,6 +418,9 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
             BranchPolicy::Detach => {
                 self.shed(lane, chunk);
                 self.stats.0[lane].detached.store(true, Ordering::Relaxed);
+                if let Some((_, detached)) = &self.series[lane] {
+                    detached.set(1.0);
+                }
                 tracing::warn!(
                     stage = %self.stage,
                     output = lane,
