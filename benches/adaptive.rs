@@ -8,7 +8,7 @@
 //! second and the mean latency of a call over the same time, then traces
 //! the adaptive limit over 8 s in which the dependency starts shedding load
 //! (503 above 8 calls in flight) at 4 s. The trace goes to
-//! `target/adaptive-concurrency.csv`; with `-- --plot FILE.png` it is also
+//! `target/adaptive-concurrency.csv` (under `CARGO_TARGET_DIR` if set); with `-- --plot FILE.png` it is also
 //! drawn (docs/images/adaptive-concurrency.png comes from this).
 
 #[path = "../tests/sim/knee.rs"]
@@ -205,7 +205,9 @@ fn main() {
             Some(Duration::from_secs(4)),
         )
         .await;
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
         std::fs::create_dir_all(&dir).unwrap();
         let csv = dir.join("adaptive-concurrency.csv");
         let mut text = String::from("seconds,limit\n");

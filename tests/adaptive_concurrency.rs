@@ -40,10 +40,23 @@ fn sample(limit: ConcurrencyLimit) -> (Samples, tokio::task::JoinHandle<()>) {
 async fn the_limit_settles_near_the_knee() {
     let knee = Knee::new(16, BASE);
     let dependency = knee.clone();
-    let mapper = AsyncMapper::new(move |_: &u32| dependency.clone().call())
-        .with_adaptive_concurrency(1, 200)
-        .named("lookup");
-    let limit = mapper.concurrency_limit();
+    // Each call checks, as it starts, that the calls in flight (itself
+    // included) are within the limit: a cut cancels nothing, but no new
+    // item starts until enough have left.
+    let limit = Arc::new(std::sync::OnceLock::<ConcurrencyLimit>::new());
+    let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (l, o) = (limit.clone(), over.clone());
+    let mapper = AsyncMapper::new(move |_: &u32| {
+        let now = dependency.in_flight() + 1;
+        if now > l.get().unwrap().get() {
+            o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        dependency.clone().call()
+    })
+    .with_adaptive_concurrency(1, 200)
+    .named("lookup");
+    limit.set(mapper.concurrency_limit()).unwrap();
+    let limit = limit.get().unwrap().clone();
     assert_eq!(limit.get(), 1);
     let (samples, sampler) = sample(limit.clone());
     // About 10 s at the knee's 1,600 calls/s.
@@ -71,10 +84,95 @@ async fn the_limit_settles_near_the_knee() {
         .collect();
     assert!(settled.len() > 500, "{} samples", settled.len());
     let (lo, hi) = (settled.iter().min().unwrap(), settled.iter().max().unwrap());
-    assert!(*lo >= 12 && *hi <= 20, "settled between {lo} and {hi}");
     let mean = settled.iter().sum::<usize>() as f64 / settled.len() as f64;
     println!("settled between {lo} and {hi}, mean {mean:.2}");
+    let mut histogram = std::collections::BTreeMap::new();
+    for l in &settled {
+        *histogram.entry(*l).or_insert(0) += 1;
+    }
+    println!("{histogram:?}");
+    assert!(*lo >= 12 && *hi <= 20, "settled between {lo} and {hi}");
+
     assert!((14.0..=18.0).contains(&mean), "mean limit {mean:.1}");
+    let cuts = samples.windows(2).filter(|w| w[1].1 < w[0].1).count();
+    assert!(cuts > 10, "the limit was cut {cuts} times");
+    assert_eq!(
+        over.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a call started above the limit"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_that_does_not_grow_with_load_does_not_hold_the_limit_down() {
+    // Latency 10 ms plus up to 100 % random jitter, whatever the load:
+    // the dependency is never the bottleneck, and the limit must climb
+    // (a fixed tolerance against the fastest window would take the jitter
+    // for load and pin the limit near 1).
+    for (jitter, ordered) in [(0.5, true), (1.0, true), (1.0, false)] {
+        let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(7)));
+        let mapper = AsyncMapper::new(move |_: &u32| {
+            let extra = rng.lock().unwrap().f64() * jitter;
+            async move {
+                tokio::time::sleep(BASE.mul_f64(1.0 + extra)).await;
+                Ok::<_, Overloaded>(())
+            }
+        })
+        .with_adaptive_concurrency(1, 64);
+        let mapper = if ordered { mapper } else { mapper.unordered() };
+        let limit = mapper.concurrency_limit();
+        let (samples, sampler) = sample(limit.clone());
+        let out = tokio::time::timeout(LIMIT, streamz::iter(0..20_000u32).pipe(mapper).collect())
+            .await
+            .expect("ended");
+        sampler.abort();
+        assert_eq!(out.len(), 20_000);
+        let samples = samples.lock().unwrap().clone();
+        let late = &samples[samples.len() / 2..];
+        let mean = late.iter().map(|(_, l)| *l).sum::<usize>() as f64 / late.len() as f64;
+        println!("jitter {jitter}, ordered {ordered}: mean limit {mean:.1} in the second half");
+        assert!(
+            mean >= 32.0,
+            "jitter {jitter}, ordered {ordered}: mean limit {mean:.1}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_deadline_is_not_an_overload() {
+    // Even items answer in 10 ms. Odd items fail at once (an error not
+    // marked as overload), and their retry, 40 ms long, is cut by the
+    // item's 35 ms deadline: timeouts, but of the item's deadline, which
+    // say nothing of the dependency. The limit climbs on the even items.
+    let tried = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let mapper = AsyncMapper::new(move |x: &u32| {
+        let x = *x;
+        let first = tried.lock().unwrap().insert(x);
+        async move {
+            if x % 2 == 1 && first {
+                return Err(Overloaded);
+            }
+            let latency = if x % 2 == 0 { 10 } else { 40 };
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+            Ok(x)
+        }
+    })
+    .with_adaptive_concurrency(1, 8)
+    .overload_if(|_: &Overloaded| false)
+    .with_retry(
+        Retry::attempts(2)
+            .with_backoff(BASE, BASE)
+            .with_deadline(Duration::from_millis(35)),
+    );
+    let limit = mapper.concurrency_limit();
+    let out = tokio::time::timeout(LIMIT, streamz::iter(0..2_000u32).pipe(mapper).collect())
+        .await
+        .expect("ended");
+    let (values, errors) = support::split(out);
+    assert_eq!(values.len(), 1_000);
+    assert_eq!(errors.len(), 1_000);
+    assert!(errors.iter().all(|e| e.kind() == ErrorKind::TimedOut));
+    assert_eq!(limit.get(), 8, "deadline timeouts did not cut the limit");
 }
 
 #[tokio::test(start_paused = true)]
@@ -295,4 +393,39 @@ async fn the_limit_never_leaves_its_bounds_and_holds_no_more_items_than_it() {
     assert_eq!(out.len(), 2_000);
     assert_eq!(limit.get(), 7);
     assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_items_and_an_adaptive_limit_end_together() {
+    // A dependency that goes down for a second: the held items fill the
+    // limit (no call, no latency learnt) and every item still arrives once
+    // it is back, in order.
+    let (health, signal) = tokio::sync::watch::channel(streamz::Health::Healthy);
+    let mapper = AsyncMapper::new(|x: &u32| {
+        let x = *x;
+        async move {
+            tokio::time::sleep(BASE).await;
+            Ok::<_, Overloaded>(x)
+        }
+    })
+    .with_adaptive_concurrency(2, 16)
+    .hold_while_down(signal)
+    .named("lookup");
+    let limit = mapper.concurrency_limit();
+    let out = streamz::iter(0..3_000u32).pipe(mapper);
+    let pipeline = out.pipeline().clone();
+    let flip = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        health.send(streamz::Health::unhealthy("failover")).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        health.send(streamz::Health::Healthy).unwrap();
+        health
+    });
+    let results = tokio::time::timeout(LIMIT, out.collect())
+        .await
+        .expect("ended");
+    let _health = flip.await.unwrap();
+    assert_eq!(support::values(results), (0..3_000).collect::<Vec<_>>());
+    support::assert_conserved(&support::stage(&pipeline, "lookup"));
+    assert!((2..=16).contains(&limit.get()));
 }

@@ -62,6 +62,11 @@ impl Knee {
         self.inner.shed_above.store(n, Ordering::SeqCst);
     }
 
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.active.load(Ordering::SeqCst)
+    }
+
     /// Calls made so far.
     pub fn calls(&self) -> usize {
         self.inner.calls.load(Ordering::SeqCst)

@@ -8,28 +8,35 @@
 //! worth of successes, counting only calls that began after the limit last
 //! changed (the others say how the old limit did). Then:
 //!
-//! - an overload in the window (an error the user marked, or a timeout),
-//!   or a mean latency of its successes more than 5 % above the baseline,
-//!   cuts the limit to 90 % (at least by one, never below `min`): the
-//!   dependency queues;
+//! - an overload in the window (an error the user marked, or an attempt's
+//!   timeout), or a window slower than the baseline by more than 5 % plus
+//!   twice the standard error of its mean, cuts the limit to 90 % (at
+//!   least by one, never below `min`): the dependency queues;
 //! - otherwise a window in which the limit was reached raises it by one (up
 //!   to `max`): there was demand for more, and more did not hurt;
 //! - otherwise the limit stays.
 //!
 //! The baseline is the latency without load: the fastest of the last 100
 //! windows, each smoothed into a moving average first (weight 0.4) so one
-//! lucky window does not set it. Every cut that brings the limit back below
-//! the knee refreshes it; after 100 windows it is forgotten, so a dependency
-//! that became slower at every load is followed (TCP BBR keeps its minimum
-//! round trip the same way).
+//! lucky window does not set it. After 100 windows a window is forgotten,
+//! so a dependency that became slower at every load is followed (TCP BBR
+//! keeps its minimum round trip the same way).
+//!
+//! The standard error comes from the spread of single calls' latencies,
+//! learnt (smoothed, weight 0.4) from the windows that were not slower: a
+//! dependency whose latency jitters by chance gets a wider margin, while
+//! the spread a queue adds at the knee does not widen its own margin.
+//! Without it, a dependency jittering by 50 % whatever its load held the
+//! limit near 2 (the fastest of 100 noisy windows lies well below the
+//! typical one); with it, the limit climbs to its max.
 //!
 //! Why not a moving average of all windows, as Vector's adaptive request
-//! concurrency uses (with a threshold of 2.5 deviations): it follows the
-//! latency up as the limit climbs past the knee one call at a time. In a
-//! simulation of a dependency flat to 16 calls and linear beyond, it
-//! settled at 22 on a paused clock; this controller settles between 15
-//! and 18 there, and at 14.9 on average on the real clock
-//! (`cargo bench --bench adaptive`, docs/performance.md).
+//! concurrency uses (with a threshold of 2.5 deviations of the windows'
+//! means): it follows the latency up as the limit climbs past the knee one
+//! call at a time. In a simulation of a dependency flat to 16 calls and
+//! linear beyond, it settled at 22 on a paused clock; this controller
+//! settles between 16 and 20 there, and at 17.2 on average on the real
+//! clock (`cargo bench --bench adaptive`, docs/performance.md).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -46,6 +53,9 @@ const DECREASE: f64 = 0.9;
 /// slower: above the noise of a window's mean over a dozen calls on a
 /// millisecond timer, below what one call past a knee at 16 adds (6 %).
 const TOLERANCE: f64 = 0.05;
+/// How many standard errors of a window's mean (from the calls' spread)
+/// it may also stray above the baseline by chance.
+const DEVIATIONS: f64 = 2.0;
 /// The weight of the newest window in the smoothed mean.
 const SMOOTHING: f64 = 0.4;
 /// How many windows the baseline remembers.
@@ -138,7 +148,12 @@ pub(super) struct Controller {
     /// Successful calls' latencies in this window (nanoseconds: the mean
     /// of equal latencies is exact).
     sum_nanos: u128,
+    /// Their squares (seconds²), for the window's variance.
+    sum_squares: f64,
     samples: u64,
+    /// The variance of one call's latency (seconds²), smoothed over the
+    /// windows that had two successes or more and were not slower.
+    call_variance: Option<f64>,
     overloaded: bool,
     reached: bool,
 }
@@ -157,7 +172,9 @@ impl Controller {
             window_end: None,
             since: None,
             sum_nanos: 0,
+            sum_squares: 0.0,
             samples: 0,
+            call_variance: None,
             overloaded: false,
             reached: false,
         }
@@ -187,14 +204,16 @@ impl Controller {
     ///
     /// Only calls that began after the limit last changed count: the
     /// others say how the old limit did. A window ends once its time is
-    /// up and it holds an overload or half a limit's worth of successes.
+    /// up and it holds an overload or a limit's worth of successes.
     pub(super) fn ended(&mut self, now: Instant, began: Instant, outcome: Outcome) {
         if self.since.is_some_and(|since| began < since) {
             return;
         }
         match outcome {
             Outcome::Success => {
-                self.sum_nanos += now.saturating_duration_since(began).as_nanos();
+                let latency = now.saturating_duration_since(began);
+                self.sum_nanos += latency.as_nanos();
+                self.sum_squares += latency.as_secs_f64().powi(2);
                 self.samples += 1;
             }
             Outcome::Overload => self.overloaded = true,
@@ -207,6 +226,19 @@ impl Controller {
         let current = (self.samples > 0).then(|| {
             Duration::from_nanos((self.sum_nanos / u128::from(self.samples)) as u64).as_secs_f64()
         });
+        // The spread of one call's latency in this window, and how far
+        // the window's mean strays by chance (its standard error), from the
+        // spread of the windows that were not slower (so that a queue
+        // forming at the knee does not widen its own margin).
+        let spread = match (current, self.samples > 1) {
+            (Some(mean), true) => {
+                let n = self.samples as f64;
+                Some(((self.sum_squares - n * mean * mean) / (n - 1.0)).max(0.0))
+            }
+            _ => None,
+        };
+        let variance = self.call_variance.or(spread).unwrap_or(0.0);
+        let noise = (variance / self.samples.max(1) as f64).sqrt();
         let before = self.limit;
         match self.baseline.get() {
             None => {
@@ -215,9 +247,11 @@ impl Controller {
                 if self.overloaded {
                     self.decrease();
                 }
+                self.learn_spread(spread);
             }
             Some(baseline) => {
-                let slower = current.is_some_and(|c| c > baseline * (1.0 + TOLERANCE));
+                let slower =
+                    current.is_some_and(|c| c > baseline * (1.0 + TOLERANCE) + DEVIATIONS * noise);
                 if self.overloaded || slower {
                     self.decrease();
                 } else if self.reached && self.limit < self.max {
@@ -239,9 +273,17 @@ impl Controller {
             .map_or(Duration::ZERO, Duration::from_secs_f64);
         self.window_end = now.checked_add(window);
         self.sum_nanos = 0;
+        self.sum_squares = 0.0;
         self.samples = 0;
         self.overloaded = false;
         self.reached = false;
+    }
+
+    /// Folds a window's latency variance into the calls' spread.
+    fn learn_spread(&mut self, spread: Option<f64>) {
+        if let Some(v) = spread {
+            self.call_variance = Some(self.call_variance.map_or(v, |c| c + SMOOTHING * (v - c)));
+        }
     }
 
     fn decrease(&mut self) {

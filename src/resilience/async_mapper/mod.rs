@@ -351,20 +351,28 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     ///
     /// - cuts the limit to 90 % (at least by one, never below `min`) if a
     ///   call in the window was an overload, or if the window's successful
-    ///   calls were slower on average than the baseline (a moving average
-    ///   of past windows) by more than 2.5 of its deviations: the
+    ///   calls were slower on average than the baseline (the fastest of
+    ///   the last 100 windows: the latency without load) by more than 5 %
+    ///   plus twice the standard error of the window's mean (so that
+    ///   latency that jitters by chance is not taken for load): the
     ///   dependency is queueing;
-    /// - raises it by one (up to `max`) if the window filled the limit,
-    ///   had no overload and was no slower than the baseline: there was
-    ///   demand for more, and more did not hurt;
+    /// - otherwise raises it by one (up to `max`) if the window filled the
+    ///   limit: there was demand for more, and more did not hurt;
     /// - keeps it otherwise.
     ///
-    /// An overload is a timeout ([`with_timeout`](AsyncMapper::with_timeout))
-    /// or an error [`overload_if`](AsyncMapper::overload_if) marks (an
-    /// HTTP 429 or 503, say). Other errors say nothing either way; only
-    /// successful calls' latencies are compared. So the limit climbs by
-    /// about one per call time while the dependency keeps up, and settles
-    /// near the knee where its latency starts to grow.
+    /// A window is about one call's time and at least a limit's worth of
+    /// successful calls that began at the current limit (an overload ends
+    /// it early).
+    ///
+    /// An overload is an attempt's timeout
+    /// ([`with_timeout`](AsyncMapper::with_timeout); not the item's retry
+    /// deadline) or an error [`overload_if`](AsyncMapper::overload_if)
+    /// marks (an HTTP 429 or 503, say). Other errors say nothing either
+    /// way; only successful calls' latencies are compared. So the limit
+    /// climbs by about one per call time while the dependency keeps up,
+    /// and settles near the knee where its latency starts to grow. While
+    /// every call fails with an error that is not an overload, the limit
+    /// stays where it is: mark the dependency's "too busy" errors.
     ///
     /// The limit bounds what the mapper holds, as a fixed concurrency
     /// does: calls, backoffs, held items and, when ordered, finished items

@@ -343,11 +343,17 @@ impl<F, E, G: Guard> Policy<F, E, G> {
                             };
                             slot.fut.as_mut().set(None);
                             slot.clock.record(&self.series.calls);
-                            self.observe(slot, Observed::Overload);
+                            let failure = self.timeout_cause(slot, limit);
+                            // The attempt's own timeout says the dependency
+                            // is slow; the item's retry deadline says nothing.
+                            let observed = match failure {
+                                TimeoutError::Attempt { .. } => Observed::Overload,
+                                TimeoutError::Deadline { .. } => Observed::Neither,
+                            };
+                            self.observe(slot, observed);
                             // A timed-out call is a failed call to a guard.
                             self.end_attempt(slot, Some(Verdict::Failure));
                             self.timeouts += 1;
-                            let failure = self.timeout_cause(slot, limit);
                             self.failed(slot, Failure::TimedOut(failure));
                         }
                         Ok(Poll::Ready(Ok(value))) => {
