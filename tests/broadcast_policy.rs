@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use streamz::{Ack, BranchPolicy, Broadcast, EdgeConfig, ErrorKind, Receipt, StreamError};
+use streamz::{
+    Ack, BranchPolicy, Broadcast, EdgeConfig, ErrorKind, Pipeline, Receipt, StreamError,
+};
 use support::{settle, split, stage};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -256,4 +258,167 @@ async fn bad_policies_are_refused() {
     for o in outputs {
         let _ = o.collect().await;
     }
+}
+
+/// The waiting output goes away with pieces queued: the broadcast becomes
+/// a plain one, and what no reader got is counted undelivered.
+#[tokio::test(start_paused = true)]
+async fn when_the_waiting_output_goes_away_the_rest_wait_and_the_counts_hold() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(1024, 64));
+    let tee = Broadcast::new(2)
+        .named("tee")
+        .with_policy(1, BranchPolicy::DropNewest)
+        .with_edge(EdgeConfig::new(4, 4));
+    let stats = tee.branch_stats();
+    let [mut main, side]: [_; 2] = pipeline
+        .iter(0..128u32)
+        .broadcast_with(tee)
+        .try_into()
+        .unwrap();
+    let mut got_main = vec![];
+    for _ in 0..4 {
+        got_main.push(main.next().await.unwrap().unwrap());
+    }
+    settle().await;
+    drop(main);
+    settle().await;
+    let side = support::values(tokio::time::timeout(LIMIT, side.collect()).await.unwrap());
+    settle().await;
+    let m = stage(&pipeline, "tee");
+    let mut taken: std::collections::BTreeSet<u32> = got_main.iter().copied().collect();
+    taken.extend(side.iter().copied());
+    let missing: Vec<u32> = (0..128).filter(|v| !taken.contains(v)).collect();
+    // Main was read up to 4 and then paced the broadcast (it waits, and
+    // waiting outputs are delivered to first); once it went away, the
+    // shedding output waited too and got every value.
+    assert_eq!(got_main, [0, 1, 2, 3]);
+    assert_eq!(side, (0..128).collect::<Vec<_>>());
+    assert!(missing.is_empty());
+    assert_eq!(stats.dropped(1), 0);
+    support::assert_conserved(&m);
+    assert_eq!((m.emitted, m.undelivered), (128, 0));
+}
+
+/// A shedding output before the waiting one (in index order) got every
+/// value: when the waiting one goes away, nothing is counted undelivered.
+#[tokio::test(start_paused = true)]
+async fn an_earlier_shedding_output_that_got_everything_counts_nothing_undelivered() {
+    let pipeline = Pipeline::with_edge(EdgeConfig::new(1024, 64));
+    let (tx, rx) = futures::channel::mpsc::unbounded::<u32>();
+    let tee = Broadcast::new(2)
+        .named("tee")
+        .with_policy(0, BranchPolicy::DropNewest)
+        .with_edge(EdgeConfig::new(64, 4));
+    let stats = tee.branch_stats();
+    let [side, main]: [_; 2] = pipeline.stream(rx).broadcast_with(tee).try_into().unwrap();
+    let side = tokio::spawn(side.collect());
+    (0..64).for_each(|i| tx.unbounded_send(i).unwrap());
+    settle().await; // lane 1 (waiting) now full, not read
+    (64..128).for_each(|i| tx.unbounded_send(i).unwrap());
+    settle().await; // lane 0 got copies 64..127; lane 1 blocks
+    drop(main);
+    settle().await;
+    drop(tx);
+    let side = support::values(tokio::time::timeout(LIMIT, side).await.unwrap().unwrap());
+    settle().await;
+    let m = stage(&pipeline, "tee");
+    assert_eq!(side, (0..128).collect::<Vec<_>>(), "lane 0 got every value");
+    // main's channel held 0..63 when dropped (discarded, counted by the
+    // pipeline); 64..127 reached lane 0. Nothing emitted went unread by all.
+    assert_eq!(
+        m.undelivered, 0,
+        "values lane 0 received counted undelivered"
+    );
+    assert_eq!(stats.dropped(0), 0, "it was read: it never fell behind");
+}
+
+/// The waiting output goes away while a detached output's reader is alive
+/// but never reads: the stage stops early, as when every output is gone.
+#[tokio::test(start_paused = true)]
+async fn a_detached_output_never_read_does_not_keep_the_stage_running() {
+    let n = 200_000u64;
+    let tee = Broadcast::new(2)
+        .named("tee")
+        .with_policy(1, BranchPolicy::Detach)
+        .with_edge(EdgeConfig::new(4, 4));
+    let stats = tee.branch_stats();
+    let flow = streamz::iter(0..n);
+    let pipeline = flow.pipeline().clone();
+    let [mut main, side]: [_; 2] = flow.broadcast_with(tee).try_into().unwrap();
+    for _ in 0..1_000 {
+        main.next().await.unwrap().unwrap();
+    }
+    assert!(stats.detached(1));
+    drop(main);
+    settle().await;
+    let m = stage(&pipeline, "tee");
+    drop(side);
+    assert!(
+        m.received < n,
+        "stage consumed the whole input into undelivered instead of stopping: {m:?}"
+    );
+}
+
+/// A panic in the broadcast (a `Clone` that panics) sends its `panicked`
+/// error to an output that still reads, not behind a detached one's end.
+#[derive(Debug, PartialEq)]
+struct Bomb(u32);
+impl Clone for Bomb {
+    fn clone(&self) -> Self {
+        assert!(self.0 != 5_000, "clone bomb");
+        Bomb(self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_reaches_an_output_that_reads_not_a_detached_one() {
+    let tee = Broadcast::new(3)
+        .with_policy(0, BranchPolicy::Detach)
+        .with_edge(EdgeConfig::new(4, 4));
+    let stats = tee.branch_stats();
+    let flow = streamz::iter((0..10_000u32).map(Bomb));
+    let pipeline = flow.pipeline().clone();
+    let [detached, a, b]: [_; 3] = flow.broadcast_with(tee).try_into().unwrap();
+    let (a, b) = tokio::time::timeout(LIMIT, async { tokio::join!(a.collect(), b.collect()) })
+        .await
+        .unwrap();
+    assert!(stats.detached(0));
+    let panicked = |v: &Vec<streamz::Result<Bomb>>| {
+        v.iter()
+            .any(|r| matches!(r, Err(e) if e.kind() == ErrorKind::Panicked))
+    };
+    let d = detached.collect().await;
+    assert!(
+        panicked(&a) || panicked(&b),
+        "no reader saw the panicked error"
+    );
+    assert!(!panicked(&d));
+    assert!(pipeline.join().await.is_err(), "join reports the panic");
+}
+
+/// A clone of a `Broadcast` has counts of its own.
+#[tokio::test(start_paused = true)]
+async fn a_cloned_broadcast_has_stats_of_its_own() {
+    let tee = Broadcast::new(2)
+        .with_policy(1, BranchPolicy::Detach)
+        .with_edge(EdgeConfig::new(256, 4));
+    let stats = tee.branch_stats();
+    let other = tee.clone();
+    let other_stats = other.branch_stats();
+    // The clone's output 1 is never read: detached.
+    let [a0, _a1]: [_; 2] = streamz::iter(0..1_000u32)
+        .broadcast_with(other)
+        .try_into()
+        .unwrap();
+    assert_eq!(a0.collect().await.len(), 1_000);
+    assert!(other_stats.detached(1));
+    // The original's output 1 is read in full.
+    let [b0, b1]: [_; 2] = streamz::iter(0..100u32)
+        .broadcast_with(tee)
+        .try_into()
+        .unwrap();
+    let (b0, b1) = tokio::join!(b0.collect(), b1.collect());
+    assert_eq!((b0.len(), b1.len()), (100, 100));
+    assert!(!stats.detached(1));
+    assert_eq!(stats.dropped(1), 0);
 }

@@ -154,6 +154,14 @@ pub(crate) trait Operator<In, O>: Send + 'static {
         Full::Wait(chunk)
     }
 
+    /// The order in which the outputs are delivered to, once per pass
+    /// (all of them, each once); `None` for `0..lanes`. A fan-out puts the
+    /// outputs that carry items' counts first, so that a piece refused
+    /// there can hand its counts to an output not yet delivered to.
+    fn lane_order(&self) -> Option<Vec<usize>> {
+        None
+    }
+
     /// How many received items the operator holds (not yet emitted, failed,
     /// passed or dropped). Counted as aborted if the stage stops early.
     fn held(&self) -> u64 {
@@ -657,6 +665,9 @@ where
     let mut timer = Timer::new();
     let mut aborted = pin!(abort.token().cancelled());
     let mut closed = pin!(futures::future::join_all(txs.iter().map(ChunkTx::closed)));
+    let order: Vec<usize> = op.lane_order().unwrap_or_else(|| (0..txs.len()).collect());
+    debug_assert_eq!(order.len(), txs.len(), "every output once");
+    let mut detached = 0;
     let mut shutdown_seen = false;
     let mut shutting = pin!(shutdown.token().cancelled());
     let mut input_open = true;
@@ -664,9 +675,29 @@ where
     let stop = loop {
         // Deliver what is pending, keeping the operator's work going.
         if !out.is_empty() {
-            let delivered =
-                deliver(&mut op, &mut out, &txs, &abort, aborted.as_mut(), &counters).await;
+            let delivered = deliver(
+                &mut op,
+                &mut out,
+                &txs,
+                &order,
+                &abort,
+                aborted.as_mut(),
+                &counters,
+            )
+            .await;
             flush(&mut out, &counters, &mut tally);
+            // A detached output is gone for the stage, although its reader
+            // may never read its end: wait for the others only.
+            let now_detached = out.lanes.iter().filter(|l| l.detached).count();
+            if now_detached != detached {
+                detached = now_detached;
+                let live = txs
+                    .iter()
+                    .zip(&out.lanes)
+                    .filter(|(_, lane)| !lane.detached)
+                    .map(|(tx, _)| tx.closed());
+                closed.set(futures::future::join_all(live));
+            }
             match delivered {
                 Ok(true) => {}
                 Ok(false) => break Stop::Early,
@@ -706,7 +737,11 @@ where
             if abort.is_raised() {
                 return Poll::Ready(Event::Abort);
             }
-            if txs.iter().all(ChunkTx::is_closed) {
+            if txs
+                .iter()
+                .zip(&out.lanes)
+                .all(|(tx, lane)| lane.detached || tx.is_closed())
+            {
                 return Poll::Ready(Event::Closed);
             }
             if !shutdown_seen && shutdown.is_raised() {
@@ -798,7 +833,11 @@ where
             let mut chunk = Chunk::default();
             chunk.push_error(error);
             // To the first output still read.
-            if let Some(tx) = txs.iter().find(|tx| !tx.is_closed()) {
+            let open = txs
+                .iter()
+                .zip(&out.lanes)
+                .find(|(tx, lane)| !lane.detached && !tx.is_closed());
+            if let Some((tx, _)) = open {
                 let _ = tx.send_now(chunk);
             }
             resume_unwind(payload);
@@ -835,6 +874,7 @@ async fn deliver<In, O, Op>(
     op: &mut Op,
     out: &mut Out<O>,
     txs: &[ChunkTx<O>],
+    order: &[usize],
     abort: &Watch,
     mut aborted: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     counters: &Counters,
@@ -842,7 +882,8 @@ async fn deliver<In, O, Op>(
 where
     Op: Operator<In, O>,
 {
-    for (lane, tx) in txs.iter().enumerate() {
+    for &lane in order {
+        let tx = &txs[lane];
         while let Some((chunk, units)) = out.pop(lane) {
             // Room now (the usual case): no waiting future to set up.
             let chunk = match tx.try_send(chunk) {

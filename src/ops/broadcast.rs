@@ -20,10 +20,12 @@ impl<T: Clone + Send + 'static> Flow<T> {
     ///   must absorb bursts, or let a branch that may fall behind shed
     ///   instead ([`Broadcast::with_policy`], [`BranchPolicy`]).
     /// - **Errors** are not cloned: each error item goes to exactly one
-    ///   output, the first whose flow is still open (output 0 normally), so a
-    ///   dead-letter queue on that branch sees each failure once.
+    ///   output, the first whose flow is still open and that waits (output 0
+    ///   normally; see [`BranchPolicy`]), so a dead-letter queue on that
+    ///   branch sees each failure once.
     /// - **A dropped output** stops receiving copies; the others go on. When
-    ///   every output is dropped, the stages upstream stop.
+    ///   every output is dropped (or detached by its policy), the stages
+    ///   upstream stop.
     /// - **Acknowledgements** ([`Ack`](crate::Ack)): each output's copy
     ///   carries a fork, and the item is decided once every copy is. Copies
     ///   a dropped output had not read are never decided, so a replaying
@@ -35,10 +37,11 @@ impl<T: Clone + Send + 'static> Flow<T> {
     /// Counters (stage `broadcast`) count input items, as every stage's
     /// do: `received`; `emitted`, values sent on (once each, however many
     /// outputs got a copy); `errors_passed`; `undelivered`, items no
-    /// output took because every output that could have was gone. So
-    /// `received = emitted + errors_passed + undelivered + aborted`.
-    /// An error whose output goes away while it waits moves on to the next
-    /// open output, after the values already queued there.
+    /// output took because every output that could have was gone (they are
+    /// among the emitted). So `received = emitted + errors_passed +
+    /// aborted`. An error whose output goes away while it waits moves on
+    /// to the next open output, after the values already queued there
+    /// (outputs that wait are delivered to before those that may shed).
     ///
     /// `N = 0` does not compile.
     ///
@@ -156,8 +159,14 @@ impl<T: Clone + Send + 'static> Flow<T> {
                     })
                 })
                 .collect();
+            // Waiting outputs are delivered to first: see `on_refused`.
+            let order = (0..outputs)
+                .filter(|&l| policy[l] == BranchPolicy::Wait)
+                .chain((0..outputs).filter(|&l| policy[l] != BranchPolicy::Wait))
+                .collect();
             Copies {
                 policy,
+                order,
                 stats,
                 stage,
                 series,
@@ -173,8 +182,13 @@ impl<T: Clone + Send + 'static> Flow<T> {
 /// A branch that sheds gets only copies: each item's count and every
 /// error go to the first output that waits, so the conservation law of
 /// the broadcast stage holds whatever a shedding branch misses (and at
-/// least one output must wait). If every waiting output has gone, the
-/// first open one takes them, and waits for room whatever its policy.
+/// least one output must wait). Once every waiting output has gone, the
+/// broadcast is a plain one: the outputs left take the counts and errors,
+/// and all wait for room whatever their policy.
+///
+/// A detached output's edge shows as empty in
+/// [`Pipeline::topology`](crate::Pipeline::topology) although its channel
+/// may still hold what it had not read.
 ///
 /// What a branch missed is counted in [`BranchStats`], and its copies'
 /// acknowledgements are met: shedding is a decision, so a replaying
@@ -246,7 +260,7 @@ impl BranchStats {
 /// A fan-out's settings for [`Flow::broadcast_with`]: how many outputs,
 /// the stage's name (`broadcast` by default) and the outputs' edge (the
 /// pipeline's by default).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Broadcast {
     outputs: usize,
     name: Cow<'static, str>,
@@ -254,6 +268,20 @@ pub struct Broadcast {
     /// Outputs that do not wait, in the order set.
     policies: Vec<(usize, BranchPolicy)>,
     stats: std::sync::OnceLock<BranchStats>,
+}
+
+impl Clone for Broadcast {
+    /// The same settings, with [`BranchStats`] of its own: two broadcasts
+    /// never share their counts.
+    fn clone(&self) -> Self {
+        Broadcast {
+            outputs: self.outputs,
+            name: self.name.clone(),
+            edge: self.edge,
+            policies: self.policies.clone(),
+            stats: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 impl Broadcast {
@@ -342,6 +370,9 @@ impl Broadcast {
 /// output. Outputs whose policy sheds get copies only.
 struct Copies {
     policy: Vec<BranchPolicy>,
+    /// The outputs, waiting ones first: the order of delivery, and of the
+    /// search for an output to take the counts and errors.
+    order: Vec<usize>,
     stats: BranchStats,
     stage: String,
     /// Per shedding output: its exported drops and detached flag
@@ -350,6 +381,14 @@ struct Copies {
 }
 
 impl Copies {
+    /// The first open output in delivery order (a waiting one, if any is
+    /// open), after position `after` in that order if given.
+    fn first_open<T>(&self, out: &Out<T>, after: Option<usize>) -> Option<usize> {
+        let start = after.and_then(|lane| self.order.iter().position(|&l| l == lane));
+        let skip = start.map_or(0, |p| p + 1);
+        self.order[skip..].iter().copied().find(|&l| out.is_open(l))
+    }
+
     /// Counts copies output `lane` missed and meets their acknowledgements
     /// (a shed copy is decided: see [`BranchPolicy`]).
     fn shed<T>(&self, lane: usize, chunk: Chunk<T>) {
@@ -374,10 +413,7 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
         let lanes = out.lanes();
         // With every output gone the driver stops the stage; until it
         // notices, output 0 takes the items and counts them undelivered.
-        let first = (0..lanes)
-            .find(|&l| out.is_open(l) && self.policy[l] == BranchPolicy::Wait)
-            .or_else(|| (0..lanes).find(|&l| out.is_open(l)))
-            .unwrap_or(0);
+        let first = self.first_open(out, None).unwrap_or(0);
         let others: Vec<usize> = (0..lanes)
             .filter(|&l| l != first && out.is_open(l))
             .collect();
@@ -403,10 +439,14 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
         }
     }
 
-    fn on_full(&mut self, lane: usize, chunk: Chunk<T>, units: u64, _out: &mut Out<T>) -> Full<T> {
-        // A piece that carries items' counts or errors (every waiting
-        // output is gone) waits, whatever the policy.
-        if units > 0 || !chunk.errors.is_empty() {
+    fn on_full(&mut self, lane: usize, chunk: Chunk<T>, units: u64, out: &mut Out<T>) -> Full<T> {
+        // Once every waiting output is gone, the broadcast is a plain one:
+        // the outputs left carry the counts and errors, and wait.
+        let waiting = self
+            .order
+            .iter()
+            .any(|&l| self.policy[l] == BranchPolicy::Wait && out.is_open(l));
+        if !waiting || units > 0 || !chunk.errors.is_empty() {
             return Full::Wait(chunk);
         }
         match self.policy[lane] {
@@ -431,6 +471,10 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
         }
     }
 
+    fn lane_order(&self) -> Option<Vec<usize>> {
+        Some(self.order.clone())
+    }
+
     fn on_refused(&mut self, lane: usize, chunk: Chunk<T>, units: u64, out: &mut Out<T>) -> u64 {
         if units == 0 {
             // Copies only: their items are counted where the originals
@@ -442,12 +486,10 @@ impl<T: Clone + Send + 'static> Operator<T, T> for Copies {
             return 0;
         }
         // The originals' output is gone. Their values reached every other
-        // open output as copies; their errors went nowhere else, so they
-        // move on to the next open output.
-        let Some(next) = (0..out.lanes())
-            .map(|i| (lane + 1 + i) % out.lanes())
-            .find(|&l| l != lane && out.is_open(l))
-        else {
+        // open output as copies (those later in delivery order get them
+        // after this one); their errors went nowhere else, so they move on
+        // to the next open output in that order.
+        let Some(next) = self.first_open(out, Some(lane)) else {
             return units;
         };
         let (_, errors) = chunk.into_parts();
