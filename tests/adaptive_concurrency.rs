@@ -18,6 +18,9 @@ const BASE: Duration = Duration::from_millis(10);
 /// Every test ends well within this much simulated time.
 const LIMIT: Duration = Duration::from_secs(3600);
 
+/// A simulated latency in seconds, drawn from a random source.
+type Latency = Box<dyn Fn(&mut fastrand::Rng) -> f64 + Send + Sync>;
+
 /// The limit, sampled: time since the start, and the limit then.
 type Samples = Arc<Mutex<Vec<(Duration, usize)>>>;
 
@@ -92,8 +95,8 @@ async fn the_limit_settles_near_the_knee() {
     }
     println!("{histogram:?}");
     assert!(*lo >= 12 && *hi <= 20, "settled between {lo} and {hi}");
-
-    assert!((14.0..=18.0).contains(&mean), "mean limit {mean:.1}");
+    // And on average within 15 %.
+    assert!((13.6..=18.4).contains(&mean), "mean limit {mean:.1}");
     let cuts = samples.windows(2).filter(|w| w[1].1 < w[0].1).count();
     assert!(cuts > 10, "the limit was cut {cuts} times");
     assert_eq!(
@@ -109,12 +112,36 @@ async fn jitter_that_does_not_grow_with_load_does_not_hold_the_limit_down() {
     // the dependency is never the bottleneck, and the limit must climb
     // (a fixed tolerance against the fastest window would take the jitter
     // for load and pin the limit near 1).
-    for (jitter, ordered) in [(0.5, true), (1.0, true), (1.0, false)] {
+    // Shapes: 10 ms plus up to 50 % or 100 % uniform jitter; uniform 5 to
+    // 15 ms; exponential with a mean of 10 ms; a cache (90 % answered at
+    // once, the rest in 10 ms).
+    let uniform = |lo: f64, hi: f64| move |r: &mut fastrand::Rng| lo + r.f64() * (hi - lo);
+    let shapes: [(&str, Latency, bool); 6] = [
+        ("10-15 ms", Box::new(uniform(0.010, 0.015)), true),
+        ("10-20 ms", Box::new(uniform(0.010, 0.020)), true),
+        (
+            "10-20 ms, unordered",
+            Box::new(uniform(0.010, 0.020)),
+            false,
+        ),
+        ("5-15 ms", Box::new(uniform(0.005, 0.015)), true),
+        (
+            "exponential",
+            Box::new(|r: &mut fastrand::Rng| -0.010 * (1.0 - r.f64()).ln()),
+            true,
+        ),
+        (
+            "cache",
+            Box::new(|r: &mut fastrand::Rng| if r.f64() < 0.9 { 0.0 } else { 0.010 }),
+            false,
+        ),
+    ];
+    for (jitter, latency, ordered) in shapes {
         let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(7)));
         let mapper = AsyncMapper::new(move |_: &u32| {
-            let extra = rng.lock().unwrap().f64() * jitter;
+            let secs = latency(&mut rng.lock().unwrap());
             async move {
-                tokio::time::sleep(BASE.mul_f64(1.0 + extra)).await;
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
                 Ok::<_, Overloaded>(())
             }
         })
@@ -130,7 +157,7 @@ async fn jitter_that_does_not_grow_with_load_does_not_hold_the_limit_down() {
         let samples = samples.lock().unwrap().clone();
         let late = &samples[samples.len() / 2..];
         let mean = late.iter().map(|(_, l)| *l).sum::<usize>() as f64 / late.len() as f64;
-        println!("jitter {jitter}, ordered {ordered}: mean limit {mean:.1} in the second half");
+        println!("{jitter}: mean limit {mean:.1} in the second half");
         assert!(
             mean >= 32.0,
             "jitter {jitter}, ordered {ordered}: mean limit {mean:.1}"

@@ -10,8 +10,8 @@
 //!
 //! - an overload in the window (an error the user marked, or an attempt's
 //!   timeout), or a window slower than the baseline by more than 5 % plus
-//!   twice the standard error of its mean, cuts the limit to 90 % (at
-//!   least by one, never below `min`): the dependency queues;
+//!   2.5 standard errors of its mean, cuts the limit to 90 % (at least by
+//!   one, never below `min`): the dependency queues;
 //! - otherwise a window in which the limit was reached raises it by one (up
 //!   to `max`): there was demand for more, and more did not hurt;
 //! - otherwise the limit stays.
@@ -22,20 +22,22 @@
 //! so a dependency that became slower at every load is followed (TCP BBR
 //! keeps its minimum round trip the same way).
 //!
-//! The standard error comes from the spread of single calls' latencies,
-//! learnt (smoothed, weight 0.4) from the windows that were not slower: a
-//! dependency whose latency jitters by chance gets a wider margin, while
-//! the spread a queue adds at the knee does not widen its own margin.
-//! Without it, a dependency jittering by 50 % whatever its load held the
-//! limit near 2 (the fastest of 100 noisy windows lies well below the
-//! typical one); with it, the limit climbs to its max.
-//!
+//! The standard error comes from the spread of the window's own calls
+//! (a window holds two calls at least): a dependency whose latency jitters
+//! by chance gets a margin as wide as its jitter, while at the knee, where
+//! every call is slower alike, the margin stays narrow. Without it, a
+//! dependency jittering by 50 % whatever its load held the limit near 2
+//! (the fastest of 100 noisy windows lies well below the typical one). A
+//! spread learnt only from windows that were not slower was too narrow
+//! (it leaves the slow tail out): uniform 5 to 15 ms held the limit at 15
+//! of 64. With the window's own, it climbs to about 60.
+
 //! Why not a moving average of all windows, as Vector's adaptive request
 //! concurrency uses (with a threshold of 2.5 deviations of the windows'
 //! means): it follows the latency up as the limit climbs past the knee one
 //! call at a time. In a simulation of a dependency flat to 16 calls and
 //! linear beyond, it settled at 22 on a paused clock; this controller
-//! settles between 16 and 20 there, and at 17.2 on average on the real
+//! settles between 16 and 20 there, and at 18.1 on average on the real
 //! clock (`cargo bench --bench adaptive`, docs/performance.md).
 
 use std::collections::VecDeque;
@@ -53,9 +55,9 @@ const DECREASE: f64 = 0.9;
 /// slower: above the noise of a window's mean over a dozen calls on a
 /// millisecond timer, below what one call past a knee at 16 adds (6 %).
 const TOLERANCE: f64 = 0.05;
-/// How many standard errors of a window's mean (from the calls' spread)
+/// How many standard errors of a window's mean (from its calls' spread)
 /// it may also stray above the baseline by chance.
-const DEVIATIONS: f64 = 2.0;
+const DEVIATIONS: f64 = 2.5;
 /// The weight of the newest window in the smoothed mean.
 const SMOOTHING: f64 = 0.4;
 /// How many windows the baseline remembers.
@@ -151,9 +153,6 @@ pub(super) struct Controller {
     /// Their squares (seconds²), for the window's variance.
     sum_squares: f64,
     samples: u64,
-    /// The variance of one call's latency (seconds²), smoothed over the
-    /// windows that had two successes or more and were not slower.
-    call_variance: Option<f64>,
     overloaded: bool,
     reached: bool,
 }
@@ -174,7 +173,6 @@ impl Controller {
             sum_nanos: 0,
             sum_squares: 0.0,
             samples: 0,
-            call_variance: None,
             overloaded: false,
             reached: false,
         }
@@ -219,7 +217,9 @@ impl Controller {
             Outcome::Overload => self.overloaded = true,
             Outcome::Neither => {}
         }
-        let enough = self.overloaded || self.samples >= self.limit as u64;
+        // At least two, for the spread: a window of one call says nothing
+        // of how far calls stray by chance.
+        let enough = self.overloaded || self.samples >= self.limit.max(2) as u64;
         if !enough || self.window_end.is_some_and(|end| now < end) {
             return;
         }
@@ -237,7 +237,7 @@ impl Controller {
             }
             _ => None,
         };
-        let variance = self.call_variance.or(spread).unwrap_or(0.0);
+        let variance = spread.unwrap_or(0.0);
         let noise = (variance / self.samples.max(1) as f64).sqrt();
         let before = self.limit;
         match self.baseline.get() {
@@ -247,7 +247,6 @@ impl Controller {
                 if self.overloaded {
                     self.decrease();
                 }
-                self.learn_spread(spread);
             }
             Some(baseline) => {
                 let slower =
@@ -279,13 +278,6 @@ impl Controller {
         self.reached = false;
     }
 
-    /// Folds a window's latency variance into the calls' spread.
-    fn learn_spread(&mut self, spread: Option<f64>) {
-        if let Some(v) = spread {
-            self.call_variance = Some(self.call_variance.map_or(v, |c| c + SMOOTHING * (v - c)));
-        }
-    }
-
     fn decrease(&mut self) {
         let kept = ((self.limit as f64) * DECREASE) as usize;
         self.set(kept.min(self.limit - 1).max(self.min));
@@ -315,9 +307,9 @@ mod tests {
         Instant::now() + Duration::from_secs(1)
     }
 
-    /// A limit's worth of successes of `latency` ending at `at`.
+    /// A limit's worth of successes (two at least) of `latency` ending at `at`.
     fn window(c: &mut Controller, at: Instant, latency: Duration) {
-        for _ in 0..c.limit() {
+        for _ in 0..c.limit().max(2) {
             c.ended(at, at - latency, Outcome::Success);
         }
     }

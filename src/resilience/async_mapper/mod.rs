@@ -353,16 +353,16 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     ///   call in the window was an overload, or if the window's successful
     ///   calls were slower on average than the baseline (the fastest of
     ///   the last 100 windows: the latency without load) by more than 5 %
-    ///   plus twice the standard error of the window's mean (so that
-    ///   latency that jitters by chance is not taken for load): the
-    ///   dependency is queueing;
+    ///   plus 2.5 standard errors of the window's mean, from the spread of
+    ///   its calls (so that latency that jitters by chance is not taken
+    ///   for load): the dependency is queueing;
     /// - otherwise raises it by one (up to `max`) if the window filled the
     ///   limit: there was demand for more, and more did not hurt;
     /// - keeps it otherwise.
     ///
-    /// A window is about one call's time and at least a limit's worth of
-    /// successful calls that began at the current limit (an overload ends
-    /// it early).
+    /// A window is about one call's time and at least a limit's worth (two
+    /// at least) of successful calls that began at the current limit (an
+    /// overload ends it early).
     ///
     /// An overload is an attempt's timeout
     /// ([`with_timeout`](AsyncMapper::with_timeout); not the item's retry
