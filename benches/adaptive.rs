@@ -8,8 +8,9 @@
 //! second and the mean latency of a call over the same time, then traces
 //! the adaptive limit over 8 s in which the dependency starts shedding load
 //! (503 above 8 calls in flight) at 4 s. The trace goes to
-//! `target/adaptive-concurrency.csv` (under `CARGO_TARGET_DIR` if set); with `-- --plot FILE.png` it is also
-//! drawn (docs/images/adaptive-concurrency.png comes from this).
+//! `target/adaptive-concurrency.csv` (under `CARGO_TARGET_DIR` if set).
+//! With `-- --plot FILE.png` that CSV is then drawn with plotters
+//! (docs/images/adaptive-concurrency.png comes from this).
 
 #[path = "../tests/sim/knee.rs"]
 mod sim;
@@ -102,9 +103,20 @@ async fn run(
     (run, samples)
 }
 
-fn plot(samples: &[(Duration, usize)], path: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// Draws the trace in the CSV at `csv` (`seconds,limit` lines) as a PNG.
+fn plot(csv: &std::path::Path, path: &str) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     use plotters::style::{FontStyle, register_font};
+
+    let text = std::fs::read_to_string(csv)?;
+    let samples: Vec<(Duration, usize)> = text
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let (t, l) = line.split_once(',').ok_or("a line without a comma")?;
+            Ok::<_, Box<dyn std::error::Error>>((Duration::from_secs_f64(t.parse()?), l.parse()?))
+        })
+        .collect::<Result<_, _>>()?;
 
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")?;
     let font: &'static [u8] = Box::leak(font.into_boxed_slice());
@@ -233,7 +245,7 @@ fn main() {
         println!("trace, 5-8 s (503 above 8): limit {lo}..{hi}, mean {mean:.1}");
         println!("trace written to {}", csv.display());
         if let Some(path) = plot_to {
-            plot(&trace, &path).expect("plot");
+            plot(&csv, &path).expect("plot");
             println!("plot written to {path}");
         }
     });
