@@ -685,6 +685,73 @@ async fn a_record_the_sink_cannot_write_goes_to_the_dlq_topic_with_its_original_
     assert_eq!(m.payload(), Some(&b"big"[..]));
 }
 
+/// A Kafka dead-letter topic gets the redacted value, not the original
+/// record's, and no header quotes the secret (docs/errors-and-dlq.md,
+/// section 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_gets_the_redacted_value_and_no_secret() {
+    const CARD: &str = "4111111111111111";
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topic(b, "pay.in", 1).await;
+    create_topic(b, "pay.dlq", 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .create()
+        .unwrap();
+    for (key, value) in [("1", "ok".to_owned()), ("2", format!("card {CARD}"))] {
+        producer
+            .send_result(FutureRecord::to("pay.in").key(key).payload(&value))
+            .map_err(|(e, _)| e)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let pipeline = Pipeline::new();
+    let (records, mut handle) = member_source(b, "pay", "pay.in").start(&pipeline).unwrap();
+    let dlq = DeadLetterQueue::<_, KafkaRecord, _>::new(
+        KafkaDlq::new(b, "pay.dlq")
+            .unwrap()
+            .with_redaction(|_| Some(b"<redacted>".to_vec())),
+    );
+    let out = records
+        .try_map(|r: &KafkaRecord| {
+            if r.value() == Some(&b"ok"[..]) {
+                Ok(String::from("ok"))
+            } else {
+                Err("not a command")
+            }
+        })
+        .pipe(dlq);
+    let delivered = tokio::spawn(out.collect());
+    let dead = read_topic(b, "pay.dlq", 1).await;
+    let (_, headers) = &dead["2"];
+    assert_eq!(headers["streamz.errors.message"], "not a command");
+    for (k, v) in headers {
+        assert!(!v.contains(CARD), "header {k}: {v}");
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .set("group.id", "pay-dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("pay.dlq", 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let m = within("the dead letter", consumer.recv()).await.unwrap();
+    assert_eq!(m.key(), Some(&b"2"[..]));
+    assert_eq!(m.payload(), Some(&b"<redacted>"[..]));
+    // The redacted dead letter counts as handled: both are committed.
+    committed_until(b, "pay", "pay.in", 1, |sum| sum == 2).await;
+    pipeline.shutdown();
+    within("the stop", handle.stopped()).await;
+    let delivered = within("the flow's end", delivered).await.unwrap();
+    assert_eq!(delivered.iter().filter(|r| r.is_ok()).count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_leaves_the_group_when_its_flow_is_dropped_even_while_idle() {
     let broker = Broker::start();

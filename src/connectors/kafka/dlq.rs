@@ -30,6 +30,7 @@ use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 /// | `streamz.errors.attempts` | attempts made |
 /// | `streamz.errors.first.failure.ms`, `.last.failure.ms` | when, in ms since the epoch |
 /// | `streamz.errors.sequence` | the dead letter's sequence number in its queue |
+/// | `streamz.errors.redaction` | `panicked`, when [`with_redaction`](KafkaDlq::with_redaction) panicked (the value is then left out) |
 ///
 /// A dead letter whose item has no acknowledgement (an upstream error
 /// without an item, an item not from Kafka) is written with headers only.
@@ -56,12 +57,18 @@ use crate::resilience::dlq::{DeadLetter, DeadLetterSink, Unwritten};
 pub struct KafkaDlq {
     producer: FutureProducer,
     topic: String,
+    /// What replaces the original value ([`KafkaDlq::with_redaction`]).
+    redact: Option<RedactValue>,
 }
+
+/// Makes the value written for an original record.
+type RedactValue = Box<dyn Fn(&KafkaRecord) -> Option<Vec<u8>> + Send + Sync>;
 
 impl std::fmt::Debug for KafkaDlq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaDlq")
             .field("topic", &self.topic)
+            .field("redacts", &self.redact.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -88,7 +95,40 @@ impl KafkaDlq {
         Ok(KafkaDlq {
             producer: durable_producer(config)?,
             topic: topic.to_owned(),
+            redact: None,
         })
+    }
+
+    /// Writes `redact(original)` as each dead letter's value instead of the
+    /// original record's value (`None`: no value, headers only). The key
+    /// is kept: it decides the partition, and a replay by key needs it.
+    ///
+    /// The value this sink writes is the *original* record's, not the
+    /// failed item: a [`DeadLetterQueue::with_redaction`](crate::DeadLetterQueue::with_redaction)
+    /// on the queue rewrites the record's item and error text (the
+    /// `streamz.errors.message` and `.causes` headers), and this rewrites
+    /// the payload. A redaction that panics fails closed: the dead letter
+    /// is written without a value, with the header
+    /// `streamz.errors.redaction: panicked`.
+    ///
+    /// ```no_run
+    /// use streamz::kafka::KafkaDlq;
+    ///
+    /// # fn run() -> Result<(), streamz::kafka::KafkaError> {
+    /// // Keep the record's shape for replay, without the card number.
+    /// let dlq = KafkaDlq::new("127.0.0.1:9092", "payments.dlq")?.with_redaction(|original| {
+    ///     let mut order: serde_json::Value = serde_json::from_slice(original.value()?).ok()?;
+    ///     order["card"] = serde_json::Value::from("<redacted>");
+    ///     serde_json::to_vec(&order).ok()
+    /// });
+    /// # let _ = dlq; Ok(()) }
+    /// ```
+    pub fn with_redaction<F>(mut self, redact: F) -> Self
+    where
+        F: Fn(&KafkaRecord) -> Option<Vec<u8>> + Send + Sync + 'static,
+    {
+        self.redact = Some(Box::new(redact));
+        self
     }
 }
 
@@ -181,14 +221,40 @@ impl<T: Acknowledge + Send + 'static> DeadLetterSink<T> for KafkaDlq {
                 .as_ref()
                 .and_then(|i| i.acknowledgement())
                 .map(super::Ack::record);
-            let context = context(&letter, origin.as_ref());
+            let mut context = context(&letter, origin.as_ref());
+            let redacted = match (&self.redact, origin.as_ref()) {
+                (Some(redact), Some(original)) => {
+                    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        redact(original)
+                    }));
+                    Some(made.unwrap_or_else(|_| {
+                        tracing::error!(
+                            topic = %self.topic,
+                            sequence = letter.sequence,
+                            "the dead-letter value redaction panicked; the dead letter is written without a value"
+                        );
+                        context.push(("streamz.errors.redaction", b"panicked".to_vec()));
+                        None
+                    }))
+                }
+                _ => None,
+            };
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
                 .headers(headers(context.iter().map(|(k, v)| (*k, v.as_slice()))));
             if let Some(key) = origin.as_ref().and_then(KafkaRecord::key) {
                 record = record.key(key);
             }
-            if let Some(value) = origin.as_ref().and_then(KafkaRecord::value) {
-                record = record.payload(value);
+            match &redacted {
+                Some(value) => {
+                    if let Some(value) = value {
+                        record = record.payload(value.as_slice());
+                    }
+                }
+                None => {
+                    if let Some(value) = origin.as_ref().and_then(KafkaRecord::value) {
+                        record = record.payload(value);
+                    }
+                }
             }
             let delivery = self.producer.send_result(record).map_err(|(e, _)| e);
             sent.push((letter, delivery));

@@ -63,6 +63,10 @@ pub(crate) fn not_recorded(error: &StreamError, records: &str) -> String {
 /// record's note).
 type TakeItem<R> = Box<dyn Fn(&mut StreamError) -> Result<Taken<R>, String> + Send + Sync>;
 
+/// A redaction applied to every record before it is written
+/// ([`DeadLetterQueue::with_redaction`]).
+type Redact<R> = std::sync::Arc<dyn Fn(&mut DeadLetter<R>) + Send + Sync>;
+
 /// An item taken for a record, and its user-chosen type tag.
 pub(crate) type Taken<R> = (R, Option<std::sync::Arc<str>>);
 
@@ -95,8 +99,8 @@ pub enum DlqError {
         path: PathBuf,
         /// The line's number, from 1.
         line: u64,
-        /// Why it does not parse.
-        source: serde_json::Error,
+        /// Why it does not parse, without the line's contents.
+        source: NotARecord,
     },
     /// The path to read is a directory, not a dead-letter file.
     #[error("`{}` is a directory, not a dead-letter file", path.display())]
@@ -154,6 +158,56 @@ pub enum DlqError {
     /// not reach it.
     #[error("the dead-letter sink stopped; the record could not reach it")]
     SinkStopped,
+}
+
+/// Why a line of a dead-letter file is not a record, without quoting the
+/// line: serde_json's own message quotes the values it could not read,
+/// and a dead letter's values are items, which may be personal or secret.
+/// The line itself is the item of the error [`Replay`] gives for it.
+///
+/// ```
+/// use streamz::dlq::{DeadLetter, NotARecord};
+///
+/// let line = r#"{"sequence": "card 4111 1111 1111 1111"}"#;
+/// let e = serde_json::from_str::<DeadLetter<u32>>(line).unwrap_err();
+/// assert!(e.to_string().contains("4111"), "serde_json quotes the value");
+/// let shown = NotARecord::from(&e);
+/// assert!(!shown.to_string().contains("4111"));
+/// assert_eq!(shown.to_string(), "JSON, but not a record of the expected type, at column 39");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}, at column {column}")]
+pub struct NotARecord {
+    what: &'static str,
+    column: usize,
+}
+
+impl NotARecord {
+    /// What is wrong, in a few words.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Where on the line the reader stopped, from 1.
+    pub fn column(&self) -> usize {
+        self.column
+    }
+}
+
+impl From<&serde_json::Error> for NotARecord {
+    fn from(e: &serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let what = match e.classify() {
+            Category::Io => "unreadable",
+            Category::Syntax => "not JSON",
+            Category::Data => "JSON, but not a record of the expected type",
+            Category::Eof => "JSON cut short",
+        };
+        NotARecord {
+            what,
+            column: e.column(),
+        }
+    }
 }
 
 /// What a [`DeadLetterQueue`] does with a record when its sink is slow and

@@ -7,7 +7,9 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use super::router::Router;
-use super::{DeadLetterSink, JsonItems, Overflow, TakeItem, not_recorded, writer};
+use super::{
+    DeadLetter, DeadLetterSink, JsonItems, Overflow, Redact, TakeItem, not_recorded, writer,
+};
 use crate::base::config::{ConfigError, EdgeConfig, nonzero};
 use crate::base::error::StreamError;
 use crate::flow::Flow;
@@ -94,6 +96,7 @@ pub struct DeadLetterQueue<T, R, S> {
     name: Cow<'static, str>,
     sink: S,
     items: TakeItem<R>,
+    redact: Option<Redact<R>>,
     overflow: Overflow,
     buffer: usize,
     edge: Option<EdgeConfig>,
@@ -107,6 +110,7 @@ impl<T, R, S> fmt::Debug for DeadLetterQueue<T, R, S> {
             .field("overflow", &self.overflow)
             .field("buffer", &self.buffer)
             .field("edge", &self.edge)
+            .field("redacts", &self.redact.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -205,11 +209,58 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
             name: Cow::Borrowed("dead_letter_queue"),
             sink,
             items,
+            redact: None,
             overflow: Overflow::Block,
             buffer: 256,
             edge: None,
             _values: PhantomData,
         }
+    }
+
+    /// Applies `redact` to every record before it is written: to hash or
+    /// blank an item's personal or secret fields, or to rewrite the
+    /// error's text (`message`, `causes`), which comes from the failing
+    /// code and may quote the item. Runs in the stage's task, once per
+    /// failure, before the record is buffered, so no sink (a file, a
+    /// channel, a Kafka topic) ever sees what it removed.
+    ///
+    /// To keep a redacted record replayable ([`Replay`](crate::dlq::Replay)),
+    /// keep the item's shape: hash or blank a field rather than remove it.
+    /// A redaction that panics fails closed: the record is written without
+    /// its item and without the error's text, with a note saying so, and an
+    /// error is logged.
+    ///
+    /// ```
+    /// use streamz::{DeadLetterQueue, StreamError};
+    ///
+    /// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    /// struct Payment { id: u32, card: String }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (sink, letters) = streamz::dlq::channel::<Payment>(16);
+    /// let dlq = DeadLetterQueue::new(sink).with_redaction(|letter| {
+    ///     if let Some(payment) = &mut letter.item {
+    ///         // Keep the last four digits only.
+    ///         let last4 = payment.card.chars().rev().take(4).collect::<String>();
+    ///         payment.card = format!("****{}", last4.chars().rev().collect::<String>());
+    ///     }
+    /// });
+    /// let failed = StreamError::failed("charge", "declined")
+    ///     .with_item(Payment { id: 7, card: "4111111111111111".into() });
+    /// streamz::try_stream::<_, Payment>(futures::stream::iter([Err(failed)]))
+    ///     .pipe(dlq)
+    ///     .collect()
+    ///     .await;
+    /// let letter = letters.recv().await?;
+    /// assert_eq!(letter.item.unwrap().card, "****1111");
+    /// # Ok(()) }
+    /// ```
+    pub fn with_redaction<F>(mut self, redact: F) -> Self
+    where
+        F: Fn(&mut DeadLetter<R>) + Send + Sync + 'static,
+    {
+        self.redact = Some(std::sync::Arc::new(redact));
+        self
     }
 
     /// Sets what happens when the sink is slow and the buffer is full
@@ -301,6 +352,7 @@ where
             name,
             sink,
             items,
+            redact,
             overflow,
             buffer,
             edge,
@@ -309,7 +361,15 @@ where
         driver::spawn_with(input, &name, edge, |pipeline, counters| {
             let link = writer::spawn(pipeline, counters, sink, buffer);
             let name = pipeline.name().map(str::to_owned);
-            Router::new(link, items, overflow, buffer, counters.clone(), name)
+            Router::new(
+                link,
+                items,
+                redact,
+                overflow,
+                buffer,
+                counters.clone(),
+                name,
+            )
         })
     }
 }

@@ -1,5 +1,6 @@
 //! [`DeadLetter`]: what a dead-letter sink receives for each failed item.
 
+use std::fmt;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -48,7 +49,7 @@ use crate::base::error::{ErrorKind, StreamError};
 /// assert_eq!(record.item_type.as_deref(), Some("&str"));
 /// assert!(record.note.unwrap().contains("it records `u32`"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct DeadLetter<T> {
     /// The failure's number among all errors the dead-letter queue stage
@@ -93,6 +94,52 @@ pub struct DeadLetter<T> {
     /// Why `item` is missing, when it is.
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// Shows the record's context but not its item, which may be personal or
+/// secret data: `item: Some(<order.v1 not shown>)`. Print
+/// [`item`](DeadLetter::item) yourself where you mean to.
+///
+/// ```
+/// use streamz::StreamError;
+/// use streamz::dlq::DeadLetter;
+///
+/// let error = StreamError::failed("charge", "card declined").with_item(String::from("4111 1111 1111 1111"));
+/// let record = DeadLetter::<String>::from_error(1, error);
+/// let shown = format!("{record:?}");
+/// assert!(shown.contains("card declined"));
+/// assert!(!shown.contains("4111"));
+/// ```
+impl<T> fmt::Debug for DeadLetter<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Hidden<'a>(Option<&'a str>);
+        impl fmt::Debug for Hidden<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "<{} not shown>", self.0.unwrap_or("item"))
+            }
+        }
+        f.debug_struct("DeadLetter")
+            .field("sequence", &self.sequence)
+            .field("pipeline", &self.pipeline)
+            .field("source", &self.source)
+            .field("stage", &self.stage)
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("causes", &self.causes)
+            .field("attempts", &self.attempts)
+            .field("first_failure", &self.first_failure)
+            .field("last_failure", &self.last_failure)
+            .field("item_type", &self.item_type)
+            .field(
+                "item",
+                &self
+                    .item
+                    .as_ref()
+                    .map(|_| Hidden(self.item_type.as_deref())),
+            )
+            .field("note", &self.note)
+            .finish()
+    }
 }
 
 impl<T: 'static> DeadLetter<T> {

@@ -511,7 +511,8 @@ impl Reader {
                         }
                         Err(e) if !complete => {
                             self.stats.inner.torn.fetch_add(1, Relaxed);
-                            tracing::warn!(path = %path.display(), line = *number, error = %e, "skipping the torn last line of a dead-letter file");
+                            let error = super::NotARecord::from(&e);
+                            tracing::warn!(path = %path.display(), line = *number, %error, "skipping the torn last line of a dead-letter file");
                         }
                         Err(source) => {
                             self.stats.inner.corrupt.fetch_add(1, Relaxed);
@@ -519,7 +520,7 @@ impl Reader {
                             let err = DlqError::Corrupt {
                                 path: path.clone(),
                                 line: *number,
-                                source,
+                                source: super::NotARecord::from(&source),
                             };
                             return Some(Err(StreamError::new(ErrorKind::Rejected, STAGE)
                                 .with_source(err)

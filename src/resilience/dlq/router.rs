@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, TryAcquireError, mpsc};
 use tokio_util::sync::PollSemaphore;
 
 use super::writer::{Link, Returned};
-use super::{DeadLetter, DlqError, Overflow, TakeItem};
+use super::{DeadLetter, DlqError, Overflow, Redact, TakeItem};
 use crate::base::ack::Ack;
 use crate::base::chunk::Chunk;
 use crate::base::counters::Counters;
@@ -49,6 +49,8 @@ impl<T> Rest<T> {
 
 pub(super) struct Router<T, R> {
     items: TakeItem<R>,
+    /// The user's redaction, applied to each record before it leaves.
+    redact: Option<Redact<R>>,
     /// The writer's buffer; dropped at the end of the input, or when the
     /// stream fails, so that the writer drains it and closes the sink.
     queue: Option<mpsc::UnboundedSender<(DeadLetter<R>, Ack)>>,
@@ -79,6 +81,7 @@ impl<T, R> Router<T, R> {
     pub(super) fn new(
         link: Link<R>,
         items: TakeItem<R>,
+        redact: Option<Redact<R>>,
         overflow: Overflow,
         buffer: usize,
         counters: Counters,
@@ -91,6 +94,7 @@ impl<T, R> Router<T, R> {
         } = link;
         Router {
             items,
+            redact,
             queue: Some(queue),
             returned,
             writer_done: false,
@@ -145,6 +149,9 @@ impl<T: Send + 'static, R: Send + 'static> Router<T, R> {
             let mut record = DeadLetter::from_error_with(self.sequence, error, &self.items);
             record.pipeline.clone_from(&self.pipeline);
             record.source = source;
+            if let Some(redact) = &self.redact {
+                redact_or_withhold(redact, &mut record);
+            }
             // The writer hands the room back once the sink answered.
             let room = self.permits.try_acquire().map(|permit| permit.forget());
             match room {
@@ -229,6 +236,27 @@ fn sink_stopped<T, R: Send + 'static>(record: DeadLetter<R>, ack: Ack, out: &mut
             .with_item(record)
             .with_ack(ack),
     );
+}
+
+/// Applies the user's redaction to `record`. A redaction that panics may
+/// have left anything in place, so the record keeps only what no redaction
+/// touches: the item and the error's text are withheld, and a note says
+/// why (fail closed: a secret is never written because a hook failed).
+fn redact_or_withhold<R>(redact: &Redact<R>, record: &mut DeadLetter<R>) {
+    let redacted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact(record)));
+    if redacted.is_err() {
+        tracing::error!(
+            sequence = record.sequence,
+            stage = %record.stage,
+            "the dead-letter redaction panicked; the record is written without its item and the error's text"
+        );
+        record.item = None;
+        record.message = String::from("(withheld: the redaction panicked)");
+        record.causes.clear();
+        record.note = Some(String::from(
+            "the redaction panicked: the item and the error's text were withheld",
+        ));
+    }
 }
 
 /// What the writer gave back goes downstream as error items of this stage.
