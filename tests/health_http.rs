@@ -213,6 +213,19 @@ async fn a_redirect_is_unhealthy_and_not_followed_by_default() {
 }
 
 #[tokio::test]
+async fn a_fragment_is_redacted_and_does_not_make_the_answer_look_elsewhere() {
+    let (addr, _requests, server) = serve_redirects().await;
+    let mut probe = HttpProbe::new(&format!("http://{addr}/to/ok?sk_live_ABC#tok_SECRET"));
+    assert_eq!(
+        check(&mut probe).await,
+        streamz::Health::unhealthy(format!(
+            "GET http://{addr}/to/ok?***=***#*** answered 302 Found, a redirect to http://{addr}/ok?***=*** (redirects are not followed)"
+        ))
+    );
+    server.abort();
+}
+
+#[tokio::test]
 async fn follow_redirects_follows_up_to_its_bound() {
     let (addr, requests, server) = serve_redirects().await;
     let mut probe = HttpProbe::new(&format!("http://{addr}/to/to/ok")).with_max_redirects(2);

@@ -6,26 +6,11 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use streamz::{GateState, HealthGate, HttpProbe};
-use support::reached;
+use support::{Captured, reached};
 use tokio::net::TcpListener;
-
-/// Captures what tracing prints, to check nothing secret reaches a log.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn credentials_and_query_values_in_a_probe_url_never_show() {
@@ -44,11 +29,14 @@ async fn credentials_and_query_values_in_a_probe_url_never_show() {
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("http://ops:s3cret@127.0.0.1:{port}/health?token=t0ken&x=1");
+    // Also a query key with no value (itself a token) and a fragment.
+    let url = format!(
+        "http://ops:s3cret@127.0.0.1:{port}/health?token=t0ken&x=1&sk_live_ABC#frag_SECRET"
+    );
     let probe = HttpProbe::new(&url);
     assert_eq!(
         probe.url(),
-        format!("http://***:***@127.0.0.1:{port}/health?token=***&x=***")
+        format!("http://***:***@127.0.0.1:{port}/health?token=***&x=***&***=***#***")
     );
     let gate = HealthGate::new(probe.clone()).with_failures_to_close(1);
     let handle = gate.handle();
@@ -72,7 +60,7 @@ async fn credentials_and_query_values_in_a_probe_url_never_show() {
 
     let reason = closed.reason.unwrap();
     assert!(reason.contains("***"), "{reason}");
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     for shown in [
         reason.as_str(),
         &format!("{probe:?}"),
@@ -81,6 +69,14 @@ async fn credentials_and_query_values_in_a_probe_url_never_show() {
     ] {
         assert!(!shown.contains("s3cret"), "the password shows: {shown}");
         assert!(!shown.contains("t0ken"), "the token shows: {shown}");
+        assert!(
+            !shown.contains("sk_live_ABC"),
+            "the bare key shows: {shown}"
+        );
+        assert!(
+            !shown.contains("frag_SECRET"),
+            "the fragment shows: {shown}"
+        );
     }
     assert!(
         logs.contains("health gate closes"),

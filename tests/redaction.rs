@@ -9,11 +9,13 @@
 //! interest per process, so a subscriber must be the only one from the
 //! start.
 
-use std::sync::{Arc, Mutex};
+mod support;
+
 use std::time::Duration;
 
 use streamz::dlq::{DeadLetter, FileSink, Replay};
 use streamz::{AsyncMapper, DeadLetterQueue, ErrorKind, HealthGate, Retry, StreamError};
+use support::Captured;
 
 const CARD: &str = "4111111111111111";
 const TOKEN: &str = "tok_live_S3CRET";
@@ -30,20 +32,6 @@ fn payment(id: u32) -> Payment {
         id,
         card: CARD.to_owned(),
         token: TOKEN.to_owned(),
-    }
-}
-
-/// Everything tracing printed.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -246,8 +234,53 @@ async fn run(logs: Captured) {
     assert!(letter.item.is_none());
     assert!(letter.note.unwrap().contains("redaction panicked"));
 
+    // 6. Redactions add up: each applies, in order.
+    let both = dir.path().join("both.dlq.jsonl");
+    let dlq = DeadLetterQueue::new(FileSink::<Payment>::create(&both).await.unwrap())
+        .with_redaction(|l: &mut DeadLetter<Payment>| {
+            if let Some(p) = &mut l.item {
+                p.card = String::from("<card>");
+            }
+        })
+        .with_redaction(|l: &mut DeadLetter<Payment>| {
+            if let Some(p) = &mut l.item {
+                p.token = String::from("<token>");
+            }
+        });
+    let one = futures::stream::iter([Err::<Payment, _>(
+        StreamError::failed("charge", "declined").with_item(payment(3)),
+    )]);
+    streamz::try_stream(one).pipe(dlq).collect().await;
+    let file = std::fs::read_to_string(&both).unwrap();
+    assert_clean("the file of two redactions", &file);
+    assert!(
+        file.contains("<card>") && file.contains("<token>"),
+        "{file}"
+    );
+
+    // 7. The library's own JSON readers do not quote what they could not
+    // read: a line of a file (`Line::json`), a dead letter's JSON item
+    // (`DeadLetter::item_as`).
+    let input = dir.path().join("payments.jsonl");
+    std::fs::write(&input, format!("{{\"id\": \"{CARD}\"}}\n")).unwrap();
+    let pipeline = streamz::Pipeline::new();
+    let (lines, _handle) = streamz::file::LineSource::new(&input, dir.path().join("cp"))
+        .start(&pipeline)
+        .unwrap();
+    let out = lines
+        .try_map(|line: &streamz::file::Line| line.json::<Payment>())
+        .collect()
+        .await;
+    let error = out.into_iter().next().unwrap().unwrap_err();
+    assert_clean("a line's JSON error", &format!("{error} {error:?}"));
+    let record = DeadLetter::<serde_json::Value>::from_error(1, {
+        StreamError::failed("x", "y").with_item(serde_json::json!({ "id": CARD }))
+    });
+    let as_payment = record.item_as::<Payment>().unwrap().unwrap_err();
+    assert_clean("item_as's error", &format!("{as_payment} {as_payment:?}"));
+
     // Every log line of the whole run.
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     // What was logged: the gate's and the breaker's transitions, and the
     // redaction's panic.
     assert!(logs.contains("health gate opens"), "{logs}");

@@ -487,3 +487,67 @@ mod tests {
         assert_eq!(outer.source().unwrap().to_string(), "inner");
     }
 }
+
+/// Why a text is not a value of the type asked for, without quoting it:
+/// serde_json's own message quotes the values it could not read, and those
+/// are items, which may be personal or secret. Given for a line of a
+/// dead-letter file that is not a record ([`DlqError::Corrupt`](crate::dlq::DlqError::Corrupt); the line
+/// itself is the item of the error [`Replay`](crate::dlq::Replay) gives for it), a
+/// [`Line`](crate::file::Line) that is not the JSON asked for ([`Line::json`](crate::file::Line::json)), and a dead
+/// letter's JSON item read back as another type
+/// ([`DeadLetter::item_as`](crate::dlq::DeadLetter::item_as)).
+///
+/// ```
+/// use streamz::dlq::{DeadLetter, NotARecord};
+///
+/// let line = r#"{"sequence": "card 4111 1111 1111 1111"}"#;
+/// let e = serde_json::from_str::<DeadLetter<u32>>(line).unwrap_err();
+/// assert!(e.to_string().contains("4111"), "serde_json quotes the value");
+/// let shown = NotARecord::from(&e);
+/// assert!(!shown.to_string().contains("4111"));
+/// assert_eq!(shown.to_string(), "JSON, but not a record of the expected type, at column 39");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct NotARecord {
+    what: &'static str,
+    column: usize,
+}
+
+impl NotARecord {
+    /// What is wrong, in a few words.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Where on the line the reader stopped, from 1 (0 when the text was
+    /// not read from a line: a JSON value).
+    pub fn column(&self) -> usize {
+        self.column
+    }
+}
+
+impl std::fmt::Display for NotARecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.what)?;
+        if self.column > 0 {
+            write!(f, ", at column {}", self.column)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<&serde_json::Error> for NotARecord {
+    fn from(e: &serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let what = match e.classify() {
+            Category::Io => "unreadable",
+            Category::Syntax => "not JSON",
+            Category::Data => "JSON, but not a record of the expected type",
+            Category::Eof => "JSON cut short",
+        };
+        NotARecord {
+            what,
+            column: e.column(),
+        }
+    }
+}

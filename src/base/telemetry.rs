@@ -66,17 +66,20 @@ impl StageLabels {
         extra: &[(&'static str, String)],
         value: f64,
     ) {
-        #[cfg(feature = "metrics")]
-        {
-            describe();
-            let mut labels = self.labels(&[]);
-            labels.extend(
-                extra
-                    .iter()
-                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
-            );
-            metrics::gauge!(name, labels).set(value);
-        }
+        self.gauge_owned(name, extra).set(value);
+    }
+
+    /// The stage's labels and `extra` ones whose values are made at run
+    /// time.
+    #[cfg(feature = "metrics")]
+    fn labels_owned(&self, extra: &[(&'static str, String)]) -> Vec<metrics::Label> {
+        let mut labels = self.labels(&[]);
+        labels.extend(
+            extra
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, v.clone())),
+        );
+        labels
     }
 
     #[cfg(feature = "metrics")]
@@ -118,13 +121,7 @@ impl StageLabels {
         #[cfg(feature = "metrics")]
         {
             describe();
-            let mut labels = self.labels(&[]);
-            labels.extend(
-                extra
-                    .iter()
-                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
-            );
-            metrics::counter!(name, labels)
+            metrics::counter!(name, self.labels_owned(extra))
         }
         #[cfg(not(feature = "metrics"))]
         Counter
@@ -141,13 +138,7 @@ impl StageLabels {
         #[cfg(feature = "metrics")]
         {
             describe();
-            let mut labels = self.labels(&[]);
-            labels.extend(
-                extra
-                    .iter()
-                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
-            );
-            metrics::gauge!(name, labels)
+            metrics::gauge!(name, self.labels_owned(extra))
         }
         #[cfg(not(feature = "metrics"))]
         Gauge

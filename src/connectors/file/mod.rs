@@ -67,7 +67,10 @@ impl Line {
     ///
     /// # Errors
     ///
-    /// The parser's error, for a line that is not a `T` in JSON.
+    /// [`NotARecord`](crate::dlq::NotARecord) for a line that is not a `T`
+    /// in JSON: what is wrong and at which column, without quoting the
+    /// line (serde_json's own message quotes the values it could not read,
+    /// and would carry them into logs and dead letters).
     ///
     /// ```
     /// # use streamz::file::Line;
@@ -77,8 +80,8 @@ impl Line {
     /// let order: Result<Order, _> = line.json();
     /// # }
     /// ```
-    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(&self.text)
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, crate::dlq::NotARecord> {
+        serde_json::from_str(&self.text).map_err(|e| crate::dlq::NotARecord::from(&e))
     }
 }
 

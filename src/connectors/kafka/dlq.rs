@@ -224,9 +224,8 @@ impl<T: Acknowledge + Send + 'static> DeadLetterSink<T> for KafkaDlq {
             let mut context = context(&letter, origin.as_ref());
             let redacted = match (&self.redact, origin.as_ref()) {
                 (Some(redact), Some(original)) => {
-                    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        redact(original)
-                    }));
+                    let made =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact(original)));
                     Some(made.unwrap_or_else(|_| {
                         tracing::error!(
                             topic = %self.topic,

@@ -34,6 +34,7 @@ mod router;
 mod sink;
 mod writer;
 
+pub use crate::base::error::NotARecord;
 pub use file::{FileSink, FileSinkOptions, FileSinkStats, Fsync};
 pub use json::JsonItems;
 pub use queue::DeadLetterQueue;
@@ -158,56 +159,6 @@ pub enum DlqError {
     /// not reach it.
     #[error("the dead-letter sink stopped; the record could not reach it")]
     SinkStopped,
-}
-
-/// Why a line of a dead-letter file is not a record, without quoting the
-/// line: serde_json's own message quotes the values it could not read,
-/// and a dead letter's values are items, which may be personal or secret.
-/// The line itself is the item of the error [`Replay`] gives for it.
-///
-/// ```
-/// use streamz::dlq::{DeadLetter, NotARecord};
-///
-/// let line = r#"{"sequence": "card 4111 1111 1111 1111"}"#;
-/// let e = serde_json::from_str::<DeadLetter<u32>>(line).unwrap_err();
-/// assert!(e.to_string().contains("4111"), "serde_json quotes the value");
-/// let shown = NotARecord::from(&e);
-/// assert!(!shown.to_string().contains("4111"));
-/// assert_eq!(shown.to_string(), "JSON, but not a record of the expected type, at column 39");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what}, at column {column}")]
-pub struct NotARecord {
-    what: &'static str,
-    column: usize,
-}
-
-impl NotARecord {
-    /// What is wrong, in a few words.
-    pub fn what(&self) -> &'static str {
-        self.what
-    }
-
-    /// Where on the line the reader stopped, from 1.
-    pub fn column(&self) -> usize {
-        self.column
-    }
-}
-
-impl From<&serde_json::Error> for NotARecord {
-    fn from(e: &serde_json::Error) -> Self {
-        use serde_json::error::Category;
-        let what = match e.classify() {
-            Category::Io => "unreadable",
-            Category::Syntax => "not JSON",
-            Category::Data => "JSON, but not a record of the expected type",
-            Category::Eof => "JSON cut short",
-        };
-        NotARecord {
-            what,
-            column: e.column(),
-        }
-    }
 }
 
 /// What a [`DeadLetterQueue`] does with a record when its sink is slow and

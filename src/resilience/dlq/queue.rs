@@ -226,9 +226,10 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     ///
     /// To keep a redacted record replayable ([`Replay`](crate::dlq::Replay)),
     /// keep the item's shape: hash or blank a field rather than remove it.
-    /// A redaction that panics fails closed: the record is written without
-    /// its item and without the error's text, with a note saying so, and an
-    /// error is logged.
+    /// Called again, the redactions add up: each applies, in the order
+    /// given. A redaction that panics fails closed: the record is written
+    /// without its item and without the error's text, with a note saying
+    /// so, and an error is logged.
     ///
     /// ```
     /// use streamz::{DeadLetterQueue, StreamError};
@@ -258,8 +259,16 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     pub fn with_redaction<F>(mut self, redact: F) -> Self
     where
         F: Fn(&mut DeadLetter<R>) + Send + Sync + 'static,
+        R: 'static,
     {
-        self.redact = Some(std::sync::Arc::new(redact));
+        self.redact = Some(match self.redact.take() {
+            None => std::sync::Arc::new(redact),
+            // Each redaction applies, in the order given.
+            Some(first) => std::sync::Arc::new(move |letter: &mut DeadLetter<R>| {
+                first(letter);
+                redact(letter);
+            }),
+        });
         self
     }
 

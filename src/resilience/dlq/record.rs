@@ -192,8 +192,10 @@ impl DeadLetter<serde_json::Value> {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn item_as<T: serde::de::DeserializeOwned>(&self) -> Option<serde_json::Result<T>> {
-        self.item.as_ref().map(|value| T::deserialize(value))
+    pub fn item_as<T: serde::de::DeserializeOwned>(&self) -> Option<Result<T, super::NotARecord>> {
+        self.item
+            .as_ref()
+            .map(|value| T::deserialize(value).map_err(|e| super::NotARecord::from(&e)))
     }
 }
 

@@ -75,9 +75,10 @@ impl std::fmt::Debug for HttpProbe {
     }
 }
 
-/// `url` with its user name, password and query values replaced by `***`:
+/// `url` with its user name, password, query values (and keys without a
+/// value, which may be a token themselves) and fragment replaced by `***`:
 /// what a probe shows of a URL in reasons, logs and `Debug`. The request
-/// itself uses the full URL.
+/// itself uses the full URL. The host and path are shown.
 fn redact(url: &reqwest::Url) -> String {
     let mut shown = url.clone();
     if !shown.username().is_empty() {
@@ -87,12 +88,24 @@ fn redact(url: &reqwest::Url) -> String {
         let _ = shown.set_password(Some("***"));
     }
     if shown.query().is_some() {
-        let keys: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let keys: Vec<String> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                if v.is_empty() {
+                    "***".to_owned()
+                } else {
+                    k.into_owned()
+                }
+            })
+            .collect();
         let mut pairs = shown.query_pairs_mut();
         pairs.clear();
         for k in keys {
             pairs.append_pair(&k, "***");
         }
+    }
+    if shown.fragment().is_some() {
+        shown.set_fragment(Some("***"));
     }
     shown.to_string()
 }
@@ -247,7 +260,13 @@ impl HttpProbe {
     fn redirect_reason(&self, answer: &reqwest::Response) -> String {
         let at = answer.url();
         let mut reason = format!("GET {} answered {}", self.shown, answer.status());
-        if self.url.as_ref().ok() != Some(at) {
+        // The answer's URL has no fragment: compare without it.
+        let asked = self.url.as_ref().ok().map(|u| {
+            let mut u = u.clone();
+            u.set_fragment(None);
+            u
+        });
+        if asked.as_ref() != Some(at) {
             reason.push_str(&format!(" at {}", redact(at)));
         }
         let target = answer
