@@ -710,17 +710,23 @@ async fn a_dead_letter_topic_gets_the_redacted_value_and_no_secret() {
     }
     let pipeline = Pipeline::new();
     let (records, mut handle) = member_source(b, "pay", "pay.in").start(&pipeline).unwrap();
+    // The payload by the sink's redaction; the error's text, which quotes
+    // the value, by the queue's.
     let dlq = DeadLetterQueue::<_, KafkaRecord, _>::new(
         KafkaDlq::new(b, "pay.dlq")
             .unwrap()
             .with_redaction(|_| Some(b"<redacted>".to_vec())),
-    );
+    )
+    .with_redaction(|letter: &mut streamz::DeadLetter<KafkaRecord>| {
+        letter.message = String::from("not a command");
+    });
     let out = records
         .try_map(|r: &KafkaRecord| {
-            if r.value() == Some(&b"ok"[..]) {
-                Ok(String::from("ok"))
+            let text = String::from_utf8_lossy(r.value().unwrap_or_default()).into_owned();
+            if text == "ok" {
+                Ok(text)
             } else {
-                Err("not a command")
+                Err(format!("not a command: {text}"))
             }
         })
         .pipe(dlq);

@@ -222,7 +222,13 @@ impl<T, R, S: DeadLetterSink<R>> DeadLetterQueue<T, R, S> {
     /// error's text (`message`, `causes`), which comes from the failing
     /// code and may quote the item. Runs in the stage's task, once per
     /// failure, before the record is buffered, so no sink (a file, a
-    /// channel, a Kafka topic) ever sees what it removed.
+    /// channel, a closure) ever sees what it removed. A `KafkaDlq`
+    /// (feature `kafka`) is the exception for its payload: it writes the
+    /// *original* Kafka record's value, not the item, so this reaches its
+    /// headers but not its value; redact that with
+    /// `KafkaDlq::with_redaction`.
+    /// The record's `sequence` cannot be changed (the writer pairs records
+    /// with their acknowledgements by it).
     ///
     /// To keep a redacted record replayable ([`Replay`](crate::dlq::Replay)),
     /// keep the item's shape: hash or blank a field rather than remove it.

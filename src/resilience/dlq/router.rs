@@ -243,7 +243,11 @@ fn sink_stopped<T, R: Send + 'static>(record: DeadLetter<R>, ack: Ack, out: &mut
 /// touches: the item and the error's text are withheld, and a note says
 /// why (fail closed: a secret is never written because a hook failed).
 fn redact_or_withhold<R>(redact: &Redact<R>, record: &mut DeadLetter<R>) {
+    // The writer pairs records with their acknowledgements by sequence:
+    // a redaction may not change it.
+    let sequence = record.sequence;
     let redacted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact(record)));
+    record.sequence = sequence;
     if redacted.is_err() {
         tracing::error!(
             sequence = record.sequence,
