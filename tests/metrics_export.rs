@@ -411,3 +411,59 @@ async fn late_names_and_aborts_leave_no_stale_series() {
     );
     assert_eq!(get(&series, &held), 0.0, "the channel was drained: {page}");
 }
+
+/// A pipeline dropped without `join` publishes what it counted as it goes:
+/// a run shorter than the publisher's second still shows every count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_dropped_without_join_publishes_its_counts() {
+    let addr = recorder();
+    let pipeline = Pipeline::builder().with_name("unjoined").build();
+    let out = pipeline
+        .iter(0..1_700u32)
+        .map(|n: &u32| n + 1)
+        .named("inc")
+        .collect()
+        .await;
+    assert_eq!(out.len(), 1_700);
+    drop(pipeline);
+    let (page, series) = scrape(addr).await;
+    let key = r#"streamz_stage_items_total{pipeline="unjoined",stage="inc",outcome="emitted"}"#;
+    assert_eq!(get(&series, key), 1_700.0, "{page}");
+}
+
+/// Stage tasks that outlive every handle on their pipeline are published
+/// until they end: the series reach the final counts with no `join`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_that_outlive_their_pipeline_are_published_to_the_end() {
+    let addr = recorder();
+    let pipeline = Pipeline::builder().with_name("outlived").build();
+    let (tx, flow) = pipeline.channel::<u32>();
+    let reader = tokio::spawn(
+        flow.map(|n: &u32| *n)
+            .named("m")
+            .async_boundary("hop")
+            .collect(),
+    );
+    drop(pipeline);
+    for n in 0..1_700u32 {
+        tx.send(n).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(reader.await.unwrap().len(), 1_700);
+    let key = r#"streamz_stage_items_total{pipeline="outlived",stage="hop",outcome="emitted"}"#;
+    // The publisher runs every second of real time: a bound of 30 s for a
+    // broken run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (page, series) = scrape(addr).await;
+        match series.get(key) {
+            Some(&n) if n == 1_700.0 => break,
+            Some(&n) if n > 1_700.0 => panic!("counted twice: {page}"),
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "never reached 1,700: {page}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

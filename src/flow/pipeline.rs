@@ -105,71 +105,148 @@ struct Inner {
 #[cfg(feature = "metrics")]
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
-/// The pipelines the publisher thread serves; the thread starts with the
-/// first. `None` if it could not start (logged once): the series are then
-/// set only by `join` and `publish_metrics`.
+/// What the publisher thread serves; the thread starts with the first
+/// pipeline.
 #[cfg(feature = "metrics")]
-fn publisher() -> Option<MutexGuard<'static, Vec<Weak<Inner>>>> {
-    static PIPELINES: std::sync::OnceLock<Option<Mutex<Vec<Weak<Inner>>>>> =
-        std::sync::OnceLock::new();
-    let pipelines = PIPELINES.get_or_init(|| {
+#[derive(Default)]
+struct Published {
+    /// Pipelines, held weakly.
+    live: Vec<Weak<Inner>>,
+    /// What dropped pipelines left running: published until their tasks
+    /// end, then once more.
+    left: Vec<Leftover>,
+}
+
+/// The stages of a pipeline dropped while some of its tasks still ran
+/// (feature `metrics`).
+#[cfg(feature = "metrics")]
+struct Leftover {
+    stages: Vec<Counters>,
+    edges: Vec<Edge>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The publisher's lists. `None` if its thread could not start (logged
+/// once): the series are then set only by `join`, `publish_metrics` and a
+/// pipeline's drop.
+#[cfg(feature = "metrics")]
+fn publisher() -> Option<MutexGuard<'static, Published>> {
+    static PUBLISHED: std::sync::OnceLock<Option<Mutex<Published>>> = std::sync::OnceLock::new();
+    let published = PUBLISHED.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("streamz-metrics".into())
             .spawn(|| {
                 loop {
                     std::thread::sleep(PUBLISH_EVERY);
-                    let live: Vec<Arc<Inner>> = {
+                    let (live, left): (Vec<Arc<Inner>>, Vec<Leftover>) = {
                         let Some(mut list) = publisher() else { return };
-                        list.retain(|p| p.strong_count() > 0);
-                        list.iter().filter_map(Weak::upgrade).collect()
+                        list.live.retain(|p| p.strong_count() > 0);
+                        let live = list.live.iter().filter_map(Weak::upgrade).collect();
+                        (live, std::mem::take(&mut list.left))
                     };
                     for p in live {
-                        // A recorder that panics must not end publishing
-                        // for every pipeline.
-                        let published =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.publish()));
-                        if let Err(payload) = published {
-                            let panic = crate::base::error::PanicError::from_payload(payload);
-                            tracing::error!(%panic, "publishing a pipeline's metrics panicked");
-                        }
+                        publish_guarded(|| p.publish());
+                        // Dropping `p` may drop the pipeline: its `Drop`
+                        // takes the lock again, which is not held here.
+                    }
+                    let still: Vec<Leftover> = left
+                        .into_iter()
+                        .filter_map(|l| {
+                            // Finished before this publication, so it
+                            // holds their last counts.
+                            let done = l.tasks.iter().all(JoinHandle::is_finished);
+                            publish_guarded(|| publish_parts(&l.stages, &l.edges));
+                            (!done).then_some(l)
+                        })
+                        .collect();
+                    if !still.is_empty()
+                        && let Some(mut list) = publisher()
+                    {
+                        list.left.extend(still);
                     }
                 }
             });
         match spawned {
-            Ok(_) => Some(Mutex::new(Vec::new())),
+            Ok(_) => Some(Mutex::new(Published::default())),
             Err(e) => {
-                tracing::error!(error = %e, "cannot start the metrics publisher; series are set only by join and publish_metrics");
+                tracing::error!(error = %e, "cannot start the metrics publisher; series are set only by join, publish_metrics and a pipeline's drop");
                 None
             }
         }
     });
-    pipelines.as_ref().map(lock)
+    published.as_ref().map(lock)
+}
+
+/// Publishes, logging a panic instead of unwinding: a recorder that
+/// panics must not end publishing for every pipeline, nor unwind a drop.
+#[cfg(feature = "metrics")]
+fn publish_guarded(publish: impl FnOnce()) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(publish)) {
+        let panic = crate::base::error::PanicError::from_payload(payload);
+        tracing::error!(%panic, "publishing a pipeline's metrics panicked");
+    }
+}
+
+/// Sets the series of these stages and edges.
+#[cfg(feature = "metrics")]
+fn publish_parts(stages: &[Counters], edges: &[Edge]) {
+    let running: Vec<&Counters> = stages.iter().filter(|stage| stage.publish()).collect();
+    for edge in edges {
+        // Like its stage's, an edge's series wait for the stage to run
+        // (under its final name).
+        if !running.iter().any(|c| c.same(&edge.from)) {
+            continue;
+        }
+        if let Some(fill) = &edge.fill {
+            let (held, capacity) = fill.held();
+            edge.series
+                .get_or_init(|| {
+                    crate::base::telemetry::EdgeSeries::new(&edge.from.labels(), edge.to.name())
+                })
+                .publish(held, capacity);
+        }
+    }
 }
 
 #[cfg(feature = "metrics")]
 impl Inner {
     /// Sets this pipeline's stage and edge series (not those of pipelines
-    /// merged into it: each has its own publisher).
+    /// merged into it: each has its own publisher). The lists are copied
+    /// first, so no lock of the pipeline is held while the recorder runs.
     fn publish(&self) {
-        let running: Vec<Counters> = lock(&self.stages)
-            .iter()
-            .filter(|stage| stage.publish())
-            .cloned()
-            .collect();
-        for edge in lock(&self.edges).iter() {
-            // Like its stage's, an edge's series wait for the stage to run
-            // (under its final name).
-            if !running.iter().any(|c| c.same(&edge.from)) {
-                continue;
-            }
-            if let Some(fill) = &edge.fill {
-                let (held, capacity) = fill.held();
-                edge.series
-                    .get_or_init(|| {
-                        crate::base::telemetry::EdgeSeries::new(&edge.from.labels(), edge.to.name())
-                    })
-                    .publish(held, capacity);
-            }
+        let stages = lock(&self.stages).clone();
+        let edges = lock(&self.edges).clone();
+        publish_parts(&stages, &edges);
+    }
+}
+
+/// Empties a list this thread owns (a holder's panic left it consistent).
+#[cfg(feature = "metrics")]
+fn taken<T>(list: &mut Mutex<Vec<T>>) -> Vec<T> {
+    std::mem::take(list.get_mut().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// A pipeline dropped without `join` still publishes what it counted: now,
+/// and, for tasks still running, until they end (feature `metrics`).
+#[cfg(feature = "metrics")]
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !*self.publishing.get_mut() {
+            return;
+        }
+        let left = Leftover {
+            stages: taken(&mut self.stages),
+            edges: taken(&mut self.edges),
+            tasks: taken(&mut self.tasks)
+                .into_iter()
+                .map(|(_, task)| task)
+                .filter(|task| !task.is_finished())
+                .collect(),
+        };
+        let running = !left.tasks.is_empty();
+        publish_guarded(|| publish_parts(&left.stages, &left.edges));
+        if running && let Some(mut list) = publisher() {
+            list.left.push(left);
         }
     }
 }
@@ -836,8 +913,8 @@ impl Pipeline {
         if self.inner.publishing.swap(true, Relaxed) {
             return;
         }
-        if let Some(mut pipelines) = publisher() {
-            pipelines.push(Arc::downgrade(&self.inner));
+        if let Some(mut published) = publisher() {
+            published.live.push(Arc::downgrade(&self.inner));
         }
     }
 
@@ -845,8 +922,10 @@ impl Pipeline {
     /// those merged into it to the `metrics` recorder now (feature
     /// `metrics`). A publisher does it every second while the pipeline
     /// lives, and [`join`](Self::join) once everything has ended, so the
-    /// last values are exact; call it to publish at another moment (just
-    /// before a process exits, say).
+    /// last values are exact. A pipeline dropped without `join` publishes
+    /// as its last handle goes, and its stage tasks still running until
+    /// they end. Call it to publish at another moment (just before a
+    /// process exits, say).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
