@@ -457,7 +457,7 @@ async fn tasks_that_outlive_their_pipeline_are_published_to_the_end() {
     loop {
         let (page, series) = scrape(addr).await;
         match series.get(key) {
-            Some(&n) if n == 1_700.0 => break,
+            Some(&1_700.0) => break,
             Some(&n) if n > 1_700.0 => panic!("counted twice: {page}"),
             _ => assert!(
                 std::time::Instant::now() < deadline,

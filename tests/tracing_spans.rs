@@ -149,3 +149,54 @@ fn events_in_user_code_carry_the_pipeline_and_the_stage() {
         );
     }
 }
+
+/// A source's iterator or stream runs in the task that pulls from it; its
+/// events carry a `source` span with the source's own name inside that
+/// task's span.
+#[test]
+fn events_in_a_source_carry_the_source_name() {
+    use futures::StreamExt;
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let pipeline = Pipeline::builder().with_name("orders").build();
+            let listed = pipeline
+                .iter((1u32..=2).inspect(|n| tracing::info!(n, "listing")))
+                .named("listed")
+                .pipe(Stage::new("price", Map::new(|n: &u32| n * 10)));
+            let streamed = pipeline
+                .stream(futures::stream::iter(1u32..=2).inspect(|n| tracing::info!(n, "streaming")))
+                .named("streamed")
+                .pipe(Stage::new("tax", Map::new(|n: &u32| n * 10)));
+            assert_eq!(listed.collect().await.len(), 2);
+            assert_eq!(streamed.collect().await.len(), 2);
+            pipeline.join().await.unwrap();
+        });
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    for (what, spans) in [
+        (
+            "listing",
+            "stage{pipeline=orders name=price}:source{pipeline=orders name=listed}",
+        ),
+        (
+            "streaming",
+            "stage{pipeline=orders name=tax}:source{pipeline=orders name=streamed}",
+        ),
+    ] {
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(what)).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for line in lines {
+            assert!(line.contains(spans), "{line}");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub(crate) mod ack;
 pub(crate) mod atomic_file;
+pub(crate) mod blocking;
 pub(crate) mod channel;
 pub(crate) mod chunk;
 pub(crate) mod config;

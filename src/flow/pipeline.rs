@@ -490,6 +490,7 @@ impl Pipeline {
                 max_chunk: self.inner.edge.max_chunk(),
                 shutdown: self.inner.shutdown.watch(),
                 counters: counters.clone(),
+                span: None,
             }),
         )
         .produced_by(counters)
@@ -560,6 +561,7 @@ impl Pipeline {
                 max_chunk: self.inner.edge.max_chunk(),
                 shutdown: Shutdown::new(self.inner.shutdown.token().clone()),
                 counters: counters.clone(),
+                span: None,
             }),
         )
         .produced_by(counters)

@@ -75,6 +75,8 @@ pub(crate) struct IterSource<I> {
     // `Watch` (no lock) rather than the token: this runs once per chunk.
     pub(crate) shutdown: crate::base::signal::Watch,
     pub(crate) counters: Counters,
+    /// Entered while the iterator runs; see [`source_span`].
+    pub(crate) span: Option<tracing::Span>,
 }
 
 impl<I> ChunkSource<I::Item> for IterSource<I>
@@ -89,7 +91,10 @@ where
         let Some(iter) = &mut self.iter else {
             return Poll::Ready(None);
         };
-        let values: Vec<_> = iter.by_ref().take(self.max_chunk).collect();
+        let values: Vec<_> = {
+            let _span = source_span(&mut self.span, &self.counters).enter();
+            iter.by_ref().take(self.max_chunk).collect()
+        };
         if values.is_empty() {
             self.iter = None;
             return Poll::Ready(None);
@@ -110,6 +115,18 @@ pub(crate) struct StreamSource<S> {
     pub(crate) max_chunk: usize,
     pub(crate) shutdown: Shutdown,
     pub(crate) counters: Counters,
+    /// Entered while the stream is polled; see [`source_span`].
+    pub(crate) span: Option<tracing::Span>,
+}
+
+/// A source's span, made at its first chunk (its name is final by then):
+/// the user's iterator or stream runs in whichever task pulls, so its
+/// events carry the source's name as well as that task's.
+fn source_span<'a>(slot: &'a mut Option<tracing::Span>, counters: &Counters) -> &'a tracing::Span {
+    slot.get_or_insert_with(|| {
+        let labels = counters.labels();
+        tracing::debug_span!("source", pipeline = %labels.pipeline(), name = %labels.stage())
+    })
 }
 
 /// What a stream source's items can be: items, or items with their
@@ -150,6 +167,7 @@ where
         };
         let mut chunk = Chunk::default();
         let mut ended = false;
+        let _span = source_span(&mut self.span, &self.counters).enter();
         while chunk.len() < self.max_chunk {
             match stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => item.push_into(&mut chunk),

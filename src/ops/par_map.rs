@@ -467,7 +467,7 @@ where
             let stage = self.stage.clone();
             let items = piece.len() as u64;
             let (tx, task) = tokio::sync::oneshot::channel();
-            rayon::spawn(move || {
+            crate::base::blocking::spawn_on_rayon(move || {
                 // The stage may have stopped (an abort): nobody to tell.
                 let _ = tx.send(work(&*f, &stage, piece));
             });

@@ -408,7 +408,7 @@ impl LineSource {
             stop: stop.clone(),
         };
         let panic_tx = tx_for_panic;
-        tokio::task::spawn_blocking(move || {
+        crate::base::blocking::spawn_blocking(move || {
             // A panic on the reader thread must not look like the end of
             // the input.
             if let Err(payload) =
@@ -853,7 +853,7 @@ impl Keeper {
         };
         let path = self.path.clone();
         let to_save = checkpoint.clone();
-        let saved = tokio::task::spawn_blocking(move || to_save.save(&path)).await;
+        let saved = crate::base::blocking::spawn_blocking(move || to_save.save(&path)).await;
         match saved {
             Ok(Ok(())) => {
                 self.written = at;

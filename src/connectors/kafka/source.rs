@@ -867,7 +867,7 @@ impl Reader {
         let closing = {
             let name = name.clone();
             let shared_for_close = shared.clone();
-            tokio::task::spawn_blocking(move || {
+            crate::base::blocking::spawn_blocking(move || {
                 commit(&consumer, &shared_for_close, &last, CommitMode::Sync, &name);
                 consumer.unsubscribe();
                 drop(consumer);

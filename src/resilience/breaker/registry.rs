@@ -299,7 +299,8 @@ impl BreakerRegistry {
         let bytes = serde_json::to_vec_pretty(&file).expect("snapshots serialise to JSON");
         let target = path.clone();
         let written =
-            tokio::task::spawn_blocking(move || atomic_file::replace(&target, &bytes)).await;
+            crate::base::blocking::spawn_blocking(move || atomic_file::replace(&target, &bytes))
+                .await;
         match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(source)) => Err(RegistryError::Io { path, source }),
@@ -324,7 +325,7 @@ impl BreakerRegistry {
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<usize, RegistryError> {
         let path = path.as_ref().to_path_buf();
         let target = path.clone();
-        let read = tokio::task::spawn_blocking(move || std::fs::read(target)).await;
+        let read = crate::base::blocking::spawn_blocking(move || std::fs::read(target)).await;
         let bytes = match read {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),

@@ -457,7 +457,7 @@ impl FileSinkOptions {
         let mode = self.mode;
         let opened = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || State::open(path, mode)).await
+            crate::base::blocking::spawn_blocking(move || State::open(path, mode)).await
         };
         let state = match opened {
             Ok(Ok(state)) => state,
@@ -501,7 +501,7 @@ impl<T> FileSink<T> {
         f: impl FnOnce(&mut State) -> R + Send + 'static,
     ) -> Option<R> {
         let state = self.state.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        let joined = crate::base::blocking::spawn_blocking(move || {
             // Serialisation panics are caught inside, so a poisoned lock
             // means a bug in this file; the state is still usable.
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());

@@ -158,7 +158,7 @@ impl<T: DeserializeOwned + Send + 'static> Replay<T> {
         let stats = ReplayStats::default();
         let reader = {
             let (max_line, stats) = (max_line.clone(), stats.clone());
-            let opened = tokio::task::spawn_blocking(move || {
+            let opened = crate::base::blocking::spawn_blocking(move || {
                 let paths = list()?;
                 for path in &paths {
                     check_file(path)?;
@@ -194,7 +194,7 @@ impl<T: DeserializeOwned + Send + 'static> Replay<T> {
         // so the runtime's workers never wait on the disk.
         let batches = futures::stream::unfold(Some(reader), |reader| async move {
             let mut reader = reader?;
-            let joined = tokio::task::spawn_blocking(move || {
+            let joined = crate::base::blocking::spawn_blocking(move || {
                 let batch = reader.next_batch::<T>();
                 (reader, batch)
             })
