@@ -228,21 +228,32 @@ async fn main() -> Result<(), BoxError> {
         match &mut terminal {
             Some(terminal) => {
                 terminal.draw(|frame| {
+                    let lengths = [10u16, 7, 8, 8, 8, 11, 7];
+                    // Borders, and one space between columns.
+                    let need_width = lengths.iter().sum::<u16>() + lengths.len() as u16 - 1 + 2;
+                    let need_height = table.len() as u16 + 1 + 2;
+                    let area = frame.area();
+                    if area.width < need_width || area.height < need_height {
+                        // Clipped cells would show wrong numbers (2002/s
+                        // as 200): say so instead.
+                        let text = format!(
+                            "streamz top needs {need_width}x{need_height}, this terminal is {}x{}",
+                            area.width, area.height
+                        );
+                        frame.render_widget(
+                            ratatui::widgets::Paragraph::new(text)
+                                .wrap(ratatui::widgets::Wrap { trim: true }),
+                            area,
+                        );
+                        return;
+                    }
                     let rows = table.iter().map(|l| Row::new(cells(l)));
-                    let widths = [
-                        Constraint::Length(10),
-                        Constraint::Length(7),
-                        Constraint::Length(8),
-                        Constraint::Length(8),
-                        Constraint::Length(8),
-                        Constraint::Length(11),
-                        Constraint::Length(7),
-                    ];
+                    let widths = lengths.map(Constraint::Length);
                     let title = format!(" streamz top: pipeline demo, {elapsed} s (q to quit) ");
                     let view = Table::new(rows, widths)
                         .header(Row::new(HEADER).style(Style::new().add_modifier(Modifier::BOLD)))
                         .block(Block::bordered().title(title));
-                    frame.render_widget(view, frame.area());
+                    frame.render_widget(view, area);
                 })?;
             }
             None => {

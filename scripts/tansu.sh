@@ -6,6 +6,18 @@
 #   scripts/tansu.sh fetch         fetch it once into target/tmp/tansu; print its path
 #   scripts/tansu.sh start PORT    start it on 127.0.0.1:PORT in the background;
 #                                  print its process id (stop it with kill PID)
+#   scripts/tansu.sh build-sqlite  build Tansu with its SQLite storage (the
+#                                  `libsql` feature) from crates.io into
+#                                  target/tmp/tansu-sqlite; print its path.
+#                                  About 6-8 minutes on 2 cores, once.
+#
+# The memory storage of the wheel's broker loses some writes it confirmed
+# once producers were killed with SIGKILL, so the Kafka crash test
+# (tests/kafka.rs, a_member_killed_with_sigkill_loses_nothing) runs on a
+# broker keeping its log in a SQLite file:
+#
+#   STREAMZ_TANSU=$(scripts/tansu.sh build-sqlite) STREAMZ_TANSU_STORAGE=sqlite \
+#     cargo test --features kafka --test kafka -- --ignored a_member_killed
 #
 # The tests (tests/kafka.rs) fetch it the same way by themselves, or use
 # STREAMZ_TANSU=/path/to/tansu, and start one broker per test.
@@ -27,9 +39,22 @@ fetch() {
   echo "$PWD/$bin"
 }
 
+build_sqlite() {
+  local root=$PWD/target/tmp/tansu-sqlite
+  if [ ! -x "$root/bin/tansu" ]; then
+    # --locked: the versions Tansu 0.6.0 was released with.
+    CARGO_TARGET_DIR=$PWD/target/tmp/tansu-build \
+      cargo install tansu --version =0.6.0 --features libsql --locked --root "$root" >&2
+  fi
+  echo "$root/bin/tansu"
+}
+
 case "${1:-}" in
   fetch)
     fetch
+    ;;
+  build-sqlite)
+    build_sqlite
     ;;
   start)
     port=${2:?usage: scripts/tansu.sh start PORT}
@@ -49,7 +74,7 @@ case "${1:-}" in
     kill "$pid"; cat "$log" >&2; exit 1
     ;;
   *)
-    echo "usage: scripts/tansu.sh fetch | start PORT" >&2
+    echo "usage: scripts/tansu.sh fetch | start PORT | build-sqlite" >&2
     exit 2
     ;;
 esac
