@@ -23,11 +23,11 @@ use crate::resilience::health::{GateHandle, GateState, Health, Holder};
 /// | a [`GateHandle`] | the [`HealthGate`](crate::HealthGate) is open (its checker keeps checking after the gate's input ends, for as long as the signal lives, in a task the gate's pipeline does not wait for; an abort of that pipeline stops it) |
 /// | a `watch::Receiver<Health>` | the value is [`Health::Healthy`] |
 /// | a `watch::Receiver<bool>` | the value is `true` |
-/// | a [`Breaker`](crate::breaker::Breaker) (feature `circuit-breaker`) | it permits calls (closed, half-open, disabled) |
+/// | a [`Breaker`] (feature `circuit-breaker`) | it permits calls (closed, half-open, disabled) |
 /// | [`from_stream`](DependencySignal::from_stream) | the last [`Health`] the stream gave is healthy |
 ///
-/// A mapper that holds on the same [`Breaker`](crate::breaker::Breaker)
-/// that guards its calls wants [`OpenPolicy::Wait`](crate::breaker::OpenPolicy::Wait):
+/// A mapper that holds on the same [`Breaker`]
+/// that guards its calls wants [`OpenPolicy::Wait`]:
 /// half-open counts as up, so every held item is released then, and only
 /// the trial calls get a permit; with the default `Reject` the others
 /// become `circuit_open` errors at that moment, with `Wait` they wait for
@@ -51,6 +51,19 @@ use crate::resilience::health::{GateHandle, GateState, Health, Holder};
 /// // Elsewhere: health.send(Health::unhealthy("database failover"))
 /// # drop(health);
 /// ```
+///
+// The breaker's items exist with its feature only; without it the links
+// lead to the crate's page, which says how to turn it on.
+#[cfg_attr(
+    feature = "circuit-breaker",
+    doc = "[`Breaker`]: crate::breaker::Breaker"
+)]
+#[cfg_attr(
+    feature = "circuit-breaker",
+    doc = "[`OpenPolicy::Wait`]: crate::breaker::OpenPolicy::Wait"
+)]
+#[cfg_attr(not(feature = "circuit-breaker"), doc = "[`Breaker`]: crate")]
+#[cfg_attr(not(feature = "circuit-breaker"), doc = "[`OpenPolicy::Wait`]: crate")]
 pub struct DependencySignal {
     updates: Option<Pin<Box<dyn Stream<Item = Health> + Send>>>,
     /// The last answer: `None` while up, the reason while down.

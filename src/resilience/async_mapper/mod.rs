@@ -528,7 +528,7 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// The signal is a [`GateHandle`](crate::GateHandle) (the gate at the
     /// ingress already probes the dependency: with this, the items past it
     /// wait too), a `watch` channel of [`Health`](crate::Health) or `bool`,
-    /// a [`Breaker`](crate::breaker::Breaker), or any stream of health
+    /// a [`Breaker`], or any stream of health
     /// answers ([`DependencySignal`]).
     ///
     /// A retry deadline ([`Retry::with_deadline`]) keeps running while an
@@ -566,6 +566,12 @@ impl<In, Out, E, F> AsyncMapper<In, Out, E, F> {
     /// assert_eq!(out, [1, 2, 3]);
     /// # }
     /// ```
+    ///
+    #[cfg_attr(
+        feature = "circuit-breaker",
+        doc = "[`Breaker`]: crate::breaker::Breaker"
+    )]
+    #[cfg_attr(not(feature = "circuit-breaker"), doc = "[`Breaker`]: crate")]
     pub fn hold_while_down(mut self, signal: impl Into<DependencySignal>) -> Self {
         self.hold = Some(signal.into());
         self
