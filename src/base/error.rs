@@ -384,7 +384,13 @@ impl fmt::Display for StreamError {
         }
         write!(f, "stage `{}` {}", self.inner.stage, self.inner.kind)?;
         if let Some(source) = &self.inner.source {
-            write!(f, ": {source}")?;
+            match source.downcast_ref::<PanicError>() {
+                // The kind says "panicked" already.
+                Some(panic) if self.inner.kind == ErrorKind::Panicked => {
+                    write!(f, ": {}", panic.message())?
+                }
+                _ => write!(f, ": {source}")?,
+            }
         }
         if self.inner.attempts > 1 {
             write!(f, " (after {} attempts)", self.inner.attempts)?;
@@ -427,6 +433,7 @@ impl std::error::Error for StreamError {
 /// assert_eq!(err.kind(), ErrorKind::Panicked);
 /// let panic = err.cause().unwrap().downcast_ref::<PanicError>().unwrap();
 /// assert_eq!(panic.message(), "two");
+/// assert_eq!(err.to_string(), "stage `map` panicked: two");
 /// # }
 /// ```
 #[derive(Debug, Clone, thiserror::Error)]
