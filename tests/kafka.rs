@@ -47,7 +47,8 @@ fn tansu() -> PathBuf {
     static FETCH: Mutex<()> = Mutex::new(());
     PATH.get_or_init(|| {
         if let Ok(p) = std::env::var("STREAMZ_TANSU") {
-            return PathBuf::from(p);
+            // Absolute: a broker on SQLite runs in a directory of its own.
+            return std::fs::canonicalize(&p).unwrap_or_else(|e| panic!("STREAMZ_TANSU={p}: {e}"));
         }
         let _one = FETCH.lock().unwrap();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tansu");

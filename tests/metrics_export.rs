@@ -467,3 +467,49 @@ async fn tasks_that_outlive_their_pipeline_are_published_to_the_end() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A merge runs the merged pipeline's steps in tasks of the pipeline that
+/// merged it: dropped mid-item, those tasks still count into the merged
+/// pipeline's stages, and the series follow them to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_pipeline_dropped_mid_item_is_published_to_the_end() {
+    let addr = recorder();
+    let merging = Pipeline::builder().with_name("merging").build();
+    let merged = Pipeline::builder().with_name("merged").build();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let (release, go) = std::sync::mpsc::channel::<()>();
+    let go = std::sync::Mutex::new(go);
+    let slow = merged
+        .iter(0..1u32)
+        .map(move |n: &u32| {
+            let _ = started_tx.send(());
+            let _ = go.lock().unwrap().recv(); // until the test drops `release`
+            *n
+        })
+        .named("slow");
+    let flow = merging.iter(std::iter::empty::<u32>()).merge_with(slow);
+    drop((merging, merged));
+    let mut reading = Box::pin(flow.collect());
+    // Polls the merge until its one call has started.
+    tokio::select! {
+        _ = &mut reading => panic!("the merge ended before its call"),
+        started = tokio::task::spawn_blocking(move || started.recv()) => started.unwrap().unwrap(),
+    }
+    drop(reading); // every handle on both pipelines is gone, mid-call
+    drop(release); // the call returns
+    let key = r#"streamz_stage_items_total{pipeline="merged",stage="slow",outcome="emitted"}"#;
+    // The publisher runs every second of real time: a bound of 30 s for a
+    // broken run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (page, series) = scrape(addr).await;
+        if series.get(key) == Some(&1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call that ended after the drop never showed: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

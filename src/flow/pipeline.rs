@@ -113,7 +113,7 @@ struct Published {
     /// Pipelines, held weakly.
     live: Vec<Weak<Inner>>,
     /// What dropped pipelines left running: published until their tasks
-    /// end, then once more.
+    /// end, then once more (see `Drop for Group`).
     left: Vec<Leftover>,
 }
 
@@ -220,37 +220,6 @@ impl Inner {
     }
 }
 
-/// Empties a list this thread owns (a holder's panic left it consistent).
-#[cfg(feature = "metrics")]
-fn taken<T>(list: &mut Mutex<Vec<T>>) -> Vec<T> {
-    std::mem::take(list.get_mut().unwrap_or_else(|p| p.into_inner()))
-}
-
-/// A pipeline dropped without `join` still publishes what it counted: now,
-/// and, for tasks still running, until they end (feature `metrics`).
-#[cfg(feature = "metrics")]
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if !*self.publishing.get_mut() {
-            return;
-        }
-        let left = Leftover {
-            stages: taken(&mut self.stages),
-            edges: taken(&mut self.edges),
-            tasks: taken(&mut self.tasks)
-                .into_iter()
-                .map(|(_, task)| task)
-                .filter(|task| !task.is_finished())
-                .collect(),
-        };
-        let running = !left.tasks.is_empty();
-        publish_guarded(|| publish_parts(&left.stages, &left.edges));
-        if running && let Some(mut list) = publisher() {
-            list.left.push(left);
-        }
-    }
-}
-
 /// An edge of the topology: `to` reads `from`'s output.
 #[derive(Clone)]
 struct Edge {
@@ -281,6 +250,43 @@ struct GroupState {
     members: Vec<Arc<Inner>>,
     /// Set once this group's members moved to another group.
     merged_into: Option<Arc<Group>>,
+}
+
+/// Pipelines dropped without `join` still publish what they counted: now,
+/// and, for stage tasks still running, until they end (feature
+/// `metrics`). Gathered per group, not per pipeline: a merge runs a merged
+/// pipeline's source and steps in tasks of the pipeline that merged it, so
+/// one member's tasks count into another's stages.
+#[cfg(feature = "metrics")]
+impl Drop for Group {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        // A group that forwards has no members left.
+        let members = std::mem::take(&mut state.members);
+        if !members.iter().any(|m| m.publishing.load(Relaxed)) {
+            return;
+        }
+        let mut left = Leftover {
+            stages: Vec::new(),
+            edges: Vec::new(),
+            tasks: Vec::new(),
+        };
+        for member in &members {
+            left.stages.extend(lock(&member.stages).iter().cloned());
+            left.edges.extend(lock(&member.edges).iter().cloned());
+            left.tasks.extend(
+                lock(&member.tasks)
+                    .drain(..)
+                    .map(|(_, task)| task)
+                    .filter(|task| !task.is_finished()),
+            );
+        }
+        let running = !left.tasks.is_empty();
+        publish_guarded(|| publish_parts(&left.stages, &left.edges));
+        if running && let Some(mut list) = publisher() {
+            list.left.push(left);
+        }
+    }
 }
 
 impl Group {

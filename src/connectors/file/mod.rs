@@ -408,7 +408,10 @@ impl LineSource {
             stop: stop.clone(),
         };
         let panic_tx = tx_for_panic;
-        crate::base::blocking::spawn_blocking(move || {
+        // Not in the caller's span: this runs from the application's setup
+        // code, and the reader, which logs nothing, would hold that span
+        // open for as long as the input lasts.
+        tokio::task::spawn_blocking(move || {
             // A panic on the reader thread must not look like the end of
             // the input.
             if let Err(payload) =
