@@ -95,8 +95,9 @@ impl<'a> MakeWriter<'a> for Captured {
     }
 }
 
-#[test]
-fn events_in_user_code_carry_the_pipeline_and_the_stage() {
+/// What `run` logs at DEBUG, on a current-thread runtime under a
+/// subscriber of this thread.
+fn logged(run: impl std::future::Future<Output = ()>) -> String {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(captured.clone())
@@ -107,30 +108,33 @@ fn events_in_user_code_carry_the_pipeline_and_the_stage() {
         .enable_all()
         .build()
         .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let pipeline = Pipeline::builder().with_name("orders").build();
-            let out = pipeline
-                .iter([1u32, 2])
-                .map(|n: &u32| {
-                    tracing::info!(n, "parsing");
-                    *n
-                })
-                .named("parse")
-                .pipe(Stage::new(
-                    "price",
-                    Map::new(|n: &u32| {
-                        tracing::info!(n, "pricing");
-                        n * 10
-                    }),
-                ))
-                .collect()
-                .await;
-            assert_eq!(out.len(), 2);
-            pipeline.join().await.unwrap();
-        });
+    tracing::subscriber::with_default(subscriber, || runtime.block_on(run));
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
+#[test]
+fn events_in_user_code_carry_the_pipeline_and_the_stage() {
+    let text = logged(async {
+        let pipeline = Pipeline::builder().with_name("orders").build();
+        let out = pipeline
+            .iter([1u32, 2])
+            .map(|n: &u32| {
+                tracing::info!(n, "parsing");
+                *n
+            })
+            .named("parse")
+            .pipe(Stage::new(
+                "price",
+                Map::new(|n: &u32| {
+                    tracing::info!(n, "pricing");
+                    n * 10
+                }),
+            ))
+            .collect()
+            .await;
+        assert_eq!(out.len(), 2);
+        pipeline.join().await.unwrap();
     });
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     // `parse` is fused into `price`'s task: its events are in both spans.
     let parsing: Vec<&str> = text.lines().filter(|l| l.contains("parsing")).collect();
     assert_eq!(parsing.len(), 2, "{text}");
@@ -156,33 +160,20 @@ fn events_in_user_code_carry_the_pipeline_and_the_stage() {
 #[test]
 fn events_in_a_source_carry_the_source_name() {
     use futures::StreamExt;
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .finish();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let pipeline = Pipeline::builder().with_name("orders").build();
-            let listed = pipeline
-                .iter((1u32..=2).inspect(|n| tracing::info!(n, "listing")))
-                .named("listed")
-                .pipe(Stage::new("price", Map::new(|n: &u32| n * 10)));
-            let streamed = pipeline
-                .stream(futures::stream::iter(1u32..=2).inspect(|n| tracing::info!(n, "streaming")))
-                .named("streamed")
-                .pipe(Stage::new("tax", Map::new(|n: &u32| n * 10)));
-            assert_eq!(listed.collect().await.len(), 2);
-            assert_eq!(streamed.collect().await.len(), 2);
-            pipeline.join().await.unwrap();
-        });
+    let text = logged(async {
+        let pipeline = Pipeline::builder().with_name("orders").build();
+        let listed = pipeline
+            .iter((1u32..=2).inspect(|n| tracing::info!(n, "listing")))
+            .named("listed")
+            .pipe(Stage::new("price", Map::new(|n: &u32| n * 10)));
+        let streamed = pipeline
+            .stream(futures::stream::iter(1u32..=2).inspect(|n| tracing::info!(n, "streaming")))
+            .named("streamed")
+            .pipe(Stage::new("tax", Map::new(|n: &u32| n * 10)));
+        assert_eq!(listed.collect().await.len(), 2);
+        assert_eq!(streamed.collect().await.len(), 2);
+        pipeline.join().await.unwrap();
     });
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     for (what, spans) in [
         (
             "listing",
