@@ -422,3 +422,45 @@ async fn a_cloned_broadcast_has_stats_of_its_own() {
     assert!(!stats.detached(1));
     assert_eq!(stats.dropped(1), 0);
 }
+
+/// The topology shows what a detached output's channel still holds for
+/// its branch: detaching ends the channel, it does not empty it.
+#[tokio::test(start_paused = true)]
+async fn a_detached_edge_shows_what_it_still_holds() {
+    let tee = Broadcast::new(2)
+        .named("tee")
+        .with_policy(1, BranchPolicy::Detach)
+        .with_edge(EdgeConfig::new(16, 4));
+    let stats = tee.branch_stats();
+    let flow = streamz::iter(0..1_000u32);
+    let pipeline = flow.pipeline().clone();
+    let [main, side]: [_; 2] = flow.broadcast_with(tee).try_into().unwrap();
+    // The side branch's stage reads until its own output (never read) is
+    // full, then stops reading: its input fills and the tee detaches it,
+    // leaving in the channel what the branch has not read.
+    let _side = side.pipe(
+        streamz::Stage::new("side", streamz::Map::new(|n: &u32| *n))
+            .with_edge(EdgeConfig::new(4, 4)),
+    );
+    let main = tokio::time::timeout(LIMIT, main.collect())
+        .await
+        .expect("not stalled");
+    assert_eq!(main.len(), 1_000);
+    assert!(stats.detached(1));
+    let topology = pipeline.topology();
+    let at = |name: &str| topology.stages.iter().position(|s| s.name == name).unwrap();
+    let edge = topology
+        .edges
+        .iter()
+        .find(|e| e.from == at("tee") && e.to == at("side"))
+        .expect("an edge from the tee to the side branch");
+    let queue = edge.queue.expect("a channel: the tee has a task");
+    // What the tee sent the side branch, less what the branch read.
+    let sent = 1_000 - stats.dropped(1);
+    let read = topology.stages[at("side")].metrics.received;
+    assert_eq!(queue.held as u64, sent - read, "{topology:?}");
+    assert!(
+        queue.held > 0,
+        "the branch stopped reading before the end: {topology:?}"
+    );
+}

@@ -8,6 +8,7 @@
 //! semaphore, which wakes a waiting sender with its chunk handed back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::sync::{Semaphore, mpsc};
@@ -27,7 +28,12 @@ pub(crate) fn chunk_channel<T>(edge: EdgeConfig) -> (ChunkTx<T>, ChunkRx<T>) {
             permits: permits.clone(),
             cap,
         },
-        ChunkRx { rx, permits, cap },
+        ChunkRx {
+            rx,
+            permits,
+            cap,
+            discarded: Arc::default(),
+        },
     )
 }
 
@@ -135,14 +141,16 @@ pub(crate) enum TrySend<T> {
 pub(crate) struct EdgeFill {
     permits: Arc<Semaphore>,
     cap: usize,
+    discarded: Arc<AtomicBool>,
 }
 
 impl EdgeFill {
     /// Items in the channel now (and its capacity): none once its
     /// receiver is gone or drained it (the permits of what was discarded
-    /// are not handed back).
+    /// are not handed back). A channel its sender ended ([`ChunkTx::end`])
+    /// still holds what its receiver has not read.
     pub(crate) fn held(&self) -> (usize, usize) {
-        if self.permits.is_closed() {
+        if self.discarded.load(Ordering::Acquire) {
             return (0, self.cap);
         }
         (
@@ -156,6 +164,9 @@ pub(crate) struct ChunkRx<T> {
     rx: mpsc::UnboundedReceiver<Chunk<T>>,
     permits: Arc<Semaphore>,
     cap: usize,
+    /// Set once the receiver stopped reading: what the channel held was
+    /// discarded, and its permits never come back.
+    discarded: Arc<AtomicBool>,
 }
 
 impl<T> ChunkRx<T> {
@@ -164,6 +175,7 @@ impl<T> ChunkRx<T> {
         EdgeFill {
             permits: self.permits.clone(),
             cap: self.cap,
+            discarded: self.discarded.clone(),
         }
     }
 
@@ -184,6 +196,7 @@ impl<T> ChunkRx<T> {
     /// Refuses further chunks and discards the queued ones, returning how
     /// many items they held.
     pub(crate) fn close_and_drain(&mut self) -> u64 {
+        self.discarded.store(true, Ordering::Release);
         self.permits.close();
         self.rx.close();
         let mut n = 0;
@@ -197,6 +210,7 @@ impl<T> ChunkRx<T> {
 impl<T> Drop for ChunkRx<T> {
     fn drop(&mut self) {
         // Wake a sender that waits for room: the chunk comes back to it.
+        self.discarded.store(true, Ordering::Release);
         self.permits.close();
     }
 }
@@ -205,6 +219,24 @@ impl<T> Drop for ChunkRx<T> {
 mod tests {
     use super::*;
     use futures::FutureExt;
+
+    #[tokio::test]
+    async fn an_ended_channel_shows_what_it_holds_until_read_or_dropped() {
+        let (tx, mut rx) = chunk_channel::<u32>(EdgeConfig::new(8, 16));
+        let fill = rx.fill();
+        tx.send(Chunk::from_values(vec![1, 2, 3])).await.unwrap();
+        tx.end();
+        assert_eq!(fill.held(), (3, 8), "ended, not read");
+        let got = std::future::poll_fn(|cx| rx.poll_recv(cx)).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(fill.held(), (0, 8), "read");
+
+        let (tx, rx) = chunk_channel::<u32>(EdgeConfig::new(8, 16));
+        let fill = rx.fill();
+        tx.send(Chunk::from_values(vec![1, 2, 3])).await.unwrap();
+        drop(rx);
+        assert_eq!(fill.held(), (0, 8), "discarded with its receiver");
+    }
 
     #[tokio::test]
     async fn bounded_by_items_and_oversized_chunk_passes_empty_queue() {

@@ -186,9 +186,9 @@ impl<T: Clone + Send + 'static> Flow<T> {
 /// broadcast is a plain one: the outputs left take the counts and errors,
 /// and all wait for room whatever their policy.
 ///
-/// A detached output's edge shows as empty in
-/// [`Pipeline::topology`](crate::Pipeline::topology) although its channel
-/// may still hold what it had not read.
+/// A detached output's edge in
+/// [`Pipeline::topology`](crate::Pipeline::topology) shows what its
+/// channel still holds for the branch to read.
 ///
 /// What a branch missed is counted in [`BranchStats`], and its copies'
 /// acknowledgements are met: shedding is a decision, so a replaying
