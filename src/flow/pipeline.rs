@@ -146,8 +146,6 @@ fn publisher() -> Option<MutexGuard<'static, Published>> {
                     };
                     for p in live {
                         publish_guarded(|| p.publish());
-                        // Dropping `p` may drop the pipeline: its `Drop`
-                        // takes the lock again, which is not held here.
                     }
                     let still: Vec<Leftover> = left
                         .into_iter()
